@@ -1,0 +1,37 @@
+# mmbalance: `make run` trains the demo study and prints its table; `make test` runs the test suite.
+# Both create .venv on first use (pip install -e ".[dev,demo]"), on a fresh machine too.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR := multirun/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+.PHONY: help setup run test test-slow bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e ".[dev,demo]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install mmbalance with its dev and demo extras
+
+run: $(STAMP)  ## the demo study: baseline, each modality alone and OGM-GE on digits_av, then the report
+	$(BIN)/python -m mmbalance sweep=demo hydra.sweep.dir=$(DEMO_DIR)
+	$(BIN)/mmbalance report $(DEMO_DIR) --runs
+
+test: $(STAMP)  ## the test suite without the slow tests
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(STAMP)  ## every test, the slow ones included
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)  ## the speed benchmarks (training-step overhead, Shapley cost)
+	$(BIN)/python benchmarks/overhead.py
+
+clean:  ## remove the virtual environment and run outputs
+	rm -rf $(VENV) outputs multirun

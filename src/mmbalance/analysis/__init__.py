@@ -1,0 +1,5 @@
+"""Reading finished runs back: tables and plots over run folders (`mmbalance report`)."""
+
+from mmbalance.analysis.report import format_runs_table, load_runs, summarize, write_report
+
+__all__ = ["format_runs_table", "load_runs", "summarize", "write_report"]

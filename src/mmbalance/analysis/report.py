@@ -1,0 +1,553 @@
+"""`mmbalance report DIR...`: collect run folders into runs.csv, summary.csv, summary.md and a plot.
+
+Reads only each run's `metrics.json` (see DESIGN.md, "Results contract"), so partial sweeps, re-runs
+and single runs merge freely. Runs group by (dataset, method, variant), where the variant names the
+config values that differ between runs of the same dataset and method (an alpha sweep, a unimodal
+run per modality) without any knowledge of the methods. Kept free of torch so the command starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmbalance.errors import UserError
+
+__all__ = ["load_runs", "summarize", "write_report", "format_runs_table", "main"]
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+GROUP_KEYS = ["dataset", "method", "variant"]
+
+# Config keys that never define a variant: they change per run or per machine, not per experiment.
+NON_VARIANT_PREFIXES = ("paths", "hydra", "hardware", "logger", "loggers", "callbacks")
+NON_VARIANT_NAMES = frozenset({
+    "seed", "tags", "task_name", "run_dir", "output_dir", "log_dir", "ckpt_path", "resume",
+    "git_sha", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
+    "device", "devices", "accelerator",
+})
+NON_VARIANT_SUFFIXES = ("_seed", "_dir", "_path", "_file")
+# Choices that are not part of the experiment's identity (its config values still count).
+NON_VARIANT_CHOICES = frozenset({"dataset", "method", "hardware", "sweep", "experiment"})
+
+# Method order in tables: the references first, then everything else alphabetically.
+METHOD_ORDER = {"baseline": 0, "unimodal": 1}
+
+_MISSING = object()
+DASH = "–"
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _find_metrics_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.name == METRICS_FILE:
+            return [path]
+        raise UserError(f"{path}: expected a run folder, a folder of runs or a {METRICS_FILE} file")
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory")
+    found = []
+    for root, dirs, files in os.walk(path):  # os.walk does not follow symlinks: no loops
+        dirs.sort()
+        if METRICS_FILE in files:
+            found.append(Path(root) / METRICS_FILE)
+    if not found:
+        raise UserError(f"{path}: no runs found (no {METRICS_FILE} in it or below it)")
+    return found
+
+
+def _read_metrics(file: Path) -> dict[str, Any]:
+    with open(file, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    for key in ("choices", "config", "metrics"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"'{key}' must be an object, got {type(data[key]).__name__}")
+    return data
+
+
+def _as_number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _canonical(value: Any) -> str:
+    if value is _MISSING:
+        return "\0missing"
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _format_value(value: Any) -> str:
+    if value is _MISSING:
+        return "unset"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"), default=str)
+    return str(value)
+
+
+def _is_non_variant_key(key: str) -> bool:
+    parts = key.split(".")
+    last = parts[-1]
+    return (
+        parts[0] in NON_VARIANT_PREFIXES
+        or last in NON_VARIANT_NAMES
+        or last.endswith(NON_VARIANT_SUFFIXES)
+    )
+
+
+def _short_names(keys: Sequence[str], all_keys: Iterable[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that no other config key ends with."""
+    split_all = [k.split(".") for k in set(all_keys)]
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = parts[-n:]
+            clashes = sum(1 for other in split_all if other[-n:] == suffix)
+            if clashes <= 1:
+                break
+        names[key] = ".".join(parts[-n:])
+    return names
+
+
+def _variants(records: list[dict[str, Any]]) -> list[str]:
+    """One variant string per record of the same (dataset, method): the config values that differ."""
+    with_config = [r for r in records if r["_config"] is not None]
+    if len(with_config) < 2:
+        return ["" for _ in records]
+
+    choice_keys: list[str] = []
+    for r in with_config:
+        choice_keys += [k for k in r["_choices"] if k not in choice_keys]
+    varying_choices = [
+        k for k in choice_keys
+        if k not in NON_VARIANT_CHOICES and not k.startswith("hydra/")
+        and len({_canonical(r["_choices"].get(k, _MISSING)) for r in with_config}) > 1
+    ]
+    # A swapped config group (another backbone) is named by its choice, not by its every key.
+    covered = tuple(k.replace("/", ".") + "." for k in varying_choices)
+
+    config_keys: list[str] = []
+    seen = set()
+    for r in with_config:
+        for k in r["_config"]:
+            if k not in seen:
+                seen.add(k)
+                config_keys.append(k)
+    varying_keys = []
+    for k in config_keys:
+        if _is_non_variant_key(k) or k.startswith(covered):
+            continue
+        values = [r["_config"].get(k, _MISSING) for r in with_config]
+        if len({_canonical(v) for v in values}) < 2:
+            continue
+        present = [v for v in values if v is not _MISSING]
+        if present and all(isinstance(v, str) and os.path.isabs(v) for v in present):
+            continue  # per-run paths (output folders) are bookkeeping
+        varying_keys.append(k)
+    short = _short_names(varying_keys, config_keys)
+
+    out = []
+    for r in records:
+        if r["_config"] is None:
+            out.append("")
+            continue
+        parts = [f"{k.split('/')[-1]}={_format_value(r['_choices'].get(k, _MISSING))}" for k in varying_choices]
+        parts += [f"{short[k]}={_format_value(r['_config'].get(k, _MISSING))}" for k in varying_keys]
+        out.append(", ".join(parts))
+    return out
+
+
+def _record(file: Path) -> dict[str, Any]:
+    run_dir = str(file.parent)
+    try:
+        data = _read_metrics(file)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        return {"run_dir": run_dir, "status": "unreadable", "error": f"{type(e).__name__}: {e}",
+                "_choices": {}, "_config": None, "_metrics": {}}
+    choices = data.get("choices") or {}
+    config = data.get("config")
+    seed = data.get("seed")
+    if seed is None and isinstance(config, dict):
+        seed = config.get("seed")
+    metrics = {k: _as_number(v) for k, v in (data.get("metrics") or {}).items()
+               if v is None or isinstance(v, (int, float, str))}
+    return {
+        "run_dir": run_dir,  # where it lies now, not where it was written (results get copied)
+        "status": str(data.get("status") or "unknown"),
+        "error": data.get("error"),
+        "seed": seed,
+        "wall_time_s": data.get("wall_time_s"),
+        "git_sha": data.get("git_sha"),
+        "overrides": " ".join(map(str, data.get("overrides") or [])),
+        "_choices": {k: v for k, v in choices.items() if not str(k).startswith("hydra/")},
+        "_config": _flatten(config) if isinstance(config, dict) else None,
+        "_metrics": metrics,
+    }
+
+
+def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run found in or below `paths`: run_dir, status, error, choices, seed, variant, metrics.
+
+    Failed runs are included; a metrics.json that cannot be read becomes a row with status
+    "unreadable" and the reason in `error`. The metric column names are in `df.attrs["metrics"]`.
+    Raises UserError for a path that holds no runs.
+    """
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for p in paths:
+        for f in _find_metrics_files(Path(p)):
+            key = f.resolve()
+            if key not in seen:  # a sweep folder and a run inside it, given together
+                seen.add(key)
+                files.append(f)
+
+    records = [_record(f) for f in files]
+    n_unreadable = sum(r["status"] == "unreadable" for r in records)
+    if n_unreadable:
+        log.warning("%d of %d metrics.json file(s) could not be read; listed with status 'unreadable'",
+                    n_unreadable, len(records))
+
+    for r in records:
+        r["dataset"] = str(r["_choices"].get("dataset") or "?") if r["status"] != "unreadable" else ""
+        r["method"] = str(r["_choices"].get("method") or "?") if r["status"] != "unreadable" else ""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r["status"] != "unreadable":
+            groups.setdefault((r["dataset"], r["method"]), []).append(r)
+    for r in records:
+        r["variant"] = ""
+    for group in groups.values():
+        for r, v in zip(group, _variants(group)):
+            r["variant"] = v
+
+    choice_cols: list[str] = []
+    metric_cols: list[str] = []
+    for r in records:
+        choice_cols += [k for k in r["_choices"] if k not in ("dataset", "method") and k not in choice_cols]
+        metric_cols += [k for k in r["_metrics"] if k not in metric_cols]
+    base_cols = ["run_dir", "status", "error", "dataset", "method", *choice_cols, "seed", "variant"]
+    tail_cols = ["wall_time_s", "git_sha", "overrides"]
+    rows = []
+    for r in records:
+        row = {c: r.get(c) for c in base_cols + tail_cols}
+        row.update({c: r["_choices"].get(c) for c in choice_cols})
+        row.update(r["_metrics"])
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=base_cols + tail_cols + metric_cols)
+    for c in metric_cols + ["wall_time_s"]:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    df.attrs["metrics"] = metric_cols
+    df.attrs["n_unreadable"] = n_unreadable
+    return df
+
+
+# ------------------------------------------------------------------------------------------ summarizing
+
+
+def _metric_columns(df: pd.DataFrame) -> list[str]:
+    cols = [c for c in df.attrs.get("metrics", []) if c in df.columns]
+    if cols:
+        return cols
+    # A frame without attrs (read back from runs.csv): every numeric column but seed and wall time.
+    return [c for c in df.columns if c not in ("seed", "wall_time_s") and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def _natural_key(text: str) -> tuple:
+    """Sort `alpha=0.3` before `alpha=1` before `alpha=10`."""
+    tokens = re.split(r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", text)
+    return tuple((0, float(t), "") if i % 2 else (1, 0.0, t) for i, t in enumerate(tokens) if t)
+
+
+def _order_key(dataset: str, method: str, variant: str) -> tuple:
+    return (dataset, METHOD_ORDER.get(method, len(METHOD_ORDER)), method, _natural_key(variant))
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, method, variant): n completed, n_failed, seeds and `<metric>.mean/.std/.n`.
+
+    Statistics use completed runs only; std is the sample std (ddof=1), NaN when n < 2.
+    Unreadable runs belong to no group.
+    """
+    metrics = _metric_columns(df)
+    runs = df[df["status"] != "unreadable"]
+    completed = runs[runs["status"] == "completed"]
+    rows = []
+    for (dataset, method, variant), group in runs.groupby(GROUP_KEYS, sort=False, dropna=False):
+        done = completed.loc[completed.index.intersection(group.index)]
+        seeds = sorted({int(s) for s in done["seed"].dropna()}) if "seed" in done else []
+        row: dict[str, Any] = {
+            "dataset": dataset, "method": method, "variant": variant,
+            "n": len(done), "n_failed": int((group["status"] != "completed").sum()),
+            "seeds": " ".join(map(str, seeds)),
+        }
+        for m in metrics:
+            values = done[m].dropna()
+            row[f"{m}.mean"] = values.mean() if len(values) else math.nan
+            row[f"{m}.std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+            row[f"{m}.n"] = len(values)
+        rows.append(row)
+    base = ["dataset", "method", "variant", "n", "n_failed", "seeds"]
+    cols = base + [f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")]
+    out = pd.DataFrame(rows, columns=cols)
+    if len(out):
+        order = sorted(range(len(out)), key=lambda i: _order_key(*out.loc[i, ["dataset", "method", "variant"]]))
+        out = out.iloc[order].reset_index(drop=True)
+    out.attrs["metrics"] = metrics
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+FLOP_UNITS = [(1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1.0, "FLOP")]
+
+
+def _flop_unit(values: Iterable[float]) -> tuple[float, str]:
+    finite = [abs(v) for v in values if v is not None and np.isfinite(v)]
+    top = max(finite, default=0.0)
+    for scale, name in FLOP_UNITS:
+        if top >= scale:
+            return scale, name
+    return 1.0, "FLOP"
+
+
+def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:
+    if mean is None or not np.isfinite(mean):
+        return DASH
+    m = f"{mean * scale:.{digits}f}"
+    s = f"{std * scale:.{digits}f}" if std is not None and np.isfinite(std) else DASH
+    return f"{m} ± {s}"
+
+
+def _modalities(columns: Iterable[str], prefix: str) -> list[str]:
+    return sorted({c[len(prefix):] for c in columns if c.startswith(prefix) and "/" not in c[len(prefix):]})
+
+
+def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
+    lines = ["# mmbalance report", ""]
+    n_total = len(df)
+    n_done = int((df["status"] == "completed").sum())
+    n_unreadable = int((df["status"] == "unreadable").sum())
+    lines.append(f"{n_total} run(s): {n_done} completed, {n_total - n_done - n_unreadable} failed"
+                 + (f", {n_unreadable} unreadable" if n_unreadable else "") + ".")
+    lines.append("")
+    lines.append("Values are mean ± sample std (ddof=1) over completed runs; n counts completed runs "
+                 f"(failed ones in brackets). Accuracy, macro-F1, φ (Shapley share) and imbalance in %; "
+                 f"{DASH} = not available (std needs n ≥ 2).")
+    for dataset, table in summary.groupby("dataset", sort=False):
+        metric_cols = [c[: -len(".mean")] for c in table.columns if c.endswith(".mean")
+                       and table[c].notna().any()]
+        acc_mods = _modalities(metric_cols, "test/acc/")
+        phi_mods = _modalities(metric_cols, "test/shapley/")
+        has_flops = "flops/train_total" in metric_cols
+        scale, unit = _flop_unit(table["flops/train_total.mean"]) if has_flops else (1.0, "")
+
+        header = ["method", "variant", "n", "test acc", "macro-F1"]
+        header += [f"acc {m}" for m in acc_mods] + [f"φ {m}" for m in phi_mods] + ["imbalance"]
+        if has_flops:
+            header.append(f"train FLOPs ({unit})")
+        lines += ["", f"## {dataset}", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+
+        def cell(row, metric, factor=100.0, digits=1):
+            if f"{metric}.mean" not in row:
+                return DASH
+            return _pm(row[f"{metric}.mean"], row[f"{metric}.std"], factor, digits)
+
+        for _, row in table.iterrows():
+            n = str(row["n"]) + (f" (+{row['n_failed']} failed)" if row["n_failed"] else "")
+            cells = [str(row["method"]), str(row["variant"]) or DASH, n,
+                     cell(row, "test/acc"), cell(row, "test/macro_f1")]
+            cells += [cell(row, f"test/acc/{m}") for m in acc_mods]
+            cells += [cell(row, f"test/shapley/{m}") for m in phi_mods]
+            cells.append(cell(row, "test/imbalance"))
+            if has_flops:
+                cells.append(cell(row, "flops/train_total", 1.0 / scale, 2))
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+
+    problems = df[df["status"] != "completed"]
+    if len(problems):
+        lines += ["", "## Runs not completed", ""]
+        for _, r in problems.iterrows():
+            what = f"{r['method']} {r['variant']}".strip() or "?"
+            seed = "" if pd.isna(r["seed"]) else f" seed={r['seed']}"
+            lines.append(f"- {r['status']}: `{r['run_dir']}` ({what}{seed}): {r['error'] or 'no error recorded'}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: pd.DataFrame, file: Path) -> Path | None:
+    if "test/imbalance.mean" not in summary or "test/acc.mean" not in summary:
+        return None
+    points = summary[summary["test/imbalance.mean"].notna() & summary["test/acc.mean"].notna()]
+    if points.empty:
+        return None
+    # No pyplot: it would set a global backend inside the user's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    several = points["dataset"].nunique() > 1
+    for _, row in points.iterrows():
+        x, y = 100 * row["test/imbalance.mean"], 100 * row["test/acc.mean"]
+        xerr = 100 * np.nan_to_num(row["test/imbalance.std"])
+        yerr = 100 * np.nan_to_num(row["test/acc.std"])
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        label = " ".join(str(p) for p in ([row["dataset"]] if several else []) + [row["method"], row["variant"]] if p)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("test imbalance (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs. modality imbalance (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.savefig(file, dpi=150)
+    return file
+
+
+def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write runs.csv, summary.csv, summary.md and acc_vs_imbalance.png into `out_dir`.
+
+    `out_dir` defaults to the first path when it is a folder, else the current folder. Returns the
+    written paths (`runs_csv`, `summary_csv`, `summary_md`, `plot`: None when no group has an
+    imbalance), the markdown text (`markdown`), the runs frame (`runs`) and the summary (`summary`).
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("no run folders given")
+    df = load_runs(paths)
+    summary = summarize(df)
+    if out_dir is None:
+        out_dir = paths[0] if paths[0].is_dir() else Path.cwd()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    files = {"runs_csv": out / "runs.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}
+    df.to_csv(files["runs_csv"], index=False)
+    summary.to_csv(files["summary_csv"], index=False)
+    markdown = _summary_markdown(summary, df)
+    files["summary_md"].write_text(markdown, encoding="utf-8")
+    plot = _plot(summary, out / "acc_vs_imbalance.png")
+    if plot is None:
+        log.info("no group has test/imbalance: acc_vs_imbalance.png not written")
+    return {**files, "plot": plot, "markdown": markdown, "runs": df, "summary": summary}
+
+
+def _text_table(header: list[str], rows: list[list[str]], n_left: int) -> str:
+    """Columns before `n_left` are text (left-aligned), the rest numbers (right-aligned)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < n_left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def format_runs_table(df: pd.DataFrame) -> str:
+    """Plain-text table of completed runs (one line each), then the failed and unreadable ones."""
+    done = df[df["status"] == "completed"].copy()
+    if len(done):
+        order = sorted(done.index, key=lambda i: (
+            *_order_key(done.at[i, "dataset"], done.at[i, "method"], done.at[i, "variant"]),
+            -1 if pd.isna(done.at[i, "seed"]) else int(done.at[i, "seed"])))
+        done = done.loc[order]
+    cols = [c for c in done.columns if done[c].notna().any()] if len(done) else []
+    acc_mods = _modalities(cols, "test/acc/")
+    phi_mods = _modalities(cols, "test/shapley/")
+    scale, unit = _flop_unit(done["flops/train_total"]) if "flops/train_total" in cols else (1.0, "")
+    several = done["dataset"].nunique() > 1
+
+    def pct(row, c):
+        return f"{100 * row[c]:.1f}" if c in row and pd.notna(row[c]) else DASH
+
+    header = (["dataset"] if several else []) + ["method", "variant", "seed", "acc%"]
+    header += [f"acc/{m}%" for m in acc_mods] + [f"φ/{m}%" for m in phi_mods] + ["imb%"]
+    if unit:
+        header.append(f"train {unit}")
+    rows = []
+    for _, r in done.iterrows():
+        cells = ([str(r["dataset"])] if several else []) + [
+            str(r["method"]), str(r["variant"]) or DASH, DASH if pd.isna(r["seed"]) else str(r["seed"]),
+            pct(r, "test/acc")]
+        cells += [pct(r, f"test/acc/{m}") for m in acc_mods] + [pct(r, f"test/shapley/{m}") for m in phi_mods]
+        cells.append(pct(r, "test/imbalance"))
+        if unit:
+            v = r["flops/train_total"]
+            cells.append(f"{v / scale:.2f}" if pd.notna(v) else DASH)
+        rows.append(cells)
+    text = _text_table(header, rows, n_left=header.index("seed")) if rows else "(no completed runs)"
+
+    problems = df[df["status"] != "completed"]
+    if len(problems):
+        text += f"\n\n{len(problems)} run(s) not completed:"
+        for _, r in problems.iterrows():
+            what = " ".join(str(x) for x in (r["method"], r["variant"]) if x) or "?"
+            seed = "" if pd.isna(r["seed"]) else f" seed={r['seed']}"
+            text += f"\n  {r['status']}: {r['run_dir']} ({what}{seed}): {r['error'] or 'no error recorded'}"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmbalance report DIR [DIR ...] [--out OUT] [--runs]`."""
+    parser = argparse.ArgumentParser(
+        prog="mmbalance report",
+        description="Summarise run folders (single runs, sweeps, several sweeps) into runs.csv, "
+                    "summary.csv, summary.md and acc_vs_imbalance.png.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or folders holding runs")
+    parser.add_argument("--out", metavar="OUT", help="where to write the report (default: the first DIR)")
+    parser.add_argument("--runs", action="store_true", help="also print one line per run")
+    args = parser.parse_args(argv)
+    try:
+        result = write_report(args.dirs, args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    if args.runs:
+        print(format_runs_table(result["runs"]))
+        print()
+    written = [result[k] for k in ("runs_csv", "summary_csv", "summary_md", "plot") if result[k] is not None]
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Datasets behind one interface: each builder returns a `DataSplits` of `MultimodalDataset`s."""

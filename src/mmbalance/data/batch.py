@@ -1,0 +1,121 @@
+"""The batch format every dataset produces and every method consumes, plus the shared dataset container."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+# What a modality's tensor looks like, per sample; `backbone=...` maps each kind to an encoder family.
+MODALITY_KINDS = {
+    "image": "(C, H, W) float image",
+    "spectrogram": "(1, F, T) float time-frequency map",
+    "frames": "(T, C, H, W) video frames (optical flow: C = 2)",
+    "vector": "(D,) float feature vector",
+    "sequence": "(T, D) float feature sequence",
+}
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What one modality is: its kind (a key of MODALITY_KINDS) and its per-sample tensor shape."""
+
+    kind: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.kind not in MODALITY_KINDS:
+            raise ValueError(f"unknown modality kind {self.kind!r}; expected one of {sorted(MODALITY_KINDS)}")
+
+
+@dataclass
+class Batch:
+    """inputs: {modality: (B, ...) tensor}; label: (B,) int64; index: (B,) int64 position in the split."""
+
+    inputs: dict[str, Tensor]
+    label: Tensor
+    index: Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            {m: x.to(device, non_blocking=non_blocking) for m, x in self.inputs.items()},
+            self.label.to(device, non_blocking=non_blocking),
+            self.index.to(device, non_blocking=non_blocking),
+        )
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+def collate_batch(samples: list[dict]) -> Batch:
+    """Stack `{"inputs": {m: tensor}, "label": int, "index": int}` samples into one Batch."""
+    modalities = samples[0]["inputs"].keys()
+    inputs = {m: torch.stack([s["inputs"][m] for s in samples]) for m in modalities}
+    label = torch.as_tensor([s["label"] for s in samples], dtype=torch.long)
+    index = torch.as_tensor([s["index"] for s in samples], dtype=torch.long)
+    return Batch(inputs, label, index)
+
+
+class MultimodalDataset(Dataset):
+    """In-memory dataset: {modality: array (N, ...)} plus labels. Samples are dicts for `collate_batch`.
+
+    Arrays may be float16 to halve memory; samples are returned as float32.
+    """
+
+    def __init__(self, inputs: dict[str, np.ndarray | Tensor], labels: np.ndarray | Tensor):
+        self.inputs = {m: torch.as_tensor(np.asarray(x)) for m, x in inputs.items()}
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        n = len(self.labels)
+        for m, x in self.inputs.items():
+            if x.shape[0] != n:
+                raise ValueError(f"modality {m!r} has {x.shape[0]} samples but there are {n} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "inputs": {m: x[i].float() for m, x in self.inputs.items()},
+            "label": int(self.labels[i]),
+            "index": i,
+        }
+
+    def subset(self, indices: np.ndarray) -> "MultimodalDataset":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return MultimodalDataset({m: x[idx] for m, x in self.inputs.items()}, self.labels[idx])
+
+
+@dataclass
+class DataSplits:
+    """What a dataset builder returns: three splits plus what the model needs to know about the data."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    modalities: dict[str, ModalitySpec]  # ordered: this order is the concat order of the fusion head
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    # how the validation split was obtained, recorded in metrics.json
+    val_source: str = "carved from train (stratified, 10 %)"
+    notes: dict = field(default_factory=dict)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (kept, held_out) with `fraction` of every class held out (at least one per class
+    when the class has two or more samples). Deterministic for a given seed."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(fraction * len(idx)))
+        if k == 0 and len(idx) >= 2 and fraction > 0:
+            k = 1
+        held.append(idx[:k])
+    held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=int)
+    kept = np.setdiff1d(np.arange(len(labels)), held_out)
+    return kept, held_out

@@ -1,0 +1,87 @@
+"""Bring your own features: one .npz file with `label`, optional `split`, and one array per modality."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
+from mmbalance.errors import DataError
+
+FORMAT = (
+    "an .npz with `label` (N,) integer classes, optional `split` (N,) of 'train'/'val'/'test', "
+    "and every other key a modality of shape (N, D) or (N, T, D)"
+)
+
+
+def build_features(
+    path: str,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    modalities: list[str] | None = None,
+) -> DataSplits:
+    """Load a features file (see FORMAT).
+
+    Without `split`, a stratified test split (`test_fraction`) and validation split (`val_fraction` of
+    the rest) are carved with `split_seed`; with a `split` that has no 'val', validation is carved from
+    'train'. `modalities` picks and orders the modality keys (default: file order).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"dataset.path: features file {str(file)!r} does not exist (expected {FORMAT})")
+    try:
+        data = np.load(file, allow_pickle=False)
+        arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"dataset.path: {str(file)!r} is not a readable .npz ({exc}); expected {FORMAT}") from None
+    if "label" not in arrays:
+        raise DataError(f"{file}: no `label` array (found {sorted(arrays)}); expected {FORMAT}")
+    labels = arrays.pop("label")
+    split = arrays.pop("split", None)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{file}: `label` must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+    if labels.min() < 0:
+        raise DataError(f"{file}: `label` has negative values; expected classes 0..C-1")
+    n = len(labels)
+    names = list(modalities) if modalities else list(arrays)
+    if not names:
+        raise DataError(f"{file}: no modality arrays besides `label`/`split`; expected {FORMAT}")
+    specs = {}
+    for name in names:
+        if name not in arrays:
+            raise DataError(f"dataset.modalities: {name!r} is not in {file} (found {sorted(arrays)})")
+        x = arrays[name]
+        if x.shape[0] != n or x.ndim not in (2, 3):
+            raise DataError(f"{file}: `{name}` has shape {x.shape}; expected ({n}, D) or ({n}, T, D)")
+        if not np.issubdtype(x.dtype, np.floating):
+            arrays[name] = x.astype(np.float32)
+        specs[name] = ModalitySpec("vector" if x.ndim == 2 else "sequence", tuple(x.shape[1:]))
+    full = MultimodalDataset({m: arrays[m] for m in names}, labels)
+    if split is None:
+        train_val, test = stratified_split(labels, test_fraction, split_seed)
+        val_source = f"carved from the file (stratified: test {test_fraction:.0%}, val {val_fraction:.0%})"
+    else:
+        split = split.astype(str)
+        unknown = sorted(set(split) - {"train", "val", "test"})
+        if len(split) != n or unknown:
+            raise DataError(f"{file}: `split` must be (N,) of 'train'/'val'/'test' (unexpected {unknown})")
+        train_val = np.flatnonzero(split != "test")
+        test = np.flatnonzero(split == "test")
+        if not len(test):
+            raise DataError(f"{file}: `split` has no 'test' samples")
+        val_source = "the file's `split`"
+    if split is not None and (split == "val").any():
+        train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    else:
+        keep, held = stratified_split(labels[train_val], val_fraction, split_seed + 1)
+        train, val = train_val[keep], train_val[held]
+        if split is not None:
+            val_source = f"carved from the file's train split (stratified, {val_fraction:.0%})"
+    num_classes = int(labels.max()) + 1
+    return DataSplits(
+        full.subset(train), full.subset(val), full.subset(test), specs, num_classes,
+        [str(c) for c in range(num_classes)], val_source=val_source,
+    )

@@ -1,0 +1,1 @@
+"""The plain-PyTorch training loop, evaluation, and checkpoints."""

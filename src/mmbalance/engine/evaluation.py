@@ -1,0 +1,86 @@
+"""One evaluation pass: fused accuracy and macro-F1, per-modality accuracy, exact Shapley, imbalance."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmbalance.metrics.classification import accuracy, macro_f1
+from mmbalance.metrics.shapley import coalitions, imbalance_score, shapley_values
+
+if TYPE_CHECKING:
+    from mmbalance.engine.trainer import Run
+
+
+@torch.no_grad()
+def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, float | None]:
+    """Metrics of the model as the method predicts, over a whole split, keyed "<split>/<name>".
+
+    For late fusion every coalition reuses the same encoder pass: an absent modality's feature is its
+    encoder's output on an all-zero input (input masking, one constant row in eval mode) or zero
+    (feature masking). Intermediate fusion falls back to one masked forward per coalition.
+    """
+    model, method = run.model, run.method
+    mods = list(model.modalities)
+    subsets = coalitions(mods) if shapley else [frozenset(mods)]
+    full = frozenset(mods)
+    was_training = model.training
+    model.eval()
+    preds, targets = [], []
+    unimodal_preds: dict[str, list] = {m: [] for m in mods}
+    correct = {s: 0 for s in subsets}
+    have_unimodal = True
+    absent_rows = None
+    n = 0
+    for batch in loader:
+        batch = batch.to(run.device, non_blocking=True)
+        y = batch.label
+        with run.autocast():
+            features = model.encode(batch.inputs)
+            logits, unimodal = method.eval_fuse(run, features)
+        pred = logits.argmax(1)
+        preds.append(pred.cpu())
+        targets.append(y.cpu())
+        n += len(y)
+        correct[full] += int((pred == y).sum())
+        if unimodal is None:
+            have_unimodal = False
+        else:
+            for m in mods:
+                unimodal_preds[m].append(unimodal[m].argmax(1).cpu())
+        masked_subsets = [s for s in subsets if s != full]
+        if unimodal is None and not shapley:  # per-modality accuracy needs the single-modality coalitions
+            masked_subsets = [frozenset([m]) for m in mods]
+        for s in masked_subsets:
+            with run.autocast():
+                if model.late_fusion:
+                    if absent_rows is None:
+                        absent_rows = model.absent_features(batch.inputs)
+                    masked = {m: features[m] if m in s else absent_rows[m].expand(len(y), -1) for m in mods}
+                else:
+                    masked = model.encode(batch.inputs, absent=[m for m in mods if m not in s])
+                coalition_logits, _ = method.eval_fuse(run, masked)
+            correct[s] = correct.get(s, 0) + int((coalition_logits.argmax(1) == y).sum())
+    if was_training:
+        model.train()
+
+    preds_t, targets_t = torch.cat(preds), torch.cat(targets)
+    k = run.num_classes
+    out: dict[str, float | None] = {
+        f"{split}/acc": accuracy(preds_t, targets_t, k),
+        f"{split}/macro_f1": macro_f1(preds_t, targets_t, k),
+    }
+    for m in mods:
+        if have_unimodal:
+            out[f"{split}/acc/{m}"] = accuracy(torch.cat(unimodal_preds[m]), targets_t, k)
+        else:  # no per-modality head: the modality alone, the others masked
+            out[f"{split}/acc/{m}"] = correct[frozenset([m])] / n
+    if shapley:
+        values = {s: correct[s] / n for s in subsets}
+        phi = shapley_values(values, mods)
+        for m in mods:
+            out[f"{split}/shapley/{m}"] = phi[m]
+        out[f"{split}/value/empty"] = values[frozenset()]
+        out[f"{split}/imbalance"] = imbalance_score(phi)
+    return out

@@ -1,0 +1,303 @@
+"""The plain-PyTorch loop. It never knows which method it runs: the method's hooks do the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from mmbalance.data.batch import collate_batch
+from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
+from mmbalance.engine.evaluation import evaluate
+from mmbalance.metrics.flops import FlopMeter, count_flops
+
+log = logging.getLogger("mmbalance")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a permutation drawn from (seed, epoch), so the order of every epoch is the same
+    whether a run went straight through or resumed from a checkpoint."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass
+class LoaderSettings:
+    batch_size: int = 64
+    num_workers: int = 0
+    pin_memory: bool = False
+    drop_last: bool = False
+
+
+@dataclass
+class Run:
+    """The context every hook receives. Methods read it; only the trainer advances epoch and step."""
+
+    model: nn.Module
+    method: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    device: torch.device
+    num_classes: int
+    seed: int = 0
+    loader_settings: LoaderSettings = field(default_factory=LoaderSettings)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    grad_clip: float | None = None
+    output_dir: Path | None = None
+    epoch: int = 0
+    step: int = 0
+    flops: FlopMeter = field(default_factory=FlopMeter)
+    _noise: dict = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.model.modalities)
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def clip_gradients(self) -> None:
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+
+    def reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum batch statistics across processes so every replica derives the same coefficients."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            keys = list(stats)
+            flat = torch.stack([stats[k].float() for k in keys])
+            torch.distributed.all_reduce(flat)
+            return dict(zip(keys, flat))
+        return stats
+
+    def noise_generator(self, device) -> torch.Generator:
+        """A generator for methods' random draws (e.g. OGM-GE's noise), seeded from the run seed so that
+        replicas draw identically; its state is saved with the checkpoint."""
+        key = str(device)
+        if key not in self._noise:
+            self._noise[key] = torch.Generator(device=device).manual_seed(self.seed + 12345)
+        return self._noise[key]
+
+    def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """A loader like the run's own (methods that rebuild the training data use this)."""
+        s = self.loader_settings
+        return DataLoader(
+            dataset,
+            batch_size=s.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            num_workers=s.num_workers,
+            pin_memory=s.pin_memory,
+            drop_last=s.drop_last if train else False,
+            collate_fn=collate_batch,
+            persistent_workers=s.num_workers > 0,
+        )
+
+
+class Trainer:
+    """fit(): per epoch train, validate, keep the best checkpoint; then test the best model.
+
+    Resumes from `<output_dir>/checkpoints/last.pt` when the folder has one.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        epochs: int,
+        select_on: str = "val",
+        select_metric: str = "acc",
+        shapley_every_epoch: bool = True,
+        count_flops: bool = True,
+        progress_bar: str | bool = "auto",
+    ):
+        self.run = run
+        self.epochs = epochs
+        self.select_on = select_on
+        self.select_key = f"{select_on}/{select_metric}"
+        self.shapley_every_epoch = shapley_every_epoch
+        self.run.flops.enabled = count_flops
+        self.progress_bar = sys.stderr.isatty() if progress_bar == "auto" else bool(progress_bar)
+        out = run.output_dir or Path(".")
+        self.ckpt_dir = out / "checkpoints"
+        self.history_path = out / "history.csv"
+        self.history: list[dict] = []
+        self.best_score = -math.inf
+        self.best_epoch = -1
+
+    # ---- checkpoints ----
+    def _state(self, epoch: int) -> dict:
+        run = self.run
+        return {
+            "epoch": epoch,
+            "step": run.step,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "method": run.method.state_dict(),
+            "flops": run.flops.state_dict(),
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "noise": {k: g.get_state() for k, g in run._noise.items()},
+            },
+        }
+
+    def _resume(self) -> int:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return 0
+        run = self.run
+        state = load_checkpoint(path)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scheduler is not None and state["scheduler"] is not None:
+            run.scheduler.load_state_dict(state["scheduler"])
+        run.method.load_state_dict(state["method"])
+        run.flops.load_state_dict(state["flops"])
+        run.step = state["step"]
+        self.history = state["history"]
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        for key, g_state in rng["noise"].items():
+            run.noise_generator(key).set_state(g_state)
+        log.info("resumed from %s after epoch %d", path, state["epoch"])
+        return state["epoch"] + 1
+
+    # ---- the loop ----
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        run = self.run
+        run.model.train()
+        sampler = getattr(run.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        samples = 0
+        step_flops_per_sample = 0.0
+        bar = tqdm(run.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress_bar)
+        for i, batch in enumerate(bar):
+            batch = batch.to(run.device, non_blocking=True)
+            if i == 0 and run.flops.enabled:
+                # the first step of each epoch is counted exactly, then scaled by the epoch's samples
+                stats, flops = count_flops(run.method.training_step, run, batch)
+                step_flops_per_sample = flops / len(batch)
+            else:
+                stats = run.method.training_step(run, batch)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.float() * len(batch)
+            samples += len(batch)
+            run.step += 1
+        run.flops.add("train_steps", step_flops_per_sample * samples)
+        means = {f"train/{k}": float(v) / max(samples, 1) for k, v in sums.items()}
+        if not math.isfinite(means.get("train/loss", 0.0)):
+            raise FloatingPointError(f"training diverged: the epoch-mean loss is {means['train/loss']} at epoch {epoch}")
+        means["train/samples"] = samples
+        return means
+
+    def fit(self) -> dict[str, Any]:
+        run = self.run
+        with run.flops.measure("method_setup"):
+            run.method.setup(run)
+        start = self._resume()
+        for epoch in range(start, self.epochs):
+            run.epoch = epoch
+            t0 = time.perf_counter()
+            with run.flops.measure("method_epoch_hooks"):
+                run.method.on_epoch_start(run, epoch)
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update(self.train_epoch(epoch))
+            with run.flops.measure("method_epoch_hooks"):
+                run.method.on_epoch_end(run, epoch)
+            if run.scheduler is not None:
+                run.scheduler.step()
+            row["lr"] = run.optimizer.param_groups[0]["lr"]
+            row.update(evaluate(run, run.val_loader, "val", shapley=self.shapley_every_epoch))
+            if self.select_on == "test":  # the peer's protocol, only when asked for (recorded in metrics.json)
+                row.update(evaluate(run, run.test_loader, "test", shapley=False))
+            row["flops/train_so_far"] = run.flops.total
+            row["time_s"] = time.perf_counter() - t0
+            self.history.append(row)
+            score = row[self.select_key]
+            if score > self.best_score:
+                self.best_score, self.best_epoch = score, epoch
+                save_checkpoint({"epoch": epoch, "model": run.model.state_dict(),
+                                 "method": run.method.state_dict()}, self.ckpt_dir / "best.pt")
+            save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
+            self._write_history()
+            log.info(
+                "epoch %d  loss %.4f  %s %.4f  %s  (%.1fs)", epoch, row.get("train/loss", float("nan")),
+                self.select_key, score,
+                "  ".join(f"{m} {row[f'val/acc/{m}']:.3f}" for m in run.modalities if f"val/acc/{m}" in row),
+                row["time_s"],
+            )
+        return self.test_best()
+
+    def test_best(self) -> dict[str, Any]:
+        run = self.run
+        best = self.ckpt_dir / "best.pt"
+        if best.exists():
+            state = load_checkpoint(best)
+            run.model.load_state_dict(state["model"])
+            run.method.load_state_dict(state["method"])
+        metrics: dict[str, Any] = evaluate(run, run.test_loader, "test", shapley=True)
+        best_row = next((r for r in self.history if r["epoch"] == self.best_epoch), {})
+        metrics.update({k: v for k, v in best_row.items() if k.startswith("val/")})
+        metrics["best_epoch"] = self.best_epoch
+        metrics["epochs"] = len(self.history)
+        metrics["flops/train_total"] = run.flops.total
+        for part, value in run.flops.by_part.items():
+            metrics[f"flops/train/{part}"] = value
+        return metrics
+
+    def _write_history(self) -> None:
+        keys: list[str] = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        tmp = self.history_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        tmp.replace(self.history_path)

@@ -1,0 +1,18 @@
+"""Errors that mean "the user asked for something we cannot do": the CLI prints them as one clear message."""
+
+
+class UserError(Exception):
+    """Bad input: a config key, an option, a file. The message names it and says what was expected."""
+
+
+class ConfigError(UserError):
+    """One or more configuration problems, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DataError(UserError):
+    """A data file or folder is missing or does not hold what the loader expects."""

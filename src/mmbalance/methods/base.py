@@ -1,0 +1,123 @@
+"""The method (strategy) interface: no-op hooks at the data, forward, loss and gradient stages.
+
+A method overrides only what its paper changes. The trainer calls, per epoch:
+
+    on_epoch_start(run, epoch)                         data stage (may rebuild run.train_loader)
+    for batch: training_step(run, batch)               the template below; MLA/ReconBoost take it over
+        forward -> loss -> zero_grad -> backward -> on_after_backward -> clip -> optimizer.step
+    on_epoch_end(run, epoch)
+
+and `eval_fuse(run, features)` whenever it predicts (validation, test, the Shapley metric).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmbalance.data.batch import Batch
+from mmbalance.errors import UserError
+from mmbalance.models.multimodal import Output
+
+if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
+    from mmbalance.engine.trainer import Run
+
+
+class Method:
+    """Base: plain joint training with the fused cross-entropy (which is exactly `baseline`)."""
+
+    #: most modalities this method supports (None = any); the run refuses more with a clear error
+    max_modalities: int | None = None
+    #: whether the method needs per-modality logits from the fusion head (concat/sum fusion)
+    needs_unimodal_logits: bool = False
+
+    # ---- before the model exists ----
+    def select_modalities(self, available: list[str]) -> list[str]:
+        """Which of the dataset's modalities the model is built from (unimodal training keeps one)."""
+        return list(available)
+
+    def check_modalities(self, modalities: list[str]) -> None:
+        if self.max_modalities is not None and len(modalities) > self.max_modalities:
+            raise UserError(
+                f"method {self.name} supports at most {self.max_modalities} modalities, but the dataset gives "
+                f"{len(modalities)} ({', '.join(modalities)}); choose a dataset with fewer modalities"
+            )
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registry_key", type(self).__name__)
+
+    # ---- once ----
+    def setup(self, run: Run) -> None:
+        if self.needs_unimodal_logits and not run.model.fusion.has_unimodal_logits:
+            raise UserError(
+                f"method {self.name} needs per-modality logits, which backbone.fusion="
+                f"{type(run.model.fusion).__name__} does not define; use backbone.fusion=concat or sum"
+            )
+
+    # ---- data stage ----
+    def on_epoch_start(self, run: Run, epoch: int) -> None:
+        pass
+
+    # ---- forward stage ----
+    def forward(self, run: Run, batch: Batch) -> Output:
+        return run.model(batch.inputs)
+
+    # ---- loss stage ----
+    def loss(self, run: Run, batch: Batch, out: Output) -> dict[str, Tensor]:
+        """"loss" is what is minimised; every other key is logged (epoch means in history.csv)."""
+        return {"loss": F.cross_entropy(out.logits, batch.label)}
+
+    # ---- gradient stage ----
+    def backward(self, run: Run, losses: dict[str, Tensor]) -> None:
+        losses["loss"].backward()
+
+    def on_after_backward(self, run: Run, batch: Batch, out: Output) -> None:
+        """Edit `.grad` in place here (OGM-GE, AGM, Greedy) before clipping and the optimizer step."""
+
+    # ---- the step template ----
+    def training_step(self, run: Run, batch: Batch) -> dict[str, Tensor]:
+        with run.autocast():
+            out = self.forward(run, batch)
+            losses = self.loss(run, batch, out)
+        run.optimizer.zero_grad(set_to_none=True)
+        self.backward(run, losses)
+        self.on_after_backward(run, batch, out)
+        run.clip_gradients()
+        run.optimizer.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    # ---- prediction ----
+    def eval_fuse(self, run: Run, features: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Fused and per-modality logits from pooled features, at evaluation.
+
+        It takes features rather than a batch so the Shapley metric can reuse one encoder pass for all
+        2^M coalitions. Methods that predict differently (MMCosine, MLA's fusion) override it.
+        """
+        model = run.model
+        unimodal = model.unimodal_logits(features) if model.fusion.has_unimodal_logits else None
+        return model.fuse(features), unimodal
+
+    def on_epoch_end(self, run: Run, epoch: int) -> None:
+        pass
+
+    # ---- resume ----
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def detached_float(x: Tensor) -> float:
+    return float(x.detach())
+
+
+def true_class_scores(logits: dict[str, Tensor], label: Tensor) -> dict[str, Tensor]:
+    """s_m = sum_i softmax(o_m)_i[y_i], the per-modality confidence of OGM/PMR/OPM (a batch sum, detached)."""
+    return {
+        m: torch.softmax(o.detach().float(), dim=1).gather(1, label[:, None]).sum() for m, o in logits.items()
+    }

@@ -1,0 +1,1 @@
+"""Metrics: classification scores, exact modality Shapley values and imbalance, training FLOPs."""

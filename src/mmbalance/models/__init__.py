@@ -1,0 +1,1 @@
+"""Per-modality encoders, fusion heads, and the multimodal model that joins them."""

@@ -1,0 +1,159 @@
+"""The training recipe, top to bottom: data -> model -> method -> optimizer -> Trainer.fit -> metrics.json."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import mmbalance
+from mmbalance.config import build, validate
+from mmbalance.data.batch import ModalitySpec
+from mmbalance.engine.checkpoint import write_json
+from mmbalance.engine.trainer import LoaderSettings, Run, Trainer, seed_everything
+from mmbalance.errors import UserError
+from mmbalance.metrics.flops import count_flops, write_fvcore_table
+from mmbalance.models.fusion import build_fusion
+from mmbalance.models.multimodal import MultimodalModel
+
+log = logging.getLogger("mmbalance")
+
+
+def build_model(specs: dict[str, ModalitySpec], backbone: DictConfig, num_classes: int, masking: str) -> MultimodalModel:
+    """One encoder per modality, chosen by the modality's kind from `backbone.encoders` (or by its name from
+    `backbone.per_modality`), and the fusion head `backbone.fusion`."""
+    per_modality = backbone.get("per_modality") or {}
+    encoders = {}
+    for m, spec in specs.items():
+        node = per_modality.get(m) or backbone.encoders.get(spec.kind)
+        if node is None:
+            raise UserError(
+                f"backbone.encoders has no encoder for the {spec.kind!r} kind of modality {m!r}; "
+                f"add backbone.encoders.{spec.kind} or pick another backbone"
+            )
+        encoders[m] = build(node, in_shape=tuple(spec.shape))
+    dims = {m: int(e.out_dim) for m, e in encoders.items()}
+    fusion = build_fusion(backbone.fusion, dims, num_classes, **(backbone.get("fusion_kwargs") or {}))
+    return MultimodalModel(encoders, fusion, masking=masking)
+
+
+def resolve_device(hardware: DictConfig) -> torch.device:
+    device = torch.device(hardware.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"hardware.device={hardware.device!r} but CUDA is not available here; use hardware=cpu")
+    return device
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _config_dict(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:  # an unresolvable interpolation must not hide the real error in metrics.json
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overrides: list | None = None) -> dict[str, Any]:
+    """Run one training job into output_dir; return the results written to output_dir/metrics.json.
+
+    metrics.json is written at start ("running"), and at the end "completed" or, before the exception
+    is re-raised, "failed" with the error: a results file never claims success for a failed run.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict[str, Any] = {
+        "status": "running",
+        "error": None,
+        "run_dir": str(output_dir.resolve()),
+        "choices": dict(choices or {}),
+        "overrides": list(overrides or []),
+        "config": _config_dict(cfg),
+        "seed": cfg.get("seed"),
+        "masking": cfg.get("masking"),
+        "select_on": cfg.get("eval", {}).get("select_on"),
+        "versions": {"mmbalance": mmbalance.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "git_sha": _git_sha(),
+        "metrics": {},
+    }
+    write_json(results, output_dir / "metrics.json")
+    try:
+        results["metrics"] = _fit(cfg, output_dir, results)
+        results["status"] = "completed"
+    except BaseException as exc:
+        results["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        results["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        results["wall_time_s"] = time.time() - started
+        write_json(results, output_dir / "metrics.json")
+    return results
+
+
+def _fit(cfg: DictConfig, output_dir: Path, results: dict) -> dict[str, Any]:
+    validate(cfg)
+    device = resolve_device(cfg.hardware)
+    seed_everything(cfg.seed)
+    splits = build(cfg.dataset)
+    method = build(cfg.method)
+    modalities = method.select_modalities(list(splits.modalities))
+    method.check_modalities(modalities)
+    results.update(modalities=modalities, val_source=splits.val_source, dataset_notes=splits.notes,
+                   split_sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)})
+    log.info("data: %s; train %d, val %d (%s), test %d", ", ".join(f"{m} {splits.modalities[m].kind}"
+             f"{list(splits.modalities[m].shape)}" for m in modalities), len(splits.train), len(splits.val),
+             splits.val_source, len(splits.test))
+
+    seed_everything(cfg.seed)  # the model's initialisation does not depend on how the data was built
+    model = build_model({m: splits.modalities[m] for m in modalities}, cfg.backbone, splits.num_classes,
+                        cfg.masking).to(device)
+    optimizer = build(cfg.optimizer, params=model.parameters())
+    scheduler = build(cfg.scheduler, optimizer=optimizer) if cfg.get("scheduler") is not None else None
+    hw = cfg.hardware
+    settings = LoaderSettings(cfg.trainer.batch_size, hw.num_workers, hw.pin_memory and device.type == "cuda",
+                              cfg.trainer.get("drop_last", False))
+    run = Run(model=model, method=method, optimizer=optimizer, scheduler=scheduler, train_loader=None,
+              val_loader=None, test_loader=None, device=device, num_classes=splits.num_classes,
+              seed=cfg.seed, loader_settings=settings, precision=hw.precision,
+              grad_clip=cfg.trainer.grad_clip, output_dir=output_dir)
+    run.train_loader = run.make_loader(splits.train, train=True)
+    run.val_loader = run.make_loader(splits.val, train=False)
+    run.test_loader = run.make_loader(splits.test, train=False)
+    log.info("model: %d parameters; method %s; %d epochs on %s", sum(p.numel() for p in model.parameters()),
+             method.name, cfg.trainer.epochs, device)
+
+    trainer = Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
+                      select_metric=cfg.eval.select_metric, shapley_every_epoch=cfg.eval.shapley_every_epoch,
+                      count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"))
+    metrics = trainer.fit()
+    if cfg.eval.flops:
+        metrics.update(_forward_flops(run, output_dir))
+    return metrics
+
+
+@torch.no_grad()
+def _forward_flops(run: Run, output_dir: Path) -> dict[str, float | None]:
+    """Inference FLOPs per sample of the method's prediction, and fvcore's per-module table beside it."""
+    batch = next(iter(run.test_loader)).to(run.device)
+    model = run.model.eval()
+
+    def predict():
+        return run.method.eval_fuse(run, model.encode(batch.inputs))
+
+    _, flops = count_flops(predict)
+    fvcore = write_fvcore_table(model, batch.inputs, output_dir / "flops_fvcore.txt")
+    return {"flops/forward_per_sample": flops / len(batch), "flops/fvcore_forward_per_sample": fvcore}

@@ -1,0 +1,175 @@
+"""The method registry contract (every method on 2 and 3 modalities) and OGM-GE's exact formulas."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import THREE, compose_cfg
+from helpers import inputs, tiny_model
+from mmbalance.config import build
+from mmbalance.data.batch import Batch
+from mmbalance.engine.trainer import LoaderSettings, Run
+from mmbalance.errors import UserError
+from mmbalance.methods import METHODS
+from mmbalance.methods.base import Method
+from mmbalance.methods.ogm_ge import OGMGE, ogm_coefficients
+from mmbalance.train import build_model
+
+CONF_METHODS = Path(__file__).resolve().parents[1] / "conf" / "method"
+
+# what each method needs on the command line besides its defaults
+EXTRA = {"unimodal": ["method.modality=visual"]}
+
+
+def test_registry_keys_equal_the_method_config_files():
+    assert set(METHODS) == {p.stem for p in CONF_METHODS.glob("*.yaml")}
+
+
+def make_run(cfg, seed=0):
+    torch.manual_seed(seed)
+    splits = build(cfg.dataset)
+    method = build(cfg.method)
+    mods = method.select_modalities(list(splits.modalities))
+    method.check_modalities(mods)
+    model = build_model({m: splits.modalities[m] for m in mods}, cfg.backbone, splits.num_classes, cfg.masking)
+    opt = build(cfg.optimizer, params=model.parameters())
+    run = Run(model=model, method=method, optimizer=opt, scheduler=None, train_loader=None, val_loader=None,
+              test_loader=None, device=torch.device("cpu"), num_classes=splits.num_classes,
+              loader_settings=LoaderSettings(batch_size=16))
+    run.train_loader = run.make_loader(splits.train, train=True)
+    run.val_loader = run.make_loader(splits.val, train=False)
+    run.test_loader = run.make_loader(splits.test, train=False)
+    method.setup(run)
+    return run
+
+
+@pytest.mark.parametrize("three", [False, True], ids=["2mod", "3mod"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_moves_parameters_and_round_trips_its_state(name, three):
+    cfg = compose_cfg([f"method={name}", *EXTRA.get(name, []), *(THREE if three else [])])
+    run = make_run(cfg)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    batch = next(iter(run.train_loader))
+    stats = run.method.training_step(run, batch)
+    assert torch.isfinite(stats["loss"])
+    moved = {n for n, p in run.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    for m in run.model.modalities:  # every encoder it trains and the head move
+        assert any(n.startswith(f"encoders.{m}.") for n in moved), f"{name}: encoder {m} did not move"
+    assert any(n.startswith("fusion.") for n in moved)
+    # state survives a checkpoint: a fresh method loading it behaves identically
+    state = run.method.state_dict()
+    fresh = build(cfg.method)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict().keys() == state.keys()
+
+
+def test_more_modalities_than_a_method_supports_is_one_clear_error():
+    class TwoOnly(Method):
+        max_modalities = 2
+
+    with pytest.raises(UserError, match="at most 2 modalities.*3 \\(a, b, c\\)"):
+        TwoOnly().check_modalities(["a", "b", "c"])
+
+
+def test_unimodal_builds_a_one_modality_model_and_rejects_unknown_modalities():
+    cfg = compose_cfg(["method=unimodal", "method.modality=visual"])
+    run = make_run(cfg)
+    assert run.model.modalities == ["visual"]
+    with pytest.raises(UserError, match="method.modality='video'.*audio"):
+        build(compose_cfg(["method=unimodal", "method.modality=video"]).method).select_modalities(["audio", "visual"])
+
+
+# ---------------------------------------------------------------- OGM-GE
+
+def test_ogm_coefficients_two_modalities_by_hand():
+    # s_a = 30, s_v = 10: rho_a = 3 > 1 -> k_a = 1 - tanh(0.8 * 3) = 1 - 0.98367...; k_v = 1
+    k = ogm_coefficients({"audio": 30.0, "visual": 10.0}, alpha=0.8)
+    assert k["audio"] == pytest.approx(1 - 0.9836748576936802) and k["visual"] == 1.0
+    k = ogm_coefficients({"audio": 10.0, "visual": 12.0}, alpha=0.1)
+    assert k["audio"] == 1.0 and k["visual"] == pytest.approx(1 - 0.11942729853438588)  # tanh(0.12)
+
+
+def test_ogm_coefficients_three_modalities_against_the_mean_of_the_others():
+    # rho_a = 6 / mean(3, 1) = 3 -> damped; rho_b = 3 / mean(6, 1) = 6/7 < 1; rho_c = 1 / 4.5 < 1
+    k = ogm_coefficients({"a": 6.0, "b": 3.0, "c": 1.0}, alpha=0.5)
+    assert k == pytest.approx({"a": 1 - 0.9051482536448664, "b": 1.0, "c": 1.0})  # tanh(1.5)
+
+
+class _Ctx:
+    """The run context an OGM-GE step reads."""
+
+    def __init__(self, model, epoch=0):
+        self.model, self.epoch = model, epoch
+        self._g = torch.Generator().manual_seed(0)
+
+    def reduce(self, stats):
+        return stats
+
+    def noise_generator(self, device):
+        return self._g
+
+
+def _grads_after_hook(variant, epoch=0, scope="all"):
+    model = tiny_model(("a", "b"), classes=3)
+    x = inputs(("a", "b"), n=8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    out = model(x)
+    torch.nn.functional.cross_entropy(out.logits, y).backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    method = OGMGE(alpha=0.8, variant=variant, modulation_starts=0, modulation_ends=3, scope=scope)
+    ctx = _Ctx(model, epoch)
+    method.params = {m: list(ps) if scope == "all" else [p for p in ps if p.dim() > 1]
+                     for m, ps in model.modality_parameters().items()}
+    method.on_after_backward(ctx, Batch(x, y, torch.arange(8)), out)
+    scores = {m: float(torch.softmax(out.unimodal[m].detach(), 1).gather(1, y[:, None]).sum()) for m in ("a", "b")}
+    return model, raw, method, scores
+
+
+def test_ogm_scales_exactly_the_selected_encoder_gradients_by_k():
+    model, raw, method, scores = _grads_after_hook("ogm", scope="weights")
+    k = ogm_coefficients(scores, 0.8)
+    assert method.last_coefficients == pytest.approx(k)
+    assert min(k.values()) < 1.0  # one modality is damped
+    for n, p in model.named_parameters():
+        m = n.split(".")[1] if n.startswith("encoders.") else None
+        expected = raw[n] * k[m] if (m and p.dim() > 1) else raw[n]
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_ogm_ge_adds_noise_with_the_unscaled_gradient_std_to_every_modality():
+    model, raw, method, scores = _grads_after_hook("ogm_ge", scope="weights")
+    k = ogm_coefficients(scores, 0.8)
+    g = torch.Generator().manual_seed(0)
+    for n, p in model.named_parameters():  # replay the noise draws in the same order
+        if not n.startswith("encoders.") or p.dim() < 2:
+            torch.testing.assert_close(p.grad, raw[n])
+    for m in ("a", "b"):
+        for p_name, p in model.encoders[m].named_parameters():
+            if p.dim() < 2:
+                continue
+            r = raw[f"encoders.{m}.{p_name}"]
+            noise = torch.randn(r.shape, generator=g) * (r.std().item() + 1e-8)
+            torch.testing.assert_close(p.grad, r * k[m] + noise)
+
+
+def test_ogm_ge_does_nothing_outside_its_window():
+    model, raw, _, _ = _grads_after_hook("ogm_ge", epoch=4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, raw[n])
+
+
+def test_ogm_ge_refuses_a_fusion_without_per_modality_logits():
+    cfg = compose_cfg(["method=ogm_ge", "backbone.fusion=gated"])
+    with pytest.raises(UserError, match="per-modality logits"):
+        make_run(cfg)
+
+
+def test_ogm_scope_auto_picks_conv_kernels_when_the_encoder_has_them():
+    from mmbalance.methods.ogm_ge import select_parameters
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    chosen = select_parameters(conv.parameters(), "auto")
+    assert [p.shape for p in chosen] == [torch.Size([2, 1, 3, 3])]
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    assert [p.dim() for p in select_parameters(mlp.parameters(), "auto")] == [2, 2]

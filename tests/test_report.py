@@ -1,0 +1,213 @@
+"""`mmbalance report` over hand-written run folders: grouping, statistics, failures, files."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mmbalance.analysis.report import format_runs_table, load_runs, main, summarize, write_report
+from mmbalance.errors import UserError
+
+
+def _config(method: str, seed: int, run_dir, **method_params) -> dict:
+    return {
+        "seed": seed,
+        "dataset": {"name": "digits_av", "image_noise": 0.0, "split_seed": seed},
+        "method": {"_target_": f"mmbalance.methods.{method}", **method_params},
+        "optimizer": {"name": "sgd", "lr": 0.01},
+        "trainer": {"epochs": 3, "device": "cpu"},
+        "paths": {"output_dir": str(run_dir), "data_dir": "/data"},
+    }
+
+
+def make_run(root, name, *, method="baseline", seed=0, metrics=None, status="completed",
+             error=None, dataset="digits_av", config=None, **method_params):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    data = {
+        "status": status,
+        "error": error,
+        "run_dir": str(run_dir),
+        "choices": {"dataset": dataset, "method": method, "backbone": "small", "optimizer": "sgd",
+                    "hardware": "cpu", "experiment": None, "sweep": "demo", "hydra/launcher": "basic"},
+        "overrides": [f"method={method}", f"seed={seed}"],
+        "config": config if config is not None else _config(method, seed, run_dir, **method_params),
+        "seed": seed,
+        "modalities": ["audio", "image"],
+        "versions": {"mmbalance": "0.1.0"},
+        "wall_time_s": 1.0,
+    }
+    if metrics is not None:
+        data["metrics"] = metrics
+    (run_dir / "metrics.json").write_text(json.dumps(data))
+    return run_dir
+
+
+def m(acc, audio=0.5, image=0.5, phi_a=0.3, phi_i=0.3, imb=0.1, flops=1.2e12, f1=None):
+    return {"test/acc": acc, "test/macro_f1": acc if f1 is None else f1,
+            "test/acc/audio": audio, "test/acc/image": image,
+            "test/shapley/audio": phi_a, "test/shapley/image": phi_i, "test/imbalance": imb,
+            "val/acc": acc, "best_epoch": 2, "flops/train_total": flops, "flops/forward_per_sample": 3.4e6}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A multirun-shaped tree: baseline over 3 seeds (+1 failed), unimodal per modality, an alpha sweep."""
+    root = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    make_run(root, "0", seed=0, metrics=m(0.90, audio=0.80, image=0.40, imb=0.30))
+    make_run(root, "1", seed=1, metrics=m(0.92, audio=0.82, image=0.42, imb=0.20))
+    make_run(root, "2", seed=2, metrics=m(0.97, audio=0.84, image=0.44, imb=0.40))
+    make_run(root, "3", seed=3, status="failed", error="ValueError: boom")
+    make_run(root, "4", seed=0, modality="audio", metrics={**m(0.80, imb=None), "test/acc/image": None}, method="unimodal")
+    make_run(root, "5", seed=1, modality="audio", metrics={**m(0.84, imb=None), "test/acc/image": None}, method="unimodal")
+    make_run(root, "6", seed=0, modality="image", metrics={**m(0.40, imb=None), "test/acc/audio": None}, method="unimodal")
+    make_run(root, "7", method="ogm_ge", seed=0, alpha=0.3, metrics=m(0.93, imb=0.10))
+    make_run(root, "8", method="ogm_ge", seed=1, alpha=0.3, metrics=m(0.95, imb=0.12))
+    make_run(root, "9", method="ogm_ge", seed=0, alpha=10.0, metrics=m(0.91, imb=0.02))
+    make_run(root, "10", method="ogm_ge", seed=0, alpha=0.8, metrics=m(0.94, imb=0.05))
+    return tmp_path / "multirun"
+
+
+def test_load_runs_one_row_per_run_with_choices_and_metrics(sweep):
+    df = load_runs([sweep])
+    assert len(df) == 11
+    assert {"run_dir", "status", "error", "dataset", "method", "backbone", "seed", "variant",
+            "test/acc", "test/acc/audio", "flops/train_total", "best_epoch"} <= set(df.columns)
+    assert "hydra/launcher" not in df.columns
+    failed = df[df["status"] == "failed"]
+    assert len(failed) == 1 and failed["error"].iloc[0] == "ValueError: boom"
+    assert math.isnan(failed["test/acc"].iloc[0])
+
+
+def test_variants_from_differing_config_only(sweep):
+    df = load_runs([sweep])
+    variants = df.groupby("method")["variant"].apply(lambda s: sorted(set(s))).to_dict()
+    # seed, dataset.split_seed and paths.output_dir differ per run but are not variants
+    assert variants["baseline"] == [""]
+    assert variants["unimodal"] == ["modality=audio", "modality=image"]
+    assert variants["ogm_ge"] == ["alpha=0.3", "alpha=0.8", "alpha=10"]
+
+
+def test_ambiguous_short_name_uses_dotted_name(tmp_path):
+    for i, lr in enumerate([0.1, 0.01]):
+        cfg = {"seed": 0, "method": {"lr": 1.0}, "optimizer": {"lr": lr}}
+        make_run(tmp_path, str(i), config=cfg, metrics=m(0.9))
+    assert sorted(load_runs([tmp_path])["variant"]) == ["optimizer.lr=0.01", "optimizer.lr=0.1"]
+
+
+def test_summary_groups_means_and_sample_std(sweep):
+    s = summarize(load_runs([sweep]))
+    keys = list(zip(s["method"], s["variant"]))
+    assert keys == [("baseline", ""), ("unimodal", "modality=audio"), ("unimodal", "modality=image"),
+                    ("ogm_ge", "alpha=0.3"), ("ogm_ge", "alpha=0.8"), ("ogm_ge", "alpha=10")]
+    base = s.iloc[0]
+    assert base["n"] == 3 and base["n_failed"] == 1 and base["seeds"] == "0 1 2"
+    assert base["test/acc.mean"] == pytest.approx(0.93)
+    # deviations -0.03, -0.01, 0.04 -> sum of squares 0.0026 / (3 - 1)
+    assert base["test/acc.std"] == pytest.approx(math.sqrt(0.0013))
+    assert base["test/imbalance.mean"] == pytest.approx(0.30)
+    assert base["test/imbalance.std"] == pytest.approx(0.10)
+    audio = s.iloc[1]
+    assert audio["n"] == 2 and audio["n_failed"] == 0
+    assert audio["test/acc.mean"] == pytest.approx(0.82)
+    assert audio["test/acc.std"] == pytest.approx(math.sqrt(0.0008))
+    assert math.isnan(audio["test/imbalance.mean"]) and audio["test/imbalance.n"] == 0
+    image = s.iloc[2]
+    assert image["n"] == 1 and math.isnan(image["test/acc.std"])
+
+
+def test_group_with_only_failed_runs_still_listed(tmp_path):
+    make_run(tmp_path, "0", method="ogm_ge", alpha=0.3, metrics=m(0.9))
+    make_run(tmp_path, "1", method="ogm_ge", alpha=0.9, status="failed", error="RuntimeError: nan loss")
+    s = summarize(load_runs([tmp_path]))
+    row = s[s["variant"] == "alpha=0.9"].iloc[0]
+    assert row["n"] == 0 and row["n_failed"] == 1 and math.isnan(row["test/acc.mean"])
+
+
+def test_unreadable_metrics_json_becomes_a_row(sweep, caplog):
+    bad = sweep / "2026-01-01" / "12-00-00" / "11"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{not json")
+    with caplog.at_level("WARNING"):
+        df = load_runs([sweep])
+    assert "1 of 12" in caplog.text
+    row = df[df["status"] == "unreadable"].iloc[0]
+    assert row["run_dir"] == str(bad) and "JSONDecodeError" in row["error"]
+    assert df.attrs["n_unreadable"] == 1
+    s = summarize(df)
+    assert s["n"].sum() == 10 and s["n_failed"].sum() == 1  # unreadable belongs to no group
+    md = write_report([sweep])["markdown"]
+    assert "1 unreadable" in md and str(bad) in md
+
+
+def test_empty_or_missing_directory_is_a_user_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty"):
+        load_runs([tmp_path / "empty"])
+    with pytest.raises(UserError, match="nope"):
+        load_runs([tmp_path / "nope"])
+
+
+def test_same_run_given_twice_counts_once(sweep):
+    run = sweep / "2026-01-01" / "12-00-00" / "0"
+    assert len(load_runs([sweep, run])) == 11
+
+
+def test_write_report_files_and_markdown_cells(sweep, tmp_path):
+    out = tmp_path / "report"
+    result = write_report([sweep], out_dir=out)
+    for key, name in [("runs_csv", "runs.csv"), ("summary_csv", "summary.csv"),
+                      ("summary_md", "summary.md"), ("plot", "acc_vs_imbalance.png")]:
+        assert result[key] == out / name and result[key].stat().st_size > 0
+    assert (out / "acc_vs_imbalance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    assert md == result["markdown"]
+    assert "## digits_av" in md
+    assert "| method | variant | n | test acc | macro-F1 | acc audio | acc image | φ audio | φ image " \
+           "| imbalance | train FLOPs (TFLOP) |" in md
+    # baseline: acc 93.0 ± 3.6, acc audio 82.0 ± 2.0, imbalance 30.0 ± 10.0, FLOPs 1.20 ± 0.00 TFLOP
+    assert "| baseline | – | 3 (+1 failed) | 93.0 ± 3.6 | 93.0 ± 3.6 | 82.0 ± 2.0 | 42.0 ± 2.0 " \
+           "| 30.0 ± 0.0 | 30.0 ± 0.0 | 30.0 ± 10.0 | 1.20 ± 0.00 |" in md
+    assert "| unimodal | modality=image | 1 | 40.0 ± – |" in md
+    assert "ValueError: boom" in md
+    assert md.index("| baseline") < md.index("| unimodal") < md.index("| ogm_ge | alpha=0.3") \
+        < md.index("| ogm_ge | alpha=0.8") < md.index("| ogm_ge | alpha=10")
+    runs_csv = (out / "runs.csv").read_text()
+    assert runs_csv.count("\n") == 12  # header + 11 runs
+
+
+def test_write_report_defaults_to_first_dir(sweep):
+    result = write_report([sweep])
+    assert result["summary_md"] == sweep / "summary.md" and (sweep / "runs.csv").exists()
+
+
+def test_no_plot_without_imbalance(tmp_path):
+    make_run(tmp_path, "0", method="unimodal", modality="audio", metrics=m(0.8, imb=None))
+    result = write_report([tmp_path])
+    assert result["plot"] is None and not (tmp_path / "acc_vs_imbalance.png").exists()
+
+
+def test_format_runs_table(sweep):
+    text = format_runs_table(load_runs([sweep]))
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", "variant", "seed", "acc%", "acc/audio%", "acc/image%",
+                                "φ/audio%", "φ/image%", "imb%", "train", "TFLOP"]
+    assert lines[2].split()[:4] == ["baseline", "–", "0", "90.0"]
+    assert sum(1 for line in lines if line.startswith("unimodal")) == 3
+    assert "1 run(s) not completed:" in text and "ValueError: boom" in text
+
+
+def test_main_prints_summary_and_returns_codes(sweep, tmp_path, capsys):
+    assert main([str(sweep), "--out", str(tmp_path / "o"), "--runs"]) == 0
+    out = capsys.readouterr().out
+    assert "## digits_av" in out and "acc/audio%" in out
+    assert (tmp_path / "o" / "summary.csv").exists()
+    assert main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_report_module_does_not_import_torch():
+    code = "import sys, mmbalance.analysis.report; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
