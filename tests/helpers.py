@@ -27,3 +27,12 @@ def tiny_model(mods=("a", "b"), fusion="concat", masking="input", classes=3):
 def inputs(mods=("a", "b"), n=6):
     g = torch.Generator().manual_seed(1)
     return {m: torch.randn(n, 5, generator=g) for m in mods}
+
+
+from mmbalance.methods.base import Method  # noqa: E402
+
+
+class TwoModalityMethod(Method):
+    """A method that declares support for two modalities only (like Greedy), for the refusal test."""
+
+    max_modalities = 2

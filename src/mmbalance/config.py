@@ -9,10 +9,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, UserError
 
 # Arguments the code supplies at build time, per config section (not expected in the YAML).
 RUNTIME_ARGS = {
@@ -47,9 +48,14 @@ def build(node: DictConfig, **runtime_kwargs) -> Any:
     Every object in a run is built through here. Nodes marked `_partial_: true` become a partial that is
     called with the runtime arguments at once.
     """
-    if node.get("_partial_", False):
-        return instantiate(node)(**runtime_kwargs)
-    return instantiate(node, **runtime_kwargs)
+    try:
+        if node.get("_partial_", False):
+            return instantiate(node)(**runtime_kwargs)
+        return instantiate(node, **runtime_kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, UserError):  # our own clear message, not Hydra's wrapper around it
+            raise exc.__cause__ from None
+        raise
 
 
 def _check_target(where: str, node: Any, runtime: set[str], problems: list[str]) -> None:

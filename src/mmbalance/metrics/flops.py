@@ -90,7 +90,8 @@ def write_fvcore_table(model: nn.Module, inputs: dict[str, torch.Tensor], path: 
             total = analysis.total()
         path.write_text(
             f"# fvcore forward FLOP table for one batch of {batch_size} (fvcore counts multiply-adds;\n"
-            f"# x2 = {2 * total / batch_size:.4g} FLOPs per sample, to compare with flops/forward_per_sample)\n"
+            f"# x2 = {2 * total / batch_size:.4g} FLOPs per sample, to compare with flops/forward_per_sample;\n"
+            "# fvcore also counts normalisation layers, which flops/* leave out)\n"
             + table + "\n"
         )
         return 2.0 * total / batch_size

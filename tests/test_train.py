@@ -1,0 +1,112 @@
+"""Training runs end to end: results contract, determinism, resume, failures, the CLI and a sweep + report."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import FAST, THREE, read_metrics, run_cli, train_in_process
+from mmbalance.errors import DataError, UserError
+
+
+def metric_subset(metrics):
+    return {k: v for k, v in metrics.items() if not k.startswith("time")}
+
+
+def test_a_run_writes_every_metric_and_artifact(tmp_path):
+    results = train_in_process(tmp_path, ["method=ogm_ge", *THREE])
+    m = results["metrics"]
+    assert results["status"] == "completed" and results["modalities"] == ["audio", "visual", "text"]
+    for key in ["test/acc", "test/macro_f1", "test/imbalance", "val/acc", "flops/train_total",
+                "flops/forward_per_sample", "best_epoch"]:
+        assert m[key] is not None, key
+    for mod in ("audio", "visual", "text"):
+        assert 0 <= m[f"test/acc/{mod}"] <= 1 and f"test/shapley/{mod}" in m
+    phi = sum(m[f"test/shapley/{mod}"] for mod in ("audio", "visual", "text"))
+    assert phi == pytest.approx(m["test/acc"] - m["test/value/empty"])
+    assert m["flops/train_total"] > 0 and m["flops/train/train_steps"] == m["flops/train_total"]
+    on_disk = read_metrics(tmp_path)
+    assert on_disk["status"] == "completed" and on_disk["config"]["method"]["alpha"] == 0.8
+    assert (tmp_path / "checkpoints" / "last.pt").exists() and (tmp_path / "checkpoints" / "best.pt").exists()
+    assert (tmp_path / "flops_fvcore.txt").exists()
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert {"train/loss", "val/acc", "val/acc/text", "val/imbalance", "lr"} <= set(rows[0])
+
+
+def test_train_flops_are_the_measured_step_scaled_to_every_sample(tmp_path):
+    m = train_in_process(tmp_path, ["eval.shapley_every_epoch=false"])["metrics"]
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    samples = sum(int(r["train/samples"]) for r in rows)
+    per_sample = float(rows[0]["flops/train_so_far"]) / int(rows[0]["train/samples"])
+    assert m["flops/train_total"] == pytest.approx(per_sample * samples)
+    # a training step (forward + backward) costs about three forward passes per sample
+    assert 2.0 < per_sample / m["flops/forward_per_sample"] < 3.5
+
+
+def test_same_seed_same_metrics_and_another_seed_differs(tmp_path):
+    a = train_in_process(tmp_path / "a", ["method=ogm_ge"])["metrics"]
+    b = train_in_process(tmp_path / "b", ["method=ogm_ge"])["metrics"]
+    c = train_in_process(tmp_path / "c", ["method=ogm_ge", "seed=1"])["metrics"]
+    assert metric_subset(a) == metric_subset(b)
+    assert a["val/shapley/audio"] != c["val/shapley/audio"] or a["test/acc"] != c["test/acc"]
+
+
+def test_resume_from_last_checkpoint_gives_the_uninterrupted_result(tmp_path):
+    straight = train_in_process(tmp_path / "straight", ["method=ogm_ge", "trainer.epochs=3"])["metrics"]
+    train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=1"])
+    resumed = train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=3"])["metrics"]
+    assert metric_subset(resumed) == metric_subset(straight)
+
+
+def test_a_failed_run_says_so_in_metrics_json(tmp_path):
+    with pytest.raises(DataError, match="no `label` array"):
+        import numpy as np
+
+        np.savez(tmp_path / "f.npz", audio=np.zeros((10, 3)))
+        train_in_process(tmp_path / "run", ["dataset=features", f"dataset.path={tmp_path / 'f.npz'}"], fast=False)
+    results = read_metrics(tmp_path / "run")
+    assert results["status"] == "failed" and "DataError" in results["error"] and results["metrics"] == {}
+
+
+def test_a_method_given_too_many_modalities_fails_clearly(tmp_path):
+    with pytest.raises(UserError, match="at most 2 modalities"):
+        train_in_process(tmp_path, ["method._target_=helpers.TwoModalityMethod", *THREE])
+    assert read_metrics(tmp_path)["status"] == "failed"
+
+
+def test_selecting_on_test_is_recorded(tmp_path):
+    results = train_in_process(tmp_path, ["eval.select_on=test", "trainer.epochs=1"])
+    assert results["select_on"] == "test" and "test/acc" in results["metrics"]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_missing_data_path_is_one_clear_message_and_no_success(tmp_path):
+    proc = run_cli(["dataset=features", "dataset.path=/nonexistent/feats.npz", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert proc.returncode != 0
+    assert "error: dataset.path: features file '/nonexistent/feats.npz' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert read_metrics(tmp_path)["status"] == "failed"
+
+
+def test_cli_unknown_method_lists_the_options(tmp_path):
+    proc = run_cli(["method=no_such_method", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert proc.returncode != 0
+    assert "method/no_such_method" in proc.stderr and "ogm_ge" in proc.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_cli_sweep_then_report_gives_one_row_per_method_with_n_2(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "method=baseline,ogm_ge", "seed=0,1", *FAST, "trainer.epochs=1",
+                    f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(sweep.glob("*/metrics.json"))
+    assert len(runs) == 4 and all(json.loads(p.read_text())["status"] == "completed" for p in runs)
+    assert (sweep / "0" / "train.log").read_text().count("epoch 0") == 1
+    from mmbalance.analysis.report import write_report
+
+    summary = write_report([sweep])["summary"]
+    assert list(summary["method"]) == ["baseline", "ogm_ge"] and list(summary["n"]) == [2, 2]
