@@ -165,11 +165,10 @@ def test_ogm_ge_refuses_a_fusion_without_per_modality_logits():
         make_run(cfg)
 
 
-def test_ogm_scope_auto_picks_conv_kernels_when_the_encoder_has_them():
+def test_ogm_scopes_select_weights_conv_kernels_or_everything():
     from mmbalance.methods.ogm_ge import select_parameters
 
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 2))
-    chosen = select_parameters(conv.parameters(), "auto")
-    assert [p.shape for p in chosen] == [torch.Size([2, 1, 3, 3])]
-    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    assert [p.dim() for p in select_parameters(mlp.parameters(), "auto")] == [2, 2]
+    assert [p.dim() for p in select_parameters(conv.parameters(), "weights")] == [4, 2]
+    assert [p.dim() for p in select_parameters(conv.parameters(), "conv_kernels")] == [4]
+    assert len(select_parameters(conv.parameters(), "all")) == 6

@@ -9,7 +9,7 @@ import torch
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method, true_class_scores
 
-SCOPES = ("auto", "conv_kernels", "weights", "all")
+SCOPES = ("weights", "conv_kernels", "all")
 
 
 def ogm_coefficients(scores: dict[str, float], alpha: float) -> dict[str, float]:
@@ -45,14 +45,17 @@ class OGMGE(Method):
         alpha: modulation strength (official README: 0.8 CREMA-D, 0.1 VGGSound).
         variant: "ogm_ge" (scale + noise, the default) or "ogm" (scale only).
         modulation_starts, modulation_ends: 0-based inclusive epoch window (official 0..50).
-        scope: which encoder gradients are modulated. "conv_kernels" = 4-D conv weights only (official);
-            "weights" = every non-1-D encoder parameter (the peer's choice); "all" = every encoder
-            parameter; "auto" (default) = conv kernels for encoders that have them, otherwise non-1-D
-            weights, so MLP/Transformer encoders are modulated instead of silently left alone.
+        scope: which encoder gradients are modulated. "weights" (default) = every non-1-D encoder
+            parameter: on the official ResNet18 encoders (no fc) these are exactly the conv kernels the
+            official code selects, and on encoders with linear layers (our small CNN's projection, MLPs,
+            Transformers) the whole encoder is modulated instead of silently only part of it or nothing.
+            "conv_kernels" = 4-D weights only (the official code's literal rule); "all" = every encoder
+            parameter, biases and norms included.
 
     Hooks used: `on_after_backward`. Needs per-modality logits (concat or sum fusion).
     Choices: the noise std comes from the unscaled gradient, as the official code; the peer (BalanceMM)
-    modulates every non-1-D parameter, damps nobody at a tie and starts at epoch 10 — not followed.
+    damps nobody at a tie and starts at epoch 10 — not followed; like the peer (and unlike the official code's
+    literal 4-D rule) linear encoder weights are modulated too, see `scope`.
     """
 
     needs_unimodal_logits = True
@@ -63,7 +66,7 @@ class OGMGE(Method):
         variant: str = "ogm_ge",
         modulation_starts: int = 0,
         modulation_ends: int = 50,
-        scope: str = "auto",
+        scope: str = "weights",
     ):
         if variant not in ("ogm_ge", "ogm"):
             raise UserError(f"method.variant={variant!r}; expected 'ogm_ge' or 'ogm'")
@@ -110,7 +113,6 @@ def select_parameters(params, scope: str):
     params = list(params)
     if scope == "all":
         return params
-    conv = [p for p in params if p.dim() == 4]
-    if scope == "conv_kernels" or (scope == "auto" and conv):
-        return conv
+    if scope == "conv_kernels":
+        return [p for p in params if p.dim() == 4]
     return [p for p in params if p.dim() > 1]

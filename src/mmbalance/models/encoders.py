@@ -88,6 +88,9 @@ class SmallCNN(nn.Module):
 
     - ``"time"``: ``(grid, 1)`` -- keep ``grid`` frequency (height) bands, average over time (width).
       For spectrograms (1, F, T): shift-invariant in time, keeps the spectral envelope.
+    - ``"time_max"``: the maximum over time, then ``grid`` frequency bands. For a short event at an unknown
+      offset in a long window (a spoken word in the demo's one-second clip) the average over time dilutes
+      the event with noise-only frames; the maximum keeps it.
     - ``"grid"``: ``(grid, grid)`` -- keep a coarse spatial layout; for images and video frames.
     - ``"auto"`` (default): ``"time"`` when the per-sample shape looks like this project's spectrograms
       (3-D, one channel, height != width), otherwise ``"grid"``. A square one-channel map (a grayscale
@@ -115,8 +118,8 @@ class SmallCNN(nn.Module):
         name = "SmallCNN"
         self.in_shape = check_input(name, in_shape, _IMAGE)
         _positive(name, width=width, depth=depth, out_dim=out_dim, grid=grid, min_pool_size=min_pool_size)
-        if pool not in ("auto", "time", "grid"):
-            raise UserError(f"{name}: pool must be 'auto', 'time' or 'grid', got {pool!r}")
+        if pool not in ("auto", "time", "time_max", "grid"):
+            raise UserError(f"{name}: pool must be 'auto', 'time', 'time_max' or 'grid', got {pool!r}")
         self.is_frames = len(self.in_shape) == 4
         c, h, w = self.in_shape[-3:]
         if pool == "auto":
@@ -139,7 +142,7 @@ class SmallCNN(nn.Module):
                 h, w = h // kh, w // kw
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
-        self.grid = (int(grid), 1) if pool == "time" else (int(grid), int(grid))
+        self.grid = (int(grid), 1) if pool in ("time", "time_max") else (int(grid), int(grid))
         self.avgpool = nn.AdaptiveAvgPool2d(self.grid)
         self.head = nn.Sequential(
             nn.Flatten(),
@@ -158,7 +161,10 @@ class SmallCNN(nn.Module):
         return self._encode(x)
 
     def _encode(self, x: Tensor) -> Tensor:
-        return self.head(self.avgpool(self.features(x)))
+        maps = self.features(x)
+        if self.pool == "time_max":
+            maps = maps.amax(dim=-1, keepdim=True)
+        return self.head(self.avgpool(maps))
 
 
 # --------------------------------------------------------------------------------------- ResNet18Encoder

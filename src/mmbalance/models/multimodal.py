@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -36,14 +35,27 @@ def mask_modalities(tensors: dict[str, Tensor], absent: Absent) -> dict[str, Ten
     return out
 
 
-@dataclass
 class Output:
-    """What a forward pass gives: fused logits, pooled features, and each modality's own logits
-    (None when the fusion has no linear block per modality)."""
+    """What a forward pass gives: fused logits, pooled features, and each modality's own logits.
 
-    logits: Tensor
-    features: dict[str, Tensor]
-    unimodal: dict[str, Tensor] | None = None
+    `unimodal` is computed on first use (most steps of most methods never read it) and is None when the
+    fusion has no linear block per modality. Methods that replace it pass `unimodal=` explicitly.
+    """
+
+    _UNSET = object()
+
+    def __init__(self, logits: Tensor, features: dict[str, Tensor], unimodal=_UNSET, fusion: Fusion | None = None):
+        self.logits = logits
+        self.features = features
+        self._unimodal = unimodal
+        self._fusion = fusion
+
+    @property
+    def unimodal(self) -> dict[str, Tensor] | None:
+        if self._unimodal is Output._UNSET:
+            ok = self._fusion is not None and self._fusion.has_unimodal_logits
+            self._unimodal = self._fusion.unimodal_logits(self.features) if ok else None
+        return self._unimodal
 
 
 class MultimodalModel(nn.Module):
@@ -80,8 +92,7 @@ class MultimodalModel(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor], absent: Absent = ()) -> Output:
         features = self.encode(inputs, absent)
-        unimodal = self.unimodal_logits(features) if self.fusion.has_unimodal_logits else None
-        return Output(self.fuse(features), features, unimodal)
+        return Output(self.fuse(features), features, fusion=self.fusion)
 
     def modality_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The explicit modality -> parameters map (each encoder's parameters); the head is separate."""
