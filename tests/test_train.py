@@ -106,7 +106,33 @@ def test_cli_sweep_then_report_gives_one_row_per_method_with_n_2(tmp_path):
     runs = sorted(sweep.glob("*/metrics.json"))
     assert len(runs) == 4 and all(json.loads(p.read_text())["status"] == "completed" for p in runs)
     assert (sweep / "0" / "train.log").read_text().count("epoch 0") == 1
-    from mmbalance.analysis.report import write_report
+    report = run_cli(["report", str(sweep)], tmp_path)
+    assert report.returncode == 0, report.stderr
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| baseline") or line.startswith("| ogm_ge")]
+    assert len(rows) == 2 and all(row.split("|")[3].strip() == "2" for row in rows), report.stdout
+    assert (sweep / "summary.md").exists() and (sweep / "acc_vs_imbalance.png").exists()
 
-    summary = write_report([sweep])["summary"]
-    assert list(summary["method"]) == ["baseline", "ogm_ge"] and list(summary["n"]) == [2, 2]
+
+def test_gpu_hardware_without_cuda_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="hardware.device='cuda' but CUDA is not available"):
+        train_in_process(tmp_path, ["hardware=gpu"])
+    assert read_metrics(tmp_path)["status"] == "failed"
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    import torch
+
+    from mmbalance.engine.trainer import Run
+
+    model = torch.nn.Linear(3, 1)
+    model.weight.grad = torch.full_like(model.weight, 10.0)
+    model.bias.grad = torch.full_like(model.bias, 10.0)
+    run = Run(model=model, method=None, optimizer=None, scheduler=None, train_loader=None, val_loader=None,
+              test_loader=None, device=torch.device("cpu"), num_classes=2, grad_clip=1.0)
+    run.clip_gradients()
+    total = torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm()
+    assert total == pytest.approx(1.0, rel=1e-5)
