@@ -136,3 +136,13 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     run.clip_gradients()
     total = torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm()
     assert total == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_failing_job_in_a_sweep_is_recorded_and_the_others_still_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "method=unimodal", "method.modality=video,audio", *FAST, "trainer.epochs=1",
+                    f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode != 0  # the sweep reports its failure...
+    statuses = {json.loads((sweep / job / "metrics.json").read_text())["status"] for job in ("0", "1")}
+    assert statuses == {"failed", "completed"}  # ...but the audio job still ran and says so
+    assert "method.modality='video' is not a modality of this dataset" in (sweep / "0" / "train.log").read_text()

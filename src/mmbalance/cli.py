@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 # conf/ sits at the repository root next to src/ (an editable install, as `make` does)
@@ -28,6 +29,8 @@ def train_main(cfg: DictConfig) -> float | None:
         results = train(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task))
     except UserError as exc:
         log.error("%s", exc)
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # let Hydra record this job as failed and go on with the sweep's other jobs
         # one clear message instead of a traceback; metrics.json already says "failed"
         raise SystemExit(f"error: {exc}") from None
     m = results["metrics"]

@@ -109,6 +109,9 @@ def _fit(cfg: DictConfig, output_dir: Path, results: dict) -> dict[str, Any]:
     device = resolve_device(cfg.hardware)
     seed_everything(cfg.seed)
     splits = build(cfg.dataset)
+    for split in ("train", "val", "test"):
+        if len(getattr(splits, split)) == 0:
+            raise UserError(f"dataset: the {split} split is empty; the dataset is too small for its split fractions")
     method = build(cfg.method)
     modalities = method.select_modalities(list(splits.modalities))
     method.check_modalities(modalities)
