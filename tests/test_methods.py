@@ -1,5 +1,6 @@
 """The method registry contract (every method on 2 and 3 modalities) and OGM-GE's exact formulas."""
 
+import io
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,47 @@ def test_every_method_trains_moves_parameters_and_round_trips_its_state(name, th
     for m in run.model.modalities:  # every encoder it trains and the head move
         assert any(n.startswith(f"encoders.{m}.") for n in moved), f"{name}: encoder {m} did not move"
     assert any(n.startswith("fusion.") for n in moved)
-    # state survives a checkpoint: a fresh method loading it behaves identically
+    # state survives a checkpoint: a fresh run's method loading it holds the same state and trains on
+    buffer = io.BytesIO()
+    torch.save(run.method.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = make_run(cfg)
+    fresh.method.load_state_dict(torch.load(buffer, weights_only=False))
+    assert_same_state(fresh.method.state_dict(), run.method.state_dict())
+    fresh.model.load_state_dict(run.model.state_dict())
+    assert torch.isfinite(fresh.method.training_step(fresh, batch)["loss"])
+
+
+def assert_same_state(a, b, path="state"):
+    """Nested dicts/lists of tensors and plain values are equal."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, float) and a != a:
+        assert b != b, path
+    else:
+        assert a == b, path
+
+
+def test_method_owned_modules_join_the_optimizer_and_the_state():
+    cfg = compose_cfg([])
+    run = make_run(cfg)
+    groups = len(run.optimizer.param_groups)
+    head = run.method.register_module(run, "extra", torch.nn.Linear(3, 2))
+    assert len(run.optimizer.param_groups) == groups + 1
     state = run.method.state_dict()
-    fresh = build(cfg.method)
-    fresh.load_state_dict(state)
-    assert fresh.state_dict().keys() == state.keys()
+    other = make_run(cfg)
+    other_head = other.method.register_module(other, "extra", torch.nn.Linear(3, 2))
+    other.method.load_state_dict(state)
+    assert torch.equal(other_head.weight, head.weight)
 
 
 def test_more_modalities_than_a_method_supports_is_one_clear_error():

@@ -132,7 +132,8 @@ def _fit(cfg: DictConfig, output_dir: Path, results: dict) -> dict[str, Any]:
     run = Run(model=model, method=method, optimizer=optimizer, scheduler=scheduler, train_loader=None,
               val_loader=None, test_loader=None, device=device, num_classes=splits.num_classes,
               seed=cfg.seed, loader_settings=settings, precision=hw.precision,
-              grad_clip=cfg.trainer.grad_clip, output_dir=output_dir)
+              grad_clip=cfg.trainer.grad_clip, output_dir=output_dir,
+              cache_dir=Path(cfg.paths.cache_dir) if cfg.get("paths") else None, config=results["config"])
     run.train_loader = run.make_loader(splits.train, train=True)
     run.val_loader = run.make_loader(splits.val, train=False)
     run.test_loader = run.make_loader(splits.test, train=False)

@@ -77,6 +77,8 @@ class Run:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     grad_clip: float | None = None
     output_dir: Path | None = None
+    cache_dir: Path | None = None  # for work a method can reuse across runs (e.g. UMT's teachers)
+    config: dict | None = None  # the resolved run config (read-only), e.g. to key such a cache
     epoch: int = 0
     step: int = 0
     flops: FlopMeter = field(default_factory=FlopMeter)
@@ -286,6 +288,8 @@ class Trainer:
         metrics.update({k: v for k, v in best_row.items() if k.startswith("val/")})
         metrics["best_epoch"] = self.best_epoch
         metrics["epochs"] = len(self.history)
+        if self.history:  # wall time per epoch: training, the method's epoch hooks and validation
+            metrics["time/epoch_mean_s"] = sum(r["time_s"] for r in self.history) / len(self.history)
         metrics["flops/train_total"] = run.flops.total
         for part, value in run.flops.by_part.items():
             metrics[f"flops/train/{part}"] = value

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmbalance.data.batch import Batch
 from mmbalance.errors import UserError
@@ -104,12 +104,32 @@ class Method:
     def on_epoch_end(self, run: Run, epoch: int) -> None:
         pass
 
+    # ---- method-owned trainable parts (extra heads, learnable weights) ----
+    def register_module(self, run: Run, name: str, module: nn.Module, optimize: bool = True) -> nn.Module:
+        """Adopt a trainable module the method owns: moved to the run's device, added to `run.optimizer` as
+        its own parameter group (unless `optimize=False`), and saved/restored with the method's state.
+
+        Call it from `setup` (which runs before a resume restores the optimizer, so the groups match).
+        """
+        module = module.to(run.device)
+        self.__dict__.setdefault("_owned", {})[name] = module
+        if optimize:
+            run.optimizer.add_param_group({"params": list(module.parameters())})
+        return module
+
+    def owned_modules(self) -> dict[str, nn.Module]:
+        return dict(self.__dict__.get("_owned", {}))
+
     # ---- resume ----
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """Everything needed to resume. Subclasses extend the dict returned by super().state_dict()."""
+        return {"modules": {k: m.state_dict() for k, m in self.owned_modules().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        for name, module_state in state.get("modules", {}).items():
+            owned = self.owned_modules()
+            if name in owned:
+                owned[name].load_state_dict(module_state)
 
 
 def detached_float(x: Tensor) -> float:
