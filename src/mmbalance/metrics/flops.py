@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +84,8 @@ def write_fvcore_table(model: nn.Module, inputs: dict[str, torch.Tensor], path: 
         from fvcore.nn import FlopCountAnalysis, flop_count_table
 
         wrapper = _DictInputModel(model, modalities).eval()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice and fvcore's op warnings
             analysis = FlopCountAnalysis(wrapper, tuple(inputs[m] for m in modalities))
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             table = flop_count_table(analysis, max_depth=3)
