@@ -240,8 +240,11 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         run = self.run
-        with run.flops.measure("method_setup"):
+        if run.method.counts_own_setup_flops:
             run.method.setup(run)
+        else:
+            with run.flops.measure("method_setup"):
+                run.method.setup(run)
         start = self._resume()
         for epoch in range(start, self.epochs):
             run.epoch = epoch

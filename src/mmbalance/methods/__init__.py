@@ -1,15 +1,39 @@
 """The method registry: one file per method; a key equals the file name and the conf/method/<key>.yaml."""
 
+from mmbalance.methods.agm import AGM
 from mmbalance.methods.base import Method
 from mmbalance.methods.baseline import Baseline
+from mmbalance.methods.cml import CML
+from mmbalance.methods.gblending import GBlending
+from mmbalance.methods.lfm import LFM
+from mmbalance.methods.mbsd import MBSD
+from mmbalance.methods.mmcosine import MMCosine
+from mmbalance.methods.mmpareto import MMPareto
 from mmbalance.methods.ogm_ge import OGMGE
+from mmbalance.methods.pmr import PMR
+from mmbalance.methods.reconboost import ReconBoost
+from mmbalance.methods.relearning import Relearning
+from mmbalance.methods.umt import UMT
 from mmbalance.methods.unimodal import Unimodal
 
 # Explicit, import-side-effect free (torchtune-style); tests check it equals the YAML files in conf/method.
 METHODS: dict[str, type[Method]] = {
     "baseline": Baseline,
     "unimodal": Unimodal,
+    # objective (loss stage)
+    "mmcosine": MMCosine,
+    "umt": UMT,
+    "mbsd": MBSD,
+    "cml": CML,
+    "mmpareto": MMPareto,
+    "gblending": GBlending,
+    "lfm": LFM,
+    # optimization (gradient stage)
     "ogm_ge": OGMGE,
+    "agm": AGM,
+    "pmr": PMR,
+    "relearning": Relearning,
+    "reconboost": ReconBoost,
 }
 
 for _key, _cls in METHODS.items():

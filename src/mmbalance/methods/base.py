@@ -33,6 +33,9 @@ class Method:
     max_modalities: int | None = None
     #: whether the method needs per-modality logits from the fusion head (concat/sum fusion)
     needs_unimodal_logits: bool = False
+    #: True when `setup` adds its own FLOPs to `run.flops` (e.g. UMT's teacher training, counted like the trainer
+    #: counts steps); otherwise the trainer measures all of `setup`, which slows long setups under the counter
+    counts_own_setup_flops: bool = False
 
     # ---- before the model exists ----
     def select_modalities(self, available: list[str]) -> list[str]:
