@@ -3,7 +3,7 @@ baseline (training FLOPs and wall time per epoch), over seeds. This is the table
 
 Usage:
     python benchmarks/method_table.py --methods baseline,ogm_ge,agm --seeds 0,1,2 [--out DIR] [-- extra overrides]
-    python benchmarks/method_table.py --from DIR          # re-read a finished sweep, no training
+    python benchmarks/method_table.py --from DIR [DIR ...] # re-read finished sweeps together, no training
 
 It runs one Hydra sweep (`python -m mmbalance -m method=... seed=...`) into DIR (default multirun/method_table/<time>)
 and prints a markdown table. Wall time per epoch is `time/epoch_mean_s` (training, the method's epoch hooks and
@@ -36,8 +36,8 @@ def run_sweep(methods: list[str], seeds: str, out: Path, extra: list[str]) -> No
         print(f"warning: the sweep exited with {proc.returncode}; failed runs are listed below", file=sys.stderr)
 
 
-def table(out: Path) -> str:
-    df = load_runs([out])
+def table(dirs: list[Path]) -> str:
+    df = load_runs(dirs)
     summary = summarize(df)
     mods = sorted({c.split("/")[2] for c in df.columns if c.startswith("test/acc/")})
     base = summary[summary["method"] == "baseline"]
@@ -71,18 +71,19 @@ def main() -> None:
     parser.add_argument("--methods", default="baseline,ogm_ge")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--from", dest="source", type=Path, help="only re-read this finished sweep")
+    parser.add_argument("--from", dest="source", type=Path, nargs="+", help="only re-read these finished sweeps")
     parser.add_argument("extra", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args()
     if args.source:
-        out = args.source
+        dirs = args.source
     else:
         out = args.out or Path("multirun/method_table") / time.strftime("%Y-%m-%d_%H-%M-%S")
         methods = args.methods.split(",")
         if "baseline" not in methods:
             methods.insert(0, "baseline")
         run_sweep(methods, args.seeds, out, args.extra)
-    print(table(out))
+        dirs = [out]
+    print(table(dirs))
 
 
 if __name__ == "__main__":

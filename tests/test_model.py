@@ -86,3 +86,14 @@ def test_modality_parameter_map_is_explicit_and_disjoint():
     head = {id(p) for p in model.head_parameters()}
     every = {id(p) for p in model.parameters()}
     assert head | ids["a"] | ids["b"] | ids["c"] == every
+
+
+def test_collate_carries_per_sample_absence_only_when_a_sample_has_it():
+    from mmbalance.data.batch import collate_batch
+
+    plain = [{"inputs": {"a": torch.zeros(2), "b": torch.ones(2)}, "label": i, "index": i} for i in range(3)]
+    assert collate_batch(plain).absent is None
+    plain[1]["absent"] = {"b": True}
+    batch = collate_batch(plain)
+    assert torch.equal(batch.absent["b"], torch.tensor([False, True, False]))
+    assert torch.equal(batch.absent["a"], torch.tensor([False, False, False]))

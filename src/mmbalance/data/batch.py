@@ -33,17 +33,23 @@ class ModalitySpec:
 
 @dataclass
 class Batch:
-    """inputs: {modality: (B, ...) tensor}; label: (B,) int64; index: (B,) int64 position in the split."""
+    """inputs: {modality: (B, ...) tensor}; label: (B,) int64; index: (B,) int64 position in the split.
+
+    absent: optional {modality: (B,) bool} marking modalities a data-stage method removed from some samples
+    (e.g. sample-level valuation's re-weighted copies); None for ordinary data.
+    """
 
     inputs: dict[str, Tensor]
     label: Tensor
     index: Tensor
+    absent: dict[str, Tensor] | None = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(
             {m: x.to(device, non_blocking=non_blocking) for m, x in self.inputs.items()},
             self.label.to(device, non_blocking=non_blocking),
             self.index.to(device, non_blocking=non_blocking),
+            None if self.absent is None else {m: a.to(device, non_blocking=non_blocking) for m, a in self.absent.items()},
         )
 
     def __len__(self) -> int:
@@ -51,12 +57,15 @@ class Batch:
 
 
 def collate_batch(samples: list[dict]) -> Batch:
-    """Stack `{"inputs": {m: tensor}, "label": int, "index": int}` samples into one Batch."""
+    """Stack `{"inputs": {m: tensor}, "label": int, "index": int[, "absent": {m: bool}]}` samples into a Batch."""
     modalities = samples[0]["inputs"].keys()
     inputs = {m: torch.stack([s["inputs"][m] for s in samples]) for m in modalities}
     label = torch.as_tensor([s["label"] for s in samples], dtype=torch.long)
     index = torch.as_tensor([s["index"] for s in samples], dtype=torch.long)
-    return Batch(inputs, label, index)
+    absent = None
+    if any("absent" in s for s in samples):
+        absent = {m: torch.as_tensor([bool(s.get("absent", {}).get(m, False)) for s in samples]) for m in modalities}
+    return Batch(inputs, label, index, absent)
 
 
 class MultimodalDataset(Dataset):

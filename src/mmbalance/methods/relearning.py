@@ -124,6 +124,12 @@ class Relearning(Method):
         super().setup(run)
         # theta_0: taken before any step (a resume then overwrites it with the saved snapshot)
         self.initial = {m: [p.detach().clone() for p in ps] for m, ps in run.model.modality_parameters().items()}
+        epochs = ((run.config or {}).get("trainer") or {}).get("epochs")
+        if epochs is not None and (self.reinit_num == 0 or self.reinit_epoch + 1 >= epochs):
+            # say so loudly: without an event this run is exactly the baseline
+            log.warning("relearning: no re-learning event fits in %d epochs (every %d epochs, at most %d times); "
+                        "this run trains exactly like the baseline. Lower method.reinit_epoch.",
+                        epochs, self.reinit_epoch, self.reinit_num)
 
     def on_epoch_start(self, run, epoch):
         if relearn_due(epoch, self.reinit_epoch, self.done, self.reinit_num):
