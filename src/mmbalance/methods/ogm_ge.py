@@ -51,6 +51,8 @@ class OGMGE(Method):
             Transformers) the whole encoder is modulated instead of silently only part of it or nothing.
             "conv_kernels" = 4-D weights only (the official code's literal rule); "all" = every encoder
             parameter, biases and norms included.
+        warmup_epochs: epochs at the start with no modulation at all, whatever the window (the journal version,
+            GeWu-Lab/BML_TPAMI2024, uses 6: `epoch <= 5`); 0 (default) = the CVPR behaviour.
 
     Hooks used: `on_after_backward`. Needs per-modality logits (concat or sum fusion).
     Choices: the noise std comes from the unscaled gradient, as the official code; the peer (BalanceMM)
@@ -67,6 +69,7 @@ class OGMGE(Method):
         modulation_starts: int = 0,
         modulation_ends: int = 50,
         scope: str = "weights",
+        warmup_epochs: int = 0,
     ):
         if variant not in ("ogm_ge", "ogm"):
             raise UserError(f"method.variant={variant!r}; expected 'ogm_ge' or 'ogm'")
@@ -77,6 +80,7 @@ class OGMGE(Method):
         self.modulation_starts = modulation_starts
         self.modulation_ends = modulation_ends
         self.scope = scope
+        self.warmup_epochs = warmup_epochs
         self.last_coefficients: dict[str, float] = {}
 
     def setup(self, run):
@@ -87,7 +91,7 @@ class OGMGE(Method):
                 raise UserError(f"method.scope={self.scope!r} selects no parameters of the {m!r} encoder")
 
     def in_window(self, epoch: int) -> bool:
-        return self.modulation_starts <= epoch <= self.modulation_ends
+        return epoch >= self.warmup_epochs and self.modulation_starts <= epoch <= self.modulation_ends
 
     @torch.no_grad()
     def on_after_backward(self, run, batch, out):

@@ -128,6 +128,8 @@ class SmallCNN(nn.Module):
 
         layers: list[nn.Module] = []
         in_ch = c
+        self._stage_ends: list[int] = []  # where each conv block ends in `features` (for stages())
+        self._stage_channels: list[int] = []
         for i in range(int(depth)):
             out_ch = int(width) * 2 ** min(i, 3)
             layers += [
@@ -141,6 +143,8 @@ class SmallCNN(nn.Module):
                 layers.append(nn.MaxPool2d((kh, kw)))
                 h, w = h // kh, w // kw
             in_ch = out_ch
+            self._stage_ends.append(len(layers))
+            self._stage_channels.append(out_ch)
         self.features = nn.Sequential(*layers)
         self.grid = (int(grid), 1) if pool in ("time", "time_max") else (int(grid), int(grid))
         self.avgpool = nn.AdaptiveAvgPool2d(self.grid)
@@ -162,6 +166,33 @@ class SmallCNN(nn.Module):
 
     def _encode(self, x: Tensor) -> Tensor:
         maps = self.features(x)
+        if self.pool == "time_max":
+            maps = maps.amax(dim=-1, keepdim=True)
+        return self.head(self.avgpool(maps))
+
+    # ---- stage-wise access, for intermediate fusion (Greedy's MMTM blocks between stages) ----
+    # stage_input(x) -> run each of stages() in turn -> pool_head(maps, B) equals forward(x).
+
+    def stage_input(self, x: Tensor) -> Tensor:
+        """The (N, C, H, W) input of the first stage: frames (B, T, C, H, W) are folded to N = B*T."""
+        _check_batch("SmallCNN", x, self.in_shape)
+        return x.reshape(-1, *x.shape[2:]) if self.is_frames else x
+
+    def stages(self) -> list[nn.Module]:
+        """One module per conv block (conv-BN-ReLU[-MaxPool]), sharing this encoder's layers."""
+        starts = [0] + self._stage_ends[:-1]
+        return [self.features[a:b] for a, b in zip(starts, self._stage_ends)]
+
+    def stage_channels(self) -> list[int]:
+        """Channels of each stage's output map."""
+        return list(self._stage_channels)
+
+    def pool_head(self, maps: Tensor, batch_size: int) -> Tensor:
+        """Pooling and projection after the last stage; frames are unfolded and averaged over time."""
+        feats = self._encode_maps(maps)
+        return feats.view(batch_size, -1, feats.shape[-1]).mean(dim=1) if self.is_frames else feats
+
+    def _encode_maps(self, maps: Tensor) -> Tensor:
         if self.pool == "time_max":
             maps = maps.amax(dim=-1, keepdim=True)
         return self.head(self.avgpool(maps))
@@ -251,6 +282,28 @@ class ResNet18Encoder(nn.Module):
             feats = self.net(x.reshape(b * t, *x.shape[2:]))
             return feats.view(b, t, -1).mean(dim=1)
         return self.net(x)
+
+    # ---- stage-wise access, for intermediate fusion (Greedy's MMTM blocks between stages) ----
+    # stage_input(x) -> run each of stages() in turn -> pool_head(maps, B) equals forward(x).
+
+    def stage_input(self, x: Tensor) -> Tensor:
+        """The (N, C, H, W) input of the first stage: frames (B, T, C, H, W) are folded to N = B*T."""
+        _check_batch("ResNet18Encoder", x, self.in_shape)
+        return x.reshape(-1, *x.shape[2:]) if self.is_frames else x
+
+    def stages(self) -> list[nn.Module]:
+        """[stem + layer1, layer2, layer3, layer4], sharing this encoder's layers."""
+        n = self.net
+        return [nn.Sequential(n.conv1, n.bn1, n.relu, n.maxpool, n.layer1), n.layer2, n.layer3, n.layer4]
+
+    def stage_channels(self) -> list[int]:
+        """Channels of each stage's output map."""
+        return [64, 128, 256, 512]
+
+    def pool_head(self, maps: Tensor, batch_size: int) -> Tensor:
+        """Global average pooling (and the removed fc, an Identity); frames averaged over time."""
+        feats = self.net.fc(torch.flatten(self.net.avgpool(maps), 1))
+        return feats.view(batch_size, -1, feats.shape[-1]).mean(dim=1) if self.is_frames else feats
 
 
 # ------------------------------------------------------------------------------------------- MLPEncoder
