@@ -32,6 +32,14 @@ def test_registry_keys_equal_the_method_config_files():
     assert set(METHODS) == {p.stem for p in CONF_METHODS.glob("*.yaml")}
 
 
+def test_every_method_has_a_family_of_the_taxonomy():
+    from mmbalance.methods import FAMILIES
+
+    assert set(FAMILIES) == set(METHODS)
+    assert {cls.family for cls in METHODS.values()} == {"reference", "data", "feed-forward", "objective", "optimization"}
+    assert METHODS["ogm_ge"].family == "optimization" and METHODS["mla"].family == "feed-forward"
+
+
 def make_run(cfg, seed=0):
     torch.manual_seed(seed)
     splits = build(cfg.dataset)

@@ -115,7 +115,8 @@ def _fit(cfg: DictConfig, output_dir: Path, results: dict) -> dict[str, Any]:
     method = build(cfg.method)
     modalities = method.select_modalities(list(splits.modalities))
     method.check_modalities(modalities)
-    results.update(modalities=modalities, val_source=splits.val_source, dataset_notes=splits.notes,
+    results.update(modalities=modalities, method_family=method.family, val_source=splits.val_source,
+                   dataset_notes=splits.notes,
                    split_sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)})
     log.info("data: %s; train %d, val %d (%s), test %d", ", ".join(f"{m} {splits.modalities[m].kind}"
              f"{list(splits.modalities[m].shape)}" for m in modalities), len(splits.train), len(splits.val),

@@ -48,8 +48,19 @@ METHODS: dict[str, type[Method]] = {
     "reconboost": ReconBoost,
 }
 
+# The BalanceBenchmark taxonomy: the stage each method acts at (reports group and average by it).
+FAMILIES: dict[str, str] = {
+    "baseline": "reference",
+    "unimodal": "reference",
+    "valuation": "data",
+    **dict.fromkeys(["mla", "opm", "greedy", "amco"], "feed-forward"),
+    **dict.fromkeys(["mmcosine", "umt", "mbsd", "cml", "mmpareto", "gblending", "lfm"], "objective"),
+    **dict.fromkeys(["ogm_ge", "agm", "pmr", "relearning", "reconboost"], "optimization"),
+}
+
 for _key, _cls in METHODS.items():
     _cls.registry_key = _key
+    _cls.family = FAMILIES[_key]
 
 
 def list_methods() -> list[str]:

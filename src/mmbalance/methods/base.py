@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
 class Method:
     """Base: plain joint training with the fused cross-entropy (which is exactly `baseline`)."""
 
+    #: the BalanceBenchmark family (data, feed-forward, objective, optimization); set by the registry
+    family: str = "unregistered"
     #: most modalities this method supports (None = any); the run refuses more with a clear error
     max_modalities: int | None = None
     #: whether the method needs per-modality logits from the fusion head (concat/sum fusion)
