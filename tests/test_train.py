@@ -35,7 +35,7 @@ def test_a_run_writes_every_metric_and_artifact(tmp_path):
 
 
 def test_train_flops_are_the_measured_step_scaled_to_every_sample(tmp_path):
-    m = train_in_process(tmp_path, ["eval.shapley_every_epoch=false"])["metrics"]
+    m = train_in_process(tmp_path, ["eval.shapley_every=0"])["metrics"]
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     samples = sum(int(r["train/samples"]) for r in rows)
     per_sample = float(rows[0]["flops/train_so_far"]) / int(rows[0]["train/samples"])
@@ -146,3 +146,9 @@ def test_a_failing_job_in_a_sweep_is_recorded_and_the_others_still_run(tmp_path)
     statuses = {json.loads((sweep / job / "metrics.json").read_text())["status"] for job in ("0", "1")}
     assert statuses == {"failed", "completed"}  # ...but the audio job still ran and says so
     assert "method.modality='video' is not a modality of this dataset" in (sweep / "0" / "train.log").read_text()
+
+
+def test_validation_shapley_every_n_epochs_and_the_last(tmp_path):
+    train_in_process(tmp_path, ["eval.shapley_every=2", "trainer.epochs=3"])
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [bool(r.get("val/imbalance")) for r in rows] == [False, True, True]

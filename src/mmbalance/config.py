@@ -31,7 +31,7 @@ ROOT_SCHEMA = {  # key: (type, allowed values or None)
     "trainer.grad_clip": ((int, float, type(None)), None),
     "eval.select_on": (str, ("val", "test")),
     "eval.select_metric": (str, ("acc", "macro_f1")),
-    "eval.shapley_every_epoch": (bool, None),
+    "eval.shapley_every": (int, None),
     "eval.flops": (bool, None),
     "masking": (str, ("input", "feature")),
     "hardware.device": (str, None),

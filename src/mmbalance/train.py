@@ -142,7 +142,7 @@ def _fit(cfg: DictConfig, output_dir: Path, results: dict) -> dict[str, Any]:
              method.name, cfg.trainer.epochs, device)
 
     trainer = Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
-                      select_metric=cfg.eval.select_metric, shapley_every_epoch=cfg.eval.shapley_every_epoch,
+                      select_metric=cfg.eval.select_metric, shapley_every=cfg.eval.shapley_every,
                       count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"))
     metrics = trainer.fit()
     if cfg.eval.flops:

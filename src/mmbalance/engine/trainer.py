@@ -141,7 +141,7 @@ class Trainer:
         epochs: int,
         select_on: str = "val",
         select_metric: str = "acc",
-        shapley_every_epoch: bool = True,
+        shapley_every: int = 1,
         count_flops: bool = True,
         progress_bar: str | bool = "auto",
     ):
@@ -149,7 +149,7 @@ class Trainer:
         self.epochs = epochs
         self.select_on = select_on
         self.select_key = f"{select_on}/{select_metric}"
-        self.shapley_every_epoch = shapley_every_epoch
+        self.shapley_every = shapley_every  # validation Shapley every N epochs (and the last); 0 = never
         self.run.flops.enabled = count_flops
         self.progress_bar = sys.stderr.isatty() if progress_bar == "auto" else bool(progress_bar)
         out = run.output_dir or Path(".")
@@ -258,7 +258,8 @@ class Trainer:
             if run.scheduler is not None:
                 run.scheduler.step()
             row["lr"] = run.optimizer.param_groups[0]["lr"]
-            row.update(evaluate(run, run.val_loader, "val", shapley=self.shapley_every_epoch))
+            due = self.shapley_every > 0 and ((epoch + 1) % self.shapley_every == 0 or epoch + 1 == self.epochs)
+            row.update(evaluate(run, run.val_loader, "val", shapley=due))
             if self.select_on == "test":  # the peer's protocol, only when asked for (recorded in metrics.json)
                 row.update(evaluate(run, run.test_loader, "test", shapley=False))
             row["flops/train_so_far"] = run.flops.total
