@@ -1,4 +1,5 @@
-"""Entry points: `python -m mmbalance [overrides]` / `mmbalance [overrides]` train; `mmbalance report DIR...`."""
+"""Entry points: `python -m mmbalance [overrides]` / `mmbalance [overrides]` train; `mmbalance report DIR...`;
+`mmbalance gap DIR...` (the modality-gap analysis)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def console_main() -> None:
         from mmbalance.analysis.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "gap":
+        from mmbalance.analysis.modality_gap import main as gap_main
+
+        sys.exit(gap_main(sys.argv[2:]))
     if not CONF_DIR.is_dir():
         sys.exit(f"error: the config folder {CONF_DIR} is missing; install mmbalance from its repository "
                  "with `pip install -e .`")

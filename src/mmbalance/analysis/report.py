@@ -197,7 +197,7 @@ def _record(file: Path) -> dict[str, Any]:
         data = _read_metrics(file)
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         return {"run_dir": run_dir, "status": "unreadable", "error": f"{type(e).__name__}: {e}",
-                "_choices": {}, "_config": None, "_metrics": {}}
+                "method_family": None, "_choices": {}, "_config": None, "_metrics": {}}
     choices = data.get("choices") or {}
     config = data.get("config")
     seed = data.get("seed")
@@ -209,6 +209,7 @@ def _record(file: Path) -> dict[str, Any]:
         "run_dir": run_dir,  # where it lies now, not where it was written (results get copied)
         "status": str(data.get("status") or "unknown"),
         "error": data.get("error"),
+        "method_family": data.get("method_family"),
         "seed": seed,
         "wall_time_s": data.get("wall_time_s"),
         "git_sha": data.get("git_sha"),
@@ -259,7 +260,7 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     for r in records:
         choice_cols += [k for k in r["_choices"] if k not in ("dataset", "method") and k not in choice_cols]
         metric_cols += [k for k in r["_metrics"] if k not in metric_cols]
-    base_cols = ["run_dir", "status", "error", "dataset", "method", *choice_cols, "seed", "variant"]
+    base_cols = ["run_dir", "status", "error", "dataset", "method", "method_family", *choice_cols, "seed", "variant"]
     tail_cols = ["wall_time_s", "git_sha", "overrides"]
     rows = []
     for r in records:
@@ -439,12 +440,19 @@ def _plot(summary: pd.DataFrame, file: Path) -> Path | None:
 
 
 def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Write runs.csv, summary.csv, summary.md and acc_vs_imbalance.png into `out_dir`.
+    """Write runs.csv, summary.csv, summary.md, acc_vs_imbalance.png and the studies into `out_dir`.
+
+    The studies (`mmbalance.analysis.studies`) are written when the runs support them: the benchmark
+    table (benchmark.md/.csv/.tex), a relative-balance curve per method swept over one knob
+    (balance_curve_<method>.png, balance points in summary.md) and the training dynamics per group
+    (dynamics_<dataset>_<method>[_<variant>].png).
 
     `out_dir` defaults to the first path when it is a folder, else the current folder. Returns the
     written paths (`runs_csv`, `summary_csv`, `summary_md`, `plot`: None when no group has an
-    imbalance), the markdown text (`markdown`), the runs frame (`runs`) and the summary (`summary`).
+    imbalance; `benchmark`: {md, csv, tex} or None; `balance_curves`: {method: png}; `dynamics`: [png]),
+    the markdown text (`markdown`), the runs frame (`runs`) and the summary (`summary`).
     """
+    from mmbalance.analysis.studies import write_studies  # it imports this module
     paths = [Path(p) for p in paths]
     if not paths:
         raise UserError("no run folders given")
@@ -458,12 +466,13 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     files = {"runs_csv": out / "runs.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}
     df.to_csv(files["runs_csv"], index=False)
     summary.to_csv(files["summary_csv"], index=False)
-    markdown = _summary_markdown(summary, df)
+    studies = write_studies(df, summary, out)
+    markdown = _summary_markdown(summary, df) + studies.pop("markdown")
     files["summary_md"].write_text(markdown, encoding="utf-8")
     plot = _plot(summary, out / "acc_vs_imbalance.png")
     if plot is None:
         log.info("no group has test/imbalance: acc_vs_imbalance.png not written")
-    return {**files, "plot": plot, "markdown": markdown, "runs": df, "summary": summary}
+    return {**files, "plot": plot, **studies, "markdown": markdown, "runs": df, "summary": summary}
 
 
 def _text_table(header: list[str], rows: list[list[str]], n_left: int) -> str:
@@ -529,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mmbalance report",
         description="Summarise run folders (single runs, sweeps, several sweeps) into runs.csv, "
-                    "summary.csv, summary.md and acc_vs_imbalance.png.",
+                    "summary.csv, summary.md and acc_vs_imbalance.png, plus the studies the runs support: "
+                    "benchmark.md/.csv/.tex, balance_curve_<method>.png, dynamics_<dataset>_<method>[_<variant>].png.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or folders holding runs")
     parser.add_argument("--out", metavar="OUT", help="where to write the report (default: the first DIR)")
@@ -545,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_runs_table(result["runs"]))
         print()
     written = [result[k] for k in ("runs_csv", "summary_csv", "summary_md", "plot") if result[k] is not None]
+    written += list((result["benchmark"] or {}).values()) + list(result["balance_curves"].values())
+    written += result["dynamics"]
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
 

@@ -1,0 +1,500 @@
+"""The BalanceBenchmark studies over run folders: the benchmark table, relative-balance curves, training dynamics.
+
+`write_studies` is called by `write_report` with the runs frame and its summary; every study writes its
+files only when the runs contain what it needs (see each function). Families come from each run's
+`metrics.json` (`method_family`), never from the method registry, so this module stays free of torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from mmbalance.analysis.report import DASH, _natural_key, _order_key, _pm
+
+__all__ = [
+    "FAMILY_ORDER", "method_families", "benchmark_table", "write_benchmark", "BalancePoints",
+    "balance_points", "BalanceCurve", "find_balance_curves", "plot_balance_curves", "write_dynamics",
+    "write_studies",
+]
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+REFERENCE = "reference"
+# The BalanceBenchmark taxonomy in the paper's order; families it does not know come after, alphabetically.
+FAMILY_ORDER = ["data", "feed-forward", "objective", "optimization"]
+BENCHMARK_METRICS = [("acc", "test/acc"), ("macro_f1", "test/macro_f1")]
+
+
+def _figure(width: float, height: float):
+    # No pyplot: it would set a global backend inside the user's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^\w.=+-]+", "_", text).strip("_")
+
+
+def method_families(df: pd.DataFrame) -> dict[str, str]:
+    """{method: family} from the runs' recorded `method_family`; runs written before it was recorded:
+    "reference" for baseline and unimodal, "other" for the rest."""
+    out: dict[str, str] = {}
+    column = df["method_family"] if "method_family" in df else pd.Series([None] * len(df), index=df.index)
+    for method, family in zip(df["method"], column):
+        if not method:
+            continue
+        if isinstance(family, str) and family:
+            out[method] = family
+        elif method not in out:
+            out[method] = REFERENCE if method in (BASELINE, "unimodal") else "other"
+    return out
+
+
+# --------------------------------------------------------------------------------------- benchmark table
+
+
+def _family_rank(family: str) -> tuple:
+    if family == BASELINE:
+        return (0, "")
+    if family in FAMILY_ORDER:
+        return (1 + FAMILY_ORDER.index(family), "")
+    return (1 + len(FAMILY_ORDER), family)
+
+
+def _marks(values: pd.Series) -> pd.Series:
+    """'best' / 'second' / '' by the value as printed (0.1 %), so equal cells get equal marks."""
+    shown = (100 * values).round(1)
+    distinct = sorted(shown.dropna().unique(), reverse=True)
+    marks = pd.Series("", index=values.index, dtype=object)
+    if distinct:
+        marks[shown == distinct[0]] = "best"
+    if len(distinct) > 1:
+        marks[shown == distinct[1]] = "second"
+    return marks
+
+
+def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataFrame | None:
+    """The BalanceBenchmark Table 2 shape (with Table 3's complexity view), one row per (method, variant).
+
+    Rows: the baseline first, then the methods grouped by family (data, feed-forward, objective,
+    optimization, then any other), each family closed by its average row (`kind == "average"`: the
+    unweighted mean of its rows' means, per column). Unimodal runs are not rows. Columns per dataset
+    `<ds>`: `<ds>/n` (seeds), `<ds>/{acc,macro_f1,imbalance}.{mean,std}`, `<ds>/flops_rel` (mean training
+    FLOPs over the baseline's) and `<ds>/{acc,macro_f1}.mark` ("best", "second" or "" among the method
+    rows, the baseline included). None unless there is a baseline and at least one non-reference method.
+    """
+    if summary.empty:
+        return None
+    keyed = summary.assign(family=[BASELINE if m == BASELINE else families.get(m, "other") for m in summary["method"]])
+    keyed = keyed[keyed["family"] != REFERENCE]
+    if not (keyed["family"] == BASELINE).any() or not (keyed["family"] != BASELINE).any():
+        return None
+    datasets = list(dict.fromkeys(keyed["dataset"]))
+    rows_keys = sorted(
+        dict.fromkeys(zip(keyed["family"], keyed["method"], keyed["variant"])),
+        key=lambda k: (_family_rank(k[0]), k[1], _natural_key(k[2])),
+    )
+
+    def col(row: pd.Series | None, name: str) -> float:
+        if row is None or name not in row:
+            return math.nan
+        return float(row[name])
+
+    rows: list[dict[str, Any]] = []
+    for family, method, variant in rows_keys:
+        row: dict[str, Any] = {"kind": "method", "family": family, "method": method, "variant": variant}
+        for ds in datasets:
+            hit = keyed[(keyed["dataset"] == ds) & (keyed["method"] == method) & (keyed["variant"] == variant)]
+            s = hit.iloc[0] if len(hit) else None
+            row[f"{ds}/n"] = int(s["n"]) if s is not None else 0
+            for short, metric in BENCHMARK_METRICS + [("imbalance", "test/imbalance")]:
+                row[f"{ds}/{short}.mean"] = col(s, f"{metric}.mean")
+                row[f"{ds}/{short}.std"] = col(s, f"{metric}.std")
+            row[f"{ds}/flops"] = col(s, "flops/train_total.mean")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+
+    for ds in datasets:
+        base = table[(table["family"] == BASELINE) & table[f"{ds}/flops"].notna()]
+        base_flops = base[f"{ds}/flops"].iloc[0] if len(base) else math.nan
+        table[f"{ds}/flops_rel"] = table[f"{ds}/flops"] / base_flops if base_flops else math.nan
+    table = table.drop(columns=[f"{ds}/flops" for ds in datasets])
+
+    out_rows = []
+    for family, members in table.groupby("family", sort=False):
+        out_rows += members.to_dict("records")
+        if family == BASELINE:
+            continue
+        average: dict[str, Any] = {"kind": "average", "family": family, "method": "average", "variant": ""}
+        for c in table.columns:
+            if c.endswith(".mean") or c.endswith("/flops_rel"):
+                average[c] = members[c].mean()  # skips NaN: the rows that have the dataset
+            elif c.endswith(".std"):
+                average[c] = math.nan
+            elif c.endswith("/n"):
+                average[c] = int((members[c] > 0).sum())  # how many rows the average is over
+        out_rows.append(average)
+    out = pd.DataFrame(out_rows, columns=list(table.columns))
+    for ds in datasets:
+        for short, _ in BENCHMARK_METRICS:
+            marks = pd.Series("", index=out.index, dtype=object)
+            is_method = out["kind"] == "method"
+            marks[is_method] = _marks(out.loc[is_method, f"{ds}/{short}.mean"])
+            out[f"{ds}/{short}.mark"] = marks
+    per_dataset = [f"{ds}/{c}" for ds in datasets for c in (
+        "n", "acc.mean", "acc.std", "acc.mark", "macro_f1.mean", "macro_f1.std", "macro_f1.mark",
+        "imbalance.mean", "imbalance.std", "flops_rel")]
+    out = out[["kind", "family", "method", "variant", *per_dataset]]
+    out.attrs["datasets"] = datasets
+    return out
+
+
+def _row_label(row) -> str:
+    return f"{row['method']} ({row['variant']})" if row["variant"] else str(row["method"])
+
+
+def _cells(row, ds: str, pm: str, mark) -> list[str]:
+    """[acc, F1, imbalance, FLOPs ×] of one row for one dataset, percentages with one decimal."""
+    cells = []
+    average = row["kind"] == "average"
+    for short in ("acc", "macro_f1", "imbalance"):
+        mean, std = row[f"{ds}/{short}.mean"], row[f"{ds}/{short}.std"]
+        if not np.isfinite(mean):
+            cells.append(DASH)
+            continue
+        text = f"{100 * mean:.1f}" if average else _pm(mean, std, 100.0).replace(" ± ", pm)
+        cells.append(mark(text, row.get(f"{ds}/{short}.mark", "")))
+    rel = row[f"{ds}/flops_rel"]
+    cells.append(f"{rel:.2f}×" if np.isfinite(rel) else DASH)
+    return cells
+
+
+def _benchmark_markdown(table: pd.DataFrame) -> str:
+    datasets = table.attrs["datasets"]
+    header = ["family", "method"]
+    for ds in datasets:
+        header += [f"{ds} acc", f"{ds} macro-F1", f"{ds} imbalance", f"{ds} train FLOPs"]
+
+    def mark(text, how):
+        return f"**{text}**" if how == "best" else f"_{text}_" if how == "second" else text
+
+    lines = [
+        "# Benchmark", "",
+        "BalanceBenchmark's Table 2 shape with Table 3's complexity view. Accuracy, macro-F1 and imbalance in %, "
+        "mean ± sample std over seeds; per column the best accuracy / macro-F1 in **bold**, the second best in "
+        "_italics_ (underlined in the LaTeX table). A family's average row is the unweighted mean of its rows' "
+        "means. Train FLOPs are relative to the baseline's on the same dataset.", "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+    ]
+    last_family = None
+    for _, row in table.iterrows():
+        family = row["family"] if row["family"] != last_family else ""
+        last_family = row["family"]
+        label = f"_{row['family']} average_" if row["kind"] == "average" else _row_label(row)
+        cells = [family, label]
+        for ds in datasets:
+            cells += _cells(row, ds, " ± ", mark)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_ESCAPES.get(c, c) for c in str(text))
+
+
+def _benchmark_latex(table: pd.DataFrame) -> str:
+    datasets = table.attrs["datasets"]
+
+    def mark(text, how):
+        return rf"\textbf{{{text}}}" if how == "best" else rf"\underline{{{text}}}" if how == "second" else text
+
+    lines = [
+        "% mmbalance benchmark table (BalanceBenchmark Table 2 shape); needs \\usepackage{booktabs}",
+        "% acc, macro-F1, imbalance in %: mean $\\pm$ std over seeds; FLOPs relative to the baseline",
+        r"\begin{tabular}{ll" + "rrrr" * len(datasets) + "}",
+        r"\toprule",
+        " & & " + " & ".join(rf"\multicolumn{{4}}{{c}}{{{_tex(ds)}}}" for ds in datasets) + r" \\",
+        " ".join(rf"\cmidrule(lr){{{3 + 4 * i}-{6 + 4 * i}}}" for i in range(len(datasets))),
+        "Family & Method & " + " & ".join(["Acc & F1 & Imb. & FLOPs"] * len(datasets)) + r" \\",
+        r"\midrule",
+    ]
+    last_family = None
+    for _, row in table.iterrows():
+        if last_family is not None and row["family"] != last_family:
+            lines.append(r"\midrule")
+        family = _tex(row["family"]) if row["family"] != last_family else ""
+        last_family = row["family"]
+        label = r"\textit{Average}" if row["kind"] == "average" else _tex(_row_label(row))
+        cells = [family, label]
+        for ds in datasets:
+            cells += [c.replace(DASH, "--").replace("×", r"$\times$")
+                      for c in _cells(row, ds, r"$\pm$", mark)]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_benchmark(table: pd.DataFrame, out: Path) -> dict[str, Path]:
+    """benchmark.md, benchmark.csv (the table's numbers, fractions) and benchmark.tex into `out`."""
+    files = {"md": out / "benchmark.md", "csv": out / "benchmark.csv", "tex": out / "benchmark.tex"}
+    files["md"].write_text(_benchmark_markdown(table), encoding="utf-8")
+    table.to_csv(files["csv"], index=False)
+    files["tex"].write_text(_benchmark_latex(table), encoding="utf-8")
+    return files
+
+
+# -------------------------------------------------------------------------------- relative-balance curves
+
+
+class BalancePoints(NamedTuple):
+    relative: Any  # the setting with the best mean accuracy
+    absolute: Any  # the setting with the lowest mean imbalance
+
+
+def balance_points(settings: Sequence[Any], acc: Sequence[float], imbalance: Sequence[float]) -> BalancePoints:
+    """BalanceBenchmark's balance points of a knob sweep, from the per-setting means.
+
+    The *relative balance point* is the setting with the best accuracy, the *absolute balance point* the
+    setting with the lowest imbalance. Ties: the other metric decides (lower imbalance, higher accuracy),
+    then the earlier setting. Settings whose metric is NaN are skipped; None when none is left.
+    """
+    items = [(s, float(a), float(i)) for s, a, i in zip(settings, acc, imbalance)]
+    by_acc = [(-a, i if np.isfinite(i) else math.inf, k) for k, (_, a, i) in enumerate(items) if np.isfinite(a)]
+    by_imb = [(i, -a if np.isfinite(a) else math.inf, k) for k, (_, a, i) in enumerate(items) if np.isfinite(i)]
+    relative = items[min(by_acc)[2]][0] if by_acc else None
+    absolute = items[min(by_imb)[2]][0] if by_imb else None
+    return BalancePoints(relative, absolute)
+
+
+@dataclass
+class BalanceCurve:
+    dataset: str
+    method: str
+    knob: str
+    points: pd.DataFrame  # setting (str), value, n, acc.mean/std, imbalance.mean/std, in knob order
+    baseline: pd.Series | None  # the baseline's summary row on the same dataset, if given
+    balance: BalancePoints
+
+
+def _single_knob(variant: str) -> tuple[str, str] | None:
+    parts = variant.split(", ") if variant else []
+    if len(parts) != 1 or "=" not in parts[0]:
+        return None
+    name, value = parts[0].split("=", 1)
+    return name, value
+
+
+def _value(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list[BalanceCurve]:
+    """One curve per (dataset, method) whose completed runs vary in exactly one hyper-parameter, with at
+    least two settings that have both a test accuracy and an imbalance. Reference methods are skipped."""
+    curves = []
+    for (dataset, method), group in summary.groupby(["dataset", "method"], sort=False):
+        if families.get(method, "other") == REFERENCE:
+            continue
+        group = group[group["n"] > 0]
+        knobs = [_single_knob(v) for v in group["variant"]]
+        if len(group) < 2 or any(k is None for k in knobs) or len({k[0] for k in knobs}) != 1:
+            continue
+        points = pd.DataFrame({
+            "setting": [k[1] for k in knobs],
+            "value": [_value(k[1]) for k in knobs],
+            "n": group["n"].to_numpy(),
+            **{f"{short}.{s}": group[f"{metric}.{s}"].to_numpy() if f"{metric}.{s}" in group else math.nan
+               for short, metric in [("acc", "test/acc"), ("imbalance", "test/imbalance")] for s in ("mean", "std")},
+        })
+        points = points[points["acc.mean"].notna() & points["imbalance.mean"].notna()]
+        if len(points) < 2:
+            continue
+        points = points.iloc[sorted(range(len(points)), key=lambda i: _natural_key(points["setting"].iloc[i]))]
+        points = points.reset_index(drop=True)
+        base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
+        baseline = base.iloc[0] if len(base) else None
+        balance = balance_points(points["setting"], points["acc.mean"], points["imbalance.mean"])
+        curves.append(BalanceCurve(dataset, method, knobs[0][0], points, baseline, balance))
+    return curves
+
+
+def plot_balance_curves(curves: Sequence[BalanceCurve], file: Path) -> Path:
+    """Accuracy against imbalance (mean ± std per setting, labelled), one panel per dataset."""
+    fig = _figure(6.5 * len(curves), 5)
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, c in zip(axes, curves):
+        p = c.points
+        x, y = 100 * p["imbalance.mean"], 100 * p["acc.mean"]
+        ax.plot(x, y, "-", color="0.7", zorder=1)
+        ax.errorbar(x, y, xerr=100 * p["imbalance.std"].fillna(0), yerr=100 * p["acc.std"].fillna(0),
+                    fmt="o", capsize=3, color="C0", zorder=2, label=f"{c.method} ({c.knob})")
+        for setting, xi, yi in zip(p["setting"], x, y):
+            ax.annotate(f"{c.knob}={setting}", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        for which, setting, style in [("relative", c.balance.relative, dict(marker="o", ms=14, mfc="none", mec="C3")),
+                                      ("absolute", c.balance.absolute, dict(marker="s", ms=14, mfc="none", mec="C2"))]:
+            hit = p[p["setting"] == setting]
+            if len(hit):
+                ax.plot(100 * hit["imbalance.mean"], 100 * hit["acc.mean"], ls="none", mew=1.5,
+                        label=f"{which} balance point ({c.knob}={setting})", **style)
+        b = c.baseline
+        if b is not None and np.isfinite(b.get("test/imbalance.mean", math.nan)) \
+                and np.isfinite(b.get("test/acc.mean", math.nan)):
+            ax.errorbar(100 * b["test/imbalance.mean"], 100 * b["test/acc.mean"],
+                        xerr=100 * np.nan_to_num(b["test/imbalance.std"]), yerr=100 * np.nan_to_num(b["test/acc.std"]),
+                        fmt="*", ms=12, capsize=3, color="k", label="baseline")
+        ax.set_xlabel("test imbalance (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{c.method} on {c.dataset}: accuracy vs. imbalance over {c.knob}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(file, dpi=150)
+    return file
+
+
+def _balance_markdown(curves: Sequence[BalanceCurve], files: dict[str, Path]) -> list[str]:
+    lines = ["", "## Relative-balance curves", "",
+             "The *relative balance point* is the setting with the best mean test accuracy, the *absolute balance "
+             "point* the setting with the lowest mean imbalance (BalanceBenchmark)."]
+    for c in curves:
+        p = c.points
+        lines += ["", f"### {c.method} on {c.dataset}, over {c.knob} (`{files[c.method].name}`)", "",
+                  f"| {c.knob} | n | test acc | imbalance |", "|---:|---:|---:|---:|"]
+        for _, r in p.iterrows():
+            lines.append(f"| {r['setting']} | {r['n']} | {_pm(r['acc.mean'], r['acc.std'], 100.0)} "
+                         f"| {_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)} |")
+        if c.baseline is not None:
+            b = c.baseline
+            lines.append(f"| baseline | {b['n']} | {_pm(b.get('test/acc.mean'), b.get('test/acc.std'), 100.0)} "
+                         f"| {_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), 100.0)} |")
+        lines.append("")
+        for name, setting in [("Relative balance point (best accuracy)", c.balance.relative),
+                              ("Absolute balance point (lowest imbalance)", c.balance.absolute)]:
+            r = p[p["setting"] == setting].iloc[0]
+            lines.append(f"- {name}: **{c.knob}={setting}**: accuracy {_pm(r['acc.mean'], r['acc.std'], 100.0)}, "
+                         f"imbalance {_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)}.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------- training dynamics
+
+
+def _history_means(run_dirs: Sequence[str]) -> pd.DataFrame | None:
+    """Per-epoch mean and std over runs of `val/shapley/<m>` and `val/imbalance` (epochs without them dropped)."""
+    frames = []
+    for run_dir in run_dirs:
+        file = Path(run_dir) / "history.csv"
+        if not file.exists():
+            continue
+        try:
+            h = pd.read_csv(file)
+        except (OSError, ValueError) as e:
+            log.warning("%s: not read (%s); left out of the training dynamics", file, e)
+            continue
+        cols = [c for c in h.columns if c.startswith("val/shapley/") and "/" not in c[len("val/shapley/"):]]
+        if not cols or "epoch" not in h:
+            continue
+        cols += ["val/imbalance"] if "val/imbalance" in h else []
+        h = h[["epoch", *cols]].apply(pd.to_numeric, errors="coerce")
+        frames.append(h.dropna(subset=cols, how="all"))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return None
+    stats = pd.concat(frames).groupby("epoch").agg(["mean", "std"])
+    stats.columns = [f"{c}.{s}" for c, s in stats.columns]
+    stats.attrs["n_runs"] = len(frames)
+    return stats.reset_index()
+
+
+def write_dynamics(df: pd.DataFrame, out: Path) -> list[Path]:
+    """`dynamics_<dataset>_<method>[_<variant>].png` per group of completed runs whose history.csv has
+    `val/shapley/<m>`: per-epoch φ per modality and the imbalance, mean (± std band) over the runs."""
+    written = []
+    done = df[df["status"] == "completed"]
+    groups = sorted(done.groupby(["dataset", "method", "variant"], sort=False), key=lambda g: _order_key(*g[0]))
+    for (dataset, method, variant), group in groups:
+        stats = _history_means(list(group["run_dir"]))
+        if stats is None:
+            continue
+        from matplotlib.ticker import MaxNLocator
+
+        fig = _figure(11, 4.2)
+        ax_phi, ax_imb = fig.subplots(1, 2)
+        epochs = stats["epoch"]  # as in history.csv (0-based)
+        modalities = [c[len("val/shapley/"):-len(".mean")] for c in stats.columns
+                      if c.startswith("val/shapley/") and c.endswith(".mean")]
+        for ax, names in [(ax_phi, [(f"val/shapley/{m}", f"φ {m}") for m in modalities]),
+                          (ax_imb, [("val/imbalance", "imbalance")])]:
+            for col, label in names:
+                if f"{col}.mean" not in stats:
+                    continue
+                mean, std = 100 * stats[f"{col}.mean"], 100 * stats[f"{col}.std"].fillna(0)
+                line, = ax.plot(epochs, mean, "o-", ms=3, label=label)
+                ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        ax_phi.set_ylabel("validation Shapley value φ (%)")
+        ax_imb.set_ylabel("validation imbalance (%)")
+        what = " ".join(p for p in (dataset, method, variant) if p)
+        fig.suptitle(f"Training dynamics: {what} (mean ± std over {stats.attrs['n_runs']} run(s))")
+        name = "_".join(_safe_name(p) for p in (dataset, method, variant) if p)
+        file = out / f"dynamics_{name}.png"
+        fig.savefig(file, dpi=120)
+        written.append(file)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------- all
+
+
+def write_studies(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> dict[str, Any]:
+    """Every study the runs support: `benchmark` ({md, csv, tex} or None), `balance_curves` ({method: png}),
+    `dynamics` ([png]) and `markdown`, the sections to append to summary.md."""
+    families = method_families(df)
+    lines: list[str] = []
+
+    table = benchmark_table(summary, families)
+    benchmark = write_benchmark(table, out) if table is not None else None
+    if benchmark:
+        lines += ["", "## Benchmark", "", f"The benchmark table (methods by family): `{benchmark['md'].name}`, "
+                  f"`{benchmark['csv'].name}`, `{benchmark['tex'].name}`."]
+
+    curves = find_balance_curves(summary, families)
+    by_method: dict[str, list[BalanceCurve]] = {}
+    for c in curves:
+        by_method.setdefault(c.method, []).append(c)
+    curve_files = {m: plot_balance_curves(cs, out / f"balance_curve_{_safe_name(m)}.png")
+                   for m, cs in by_method.items()}
+    if curves:
+        lines += _balance_markdown(curves, curve_files)
+
+    dynamics = write_dynamics(df, out)
+    if dynamics:
+        lines += ["", "## Training dynamics", "",
+                  "Per-epoch validation φ per modality and imbalance (mean ± std over seeds):", ""]
+        lines += [f"- `{f.name}`" for f in dynamics]
+    return {"benchmark": benchmark, "balance_curves": curve_files, "dynamics": dynamics,
+            "markdown": "\n".join(lines) + "\n" if lines else ""}

@@ -1,0 +1,189 @@
+"""`mmbalance gap`: the linear probe, the pairing of joint and unimodal runs, and the command end to end."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from mmbalance.analysis.modality_gap import ProbeSettings, _load, linear_probe, main, pair_runs, write_gap_report
+from mmbalance.errors import UserError
+
+from conftest import compose_cfg
+
+
+# ------------------------------------------------------------------------------------------------ probe
+
+
+def _blobs(n, d, classes, seed, separable=True):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, d, generator=g)
+    if separable:  # class c lives around 8·e_c: linearly separable with a wide margin
+        x[torch.arange(n), y] += 8.0
+    return x, y
+
+
+def test_probe_separates_linearly_separable_features():
+    tx, ty = _blobs(200, 6, 4, seed=0)
+    vx, vy = _blobs(100, 6, 4, seed=1)
+    result = linear_probe(tx, ty, vx, vy, 4, ProbeSettings(steps=50))
+    assert result.train_acc == 1.0
+    assert result.test_acc == 1.0
+
+
+def test_probe_is_near_chance_on_label_independent_features():
+    tx, ty = _blobs(400, 8, 4, seed=0, separable=False)
+    vx, vy = _blobs(2000, 8, 4, seed=1, separable=False)
+    result = linear_probe(tx, ty, vx, vy, 4)
+    assert abs(result.test_acc - 0.25) < 0.05
+
+
+def test_probe_is_seeded_and_scale_free():
+    tx, ty = _blobs(120, 5, 3, seed=2, separable=False)
+    vx, vy = _blobs(60, 5, 3, seed=3, separable=False)
+    a = linear_probe(tx, ty, vx, vy, 3, ProbeSettings(steps=30, seed=7))
+    b = linear_probe(tx, ty, vx, vy, 3, ProbeSettings(steps=30, seed=7))
+    assert a == b
+    c = linear_probe(tx * 1000 - 3, ty, vx * 1000 - 3, vy, 3, ProbeSettings(steps=30, seed=7))
+    assert abs(c.test_acc - a.test_acc) <= 1 / 60 + 1e-9  # standardised: the feature scale does not matter
+
+
+# ---------------------------------------------------------------------------------------------- pairing
+
+
+def make_run(root, name, method, seed, modality=None, dataset="synthetic", num_samples=96, status="completed",
+             modalities=("audio", "visual")):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    method_cfg = {"_target_": f"mmbalance.methods.{method}.X"}
+    if modality:
+        method_cfg["modality"] = modality
+    data = {
+        "status": status,
+        "choices": {"dataset": dataset, "method": method, "backbone": "small"},
+        "config": {"seed": seed, "dataset": {"num_samples": num_samples, "seed": 0}, "method": method_cfg,
+                   "backbone": {"fusion": "concat"}, "masking": "input"},
+        "seed": seed,
+        "modalities": [modality] if modality else list(modalities),
+        "metrics": {"test/acc": 0.5},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(data))
+    return run_dir
+
+
+def _pairs(root, **kw):
+    runs, skipped = _load([root])
+    return pair_runs(runs, **kw), skipped
+
+
+def test_pairs_by_dataset_and_seed(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, f"b{seed}", "baseline", seed)
+        make_run(tmp_path, f"o{seed}", "ogm_ge", seed)
+        make_run(tmp_path, f"a{seed}", "unimodal", seed, "audio")
+        make_run(tmp_path, f"v{seed}", "unimodal", seed, "visual")
+    make_run(tmp_path, "other_data", "unimodal", 0, "audio", num_samples=500)  # another dataset config: ignored
+    make_run(tmp_path, "failed", "baseline", 2, status="failed")  # left out, and said so
+    pairs, skipped = _pairs(tmp_path)
+    assert len(pairs) == 2 * 2 * 2  # 2 methods x 2 seeds x 2 modalities
+    for p in pairs:
+        assert p.alone.seed == p.joint.seed
+        assert p.alone.unimodal_modality == p.modality
+        assert p.alone.dataset_key == p.joint.dataset_key
+        assert p.alone.run_dir.name == f"{p.modality[0]}{p.joint.seed}"
+    assert [p.joint.method for p in pairs[:4]] == ["baseline"] * 4  # the reference first
+    assert len(skipped) == 1 and "failed" in skipped[0]
+    only, _ = _pairs(tmp_path, methods=["ogm_ge"])
+    assert {p.joint.method for p in only} == {"ogm_ge"}
+
+
+def test_missing_unimodal_run_is_a_clear_error(tmp_path):
+    make_run(tmp_path, "b0", "baseline", 0)
+    make_run(tmp_path, "b1", "baseline", 1)
+    make_run(tmp_path, "a0", "unimodal", 0, "audio")
+    make_run(tmp_path, "v0", "unimodal", 0, "visual")
+    make_run(tmp_path, "a1", "unimodal", 1, "audio")
+    with pytest.raises(UserError, match=r"(?s)1 problem.*modality 'visual'.*seed 1.*method.modality=visual seed=1"):
+        _pairs(tmp_path)
+
+
+def test_no_joint_run_and_no_runs_are_clear_errors(tmp_path):
+    make_run(tmp_path / "u", "a0", "unimodal", 0, "audio")
+    with pytest.raises(UserError, match="no completed jointly trained run"):
+        _pairs(tmp_path / "u")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no runs found"):
+        write_gap_report([tmp_path / "empty"])
+
+
+def test_ambiguous_unimodal_runs_are_refused(tmp_path):
+    make_run(tmp_path, "b0", "baseline", 0)
+    make_run(tmp_path, "a0", "unimodal", 0, "audio")
+    make_run(tmp_path, "a0_again", "unimodal", 0, "audio")
+    make_run(tmp_path, "v0", "unimodal", 0, "visual")
+    with pytest.raises(UserError, match="2 unimodal runs of modality 'audio' match"):
+        _pairs(tmp_path)
+
+
+def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    make_run(tmp_path, "b0", "baseline", 0)
+    make_run(tmp_path, "a0", "unimodal", 0, "audio")
+    make_run(tmp_path, "v0", "unimodal", 0, "visual")
+    assert main([str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+FAST_SMALL = ["dataset.num_samples=120", "backbone.encoders.image.width=4", "backbone.encoders.spectrogram.width=4",
+              "eval.flops=false", "eval.shapley_every=0"]
+
+
+def _train(root, name, overrides, choices):
+    from mmbalance.train import train
+
+    cfg = compose_cfg(FAST_SMALL + overrides)
+    return train(cfg, root / name, {"dataset": "synthetic", **choices}, overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """baseline + unimodal audio + unimodal visual on synthetic data, seed 0, 2 epochs."""
+    root = tmp_path_factory.mktemp("gap_sweep")
+    _train(root, "0", ["method=baseline"], {"method": "baseline"})
+    _train(root, "1", ["method=unimodal", "method.modality=audio"], {"method": "unimodal"})
+    _train(root, "2", ["method=unimodal", "method.modality=visual"], {"method": "unimodal"})
+    return root
+
+
+def test_gap_command_end_to_end(tiny_sweep, tmp_path, capsys):
+    out = tmp_path / "gap"
+    assert main([str(tiny_sweep), "--out", str(out), "--probe-steps", "30"]) == 0
+    for name in ("modality_gap.csv", "modality_gap.md", "modality_gap.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    rows = pd.read_csv(out / "modality_gap.csv")
+    assert sorted(rows["modality"]) == ["audio", "visual"]
+    assert set(rows["method"]) == {"baseline"}
+    for c in ("probe_joint", "probe_alone", "alone_test_acc", "branch_joint_test_acc", "probe_joint_train"):
+        assert rows[c].between(0, 1).all(), c
+    assert ((rows["gap"] - (rows["probe_alone"] - rows["probe_joint"])).abs() < 1e-12).all()
+    md = (out / "modality_gap.md").read_text()
+    assert "| baseline | – | audio | 1 |" in md
+    assert "probe in joint" in capsys.readouterr().out
+    assert not math.isnan(rows["probe_alone"].iloc[0])
+
+
+def test_intermediate_fusion_method_is_refused(tiny_sweep, tmp_path):
+    """A checkpoint with parameters the late-fusion model lacks (Greedy's MMTM blocks) is refused clearly."""
+    import shutil
+
+    root = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, root)
+    ckpt = root / "0" / "checkpoints" / "best.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["model"]["mmtm.0.weight"] = torch.zeros(1)
+    torch.save(state, ckpt)
+    with pytest.raises(UserError, match="replaces the model in its setup.*late_fusion=False"):
+        write_gap_report([root], tmp_path / "out")

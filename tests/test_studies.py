@@ -1,0 +1,282 @@
+"""The report's studies over hand-written run folders: benchmark table, balance curves, training dynamics;
+and the sweep files that produce them."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from mmbalance.analysis.report import load_runs, summarize, write_report
+from mmbalance.analysis.studies import (
+    BalancePoints, balance_points, benchmark_table, find_balance_curves, method_families,
+)
+from mmbalance.config import validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PNG = b"\x89PNG\r\n\x1a\n"
+FAMILY = {"baseline": "reference", "unimodal": "reference", "valuation": "data", "opm": "feed-forward",
+          "mla": "feed-forward", "ogm_ge": "optimization", "pmr": "optimization"}
+
+
+def make_run(root, name, *, method, seed, acc, f1=None, imb=0.2, flops=1e12, dataset="dsA", history=None,
+             **method_params):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    data = {
+        "status": "completed",
+        "choices": {"dataset": dataset, "method": method, "backbone": "small"},
+        "config": {"seed": seed, "dataset": {"name": dataset},
+                   "method": {"_target_": f"mmbalance.methods.{method}", **method_params}},
+        "seed": seed,
+        "method_family": FAMILY[method],
+        "metrics": {"test/acc": acc, "test/macro_f1": acc if f1 is None else f1, "test/imbalance": imb,
+                    "test/shapley/audio": 0.5, "test/shapley/image": 0.5 - (imb or 0), "flops/train_total": flops},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(data))
+    if history is not None:
+        (run_dir / "history.csv").write_text(history)
+    return run_dir
+
+
+@pytest.fixture
+def bench(tmp_path):
+    root = tmp_path / "runs"
+    runs = [  # method, params, dataset, [(acc, f1)] per seed, imbalance, FLOPs
+        ("baseline", {}, "dsA", [(0.80, 0.70), (0.82, 0.72)], 0.40, 1e12),
+        ("valuation", {}, "dsA", [(0.85, 0.80), (0.87, 0.82)], 0.30, 3e12),
+        ("opm", {}, "dsA", [(0.90, 0.85), (0.92, 0.87)], 0.20, 1e12),
+        ("mla", {}, "dsA", [(0.84, 0.95), (0.86, 0.95)], 0.10, 2e12),
+        ("ogm_ge", {"alpha": 0.3}, "dsA", [(0.88, 0.80), (0.90, 0.80)], 0.25, 1.1e12),
+        ("ogm_ge", {"alpha": 0.8}, "dsA", [(0.86, 0.80), (0.86, 0.80)], 0.05, 1.1e12),
+        ("unimodal", {"modality": "audio"}, "dsA", [(0.95, 0.95)], None, 0.5e12),
+        ("baseline", {}, "dsB", [(0.60, 0.60), (0.62, 0.62)], 0.30, 2e12),
+        ("opm", {}, "dsB", [(0.70, 0.70), (0.74, 0.74)], 0.10, 3e12),
+    ]
+    for i, (method, params, ds, seeds, imb, flops) in enumerate(runs):
+        for seed, (acc, f1) in enumerate(seeds):
+            make_run(root, f"{i}_{seed}", method=method, seed=seed, acc=acc, f1=f1, imb=imb, flops=flops,
+                     dataset=ds, **params)
+    return root
+
+
+def _table(root):
+    df = load_runs([root])
+    return benchmark_table(summarize(df), method_families(df))
+
+
+def test_families_come_from_metrics_json(bench):
+    assert method_families(load_runs([bench])) == {k: v for k, v in FAMILY.items() if k != "pmr"}
+
+
+def test_benchmark_rows_grouped_by_family_with_averages(bench):
+    t = _table(bench)
+    assert t.attrs["datasets"] == ["dsA", "dsB"]
+    rows = list(zip(t["family"], t["method"], t["variant"]))
+    assert rows == [
+        ("baseline", "baseline", ""),
+        ("data", "valuation", ""), ("data", "average", ""),
+        ("feed-forward", "mla", ""), ("feed-forward", "opm", ""), ("feed-forward", "average", ""),
+        ("optimization", "ogm_ge", "alpha=0.3"), ("optimization", "ogm_ge", "alpha=0.8"),
+        ("optimization", "average", ""),
+    ]  # unimodal is no row
+    row = {(f, m, v): r for (f, m, v), (_, r) in zip(rows, t.iterrows())}
+    ff = row["feed-forward", "average", ""]
+    assert ff["kind"] == "average"
+    assert ff["dsA/acc.mean"] == pytest.approx((0.85 + 0.91) / 2)        # mla 0.85, opm 0.91
+    assert ff["dsA/macro_f1.mean"] == pytest.approx((0.95 + 0.86) / 2)
+    assert ff["dsA/imbalance.mean"] == pytest.approx((0.10 + 0.20) / 2)
+    assert ff["dsA/flops_rel"] == pytest.approx((2.0 + 1.0) / 2)
+    assert math.isnan(ff["dsA/acc.std"])
+    assert ff["dsB/acc.mean"] == pytest.approx(0.72)                      # only opm has dsB
+    opt = row["optimization", "average", ""]
+    assert opt["dsA/acc.mean"] == pytest.approx((0.89 + 0.86) / 2)
+    assert math.isnan(opt["dsB/acc.mean"])
+    opm = row["feed-forward", "opm", ""]
+    assert opm["dsA/acc.std"] == pytest.approx(math.sqrt(0.0002)) and opm["dsA/n"] == 2
+    assert opm["dsB/flops_rel"] == pytest.approx(1.5)
+    assert row["optimization", "ogm_ge", "alpha=0.3"]["dsA/flops_rel"] == pytest.approx(1.1)
+    assert row["baseline", "baseline", ""]["dsA/flops_rel"] == pytest.approx(1.0)
+
+
+def test_benchmark_best_and_second_marks(bench):
+    t = _table(bench).set_index(["method", "variant"])
+    acc, f1 = t["dsA/acc.mark"], t["dsA/macro_f1.mark"]
+    assert acc[("opm", "")] == "best" and acc[("ogm_ge", "alpha=0.3")] == "second"
+    assert f1[("mla", "")] == "best" and f1[("opm", "")] == "second"
+    assert (acc == "best").sum() == 1 and (acc == "second").sum() == 1
+    assert acc[("average", "")].eq("").all()  # averages are never marked (0.88 would be second)
+    assert t["dsB/acc.mark"][("opm", "")] == "best" and t["dsB/acc.mark"][("baseline", "")] == "second"
+
+
+def test_benchmark_files_markdown_csv_latex(bench, tmp_path):
+    out = tmp_path / "report"
+    result = write_report([bench], out_dir=out)
+    assert result["benchmark"] == {"md": out / "benchmark.md", "csv": out / "benchmark.csv",
+                                   "tex": out / "benchmark.tex"}
+    md = (out / "benchmark.md").read_text(encoding="utf-8")
+    assert "| family | method | dsA acc | dsA macro-F1 | dsA imbalance | dsA train FLOPs | dsB acc |" in md
+    assert "|  | opm | **91.0 ± 1.4** | _86.0 ± 1.4_ | 20.0 ± 0.0 | 1.00× | **72.0 ± 2.8** |" in md
+    assert "|  | _feed-forward average_ | 88.0 | 90.5 | 15.0 | 1.50× | 72.0 |" in md
+    assert "| optimization | ogm_ge (alpha=0.3) | _89.0 ± 1.4_ |" in md
+    assert "| feed-forward | mla | 85.0 ± 1.4 | **95.0 ± 0.0** | 10.0 ± 0.0 | 2.00× | – |" in md
+    assert md.index("| baseline |") < md.index("| data |") < md.index("| feed-forward |") < md.index("| optimization |")
+    assert "unimodal" not in md
+
+    tex = (out / "benchmark.tex").read_text(encoding="utf-8")
+    assert r"\begin{tabular}{llrrrrrrrr}" in tex and r"\end{tabular}" in tex
+    assert r"\multicolumn{4}{c}{dsA}" in tex
+    assert r" & opm & \textbf{91.0$\pm$1.4} & \underline{86.0$\pm$1.4} & 20.0$\pm$0.0 & 1.00$\times$" in tex
+    assert r"optimization & ogm\_ge (alpha=0.3) & \underline{89.0$\pm$1.4}" in tex
+    assert r" & \textit{Average} & 88.0 & 90.5 & 15.0 & 1.50$\times$ & 72.0 " in tex
+    assert tex.count(r"\midrule") == 4  # after the header and between the four groups
+
+    import pandas as pd
+    csv = pd.read_csv(out / "benchmark.csv", keep_default_na=False, na_values=[""])
+    assert len(csv) == 9 and list(csv["kind"]).count("average") == 3
+    assert csv.loc[csv["method"] == "opm", "dsA/acc.mean"].iloc[0] == pytest.approx(0.91)
+    assert csv.loc[csv["method"] == "opm", "dsA/acc.mark"].iloc[0] == "best"
+    assert "benchmark.md" in result["markdown"]
+
+
+def test_no_benchmark_without_a_baseline_and_a_balancing_method(tmp_path):
+    make_run(tmp_path, "0", method="baseline", seed=0, acc=0.8)
+    make_run(tmp_path, "1", method="unimodal", seed=0, acc=0.7, modality="audio")
+    result = write_report([tmp_path])
+    assert result["benchmark"] is None and not (tmp_path / "benchmark.md").exists()
+    make_run(tmp_path / "more", "2", method="opm", seed=0, acc=0.9)
+    assert write_report([tmp_path / "more"])["benchmark"] is None  # no baseline
+
+
+# ------------------------------------------------------------------------------------------ balance curves
+
+
+def test_balance_points_relative_and_absolute_differ():
+    # accuracy peaks at a middle setting; imbalance keeps falling with the strength of the knob
+    points = balance_points([0.1, 0.5, 1.0, 2.0], acc=[0.80, 0.86, 0.84, 0.70], imbalance=[0.40, 0.20, 0.05, 0.08])
+    assert points == BalancePoints(relative=0.5, absolute=1.0)
+
+
+def test_balance_points_ties_and_missing_values():
+    # equal accuracy: the lower imbalance wins; equal imbalance: the higher accuracy; NaN settings skipped
+    assert balance_points(["a", "b", "c"], [0.9, 0.9, math.nan], [0.3, 0.2, 0.0]) == ("b", "c")
+    assert balance_points(["a", "b"], [0.8, 0.9], [0.1, 0.1]) == ("b", "b")
+    assert balance_points(["a"], [math.nan], [math.nan]) == (None, None)
+
+
+@pytest.fixture
+def curve(tmp_path):
+    root = tmp_path / "curve"
+    for seed, (a, b) in enumerate([(0.80, 0.84), (0.82, 0.86)]):
+        make_run(root, f"b{seed}", method="baseline", seed=seed, acc=a, imb=0.40 + seed / 100)
+        make_run(root, f"a{seed}", method="pmr", seed=seed, acc=b, imb=0.30, alpha=0.1)
+        make_run(root, f"c{seed}", method="pmr", seed=seed, acc=0.90 - seed / 100, imb=0.20, alpha=1.0)
+        make_run(root, f"d{seed}", method="pmr", seed=seed, acc=0.85, imb=0.02 + seed / 100, alpha=4.0)
+        make_run(root, f"e{seed}", method="pmr", seed=seed, acc=0.87, imb=0.10, alpha=10.0)
+    return root
+
+
+def test_find_balance_curves_one_knob(curve):
+    df = load_runs([curve])
+    [c] = find_balance_curves(summarize(df), method_families(df))
+    assert (c.dataset, c.method, c.knob) == ("dsA", "pmr", "alpha")
+    assert list(c.points["setting"]) == ["0.1", "1", "4", "10"]  # knob order, not text order
+    assert c.points["acc.mean"].tolist() == pytest.approx([0.85, 0.895, 0.85, 0.87])
+    assert c.balance == ("1", "4")
+    assert c.baseline["test/acc.mean"] == pytest.approx(0.81)
+
+
+def test_balance_curve_png_and_summary(curve, tmp_path):
+    result = write_report([curve], out_dir=tmp_path / "out")
+    png = tmp_path / "out" / "balance_curve_pmr.png"
+    assert result["balance_curves"] == {"pmr": png} and png.read_bytes()[:8] == PNG
+    md = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert md == result["markdown"]
+    assert "### pmr on dsA, over alpha (`balance_curve_pmr.png`)" in md
+    assert "| 1 | 2 | 89.5 ± 0.7 | 20.0 ± 0.0 |" in md
+    assert "| baseline | 2 | 81.0 ± 1.4 | 40.5 ± 0.7 |" in md
+    assert "- Relative balance point (best accuracy): **alpha=1**: accuracy 89.5 ± 0.7" in md
+    assert "- Absolute balance point (lowest imbalance): **alpha=4**: accuracy 85.0 ± 0.0, imbalance 2.5 ± 0.7." in md
+
+
+def test_no_curve_when_two_knobs_vary_or_one_setting(tmp_path):
+    make_run(tmp_path, "0", method="pmr", seed=0, acc=0.8, alpha=0.1, momentum=0.2)
+    make_run(tmp_path, "1", method="pmr", seed=0, acc=0.8, alpha=1.0, momentum=0.0)
+    make_run(tmp_path, "2", method="opm", seed=0, acc=0.8, lam=0.5)
+    make_run(tmp_path, "3", method="unimodal", seed=0, acc=0.8, imb=0.1, modality="audio")
+    make_run(tmp_path, "4", method="unimodal", seed=0, acc=0.8, imb=0.1, modality="image")
+    df = load_runs([tmp_path])
+    assert find_balance_curves(summarize(df), method_families(df)) == []
+    assert write_report([tmp_path])["balance_curves"] == {}
+
+
+# --------------------------------------------------------------------------------------- training dynamics
+
+HISTORY = [
+    "epoch,train/loss,val/acc,val/shapley/audio,val/shapley/image,val/imbalance\n"
+    "0,1.0,0.5,0.30,0.10,0.20\n1,0.9,0.6,,,\n2,0.8,0.7,0.40,0.20,0.20\n",
+    "epoch,train/loss,val/acc,val/shapley/audio,val/shapley/image,val/imbalance\n"
+    "0,1.0,0.5,0.50,0.10,0.40\n1,0.9,0.6,,,\n2,0.8,0.7,0.40,0.30,0.10\n",
+]
+
+
+def test_dynamics_png_from_history(tmp_path):
+    from mmbalance.analysis.studies import _history_means
+
+    runs = [make_run(tmp_path, f"{i}", method="ogm_ge", seed=i, acc=0.8, history=h, alpha=0.3)
+            for i, h in enumerate(HISTORY)]
+    make_run(tmp_path, "9", method="ogm_ge", seed=0, acc=0.8, alpha=0.8)  # no history.csv: no plot
+    make_run(tmp_path, "8", method="baseline", seed=0, acc=0.8,
+             history="epoch,train/loss,val/acc\n0,1.0,0.5\n")                 # no Shapley columns
+    stats = _history_means([str(r) for r in runs])
+    assert stats["epoch"].tolist() == [0, 2]  # the epoch without Shapley is left out
+    assert stats["val/shapley/audio.mean"].tolist() == pytest.approx([0.40, 0.40])
+    assert stats["val/shapley/image.mean"].tolist() == pytest.approx([0.10, 0.25])
+    assert stats["val/imbalance.mean"].tolist() == pytest.approx([0.30, 0.15])
+
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    png = tmp_path / "out" / "dynamics_dsA_ogm_ge_alpha=0.3.png"
+    assert result["dynamics"] == [png] and png.read_bytes()[:8] == PNG
+    assert "`dynamics_dsA_ogm_ge_alpha=0.3.png`" in result["markdown"]
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+
+def _sweep_params(name):
+    return OmegaConf.load(CONF / "sweep" / f"{name}.yaml").hydra.sweeper.params
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_every_sweep_file_composes(name):
+    cfg = compose_cfg([f"sweep={name}"], fast=False)
+    assert cfg is not None
+    if name == "benchmark" or name.startswith("balance_curve_"):  # the header names the command
+        lines = (CONF / "sweep" / f"{name}.yaml").read_text().splitlines()
+        assert lines[0] == "# @package _global_" and f"sweep={name}" in lines[1] + lines[2]
+
+
+def test_benchmark_sweeps_every_registered_method_but_unimodal():
+    from mmbalance.methods import METHODS
+
+    params = _sweep_params("benchmark")
+    assert str(params.method).split(",") == [m for m in METHODS if m != "unimodal"]
+    assert str(params.seed) == "0,1,2"
+
+
+CURVES = {"ogm_ge": "alpha", "agm": "alpha", "gblending": "super_epoch", "pmr": "alpha", "mmpareto": "gamma",
+          "opm": "lam"}
+
+
+@pytest.mark.parametrize("method", sorted(CURVES))
+def test_balance_curve_sweep_sets_its_method_and_sweeps_its_knob(method):
+    knob = CURVES[method]
+    params = _sweep_params(f"balance_curve_{method}")
+    values = str(params[f"method.{knob}"]).split(",")
+    assert len(set(values)) >= 3 and str(params.seed) == "0,1,2"
+    cfg = compose_cfg([f"sweep=balance_curve_{method}"], fast=False)
+    assert cfg.method._target_.split(".")[-2] == method and knob in cfg.method
+    for value in (values[0], values[-1]):  # the weakest and the strongest setting validate
+        validate(compose_cfg([f"sweep=balance_curve_{method}", f"method.{knob}={value}"], fast=False))
