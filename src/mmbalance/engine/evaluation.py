@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,6 +13,35 @@ from mmbalance.metrics.shapley import coalitions, imbalance_score, shapley_value
 
 if TYPE_CHECKING:
     from mmbalance.engine.trainer import Run
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode for the block, then back to whatever mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def collect_features(run: "Run", loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pooled float features of every modality and the labels over a whole loader, in eval mode, on run.device
+    (methods' epoch hooks: PMR's prototypes, Re-learning's purity)."""
+    model = run.model
+    feats: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
+    labels = []
+    with eval_mode(model):
+        for batch in loader:
+            batch = batch.to(run.device, non_blocking=True)
+            with run.autocast():
+                z = model.encode(batch.inputs)
+            for m in feats:
+                feats[m].append(z[m].float())
+            labels.append(batch.label)
+    return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels)
 
 
 @torch.no_grad()

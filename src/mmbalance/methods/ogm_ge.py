@@ -104,7 +104,8 @@ class OGMGE(Method):
                 if p.grad is None:
                     continue
                 if self.variant == "ogm_ge":
-                    std = p.grad.std().item() if p.grad.numel() > 1 else 0.0
+                    # the unscaled gradient's std as a tensor: no host sync per parameter on the step's hot path
+                    std = p.grad.std() if p.grad.numel() > 1 else p.grad.new_zeros(())
                     noise = torch.randn(p.grad.shape, generator=run.noise_generator(p.grad.device),
                                         device=p.grad.device, dtype=p.grad.dtype) * (std + 1e-8)
                     p.grad.mul_(coeffs[m]).add_(noise)

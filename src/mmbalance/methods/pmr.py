@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
+from mmbalance.engine.evaluation import collect_features
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
@@ -168,24 +169,10 @@ class PMR(Method):
         k = max(1, int(round(self.prototype_fraction * n)))
         g = torch.Generator().manual_seed(run.seed * 1_000_003 + 7_919 + draw)
         subset = Subset(dataset, torch.randperm(n, generator=g)[:k].tolist())
-        feats: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
-        labels = []
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in run.make_loader(subset, train=False):
-                batch = batch.to(run.device, non_blocking=True)
-                with run.autocast():
-                    z = model.encode(batch.inputs)
-                for m in feats:
-                    feats[m].append(z[m].float())
-                labels.append(batch.label)
-        finally:
-            model.train(was_training)
-        y = torch.cat(labels)
+        feats, y = collect_features(run, run.make_loader(subset, train=False))
         means = {}
-        for m, zs in feats.items():
-            means[m], counts = class_means(torch.cat(zs), y, run.num_classes)
+        for m, z in feats.items():
+            means[m], counts = class_means(z, y, run.num_classes)
         return means, counts
 
     # ---- loss stage ----

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmbalance.engine.evaluation import collect_features
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
@@ -135,24 +136,11 @@ class Relearning(Method):
         if relearn_due(epoch, self.reinit_epoch, self.done, self.reinit_num):
             self.relearn(run, epoch)
 
-    @torch.no_grad()
-    def extract(self, run, loader) -> tuple[dict[str, Tensor], Tensor]:
-        """Pooled features of every modality and the labels over a whole loader (model in eval mode)."""
-        model = run.model
-        was_training = model.training
-        model.eval()
-        feats: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
-        labels = []
-        for batch in loader:
-            batch = batch.to(run.device, non_blocking=True)
-            with run.autocast():
-                z = model.encode(batch.inputs)
-            for m in feats:
-                feats[m].append(z[m].float().cpu())
-            labels.append(batch.label.cpu())
-        if was_training:
-            model.train()
-        return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels)
+    @staticmethod
+    def extract(run, loader) -> tuple[dict[str, Tensor], Tensor]:
+        """Pooled features of every modality and the labels over a whole loader, on the CPU for scikit-learn."""
+        feats, labels = collect_features(run, loader)
+        return {m: z.cpu() for m, z in feats.items()}, labels.cpu()
 
     def relearn(self, run, epoch: int) -> dict[str, dict[str, float]]:
         train_loader = run.make_loader(run.train_loader.dataset, train=False)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmbalance.engine.evaluation import eval_mode
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.metrics.shapley import coalitions
@@ -237,10 +238,8 @@ class Valuation(Method):
         mods = list(model.modalities)
         subsets = coalitions(mods)
         full_value = float(len(mods)) if self.full_value is None else float(self.full_value)
-        was_training = model.training
-        model.eval()
         correct = []
-        try:
+        with eval_mode(model):
             for batch in run.make_loader(dataset, train=False):
                 batch = batch.to(run.device, non_blocking=True)
                 with run.autocast():
@@ -250,8 +249,6 @@ class Valuation(Method):
                         logits = self.eval_fuse(run, mask_modalities(z, [m for m in mods if m not in s]))[0]
                         hits.append(logits.argmax(dim=1) == batch.label)
                 correct.append(torch.stack(hits, dim=1).cpu())
-        finally:
-            model.train(was_training)
         return sample_shapley(coalition_values(torch.cat(correct), full_value), mods).float()
 
     # ---- forward stage ----
