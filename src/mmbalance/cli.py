@@ -1,5 +1,5 @@
 """Entry points: `python -m mmbalance [overrides]` / `mmbalance [overrides]` train; `mmbalance report DIR...`;
-`mmbalance gap DIR...` (the modality-gap analysis)."""
+`mmbalance gap DIR...` (the modality-gap analysis); `mmbalance prepare DATASET --root RAW` (datasets)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def console_main() -> None:
         from mmbalance.analysis.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "prepare":
+        from mmbalance.data.prepare import main as prepare_main
+
+        sys.exit(prepare_main(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "gap":
         from mmbalance.analysis.modality_gap import main as gap_main
 

@@ -16,6 +16,7 @@ MODALITY_KINDS = {
     "frames": "(T, C, H, W) video frames (optical flow: C = 2)",
     "vector": "(D,) float feature vector",
     "sequence": "(T, D) float feature sequence",
+    "tokens": "(L,) int64 token ids of a tokenised text, 0 = padding",
 }
 
 
@@ -71,7 +72,8 @@ def collate_batch(samples: list[dict]) -> Batch:
 class MultimodalDataset(Dataset):
     """In-memory dataset: {modality: array (N, ...)} plus labels. Samples are dicts for `collate_batch`.
 
-    Arrays may be float16 to halve memory; samples are returned as float32.
+    Arrays may be float16 to halve memory; floating samples are returned as float32, integer ones (token
+    ids) as int64.
     """
 
     def __init__(self, inputs: dict[str, np.ndarray | Tensor], labels: np.ndarray | Tensor):
@@ -87,7 +89,7 @@ class MultimodalDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {
-            "inputs": {m: x[i].float() for m, x in self.inputs.items()},
+            "inputs": {m: x[i].float() if x.is_floating_point() else x[i].long() for m, x in self.inputs.items()},
             "label": int(self.labels[i]),
             "index": i,
         }

@@ -1,0 +1,342 @@
+"""Audio-visual clip datasets: one list of clips, per-modality readers, and the prepared cache.
+
+Every audio-visual benchmark dataset (CREMA-D, Kinetics-Sounds, VGGSound, BalancedAV, UCF-101) is a list of
+`Clip`s -- id, label, split and one source path per modality -- plus a reader per modality that turns a
+source into a tensor. A dataset module's only job is to find the clips in whatever layout the user has;
+reading, sampling, augmenting and caching are shared here.
+
+Two paths feed the model:
+* raw: `ClipDataset` decodes the user's files on every access (frame folders, HDF5 of jpeg bytes, videos,
+  wav, pre-computed spectrogram arrays);
+* prepared: `mmbalance prepare` writes `frames.npy` (N, F, 3, S, S) uint8 and `<modality>.npy` float16
+  spectrograms as memory-mapped arrays (`write_clip_cache`); `CachedClipDataset` reads them with the same
+  sampling and transforms, without any decoding -- so a GPU is not starved by jpeg/video decoding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mmbalance.data import media
+from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
+from mmbalance.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Clip:
+    """One sample: `sources[modality]` is a file or folder path (or, for an .npy/.h5 container, a path)."""
+
+    id: str
+    label: int
+    split: str  # train | val | test
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# readers: source path -> tensor
+
+
+class FrameReader:
+    """Visual modality reader: T frames sampled segment-wise from a clip, transformed as one clip.
+
+    source: 'jpgdir' (a folder of frame images, sorted naturally; `prefix` selects e.g. flow_x_), 'hdf5'
+    (jpeg bytes in dataset `video`), 'video' (decoded with PyAV at `fps`).
+    """
+
+    kind = "frames"
+
+    def __init__(self, source: str = "jpgdir", frames: int = 3, size: int = 224, augment: str = "crop_flip",
+                 fps: float = 1.0, prefix: str = "", normalize: str = "imagenet"):
+        if source not in ("jpgdir", "hdf5", "video"):
+            raise ValueError(f"FrameReader source={source!r}; expected jpgdir, hdf5 or video")
+        self.source, self.frames, self.size, self.augment = source, int(frames), int(size), augment
+        self.fps, self.prefix, self.normalize = fps, prefix, normalize
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.frames, 3, self.size, self.size)
+
+    def transform(self, train: bool) -> media.ClipTransform:
+        return media.ClipTransform(self.size, train, self.augment if train else "none", self.normalize)
+
+    def read_all(self, path: str) -> list:
+        """Every frame of the clip as a lazily decodable list (paths, bytes or PIL images)."""
+        if self.source == "jpgdir":
+            return media.list_frames(path, self.prefix)
+        if self.source == "hdf5":
+            return media.images_from_hdf5(path)
+        return media.decode_video_frames(path, self.fps)
+
+    def __call__(self, path: str, train: bool, generator: torch.Generator | None = None) -> Tensor:
+        items = self.read_all(path)
+        idx = media.segment_indices(len(items), self.frames, train, generator)
+        images = [items[i] if not isinstance(items[i], (str, Path, bytes)) else media.read_image(items[i])
+                  for i in idx]
+        return self.transform(train)(images, generator)
+
+
+class AudioReader:
+    """Audio modality reader: a waveform (wav via soundfile, any container via PyAV) turned into a
+    spectrogram by `recipe`, or a pre-computed spectrogram array (.npy/.pkl/.pt) used as it is.
+
+    recipes (datasets.md §1): 'stft_log' (OGM-GE CREMA-D: `sr` 22050, `seconds` 3, tiled, n_fft 512, hop 353,
+    log|S|; VGGSound: sr 16000, seconds 5, n_fft 256, hop 128), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000,
+    128 mel bins, 1024 frames). Arrays are returned as (1, F, T) float32; a 2-D (T, F) array whose first axis is
+    the longer one (OGM-GE's (1024, 128) fbank) is transposed to frequency-first.
+    """
+
+    kind = "spectrogram"
+
+    def __init__(self, source: str = "wav", recipe: str = "stft_log", sr: int = 22050, seconds: float = 3.0,
+                 n_fft: int = 512, hop_length: int = 353, pad_mode: str = "constant", num_mel_bins: int = 128,
+                 target_frames: int = 1024, fit: str = "tile", crop: str = "start", shape: Sequence[int] | None = None):
+        if source not in ("wav", "video", "array"):
+            raise ValueError(f"AudioReader source={source!r}; expected wav, video or array")
+        if recipe not in ("stft_log", "kaldi_fbank"):
+            raise ValueError(f"AudioReader recipe={recipe!r}; expected stft_log or kaldi_fbank")
+        self.source, self.recipe, self.sr, self.seconds = source, recipe, int(sr), float(seconds)
+        self.n_fft, self.hop_length, self.pad_mode = int(n_fft), int(hop_length), pad_mode
+        self.num_mel_bins, self.target_frames, self.fit, self.crop = int(num_mel_bins), int(target_frames), fit, crop
+        self._shape = tuple(shape) if shape is not None else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._shape is not None:
+            return self._shape
+        if self.recipe == "kaldi_fbank":
+            return (1, self.num_mel_bins, self.target_frames)
+        samples = int(round(self.sr * self.seconds))
+        return (1, self.n_fft // 2 + 1, samples // self.hop_length + 1)
+
+    def waveform(self, path: str, train: bool, generator: torch.Generator | None = None) -> np.ndarray:
+        wave = media.read_wav(path, self.sr)[0] if self.source == "wav" else media.decode_audio(path, self.sr)
+        if self.recipe == "kaldi_fbank":
+            return wave
+        length = int(round(self.sr * self.seconds))
+        if self.crop == "random_train" and len(wave) > length:
+            # a random window in training, the centre at evaluation (OGM-GE crops randomly at test too: not here)
+            start = int(torch.randint(len(wave) - length + 1, (1,), generator=generator)) if train \
+                else (len(wave) - length) // 2
+            wave = wave[start:]
+        return media.fit_length(wave, length, self.fit)
+
+    def __call__(self, path: str, train: bool, generator: torch.Generator | None = None) -> Tensor:
+        if self.source == "array":
+            return spectrogram_from_array(media.load_array(path), path)
+        wave = self.waveform(path, train, generator)
+        if self.recipe == "kaldi_fbank":
+            return media.kaldi_fbank(wave, self.sr, self.num_mel_bins, self.target_frames)
+        return media.stft_log_spectrogram(wave, self.n_fft, self.hop_length, self.pad_mode)
+
+
+def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
+    """A stored spectrogram as (1, F, T) float32: (F, T) gains a channel, (T, F) with T > F is transposed."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D spectrogram (or (1, F, T)), got shape {x.shape}")
+    if x.shape[0] > x.shape[1]:
+        x = x.T  # OGM-GE's fbank is stored (frames, bins)
+    return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0)
+
+
+Reader = FrameReader | AudioReader
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets
+
+
+class ClipDataset(Dataset):
+    """Decodes each clip's sources on access. Items follow the batch format ({inputs, label, index})."""
+
+    def __init__(self, clips: Sequence[Clip], readers: dict[str, Reader], train: bool):
+        self.clips, self.readers, self.train = list(clips), readers, train
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        clip = self.clips[i]
+        inputs = {}
+        for m, reader in self.readers.items():
+            try:
+                inputs[m] = reader(clip.sources[m], self.train)
+            except DataError as exc:
+                raise DataError(f"clip {clip.id!r} ({m}): {exc}") from None
+        return {"inputs": inputs, "label": clip.label, "index": i}
+
+
+class CachedClipDataset(Dataset):
+    """Reads the prepared cache (see `write_clip_cache`) with the same sampling and transforms as the raw path."""
+
+    def __init__(self, cache_dir: str | Path, rows: np.ndarray, labels: np.ndarray, readers: dict[str, Reader],
+                 train: bool):
+        self.cache_dir, self.rows, self.labels = Path(cache_dir), np.asarray(rows), np.asarray(labels)
+        self.readers, self.train = readers, train
+        self._arrays: dict[str, np.ndarray] | None = None  # opened lazily: memmaps do not pickle to workers well
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {m: np.load(self.cache_dir / f"{m}.npy", mmap_mode="r") for m in self.readers}
+            self._arrays["_n_frames"] = np.load(self.cache_dir / "n_frames.npy")
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def __getitem__(self, i: int) -> dict:
+        row, arrays, inputs = int(self.rows[i]), self.arrays(), {}
+        for m, reader in self.readers.items():
+            if isinstance(reader, FrameReader):
+                n = int(arrays["_n_frames"][row, list(self.readers).index(m)])
+                idx = media.segment_indices(max(n, 1), reader.frames, self.train)
+                frames = torch.from_numpy(np.ascontiguousarray(arrays[m][row, idx]))
+                inputs[m] = reader.transform(self.train)(list(frames))
+            else:
+                inputs[m] = torch.from_numpy(np.asarray(arrays[m][row], dtype=np.float32))
+        return {"inputs": inputs, "label": int(self.labels[i]), "index": i}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the prepared cache
+
+
+CACHE_META = "cache.json"
+
+
+def _cache_one(task: tuple) -> tuple[int, str | None]:
+    """Worker: decode one clip and write its rows into the cache memmaps. Returns (row, error or None)."""
+    row, clip, readers, cache_dir, size, max_frames, shapes = task
+    try:
+        for j, (m, reader) in enumerate(readers.items()):
+            if isinstance(reader, FrameReader):
+                import torchvision.transforms.v2.functional as TF
+
+                items = reader.read_all(clip.sources[m])
+                n = min(len(items), max_frames)
+                # evenly spread when a clip has more frames than the cache keeps
+                pick = np.linspace(0, len(items) - 1, n).round().astype(int) if len(items) > max_frames else range(n)
+                out = np.zeros((max_frames, 3, size, size), dtype=np.uint8)
+                for k, idx in enumerate(pick):
+                    img = items[idx] if not isinstance(items[idx], (str, Path, bytes)) else media.read_image(items[idx])
+                    out[k] = TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True).numpy()
+                frames = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
+                frames[row] = out
+                frames.flush()
+                nf = np.load(Path(cache_dir) / "n_frames.npy", mmap_mode="r+")
+                nf[row, j] = n
+                nf.flush()
+            else:
+                spec = reader(clip.sources[m], train=False).numpy()
+                if spec.shape != shapes[m]:
+                    return row, f"{m}: spectrogram shape {spec.shape}, expected {shapes[m]} like the other clips"
+                arr = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
+                arr[row] = spec.astype(np.float16)
+                arr.flush()
+    except DataError as exc:
+        return row, str(exc)
+    return row, None
+
+
+def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], size: int = 224,
+                     max_frames: int = 10) -> dict:
+    """Decode every clip once into memory-mapped arrays in ctx.out (resumable: rows already done are skipped).
+
+    Frames: every frame of the clip up to `max_frames` (evenly spread beyond), resized to size×size, uint8
+    (N, max_frames, 3, S, S) in `<modality>.npy`, with the true count in `n_frames.npy`; training then samples
+    and augments them exactly like the raw path. Spectrograms: the reader's evaluation output (deterministic),
+    float16 (N, 1, F, T). Clips that fail to decode are recorded with ctx.problem and marked not-done
+    (the loaders skip them).
+    """
+    from numpy.lib.format import open_memmap
+
+    out = Path(ctx.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(clips)
+    shapes = {m: (max_frames, 3, size, size) if isinstance(r, FrameReader) else tuple(r.shape) for m, r in readers.items()}
+    meta = {"ids": [c.id for c in clips], "size": size, "max_frames": max_frames,
+            "modalities": {m: {"kind": r.kind, "shape": list(shapes[m])} for m, r in readers.items()}}
+    meta_path, done_path = out / CACHE_META, out / "done.npy"
+    fresh = ctx.force or not meta_path.is_file() or json.loads(meta_path.read_text()) != meta
+    if fresh:
+        for m, shape in shapes.items():
+            open_memmap(out / f"{m}.npy", mode="w+", dtype=np.uint8 if len(shape) == 4 else np.float16,
+                        shape=(n, *shape)).flush()
+        np.save(out / "n_frames.npy", np.zeros((n, len(readers)), dtype=np.int16))
+        np.save(done_path, np.zeros(n, dtype=bool))
+        (out / CACHE_META).write_text(json.dumps(meta))
+    done = np.load(done_path)
+    todo = [i for i in range(n) if not done[i]]
+    tasks = [(i, clips[i], readers, str(out), size, max_frames, shapes) for i in todo]
+    failed = 0
+    for start in range(0, len(tasks), 256):  # checkpoint `done` every chunk, so an interrupted run resumes
+        for row, error in ctx.map(_cache_one, tasks[start:start + 256], desc="caching clips"):
+            if error is None:
+                done[row] = True
+            else:
+                failed += 1
+                ctx.problem(clips[row].id, error)
+        np.save(done_path, done)
+    return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": n - len(todo),
+            "cache_frame_size": size}
+
+
+def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.ndarray, list[Clip]]:
+    """Map clips to cache rows by id; clips that are not cached (failed or missing) are dropped."""
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / CACHE_META
+    if not meta_path.is_file():
+        raise DataError(f"{cache_dir}: no prepared cache ({CACHE_META} missing); run `mmbalance prepare` first")
+    meta = json.loads(meta_path.read_text())
+    done = np.load(cache_dir / "done.npy")
+    row_of = {i: r for r, i in enumerate(meta["ids"]) if done[r]}
+    kept = [c for c in clips if c.id in row_of]
+    return np.array([row_of[c.id] for c in kept], dtype=np.int64), kept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splits
+
+
+def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: list[str], *, val_fraction: float,
+                split_seed: int, cache_dir: str | Path | None = None, notes: dict | None = None) -> DataSplits:
+    """DataSplits from clips whose split is train/val/test. Without any 'val' clip, validation is carved from
+    train (stratified, seeded, `val_fraction`), as DECISIONS says; otherwise the dataset's own is used."""
+    by_split = {s: [c for c in clips if c.split == s] for s in SPLITS}
+    if not by_split["train"] or not by_split["test"]:
+        raise DataError(f"the clip list has {len(by_split['train'])} train and {len(by_split['test'])} test clips; "
+                        "both must be non-empty")
+    if by_split["val"]:
+        val_source = "the dataset's own validation split"
+    else:
+        train = by_split["train"]
+        keep, held = stratified_split(np.array([c.label for c in train]), val_fraction, split_seed)
+        by_split["train"], by_split["val"] = [train[i] for i in keep], [train[i] for i in held]
+        val_source = f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed})"
+
+    def dataset(split: str) -> Dataset:
+        items, train = by_split[split], split == "train"
+        if cache_dir is None:
+            return ClipDataset(items, readers, train)
+        rows, items = load_clip_cache(cache_dir, items)
+        return CachedClipDataset(cache_dir, rows, np.array([c.label for c in items]), readers, train)
+
+    specs = {m: ModalitySpec(r.kind, tuple(r.shape)) for m, r in readers.items()}
+    return DataSplits(dataset("train"), dataset("val"), dataset("test"), specs, len(class_names),
+                      list(class_names), val_source=val_source, notes=dict(notes or {}))
+

@@ -1,0 +1,398 @@
+"""Media decoding, frame sampling, clip transforms and audio recipes shared by every benchmark dataset.
+
+Libraries (DECISIONS): soundfile reads wav, PyAV decodes video and other audio containers, PIL decodes
+jpeg, torchvision.transforms.v2 augments, torchaudio computes fbank. Every reader raises `DataError`
+naming the file when it cannot read it, so loaders and `prepare` can report and skip bad media.
+
+Pitfalls of the reference loaders that this module exists to avoid (datasets.md §6):
+* frame lists are sorted naturally (`frame_2` before `frame_10`), never taken from unsorted `os.listdir`;
+* frames are sampled segment-wise: a random frame per segment in training, the centre frame at evaluation;
+* one augmentation is drawn per clip and applied to all its frames; optical flow is flipped with its RGB
+  clip and u negated; evaluation transforms are deterministic;
+* the STFT `pad_mode` is explicit (librosa changed its default in 0.10).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import pickle
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmbalance.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------------------------------------------------------
+# files and frames
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded numbers numerically: frame_2.jpg < frame_10.jpg."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(name))]
+
+
+def list_frames(folder: str | Path, prefix: str = "") -> list[Path]:
+    """The image files in `folder` (optionally only names starting with `prefix`), sorted naturally."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"frame folder {str(folder)!r} does not exist")
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name.startswith(prefix)]
+    if not files:
+        raise DataError(f"frame folder {str(folder)!r} has no image files" + (f" starting with {prefix!r}" if prefix else ""))
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def read_image(source: str | Path | bytes, mode: str = "RGB"):
+    """A PIL image from a file path or encoded bytes, converted to `mode` ('RGB' or 'L')."""
+    from PIL import Image, UnidentifiedImageError
+
+    what = "jpeg bytes" if isinstance(source, (bytes, bytearray, np.ndarray)) else repr(str(source))
+    try:
+        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, np.ndarray)) else source
+        with Image.open(fp) as img:
+            return img.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"cannot read image {what}: {exc}") from None
+
+
+def images_from_hdf5(path: str | Path, key: str = "video") -> list[bytes]:
+    """The encoded frames stored in an HDF5 file as a variable-length uint8 dataset (AV_preprocess_tool's
+    format: dataset `video` = one JPEG byte string per frame at 1 fps)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise DataError(f"{path}: HDF5 file has no dataset {key!r} (found {sorted(f.keys())})")
+            return [bytes(np.asarray(x, dtype=np.uint8)) for x in f[key][()]]
+    except (OSError, TypeError, ValueError) as exc:
+        raise DataError(f"cannot read HDF5 frames from {str(path)!r}: {exc}") from None
+
+
+def load_array(path: str | Path) -> np.ndarray:
+    """A pre-computed feature array from .npy, .pkl/.pickle or .pt (the formats the reference repos use)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix in (".pkl", ".pickle"):
+            with path.open("rb") as f:
+                value = pickle.load(f)
+        elif path.suffix == ".pt":
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise DataError(f"{path}: unknown feature format {path.suffix!r}; expected .npy, .pkl or .pt")
+    except FileNotFoundError:
+        raise DataError(f"feature file {str(path)!r} does not exist") from None
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, RuntimeError) as exc:
+        raise DataError(f"cannot read feature file {str(path)!r}: {exc}") from None
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audio
+
+
+def _resample(wave: np.ndarray, sr: int, target: int | None) -> tuple[np.ndarray, int]:
+    if target is None or sr == target:
+        return wave, sr
+    import torchaudio.functional as AF
+
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), sr, target).numpy()
+    return out.astype(np.float32), target
+
+
+def read_wav(path: str | Path, sr: int | None = None) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the sample rate (resampled to `sr` when given), via soundfile."""
+    import soundfile as sf
+
+    try:
+        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, sf.LibsndfileError) as exc:
+        raise DataError(f"cannot read audio file {str(path)!r}: {exc}") from None
+    return _resample(wave.mean(axis=1), int(rate), sr)
+
+
+def decode_audio(path: str | Path, sr: int = 16000) -> np.ndarray:
+    """Mono float32 samples at `sr` from any container PyAV reads (mp4, flv, mp3, wav ...)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DataError(f"{path}: no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+            chunks = []
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except av.error.FFmpegError as exc:
+        raise DataError(f"cannot decode audio from {str(path)!r}: {exc}") from None
+    if not chunks:
+        raise DataError(f"{path}: the audio stream has no samples")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def decode_video_frames(path: str | Path, fps: float = 1.0, max_frames: int | None = None) -> list:
+    """PIL RGB frames sampled at `fps`: the first decoded frame at or after each time (i + 0.5) / fps,
+    i.e. the centre of each 1/fps interval (AV_preprocess_tool's convention)."""
+    import av
+
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            next_t = 0.5 / fps
+            for frame in container.decode(stream):
+                t = frame.time if frame.time is not None else 0.0
+                if t + 1e-6 >= next_t:
+                    frames.append(frame.to_image())
+                    next_t += 1.0 / fps
+                    if max_frames and len(frames) >= max_frames:
+                        break
+            if not frames:  # clip shorter than half an interval: keep its first frame
+                container.seek(0)
+                for frame in container.decode(stream):
+                    frames.append(frame.to_image())
+                    break
+    except av.error.FFmpegError as exc:
+        raise DataError(f"cannot decode video {str(path)!r}: {exc}") from None
+    if not frames:
+        raise DataError(f"{path}: the video stream has no frames")
+    return frames
+
+
+def fit_length(wave: np.ndarray, length: int, mode: str = "tile") -> np.ndarray:
+    """Exactly `length` samples: 'tile' repeats a short clip (OGM-GE), 'pad' zero-pads; long clips are cut."""
+    if len(wave) == 0:
+        raise DataError("empty audio clip")
+    if len(wave) < length:
+        if mode == "tile":
+            wave = np.tile(wave, math.ceil(length / len(wave)))
+        elif mode == "pad":
+            wave = np.pad(wave, (0, length - len(wave)))
+        else:
+            raise ValueError(f"fit_length mode {mode!r}; expected 'tile' or 'pad'")
+    return wave[:length]
+
+
+def stft_log_spectrogram(wave: np.ndarray, n_fft: int = 512, hop_length: int = 353, pad_mode: str = "constant",
+                         eps: float = 1e-7) -> Tensor:
+    """log(|STFT| + eps) with a Hann window and centre padding, shape (1, n_fft // 2 + 1, frames).
+
+    OGM-GE's CREMA-D recipe is 3 s at 22,050 Hz, n_fft 512, hop 353 -> (1, 257, 188); its VGGSound recipe is
+    5 s at 16 kHz, n_fft 256, hop 128 -> (1, 129, 626). `pad_mode` is explicit: 'constant' matches librosa
+    >= 0.10, 'reflect' older librosa (datasets.md §6, item 4).
+    """
+    x = torch.as_tensor(np.clip(wave, -1.0, 1.0), dtype=torch.float32)
+    spec = torch.stft(x, n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft), center=True,
+                      pad_mode=pad_mode, return_complex=True)
+    return torch.log(spec.abs() + eps).unsqueeze(0)
+
+
+# OGM-GE's KS recipe normalises the fbank with the AudioSet statistics (mean -4.503877, std 5.141276)
+FBANK_MEAN, FBANK_STD = -4.503877, 5.141276
+
+
+def kaldi_fbank(wave: np.ndarray, sr: int, num_mel_bins: int = 128, target_frames: int = 1024,
+                normalize: bool = True) -> Tensor:
+    """Kaldi-compatible log-mel fbank (torchaudio.compliance.kaldi; OGM-GE's Kinetics-Sounds recipe): DC removed,
+    htk_compat, Hanning window, 25 ms / 10 ms, no dither, zero-padded or cut to `target_frames`, normalised as
+    (x - mean) / (2 std). Returned as (1, num_mel_bins, target_frames): frequency first, like every
+    spectrogram in mmbalance (OGM-GE stores (frames, bins))."""
+    from torchaudio.compliance import kaldi
+
+    x = torch.as_tensor(wave, dtype=torch.float32)
+    x = (x - x.mean()).unsqueeze(0)
+    fb = kaldi.fbank(x, htk_compat=True, sample_frequency=sr, use_energy=False, window_type="hanning",
+                     num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10)
+    if fb.shape[0] < target_frames:
+        fb = torch.nn.functional.pad(fb, (0, 0, 0, target_frames - fb.shape[0]))
+    fb = fb[:target_frames]
+    if normalize:
+        fb = (fb - FBANK_MEAN) / (FBANK_STD * 2)
+    return fb.T.unsqueeze(0).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling and transforms
+
+
+def segment_indices(n: int, k: int, train: bool, generator: torch.Generator | None = None) -> list[int]:
+    """k frame indices out of n: split [0, n) into k equal segments and take a random frame of each in
+    training, its centre frame at evaluation (deterministic). With n < k, frames repeat in order."""
+    if n <= 0:
+        raise ValueError("segment_indices: a clip needs at least one frame")
+    edges = np.linspace(0, n, k + 1)
+    out = []
+    for s in range(k):
+        lo, hi = int(math.floor(edges[s])), max(int(math.floor(edges[s])) + 1, int(math.floor(edges[s + 1])))
+        hi = min(hi, n)
+        lo = min(lo, hi - 1)
+        if train:
+            out.append(lo + int(torch.randint(hi - lo, (1,), generator=generator)))
+        else:
+            out.append((lo + hi - 1) // 2)
+    return out
+
+
+class ClipTransform:
+    """Turns the sampled frames of one clip into a (T, C, S, S) float tensor, with ONE augmentation per clip.
+
+    `augment` (training only; evaluation is always a deterministic Resize((S, S))):
+      * 'crop_flip'   RandomResizedCrop(S) + horizontal flip (OGM-GE / BalanceBenchmark audio-visual recipe);
+      * 'resize_flip' Resize((S, S)) + horizontal flip (BalanceBenchmark UCF-101);
+      * 'rotate_flip' RandomRotation(30) + Resize((S, S)) + flip (BalanceBenchmark FOOD-101);
+      * 'none'        Resize((S, S)).
+    `normalize`: 'imagenet' (RGB), 'flow' (x / 127.5 - 1, so zero motion is 0), or 'none' (x / 255).
+    `flow_pairs=True` means frames come as interleaved (u, v) grey images: a flip mirrors both and negates u
+    (the horizontal displacement), which keeps the flow consistent with a flipped RGB clip.
+    Frames may be PIL images or uint8 tensors (C, H, W) (the prepared cache).
+    """
+
+    AUGMENTS = ("crop_flip", "resize_flip", "rotate_flip", "none")
+
+    def __init__(self, size: int = 224, train: bool = False, augment: str = "crop_flip",
+                 normalize: str = "imagenet", flow_pairs: bool = False, scale: tuple[float, float] = (0.08, 1.0)):
+        if augment not in self.AUGMENTS:
+            raise ValueError(f"ClipTransform augment={augment!r}; expected one of {self.AUGMENTS}")
+        if normalize not in ("imagenet", "flow", "none"):
+            raise ValueError(f"ClipTransform normalize={normalize!r}; expected imagenet, flow or none")
+        self.size, self.train, self.augment = int(size), bool(train), augment
+        self.normalize, self.flow_pairs, self.scale = normalize, flow_pairs, scale
+
+    def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> dict:
+        """The clip's augmentation parameters (drawn once, applied to every frame)."""
+        p: dict = {"flip": False, "crop": None, "angle": 0.0}
+        if not self.train or self.augment == "none":
+            return p
+        p["flip"] = bool(torch.rand(1, generator=generator) < 0.5)
+        if self.augment == "crop_flip":
+            p["crop"] = _random_resized_crop_box(height, width, self.scale, generator)
+        elif self.augment == "rotate_flip":
+            p["angle"] = float(torch.empty(1).uniform_(-30.0, 30.0, generator=generator))
+        return p
+
+    def __call__(self, frames: Sequence, generator: torch.Generator | None = None) -> Tensor:
+        import torchvision.transforms.v2.functional as TF
+
+        tensors = [f if isinstance(f, Tensor) else TF.pil_to_tensor(f) for f in frames]
+        x = torch.stack(tensors)  # (N, C, H, W) uint8
+        p = self.draw(x.shape[-2], x.shape[-1], generator)
+        if p["angle"]:
+            x = TF.rotate(x, p["angle"])
+        if p["crop"] is not None:
+            top, left, h, w = p["crop"]
+            x = TF.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        elif x.shape[-2:] != (self.size, self.size):
+            x = TF.resize(x, [self.size, self.size], antialias=True)
+        if p["flip"]:
+            x = x.flip(-1)
+        x = x.float()
+        if self.flow_pairs:
+            if p["flip"]:
+                x[0::2] = 255.0 - x[0::2]  # u: horizontal motion changes sign under a mirror
+            x = x.reshape(-1, 2, self.size, self.size)  # (T, 2, S, S) from interleaved u, v
+        if self.normalize == "imagenet":
+            mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+            x = (x - mean) / std
+        elif self.normalize == "flow":
+            x = x / 127.5 - 1.0
+        else:
+            x = x / 255.0
+        return x
+
+
+def _random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
+                             generator: torch.Generator | None, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box rule, drawn from `generator` so a clip's frames share it."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=generator))
+        aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=generator)))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    side = min(height, width)  # fallback: the central square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# split files
+
+
+def read_split_file(path: str | Path) -> list[tuple[str, str]]:
+    """(id, label) pairs from a split file in any of the formats the reference repos ship:
+
+    * comma-separated csv, with or without a header (OGM-GE CREMA-D `<clip>,<EMO>`; KS `<id>,10,<label>`);
+    * whitespace-separated lines (BalanceBenchmark KS `<id> <label>`; UCF-101 `Class/v_x.avi 1`);
+    * one id per line (UCF-101 testlist: label '' -- the caller derives it);
+    * ActivityNet-style json {"database": {id: {"subset": ..., "label": ...}}} (BML; BalancedAV) -- here the
+      pair's label is the label name and the subset is dropped; use `read_json_database` to keep it.
+
+    The id is the first field (a path's basename without extension is NOT taken here: callers decide), the
+    label the last field. A first row whose last field is a known header word is skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file {str(path)!r} does not exist")
+    if path.suffix == ".json":
+        return [(i, str(e.get("label", ""))) for i, e in read_json_database(path).items()]
+    text = path.read_text(encoding="utf-8-sig")
+    rows = []
+    comma = "," in text.splitlines()[0] if text.strip() else False
+    lines = list(csv.reader(io.StringIO(text))) if comma else [ln.split() for ln in text.splitlines()]
+    for n, fields in enumerate(lines):
+        fields = [f.strip() for f in fields if f.strip() != ""]
+        if not fields:
+            continue
+        if n == 0 and _looks_like_header(fields):
+            continue
+        rows.append((fields[0], fields[-1] if len(fields) > 1 else ""))
+    if not rows:
+        raise DataError(f"split file {str(path)!r} has no entries")
+    return rows
+
+
+_HEADER_WORDS = {"label", "labels", "class", "emotion", "emo", "category", "target", "y", "id", "name", "path"}
+
+
+def _looks_like_header(fields: list[str]) -> bool:
+    return fields[-1].lower() in _HEADER_WORDS or fields[0].lower() in _HEADER_WORDS
+
+
+def read_json_database(path: str | Path) -> dict[str, dict]:
+    """The `database` of an ActivityNet-style annotation json: {id: {"subset": ..., "label": ...}}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        database = data["database"]
+        if not isinstance(database, dict):
+            raise TypeError("`database` is not an object")
+    except FileNotFoundError:
+        raise DataError(f"annotation file {str(path)!r} does not exist") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: expected json {{\"database\": {{id: {{\"subset\", \"label\"}}}}}} ({exc})") from None
+    return database

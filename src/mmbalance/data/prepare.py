@@ -1,0 +1,217 @@
+"""`mmbalance prepare <dataset> --root RAW [--out PREPARED] [--workers N] [--set key=value ...]`.
+
+One command per benchmark dataset turns the raw tree a user downloaded into the prepared cache its loader
+reads fast. Every preparer follows the same contract (see `PrepareContext`):
+
+* validate the raw tree and say which known layout matched (`DataError` naming the path when none does);
+* write `manifest.csv` (id, label, split, per-modality paths) and `classes.json` into `--out`;
+* extract what the recipe needs into `--out`, in parallel (`--workers`), with a progress bar;
+* idempotent and resumable: an output that already exists and is complete is skipped (`--force` redoes it);
+* corrupt or missing media are listed in `prepare_report.txt` and skipped with a count, never silently.
+
+A dataset registers its preparer in `PREPARERS` as "module:function"; the function has the signature
+`prepare(ctx: PrepareContext, **options) -> dict` and returns a summary that is printed and saved as
+`prepare_summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmbalance.errors import DataError, UserError
+
+# dataset config name -> "module:function" (imported lazily so `prepare --help` stays fast)
+PREPARERS: dict[str, str] = {
+    "cremad": "mmbalance.data.cremad:prepare",
+    "kinetics_sounds": "mmbalance.data.kinetics_sounds:prepare",
+    "vggsound": "mmbalance.data.vggsound:prepare",
+    "balanced_av": "mmbalance.data.balanced_av:prepare",
+    "ucf101": "mmbalance.data.ucf101:prepare",
+    "food101": "mmbalance.data.food101:prepare",
+    "cmu_mosei": "mmbalance.data.cmu_mosei:prepare",
+}
+
+MANIFEST = "manifest.csv"
+CLASSES = "classes.json"
+REPORT = "prepare_report.txt"
+SUMMARY = "prepare_summary.json"
+
+
+@dataclass
+class PrepareContext:
+    """What a preparer gets: the raw root, the output folder, and how to run."""
+
+    root: Path
+    out: Path
+    workers: int = 1
+    force: bool = False
+    progress: bool = True
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
+
+    def require_root(self) -> None:
+        if not self.root.is_dir():
+            raise DataError(f"--root {str(self.root)!r} is not a folder")
+
+    def problem(self, path: str | Path, why: str) -> None:
+        """Record a missing or unreadable media file; it is skipped and listed in prepare_report.txt."""
+        self.problems.append((str(path), why))
+
+    def map(self, fn: Callable, items: Sequence, desc: str) -> list:
+        """fn(item) for every item, on `workers` processes, in order, with a progress bar.
+
+        `fn` must be a module-level function (it is pickled to the workers). An exception inside `fn`
+        propagates; functions that may meet bad media should return an error marker instead and let
+        the caller record it with `problem()`.
+        """
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc=desc, disable=not self.progress, leave=False, file=sys.stderr)
+        try:
+            if self.workers <= 1 or len(items) <= 1:
+                out = []
+                for item in items:
+                    out.append(fn(item))
+                    bar.update()
+                return out
+            with ProcessPoolExecutor(max_workers=self.workers) as pool:
+                out = []
+                for result in pool.map(fn, items, chunksize=max(1, len(items) // (self.workers * 16))):
+                    out.append(result)
+                    bar.update()
+                return out
+        finally:
+            bar.close()
+
+    def write_report(self) -> Path:
+        """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none."""
+        path = self.out / REPORT
+        lines = [f"{p}\t{why}" for p, why in self.problems] or ["# no missing or unreadable media"]
+        write_text_atomic(path, "\n".join(lines) + "\n")
+        return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_classes(out: Path, classes: list[str]) -> None:
+    """classes.json: the explicit class-index map, persisted with the prepared data."""
+    write_text_atomic(Path(out) / CLASSES, json.dumps({"classes": list(classes)}, indent=1) + "\n")
+
+
+def read_classes(folder: Path) -> list[str]:
+    path = Path(folder) / CLASSES
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run `mmbalance prepare` for this dataset first")
+    try:
+        return list(json.loads(path.read_text())["classes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: expected {{\"classes\": [names...]}} ({exc})") from None
+
+
+def write_manifest(out: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """manifest.csv with a header; `columns` starts with id, label, split."""
+    path = Path(out) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> list[dict[str, str]]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run `mmbalance prepare` for this dataset first")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"id", "label", "split"} <= set(rows[0]):
+        raise DataError(f"{path}: expected columns id, label, split (found {list(rows[0])})")
+    return rows
+
+
+def resolve(name: str) -> Callable:
+    if name not in PREPARERS:
+        raise UserError(f"prepare: unknown dataset {name!r}; expected one of {sorted(PREPARERS)}")
+    module, func = PREPARERS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """--set key=value pairs; values are parsed as YAML scalars (numbers, booleans, lists)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"prepare --set {pair!r}: expected key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, workers: int = 1,
+                force: bool = False, progress: bool = True, **options) -> dict:
+    """Programmatic `mmbalance prepare`: returns the summary (also saved as prepare_summary.json)."""
+    fn = resolve(dataset)
+    root = Path(root).expanduser()
+    out = Path(out).expanduser() if out else root / "mmbalance_prepared"
+    ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress)
+    ctx.require_root()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    summary = dict(fn(ctx, **options) or {})
+    report = ctx.write_report()
+    summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems), report=str(report),
+                   seconds=round(time.time() - started, 2))
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmbalance prepare",
+        description="Validate a dataset's raw tree and write the prepared cache its loader reads "
+                    "(manifest.csv, classes.json, extracted frames and audio features). See README: Datasets.")
+    parser.add_argument("dataset", choices=sorted(PREPARERS))
+    parser.add_argument("--root", required=True, help="the raw dataset folder as downloaded")
+    parser.add_argument("--out", default=None, help="prepared cache folder (default: ROOT/mmbalance_prepared)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    parser.add_argument("--force", action="store_true", help="redo outputs that already exist")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dataset-specific option (repeatable), e.g. --set fps=2")
+    args = parser.parse_args(argv)
+    try:
+        summary = run_prepare(args.dataset, args.root, args.out, args.workers, args.force,
+                              not args.no_progress, **parse_options(args.options))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TypeError as exc:  # an unknown --set option reaches the preparer's signature
+        if "unexpected keyword argument" in str(exc):
+            print(f"error: prepare {args.dataset}: {exc}", file=sys.stderr)
+            return 2
+        raise
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    if summary["skipped"]:
+        print(f"{summary['skipped']} missing or unreadable media skipped; listed in {summary['report']}")
+    return 0
