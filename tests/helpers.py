@@ -36,3 +36,12 @@ class TwoModalityMethod(Method):
     """A method that declares support for two modalities only (like Greedy), for the refusal test."""
 
     max_modalities = 2
+
+
+# what each method needs on the command line besides its defaults, in the tests' small runs
+METHOD_EXTRA_ARGS = {
+    "unimodal": ["method.modality=visual"],
+    "umt": ["method.teacher_epochs=1"],  # the test's run has no trainer config to take the teacher's epochs from
+    # ReconBoost's boosting steps move one learner by design (tested in its own file); start with rectification
+    "reconboost": ["method.boost_epochs=0"],
+}

@@ -12,6 +12,8 @@ from mmbalance.config import build
 from mmbalance.data.batch import Batch
 from mmbalance.engine.trainer import LoaderSettings, Run
 from mmbalance.errors import UserError
+from helpers import METHOD_EXTRA_ARGS
+
 from mmbalance.methods import METHODS
 from mmbalance.methods.base import Method
 from mmbalance.methods.ogm_ge import OGMGE, ogm_coefficients
@@ -19,13 +21,7 @@ from mmbalance.train import build_model
 
 CONF_METHODS = Path(__file__).resolve().parents[1] / "conf" / "method"
 
-# what each method needs on the command line besides its defaults
-EXTRA = {
-    "unimodal": ["method.modality=visual"],
-    "umt": ["method.teacher_epochs=1"],  # the test's run has no trainer config to take the teacher's epochs from
-    # ReconBoost's boosting steps move one learner by design (tested in its own file); start with rectification
-    "reconboost": ["method.boost_epochs=0"],
-}
+EXTRA = METHOD_EXTRA_ARGS
 
 
 def test_registry_keys_equal_the_method_config_files():

@@ -37,7 +37,10 @@ def train_main(cfg: DictConfig) -> float | None:
     m = results["metrics"]
     log.info("test acc %.4f  macro-F1 %.4f  imbalance %s  -> %s", m["test/acc"], m["test/macro_f1"],
              "n/a" if m.get("test/imbalance") is None else f"{m['test/imbalance']:.4f}", hc.runtime.output_dir)
-    return m.get(cfg.get("optimized_metric") or "test/acc")
+    key = cfg.get("optimized_metric") or "val/acc"
+    if key not in m:
+        raise SystemExit(f"error: optimized_metric={key!r} is not among the run's metrics ({', '.join(sorted(m))})")
+    return m[key]
 
 
 def console_main() -> None:

@@ -40,6 +40,10 @@ ROOT_SCHEMA = {  # key: (type, allowed values or None)
     "hardware.pin_memory": (bool, None),
     "backbone.fusion": (str, ("concat", "sum", "film", "gated")),
 }
+OPTIONAL_SCHEMA = {  # checked only when present (hardware=ddp sets them)
+    "hardware.distributed": (bool, None),
+    "hardware.backend": (str, ("nccl", "gloo")),
+}
 
 
 def build(node: DictConfig, **runtime_kwargs) -> Any:
@@ -117,10 +121,11 @@ def validate(cfg: DictConfig) -> None:
     else:
         for kind, node in encoders.items():
             _check_target(f"backbone.encoders.{kind}", node, RUNTIME_ARGS["encoder"], problems)
-    for key, (types, allowed) in ROOT_SCHEMA.items():
+    for key, (types, allowed) in {**ROOT_SCHEMA, **OPTIONAL_SCHEMA}.items():
         present, value = _get(cfg, key)
         if not present:
-            problems.append(f"{key}: missing from the run config")
+            if key in ROOT_SCHEMA:
+                problems.append(f"{key}: missing from the run config")
             continue
         if isinstance(value, (DictConfig, ListConfig)) or not isinstance(value, types) or (
             isinstance(value, bool) and types is int

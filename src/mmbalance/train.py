@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import mmbalance
 from mmbalance.config import build, validate
 from mmbalance.data.batch import ModalitySpec
+from mmbalance.engine import distributed
 from mmbalance.engine.checkpoint import write_json
 from mmbalance.engine.trainer import LoaderSettings, Run, Trainer, seed_everything
 from mmbalance.errors import UserError
@@ -71,9 +72,21 @@ def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overri
 
     metrics.json is written at start ("running"), and at the end "completed" or, before the exception
     is re-raised, "failed" with the error: a results file never claims success for a failed run.
+    Under hardware=ddp every rank runs this; only rank 0 writes.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    device = None
+    if cfg.get("hardware", {}).get("distributed", False):
+        device = distributed.init_from_env(cfg.hardware.get("backend", "nccl"), str(cfg.hardware.device))
+    try:
+        return _train(cfg, output_dir, choices, overrides, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: DictConfig, output_dir: Path, choices, overrides, device) -> dict[str, Any]:
+    write = distributed.is_main()
     started = time.time()
     results: dict[str, Any] = {
         "status": "running",
@@ -88,11 +101,13 @@ def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overri
         "versions": {"mmbalance": mmbalance.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "git_sha": _git_sha(),
+        "world_size": distributed.world_size(),
         "metrics": {},
     }
-    write_json(results, output_dir / "metrics.json")
+    if write:
+        write_json(results, output_dir / "metrics.json")
     try:
-        results["metrics"] = _fit(cfg, output_dir, results)
+        results["metrics"] = _fit(cfg, output_dir, results, device)
         results["status"] = "completed"
     except BaseException as exc:
         results["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -100,13 +115,30 @@ def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overri
         raise
     finally:
         results["wall_time_s"] = time.time() - started
-        write_json(results, output_dir / "metrics.json")
+        if write:
+            write_json(results, output_dir / "metrics.json")
     return results
 
 
-def _fit(cfg: DictConfig, output_dir: Path, results: dict) -> dict[str, Any]:
+def _fit(cfg: DictConfig, output_dir: Path, results: dict, device: torch.device | None = None) -> dict[str, Any]:
     validate(cfg)
-    device = resolve_device(cfg.hardware)
+    run = build_run(cfg, device or resolve_device(cfg.hardware), output_dir, results)
+    trainer = Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
+                      select_metric=cfg.eval.select_metric, shapley_every=cfg.eval.shapley_every,
+                      count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"))
+    metrics = trainer.fit()
+    if cfg.eval.flops and distributed.is_main():
+        metrics.update(_forward_flops(run, output_dir))
+    return metrics
+
+
+def build_run(cfg: DictConfig, device: torch.device, output_dir: Path | None = None,
+              results: dict | None = None) -> Run:
+    """Data, method, model, optimizer and loaders of a (validated) run config, wired into a `Run`.
+
+    `results` (metrics.json in the making) receives what the data and the method say about the run.
+    """
+    results = results if results is not None else {}
     seed_everything(cfg.seed)
     splits = build(cfg.dataset)
     for split in ("train", "val", "test"):
@@ -134,20 +166,14 @@ def _fit(cfg: DictConfig, output_dir: Path, results: dict) -> dict[str, Any]:
               val_loader=None, test_loader=None, device=device, num_classes=splits.num_classes,
               seed=cfg.seed, loader_settings=settings, precision=hw.precision,
               grad_clip=cfg.trainer.grad_clip, output_dir=output_dir,
-              cache_dir=Path(cfg.paths.cache_dir) if cfg.get("paths") else None, config=results["config"])
+              cache_dir=Path(cfg.paths.cache_dir) if cfg.get("paths") else None,
+              config=results.get("config") or _config_dict(cfg))
     run.train_loader = run.make_loader(splits.train, train=True)
     run.val_loader = run.make_loader(splits.val, train=False)
     run.test_loader = run.make_loader(splits.test, train=False)
     log.info("model: %d parameters; method %s; %d epochs on %s", sum(p.numel() for p in model.parameters()),
              method.name, cfg.trainer.epochs, device)
-
-    trainer = Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
-                      select_metric=cfg.eval.select_metric, shapley_every=cfg.eval.shapley_every,
-                      count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"))
-    metrics = trainer.fit()
-    if cfg.eval.flops:
-        metrics.update(_forward_flops(run, output_dir))
-    return metrics
+    return run
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from mmbalance.data.batch import collate_batch
+from mmbalance.engine import distributed
 from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmbalance.engine.evaluation import evaluate
 from mmbalance.metrics.flops import FlopMeter, count_flops
@@ -35,20 +36,30 @@ def seed_everything(seed: int) -> None:
 
 class EpochShuffleSampler(Sampler[int]):
     """Shuffles with a permutation drawn from (seed, epoch), so the order of every epoch is the same
-    whether a run went straight through or resumed from a checkpoint."""
+    whether a run went straight through or resumed from a checkpoint.
 
-    def __init__(self, n: int, seed: int):
+    With `world_size` > 1 (hardware=ddp) every rank draws the same permutation, pads it by wrapping to a
+    multiple of the world size and takes every world_size-th index from `rank`: disjoint shards of equal
+    length, so all ranks take the same number of steps (their collective calls line up).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.world_size == 1:
+            return iter(order)
+        padded = order + order[: len(self) * self.world_size - self.n]
+        return iter(padded[self.rank::self.world_size])
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)  # ceil: the padded shard length
 
 
 @dataclass
@@ -93,6 +104,18 @@ class Run:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @property
+    def world_size(self) -> int:
+        """Processes training this run together (hardware=ddp); 1 otherwise."""
+        return distributed.world_size()
+
+    def sync_gradients(self, params=None) -> None:
+        """Average gradients across processes (hardware=ddp; a no-op otherwise). Every optimizer step is
+        preceded by it: after the method's backward and gradient edits, before clipping and the step."""
+        if params is None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        distributed.average_gradients(params)
+
     def clip_gradients(self) -> None:
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -114,13 +137,20 @@ class Run:
             self._noise[key] = torch.Generator(device=device).manual_seed(self.seed + 12345)
         return self._noise[key]
 
-    def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        """A loader like the run's own (methods that rebuild the training data use this)."""
+    def make_loader(self, dataset: Dataset, train: bool, shard: bool = True) -> DataLoader:
+        """A loader like the run's own (methods that rebuild the training data use this).
+
+        Training loaders shuffle per epoch and, under hardware=ddp, give each rank its shard; `shard=False`
+        keeps the whole dataset on every rank (side trainings that must come out identical on every rank,
+        e.g. UMT's teachers). Evaluation loaders always see the whole dataset, in order.
+        """
         s = self.loader_settings
+        world = distributed.world_size() if shard else 1
+        rank = distributed.rank() if shard else 0
         return DataLoader(
             dataset,
             batch_size=s.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            sampler=EpochShuffleSampler(len(dataset), self.seed, rank, world) if train else None,
             num_workers=s.num_workers,
             pin_memory=s.pin_memory,
             drop_last=s.drop_last if train else False,
@@ -232,6 +262,11 @@ class Trainer:
             samples += len(batch)
             run.step += 1
         run.flops.add("train_steps", step_flops_per_sample * samples)
+        if run.world_size > 1:  # the epoch means over every rank's shard
+            totals = run.reduce({**{k: torch.as_tensor(v, dtype=torch.float32, device=run.device) for k, v in sums.items()},
+                                 "_samples": torch.tensor(float(samples), device=run.device)})
+            samples = int(totals.pop("_samples"))
+            sums = totals
         means = {f"train/{k}": float(v) / max(samples, 1) for k, v in sums.items()}
         if not math.isfinite(means.get("train/loss", 0.0)):
             raise FloatingPointError(f"training diverged: the epoch-mean loss is {means['train/loss']} at epoch {epoch}")
@@ -268,10 +303,13 @@ class Trainer:
             score = row[self.select_key]
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, epoch
-                save_checkpoint({"epoch": epoch, "model": run.model.state_dict(),
-                                 "method": run.method.state_dict()}, self.ckpt_dir / "best.pt")
-            save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
-            self._write_history()
+                if distributed.is_main():
+                    save_checkpoint({"epoch": epoch, "model": run.model.state_dict(),
+                                     "method": run.method.state_dict()}, self.ckpt_dir / "best.pt")
+            if distributed.is_main():  # replicas are identical: rank 0 writes for all
+                save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
+                self._write_history()
+            distributed.barrier()  # the others read best.pt / last.pt only after rank 0 wrote them
             log.info(
                 "epoch %d  loss %.4f  %s %.4f  %s  (%.1fs)", epoch, row.get("train/loss", float("nan")),
                 self.select_key, score,
@@ -294,8 +332,12 @@ class Trainer:
         metrics["epochs"] = len(self.history)
         if self.history:  # wall time per epoch: training, the method's epoch hooks and validation
             metrics["time/epoch_mean_s"] = sum(r["time_s"] for r in self.history) / len(self.history)
-        metrics["flops/train_total"] = run.flops.total
-        for part, value in run.flops.by_part.items():
+        parts = dict(run.flops.by_part)
+        if run.world_size > 1:  # every rank counted its own work: the run's cost is the sum
+            summed = run.reduce({k: torch.tensor(float(v), device=run.device) for k, v in parts.items()}) if parts else {}
+            parts = {k: float(v) for k, v in summed.items()}
+        metrics["flops/train_total"] = sum(parts.values()) if run.world_size > 1 else run.flops.total
+        for part, value in parts.items():
             metrics[f"flops/train/{part}"] = value
         return metrics
 

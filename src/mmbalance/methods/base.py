@@ -4,7 +4,7 @@ A method overrides only what its paper changes. The trainer calls, per epoch:
 
     on_epoch_start(run, epoch)                         data stage (may rebuild run.train_loader)
     for batch: training_step(run, batch)               the template below; MLA/ReconBoost take it over
-        forward -> loss -> zero_grad -> backward -> on_after_backward -> clip -> optimizer.step
+        forward -> loss -> zero_grad -> backward -> on_after_backward -> sync -> clip -> optimizer.step
     on_epoch_end(run, epoch)
 
 and `eval_fuse(run, features)` whenever it predicts (validation, test, the Shapley metric).
@@ -91,6 +91,7 @@ class Method:
         run.optimizer.zero_grad(set_to_none=True)
         self.backward(run, losses)
         self.on_after_backward(run, batch, out)
+        run.sync_gradients()  # hardware=ddp: average over ranks (a method that takes over the step does it too)
         run.clip_gradients()
         run.optimizer.step()
         return {k: v.detach() for k, v in losses.items()}

@@ -241,7 +241,9 @@ class GBlending(Method):
         before, after = {}, {}
         start = self.measure(run, run.model, self.heads, list(self.weights))
         lr = run.optimizer.param_groups[0]["lr"]
-        sampler = getattr(run.train_loader, "sampler", None)
+        # the whole training split on every rank (hardware=ddp), so every rank measures the same weights
+        loader = run.make_loader(run.train_loader.dataset, train=True, shard=False)
+        sampler = loader.sampler
         for k in self.weights:
             model = copy.deepcopy(run.model)
             heads = copy.deepcopy(self.heads)
@@ -256,9 +258,8 @@ class GBlending(Method):
             if heads is not None:
                 heads.train()
             for trial_epoch in range(self.super_epoch):
-                if hasattr(sampler, "set_epoch"):  # distinct orders per trial epoch; the trainer resets it
-                    sampler.set_epoch(10_000 + run.epoch * self.super_epoch + trial_epoch)
-                for batch in run.train_loader:
+                sampler.set_epoch(10_000 + run.epoch * self.super_epoch + trial_epoch)  # distinct trial orders
+                for batch in loader:
                     batch = batch.to(run.device, non_blocking=True)
                     with run.autocast():
                         z = self._branch_logits(model, heads, batch.inputs, [k])[k]

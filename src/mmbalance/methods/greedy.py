@@ -301,6 +301,9 @@ class Greedy(Method):
 
     @torch.no_grad()
     def on_after_backward(self, run, batch, out):
+        # hardware=ddp: the ratios are of the gradient of the whole (all ranks') batch, so every rank takes the
+        # same curation decision (the trainer's own averaging after this hook then finds them equal already)
+        run.sync_gradients()
         bypass, main = self.bypass_and_main(run.model)
 
         def ratios():

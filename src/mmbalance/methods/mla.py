@@ -150,10 +150,12 @@ class MLA(Method):
             loss.backward()
             if self.projection == "paper" and self.updates > 0:
                 with torch.no_grad():
-                    r = features[m].detach().float().mean(0)
+                    # the mean feature over every rank's batch (hardware=ddp), so P stays identical everywhere
+                    r = run.reduce({"r": features[m].detach().float().mean(0)})["r"] / run.world_size
                     self.P = owm_update(self.P, r, alpha)
                     g = self.head.weight.grad
                     g.copy_(project_gradient(g.float(), self.P).to(g.dtype))
+            run.sync_gradients(params)
             if run.grad_clip:
                 nn.utils.clip_grad_norm_(params, run.grad_clip)
             run.optimizer.step()

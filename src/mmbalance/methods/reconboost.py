@@ -249,6 +249,7 @@ class ReconBoost(Method):
         run.model.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self._apply_weight_decay()
+        run.sync_gradients([p for group in optimizer.param_groups for p in group["params"]])
         run.clip_gradients()
         optimizer.step()
         stats = {k: v.detach() for k, v in losses.items()}

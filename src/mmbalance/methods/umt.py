@@ -265,7 +265,8 @@ class UMT(Method):
                 from omegaconf import OmegaConf
 
                 scheduler = build(OmegaConf.create(sched_cfg), optimizer=optimizer)
-            loader = run.make_loader(run.train_loader.dataset, train=True)
+            # the whole training split on every rank (hardware=ddp): each rank trains the same teachers
+            loader = run.make_loader(run.train_loader.dataset, train=True, shard=False)
 
             def step(x, y):
                 with run.autocast():

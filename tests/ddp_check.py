@@ -1,0 +1,106 @@
+"""Run under torchrun (2 CPU processes, gloo) by tests/test_distributed.py: for every method given, build the
+run each rank would train (hardware=ddp, its own data shard), take two training steps, then check that every
+parameter and every tensor of the method's state is identical on all ranks.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_check.py OUT.json [--no-sync] METHOD[:3]...
+
+`--no-sync` turns the gradient averaging off: the negative control that shows the check can fail.
+
+Rank 0 writes {method: {"ok": bool, "max_param_diff": float, "max_state_diff": float, "steps": int}} to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import THREE, compose_cfg  # noqa: E402
+from helpers import METHOD_EXTRA_ARGS  # noqa: E402
+
+from mmbalance.config import validate  # noqa: E402
+from mmbalance.engine import distributed  # noqa: E402
+from mmbalance.train import build_run  # noqa: E402
+
+STEPS = 2
+
+
+def flat_tensors(obj) -> list[torch.Tensor]:
+    """Every tensor (and number) in a nested state, in a deterministic order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj.detach().float().reshape(-1).cpu()]
+    if isinstance(obj, bool | int | float):
+        return [torch.tensor([float(obj)])]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in flat_tensors(obj[k])]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in flat_tensors(v)]
+    return []
+
+
+def max_diff_across_ranks(x: torch.Tensor) -> float:
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x)
+    return max(float((g - gathered[0]).abs().max()) if g.numel() else 0.0 for g in gathered)
+
+
+def check(method: str, three: bool) -> dict:
+    overrides = [f"method={method}", "hardware=ddp", "hardware.device=cpu", "hardware.backend=gloo",
+                 "hardware.precision=fp32", "hardware.pin_memory=false", "hardware.num_workers=0",
+                 "trainer.batch_size=8",
+                 *METHOD_EXTRA_ARGS.get(method, []), *(THREE if three else [])]
+    cfg = compose_cfg(overrides)
+    validate(cfg)
+    run = build_run(cfg, torch.device("cpu"))
+    run.method.setup(run)
+    run.method.on_epoch_start(run, 0)
+    run.train_loader.sampler.set_epoch(0)
+    seen = []
+    for step, batch in enumerate(run.train_loader):
+        if step == STEPS:
+            break
+        seen.append(batch.index.tolist())
+        run.method.training_step(run, batch)
+        run.step += 1
+    owned = [p for module in run.method.owned_modules().values() for p in module.parameters()]
+    params = torch.cat([p.detach().reshape(-1) for p in [*run.model.parameters(), *owned]])
+    state = flat_tensors(run.method.state_dict())
+    state = torch.cat(state) if state else torch.zeros(0)
+    # the ranks trained on different samples: the shards must be disjoint
+    shard = torch.tensor(sorted(i for b in seen for i in b), dtype=torch.float32)
+    shards = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+    dist.all_gather(shards, shard)
+    disjoint = not (set(shards[0].tolist()) & set(shards[1].tolist()))
+    return {"max_param_diff": max_diff_across_ranks(params), "max_state_diff": max_diff_across_ranks(state),
+            "steps": len(seen), "disjoint_shards": disjoint}
+
+
+def main() -> None:
+    out, specs = Path(sys.argv[1]), sys.argv[2:]
+    if "--no-sync" in specs:
+        specs.remove("--no-sync")
+        distributed.average_gradients = lambda params: None
+    distributed.init_from_env("gloo", "cpu")
+    torch.set_num_threads(1)
+    results = {}
+    for spec in specs:
+        method, _, mods = spec.partition(":")
+        key = f"{method}:{mods or 2}"
+        try:
+            r = check(method, mods == "3")
+            r["ok"] = r["max_param_diff"] == 0.0 and r["max_state_diff"] == 0.0 and r["disjoint_shards"]
+        except Exception as exc:  # report, keep checking the others
+            r = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        results[key] = r
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(results, indent=1))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

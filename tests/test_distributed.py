@@ -1,0 +1,154 @@
+"""Sweeps at scale: hardware=ddp (torchrun, 2 CPU processes with gloo), hardware=slurm and the Optuna sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import FAST, REPO, read_metrics, run_cli
+from mmbalance.cli import CONF_DIR
+from mmbalance.config import validate
+from mmbalance.engine.distributed import average_gradients
+from mmbalance.engine.trainer import EpochShuffleSampler
+from mmbalance.methods import METHODS
+
+DDP_CPU = ["hardware=ddp", "hardware.device=cpu", "hardware.backend=gloo", "hardware.precision=fp32",
+           "hardware.num_workers=0", "hardware.pin_memory=false"]
+
+
+def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ---- the sharded sampler ----
+
+@pytest.mark.parametrize("n", [10, 11, 1])
+def test_rank_shards_are_disjoint_equal_length_and_cover_the_epoch(n):
+    shards = [list(EpochShuffleSampler(n, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(EpochShuffleSampler(n, 3, 0, 2)) == -(-n // 2)
+    assert set(shards[0]) | set(shards[1]) == set(range(n))
+    if n % 2 == 0:
+        assert not set(shards[0]) & set(shards[1])
+    else:  # one index is repeated to pad the shards to equal length
+        assert len(shards[0]) + len(shards[1]) == n + 1
+    # the shards are a split of the single-process order of the same epoch
+    whole = list(EpochShuffleSampler(n, seed=3))
+    assert sorted(shards[0][: n // 2] + shards[1][: n // 2]) == sorted(whole[: 2 * (n // 2)])
+
+
+def test_gradient_averaging_is_a_no_op_in_one_process():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    average_gradients([p])
+    assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
+
+
+# ---- replicas never drift, for every method ----
+
+def _specs() -> list[str]:
+    specs = []
+    for name, cls in sorted(METHODS.items()):
+        specs.append(name)
+        if cls.max_modalities is None or cls.max_modalities >= 3:
+            specs.append(f"{name}:3")
+    return specs
+
+
+def test_two_gloo_processes_keep_parameters_and_method_state_identical_for_every_method(tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = torchrun([str(REPO / "tests" / "ddp_check.py"), str(out), *_specs()], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {s if ":" in s else f"{s}:2" for s in _specs()}
+    bad = {k: v for k, v in results.items() if not v.get("ok")}
+    assert not bad, bad
+    assert all(v["steps"] == 2 and v["disjoint_shards"] for v in results.values())
+
+
+def test_the_replica_check_fails_without_gradient_averaging(tmp_path):
+    """The negative control: each rank on its own shard drifts apart when gradients are not averaged."""
+    out = tmp_path / "ddp.json"
+    proc = torchrun([str(REPO / "tests" / "ddp_check.py"), str(out), "--no-sync", "baseline"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["baseline:2"]
+    assert not result["ok"] and result["max_param_diff"] > 0
+
+
+def test_torchrun_cli_run_writes_once_from_rank_0_and_sums_flops_over_ranks(tmp_path):
+    common = [*FAST, "trainer.epochs=1", "trainer.batch_size=8", "method=ogm_ge"]
+    run_dir = tmp_path / "ddp_run"
+    proc = torchrun(["-m", "mmbalance", *common, *DDP_CPU, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = read_metrics(run_dir)
+    assert results["status"] == "completed" and results["world_size"] == 2
+    assert (run_dir / "train_rank0.log").exists() and (run_dir / "train_rank1.log").exists()
+    assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "history.csv").exists()
+    # the FLOPs of the two shards add up to the single-process run's (up to the one padded sample)
+    single = run_cli([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    one = read_metrics(tmp_path / "single")["metrics"]["flops/train_total"]
+    both = results["metrics"]["flops/train_total"]
+    n = read_metrics(tmp_path / "single")["split_sizes"]["train"]
+    assert both == pytest.approx(one * (2 * -(-n // 2)) / n, rel=1e-6)
+
+
+def test_ddp_outside_torchrun_says_how_to_launch(tmp_path):
+    proc = run_cli([*FAST, *DDP_CPU, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "torchrun" in proc.stderr and "hardware=ddp" in proc.stderr
+
+
+# ---- launcher and sweeper configs compose ----
+
+def _compose_with_hydra(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def test_slurm_hardware_composes_a_submitit_job_array_launcher():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = _compose_with_hydra(["hardware=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
+                               "hydra.launcher.timeout_min=60"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 60)
+    assert launcher.max_num_timeout > 0  # preempted jobs are requeued and resume from last.pt
+    assert cfg.hardware.device == "cuda"
+    cfg_no_hydra = {k: v for k, v in cfg.items() if k != "hydra"}
+    from omegaconf import OmegaConf
+    validate(OmegaConf.create(cfg_no_hydra))
+
+
+def test_ddp_and_optuna_configs_compose():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = _compose_with_hydra(["sweep=optuna_ogm_ge"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/acc"
+    assert "method.alpha" in cfg.hydra.sweeper.params and cfg.method._target_.endswith("OGMGE")
+    ddp = _compose_with_hydra(DDP_CPU)
+    assert ddp.hardware.distributed is True and ddp.hardware.backend == "gloo"
+
+
+def test_optuna_sweep_tunes_on_the_validation_metric(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep_dir = tmp_path / "optuna"
+    proc = run_cli(["sweep=optuna_ogm_ge", "hydra.sweeper.n_trials=2", *FAST, "trainer.epochs=1",
+                    f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    trials = [read_metrics(d) for d in sorted(sweep_dir.iterdir()) if (d / "metrics.json").exists()]
+    assert len(trials) == 2
+    assert best["best_value"] == pytest.approx(max(t["metrics"]["val/acc"] for t in trials))
+    assert 0.05 <= best["best_params"]["method.alpha"] <= 2.0
