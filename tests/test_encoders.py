@@ -212,6 +212,6 @@ def test_check_input_and_batch_rank():
 
 
 def test_registry_and_kinds():
-    assert set(ENCODERS) == {"small_cnn", "resnet18", "mlp", "transformer"}
+    assert set(ENCODERS) == {"small_cnn", "resnet18", "mlp", "transformer", "token"}
     for cls in ENCODERS.values():
-        assert set(cls.kinds) <= {"image", "spectrogram", "frames", "vector", "sequence"}
+        assert set(cls.kinds) <= {"image", "spectrogram", "frames", "vector", "sequence", "tokens"}

@@ -49,3 +49,12 @@ def test_fvcore_table_total_times_two_matches_the_counter(tmp_path):
     per_sample = write_fvcore_table(model, x, tmp_path / "t.txt")
     assert per_sample == pytest.approx(ours / 4, rel=0.02) and ours / 4 == 2 * (5 * 4 + 5 * 6 + 10 * 3)
     assert "encoders.a" in (tmp_path / "t.txt").read_text()
+
+
+def test_fused_cpu_attention_is_counted():
+    """BERT and timm's ViT dispatch to torch's fused CPU attention, which has no formula in torch itself."""
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)  # (batch, heads, tokens, head dim)
+    out, forward = count_flops(torch.nn.functional.scaled_dot_product_attention, q, q, q)
+    assert forward == 2 * (2 * 4 * 16 * 16 * 8) * 2  # QK^T and AV, 2 FLOPs per multiply-add
+    _, backward = count_flops(lambda: out.sum().backward())
+    assert backward == 2.5 * forward

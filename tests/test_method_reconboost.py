@@ -74,6 +74,9 @@ class _Ctx:
     def autocast(self):
         return contextlib.nullcontext()
 
+    def sync_gradients(self, params=None):  # one process: nothing to average
+        pass
+
     def clip_gradients(self):
         pass
 

@@ -14,9 +14,24 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 log = logging.getLogger(__name__)
+
+# torch has FLOP formulas for the CUDA attention kernels but not for the fused CPU one that BERT and timm's ViT
+# dispatch to on a CPU, which would count their attention as zero; it is the same computation.
+_aten = torch.ops.aten
+if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    try:
+        @register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu)
+        def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query, key, value)
+
+        @register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out, query, key, value)
+    except RuntimeError:  # a newer torch registered them already
+        pass
 
 
 class FlopMeter:

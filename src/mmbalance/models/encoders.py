@@ -26,6 +26,7 @@ __all__ = [
     "MLPEncoder",
     "ResNet18Encoder",
     "SmallCNN",
+    "TokenEncoder",
     "TransformerEncoder",
     "check_input",
 ]
@@ -221,16 +222,31 @@ class ResNet18Encoder(nn.Module):
     Frames (B, T, C, H, W) are folded into the batch; the 512-d globally pooled per-frame features are
     averaged over time.
 
-    ``pretrained=True`` loads torchvision's ImageNet weights from a local file only -- ``weights_path``
-    or, when that is unset, the torch hub cache (``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth``);
-    nothing is downloaded, and a missing file raises ``UserError``. For C != 3 the pretrained first-conv
-    kernel is the average of its RGB kernels, copied to each of the C channels (the usual cross-modality
-    initialisation for grayscale/flow input).
+    ``pretrained=True`` loads ImageNet weights from a local file only; nothing is downloaded, and a
+    missing file raises ``UserError`` saying where it looked. ``source`` picks where they come from:
+
+    - ``"torchvision"`` (default): torchvision's IMAGENET1K_V1 checkpoint, from ``weights_path`` or, when
+      that is unset, the torch hub cache (``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth``);
+    - ``"timm"``: the timm checkpoint ``timm_model`` (default ``resnet18.a1_in1k``, timm's default
+      ResNet-18 weights; ``resnet18.tv_in1k`` is torchvision's weights as timm hosts them), from
+      ``weights_path`` (a .safetensors/.pth file) or from the Hugging Face hub cache where timm keeps what
+      it downloads (``$HF_HOME/hub/models--timm--resnet18.a1_in1k``). timm's ResNet-18 uses torchvision's
+      parameter names, so the checkpoint loads into the same trunk (and ``stages()`` stay the same).
+
+    For C != 3 the pretrained first-conv kernel is the average of its RGB kernels, copied to each of the C
+    channels (the usual cross-modality initialisation for grayscale/flow input).
     """
 
     kinds = ("image", "spectrogram", "frames")
 
-    def __init__(self, in_shape: tuple[int, ...], pretrained: bool = False, weights_path: str | None = None):
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        source: str = "torchvision",
+        timm_model: str = "resnet18.a1_in1k",
+    ):
         super().__init__()
         from torchvision.models import resnet18
 
@@ -240,10 +256,30 @@ class ResNet18Encoder(nn.Module):
         c = self.in_shape[-3]
         if c not in (1, 2, 3):
             raise UserError(f"{name}: input channels must be 1, 2 or 3, got C={c} (in_shape {self.in_shape})")
-        state = self._load_pretrained(weights_path) if pretrained else None  # fail before the slow build
+        if source not in ("torchvision", "timm"):
+            raise UserError(f"{name}: source must be 'torchvision' or 'timm', got {source!r}")
+        if str(timm_model).split(".")[0] != "resnet18":
+            raise UserError(
+                f"{name}: timm_model must be a resnet18 checkpoint (e.g. resnet18.a1_in1k), got {timm_model!r}"
+            )
+        self.source = source
+        state = None
+        if pretrained:  # fail before the slow build
+            state = self._load_pretrained(weights_path) if source == "torchvision" else self._load_timm(
+                timm_model, weights_path)
         net = resnet18(weights=None)
         if state is not None:
-            net.load_state_dict(state)
+            if source == "torchvision":
+                net.load_state_dict(state)
+            else:
+                # timm's exported checkpoints may leave out BatchNorm's num_batches_tracked counters
+                missing, unexpected = net.load_state_dict(state, strict=False)
+                missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+                if missing or unexpected:
+                    raise UserError(
+                        f"ResNet18Encoder: the timm checkpoint does not match ResNet-18 (missing "
+                        f"{missing[:4]}, unexpected {unexpected[:4]}); is it a resnet18 checkpoint?"
+                    )
         if c != 3:
             old = net.conv1
             net.conv1 = nn.Conv2d(c, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
@@ -273,6 +309,17 @@ class ResNet18Encoder(nn.Module):
             state = state["state_dict"]
         if not isinstance(state, dict) or "conv1.weight" not in state:
             raise UserError(f"ResNet18Encoder: {path} is not a torchvision ResNet-18 state dict (no conv1.weight)")
+        return state
+
+    @staticmethod
+    def _load_timm(timm_model: str, weights_path: str | None) -> dict:
+        from mmbalance.models.pretrained import find_timm_weights, load_state_file
+
+        path = find_timm_weights(timm_model, weights_path, "ResNet18Encoder")
+        state = load_state_file(path, "ResNet18Encoder")
+        if "conv1.weight" not in state or "layer4.1.conv2.weight" not in state:
+            raise UserError(f"ResNet18Encoder: {path} is not a timm/torchvision ResNet-18 state dict "
+                            "(no conv1.weight / layer4.1.conv2.weight)")
         return state
 
     def forward(self, x: Tensor) -> Tensor:
@@ -455,10 +502,109 @@ class TransformerEncoder(nn.Module):
         return self.proj(h.mean(dim=1))
 
 
+
+
+# ----------------------------------------------------------------------------------------- TokenEncoder
+
+
+def check_token_ids(encoder_name: str, ids: Tensor, vocab_size: int) -> None:
+    """Token ids must be integers in [0, vocab_size).
+
+    A dataset tokenised for a larger vocabulary than the encoder's would otherwise fail deep inside the
+    embedding (on a GPU as a device-side assert that poisons the CUDA context). Costs one reduction per
+    batch; skipped while tracing (fvcore).
+    """
+    if ids.is_floating_point() or ids.is_complex():
+        raise UserError(f"{encoder_name}: expects int64 token ids (the tokens kind), got a {ids.dtype} tensor")
+    if torch.jit.is_tracing() or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise UserError(
+            f"{encoder_name}: token ids range over [{lo}, {hi}] but the vocabulary has {vocab_size} entries; the "
+            "dataset's tokenizer and the encoder must share one vocabulary (raise vocab_size, or use the same model)"
+        )
+
+
+def token_mask(ids: Tensor) -> Tensor:
+    """(B, L) bool, True = a real token: ids != 0, with the first position always kept.
+
+    Absent-modality masking zeroes the ids (all padding); attention or pooling over no tokens at all is
+    0/0, so the first position stays in and the encoder gives a finite, constant feature for such rows.
+    """
+    mask = ids != 0
+    mask[:, 0] = True
+    return mask
+
+
+class TokenEncoder(nn.Module):
+    """A small from-scratch encoder for token ids (L,) int64 (the ``tokens`` kind), trainable on a CPU.
+
+    ``Embedding(vocab_size, d_model, padding_idx=0)`` plus a learned positional embedding, then ``layers``
+    post-norm Transformer layers with a key-padding mask (0 = padding; built like TransformerEncoder's so
+    FlopCounterMode sees them in eval too), then the mean over the real tokens and an optional Linear to
+    ``out_dim``. ``layers=0`` is the mean of the token embeddings (a bag of words). The default
+    ``vocab_size`` 30522 is the bert-base-uncased WordPiece vocabulary (``mmbalance.data.text.Tokenizer``'s
+    default); a tokenizer with a larger vocabulary needs a larger ``vocab_size``. The first position is
+    always counted as a token (see ``token_mask``), so an all-padding row gives a finite feature.
+    """
+
+    kinds = ("tokens",)
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        vocab_size: int = 30522,
+        d_model: int = 64,
+        nhead: int = 4,
+        layers: int = 1,
+        dim_feedforward: int = 128,
+        dropout: float = 0.1,
+        out_dim: int | None = None,
+    ):
+        super().__init__()
+        name = "TokenEncoder"
+        self.in_shape = check_input(name, in_shape, {1: "tokens (L,) int64 ids, 0 = padding"})
+        _positive(name, vocab_size=vocab_size, d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward)
+        if int(layers) < 0:
+            raise UserError(f"{name}: layers must be >= 0, got {layers}")
+        if int(layers) and d_model % nhead:
+            raise UserError(f"{name}: d_model ({d_model}) must be divisible by nhead ({nhead})")
+        self.vocab_size = int(vocab_size)
+        self.embedding = nn.Embedding(self.vocab_size, int(d_model), padding_idx=0)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, self.in_shape[0], int(d_model)))
+        nn.init.normal_(self.pos_embedding, std=0.02)
+        if int(layers):
+            layer = _CountableEncoderLayer(int(d_model), int(nhead), int(dim_feedforward), dropout,
+                                           activation=_gelu, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, int(layers), enable_nested_tensor=False)
+        else:
+            self.encoder = None
+        if out_dim is None or int(out_dim) == int(d_model):
+            self.proj = nn.Identity()
+            self.out_dim = int(d_model)
+        else:
+            _positive(name, out_dim=out_dim)
+            self.proj = nn.Linear(int(d_model), int(out_dim))
+            self.out_dim = int(out_dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        _check_batch("TokenEncoder", ids, self.in_shape)
+        check_token_ids("TokenEncoder", ids, self.vocab_size)
+        ids = ids.long()
+        mask = token_mask(ids)
+        h = self.embedding(ids) + self.pos_embedding[:, : ids.shape[1]]
+        if self.encoder is not None:
+            h = self.encoder(h, src_key_padding_mask=~mask)
+        w = mask.unsqueeze(-1).to(h.dtype)
+        return self.proj((h * w).sum(dim=1) / w.sum(dim=1))
+
+
 # name -> class, for configs or messages that refer to encoders by a short name
 ENCODERS: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN,
     "resnet18": ResNet18Encoder,
     "mlp": MLPEncoder,
     "transformer": TransformerEncoder,
+    "token": TokenEncoder,
 }

@@ -1,0 +1,130 @@
+"""Text -> token ids for datasets with a text modality (kind ``tokens``: (L,) int64 ids, 0 = padding).
+
+Tokenisation happens in the dataset, once for the whole split (the fast tokenizer works on a list of
+strings in Rust), so the model only ever sees fixed-length id tensors and the pretrained encoder
+(``mmbalance.models.pretrained.TextTransformerEncoder``) rebuilds the attention mask from ``ids != 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mmbalance.errors import UserError
+
+__all__ = ["Tokenizer", "clean_text"]
+
+# BalanceBenchmark's FOOD-101 cleaning (tweet-style): a leading retweet marker, links, hash signs
+_RT = re.compile(r"^\s*RT\b[\s:]*")
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """BalanceBenchmark's FOOD-101 text cleaning: drop a leading "RT", URLs and every '#', then collapse
+    whitespace. (Their tweet-style URL pattern also drops whatever follows a link on the same line; here
+    only the link itself goes, since a recipe title may go on after it.)"""
+    text = _RT.sub("", str(text))
+    text = _URL.sub(" ", text)
+    text = text.replace("#", "")
+    return _SPACES.sub(" ", text).strip()
+
+
+class Tokenizer:
+    """A Hugging Face fast tokenizer, loaded from local files only: texts -> (N, max_length) int64 ids.
+
+    ``model_or_path`` is a hub name present in the local Hugging Face cache (default bert-base-uncased, the
+    tokenizer of BalanceBenchmark's FOOD-101 recipe), a local folder with tokenizer files, or a WordPiece
+    ``vocab.txt`` (read as an uncased BERT tokenizer). Every text is padded to ``max_length`` and truncated
+    (``padding='max_length', truncation=True``, as BalanceBenchmark does with max_length 40); special tokens
+    ([CLS] ... [SEP]) are added.
+
+    Padding is id 0 in the stored ids. For tokenizers whose padding id is not 0 (e.g. RoBERTa's 1) the
+    padding id and 0 are swapped; ``TextTransformerEncoder`` swaps them back with its model's padding id.
+    """
+
+    def __init__(self, model_or_path: str = "bert-base-uncased", max_length: int = 40, lowercase: bool = True):
+        if int(max_length) < 2:
+            raise UserError(f"Tokenizer: max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
+        self.name = str(model_or_path)
+        self.max_length = int(max_length)
+        self._tok = _load_tokenizer(self.name, lowercase)
+        pad = self._tok.pad_token_id
+        if pad is None:
+            raise UserError(f"Tokenizer: {self.name!r} has no padding token; use a BERT-style tokenizer")
+        self.pad_id = int(pad)
+        self.vocab_size = len(self._tok)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the tokenizer's definition and max_length: a cache of ids is valid iff it matches."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        spec = backend.to_str() if backend is not None else json.dumps(sorted(self._tok.get_vocab().items()))
+        return hashlib.sha1(f"{spec}|{self.max_length}|{self.pad_id}".encode()).hexdigest()
+
+    def __call__(self, texts: Sequence[str], chunk: int = 8192) -> np.ndarray:
+        """(N, max_length) int64 ids for N texts, padding = 0."""
+        out = np.zeros((len(texts), self.max_length), dtype=np.int64)
+        for start in range(0, len(texts), chunk):  # bounded memory for the Python lists transformers returns
+            part = [str(t) for t in texts[start:start + chunk]]
+            enc = self._tok(part, padding="max_length", max_length=self.max_length, truncation=True,
+                            return_attention_mask=False, return_token_type_ids=False)
+            out[start:start + len(part)] = np.asarray(enc["input_ids"], dtype=np.int64)
+        if self.pad_id != 0:
+            is_pad, is_zero = out == self.pad_id, out == 0
+            out[is_pad], out[is_zero] = 0, self.pad_id
+        return out
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, max_length={self.max_length})"
+
+
+def _load_tokenizer(name: str, lowercase: bool):
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise UserError(f"Tokenizer needs the transformers package ({exc})") from exc
+    from mmbalance.models.pretrained import hf_hub_cache
+
+    path = Path(os.path.expanduser(name))
+    cache = str(hf_hub_cache())
+    if path.is_file():
+        if path.suffix != ".txt":
+            raise UserError(f"Tokenizer: {str(path)!r} is a file but not a WordPiece vocab.txt; give a tokenizer "
+                            "folder, a vocab.txt, or a hub name in the Hugging Face cache")
+        cls = getattr(transformers, "BertTokenizerFast", None) or transformers.BertTokenizer
+        try:
+            if "vocab_file" in inspect.signature(cls.__init__).parameters:  # transformers 4
+                return cls(vocab_file=str(path), do_lower_case=lowercase)
+            # transformers 5 takes the vocabulary as a {token: id} dict: one token per line, id = line number
+            with path.open(encoding="utf-8") as f:
+                vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+            return cls(vocab=vocab, do_lower_case=lowercase)
+        except Exception as exc:
+            raise UserError(f"Tokenizer: cannot read the WordPiece vocabulary {path}: {exc}") from exc
+    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or path.exists()
+    if looks_like_path and not path.is_dir():
+        raise UserError(f"Tokenizer: {name!r} does not exist; give a tokenizer folder, a vocab.txt, or a hub "
+                        f"name present in the Hugging Face cache {cache}")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path) if looks_like_path else name,
+                                                          local_files_only=True, cache_dir=cache, use_fast=True)
+    except (OSError, ValueError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+        if "couldn't connect" in why or "cached files" in why:  # transformers' offline wording; nothing was fetched
+            why = "no cached copy"
+        if looks_like_path:
+            raise UserError(f"Tokenizer: cannot load a tokenizer from the folder {path}: {why}. It must hold "
+                            "tokenizer.json or vocab.txt (with tokenizer_config.json)") from None
+        raise UserError(
+            f"Tokenizer: {name!r} is not available offline in the Hugging Face cache {cache} (no download is "
+            f"attempted): {why}. Download it once on a machine with internet (`hf download {name}`) and copy the "
+            "cache there (or set HF_HOME / HF_HUB_CACHE), or give a local tokenizer folder or a vocab.txt."
+        ) from None
