@@ -22,7 +22,7 @@ CLASSES = {2: "bowling", 11: "playing_drums", 30: "tickling"}
 COLOURS = {2: (200, 40, 40), 11: (40, 200, 40), 30: (40, 40, 200)}
 TRAIN = [(f"-tr{c:02d}x{k}AbCd_0000{10 + k}_0000{20 + k}", c) for c in CLASSES for k in range(2)]
 TEST = [(f"te{c:02d}_YtId9_000030_000040", c) for c in CLASSES]
-SPEC = (64, 16)  # a stored (frames, bins) fbank, OGM-GE's orientation, kept tiny
+SPEC = (96, 40)  # a stored (frames, mel bins) fbank, OGM-GE's orientation, kept small
 
 
 def _spec(i: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def test_ogmge_layout_shapes_labels_and_sampling(ogmge):
     assert splits.notes["layout"] == "ogmge" and splits.notes["missing_clips"] == 0
     assert splits.notes["sources"] == {"audio": "array: audio_spec/<id>.npy", "visual": "jpgdir: visual/<id>/"}
     assert splits.num_classes == 31 and splits.class_names == KS_CLASSES
-    assert splits.modalities["audio"].shape == (1, 16, 64)  # (frames, bins) stored -> frequency first
+    assert splits.modalities["audio"].shape == (1, 40, 96)  # (frames, mel bins) stored -> frequency first
     assert splits.modalities["visual"].shape == (3, 3, 32, 32)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (3, 3, 3)
     assert splits.val_source.startswith("carved from train")
@@ -118,7 +118,7 @@ def test_bml_layout_json_hdf5_pkl_uses_its_own_validation_split(tmp_path):
     assert splits.notes["sources"]["visual"] == "hdf5: hdf5/<id>.hdf5"
     assert splits.val_source == "the dataset's own validation split"
     assert sorted(_ids_labels(splits.val)) == sorted(TRAIN[4:])
-    assert splits.modalities["audio"].shape == (1, 9, 64)
+    assert splits.modalities["audio"].shape == (1, 9, 96)
     batch = splits.val[0]
     assert batch["inputs"]["visual"].shape == (3, 3, 32, 32) and batch["label"] == TRAIN[4][1]
 

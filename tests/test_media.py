@@ -292,3 +292,12 @@ def test_bad_media_recorded_via_problem_and_skipped(tmp_path):
         ClipDataset(clips, readers, train=False)[1]
     with pytest.raises(DataError, match="no prepared cache"):
         load_clip_cache(tmp_path / "nowhere", clips)
+
+
+def test_stored_spectrograms_keep_frequency_first_and_only_the_time_first_fbank_is_transposed():
+    from mmbalance.data.clips import spectrogram_from_array
+
+    assert spectrogram_from_array(np.zeros((1024, 128))).shape == (1, 128, 1024)  # OGM-GE's Kaldi fbank (T, F)
+    assert spectrogram_from_array(np.zeros((257, 188))).shape == (1, 257, 188)  # OGM-GE CREMA-D |STFT| (F, T)
+    assert spectrogram_from_array(np.zeros((257, 1003))).shape == (1, 257, 1003)  # BML / BalancedAV
+    assert spectrogram_from_array(np.zeros((1, 129, 626))).shape == (1, 129, 626)  # VGGSound, with channel

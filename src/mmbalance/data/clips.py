@@ -91,8 +91,8 @@ class AudioReader:
 
     recipes (datasets.md §1): 'stft_log' (OGM-GE CREMA-D: `sr` 22050, `seconds` 3, tiled, n_fft 512, hop 353,
     log|S|; VGGSound: sr 16000, seconds 5, n_fft 256, hop 128), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000,
-    128 mel bins, 1024 frames). Arrays are returned as (1, F, T) float32; a 2-D (T, F) array whose first axis is
-    the longer one (OGM-GE's (1024, 128) fbank) is transposed to frequency-first.
+    128 mel bins, 1024 frames). Arrays are returned as (1, F, T) float32 (see `spectrogram_from_array` for the
+    one time-first format, OGM-GE's (1024, 128) fbank, which is transposed).
     """
 
     kind = "spectrogram"
@@ -139,14 +139,24 @@ class AudioReader:
         return media.stft_log_spectrogram(wave, self.n_fft, self.hop_length, self.pad_mode)
 
 
+# conventional mel-bin counts; a linear STFT has n_fft / 2 + 1 bins (odd: 129, 257, 513), never one of these
+MEL_BIN_COUNTS = (40, 64, 80, 96, 128)
+
+
 def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
-    """A stored spectrogram as (1, F, T) float32: (F, T) gains a channel, (T, F) with T > F is transposed."""
+    """A stored spectrogram as (1, F, T) float32 (mmbalance keeps frequency first).
+
+    (F, T) gains a channel. The one stored time-first format in the reference repos is OGM-GE's Kaldi fbank,
+    (frames, mel bins) = (1024, 128): a 2-D array whose second axis is a mel-bin count and whose first axis is
+    longer is taken to be (T, F) and transposed. A linear |STFT| such as (257, 188) is never transposed, whatever
+    its length.
+    """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 2:
         raise DataError(f"{path}: expected a 2-D spectrogram (or (1, F, T)), got shape {x.shape}")
-    if x.shape[0] > x.shape[1]:
+    if x.shape[1] in MEL_BIN_COUNTS and x.shape[0] > x.shape[1]:
         x = x.T  # OGM-GE's fbank is stored (frames, bins)
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0)
 
