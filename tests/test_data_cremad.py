@@ -245,3 +245,16 @@ def test_cli_one_epoch_paper_preset(raw_root, tmp_path):
     cfg = m["config"]
     assert cfg["optimizer"]["lr"] == 1e-3 and cfg["trainer"]["epochs"] == 1 and cfg["dataset"]["frames"] == 2
     assert np.isfinite(m["metrics"]["test/acc"])
+
+
+def test_prepared_auto_reads_the_default_prepare_folder_once_it_is_complete(tmp_path):
+    """`prepared: auto` (every dataset config's default) uses ROOT/mmbalance_prepared after a default prepare."""
+    root = raw_tree(tmp_path / "raw", ids=clip_ids(actors=("1001", "1002")))
+    before = build_cremad(str(root), prepared="auto", image_size=SIZE)
+    assert isinstance(before.test, ClipDataset) and before.notes["layout"] == "raw"
+    run_prepare("cremad", root, None, workers=1, progress=False, image_size=SIZE)  # --out defaults to ROOT/...
+    after = build_cremad(str(root), prepared="auto", image_size=SIZE)
+    assert isinstance(after.test, CachedClipDataset) and after.notes["layout"] == "prepared"
+    assert ids_and_labels(after.test) == ids_and_labels(before.test)
+    # null still decodes the raw tree
+    assert isinstance(build_cremad(str(root), prepared=None, image_size=SIZE).test, ClipDataset)

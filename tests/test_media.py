@@ -301,3 +301,15 @@ def test_stored_spectrograms_keep_frequency_first_and_only_the_time_first_fbank_
     assert spectrogram_from_array(np.zeros((257, 188))).shape == (1, 257, 188)  # OGM-GE CREMA-D |STFT| (F, T)
     assert spectrogram_from_array(np.zeros((257, 1003))).shape == (1, 257, 1003)  # BML / BalancedAV
     assert spectrogram_from_array(np.zeros((1, 129, 626))).shape == (1, 129, 626)  # VGGSound, with channel
+
+
+def test_resolve_prepared_rule(tmp_path):
+    from mmbalance.data.prepare import resolve_prepared
+
+    assert resolve_prepared(tmp_path, None) is None
+    assert resolve_prepared(tmp_path, tmp_path / "x") == tmp_path / "x"  # an explicit folder is taken as given
+    assert resolve_prepared(tmp_path, "auto") is None  # nothing prepared yet
+    (tmp_path / "mmbalance_prepared").mkdir()
+    assert resolve_prepared(tmp_path, "auto") is None  # a prepare that did not finish is not used
+    (tmp_path / "mmbalance_prepared" / "prepare_summary.json").write_text("{}")
+    assert resolve_prepared(tmp_path, "auto") == tmp_path / "mmbalance_prepared"

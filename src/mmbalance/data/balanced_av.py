@@ -61,6 +61,7 @@ from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import CACHE_META, Clip, FrameReader, clip_splits, spectrogram_from_array, write_clip_cache
 from mmbalance.data.prepare import PrepareContext, read_classes, read_manifest, write_classes, write_manifest
+from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -381,6 +382,7 @@ def build_balanced_av(root: str | None = None, prepared: str | None = None, anno
     the spectrogram width every clip is fitted to (1003 = 10 s at 44.1 kHz, hop 440). val_fraction/split_seed:
     only used when the json has no validation clips.
     """
+    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     if augment not in media.ClipTransform.AUGMENTS:
         raise UserError(f"dataset.augment={augment!r}; expected one of {media.ClipTransform.AUGMENTS}")
     if prepared:

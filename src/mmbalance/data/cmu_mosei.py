@@ -62,6 +62,7 @@ from mmbalance.data.prepare import (
     write_manifest,
     write_text_atomic,
 )
+from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -435,6 +436,7 @@ def build_cmu_mosei(
     binary_drop_zero | 7class (see the module docstring). text_key: auto (`text` features) | text |
     text_bert (MMSA token ids as a `tokens` modality).
     """
+    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _check_options(layout, label_mode, text_key, modalities)
     if prepared:
         return _build_prepared(Path(prepared).expanduser(), aligned, label_mode, mods, text_key)

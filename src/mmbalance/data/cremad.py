@@ -56,6 +56,7 @@ from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, stratified_split
 from mmbalance.data.clips import CACHE_META, AudioReader, Clip, FrameReader, clip_splits, write_clip_cache
 from mmbalance.data.prepare import read_classes, read_manifest, write_classes, write_manifest
+from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -411,6 +412,7 @@ def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", a
     docstring for layouts, recipes, label maps and splits). `frames` follows BalanceBenchmark (2); `video_fps`
     is the rate frames are decoded from flv videos when no frame folders exist (OGM-GE extracts 1 fps).
     """
+    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     class_names = class_names_for(label_map)
     if prepared not in (None, ""):
         return _build_prepared(Path(str(prepared)).expanduser(), class_names, label_map, split=split,

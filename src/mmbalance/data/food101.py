@@ -55,6 +55,7 @@ from mmbalance.data.prepare import (
     write_manifest,
     write_text_atomic,
 )
+from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -310,9 +311,7 @@ def build_food101(
     if size < 8:
         raise DataError(f"food101: image_size must be >= 8, got {image_size}")
     root_path = Path(root).expanduser()
-    prep = Path(prepared).expanduser() if prepared else None
-    if prep is None and (root_path / "mmbalance_prepared" / MANIFEST).is_file():
-        prep = root_path / "mmbalance_prepared"
+    prep = resolve_prepared(root_path, prepared)
     if prep is not None:
         source = f"prepared {prep}"
         records, classes, meta = _records_from_prepared(prep)

@@ -58,6 +58,7 @@ from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, cl
                                   write_clip_cache)
 from mmbalance.data.prepare import (read_classes, read_manifest, write_classes, write_manifest,
                                     write_text_atomic)
+from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -719,6 +720,7 @@ def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_l
     OGM-GE / BalanceBenchmark: 3 frames at 224 px, the (1, 128, 1024) Kaldi fbank at 16 kHz when audio is decoded
     from wav/video (`audio_target_frames`, `num_mel_bins`, `sample_rate` change it), the stored array otherwise.
     """
+    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     def audio_reader(kind: str, clips: list[Clip]) -> AudioReader:
         return ks_audio_reader(kind, [c.sources["audio"] for c in clips], sample_rate=sample_rate,
                                num_mel_bins=num_mel_bins, audio_target_frames=audio_target_frames)

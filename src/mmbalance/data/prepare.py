@@ -44,6 +44,7 @@ PREPARERS: dict[str, str] = {
     "cmu_mosei": "mmbalance.data.cmu_mosei:prepare",
 }
 
+DEFAULT_OUT = "mmbalance_prepared"  # prepare's --out when none is given, and where `prepared: auto` looks
 MANIFEST = "manifest.csv"
 CLASSES = "classes.json"
 REPORT = "prepare_report.txt"
@@ -149,6 +150,21 @@ def read_manifest(folder: Path) -> list[dict[str, str]]:
     return rows
 
 
+def resolve_prepared(root: str | Path | None, prepared: str | Path | None) -> Path | None:
+    """The prepared folder a builder reads: `prepared` itself; None = decode the raw tree under `root`;
+    'auto' (every dataset config's default) = ROOT/mmbalance_prepared when `mmbalance prepare` finished writing
+    it there (its prepare_summary.json exists), else None. So after a default `prepare`, the preset plus
+    `paths.data_dir=...` is the whole command."""
+    if prepared is None or str(prepared) == "":
+        return None
+    if str(prepared) != "auto":
+        return Path(prepared).expanduser()
+    if root is None:
+        return None
+    folder = Path(root).expanduser() / DEFAULT_OUT
+    return folder if (folder / SUMMARY).is_file() else None
+
+
 def resolve(name: str) -> Callable:
     if name not in PREPARERS:
         raise UserError(f"prepare: unknown dataset {name!r}; expected one of {sorted(PREPARERS)}")
@@ -172,7 +188,7 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     """Programmatic `mmbalance prepare`: returns the summary (also saved as prepare_summary.json)."""
     fn = resolve(dataset)
     root = Path(root).expanduser()
-    out = Path(out).expanduser() if out else root / "mmbalance_prepared"
+    out = Path(out).expanduser() if out else root / DEFAULT_OUT
     ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress)
     ctx.require_root()
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +208,8 @@ def main(argv: Sequence[str]) -> int:
                     "(manifest.csv, classes.json, extracted frames and audio features). See README: Datasets.")
     parser.add_argument("dataset", choices=sorted(PREPARERS))
     parser.add_argument("--root", required=True, help="the raw dataset folder as downloaded")
-    parser.add_argument("--out", default=None, help="prepared cache folder (default: ROOT/mmbalance_prepared)")
+    parser.add_argument("--out", default=None, help=f"prepared cache folder (default: ROOT/{DEFAULT_OUT}, which the "
+                        "dataset configs' `prepared: auto` finds)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--force", action="store_true", help="redo outputs that already exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

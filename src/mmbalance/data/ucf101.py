@@ -53,6 +53,7 @@ from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
 from mmbalance.data.clips import CACHE_META, Clip, load_clip_cache
 from mmbalance.data.prepare import PrepareContext, read_classes, read_manifest, write_classes, write_manifest
+from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -436,6 +437,7 @@ def build_ucf101(root: str | None = None, prepared: str | None = None, split: in
     augment: training augmentation shared by RGB and flow (resize_flip = BalanceBenchmark's Resize + HFlip;
     crop_flip, rotate_flip, none). val_fraction/split_seed: the stratified validation carve from train.
     """
+    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _modalities(modalities)
     if augment not in media.ClipTransform.AUGMENTS:
         raise UserError(f"dataset.augment={augment!r}; expected one of {media.ClipTransform.AUGMENTS}")

@@ -44,6 +44,7 @@ from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits
 from mmbalance.data.kinetics_sounds import (RECIPE, VIDEO_FOLDERS, ArrayAudioReader, Discovery, _root,
                                             build_prepared, candidate_list, find_media, prepare_clips,
                                             probe_array_shape)
+from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -180,6 +181,7 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
     decoded on access when prepared with cache=false); otherwise the raw tree under `root`. Defaults follow
     OGM-GE: 16 kHz, 5 s windows of a 10 s clip, n_fft 256, hop 128 -> (1, 129, 626); 3 frames at 224 px.
     """
+    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     if audio_seconds > clip_seconds:
         raise DataError(f"VGGSound: dataset.audio_seconds={audio_seconds} is longer than dataset.clip_seconds="
                         f"{clip_seconds}")
