@@ -6,7 +6,7 @@ from torch import nn
 
 from mmbalance.metrics.flops import FlopMeter, count_flops, write_fvcore_table
 
-from helpers import inputs, tiny_model
+from helpers import inputs
 
 
 def test_linear_forward_is_2_b_din_dout_and_backward_twice_that():

@@ -60,8 +60,8 @@ from torch.utils.data import Dataset
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import CACHE_META, Clip, FrameReader, clip_splits, spectrogram_from_array, write_clip_cache
-from mmbalance.data.prepare import PrepareContext, read_classes, read_manifest, write_classes, write_manifest
-from mmbalance.data.prepare import resolve_prepared
+from mmbalance.data.prepare import (PrepareContext, read_classes, read_manifest, resolve_prepared, write_classes,
+                                    write_manifest)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")

@@ -291,20 +291,30 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
         np.save(out / "n_frames.npy", np.zeros((n, len(readers)), dtype=np.int16))
         np.save(done_path, np.zeros(n, dtype=bool))
         (out / CACHE_META).write_text(json.dumps(meta))
+    summary = fill_cache_rows(ctx, clips, done_path, _cache_one,
+                              lambda i: (i, clips[i], readers, str(out), size, max_frames, shapes), "caching clips")
+    return {**summary, "cache_frame_size": size}
+
+
+def fill_cache_rows(ctx, clips: Sequence[Clip], done_path: Path, worker, task_for, desc: str) -> dict:
+    """Run `worker(task_for(row))` -> (row, error or None) on every cache row not yet done, in parallel.
+
+    `done.npy` is saved after every chunk of rows, so an interrupted prepare resumes where it stopped; a row
+    whose worker returns an error is recorded with ctx.problem and stays not-done (retried next time).
+    """
     done = np.load(done_path)
-    todo = [i for i in range(n) if not done[i]]
-    tasks = [(i, clips[i], readers, str(out), size, max_frames, shapes) for i in todo]
+    todo = [i for i in range(len(clips)) if not done[i]]
     failed = 0
-    for start in range(0, len(tasks), 256):  # checkpoint `done` every chunk, so an interrupted run resumes
-        for row, error in ctx.map(_cache_one, tasks[start:start + 256], desc="caching clips"):
+    for start in range(0, len(todo), 256):
+        tasks = [task_for(i) for i in todo[start:start + 256]]
+        for row, error in ctx.map(worker, tasks, desc=desc):
             if error is None:
                 done[row] = True
             else:
                 failed += 1
                 ctx.problem(clips[row].id, error)
         np.save(done_path, done)
-    return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": n - len(todo),
-            "cache_frame_size": size}
+    return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": len(clips) - len(todo)}
 
 
 def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.ndarray, list[Clip]]:

@@ -58,11 +58,11 @@ from mmbalance.data.prepare import (
     MANIFEST,
     PrepareContext,
     read_manifest,
+    resolve_prepared,
     write_classes,
     write_manifest,
     write_text_atomic,
 )
-from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")

@@ -55,8 +55,7 @@ import numpy as np
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, stratified_split
 from mmbalance.data.clips import CACHE_META, AudioReader, Clip, FrameReader, clip_splits, write_clip_cache
-from mmbalance.data.prepare import read_classes, read_manifest, write_classes, write_manifest
-from mmbalance.data.prepare import resolve_prepared
+from mmbalance.data.prepare import read_classes, read_manifest, resolve_prepared, write_classes, write_manifest
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")

@@ -53,9 +53,9 @@ from mmbalance.data.prepare import (
     read_manifest,
     write_classes,
     write_manifest,
+    resolve_prepared,
     write_text_atomic,
 )
-from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -57,8 +57,7 @@ from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, clip_splits, spectrogram_from_array,
                                   write_clip_cache)
 from mmbalance.data.prepare import (read_classes, read_manifest, write_classes, write_manifest,
-                                    write_text_atomic)
-from mmbalance.data.prepare import resolve_prepared
+                                    write_text_atomic, resolve_prepared)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")

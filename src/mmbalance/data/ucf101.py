@@ -51,9 +51,9 @@ from torch.utils.data import Dataset
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
-from mmbalance.data.clips import CACHE_META, Clip, load_clip_cache
-from mmbalance.data.prepare import PrepareContext, read_classes, read_manifest, write_classes, write_manifest
-from mmbalance.data.prepare import resolve_prepared
+from mmbalance.data.clips import CACHE_META, Clip, fill_cache_rows, load_clip_cache
+from mmbalance.data.prepare import (PrepareContext, read_classes, read_manifest, resolve_prepared, write_classes,
+                                    write_manifest)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -584,20 +584,9 @@ def write_ucf_cache(ctx: PrepareContext, clips: list[Clip], mods: tuple[str, ...
         np.save(out / "n_frames.npy", np.zeros((n, len(mods)), dtype=np.int16))
         np.save(done_path, np.zeros(n, dtype=bool))
         meta_path.write_text(json.dumps(meta))
-    done = np.load(done_path)
-    todo = [i for i in range(n) if not done[i]]
-    tasks = [(i, clips[i], mods, prefixes, str(out), size, max_frames) for i in todo]
-    failed = 0
-    for start in range(0, len(tasks), 256):  # checkpoint `done` every chunk: an interrupted run resumes
-        for row, error in ctx.map(_cache_one, tasks[start:start + 256], desc="caching videos"):
-            if error is None:
-                done[row] = True
-            else:
-                failed += 1
-                ctx.problem(clips[row].id, error)
-        np.save(done_path, done)
-    return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": n - len(todo),
-            "cache_frame_size": size, "cache_max_frames": max_frames}
+    summary = fill_cache_rows(ctx, clips, done_path, _cache_one,
+                              lambda i: (i, clips[i], mods, prefixes, str(out), size, max_frames), "caching videos")
+    return {**summary, "cache_frame_size": size, "cache_max_frames": max_frames}
 
 
 def prepare(ctx: PrepareContext, split: int = 1, modalities: list[str] | tuple[str, ...] = MODALITIES,

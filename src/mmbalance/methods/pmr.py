@@ -163,7 +163,6 @@ class PMR(Method):
     def compute_means(self, run, draw: int) -> tuple[dict[str, Tensor], Tensor]:
         """Class means of eval-mode features over a random subset of the training set (seeded by run seed
         and draw, so a resumed run draws the same subsets)."""
-        model = run.model
         dataset = run.train_loader.dataset
         n = len(dataset)
         k = max(1, int(round(self.prototype_fraction * n)))
