@@ -152,3 +152,17 @@ def test_optuna_sweep_tunes_on_the_validation_metric(tmp_path):
     assert len(trials) == 2
     assert best["best_value"] == pytest.approx(max(t["metrics"]["val/acc"] for t in trials))
     assert 0.05 <= best["best_params"]["method.alpha"] <= 2.0
+
+
+def test_a_multirun_runs_as_submitit_jobs(tmp_path):
+    """hardware=slurm's launcher family, run with submitit's local executor (no SLURM here): each job of the
+    sweep is pickled, run in its own process and writes its run folder like a local multirun."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                    "hydra.launcher.gpus_per_node=0", *FAST, "trainer.epochs=1", "seed=0,1",
+                    f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [read_metrics(sweep_dir / str(i)) for i in range(2)]
+    assert [r["status"] for r in runs] == ["completed", "completed"] and [r["seed"] for r in runs] == [0, 1]
+    assert (sweep_dir / ".submitit").is_dir()
