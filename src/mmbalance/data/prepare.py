@@ -224,7 +224,10 @@ def main(argv: Sequence[str]) -> int:
         return 2
     except TypeError as exc:  # an unknown --set option reaches the preparer's signature
         if "unexpected keyword argument" in str(exc):
-            print(f"error: prepare {args.dataset}: {exc}", file=sys.stderr)
+            import inspect
+
+            known = [p for p in inspect.signature(resolve(args.dataset)).parameters if p != "ctx"]
+            print(f"error: prepare {args.dataset}: {exc}; its --set options are: {', '.join(known)}", file=sys.stderr)
             return 2
         raise
     for key, value in summary.items():
