@@ -161,6 +161,17 @@ def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0)
 
 
+def probe_array_shape(paths: Sequence[str]) -> tuple[int, ...]:
+    """The (1, F, T) shape of the first readable stored spectrogram among the first few clips' files."""
+    first_error = None
+    for path in list(paths)[:8]:
+        try:
+            return tuple(spectrogram_from_array(media.load_array(path), path).shape)
+        except DataError as exc:
+            first_error = first_error or exc
+    raise first_error or DataError("no clip to read a stored spectrogram's shape from")
+
+
 Reader = FrameReader | AudioReader
 
 

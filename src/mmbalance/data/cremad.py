@@ -46,7 +46,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +53,8 @@ import numpy as np
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, stratified_split
-from mmbalance.data.clips import CACHE_META, AudioReader, Clip, FrameReader, clip_splits, write_clip_cache
+from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, clip_splits, probe_array_shape,
+                                  write_clip_cache)
 from mmbalance.data.prepare import read_classes, read_manifest, resolve_prepared, write_classes, write_manifest
 from mmbalance.errors import DataError
 
@@ -379,19 +379,6 @@ def make_readers(visual_kind: str, audio_kind: str, *, frames: int, image_size: 
     return {"audio": audio, "visual": visual}
 
 
-def _probe_array_shape(clips: list[Clip]) -> tuple[int, ...]:
-    """The (1, F, T) shape of the pre-computed audio arrays, read from the first clip that loads."""
-    from mmbalance.data.clips import spectrogram_from_array
-
-    errors = []
-    for clip in clips[:20]:
-        try:
-            return tuple(spectrogram_from_array(media.load_array(clip.sources["audio"]), clip.sources["audio"]).shape)
-        except DataError as exc:
-            errors.append(str(exc))
-    raise DataError("CREMA-D: cannot read any pre-computed audio array: " + "; ".join(errors[:3]))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the builder
 
@@ -428,7 +415,7 @@ def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", a
     if not clips:
         raise DataError(f"CREMA-D: no complete clip (audio and visual) under {str(found.base)!r} "
                         f"({found.visual.describe()}; {found.audio.describe()})")
-    shape = _probe_array_shape(clips) if found.audio.kind == "array" else None
+    shape = probe_array_shape([c.sources["audio"] for c in clips]) if found.audio.kind == "array" else None
     readers = make_readers(found.visual.kind, found.audio.kind, frames=frames, image_size=image_size,
                            augment=augment, video_fps=video_fps, pad_mode=pad_mode, audio_shape=shape)
     notes = {"layout": found.name, "base": str(found.base), "visual": found.visual.describe(),
@@ -499,22 +486,10 @@ def _extract_frames(task: tuple) -> tuple[str, int, str | None]:
     """Worker: decode one flv at `fps` into <dest>/frame_00001.jpg ... (written to a .tmp folder and renamed,
     so a folder that exists is complete). Returns (clip id, frames, error or None); -1 frames = skipped."""
     clip_id, video, dest, fps, force = task
-    dest = Path(dest)
-    if dest.is_dir() and not force:
-        return clip_id, -1, None
     try:
-        images = media.decode_video_frames(video, fps)
+        return clip_id, media.extract_frames(video, dest, fps, force=force), None
     except DataError as exc:
         return clip_id, 0, str(exc)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i, img in enumerate(images, 1):  # ffmpeg's `-vf fps=1 frame_%05d.jpg` naming (MMPareto / BalanceBenchmark)
-        img.save(tmp / f"frame_{i:05d}.jpg", quality=95)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return clip_id, len(images), None
 
 
 def prepare(ctx, layout: str = "auto", audio: str = "auto", visual_dir: str | None = None,
@@ -569,7 +544,7 @@ def prepare(ctx, layout: str = "auto", audio: str = "auto", visual_dir: str | No
                "audio": found.audio.describe(), **counts, "label_map": label_map, "split": split_desc,
                **{f"{s}_clips": sum(c.split == s for c in clips) for s in ("train", "val", "test")}, **extracted}
     if cache:
-        shape = _probe_array_shape(clips) if found.audio.kind == "array" else None
+        shape = probe_array_shape([c.sources["audio"] for c in clips]) if found.audio.kind == "array" else None
         readers = make_readers("jpgdir", found.audio.kind, frames=2, image_size=image_size, augment="none",
                                video_fps=extract_fps, pad_mode=pad_mode, audio_shape=shape)
         summary.update(write_clip_cache(ctx, clips, readers, size=int(image_size), max_frames=int(max_frames)))

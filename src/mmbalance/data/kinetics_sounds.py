@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +53,10 @@ import numpy as np
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
-from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, clip_splits, spectrogram_from_array,
+from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, clip_splits, probe_array_shape,
                                   write_clip_cache)
-from mmbalance.data.prepare import (read_classes, read_manifest, write_classes, write_manifest,
-                                    write_text_atomic, resolve_prepared)
+from mmbalance.data.prepare import (read_classes, read_manifest, resolve_prepared, write_classes, write_manifest,
+                                    write_text_atomic)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -463,17 +462,6 @@ class ArrayAudioReader(AudioReader):
         return x
 
 
-def probe_array_shape(paths: Sequence[str]) -> tuple[int, ...]:
-    """The (1, F, T) shape of the first readable stored spectrogram among the first few clips."""
-    first_error = None
-    for path in list(paths)[:8]:
-        try:
-            return tuple(spectrogram_from_array(media.load_array(path), path).shape)
-        except DataError as exc:
-            first_error = first_error or exc
-    raise first_error or DataError("no clip to read a spectrogram shape from")
-
-
 def ks_audio_reader(kind: str, paths: Sequence[str], *, sample_rate: int, num_mel_bins: int,
                     audio_target_frames: int) -> AudioReader:
     if kind == "array":
@@ -579,36 +567,16 @@ def _extract_clip(task: tuple) -> tuple[int, str | None, str | None, bool, bool]
     Returns (index, failing path or None, error or None, wrote audio, wrote frames)."""
     i, audio_video, frames_video, wav, frames_dir, sr, fps, short_side, force = task
     wrote_audio = wrote_frames = False
-    if audio_video is not None and (force or not Path(wav).is_file()):
-        import soundfile as sf
-
+    if audio_video is not None:
         try:
-            wave = media.decode_audio(audio_video, sr)
+            wrote_audio = media.extract_wav(audio_video, wav, sr, force)
         except DataError as exc:
             return i, audio_video, str(exc), False, False
-        Path(wav).parent.mkdir(parents=True, exist_ok=True)
-        tmp = wav + ".tmp.wav"
-        sf.write(tmp, np.clip(wave, -1.0, 1.0), sr, subtype="PCM_16")  # like ffmpeg -acodec pcm_s16le -ar 16000
-        os.replace(tmp, wav)
-        wrote_audio = True
-    dest = Path(frames_dir)
-    if frames_video is not None and (force or not dest.is_dir()):
+    if frames_video is not None:
         try:
-            images = media.decode_video_frames(frames_video, fps)
+            wrote_frames = media.extract_frames(frames_video, frames_dir, fps, short_side, force) >= 0
         except DataError as exc:
             return i, frames_video, str(exc), wrote_audio, False
-        tmp_dir = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-        for k, img in enumerate(images, 1):
-            if short_side and min(img.size) > short_side:
-                scale = short_side / min(img.size)
-                img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)))
-            img.save(tmp_dir / f"frame_{k:05d}.jpg", quality=95)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp_dir, dest)
-        wrote_frames = True
     return i, None, None, wrote_audio, wrote_frames
 
 

@@ -40,10 +40,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mmbalance.data.batch import DataSplits, ModalitySpec
-from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits
+from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits, probe_array_shape
 from mmbalance.data.kinetics_sounds import (RECIPE, VIDEO_FOLDERS, ArrayAudioReader, Discovery, _root,
-                                            build_prepared, candidate_list, find_media, prepare_clips,
-                                            probe_array_shape)
+                                            build_prepared, candidate_list, find_media, prepare_clips)
 from mmbalance.data.prepare import resolve_prepared
 from mmbalance.errors import DataError
 
