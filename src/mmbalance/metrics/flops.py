@@ -96,11 +96,11 @@ def write_fvcore_table(model: nn.Module, inputs: dict[str, torch.Tensor], path: 
     modalities = list(model.modalities)
     batch_size = next(iter(inputs.values())).shape[0]
     try:
-        from fvcore.nn import FlopCountAnalysis, flop_count_table
-
         wrapper = _DictInputModel(model, modalities).eval()
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation notice and fvcore's op warnings
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice (fvcore's import) and its op warnings
+            from fvcore.nn import FlopCountAnalysis, flop_count_table
+
             analysis = FlopCountAnalysis(wrapper, tuple(inputs[m] for m in modalities))
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             table = flop_count_table(analysis, max_depth=3)
