@@ -72,6 +72,20 @@ def _positive(encoder_name: str, **values: int) -> None:
             raise UserError(f"{encoder_name}: {name} must be >= 1, got {v}")
 
 
+def mean_over_frames(encode, x: Tensor) -> Tensor:
+    """Frames (B, T, C, H, W): fold time into the batch, encode every frame, average the features over time."""
+    b, t = x.shape[:2]
+    return encode(x.reshape(b * t, *x.shape[2:])).view(b, t, -1).mean(dim=1)
+
+
+def output_projection(encoder_name: str, width: int, out_dim: int | None) -> tuple[nn.Module, int]:
+    """A Linear from `width` to `out_dim` features, or Identity when out_dim is unset or equal; and the width out."""
+    if out_dim is None or int(out_dim) == int(width):
+        return nn.Identity(), int(width)
+    _positive(encoder_name, out_dim=out_dim)
+    return nn.Linear(int(width), int(out_dim)), int(out_dim)
+
+
 # --------------------------------------------------------------------------------------------- SmallCNN
 
 
@@ -160,9 +174,7 @@ class SmallCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_batch("SmallCNN", x, self.in_shape)
         if self.is_frames:
-            b, t = x.shape[:2]
-            feats = self._encode(x.reshape(b * t, *x.shape[2:]))
-            return feats.view(b, t, -1).mean(dim=1)
+            return mean_over_frames(self._encode, x)
         return self._encode(x)
 
     def _encode(self, x: Tensor) -> Tensor:
@@ -325,9 +337,7 @@ class ResNet18Encoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_batch("ResNet18Encoder", x, self.in_shape)
         if self.is_frames:
-            b, t = x.shape[:2]
-            feats = self.net(x.reshape(b * t, *x.shape[2:]))
-            return feats.view(b, t, -1).mean(dim=1)
+            return mean_over_frames(self.net, x)
         return self.net(x)
 
     # ---- stage-wise access, for intermediate fusion (Greedy's MMTM blocks between stages) ----
@@ -482,13 +492,7 @@ class TransformerEncoder(nn.Module):
             activation=_gelu if activation == "gelu" else _relu, batch_first=True,
         )  # fmt: skip
         self.encoder = nn.TransformerEncoder(layer, int(layers), enable_nested_tensor=False)
-        if out_dim is None or int(out_dim) == int(d_model):
-            self.proj = nn.Identity()
-            self.out_dim = int(d_model)
-        else:
-            _positive(name, out_dim=out_dim)
-            self.proj = nn.Linear(int(d_model), int(out_dim))
-            self.out_dim = int(out_dim)
+        self.proj, self.out_dim = output_projection(name, d_model, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_batch("TransformerEncoder", x, self.in_shape)
@@ -580,13 +584,7 @@ class TokenEncoder(nn.Module):
             self.encoder = nn.TransformerEncoder(layer, int(layers), enable_nested_tensor=False)
         else:
             self.encoder = None
-        if out_dim is None or int(out_dim) == int(d_model):
-            self.proj = nn.Identity()
-            self.out_dim = int(d_model)
-        else:
-            _positive(name, out_dim=out_dim)
-            self.proj = nn.Linear(int(d_model), int(out_dim))
-            self.out_dim = int(out_dim)
+        self.proj, self.out_dim = output_projection(name, d_model, out_dim)
 
     def forward(self, ids: Tensor) -> Tensor:
         _check_batch("TokenEncoder", ids, self.in_shape)

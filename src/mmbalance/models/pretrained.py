@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.errors import UserError
-from mmbalance.models.encoders import _check_batch, _positive, check_input, check_token_ids, token_mask
+from mmbalance.models.encoders import (_check_batch, _positive, check_input, check_token_ids, mean_over_frames,
+                                       output_projection, token_mask)
 
 __all__ = [
     "TextTransformerEncoder",
@@ -206,13 +207,7 @@ class TextTransformerEncoder(nn.Module):
         if self.freeze:
             self.transformer.requires_grad_(False)
             self.transformer.eval()
-        if out_dim is None or int(out_dim) == hidden:
-            self.proj = nn.Identity()
-            self.out_dim = hidden
-        else:
-            _positive(name, out_dim=out_dim)
-            self.proj = nn.Linear(hidden, int(out_dim))
-            self.out_dim = int(out_dim)
+        self.proj, self.out_dim = output_projection(name, hidden, out_dim)
 
     def train(self, mode: bool = True) -> "TextTransformerEncoder":
         super().train(mode)
@@ -364,7 +359,5 @@ class ViTEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_batch("ViTEncoder", x, self.in_shape)
         if self.is_frames:
-            b, t = x.shape[:2]
-            feats = self.net(x.reshape(b * t, *x.shape[2:]))
-            return feats.view(b, t, -1).mean(dim=1)
+            return mean_over_frames(self.net, x)
         return self.net(x)
