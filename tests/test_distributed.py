@@ -163,6 +163,8 @@ def test_a_multirun_runs_as_submitit_jobs(tmp_path):
                     "hydra.launcher.gpus_per_node=0", *FAST, "trainer.epochs=1", "seed=0,1",
                     f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [read_metrics(sweep_dir / str(i)) for i in range(2)]
+    runs = sorted((read_metrics(p.parent) for p in sweep_dir.glob("*/metrics.json")), key=lambda r: r["seed"])
     assert [r["status"] for r in runs] == ["completed", "completed"] and [r["seed"] for r in runs] == [0, 1]
+    assert [Path(r["run_dir"]).name.split(",")[:2] for r in runs] == [["dataset=synthetic", "seed=0"],
+                                                                     ["dataset=synthetic", "seed=1"]]
     assert (sweep_dir / ".submitit").is_dir()

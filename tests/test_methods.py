@@ -46,7 +46,7 @@ def make_run(cfg, seed=0):
     opt = build(cfg.optimizer, params=model.parameters())
     run = Run(model=model, method=method, optimizer=opt, scheduler=None, train_loader=None, val_loader=None,
               test_loader=None, device=torch.device("cpu"), num_classes=splits.num_classes,
-              loader_settings=LoaderSettings(batch_size=16))
+              loader_settings=LoaderSettings(batch_size=16), precision=cfg.hardware.precision)
     run.train_loader = run.make_loader(splits.train, train=True)
     run.val_loader = run.make_loader(splits.val, train=False)
     run.test_loader = run.make_loader(splits.test, train=False)
@@ -64,14 +64,7 @@ def test_every_method_trains_moves_parameters_and_round_trips_its_state(name, th
             make_run(cfg)
         return
     run = make_run(cfg)
-    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    batch = next(iter(run.train_loader))
-    stats = run.method.training_step(run, batch)
-    assert torch.isfinite(stats["loss"])
-    moved = {n for n, p in run.model.named_parameters() if not torch.equal(before[n], p.detach())}
-    for m in run.model.modalities:  # every encoder it trains and the head move
-        assert any(n.startswith(f"encoders.{m}.") for n in moved), f"{name}: encoder {m} did not move"
-    assert any(n.startswith("fusion.") for n in moved)
+    batch = assert_one_step_trains(run, name)
     # state survives a checkpoint: a fresh run's method loading it holds the same state and trains on
     buffer = io.BytesIO()
     torch.save(run.method.state_dict(), buffer)
@@ -81,6 +74,19 @@ def test_every_method_trains_moves_parameters_and_round_trips_its_state(name, th
     assert_same_state(fresh.method.state_dict(), run.method.state_dict())
     fresh.model.load_state_dict(run.model.state_dict())
     assert torch.isfinite(fresh.method.training_step(fresh, batch)["loss"])
+
+
+def assert_one_step_trains(run, name):
+    """One training step gives a finite loss and moves every encoder and the head; returns its batch."""
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    batch = next(iter(run.train_loader))
+    stats = run.method.training_step(run, batch)
+    assert torch.isfinite(stats["loss"]), f"{name}: loss {stats['loss']}"
+    moved = {n for n, p in run.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    for m in run.model.modalities:  # every encoder it trains and the head move
+        assert any(n.startswith(f"encoders.{m}.") for n in moved), f"{name}: encoder {m} did not move"
+    assert any(n.startswith("fusion.") for n in moved), f"{name}: the head did not move"
+    return batch
 
 
 def assert_same_state(a, b, path="state"):

@@ -196,7 +196,7 @@ def test_format_runs_table(sweep):
                                 "φ/audio%", "φ/image%", "imb%", "train", "TFLOP"]
     assert lines[2].split()[:4] == ["baseline", "–", "0", "90.0"]
     assert sum(1 for line in lines if line.startswith("unimodal")) == 3
-    assert "1 run(s) not completed:" in text and "ValueError: boom" in text
+    assert "1 run(s) not completed (1 failed):" in text and "ValueError: boom" in text
 
 
 def test_main_prints_summary_and_returns_codes(sweep, tmp_path, capsys):
@@ -211,3 +211,51 @@ def test_main_prints_summary_and_returns_codes(sweep, tmp_path, capsys):
 def test_report_module_does_not_import_torch():
     code = "import sys, mmbalance.analysis.report; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.fixture
+def mixed_statuses(tmp_path):
+    """One group holding a run of every status train.py writes, and one unreadable metrics.json."""
+    make_run(tmp_path, "0", seed=0, metrics=m(0.90))
+    make_run(tmp_path, "1", seed=1, metrics=m(0.92))
+    make_run(tmp_path, "2", seed=2, status="failed", error="RuntimeError: nan loss")
+    make_run(tmp_path, "3", seed=3, status="interrupted", error="KeyboardInterrupt: ")
+    make_run(tmp_path, "4", seed=4, status="running")
+    make_run(tmp_path, "5", seed=5, status="running")
+    (tmp_path / "6").mkdir()
+    (tmp_path / "6" / "metrics.json").write_text("{not json")
+    return tmp_path
+
+
+def test_summary_counts_each_status_apart(mixed_statuses):
+    s = summarize(load_runs([mixed_statuses]))
+    assert len(s) == 1
+    row = s.iloc[0]
+    assert (row["n"], row["n_failed"], row["n_interrupted"], row["n_running"]) == (2, 1, 1, 2)
+    assert list(s.columns[:7]) == ["dataset", "method", "variant", "n", "n_failed", "n_interrupted", "n_running"]
+    assert row["seeds"] == "0 1" and row["test/acc.mean"] == pytest.approx(0.91)
+
+
+def test_markdown_and_csv_show_each_status_apart(mixed_statuses, tmp_path):
+    out = tmp_path / "report"
+    md = write_report([mixed_statuses], out_dir=out)["markdown"]
+    assert "7 run(s): 2 completed, 1 failed, 1 interrupted, 2 running, 1 unreadable." in md
+    assert "| baseline | – | 2 (+1 failed, +1 interrupted, +2 running) |" in md
+    assert "no end recorded (still running" in md and "KeyboardInterrupt" in md
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[3:7] == ["n", "n_failed", "n_interrupted", "n_running"]
+
+
+def test_markdown_header_omits_statuses_no_run_has(tmp_path):
+    make_run(tmp_path, "0", metrics=m(0.9))
+    make_run(tmp_path, "1", seed=1, status="interrupted", error="KeyboardInterrupt: ")
+    md = write_report([tmp_path])["markdown"]
+    assert "2 run(s): 1 completed, 1 interrupted." in md
+    assert "| baseline | – | 1 (+1 interrupted) |" in md
+
+
+def test_runs_listing_groups_the_not_completed_runs_by_status(mixed_statuses):
+    text = format_runs_table(load_runs([mixed_statuses]))
+    assert "5 run(s) not completed (1 failed, 1 interrupted, 2 running, 1 unreadable):" in text
+    listed = [line.split(":")[0].strip() for line in text.split("not completed")[1].splitlines()[1:]]
+    assert listed == ["failed", "interrupted", "running", "running", "unreadable"]

@@ -52,11 +52,15 @@ def test_same_seed_same_metrics_and_another_seed_differs(tmp_path):
     assert a["val/shapley/audio"] != c["val/shapley/audio"] or a["test/acc"] != c["test/acc"]
 
 
-def test_resume_from_last_checkpoint_gives_the_uninterrupted_result(tmp_path):
+def test_extending_a_finished_run_needs_resume_force_and_gives_the_uninterrupted_result(tmp_path):
     straight = train_in_process(tmp_path / "straight", ["method=ogm_ge", "trainer.epochs=3"])["metrics"]
     train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=1"])
-    resumed = train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=3"])["metrics"]
-    assert metric_subset(resumed) == metric_subset(straight)
+    with pytest.raises(UserError, match=r"trainer.epochs: 1 -> 3"):  # another identity: refused, nothing changed
+        train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=3"])
+    assert read_metrics(tmp_path / "resumed")["status"] == "completed"
+    resumed = train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=3", "resume=force"])
+    assert metric_subset(resumed["metrics"]) == metric_subset(straight)
+    assert resumed["forced_resume"]["differences"] == ["trainer.epochs: 1 -> 3"]
 
 
 def test_a_failed_run_says_so_in_metrics_json(tmp_path):
@@ -105,7 +109,8 @@ def test_cli_sweep_then_report_gives_one_row_per_method_with_n_2(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(sweep.glob("*/metrics.json"))
     assert len(runs) == 4 and all(json.loads(p.read_text())["status"] == "completed" for p in runs)
-    assert (sweep / "0" / "train.log").read_text().count("epoch 0") == 1
+    (first_job,) = sweep.glob("dataset=synthetic,method=baseline,seed=0,*")  # jobs are named by their overrides
+    assert (first_job / "train.log").read_text().count("epoch 0") == 1
     report = run_cli(["report", str(sweep)], tmp_path)
     assert report.returncode == 0, report.stderr
     rows = [line for line in report.stdout.splitlines() if line.startswith("| baseline") or line.startswith("| ogm_ge")]
@@ -143,9 +148,10 @@ def test_a_failing_job_in_a_sweep_is_recorded_and_the_others_still_run(tmp_path)
     proc = run_cli(["-m", "method=unimodal", "method.modality=video,audio", *FAST, "trainer.epochs=1",
                     f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode != 0  # the sweep reports its failure...
-    statuses = {json.loads((sweep / job / "metrics.json").read_text())["status"] for job in ("0", "1")}
+    statuses = {json.loads(p.read_text())["status"] for p in sweep.glob("*/metrics.json")}
     assert statuses == {"failed", "completed"}  # ...but the audio job still ran and says so
-    assert "method.modality='video' is not a modality of this dataset" in (sweep / "0" / "train.log").read_text()
+    (video_job,) = sweep.glob("*method.modality=video*")
+    assert "method.modality='video' is not a modality of this dataset" in (video_job / "train.log").read_text()
 
 
 def test_validation_shapley_every_n_epochs_and_the_last(tmp_path):

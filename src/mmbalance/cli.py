@@ -12,10 +12,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mmbalance.engine.identity import job_dir_name
+
 # conf/ sits at the repository root next to src/ (an editable install, as `make` does)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 log = logging.getLogger("mmbalance")
+
+# hydra.sweep.subdir names a job's folder by its sorted overrides (conf/hydra/default.yaml); registered at
+# import, so a job pickled to another process (submitit) resolves it too
+OmegaConf.register_new_resolver("mmbalance_job_dir", lambda overrides: job_dir_name(list(overrides)), replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -26,14 +32,20 @@ def train_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     choices = OmegaConf.to_container(hc.runtime.choices)
     choices = {k: v for k, v in choices.items() if not k.startswith("hydra")}
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
-        results = train(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task))
-    except UserError as exc:
-        log.error("%s", exc)
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # let Hydra record this job as failed and go on with the sweep's other jobs
-        # one clear message instead of a traceback; metrics.json already says "failed"
-        raise SystemExit(f"error: {exc}") from None
+        results = train(cfg, run_dir, choices, list(hc.overrides.task))
+    except (UserError, KeyboardInterrupt) as exc:
+        # an expected ending (bad input, divergence, Ctrl-C): the traceback goes to train.log only
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        message = ("interrupted: the run stops here; re-run the same command to resume from its last checkpoint"
+                   if interrupted else f"error: {exc}")
+        log_to_file_only(message, exc)
+        print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)
+        if multirun and not interrupted:
+            raise  # Hydra records this job as failed and goes on with the sweep's other jobs
+        raise SystemExit(130 if interrupted else 1) from None
     m = results["metrics"]
     log.info("test acc %.4f  macro-F1 %.4f  imbalance %s  -> %s", m["test/acc"], m["test/macro_f1"],
              "n/a" if m.get("test/imbalance") is None else f"{m['test/imbalance']:.4f}", hc.runtime.output_dir)
@@ -41,6 +53,15 @@ def train_main(cfg: DictConfig) -> float | None:
     if key not in m:
         raise SystemExit(f"error: optimized_metric={key!r} is not among the run's metrics ({', '.join(sorted(m))})")
     return m[key]
+
+
+def log_to_file_only(message: str, exc: BaseException) -> None:
+    """Write message and traceback to the run's log files (train.log), not to the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,),
+                            (type(exc), exc, exc.__traceback__))
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def console_main() -> None:
@@ -59,7 +80,12 @@ def console_main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"error: the config folder {CONF_DIR} is missing; install mmbalance from its repository "
                  "with `pip install -e .`")
-    train_main()
+    try:
+        train_main()
+    except KeyboardInterrupt:  # Ctrl-C in a sweep: each job's metrics.json already says "interrupted"
+        print("interrupted: re-run the same command with hydra.sweep.dir=<its folder> to skip the finished jobs "
+              "and resume the others", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

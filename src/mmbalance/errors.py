@@ -16,3 +16,19 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file or folder is missing or does not hold what the loader expects."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, unreadable or not an mmbalance checkpoint."""
+
+
+class RunFolderError(UserError):
+    """The run folder holds another run's record, or another process is writing to it."""
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite: an expected ending (learning rate, data), not a bug."""
+
+
+class NonFiniteError(UserError):
+    """Model outputs became NaN or infinite where metrics are computed: no metric is reported on them."""

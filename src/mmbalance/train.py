@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import subprocess
@@ -17,8 +18,10 @@ from mmbalance.config import build, validate
 from mmbalance.data.batch import ModalitySpec
 from mmbalance.engine import distributed
 from mmbalance.engine.checkpoint import write_json
+from mmbalance.engine.identity import data_identity, run_identity
+from mmbalance.engine.run_folder import RunFolder
 from mmbalance.engine.trainer import LoaderSettings, Run, Trainer, seed_everything
-from mmbalance.errors import UserError
+from mmbalance.errors import CheckpointError, UserError
 from mmbalance.metrics.flops import count_flops, write_fvcore_table
 from mmbalance.models.fusion import build_fusion
 from mmbalance.models.multimodal import MultimodalModel
@@ -70,9 +73,12 @@ def _config_dict(cfg: DictConfig) -> dict:
 def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overrides: list | None = None) -> dict[str, Any]:
     """Run one training job into output_dir; return the results written to output_dir/metrics.json.
 
-    metrics.json is written at start ("running"), and at the end "completed" or, before the exception
-    is re-raised, "failed" with the error: a results file never claims success for a failed run.
-    Under hardware=ddp every rank runs this; only rank 0 writes.
+    The folder is a record (engine/run_folder.py): one process writes it at a time, a completed run of the
+    same identity is left as it is, another run's record is never resumed or overwritten, and a completed
+    metrics.json is replaced only by a complete one. Otherwise metrics.json is written at start ("running"),
+    and at the end "completed" or, before the exception is re-raised, "failed"/"interrupted" with the error:
+    a results file never claims success for a failed run. Under hardware=ddp every rank runs this; only rank
+    0 writes.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -80,21 +86,43 @@ def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overri
     if cfg.get("hardware", {}).get("distributed", False):
         device = distributed.init_from_env(cfg.hardware.get("backend", "nccl"), str(cfg.hardware.device))
     try:
-        return _train(cfg, output_dir, choices, overrides, device)
+        folder = RunFolder(output_dir)
+        with folder.locked() if distributed.is_main() else contextlib.nullcontext():
+            return _train(cfg, folder, choices, overrides, device)
     finally:
         distributed.shutdown()
 
 
-def _train(cfg: DictConfig, output_dir: Path, choices, overrides, device) -> dict[str, Any]:
+def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> dict[str, Any]:
+    output_dir = folder.path
     write = distributed.is_main()
     started = time.time()
+    config = _config_dict(cfg)
+    identity = run_identity(config, mmbalance.__version__)
+    mode = str(cfg.get("resume", "auto"))
+    plan = folder.plan(identity, mode)  # every rank reads the same folder before rank 0 changes it
+    distributed.barrier()
+    if plan.action == "skip":
+        previous = plan.previous
+        log.info("%s already holds this run, completed (test acc %s); nothing to do. resume=reevaluate re-tests its "
+                 "best checkpoint, resume=never trains it again (its files move to superseded/)", output_dir,
+                 previous.get("metrics", {}).get("test/acc"))
+        return previous
+    if write:
+        if mode == "never":
+            moved = folder.supersede()
+            if moved is not None:
+                log.info("resume=never: the previous files of %s moved to %s", output_dir, moved)
+        folder.clean_temporaries()
+    distributed.barrier()
     results: dict[str, Any] = {
         "status": "running",
         "error": None,
         "run_dir": str(output_dir.resolve()),
         "choices": dict(choices or {}),
         "overrides": list(overrides or []),
-        "config": _config_dict(cfg),
+        "config": config,
+        "identity": identity["digest"],
         "seed": cfg.get("seed"),
         "masking": cfg.get("masking"),
         "select_on": cfg.get("eval", {}).get("select_on"),
@@ -104,31 +132,55 @@ def _train(cfg: DictConfig, output_dir: Path, choices, overrides, device) -> dic
         "world_size": distributed.world_size(),
         "metrics": {},
     }
-    if write:
+    if plan.forced_over:
+        results["forced_resume"] = {"previous": (plan.previous or {}).get("overrides"), "differences": plan.forced_over}
+    # a completed record stays on disk until its replacement is complete (resume=reevaluate / force)
+    keep_completed = plan.action == "reevaluate"
+    if write and not keep_completed:
         write_json(results, output_dir / "metrics.json")
+    trainer = None
     try:
-        results["metrics"] = _fit(cfg, output_dir, results, device)
+        trainer = _make_trainer(cfg, output_dir, results, device, identity, overrides, mode)
+        trainer.started = started  # this process's wall time includes building the data and the model
+        results["metrics"] = _fit(cfg, trainer, output_dir, require_checkpoint=keep_completed)
         results["status"] = "completed"
     except BaseException as exc:
         results["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         results["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        results["wall_time_s"] = time.time() - started
-        if write:
+        results["wall_time_s"] = trainer.wall_time_s if trainer is not None else time.time() - started
+        if trainer is not None:
+            results["processes"] = trainer.processes
+            if trainer.resumed_from is not None:
+                results["resumed_from"] = trainer.resumed_from
+        if write and (results["status"] == "completed" or not keep_completed):
             write_json(results, output_dir / "metrics.json")
+        elif write:
+            log.error("re-evaluation %s; %s/metrics.json still holds the completed run's results",
+                      results["status"], output_dir)
     return results
 
 
-def _fit(cfg: DictConfig, output_dir: Path, results: dict, device: torch.device | None = None) -> dict[str, Any]:
+def _make_trainer(cfg: DictConfig, output_dir: Path, results: dict, device, identity: dict, overrides,
+                  mode: str) -> Trainer:
     validate(cfg)
     run = build_run(cfg, device or resolve_device(cfg.hardware), output_dir, results)
-    trainer = Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
-                      select_metric=cfg.eval.select_metric, shapley_every=cfg.eval.shapley_every,
-                      count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"))
+    run.identity = {**identity, "data": results["data_identity"], "overrides": list(overrides or []),
+                    "run_dir": str(output_dir.resolve())}
+    return Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
+                   select_metric=cfg.eval.select_metric, shapley_every=cfg.eval.shapley_every,
+                   count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"),
+                   force_resume=mode == "force")
+
+
+def _fit(cfg: DictConfig, trainer: Trainer, output_dir: Path, require_checkpoint: bool = False) -> dict[str, Any]:
+    if require_checkpoint and not (output_dir / "checkpoints" / "best.pt").exists():
+        raise CheckpointError(f"{output_dir}/checkpoints/best.pt is missing: there is nothing to re-evaluate; "
+                              "resume=never trains the run again")
     metrics = trainer.fit()
     if cfg.eval.flops and distributed.is_main():
-        metrics.update(_forward_flops(run, output_dir))
+        metrics.update(_forward_flops(trainer.run, output_dir))
     return metrics
 
 
@@ -148,7 +200,7 @@ def build_run(cfg: DictConfig, device: torch.device, output_dir: Path | None = N
     modalities = method.select_modalities(list(splits.modalities))
     method.check_modalities(modalities)
     results.update(modalities=modalities, method_family=method.family, val_source=splits.val_source,
-                   dataset_notes=splits.notes,
+                   dataset_notes=splits.notes, data_identity=data_identity(splits),
                    split_sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)})
     log.info("data: %s; train %d, val %d (%s), test %d", ", ".join(f"{m} {splits.modalities[m].kind}"
              f"{list(splits.modalities[m].shape)}" for m in modalities), len(splits.train), len(splits.val),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmbalance.engine.run_folder import SUPERSEDED
 from mmbalance.errors import UserError
 
 __all__ = ["load_runs", "summarize", "write_report", "format_runs_table", "main"]
@@ -48,6 +49,30 @@ METHOD_ORDER = {"baseline": 0, "unimodal": 1}
 _MISSING = object()
 DASH = "–"
 
+# train.py writes "running" at start, then "completed", "failed" or "interrupted" (Ctrl-C); a run left "running"
+# is in progress or was killed without a trace (out of memory, a lost node). Each is counted on its own because
+# a crash, a deliberate stop and a run still going call for different reactions. Any other status (unknown, a
+# missing field) counts as failed; "unreadable" is the report's own, for a metrics.json it cannot read.
+NOT_COMPLETED_STATUSES = ("failed", "interrupted", "running", "unreadable")
+NOT_COMPLETED_IN_GROUPS = ("failed", "interrupted", "running")  # an unreadable run has no group
+
+
+def _status_class(status: str) -> str:
+    return status if status in NOT_COMPLETED_STATUSES or status == "completed" else "failed"
+
+
+def _status_counts(statuses: Iterable[str]) -> dict[str, int]:
+    """{completed, failed, interrupted, running, unreadable: count}."""
+    counts = dict.fromkeys(("completed", *NOT_COMPLETED_STATUSES), 0)
+    for s in statuses:
+        counts[_status_class(str(s))] += 1
+    return counts
+
+
+def _not_completed_phrase(counts: dict[str, int]) -> str:
+    """"1 failed, 2 running": the non-zero counts of every status but completed."""
+    return ", ".join(f"{counts[s]} {s}" for s in NOT_COMPLETED_STATUSES if counts.get(s))
+
 
 # --------------------------------------------------------------------------------------------- loading
 
@@ -61,7 +86,8 @@ def _find_metrics_files(path: Path) -> list[Path]:
         raise UserError(f"{path}: no such directory")
     found = []
     for root, dirs, files in os.walk(path):  # os.walk does not follow symlinks: no loops
-        dirs.sort()
+        # a run's superseded/ holds results that a `resume=never` re-run replaced, not runs of this study
+        dirs[:] = sorted(d for d in dirs if d != SUPERSEDED)
         if METRICS_FILE in files:
             found.append(Path(root) / METRICS_FILE)
     if not found:
@@ -299,7 +325,8 @@ def _order_key(dataset: str, method: str, variant: str) -> tuple:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method, variant): n completed, n_failed, seeds and `<metric>.mean/.std/.n`.
+    """Per (dataset, method, variant): n completed, n_failed, n_interrupted, n_running, seeds and
+    `<metric>.mean/.std/.n`.
 
     Statistics use completed runs only; std is the sample std (ddof=1), NaN when n < 2.
     Unreadable runs belong to no group.
@@ -311,9 +338,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     for (dataset, method, variant), group in runs.groupby(GROUP_KEYS, sort=False, dropna=False):
         done = completed.loc[completed.index.intersection(group.index)]
         seeds = sorted({int(s) for s in done["seed"].dropna()}) if "seed" in done else []
+        counts = _status_counts(group["status"])
         row: dict[str, Any] = {
-            "dataset": dataset, "method": method, "variant": variant,
-            "n": len(done), "n_failed": int((group["status"] != "completed").sum()),
+            "dataset": dataset, "method": method, "variant": variant, "n": len(done),
+            **{f"n_{s}": counts[s] for s in NOT_COMPLETED_IN_GROUPS},
             "seeds": " ".join(map(str, seeds)),
         }
         for m in metrics:
@@ -322,7 +350,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}.std"] = values.std(ddof=1) if len(values) > 1 else math.nan
             row[f"{m}.n"] = len(values)
         rows.append(row)
-    base = ["dataset", "method", "variant", "n", "n_failed", "seeds"]
+    base = ["dataset", "method", "variant", "n", *(f"n_{s}" for s in NOT_COMPLETED_IN_GROUPS), "seeds"]
     cols = base + [f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")]
     out = pd.DataFrame(rows, columns=cols)
     if len(out):
@@ -360,15 +388,13 @@ def _modalities(columns: Iterable[str], prefix: str) -> list[str]:
 
 def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     lines = ["# mmbalance report", ""]
-    n_total = len(df)
-    n_done = int((df["status"] == "completed").sum())
-    n_unreadable = int((df["status"] == "unreadable").sum())
-    lines.append(f"{n_total} run(s): {n_done} completed, {n_total - n_done - n_unreadable} failed"
-                 + (f", {n_unreadable} unreadable" if n_unreadable else "") + ".")
+    counts = _status_counts(df["status"])
+    others = _not_completed_phrase(counts)
+    lines.append(f"{len(df)} run(s): {counts['completed']} completed" + (f", {others}" if others else "") + ".")
     lines.append("")
     lines.append("Values are mean ± sample std (ddof=1) over completed runs; n counts completed runs "
-                 f"(failed ones in brackets). Accuracy, macro-F1, φ (Shapley share) and imbalance in %; "
-                 f"{DASH} = not available (std needs n ≥ 2).")
+                 f"(failed, interrupted and running ones in brackets). Accuracy, macro-F1, φ (Shapley share) "
+                 f"and imbalance in %; {DASH} = not available (std needs n ≥ 2).")
     for dataset, table in summary.groupby("dataset", sort=False):
         metric_cols = [c[: -len(".mean")] for c in table.columns if c.endswith(".mean")
                        and table[c].notna().any()]
@@ -390,7 +416,8 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
             return _pm(row[f"{metric}.mean"], row[f"{metric}.std"], factor, digits)
 
         for _, row in table.iterrows():
-            n = str(row["n"]) + (f" (+{row['n_failed']} failed)" if row["n_failed"] else "")
+            others = ", ".join(f"+{row[f'n_{s}']} {s}" for s in NOT_COMPLETED_IN_GROUPS if row[f"n_{s}"])
+            n = str(row["n"]) + (f" ({others})" if others else "")
             cells = [str(row["method"]), str(row["variant"]) or DASH, n,
                      cell(row, "test/acc"), cell(row, "test/macro_f1")]
             cells += [cell(row, f"test/acc/{m}") for m in acc_mods]
@@ -400,14 +427,30 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                 cells.append(cell(row, "flops/train_total", 1.0 / scale, 2))
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
 
-    problems = df[df["status"] != "completed"]
+    problems = _not_completed(df)
     if len(problems):
         lines += ["", "## Runs not completed", ""]
         for _, r in problems.iterrows():
             what = f"{r['method']} {r['variant']}".strip() or "?"
             seed = "" if pd.isna(r["seed"]) else f" seed={r['seed']}"
-            lines.append(f"- {r['status']}: `{r['run_dir']}` ({what}{seed}): {r['error'] or 'no error recorded'}")
+            lines.append(f"- {r['status']}: `{r['run_dir']}` ({what}{seed}): {_problem_reason(r)}")
     return "\n".join(lines) + "\n"
+
+
+def _not_completed(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs that did not complete, grouped by status (failed, interrupted, running, unreadable)."""
+    problems = df[df["status"] != "completed"]
+    order = {s: i for i, s in enumerate(NOT_COMPLETED_STATUSES)}
+    rank = problems["status"].map(lambda s: order[_status_class(str(s))])
+    return problems.loc[rank.sort_values(kind="stable").index]
+
+
+def _problem_reason(row: pd.Series) -> str:
+    if isinstance(row["error"], str) and row["error"]:  # a missing error may read back as None or NaN
+        return row["error"]
+    if row["status"] == "running":  # train.py records every exit it sees, so the process vanished or lives on
+        return "no end recorded (still running, or killed without a trace)"
+    return "no error recorded"
 
 
 def _plot(summary: pd.DataFrame, file: Path) -> Path | None:
@@ -487,7 +530,8 @@ def _text_table(header: list[str], rows: list[list[str]], n_left: int) -> str:
 
 
 def format_runs_table(df: pd.DataFrame) -> str:
-    """Plain-text table of completed runs (one line each), then the failed and unreadable ones."""
+    """Plain-text table of completed runs (one line each), then the others by status: failed, interrupted,
+    running, unreadable."""
     done = df[df["status"] == "completed"].copy()
     if len(done):
         order = sorted(done.index, key=lambda i: (
@@ -520,13 +564,13 @@ def format_runs_table(df: pd.DataFrame) -> str:
         rows.append(cells)
     text = _text_table(header, rows, n_left=header.index("seed")) if rows else "(no completed runs)"
 
-    problems = df[df["status"] != "completed"]
+    problems = _not_completed(df)
     if len(problems):
-        text += f"\n\n{len(problems)} run(s) not completed:"
+        text += f"\n\n{len(problems)} run(s) not completed ({_not_completed_phrase(_status_counts(problems['status']))}):"
         for _, r in problems.iterrows():
             what = " ".join(str(x) for x in (r["method"], r["variant"]) if x) or "?"
             seed = "" if pd.isna(r["seed"]) else f" seed={r['seed']}"
-            text += f"\n  {r['status']}: {r['run_dir']} ({what}{seed}): {r['error'] or 'no error recorded'}"
+            text += f"\n  {r['status']}: {r['run_dir']} ({what}{seed}): {_problem_reason(r)}"
     return text
 
 

@@ -60,8 +60,8 @@ from torch.utils.data import Dataset
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import CACHE_META, Clip, FrameReader, clip_splits, spectrogram_from_array, write_clip_cache
-from mmbalance.data.prepare import (PrepareContext, read_classes, read_manifest, resolve_prepared, write_classes,
-                                    write_manifest)
+from mmbalance.data.prepare import (PrepareContext, read_classes, read_json, read_manifest, resolve_prepared,
+                                    write_classes, write_manifest)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -412,15 +412,14 @@ def _build_prepared(folder: Path, frames: int, image_size: int, augment: str, va
     if not meta_path.is_file():
         raise DataError(f"dataset.prepared {str(folder)!r} is not a prepared BalancedAV cache ({CACHE_META} "
                         "missing); run `mmbalance prepare balanced_av --root RAW --out <folder>`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if set(meta.get("modalities", {})) != {"audio", "visual"}:
         raise DataError(f"dataset.prepared {str(folder)!r} holds {sorted(meta.get('modalities', {}))}, not "
                         "BalancedAV's audio + visual cache")
     classes = read_classes(folder)
     clips = [Clip(r["id"], int(r["label"]), r["split"], {"visual": r["visual"], "audio": r["audio"]})
              for r in read_manifest(folder)]
-    summary = folder / "prepare_summary.json"
-    layout = json.loads(summary.read_text()).get("layout") if summary.is_file() else "unknown"
+    layout = read_json(folder / "prepare_summary.json", optional=True).get("layout", "unknown")
     readers = {"audio": MagnitudeReader(shape=tuple(meta["modalities"]["audio"]["shape"])),
                "visual": FrameReader("hdf5", frames, image_size, augment, fps=1.0)}
     notes = {"layout": f"prepared cache ({layout})", "prepared": str(folder), "clips": _counts(clips),

@@ -16,6 +16,7 @@ Two paths feed the model:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mmbalance.data import media
+from mmbalance.data import finite, media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
+from mmbalance.data.prepare import read_json
 from mmbalance.errors import DataError
+
+log = logging.getLogger("mmbalance")
 
 SPLITS = ("train", "val", "test")
 
@@ -158,6 +162,9 @@ def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
         raise DataError(f"{path}: expected a 2-D spectrogram (or (1, F, T)), got shape {x.shape}")
     if x.shape[1] in MEL_BIN_COUNTS and x.shape[0] > x.shape[1]:
         x = x.T  # OGM-GE's fbank is stored (frames, bins)
+    if not np.isfinite(x).all():  # a stored array is used as it is: its NaN/Inf would reach the model
+        raise DataError(f"{path}: the stored spectrogram holds {int(np.isnan(x).sum())} NaN and "
+                        f"{int(np.isinf(x).sum())} Inf values; fix or remove that file")
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0)
 
 
@@ -267,8 +274,12 @@ def _cache_one(task: tuple) -> tuple[int, str | None]:
                 spec = reader(clip.sources[m], train=False).numpy()
                 if spec.shape != shapes[m]:
                     return row, f"{m}: spectrogram shape {spec.shape}, expected {shapes[m]} like the other clips"
+                spec = spec.astype(np.float16)
+                if not np.isfinite(spec).all():  # float16 ends at 65504: a loud magnitude overflows to Inf
+                    return row, (f"{m}: the spectrogram of {clip.sources[m]!r} holds {int(np.isnan(spec).sum())} "
+                                 f"NaN and {int(np.isinf(spec).sum())} Inf values in float16")
                 arr = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
-                arr[row] = spec.astype(np.float16)
+                arr[row] = spec
                 arr.flush()
     except DataError as exc:
         return row, str(exc)
@@ -282,8 +293,9 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
     Frames: every frame of the clip up to `max_frames` (evenly spread beyond), resized to size×size, uint8
     (N, max_frames, 3, S, S) in `<modality>.npy`, with the true count in `n_frames.npy`; training then samples
     and augments them exactly like the raw path. Spectrograms: the reader's evaluation output (deterministic),
-    float16 (N, 1, F, T). Clips that fail to decode are recorded with ctx.problem and marked not-done
-    (the loaders skip them).
+    float16 (N, 1, F, T). Clips that fail to decode, or whose spectrogram is not finite, are recorded with
+    ctx.problem and marked not-done (the loaders skip them, with a count in the log). Each array's non-finite
+    scan is recorded next to it (see `_drop_nonfinite_rows`), so runs do not scan the cache.
     """
     from numpy.lib.format import open_memmap
 
@@ -294,7 +306,7 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
     meta = {"ids": [c.id for c in clips], "size": size, "max_frames": max_frames,
             "modalities": {m: {"kind": r.kind, "shape": list(shapes[m])} for m, r in readers.items()}}
     meta_path, done_path = out / CACHE_META, out / "done.npy"
-    fresh = ctx.force or not meta_path.is_file() or json.loads(meta_path.read_text()) != meta
+    fresh = ctx.force or not meta_path.is_file() or cache_meta_or_none(meta_path) != meta
     if fresh:
         for m, shape in shapes.items():
             open_memmap(out / f"{m}.npy", mode="w+", dtype=np.uint8 if len(shape) == 4 else np.float16,
@@ -304,7 +316,34 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
         (out / CACHE_META).write_text(json.dumps(meta))
     summary = fill_cache_rows(ctx, clips, done_path, _cache_one,
                               lambda i: (i, clips[i], readers, str(out), size, max_frames, shapes), "caching clips")
+    summary["cache_nonfinite"] = _drop_nonfinite_rows(ctx, clips, out, list(readers), done_path)
+    summary["cached"] -= summary["cache_nonfinite"]
     return {**summary, "cache_frame_size": size}
+
+
+def _drop_nonfinite_rows(ctx, clips: Sequence[Clip], out: Path, modalities: list[str], done_path: Path) -> int:
+    """Scan each cache array once here (it is fresh in the page cache) and record the result next to it, so
+    runs read that record instead of the cache. Rows that hold NaN/Inf although done (cached before this check,
+    or changed since) are reported and marked not-done: left out now, decoded again by the next prepare."""
+    done = np.load(done_path)
+    dropped: set[int] = set()
+    for m in modalities:
+        for row, (nan, inf) in sorted(finite.cached_row_counts(out / f"{m}.npy").items()):
+            if done[row]:
+                ctx.problem(clips[row].id, f"{m}: its cached row holds {nan} NaN and {inf} Inf values; left out")
+                dropped.add(row)
+    if dropped:
+        done[sorted(dropped)] = False
+        np.save(done_path, done)
+    return len(dropped)
+
+
+def cache_meta_or_none(path: Path) -> dict | None:
+    """A cache's metadata, or None when it is unreadable (the cache is then rebuilt, not trusted)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def fill_cache_rows(ctx, clips: Sequence[Clip], done_path: Path, worker, task_for, desc: str) -> dict:
@@ -334,8 +373,11 @@ def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.nd
     meta_path = cache_dir / CACHE_META
     if not meta_path.is_file():
         raise DataError(f"{cache_dir}: no prepared cache ({CACHE_META} missing); run `mmbalance prepare` first")
-    meta = json.loads(meta_path.read_text())
-    done = np.load(cache_dir / "done.npy")
+    meta = read_json(meta_path)
+    done = finite.open_npy(cache_dir / "done.npy", mmap_mode=None)
+    if not isinstance(meta, dict) or len(meta.get("ids", ())) != len(done):
+        raise DataError(f"{meta_path}: its `ids` do not match {cache_dir / 'done.npy'}; run `mmbalance prepare` "
+                        "again with --force")
     row_of = {i: r for r, i in enumerate(meta["ids"]) if done[r]}
     kept = [c for c in clips if c.id in row_of]
     return np.array([row_of[c.id] for c in kept], dtype=np.int64), kept
@@ -365,10 +407,38 @@ def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: 
         items, train = by_split[split], split == "train"
         if cache_dir is None:
             return ClipDataset(items, readers, train)
-        rows, items = load_clip_cache(cache_dir, items)
-        return CachedClipDataset(cache_dir, rows, np.array([c.label for c in items]), readers, train)
+        rows, kept = load_clip_cache(cache_dir, items)
+        kept_ids = {c.id for c in kept}
+        uncached.extend(c.id for c in items if c.id not in kept_ids)
+        return CachedClipDataset(cache_dir, rows, np.array([c.label for c in kept]), readers, train)
 
+    uncached: list[str] = []
     specs = {m: ModalitySpec(r.kind, tuple(r.shape)) for m, r in readers.items()}
-    return DataSplits(dataset("train"), dataset("val"), dataset("test"), specs, len(class_names),
-                      list(class_names), val_source=val_source, notes=dict(notes or {}))
+    datasets = {s: dataset(s) for s in SPLITS}
+    notes = dict(notes or {})
+    if cache_dir is not None:
+        notes["uncached_clips"] = log_uncached(cache_dir, uncached)
+        notes["cached_clips"] = sum(len(d) for d in datasets.values())
+        check_cache_finite(cache_dir, list(readers), {s: d.rows for s, d in datasets.items()})
+    return DataSplits(datasets["train"], datasets["val"], datasets["test"], specs, len(class_names),
+                      list(class_names), val_source=val_source, notes=notes)
+
+
+def log_uncached(cache_dir: str | Path, ids: Sequence[str]) -> int:
+    """Say how many (and which) clips of the manifest the cache lacks: they failed to decode at prepare and are
+    left out of the run, which must never happen silently. Returns the count."""
+    if ids:
+        log.warning("%s: %d clips of manifest.csv are not in its cache (they failed to decode at prepare; see "
+                    "prepare_report.txt) and are left out: %s%s", cache_dir, len(ids), ", ".join(ids[:5]),
+                    " ..." if len(ids) > 5 else "")
+    return len(ids)
+
+
+def check_cache_finite(cache_dir: str | Path, modalities: Sequence[str], rows: dict[str, np.ndarray]) -> None:
+    """The finite-input check of a prepared clip cache: `<modality>.npy` over the rows each split uses."""
+    cache_dir = Path(cache_dir)
+    parts = [(m, s, cache_dir / f"{m}.npy", r) for m in modalities for s, r in rows.items()]
+    finite.check_cached(f"prepared cache {str(cache_dir)!r} (<modality>.npy)", parts,
+                        "the cache was changed after `mmbalance prepare` checked it; run prepare again (it lists, "
+                        "leaves out and re-decodes such clips)")
 

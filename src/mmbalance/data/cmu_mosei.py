@@ -35,7 +35,9 @@ Splits: MOSEI's own train / valid / test (DECISIONS: its own validation split is
 ``<split>/<modality>.npy`` (float32, or int64 token ids) and ``<split>/y_reg.npy`` for split in
 train/val/test, ``manifest.csv`` (id, label, split, y_reg and the label under every mode), ``classes.json``
 and ``cache.json`` (source file stamp, layout, shapes); ``build_cmu_mosei(prepared=PREP)`` then reads it with
-``np.load(mmap_mode='r')`` instead of unpickling gigabytes.
+``np.load(mmap_mode='r')`` instead of unpickling gigabytes. Prepare writes those arrays cleaned, so a build
+that finds NaN/Inf in them (the finite-input check of data/finite.py, recorded next to each array) raises a
+DataError instead of replacing them: the files were changed after prepare.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmbalance.data import finite
 from mmbalance.data.batch import DataSplits, ModalitySpec
 from mmbalance.data.prepare import (
     CLASSES,
@@ -522,22 +525,24 @@ def _build_prepared(folder: Path, aligned: bool, label_mode: str, mods: list[str
         y_path = sub / "y_reg.npy"
         if not y_path.is_file():
             raise DataError(f"{y_path} is missing: the prepared cache is incomplete; run prepare again")
-        y = np.load(y_path)
-        if len(y) != len(ids[split]):
+        y = finite.open_npy(y_path, mmap_mode=None)
+        if y.ndim != 1 or len(y) != len(ids[split]):
             raise DataError(f"{folder / MANIFEST}: {len(ids[split])} {split} rows but {y_path} has {len(y)} "
                             "scores; run prepare again (--force)")
         sources = {}
         for m in mods:
             path = sub / f"{m}.npy"
-            try:
-                head = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise DataError(f"cannot open prepared array {str(path)!r}: {exc}; run prepare again") from None
+            head = finite.open_npy(path)
             if head.shape != (len(y), *specs[m].shape):
                 raise DataError(f"{path}: shape {head.shape}, expected {(len(y), *specs[m].shape)}; run prepare "
                                 "again (--force)")
             sources[m] = path
         datasets[split], dropped[split] = _make_split(sources, y, ids[split], label_mode)
+    # prepare wrote these arrays cleaned (clean_float32), so a NaN/Inf here means they were changed since
+    parts = [(m, s, folder / s / f"{m}.npy", datasets[s].rows) for m in mods for s in SPLITS]
+    parts += [("y_reg", s, folder / s / "y_reg.npy", None) for s in SPLITS]
+    finite.check_cached(f"prepared CMU-MOSEI cache {str(folder)!r} (<split>/<key>.npy)", parts,
+                        "the arrays were changed after `mmbalance prepare cmu_mosei`; prepare again with --force")
     notes = _notes(meta["layout"], meta["source"]["path"], meta.get("aligned"), label_mode, meta.get("text"),
                    meta.get("nonfinite_replaced", {}), dropped, datasets, f"prepared cache {folder}")
     notes.update(meta.get("notes", {}))
@@ -600,7 +605,7 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
     meta = _read_meta(out)
     if (not ctx.force and meta is not None and meta.get("version") == CACHE_VERSION and meta["source"] == stamp
             and meta["options"] == options and _complete(out, meta)):
-        y = {s: np.load(out / s / "y_reg.npy") for s in SPLITS}
+        y = {s: finite.open_npy(out / s / "y_reg.npy", mmap_mode=None) for s in SPLITS}
         rows = read_manifest(out)
         ids = {s: [r["id"] for r in rows if r["split"] == s] for s in SPLITS}
         _write_labels(out, ids, y, label_mode)
@@ -616,11 +621,15 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
               file=sys.stderr) as bar:
         for split in SPLITS:
             s = src.splits[split]
+            # clean_float32 and read_source made every array finite: record that instead of re-reading GBs
             for m in mods:
                 _save_npy(out / split / f"{m}.npy", s.arrays[m])
+                if finite.can_hold_nonfinite(s.arrays[m].dtype):
+                    finite.record_row_counts(out / split / f"{m}.npy", {})
                 s.arrays[m] = None
                 bar.update()
             _save_npy(out / split / "y_reg.npy", s.y)
+            finite.record_row_counts(out / split / "y_reg.npy", {})
             bar.update()
     _write_labels(out, {s: src.splits[s].ids for s in SPLITS}, {s: src.splits[s].y for s in SPLITS}, label_mode)
     layout_name = src.layout if found_layout == "file" else found_layout

@@ -55,7 +55,8 @@ from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, stratified_split
 from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, clip_splits, probe_array_shape,
                                   write_clip_cache)
-from mmbalance.data.prepare import read_classes, read_manifest, resolve_prepared, write_classes, write_manifest
+from mmbalance.data.prepare import (read_classes, read_json, read_manifest, resolve_prepared, write_classes,
+                                    write_manifest)
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -434,8 +435,6 @@ def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", a
 def _build_prepared(prep: Path, class_names: list[str], label_map: str, *, split: str, test_fraction: float,
                     val_fraction: float, split_seed: int, frames: int, image_size: int, augment: str,
                     split_files) -> DataSplits:
-    import json
-
     if not prep.is_dir():
         raise DataError(f"dataset.prepared {str(prep)!r} does not exist; run `mmbalance prepare cremad --root RAW "
                         f"--out {prep}` first")
@@ -453,9 +452,8 @@ def _build_prepared(prep: Path, class_names: list[str], label_map: str, *, split
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing: {prep} has a manifest but no cache; run `mmbalance prepare cremad` "
                         "again (without --set cache=false)")
-    meta = json.loads(meta_path.read_text())
-    summary_path = prep / "prepare_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    meta = read_json(meta_path)
+    summary = read_json(prep / "prepare_summary.json", optional=True)
     if split in ("auto", "files"):
         split_of = {r["id"]: r["split"] for r in rows}
         split_desc = "as prepared: " + summary.get("split", "manifest.csv")
@@ -474,7 +472,6 @@ def _build_prepared(prep: Path, class_names: list[str], label_map: str, *, split
     if split == "speaker" or "speaker" in split_desc:
         if any(c.split == "val" for c in clips):
             splits.val_source = "speaker-disjoint validation actors (carved from the training actors)"
-    splits.notes["cached_clips"] = len(splits.train) + len(splits.val) + len(splits.test)
     return splits
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
+from mmbalance.data.finite import check_arrays
 from mmbalance.errors import DataError, UserError
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -473,6 +474,10 @@ def build_digits_av(
         inputs["text"] = _text_cue(labels, float(text_noise), stream(4)).astype(np.float16)
         modalities["text"] = ModalitySpec("vector", (len(TEXT_VOCAB),))
 
+    # float16 storage turns values past 65504 into Inf: a huge image_noise would otherwise train on them
+    check_arrays(f"digits_av demo data (clip bank {clip_cache_path(cache_dir, clips_per_digit, synth_seed)})",
+                 inputs, {"train": train_idx, "val": val_idx, "test": test_idx},
+                 "lower image_noise (inputs are float16, finite up to 65504), or delete the clip bank to rebuild it")
     full = DigitsAVDataset(inputs, labels, np.arange(n), clip_ids)
     notes = {
         "dataset": "digits_av",

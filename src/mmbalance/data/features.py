@@ -8,12 +8,42 @@ from pathlib import Path
 import numpy as np
 
 from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
+from mmbalance.data.finite import check_arrays
 from mmbalance.errors import DataError
 
 FORMAT = (
     "an .npz with `label` (N,) integer classes, optional `split` (N,) of 'train'/'val'/'test', "
     "and every other key a modality of shape (N, D) or (N, T, D)"
 )
+
+
+def read_npz(file: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz at `file`; one DataError naming the file for anything else (empty, truncated,
+    text, a plain .npy, arrays that need pickle)."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise DataError(f"dataset.path: cannot read features file {str(file)!r} ({exc})") from None
+    if not head:
+        found = "an empty file"
+    elif head.startswith(b"\x93NUMPY"):
+        found = "a single .npy array, not named arrays"
+    elif not head.startswith(b"PK"):  # every .npz is a zip archive
+        found = f"not a zip archive of .npy arrays; it starts with {head!r}"
+    else:
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except EOFError:
+            found = "a truncated file"
+        except zipfile.BadZipFile as exc:
+            found = f"a truncated or damaged zip archive ({exc})"
+        except (OSError, ValueError, KeyError, zipfile.LargeZipFile, NotImplementedError) as exc:
+            found = str(exc)  # numpy's own words
+            if "Object arrays" in found:  # object arrays load only through pickle, which runs code from the file
+                found = "an array of dtype object, which needs pickle; save strings as a '<U' array, numbers as numbers"
+    raise DataError(f"dataset.path: features file {str(file)!r} is not a readable .npz ({found}); expected {FORMAT}")
 
 
 def build_features(
@@ -32,11 +62,7 @@ def build_features(
     file = Path(path)
     if not file.is_file():
         raise DataError(f"dataset.path: features file {str(file)!r} does not exist (expected {FORMAT})")
-    try:
-        data = np.load(file, allow_pickle=False)
-        arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"dataset.path: {str(file)!r} is not a readable .npz ({exc}); expected {FORMAT}") from None
+    arrays = read_npz(file)
     if "label" not in arrays:
         raise DataError(f"{file}: no `label` array (found {sorted(arrays)}); expected {FORMAT}")
     labels = arrays.pop("label")
@@ -56,8 +82,11 @@ def build_features(
         x = arrays[name]
         if x.shape[0] != n or x.ndim not in (2, 3):
             raise DataError(f"{file}: `{name}` has shape {x.shape}; expected ({n}, D) or ({n}, T, D)")
-        if not np.issubdtype(x.dtype, np.floating):
-            arrays[name] = x.astype(np.float32)
+        if x.dtype not in (np.float16, np.float32):
+            # what the model sees (samples are read as float32): a float64 value past 3.4e38 is Inf there, so the
+            # finite check below must see it as Inf too
+            with np.errstate(over="ignore"):
+                arrays[name] = x.astype(np.float32)
         specs[name] = ModalitySpec("vector" if x.ndim == 2 else "sequence", tuple(x.shape[1:]))
     full = MultimodalDataset({m: arrays[m] for m in names}, labels)
     if split is None:
@@ -80,6 +109,8 @@ def build_features(
         train, val = train_val[keep], train_val[held]
         if split is not None:
             val_source = f"carved from the file's train split (stratified, {val_fraction:.0%})"
+    check_arrays(f"features file {str(file)!r}", {m: arrays[m] for m in names},
+                 {"train": train, "val": val, "test": test}, "clean or drop those rows")
     num_classes = int(labels.max()) + 1
     return DataSplits(
         full.subset(train), full.subset(val), full.subset(test), specs, num_classes,

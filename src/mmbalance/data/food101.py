@@ -46,10 +46,12 @@ from torch.utils.data import Dataset
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
+from mmbalance.data.finite import open_npy
 from mmbalance.data.prepare import (
     MANIFEST,
     PrepareContext,
     read_classes,
+    read_json,
     read_manifest,
     write_classes,
     write_manifest,
@@ -335,6 +337,7 @@ def build_food101(
     if tokens is None:
         tokens = tok([clean(r.text) if clean_text else r.text for r in records])
 
+    # no finite-input check (data/finite.py) here: uint8 images and int64 token ids cannot hold NaN or Inf
     cache = _prepared_cache(prep, meta, size) if (prep is not None and use_cache) else None
     cache_rows = np.array([r.cache_row for r in records], dtype=np.int64)
     labels = np.array([r.label for r in records], dtype=np.int64)
@@ -382,8 +385,7 @@ def _records_from_prepared(prep: Path) -> tuple[list[Record], list[str], dict]:
                         f"--root RAW --out {prep}` or set dataset.prepared=null to read the raw tree")
     rows = read_manifest(prep)
     classes = read_classes(prep)
-    meta_path = prep / PREPARED_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_json(prep / PREPARED_META, optional=True)
     records = []
     for n, r in enumerate(rows, start=2):
         try:
@@ -407,13 +409,13 @@ def _prepared_tokens(prep: Path, tok, clean_text: bool, n: int) -> np.ndarray | 
     meta_path, path = prep / TOKENS_META, prep / TOKENS
     if not (meta_path.is_file() and path.is_file()):
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     same = (meta.get("fingerprint") == tok.fingerprint and meta.get("clean_text") == clean_text
             and meta.get("manifest_sha1") == _sha1_file(prep / MANIFEST))
     if not same:
         log.info("food101: %s was made with another tokenizer/max_length/cleaning or manifest; tokenising now", path)
         return None
-    ids = np.load(path, mmap_mode="r")
+    ids = open_npy(path)
     if ids.shape != (n, tok.max_length):
         return None
     return np.asarray(ids, dtype=np.int64)
@@ -429,7 +431,7 @@ def _prepared_cache(prep: Path, meta: dict, size: int) -> tuple[str, int] | None
     file = prep / _cache_name(size)
     if not (info_path.is_file() and file.is_file()):
         return None
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path)
     if not info.get("complete") or info.get("candidates_sha1") != meta.get("candidates_sha1"):
         log.info("food101: %s is incomplete or from another scan; decoding jpegs instead", file)
         return None

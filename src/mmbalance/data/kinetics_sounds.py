@@ -49,14 +49,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, clip_splits, probe_array_shape,
                                   write_clip_cache)
-from mmbalance.data.prepare import (read_classes, read_manifest, resolve_prepared, write_classes, write_manifest,
-                                    write_text_atomic)
+from mmbalance.data.prepare import (read_classes, read_json, read_manifest, resolve_prepared, write_classes,
+                                    write_manifest, write_text_atomic)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -519,23 +517,17 @@ def build_prepared(folder: str | Path, dataset: str, *, audio_reader: Callable[[
     clips, classes, kinds = read_prepared(folder, dataset)
     cached = (folder / CACHE_META).is_file()
     if cached:
-        meta = json.loads((folder / CACHE_META).read_text())
+        meta = read_json(folder / CACHE_META)
         readers = {"audio": AudioReader(source="array", shape=tuple(meta["modalities"]["audio"]["shape"])),
                    "visual": FrameReader(frames=frames, size=image_size, augment=augment)}
-        done = np.load(folder / "done.npy")
-        ids = set(np.asarray(meta["ids"])[done].tolist())
-        extra = {"cache_frame_size": meta.get("size"), "cache_max_frames": meta.get("max_frames"),
-                 "cached_clips": sum(c.id in ids for c in clips), "uncached_clips": sum(c.id not in ids for c in clips)}
-        if extra["uncached_clips"]:
-            log.warning("%s: %d clips of %s are not in its cache (failed to decode; see prepare_report.txt)",
-                        dataset, extra["uncached_clips"], folder)
+        # clips the cache lacks are counted (notes["uncached_clips"]) and logged by clip_splits
+        extra = {"cache_frame_size": meta.get("size"), "cache_max_frames": meta.get("max_frames")}
     else:
         readers = {"audio": audio_reader(kinds["audio"], clips),
                    "visual": FrameReader(source=kinds["visual"], frames=frames, size=image_size, augment=augment,
                                          fps=video_fps)}
         extra = {}
-    summary_path = folder / "prepare_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(folder / "prepare_summary.json", optional=True)
     notes = {"layout": "prepared", "prepared": str(folder), "source_layout": summary.get("layout"),
              "cache": cached, "sources": {m: kinds[m] for m in MODALITIES},
              "clips": {s: sum(c.split == s for c in clips) for s in ("train", "val", "test")},

@@ -7,7 +7,9 @@ reads fast. Every preparer follows the same contract (see `PrepareContext`):
 * write `manifest.csv` (id, label, split, per-modality paths) and `classes.json` into `--out`;
 * extract what the recipe needs into `--out`, in parallel (`--workers`), with a progress bar;
 * idempotent and resumable: an output that already exists and is complete is skipped (`--force` redoes it);
-* corrupt or missing media are listed in `prepare_report.txt` and skipped with a count, never silently.
+* corrupt or missing media are listed in `prepare_report.txt` and skipped with a count, never silently;
+  so are clips whose cached spectrogram is not finite, and each float array's non-finite scan is recorded
+  next to it (data/finite.py) so that runs check the cache without reading it again.
 
 A dataset registers its preparer in `PREPARERS` as "module:function"; the function has the signature
 `prepare(ctx: PrepareContext, **options) -> dict` and returns a summary that is printed and saved as
@@ -126,6 +128,20 @@ def read_classes(folder: Path) -> list[str]:
         raise DataError(f"{path}: expected {{\"classes\": [names...]}} ({exc})") from None
 
 
+def read_json(path: Path, optional: bool = False) -> Any:
+    """A json file of a prepared folder; DataError naming it when it is missing (unless `optional`: then {}) or
+    not valid json."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        if optional:
+            return {}
+        raise DataError(f"{path} is missing; run `mmbalance prepare` for this dataset first") from None
+    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"{path}: not readable json ({exc}); run `mmbalance prepare` again with --force") from None
+
+
 def write_manifest(out: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
     """manifest.csv with a header; `columns` starts with id, label, split."""
     path = Path(out) / MANIFEST
@@ -143,8 +159,11 @@ def read_manifest(folder: Path) -> list[dict[str, str]]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path} is missing; run `mmbalance prepare` for this dataset first")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable manifest csv ({exc}); run `mmbalance prepare` again") from None
     if rows and not {"id", "label", "split"} <= set(rows[0]):
         raise DataError(f"{path}: expected columns id, label, split (found {list(rows[0])})")
     return rows

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
+from mmbalance.data.finite import check_arrays
 from mmbalance.errors import UserError
 
 DEFAULT_SHAPES = {
@@ -57,6 +58,8 @@ def build_synthetic(
     train_val, test = stratified_split(labels, test_fraction, seed)
     train, val = stratified_split(labels[train_val], val_fraction, seed + 1)
     train, val = train_val[train], train_val[val]
+    check_arrays("synthetic data", arrays, {"train": train, "val": val, "test": test},
+                 "lower dataset.signal (float32 overflows past 3.4e38)")
     full = MultimodalDataset(arrays, labels)
     return DataSplits(
         full.subset(train), full.subset(val), full.subset(test), specs, num_classes,

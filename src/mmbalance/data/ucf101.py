@@ -51,9 +51,10 @@ from torch.utils.data import Dataset
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
-from mmbalance.data.clips import CACHE_META, Clip, fill_cache_rows, load_clip_cache
-from mmbalance.data.prepare import (PrepareContext, read_classes, read_manifest, resolve_prepared, write_classes,
-                                    write_manifest)
+from mmbalance.data.clips import (CACHE_META, Clip, cache_meta_or_none, check_cache_finite, fill_cache_rows,
+                                  load_clip_cache, log_uncached)
+from mmbalance.data.prepare import (PrepareContext, read_classes, read_json, read_manifest, resolve_prepared,
+                                    write_classes, write_manifest)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -471,11 +472,19 @@ def build_ucf101(root: str | None = None, prepared: str | None = None, split: in
     def dataset(name: str) -> UCFDataset:
         items, rows = parts[name], None
         if cache_dir is not None:
-            rows, items = load_clip_cache(cache_dir, items)
+            rows, kept = load_clip_cache(cache_dir, items)
+            kept_ids = {c.id for c in kept}
+            uncached.extend(c.id for c in items if c.id not in kept_ids)
+            items = kept
         return UCFDataset(items, mods, nframes, image_size, augment, name == "train", prefixes, cache_dir, rows)
 
+    uncached: list[str] = []
+    datasets = {name: dataset(name) for name in parts}
     notes.update(split=split, clips={k: len(v) for k, v in parts.items()})
-    return DataSplits(dataset("train"), dataset("val"), dataset("test"), _specs(mods, nframes, image_size),
+    if cache_dir is not None:  # uint8 frames hold no NaN, but this opens every array: a broken one fails here
+        notes["uncached_clips"] = log_uncached(cache_dir, uncached)
+        check_cache_finite(cache_dir, mods, {name: d.rows for name, d in datasets.items()})
+    return DataSplits(datasets["train"], datasets["val"], datasets["test"], _specs(mods, nframes, image_size),
                       len(classes), list(classes),
                       val_source=f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed})",
                       notes=notes)
@@ -486,7 +495,7 @@ def _prepared_clips(folder: Path, split: int, mods: tuple[str, ...]) -> tuple[li
     if not meta_path.is_file():
         raise DataError(f"dataset.prepared {str(folder)!r} is not a prepared UCF-101 cache ({CACHE_META} missing); "
                         "run `mmbalance prepare ucf101 --root RAW --out <folder>`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     lacking = [m for m in mods if m not in meta.get("modalities", {})]
     if lacking:
         raise DataError(f"dataset.prepared {str(folder)!r} has no {lacking} cache (it holds "
@@ -499,8 +508,7 @@ def _prepared_clips(folder: Path, split: int, mods: tuple[str, ...]) -> tuple[li
                         f"{have}); set dataset.split to one of them")
     clips = [Clip(r["id"], int(r["label"]), r[column], {k: r[k] for k in ("visual", "flow_u", "flow_v") if r.get(k)})
              for r in rows if r[column] in ("train", "test")]
-    summary = folder / "prepare_summary.json"
-    layout = json.loads(summary.read_text()).get("layout") if summary.is_file() else "unknown"
+    layout = read_json(folder / "prepare_summary.json", optional=True).get("layout", "unknown")
     notes = {"layout": f"prepared cache ({layout})", "prepared": str(folder), "source": "prepared",
              "cache_frame_size": meta.get("size"), "cache_max_frames": meta.get("max_frames")}
     return clips, read_classes(folder), folder, notes
@@ -577,7 +585,7 @@ def write_ucf_cache(ctx: PrepareContext, clips: list[Clip], mods: tuple[str, ...
     meta = {"ids": [c.id for c in clips], "size": size, "max_frames": max_frames, "dataset": "ucf101",
             "modalities": {m: {"kind": "frames", "shape": [max_frames, CHANNELS[m], size, size]} for m in mods}}
     meta_path, done_path = out / CACHE_META, out / "done.npy"
-    if ctx.force or not meta_path.is_file() or json.loads(meta_path.read_text()) != meta:
+    if ctx.force or not meta_path.is_file() or cache_meta_or_none(meta_path) != meta:
         for m in mods:
             open_memmap(out / f"{m}.npy", mode="w+", dtype=np.uint8,
                         shape=(n, max_frames, CHANNELS[m], size, size)).flush()

@@ -32,7 +32,6 @@ Validation is carved from train (stratified, seeded, ``val_fraction``): VGGSound
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from mmbalance.data.batch import DataSplits, ModalitySpec
 from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits, probe_array_shape
 from mmbalance.data.kinetics_sounds import (RECIPE, VIDEO_FOLDERS, ArrayAudioReader, Discovery, _root,
                                             build_prepared, candidate_list, find_media, prepare_clips)
-from mmbalance.data.prepare import resolve_prepared
+from mmbalance.data.prepare import read_json, resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -201,7 +200,7 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
         sr, hop = sample_rate, hop_length
         recipe_path = Path(str(prepared)).expanduser() / RECIPE
         if cached and recipe_path.is_file():  # the cache holds the recipe it was written with
-            recipe = json.loads(recipe_path.read_text()).get("audio", {})
+            recipe = read_json(recipe_path).get("audio", {})
             sr, hop = int(recipe.get("sample_rate", sr)), int(recipe.get("hop_length", hop))
             differs = {k: (recipe.get(k), v) for k, v in params.items() if k in recipe and recipe[k] != v}
             if differs:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmbalance.errors import NonFiniteError
 from mmbalance.metrics.classification import accuracy, macro_f1
 from mmbalance.metrics.shapley import coalitions, imbalance_score, shapley_values
 
@@ -51,6 +52,9 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
     For late fusion every coalition reuses the same encoder pass: an absent modality's feature is its
     encoder's output on an all-zero input (input masking, one constant row in eval mode) or zero
     (feature masking). Intermediate fusion falls back to one masked forward per coalition.
+
+    Raises NonFiniteError when any fused, per-modality or coalition logit is NaN/Inf: the argmax of NaN is an
+    arbitrary class, so every metric would be computed on noise without saying so.
     """
     model, method = run.model, run.method
     mods = list(model.modalities)
@@ -64,6 +68,9 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
     have_unimodal = True
     absent_rows = None
     n = 0
+    # samples with NaN/Inf in the fused logits, and in any logits (fused, per-modality, coalition): counted on the
+    # device and read once after the loop, so this check adds no host sync per batch
+    nonfinite_fused = nonfinite_any = None
     for batch in loader:
         batch = batch.to(run.device, non_blocking=True)
         y = batch.label
@@ -71,6 +78,8 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
             features = model.encode(batch.inputs)
             logits, unimodal = method.eval_fuse(run, features)
         pred = logits.argmax(1)
+        bad_fused = ~torch.isfinite(logits).all(1)
+        bad_any = bad_fused.clone()
         preds.append(pred.cpu())
         targets.append(y.cpu())
         n += len(y)
@@ -80,6 +89,7 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
         else:
             for m in mods:
                 unimodal_preds[m].append(unimodal[m].argmax(1).cpu())
+                bad_any |= ~torch.isfinite(unimodal[m]).all(1)
         masked_subsets = [s for s in subsets if s != full]
         if unimodal is None and not shapley:  # per-modality accuracy needs the single-modality coalitions
             masked_subsets = [frozenset([m]) for m in mods]
@@ -93,8 +103,22 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
                     masked = model.encode(batch.inputs, absent=[m for m in mods if m not in s])
                 coalition_logits, _ = method.eval_fuse(run, masked)
             correct[s] = correct.get(s, 0) + int((coalition_logits.argmax(1) == y).sum())
+            bad_any |= ~torch.isfinite(coalition_logits).all(1)
+        if nonfinite_fused is None:
+            nonfinite_fused, nonfinite_any = bad_fused.sum(), bad_any.sum()
+        else:
+            nonfinite_fused += bad_fused.sum()
+            nonfinite_any += bad_any.sum()
     if was_training:
         model.train()
+    if nonfinite_fused is not None:
+        fused_count, any_count = torch.stack([nonfinite_fused, nonfinite_any]).tolist()
+        if any_count:
+            raise NonFiniteError(
+                f"evaluation on {split}: {any_count} of {n} samples have non-finite (NaN/Inf) logits ({fused_count} "
+                f"in the fused prediction, the rest in per-modality or coalition predictions); accuracy, macro-F1 "
+                "and Shapley values would be computed on NaN, so none are reported. The model's weights or the "
+                f"{split} inputs hold NaN/Inf: check the training loss in history.csv and the data")
 
     preds_t, targets_t = torch.cat(preds), torch.cat(targets)
     k = run.num_classes

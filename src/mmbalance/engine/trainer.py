@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import random
@@ -21,8 +22,10 @@ from tqdm import tqdm
 
 from mmbalance.data.batch import collate_batch
 from mmbalance.engine import distributed
-from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
+from mmbalance.engine.checkpoint import load_checkpoint, previous_path, save_checkpoint, write_text
 from mmbalance.engine.evaluation import evaluate
+from mmbalance.engine.identity import describe, differences
+from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged
 from mmbalance.metrics.flops import FlopMeter, count_flops
 
 log = logging.getLogger("mmbalance")
@@ -90,6 +93,9 @@ class Run:
     output_dir: Path | None = None
     cache_dir: Path | None = None  # for work a method can reuse across runs (e.g. UMT's teachers)
     config: dict | None = None  # the resolved run config (read-only), e.g. to key such a cache
+    # what determines the result (engine/identity.py): {"digest", "config", "data", "overrides", "run_dir"};
+    # every checkpoint carries it and resume compares it
+    identity: dict | None = None
     epoch: int = 0
     step: int = 0
     flops: FlopMeter = field(default_factory=FlopMeter)
@@ -162,7 +168,10 @@ class Run:
 class Trainer:
     """fit(): per epoch train, validate, keep the best checkpoint; then test the best model.
 
-    Resumes from `<output_dir>/checkpoints/last.pt` when the folder has one.
+    Resumes from `<output_dir>/checkpoints/last.pt` when the folder has one (or from `last.prev.pt`, the
+    checkpoint before it, when last.pt is unreadable), after checking that it belongs to this run's identity
+    (`force_resume` skips that check). The checkpoint is the record of the training so far: on resume,
+    history.csv is rewritten from it, so the two can never disagree after a kill.
     """
 
     def __init__(
@@ -174,8 +183,10 @@ class Trainer:
         shapley_every: int = 1,
         count_flops: bool = True,
         progress_bar: str | bool = "auto",
+        force_resume: bool = False,
     ):
         self.run = run
+        self.force_resume = force_resume
         self.epochs = epochs
         self.select_on = select_on
         self.select_key = f"{select_on}/{select_metric}"
@@ -188,6 +199,16 @@ class Trainer:
         self.history: list[dict] = []
         self.best_score = -math.inf
         self.best_epoch = -1
+        # wall time adds up across the processes that worked on this run (the ones before the checkpoint)
+        self.started = time.time()
+        self.wall_time_before = 0.0
+        self.processes = 1
+        self.resumed_from: dict | None = None
+        self.first_epoch_here = 0
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.wall_time_before + (time.time() - self.started)
 
     # ---- checkpoints ----
     def _state(self, epoch: int) -> dict:
@@ -203,6 +224,9 @@ class Trainer:
             "history": self.history,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
+            "identity": run.identity,
+            "wall_time_s": self.wall_time_s,
+            "processes": self.processes,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -212,12 +236,59 @@ class Trainer:
             },
         }
 
+    def _load_last(self) -> tuple[dict, Path] | None:
+        """The newest readable of last.pt and last.prev.pt; None when the run has none; CheckpointError when
+        checkpoints exist but none can be read."""
+        last = self.ckpt_dir / "last.pt"
+        problems = []
+        for path in (last, previous_path(last)):
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                continue
+            if problems:
+                log.warning("%s; resuming from %s (epoch %d) instead: that epoch is trained again",
+                            problems[0], path.name, state.get("epoch", -1))
+            return state, path
+        if problems:
+            raise CheckpointError(
+                "no readable checkpoint to resume from:\n" + "\n".join(f"  - {p}" for p in problems)
+                + "\n  Restore the file from a backup, or re-run with resume=never to train this run again from "
+                "the start (the folder's files move to superseded/)")
+        return None
+
+    def _check_identity(self, state: dict, path: Path) -> None:
+        """Refuse a checkpoint written by another run (another config, dataset or version)."""
+        mine, theirs = self.run.identity, state.get("identity")
+        if mine is None:
+            return  # a Trainer built by hand (tests, notebooks) without an identity compares nothing
+        if theirs is None:
+            diff = ["<the checkpoint records no run identity>"]
+        else:
+            diff = differences(theirs.get("config", {}), mine["config"])
+            diff += [f"dataset {d}" for d in differences(theirs.get("data") or {}, mine.get("data") or {})]
+        if not diff:
+            return
+        if self.force_resume:
+            log.warning("resume=force: resuming %s although it was written by %s; differing: %s", path,
+                        describe(theirs), "; ".join(diff))
+            return
+        lines = "\n".join(f"    {d}" for d in diff)
+        raise RunFolderError(
+            f"{path} belongs to another run: it was written by {describe(theirs)}; this run differs in:\n{lines}\n"
+            "  Nothing was changed. Choose another folder, or re-run with resume=never to start fresh here "
+            "(the existing files move to superseded/), or resume=force to continue from it anyway.")
+
     def _resume(self) -> int:
-        path = self.ckpt_dir / "last.pt"
-        if not path.exists():
+        found = self._load_last()
+        if found is None:
             return 0
+        state, path = found
+        self._check_identity(state, path)
         run = self.run
-        state = load_checkpoint(path)
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         if run.scheduler is not None and state["scheduler"] is not None:
@@ -227,6 +298,8 @@ class Trainer:
         run.step = state["step"]
         self.history = state["history"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.wall_time_before = float(state.get("wall_time_s", 0.0))
+        self.processes = int(state.get("processes", 1)) + 1
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
@@ -235,6 +308,9 @@ class Trainer:
         random.setstate(rng["python"])
         for key, g_state in rng["noise"].items():
             run.noise_generator(key).set_state(g_state)
+        if distributed.is_main():  # a row written after the checkpoint goes, one written before it returns
+            self._write_history()
+        self.resumed_from = {"checkpoint": str(path), "epoch": state["epoch"]}
         log.info("resumed from %s after epoch %d", path, state["epoch"])
         return state["epoch"] + 1
 
@@ -269,7 +345,15 @@ class Trainer:
             sums = totals
         means = {f"train/{k}": float(v) / max(samples, 1) for k, v in sums.items()}
         if not math.isfinite(means.get("train/loss", 0.0)):
-            raise FloatingPointError(f"training diverged: the epoch-mean loss is {means['train/loss']} at epoch {epoch}")
+            raise TrainingDiverged(
+                f"training diverged: the epoch-mean loss is {means['train/loss']} at epoch {epoch}; lower "
+                "optimizer.lr or set trainer.grad_clip (checkpoints/last.pt holds the epoch before)")
+        params = [p for p in run.model.parameters()]
+        if params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            # a last step can blow the weights up after a finite loss: say so here, not as NaN predictions later
+            raise TrainingDiverged(
+                f"training diverged: the model's parameters hold NaN/Inf after epoch {epoch}; lower optimizer.lr "
+                "or set trainer.grad_clip (checkpoints/last.pt holds the epoch before)")
         means["train/samples"] = samples
         return means
 
@@ -280,7 +364,7 @@ class Trainer:
         else:
             with run.flops.measure("method_setup"):
                 run.method.setup(run)
-        start = self._resume()
+        start = self.first_epoch_here = self._resume()
         for epoch in range(start, self.epochs):
             run.epoch = epoch
             t0 = time.perf_counter()
@@ -305,9 +389,11 @@ class Trainer:
                 self.best_score, self.best_epoch = score, epoch
                 if distributed.is_main():
                     save_checkpoint({"epoch": epoch, "model": run.model.state_dict(),
-                                     "method": run.method.state_dict()}, self.ckpt_dir / "best.pt")
+                                     "method": run.method.state_dict(), "identity": run.identity},
+                                    self.ckpt_dir / "best.pt")
             if distributed.is_main():  # replicas are identical: rank 0 writes for all
-                save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt")
+                # the checkpoint first: it is the record; history.csv is rewritten from it on resume
+                save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt", keep_previous=True)
                 self._write_history()
             distributed.barrier()  # the others read best.pt / last.pt only after rank 0 wrote them
             log.info(
@@ -320,11 +406,7 @@ class Trainer:
 
     def test_best(self) -> dict[str, Any]:
         run = self.run
-        best = self.ckpt_dir / "best.pt"
-        if best.exists():
-            state = load_checkpoint(best)
-            run.model.load_state_dict(state["model"])
-            run.method.load_state_dict(state["method"])
+        self._load_best()
         metrics: dict[str, Any] = evaluate(run, run.test_loader, "test", shapley=True)
         best_row = next((r for r in self.history if r["epoch"] == self.best_epoch), {})
         metrics.update({k: v for k, v in best_row.items() if k.startswith("val/")})
@@ -341,13 +423,38 @@ class Trainer:
             metrics[f"flops/train/{part}"] = value
         return metrics
 
+    def _load_best(self) -> None:
+        """Load the selected epoch's weights from best.pt. When best.pt is unreadable but the selected epoch is the
+        last one trained in this process, the weights in memory are those weights; otherwise they are lost."""
+        run = self.run
+        best = self.ckpt_dir / "best.pt"
+        if not best.exists():
+            return
+        try:
+            state = load_checkpoint(best)
+        except CheckpointError as exc:
+            trained_here = (self.history and self.history[-1]["epoch"] == self.best_epoch
+                            and self.best_epoch >= self.first_epoch_here)
+            if trained_here:
+                log.warning("%s; the selected epoch %d is the last one trained, so its weights are still in memory",
+                            exc, self.best_epoch)
+                return
+            raise CheckpointError(
+                f"{exc}\n  It holds the weights of the selected epoch {self.best_epoch}, which no other file has. "
+                "Re-run with resume=never to train this run again (the folder's files move to superseded/)") from None
+        mine, theirs = run.identity, state.get("identity")
+        if mine is not None and not self.force_resume and (theirs or {}).get("digest") != mine.get("digest"):
+            raise RunFolderError(f"{best} was written by another run ({describe(theirs)}); re-run with resume=never "
+                                 "to train this run again here, or choose another folder")
+        run.model.load_state_dict(state["model"])
+        run.method.load_state_dict(state["method"])
+
     def _write_history(self) -> None:
         keys: list[str] = []
         for row in self.history:
             keys += [k for k in row if k not in keys]
-        tmp = self.history_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
-        tmp.replace(self.history_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text(text.getvalue(), self.history_path)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.metrics.shapley import coalitions, shapley_values
@@ -136,13 +137,13 @@ class AGM(Method):
 
     def __init__(
         self,
-        alpha: float = 1.0,
-        clamp: float | None = 10.0,
-        modulation_starts: int = 0,
-        modulation_ends: int = 19,
+        alpha: NonNegativeFloat = 1.0,
+        clamp: NonNegativeFloat | None = 10.0,
+        modulation_starts: NonNegativeInt = 0,
+        modulation_ends: NonNegativeInt = 19,
         stale_scale_after_window: bool = False,
-        clip_threshold: float | None = 1.0,
-        clip_norm: float = 1.0,
+        clip_threshold: NonNegativeFloat | None = 1.0,
+        clip_norm: PositiveFloat = 1.0,
     ):
         self.alpha = alpha
         self.clamp = clamp

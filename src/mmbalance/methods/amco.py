@@ -4,11 +4,13 @@ Modal Dependence in Multimodal Learning", ICASSP 2023)."""
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Probability, Range
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.models.multimodal import Output
@@ -112,13 +114,13 @@ class AMCo(Method):
 
     def __init__(
         self,
-        max_ratio: float = 0.5,
-        ramp_epochs: float = 2.0,
-        margin: float = 0.0,
-        co_weight: float = 1.0,
+        max_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.5,
+        ramp_epochs: NonNegativeFloat = 2.0,
+        margin: Probability = 0.0,
+        co_weight: NonNegativeFloat = 1.0,
         rescale: bool = True,
-        modulation_starts: int = 0,
-        modulation_ends: int = 80,
+        modulation_starts: NonNegativeInt = 0,
+        modulation_ends: NonNegativeInt = 80,
     ):
         if not 0 <= max_ratio < 1:
             raise UserError(f"method.max_ratio={max_ratio}; expected a fraction in [0, 1)")

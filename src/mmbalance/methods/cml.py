@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmbalance.constraints import NonNegativeFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.models.multimodal import mask_modalities
@@ -82,7 +85,13 @@ class CML(Method):
     definition of absence. The CE over all levels (mean, weight 1) is part of the loss in both.
     """
 
-    def __init__(self, lam: float = 0.1, epsilon: float = 0.0, hinge: str = "sample", removal: str = "feature"):
+    def __init__(
+        self,
+        lam: NonNegativeFloat = 0.1,
+        epsilon: NonNegativeFloat = 0.0,
+        hinge: Literal["sample", "batch"] = "sample",
+        removal: Literal["feature", "model"] = "feature",
+    ):
         if hinge not in HINGES:
             raise UserError(f"method.hinge={hinge!r}; expected one of {HINGES}")
         if removal not in REMOVALS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
+from mmbalance.constraints import PositiveFloat, PositiveInt, Range
 from mmbalance.data.batch import stratified_split
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
@@ -118,12 +120,12 @@ class GBlending(Method):
 
     def __init__(
         self,
-        super_epoch: int = 10,
-        holdout_fraction: float = 0.08,
-        estimator: str = "trajectory",
-        unimodal_heads: str = "aux",
-        gain_floor: float = 1e-4,
-        overfit_floor: float = 1e-3,
+        super_epoch: PositiveInt = 10,
+        holdout_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.08,
+        estimator: Literal["trajectory", "trial"] = "trajectory",
+        unimodal_heads: Literal["aux", "slice"] = "aux",
+        gain_floor: PositiveFloat = 1e-4,
+        overfit_floor: PositiveFloat = 1e-3,
     ):
         if estimator not in ESTIMATORS:
             raise UserError(f"method.estimator={estimator!r}; expected one of {ESTIMATORS}")

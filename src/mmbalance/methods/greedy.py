@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.models.multimodal import Absent, MultimodalModel, mask_modalities
@@ -188,12 +190,12 @@ class Greedy(Method):
 
     def __init__(
         self,
-        epsilon: float = 0.01,
-        window: int = 5,
-        unlock_epoch: int = 1,
-        ratio: float = 4.0,
-        mmtm_from_stage: int = 1,
-        loss: str = "unimodal",
+        epsilon: NonNegativeFloat = 0.01,
+        window: PositiveInt = 5,
+        unlock_epoch: NonNegativeInt = 1,
+        ratio: PositiveFloat = 4.0,
+        mmtm_from_stage: NonNegativeInt = 1,
+        loss: Literal["unimodal", "fused"] = "unimodal",
     ):
         if loss not in LOSSES:
             raise UserError(f"method.loss={loss!r}; expected one of {LOSSES}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
+from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from mmbalance.data.batch import collate_batch
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
@@ -99,17 +101,17 @@ class LFM(Method):
 
     def __init__(
         self,
-        weighting: str = "scheduled",
-        scale: float = 2.0,
-        fused_logits: str = "mean",
-        schedule_epochs: int = FITTED_SPAN,
-        initial_align_weight: float = 0.95,
-        alpha_lr: float = 1e-4,
-        alpha_lr_halve_every: int = 20,
-        alpha_min: float = 0.05,
-        alpha_max: float = 0.95,
-        holdout_size: int = 16,
-        hyper_batch_size: int = 8,
+        weighting: Literal["scheduled", "learnable"] = "scheduled",
+        scale: PositiveFloat = 2.0,
+        fused_logits: Literal["mean", "head"] = "mean",
+        schedule_epochs: PositiveInt = FITTED_SPAN,
+        initial_align_weight: Probability = 0.95,
+        alpha_lr: NonNegativeFloat = 1e-4,
+        alpha_lr_halve_every: PositiveInt = 20,
+        alpha_min: Probability = 0.05,
+        alpha_max: Probability = 0.95,
+        holdout_size: PositiveInt = 16,
+        hyper_batch_size: PositiveInt = 8,
     ):
         if weighting not in WEIGHTINGS:
             raise UserError(f"method.weighting={weighting!r}; expected one of {WEIGHTINGS}")

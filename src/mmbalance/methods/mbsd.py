@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmbalance.constraints import NonNegativeFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
@@ -76,7 +77,7 @@ class MBSD(Method):
 
     needs_unimodal_logits = True
 
-    def __init__(self, kl_weight: float = 1.0, rs_weight: float = 1.0):
+    def __init__(self, kl_weight: NonNegativeFloat = 1.0, rs_weight: NonNegativeFloat = 1.0):
         if kl_weight < 0 or rs_weight < 0:
             raise UserError(f"method.kl_weight={kl_weight}, method.rs_weight={rs_weight}; expected >= 0")
         self.kl_weight = float(kl_weight)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmbalance.constraints import NonNegativeFloat, PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.models.fusion import ConcatFusion, SumFusion
@@ -97,10 +99,10 @@ class MLA(Method):
 
     def __init__(
         self,
-        fusion: str = "entropy",
-        weights: dict[str, float] | None = None,
-        projection: str = "paper",
-        projection_alpha: float = 0.1,
+        fusion: Literal["entropy", "fixed"] = "entropy",
+        weights: dict[str, NonNegativeFloat] | None = None,
+        projection: Literal["paper", "off"] = "paper",
+        projection_alpha: PositiveFloat = 0.1,
     ):
         if fusion not in FUSIONS:
             raise UserError(f"method.fusion={fusion!r}; expected one of {FUSIONS}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmbalance.constraints import PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.models.fusion import ConcatFusion, SumFusion
@@ -50,7 +51,7 @@ class MMCosine(Method):
     slicing is replaced by the fusion's own blocks, so any number of modalities works.
     """
 
-    def __init__(self, scaling: float = 10.0):
+    def __init__(self, scaling: PositiveFloat = 10.0):
         if scaling <= 0:
             raise UserError(f"method.scaling={scaling}; expected a positive logit scale")
         self.scaling = float(scaling)

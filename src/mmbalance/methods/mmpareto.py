@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmbalance.constraints import PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
@@ -80,7 +83,7 @@ class MMPareto(Method):
     Single-process: under DDP the probed gradients would have to be all-reduced before the cosine test.
     """
 
-    def __init__(self, gamma: float = 1.5, unimodal_head: str = "aux"):
+    def __init__(self, gamma: PositiveFloat = 1.5, unimodal_head: Literal["aux", "slice"] = "aux"):
         if unimodal_head not in UNIMODAL_HEADS:
             raise UserError(f"method.unimodal_head={unimodal_head!r}; expected one of {UNIMODAL_HEADS}")
         self.gamma = gamma

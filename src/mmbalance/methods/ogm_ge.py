@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method, true_class_scores
 
@@ -64,12 +66,12 @@ class OGMGE(Method):
 
     def __init__(
         self,
-        alpha: float = 0.8,
-        variant: str = "ogm_ge",
-        modulation_starts: int = 0,
-        modulation_ends: int = 50,
-        scope: str = "weights",
-        warmup_epochs: int = 0,
+        alpha: NonNegativeFloat = 0.8,
+        variant: Literal["ogm_ge", "ogm"] = "ogm_ge",
+        modulation_starts: NonNegativeInt = 0,
+        modulation_ends: NonNegativeInt = 50,
+        scope: Literal["weights", "conv_kernels", "all"] = "weights",
+        warmup_epochs: NonNegativeInt = 0,
     ):
         if variant not in ("ogm_ge", "ogm"):
             raise UserError(f"method.variant={variant!r}; expected 'ogm_ge' or 'ogm'")

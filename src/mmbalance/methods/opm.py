@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Probability
 from mmbalance.methods.base import Method, true_class_scores
 from mmbalance.models.multimodal import Output, mask_modalities
 
@@ -63,7 +64,13 @@ class OPM(Method):
 
     needs_unimodal_logits = True
 
-    def __init__(self, q_base: float = 0.5, lam: float = 0.5, p_exe: float = 0.7, warmup_epochs: int = 6):
+    def __init__(
+        self,
+        q_base: Probability = 0.5,
+        lam: NonNegativeFloat = 0.5,
+        p_exe: Probability = 0.7,
+        warmup_epochs: NonNegativeInt = 6,
+    ):
         self.q_base = q_base
         self.lam = lam
         self.p_exe = p_exe

@@ -4,12 +4,14 @@ Multimodal Learning", CVPR 2023)."""
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Probability, Range
 from mmbalance.engine.evaluation import collect_features
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
@@ -104,11 +106,11 @@ class PMR(Method):
 
     def __init__(
         self,
-        alpha: float = 1.0,
-        momentum: float = 0.2,
-        modulation_starts: int = 0,
-        modulation_ends: int = 100,
-        prototype_fraction: float = 0.1,
+        alpha: NonNegativeFloat = 1.0,
+        momentum: Probability = 0.2,
+        modulation_starts: NonNegativeInt = 0,
+        modulation_ends: NonNegativeInt = 100,
+        prototype_fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
     ):
         if not 0 < prototype_fraction <= 1:
             raise UserError(f"method.prototype_fraction={prototype_fraction}; expected a value in (0, 1]")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, Range
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.models.fusion import ConcatFusion, SumFusion
@@ -136,16 +138,16 @@ class ReconBoost(Method):
 
     def __init__(
         self,
-        boost_rate: float = 1.0,
-        boost_epochs: int = 4,
-        correct_epochs: int = 4,
-        m_lr: float = 0.01,
-        e_lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        weight1: float = 5.0,
-        weight2: float = 1.0,
-        ga_alpha: float = 0.5,
+        boost_rate: PositiveFloat = 1.0,
+        boost_epochs: NonNegativeInt = 4,
+        correct_epochs: NonNegativeInt = 4,
+        m_lr: PositiveFloat = 0.01,
+        e_lr: PositiveFloat = 0.01,
+        momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9,
+        weight_decay: NonNegativeFloat = 5e-4,
+        weight1: NonNegativeFloat = 5.0,
+        weight2: NonNegativeFloat = 1.0,
+        ga_alpha: NonNegativeFloat = 0.5,
         ga_gradient: bool = False,
     ):
         if boost_epochs < 0 or correct_epochs < 0 or boost_epochs + correct_epochs < 1:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveInt
 from mmbalance.engine.evaluation import collect_features
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
@@ -98,11 +99,11 @@ class Relearning(Method):
 
     def __init__(
         self,
-        move_lambda: float = 3.0,
-        reinit_epoch: int = 20,
-        reinit_num: int = 3,
-        kmeans_n_init: int = 10,
-        kmeans_seed: int = 0,
+        move_lambda: NonNegativeFloat = 3.0,
+        reinit_epoch: PositiveInt = 20,
+        reinit_num: NonNegativeInt = 3,
+        kmeans_n_init: PositiveInt = 10,
+        kmeans_seed: NonNegativeInt = 0,
         reset_momentum: bool = False,
     ):
         if reinit_epoch < 1:

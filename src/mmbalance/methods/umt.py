@@ -9,12 +9,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
@@ -105,11 +107,11 @@ class UMT(Method):
 
     def __init__(
         self,
-        scaling: float = 10.0,
-        teacher_epochs: int | None = None,
-        teacher_optimizer: str = "same",
-        teacher_lr: float | None = None,
-        teacher_weight_decay: float | None = None,
+        scaling: NonNegativeFloat = 10.0,
+        teacher_epochs: PositiveInt | None = None,
+        teacher_optimizer: Literal["same", "sgd", "adam", "adamw"] = "same",
+        teacher_lr: PositiveFloat | None = None,
+        teacher_weight_decay: NonNegativeFloat | None = None,
         cache: bool = True,
     ):
         if teacher_optimizer not in OPTIMIZERS:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, Range
 from mmbalance.engine.evaluation import eval_mode
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
@@ -166,12 +168,12 @@ class Valuation(Method):
 
     def __init__(
         self,
-        variant: str = "sample",
-        warmup: int = 5,
-        full_value: float | None = None,
+        variant: Literal["sample", "modality"] = "sample",
+        warmup: NonNegativeInt = 5,
+        full_value: PositiveFloat | None = None,
         thresholds: tuple[float, float, float] = (1.0, 0.4, -0.1),
-        alpha: float = 1.0,
-        part_ratio: float = 0.2,
+        alpha: NonNegativeFloat = 1.0,
+        part_ratio: Annotated[float, Range(gt=0, le=1)] = 0.2,
     ):
         if variant not in VARIANTS:
             raise UserError(f"method.variant={variant!r}; expected one of {VARIANTS}")

@@ -35,11 +35,32 @@ def mask_modalities(tensors: dict[str, Tensor], absent: Absent) -> dict[str, Ten
     return out
 
 
+def float32_unimodal_logits(fusion: Fusion, features: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each modality's logits in the head's own precision (float32), whatever autocast is active.
+
+    Under `hardware.precision=bf16` the features come out of autocast in bfloat16, but the logits are
+    often computed later, outside it (OGM-GE reads `Output.unimodal` after backward), where a bf16
+    feature times a float32 weight is an error. Casting the features up and computing with autocast off
+    gives the same logits wherever they are read, and full-precision inputs to the per-modality scores
+    that drive methods' coefficients; the head is one small product, so float32 costs nothing measurable.
+    Gradients still reach the bf16 features through the cast.
+    """
+    head_param = next(fusion.parameters(), None)
+    dtype = torch.float32 if head_param is None else head_param.dtype
+    device_type = next(iter(features.values())).device.type
+    precise = {m: f.to(dtype) for m, f in features.items()}
+    if not torch.amp.is_autocast_available(device_type):
+        return fusion.unimodal_logits(precise)
+    with torch.autocast(device_type, enabled=False):
+        return fusion.unimodal_logits(precise)
+
+
 class Output:
     """What a forward pass gives: fused logits, pooled features, and each modality's own logits.
 
-    `unimodal` is computed on first use (most steps of most methods never read it) and is None when the
-    fusion has no linear block per modality. Methods that replace it pass `unimodal=` explicitly.
+    `unimodal` is computed on first use (most steps of most methods never read it), in float32 (see
+    `float32_unimodal_logits`), and is None when the fusion has no linear block per modality. Methods
+    that replace it pass `unimodal=` explicitly.
     """
 
     _UNSET = object()
@@ -54,7 +75,7 @@ class Output:
     def unimodal(self) -> dict[str, Tensor] | None:
         if self._unimodal is Output._UNSET:
             ok = self._fusion is not None and self._fusion.has_unimodal_logits
-            self._unimodal = self._fusion.unimodal_logits(self.features) if ok else None
+            self._unimodal = float32_unimodal_logits(self._fusion, self.features) if ok else None
         return self._unimodal
 
 
@@ -88,7 +109,7 @@ class MultimodalModel(nn.Module):
         return self.fusion(features)
 
     def unimodal_logits(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self.fusion.unimodal_logits(features)
+        return float32_unimodal_logits(self.fusion, features)
 
     def forward(self, inputs: dict[str, Tensor], absent: Absent = ()) -> Output:
         features = self.encode(inputs, absent)

@@ -1,0 +1,170 @@
+"""A run folder is a record: one run's identity owns it, one process writes it, and a re-run never destroys it.
+
+`RunFolder.plan(identity, mode)` reads what the folder already holds (its metrics.json) and decides what a
+new start may do there, following `resume`:
+
+* ``auto`` (default): an empty folder starts fresh; an unfinished run of the same identity resumes from its
+  last checkpoint; a completed run of the same identity is left as it is (nothing to do); a record of
+  another run is refused, naming both runs and the keys that differ.
+* ``reevaluate``: like auto, but a completed run re-tests its best checkpoint; its metrics.json is replaced
+  only once the new one is complete.
+* ``never``: whatever the folder holds moves to `superseded/<time>/` and the run starts fresh.
+* ``force``: resume whatever the folder holds, even another identity's checkpoint (recorded in metrics.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmbalance.engine.checkpoint import remove_stale_temporaries
+from mmbalance.engine.identity import RESUME_MODES, describe, differences, run_identity
+from mmbalance.errors import RunFolderError, UserError
+
+try:  # POSIX advisory locks; elsewhere the folder simply is not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+log = logging.getLogger("mmbalance")
+
+# What a run writes into its folder; `resume=never` moves these aside (train.log and .hydra/ belong to the
+# process that is starting and stay).
+RESULT_FILES = ("metrics.json", "history.csv", "checkpoints", "flops_fvcore.txt")
+SUPERSEDED = "superseded"
+LOCK = ".lock"
+
+
+@dataclass
+class Plan:
+    """What this start does in the folder: "fresh", "resume", "skip" or "reevaluate"."""
+
+    action: str
+    previous: dict | None = None
+    forced_over: list[str] = field(default_factory=list)  # keys that differ, when resume=force overrode them
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_file = None
+
+    # ---- one writer at a time ----
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold an exclusive lock on the folder for the block. The kernel releases it when the process ends,
+        however it ends (kill -9 included), so a stale lock never blocks a re-run."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield self
+            return
+        f = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunFolderError(
+                f"{self.path} is in use by {holder}: two processes must not write one run folder; wait for it "
+                "to finish or choose another folder (hydra.run.dir=... / hydra.sweep.dir=...)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else '?'}\n")
+        f.flush()
+        self._lock_file = f
+        try:
+            yield self
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+            self._lock_file = None
+
+    # ---- what the folder holds ----
+    def previous_record(self) -> dict | None:
+        """The folder's metrics.json, None when there is none, {"status": "unreadable", ...} when it is damaged."""
+        path = self.path / "metrics.json"
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            return record
+        except (OSError, ValueError) as exc:
+            return {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"}
+
+    def has_checkpoint(self) -> bool:
+        ckpt = self.path / "checkpoints"
+        return (ckpt / "last.pt").exists() or (ckpt / "last.prev.pt").exists()
+
+    def plan(self, identity: dict, mode: str) -> Plan:
+        if mode not in RESUME_MODES:
+            raise UserError(f"resume={mode!r}: expected one of {list(RESUME_MODES)}")
+        previous = self.previous_record()
+        if mode == "never":
+            return Plan("fresh", previous)
+        if previous is None or previous.get("status") == "unreadable":
+            if previous is not None:
+                log.warning("%s/metrics.json is unreadable (%s); the checkpoint decides what resumes",
+                            self.path, previous["error"])
+            return Plan("resume" if self.has_checkpoint() else "fresh", previous)
+        recorded = recorded_identity(previous)
+        diff = differences(recorded["config"], identity["config"]) if recorded else ["<no identity recorded>"]
+        if diff and mode != "force":
+            raise RunFolderError(mismatch_message(self.path / "metrics.json", previous, identity, diff))
+        completed = previous.get("status") == "completed"
+        if completed and mode == "auto" and not diff:
+            return Plan("skip", previous)
+        if completed:  # reevaluate, or force
+            return Plan("reevaluate", previous, forced_over=diff)
+        return Plan("resume" if self.has_checkpoint() else "fresh", previous, forced_over=diff)
+
+    # ---- acting on the plan (rank 0 only) ----
+    def supersede(self) -> Path | None:
+        """Move the previous run's files into superseded/<time>/ (resume=never); None when there were none."""
+        present = [self.path / name for name in RESULT_FILES if (self.path / name).exists()]
+        if not present:
+            return None
+        target = self.path / SUPERSEDED / time.strftime("%Y-%m-%d_%H-%M-%S")
+        n = 1
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{target.name.split('+')[0]}+{n}")
+        target.mkdir(parents=True)
+        for item in present:
+            shutil.move(str(item), str(target / item.name))
+        return target
+
+    def clean_temporaries(self) -> None:
+        removed = remove_stale_temporaries(self.path)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted write: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+
+
+def recorded_identity(record: dict) -> dict | None:
+    """The identity of a run from its metrics.json (recomputed from the resolved config it recorded, so
+    records written before identities existed compare too); None when it recorded no config."""
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return None
+    version = (record.get("versions") or {}).get("mmbalance", "?")
+    return run_identity(config, version)
+
+
+def mismatch_message(where: Path, previous: dict, identity: dict, diff: list[str]) -> str:
+    lines = "\n".join(f"    {d}" for d in diff)
+    return (
+        f"{where} belongs to another run: it records {describe(previous)}, status {previous.get('status')!r}; "
+        f"this run differs in:\n{lines}\n"
+        "  Nothing was changed. Choose another folder (hydra.run.dir=... / hydra.sweep.dir=...), or re-run with "
+        f"resume=never to start fresh here (the existing files move to {SUPERSEDED}/), or resume=force to "
+        "continue from its checkpoint anyway."
+    )

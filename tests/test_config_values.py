@@ -1,0 +1,120 @@
+"""Config values are checked against each parameter's type hint and declared range before anything trains."""
+
+import inspect
+import typing
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_cfg, read_metrics, train_in_process
+from mmbalance.config import validate
+from mmbalance.errors import ConfigError
+from mmbalance.methods import METHODS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+NEEDS = {"unimodal": ["method.modality=audio"]}
+
+
+def problems_of(overrides: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(overrides))
+    return err.value.problems
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["method=ogm_ge", "method.alpha=abc"], "method.alpha='abc': expected a number (float)"),
+    (["method=ogm_ge", "method.alpha=-0.1"], "method.alpha=-0.1: expected >= 0"),
+    (["method=ogm_ge", "method.warmup_epochs=true"], "method.warmup_epochs=True: expected an integer (int)"),
+    (["method=ogm_ge", "method.modulation_ends=2.5"], "method.modulation_ends=2.5: expected an integer (int)"),
+    (["method=ogm_ge", "method.variant=ogm_gee"], "method.variant='ogm_gee': expected one of ['ogm_ge', 'ogm']"),
+    (["method=opm", "method.p_exe=1.5"], "method.p_exe=1.5: expected a value in [0, 1]"),
+    (["method=opm", "method.q_base=nan"], "method.q_base=nan: expected a value in [0, 1]"),
+    (["method=umt", "method.teacher_lr=fast"], "method.teacher_lr='fast': expected a number (float) or null"),
+    (["method=umt", "method.teacher_epochs=0"], "method.teacher_epochs=0: expected >= 1"),
+    (["method=valuation", "method.thresholds=[1.0,high,-0.1]"], "method.thresholds[1]='high': expected a number (float)"),
+    (["method=valuation", "method.thresholds=[1.0,0.4]"], "method.thresholds=[1.0, 0.4]: expected a list of 3 numbers"),
+    (["method=mla", "method.weights={audio:-0.5,visual:1.5}"], "method.weights.audio=-0.5: expected >= 0"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1: expected > 0"),
+    (["optimizer.lr=0"], "optimizer.lr=0: expected > 0"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast': expected a number (float)"),
+    (["optimizer.momentum=1.5"], "optimizer.momentum=1.5: expected a value in [0, 1)"),
+    (["optimizer.weight_decay=-1e-4"], "optimizer.weight_decay=-0.0001: expected >= 0"),
+    (["+optimizer.nesterov=1"], "optimizer.nesterov=1: expected true or false (bool)"),
+    (["optimizer=adam", "+optimizer.betas=[0.9,1.0]"], "optimizer.betas[1]=1.0: expected a value in [0, 1)"),
+    (["optimizer=adamw", "+optimizer.eps=0"], "optimizer.eps=0: expected > 0"),
+    (["scheduler.step_size=0"], "scheduler.step_size=0: expected >= 1"),
+    (["scheduler.gamma=-0.1"], "scheduler.gamma=-0.1: expected > 0"),
+    (["trainer.grad_clip=0"], "trainer.grad_clip=0: expected > 0"),
+    (["trainer.batch_size=8.0"], "trainer.batch_size=8.0: expected an integer (int)"),
+    (["eval.shapley_every=-1"], "eval.shapley_every=-1: expected >= 0"),
+    (["hardware.num_workers=-2"], "hardware.num_workers=-2: expected >= 0"),
+    (["seed=-1"], "seed=-1: expected >= 0"),
+    (["optimizer.lr=${seed}"], "optimizer.lr=0: expected > 0"),  # an interpolation is checked as it resolves
+])
+def test_a_bad_value_is_one_clear_problem_naming_the_key_the_value_and_what_was_expected(overrides, problem):
+    assert problems_of(overrides) == [problem]
+
+
+def test_an_interpolation_that_does_not_resolve_is_named():
+    [problem] = problems_of(["optimizer.lr=${no_such_key}"])
+    assert problem.startswith("optimizer.lr: cannot resolve its value")
+
+
+def test_every_bad_value_is_listed_in_one_error():
+    problems = problems_of(["method=ogm_ge", "method.alpha=abc", "method.scope=everything", "optimizer.lr=0",
+                            "optimizer.momentum=-0.5", "scheduler.gamma=0", "trainer.grad_clip=-1", "seed=-3"])
+    keys = [p.split("=")[0] for p in problems]
+    assert keys == ["method.alpha", "method.scope", "optimizer.lr", "optimizer.momentum", "scheduler.gamma", "seed",
+                    "trainer.grad_clip"], problems
+
+
+def test_good_values_of_every_accepted_type_pass():
+    validate(compose_cfg(["method=ogm_ge", "method.alpha=1", "optimizer.lr=1", "optimizer.momentum=0",
+                          "trainer.grad_clip=5", "method.variant=ogm"]))
+    validate(compose_cfg(["method=mla", "method.fusion=fixed", "method.weights={audio:0.4,visual:0.6}"]))
+    validate(compose_cfg(["method=umt", "method.teacher_lr=0.5", "method.teacher_epochs=1"]))
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
+def test_every_method_default_yaml_validates(method):
+    validate(compose_cfg([f"method={method}", *NEEDS.get(method, [])]))
+
+
+@pytest.mark.parametrize("optimizer", sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml")))
+def test_every_optimizer_yaml_validates(optimizer):
+    validate(compose_cfg([f"optimizer={optimizer}"]))
+
+
+def init_parameters(cls) -> list[str]:
+    return [name for name, p in inspect.signature(cls).parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_parameter_has_a_type_hint(name):
+    cls = METHODS[name]
+    hints = typing.get_type_hints(cls.__init__, include_extras=True) if init_parameters(cls) else {}
+    unhinted = [p for p in init_parameters(cls) if p not in hints]
+    assert not unhinted, f"{cls.__name__}.__init__ parameters without a type hint: {unhinted}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if init_parameters(METHODS[n])))
+def test_every_method_parameter_is_judged_by_the_validator(name):
+    # a mapping of strings fits no method parameter (a mapping of numbers at most), so each one must be refused
+    parameters = init_parameters(METHODS[name])
+    cfg = compose_cfg([f"method={name}"])
+    for parameter in parameters:  # set in Python: Hydra cannot replace a list or a null with a mapping
+        cfg.method[parameter] = {"unexpected": "text"}
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    problems = err.value.problems
+    reported = {p.split("=")[0].split(".")[1] for p in problems if p.startswith("method.")}
+    assert reported == set(parameters), problems
+
+
+def test_a_bad_value_fails_the_run_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"method.alpha='abc': expected a number"):
+        train_in_process(tmp_path, ["method=ogm_ge", "method.alpha=abc", "trainer.epochs=1"])
+    metrics = read_metrics(tmp_path)
+    assert metrics["status"] == "failed" and "method.alpha" in metrics["error"]
+    assert not (tmp_path / "history.csv").exists() and not (tmp_path / "checkpoints").exists()
