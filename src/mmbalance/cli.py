@@ -26,7 +26,7 @@ OmegaConf.register_new_resolver("mmbalance_job_dir", lambda overrides: job_dir_n
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
-    from mmbalance.errors import UserError  # torch and friends load here, not at import time
+    from mmbalance.errors import SweepJobFailed, UserError  # torch and friends load here, not at import time
     from mmbalance.train import train
 
     hc = HydraConfig.get()
@@ -44,7 +44,9 @@ def train_main(cfg: DictConfig) -> float | None:
         log_to_file_only(message, exc)
         print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)
         if multirun and not interrupted:
-            raise  # Hydra records this job as failed and goes on with the sweep's other jobs
+            # Hydra records this job as failed and goes on with the sweep's other jobs; a fresh exception
+            # keeps the traceback it prints at the end of the sweep to this one frame
+            raise SweepJobFailed(f"{run_dir}: {exc}") from None
         raise SystemExit(130 if interrupted else 1) from None
     m = results["metrics"]
     log.info("test acc %.4f  macro-F1 %.4f  imbalance %s  -> %s", m["test/acc"], m["test/macro_f1"],

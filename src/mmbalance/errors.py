@@ -32,3 +32,7 @@ class TrainingDiverged(UserError):
 
 class NonFiniteError(UserError):
     """Model outputs became NaN or infinite where metrics are computed: no metric is reported on them."""
+
+
+class SweepJobFailed(UserError):
+    """A sweep job ended with an expected error, already printed and recorded in its metrics.json and train.log."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -11,7 +11,8 @@ from mmbalance.constraints import NonNegativeFloat, NonNegativeInt
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method, true_class_scores
 
-SCOPES = ("weights", "conv_kernels", "all")
+Scope = Literal["weights", "conv_kernels", "all"]  # config validation reads the choices from this hint
+SCOPES = get_args(Scope)
 
 
 def ogm_coefficients(scores: dict[str, float], alpha: float) -> dict[str, float]:
@@ -70,7 +71,7 @@ class OGMGE(Method):
         variant: Literal["ogm_ge", "ogm"] = "ogm_ge",
         modulation_starts: NonNegativeInt = 0,
         modulation_ends: NonNegativeInt = 50,
-        scope: Literal["weights", "conv_kernels", "all"] = "weights",
+        scope: Scope = "weights",
         warmup_epochs: NonNegativeInt = 0,
     ):
         if variant not in ("ogm_ge", "ogm"):
