@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mmbalance.data.synthetic import build_synthetic
 from mmbalance.engine.evaluation import evaluate
-from mmbalance.engine.trainer import LoaderSettings, Run
+from mmbalance.engine.run import LoaderSettings, Run
 from mmbalance.methods.baseline import Baseline
 from mmbalance.models.encoders import MLPEncoder, SmallCNN
 from mmbalance.models.fusion import build_fusion

@@ -82,3 +82,13 @@ def test_gpu_hardware_uses_cuda_bf16_pinned_memory_and_workers():
     cfg = compose_cfg(["hardware=gpu"], fast=False)
     assert (cfg.hardware.device, cfg.hardware.precision, cfg.hardware.pin_memory) == ("cuda", "bf16", True)
     assert cfg.hardware.num_workers > 0
+
+
+def test_backbone_fusion_choices_are_the_fusion_registry():
+    from mmbalance.models.fusion import FUSIONS
+
+    for name in FUSIONS:
+        validate(compose_cfg([f"backbone.fusion={name}"]))
+    with pytest.raises(ConfigError, match="backbone.fusion='late'") as info:
+        validate(compose_cfg(["backbone.fusion=late"]))
+    assert all(repr(name) in str(info.value) for name in FUSIONS)

@@ -209,7 +209,7 @@ def test_paper_preset_composes_with_the_small_backbone(kaggle, minilm):
     """backbone=small swaps in the from-scratch TokenEncoder: the preset must not pin text-model keys."""
     from conftest import compose_cfg
     from mmbalance.config import build, validate
-    from mmbalance.train import build_model
+    from mmbalance.models.build import build_model
 
     cfg = compose_cfg(["experiment=paper_food101", "backbone=small", f"dataset.root={kaggle}",
                        f"dataset.tokenizer={minilm}", f"dataset.image_size={S}"], fast=False)

@@ -18,7 +18,7 @@ from conftest import FAST, REPO, read_metrics, run_cli
 from mmbalance.cli import CONF_DIR
 from mmbalance.config import validate
 from mmbalance.engine.distributed import average_gradients
-from mmbalance.engine.trainer import EpochShuffleSampler
+from mmbalance.engine.run import EpochShuffleSampler
 from mmbalance.methods import METHODS
 
 DDP_CPU = ["hardware=ddp", "hardware.device=cpu", "hardware.backend=gloo", "hardware.precision=fp32",

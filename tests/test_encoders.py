@@ -1,21 +1,18 @@
 """Per-modality encoders: shapes, gradients, time pooling, pretrained-weight handling, FLOP visibility."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_object
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmbalance.errors import UserError
-from mmbalance.models.encoders import (
-    ENCODERS,
-    MLPEncoder,
-    ResNet18Encoder,
-    SmallCNN,
-    TransformerEncoder,
-    check_input,
-)
+from mmbalance.models.encoder_utils import check_input
+from mmbalance.models.encoders import MLPEncoder, ResNet18Encoder, SmallCNN, TokenEncoder, TransformerEncoder
 
 B = 3
 
@@ -211,7 +208,15 @@ def test_check_input_and_batch_rank():
         enc(torch.randn(8))
 
 
-def test_registry_and_kinds():
-    assert set(ENCODERS) == {"small_cnn", "resnet18", "mlp", "transformer", "token"}
-    for cls in ENCODERS.values():
+def test_every_encoder_declares_its_kinds_and_backbones_use_it_for_those():
+    """Encoders are named by `_target_` in conf/backbone/ (there is no encoder registry): each declares the modality
+    kinds it accepts, and each backbone puts it only under kinds it accepts."""
+    classes = {SmallCNN, ResNet18Encoder, MLPEncoder, TransformerEncoder, TokenEncoder}
+    for file in sorted((Path(__file__).resolve().parents[1] / "conf" / "backbone").glob("*.yaml")):
+        for kind, node in OmegaConf.load(file).encoders.items():
+            cls = get_object(node._target_)
+            assert kind in cls.kinds, f"{file.name}: encoders.{kind} is {cls.__name__}, which accepts {cls.kinds}"
+            classes.add(cls)
+    assert len(classes) >= 7  # the five here and the two pretrained ones (ViT, text transformer)
+    for cls in classes:
         assert set(cls.kinds) <= {"image", "spectrogram", "frames", "vector", "sequence", "tokens"}

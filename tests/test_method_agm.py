@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from helpers import inputs, tiny_model
 from mmbalance.data.batch import Batch
-from mmbalance.engine.trainer import Run
+from mmbalance.engine.run import Run
 from mmbalance.methods.agm import AGM, agm_coefficients, agm_ratios, coalition_logits
 from mmbalance.metrics.shapley import coalitions, shapley_values
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from helpers import inputs, tiny_model
 from mmbalance.data.batch import Batch
-from mmbalance.engine.trainer import Run
+from mmbalance.engine.run import Run
 from mmbalance.methods.amco import (AMCo, dependence_threshold, dependent_modality, feature_mask, mask_ratio,
                                     softmax_shares)
 

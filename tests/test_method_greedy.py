@@ -8,8 +8,9 @@ from torch import nn
 
 from conftest import compose_cfg
 from mmbalance.errors import UserError
-from mmbalance.methods.greedy import MMTM, Greedy, GreedyModel, bdr_difference, learning_speed_ratio
+from mmbalance.methods.greedy import MMTM, Greedy, bdr_difference, learning_speed_ratio
 from mmbalance.models.encoders import ResNet18Encoder, SmallCNN
+from mmbalance.models.greedy import GreedyModel
 from test_methods import make_run
 
 S3 = 1 / (1 + math.exp(-3))  # sigmoid(3) = 0.9525741

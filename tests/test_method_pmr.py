@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from helpers import inputs, tiny_model
 from mmbalance.data.batch import Batch
-from mmbalance.engine.trainer import Run
+from mmbalance.engine.run import Run
 from mmbalance.methods.pmr import (PMR, class_means, prototype_logits, prototype_loss, update_prototypes,
                                    weaker_modalities)
 

@@ -8,6 +8,7 @@ import torch
 
 from helpers import inputs, tiny_model
 from mmbalance.data.batch import Batch
+from mmbalance.engine.run import Run
 from mmbalance.errors import UserError
 from mmbalance.methods.reconboost import (
     ReconBoost,
@@ -77,8 +78,11 @@ class _Ctx:
     def sync_gradients(self, params=None):  # one process: nothing to average
         pass
 
-    def clip_gradients(self):
+    def clip_gradients(self, params=None):
         pass
+
+    zero_grad = Run.zero_grad  # the run's own update helpers, as the method calls them
+    optimizer_step = Run.optimizer_step
 
 
 def _method(ctx, **kw):

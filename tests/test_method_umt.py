@@ -8,11 +8,11 @@ from omegaconf import OmegaConf
 from conftest import THREE, compose_cfg
 from mmbalance.config import build
 from mmbalance.data.batch import Batch
-from mmbalance.engine.trainer import LoaderSettings, Run
+from mmbalance.engine.run import LoaderSettings, Run
 from mmbalance.errors import UserError
 from mmbalance.methods.umt import UMT, distillation_losses, module_fingerprint
 from mmbalance.models.multimodal import Output
-from mmbalance.train import build_model
+from mmbalance.models.build import build_model
 
 UMT_ARGS = ["method=umt", "method.teacher_epochs=1", "dataset.num_samples=48"]
 

@@ -7,7 +7,7 @@ import torch
 
 from helpers import inputs, tiny_model
 from mmbalance.data.batch import Batch
-from mmbalance.engine.trainer import Run
+from mmbalance.engine.run import Run
 from mmbalance.methods.valuation import (Valuation, ValuationDataset, coalition_values, copy_counts,
                                          modality_level_copies, sample_shapley)
 from mmbalance.metrics.shapley import coalitions, shapley_values

@@ -5,19 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_object
+from omegaconf import OmegaConf
 
 from conftest import THREE, compose_cfg
 from helpers import inputs, tiny_model
 from mmbalance.config import build
 from mmbalance.data.batch import Batch
-from mmbalance.engine.trainer import LoaderSettings, Run
+from mmbalance.engine.run import LoaderSettings, Run
 from mmbalance.errors import UserError
 from helpers import METHOD_EXTRA_ARGS
 
 from mmbalance.methods import METHODS
 from mmbalance.methods.base import Method
 from mmbalance.methods.ogm_ge import OGMGE, ogm_coefficients
-from mmbalance.train import build_model
+from mmbalance.models.build import build_model
 
 CONF_METHODS = Path(__file__).resolve().parents[1] / "conf" / "method"
 
@@ -28,12 +30,37 @@ def test_registry_keys_equal_the_method_config_files():
     assert set(METHODS) == {p.stem for p in CONF_METHODS.glob("*.yaml")}
 
 
+def test_every_method_config_builds_the_class_registered_under_its_name():
+    """conf/method/<key>.yaml's `_target_` is the class of methods/<key>.py that declares its family."""
+    for path in sorted(CONF_METHODS.glob("*.yaml")):
+        target = get_object(OmegaConf.load(path)["_target_"])
+        assert target is METHODS[path.stem], f"{path.name}: _target_ is {target}, not METHODS[{path.stem!r}]"
+        assert target.__module__ == f"mmbalance.methods.{path.stem}"
+
+
 def test_every_method_has_a_family_of_the_taxonomy():
     from mmbalance.methods import FAMILIES
 
-    assert set(FAMILIES) == set(METHODS)
+    assert all(cls.family in FAMILIES for cls in METHODS.values())
     assert {cls.family for cls in METHODS.values()} == {"reference", "data", "feed-forward", "objective", "optimization"}
     assert METHODS["ogm_ge"].family == "optimization" and METHODS["mla"].family == "feed-forward"
+    # the registry's order: by family as the taxonomy lists them, then by name
+    assert list(METHODS) == sorted(METHODS, key=lambda k: (FAMILIES.index(METHODS[k].family), k))
+
+
+def test_a_method_is_named_by_its_registry_key():
+    from mmbalance.methods import registry_key
+
+    assert all(registry_key(cls) == key for key, cls in METHODS.items())
+
+    class Tweaked(METHODS["ogm_ge"]):  # a subclass made elsewhere is still that method
+        pass
+
+    class Unregistered(Method):  # declares no family: not in the registry, named by its class
+        pass
+
+    assert registry_key(Tweaked) == "ogm_ge" and registry_key(Unregistered) is None
+    assert Unregistered().name == "Unregistered" and Unregistered.family == "unregistered"
 
 
 def make_run(cfg, seed=0):

@@ -13,3 +13,58 @@ def test_prepare_errors_name_the_option_and_what_was_expected(tmp_path):
     no_dataset = run_cli(["prepare", "imagenet", "--root", str(tmp_path)], cwd=tmp_path)
     assert no_dataset.returncode == 2 and "cremad" in no_dataset.stderr  # argparse lists the choices
     assert not (tmp_path / "mmbalance_prepared" / "prepare_summary.json").exists()  # nothing claims success
+
+
+def test_preparers_are_found_by_their_dataset_config_and_imported_only_when_run():
+    """One registry style: a key of PREPARERS is a dataset config whose `_target_` lives in mmbalance.data.<key>,
+    and that module's `prepare` is the preparer; no other dataset module defines one. Listing them (the CLI's
+    `prepare --help`) imports no dataset module."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from mmbalance.data import prepare
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+    data = Path(prepare.__file__).parent
+    for name in prepare.PREPARERS:
+        target = yaml.safe_load((conf / f"{name}.yaml").read_text())["_target_"]
+        assert target.rsplit(".", 1)[0] == f"mmbalance.data.{name}", target
+        assert callable(prepare.resolve(name))
+    defines = {p.stem for p in data.glob("*.py") if any(
+        isinstance(n, ast.FunctionDef) and n.name == "prepare" for n in ast.parse(p.read_text()).body)}
+    assert defines == set(prepare.PREPARERS)
+    probe = ("import sys, mmbalance.data.prepare; "
+             "print(sorted(m for m in sys.modules if m.startswith('mmbalance.data.') or m == 'torch'))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['mmbalance.data.prepare']"
+
+
+def test_prepared_folder_round_trip_and_errors_name_the_file(tmp_path):
+    import numpy as np
+    import pytest
+
+    from mmbalance.data import finite
+    from mmbalance.data.layout import option_path
+    from mmbalance.data.prepare import PreparedFolder
+    from mmbalance.errors import DataError
+
+    folder = PreparedFolder(tmp_path / "prep", "cremad")
+    with pytest.raises(DataError, match=r"dataset.prepared '.*prep' is not a folder; run `mmbalance prepare cremad"):
+        folder.require()
+    folder.write_classes(["a", "b"])
+    folder.write_manifest([{"id": "x", "label": 1, "split": "test"}], ["id", "label", "split"])
+    folder.write_array("test/y.npy", np.ones(3, np.float32), finite_checked=True)
+    assert folder.require().classes() == ["a", "b"] and folder.rows()[0]["label"] == "1"
+    assert finite.sidecar_path(folder.path / "test" / "y.npy").is_file()  # recorded, so runs do not scan it
+    assert folder.array("test/y.npy").tolist() == [1, 1, 1] and folder.cache_meta(required=False) is None
+    with pytest.raises(DataError, match=r"manifest.csv: columns \['emotion'\] are missing"):
+        folder.rows(["id", "emotion"])
+    with pytest.raises(DataError, match=r"cache.json is missing.*`mmbalance prepare cremad` again"):
+        folder.cache_meta()
+    assert option_path(tmp_path, None) is None and option_path(tmp_path, "a/b") == tmp_path / "a" / "b"
+    with pytest.raises(DataError, match=r"dataset.train_split: split file '.*nope.csv' does not exist"):
+        option_path(tmp_path, "nope.csv", "train_split", "split file")

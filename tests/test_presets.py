@@ -1,11 +1,11 @@
-"""The `paper_<dataset>` presets compose, validate and carry the BalanceBenchmark paper's settings (DECISIONS.md)."""
+"""The `paper_<dataset>` presets compose, validate and carry the BalanceBenchmark paper's settings (docs/architecture.md, "Settled choices")."""
 
 import pytest
 
 from conftest import compose_cfg
 from mmbalance.config import validate
 
-# DECISIONS "Protocol": optimizer, lr, weight decay, StepLR step, batch, epochs
+# docs/architecture.md "Settled choices": optimizer, lr, weight decay, StepLR step, batch, epochs
 PAPER = {
     "cremad": ("SGD", 1e-3, 1e-4, 30, 64, 70),
     "kinetics_sounds": ("SGD", 1e-3, 1e-4, 30, 64, 70),

@@ -131,7 +131,7 @@ def test_gpu_hardware_without_cuda_is_a_clear_error(tmp_path):
 def test_gradient_clipping_bounds_the_update(tmp_path):
     import torch
 
-    from mmbalance.engine.trainer import Run
+    from mmbalance.engine.run import Run
 
     model = torch.nn.Linear(3, 1)
     model.weight.grad = torch.full_like(model.weight, 10.0)

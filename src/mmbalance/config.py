@@ -30,7 +30,8 @@ RUNTIME_ARGS = {
     "encoder": {"in_shape"},
 }
 
-ROOT_SCHEMA = {  # key: the type hint its value must satisfy
+# key: the type hint its value must satisfy; root_schema() adds the keys whose choices a registry holds
+ROOT_SCHEMA = {
     "seed": NonNegativeInt,
     "trainer.epochs": PositiveInt,
     "trainer.batch_size": PositiveInt,
@@ -44,7 +45,6 @@ ROOT_SCHEMA = {  # key: the type hint its value must satisfy
     "hardware.precision": Literal["fp32", "bf16"],
     "hardware.num_workers": NonNegativeInt,
     "hardware.pin_memory": bool,
-    "backbone.fusion": Literal["concat", "sum", "film", "gated"],
 }
 OPTIONAL_SCHEMA = {  # checked only when present (hardware=ddp sets them)
     "hardware.distributed": bool,
@@ -130,6 +130,14 @@ def _get(cfg: DictConfig, dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
+def root_schema() -> dict[str, Any]:
+    """ROOT_SCHEMA and the keys whose choices a registry holds: `backbone.fusion` is a key of models/fusion.py's
+    FUSIONS."""
+    from mmbalance.models.fusion import FUSIONS  # torch loads with it: validation happens when a run is built
+
+    return {**ROOT_SCHEMA, "backbone.fusion": Literal[tuple(FUSIONS)]}
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem in the run config; return None when it is sound."""
     problems: list[str] = []
@@ -146,11 +154,12 @@ def validate(cfg: DictConfig) -> None:
     else:
         for kind, node in encoders.items():
             _check_target(f"backbone.encoders.{kind}", node, RUNTIME_ARGS["encoder"], problems)
-    for key, hint in {**ROOT_SCHEMA, **OPTIONAL_SCHEMA}.items():
+    required = root_schema()
+    for key, hint in {**required, **OPTIONAL_SCHEMA}.items():
         parent, _, name = key.rpartition(".")
         present, node = _get(cfg, parent) if parent else (True, cfg)
         if not present or not isinstance(node, DictConfig) or name not in node:
-            if key in ROOT_SCHEMA:
+            if key in required:
                 problems.append(f"{key}: missing from the run config")
             continue
         problems.extend(_check_key(node, name, key, hint))

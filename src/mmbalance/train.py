@@ -15,36 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import mmbalance
 from mmbalance.config import build, validate
-from mmbalance.data.batch import ModalitySpec
 from mmbalance.engine import distributed
 from mmbalance.engine.checkpoint import write_json
 from mmbalance.engine.identity import data_identity, run_identity
+from mmbalance.engine.run import LoaderSettings, Run
 from mmbalance.engine.run_folder import RunFolder
-from mmbalance.engine.trainer import LoaderSettings, Run, Trainer, seed_everything
+from mmbalance.engine.seeding import seed_everything
+from mmbalance.engine.trainer import Trainer
 from mmbalance.errors import CheckpointError, UserError
 from mmbalance.metrics.flops import count_flops, write_fvcore_table
-from mmbalance.models.fusion import build_fusion
-from mmbalance.models.multimodal import MultimodalModel
+from mmbalance.models.build import build_model
 
 log = logging.getLogger("mmbalance")
-
-
-def build_model(specs: dict[str, ModalitySpec], backbone: DictConfig, num_classes: int, masking: str) -> MultimodalModel:
-    """One encoder per modality, chosen by the modality's kind from `backbone.encoders` (or by its name from
-    `backbone.per_modality`), and the fusion head `backbone.fusion`."""
-    per_modality = backbone.get("per_modality") or {}
-    encoders = {}
-    for m, spec in specs.items():
-        node = per_modality.get(m) or backbone.encoders.get(spec.kind)
-        if node is None:
-            raise UserError(
-                f"backbone.encoders has no encoder for the {spec.kind!r} kind of modality {m!r}; "
-                f"add backbone.encoders.{spec.kind} or pick another backbone"
-            )
-        encoders[m] = build(node, in_shape=tuple(spec.shape))
-    dims = {m: int(e.out_dim) for m, e in encoders.items()}
-    fusion = build_fusion(backbone.fusion, dims, num_classes, **(backbone.get("fusion_kwargs") or {}))
-    return MultimodalModel(encoders, fusion, masking=masking)
 
 
 def resolve_device(hardware: DictConfig) -> torch.device:

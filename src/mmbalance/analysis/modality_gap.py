@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmbalance.analysis.report import DASH, METHOD_ORDER, load_runs
+from mmbalance.analysis.runs import DASH, METHOD_ORDER, load_runs
 from mmbalance.errors import UserError
 
 __all__ = ["ProbeSettings", "ProbeResult", "linear_probe", "pair_runs", "probe_run", "write_gap_report", "main"]
@@ -237,7 +237,7 @@ class _Probing:
 
     def splits(self, cfg, key):
         from mmbalance.config import build
-        from mmbalance.engine.trainer import seed_everything
+        from mmbalance.engine.seeding import seed_everything
 
         if key not in self._splits:
             seed_everything(cfg.seed)  # as training does before building the data
@@ -276,7 +276,7 @@ def probe_run(run: RunInfo, settings: ProbeSettings = ProbeSettings(), probing: 
 
     from mmbalance.config import build
     from mmbalance.engine.checkpoint import load_checkpoint
-    from mmbalance.train import build_model
+    from mmbalance.models.build import build_model
 
     probing = probing or _Probing(settings)
     ckpt = _checkpoint(run.run_dir)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from mmbalance.analysis.report import DASH, _natural_key, _order_key, _pm
+from mmbalance.analysis.runs import DASH, format_pm, natural_key, order_key
 
 __all__ = [
     "FAMILY_ORDER", "method_families", "benchmark_table", "write_benchmark", "BalancePoints",
@@ -106,7 +106,7 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
     datasets = list(dict.fromkeys(keyed["dataset"]))
     rows_keys = sorted(
         dict.fromkeys(zip(keyed["family"], keyed["method"], keyed["variant"])),
-        key=lambda k: (_family_rank(k[0]), k[1], _natural_key(k[2])),
+        key=lambda k: (_family_rank(k[0]), k[1], natural_key(k[2])),
     )
 
     def col(row: pd.Series | None, name: str) -> float:
@@ -176,7 +176,7 @@ def _cells(row, ds: str, pm: str, mark) -> list[str]:
         if not np.isfinite(mean):
             cells.append(DASH)
             continue
-        text = f"{100 * mean:.1f}" if average else _pm(mean, std, 100.0).replace(" ± ", pm)
+        text = f"{100 * mean:.1f}" if average else format_pm(mean, std, 100.0).replace(" ± ", pm)
         cells.append(mark(text, row.get(f"{ds}/{short}.mark", "")))
     rel = row[f"{ds}/flops_rel"]
     cells.append(f"{rel:.2f}×" if np.isfinite(rel) else DASH)
@@ -331,7 +331,7 @@ def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list
         points = points[points["acc.mean"].notna() & points["imbalance.mean"].notna()]
         if len(points) < 2:
             continue
-        points = points.iloc[sorted(range(len(points)), key=lambda i: _natural_key(points["setting"].iloc[i]))]
+        points = points.iloc[sorted(range(len(points)), key=lambda i: natural_key(points["setting"].iloc[i]))]
         points = points.reset_index(drop=True)
         base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
         baseline = base.iloc[0] if len(base) else None
@@ -382,18 +382,18 @@ def _balance_markdown(curves: Sequence[BalanceCurve], files: dict[str, Path]) ->
         lines += ["", f"### {c.method} on {c.dataset}, over {c.knob} (`{files[c.method].name}`)", "",
                   f"| {c.knob} | n | test acc | imbalance |", "|---:|---:|---:|---:|"]
         for _, r in p.iterrows():
-            lines.append(f"| {r['setting']} | {r['n']} | {_pm(r['acc.mean'], r['acc.std'], 100.0)} "
-                         f"| {_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)} |")
+            lines.append(f"| {r['setting']} | {r['n']} | {format_pm(r['acc.mean'], r['acc.std'], 100.0)} "
+                         f"| {format_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)} |")
         if c.baseline is not None:
             b = c.baseline
-            lines.append(f"| baseline | {b['n']} | {_pm(b.get('test/acc.mean'), b.get('test/acc.std'), 100.0)} "
-                         f"| {_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), 100.0)} |")
+            lines.append(f"| baseline | {b['n']} | {format_pm(b.get('test/acc.mean'), b.get('test/acc.std'), 100.0)} "
+                         f"| {format_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), 100.0)} |")
         lines.append("")
         for name, setting in [("Relative balance point (best accuracy)", c.balance.relative),
                               ("Absolute balance point (lowest imbalance)", c.balance.absolute)]:
             r = p[p["setting"] == setting].iloc[0]
-            lines.append(f"- {name}: **{c.knob}={setting}**: accuracy {_pm(r['acc.mean'], r['acc.std'], 100.0)}, "
-                         f"imbalance {_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)}.")
+            lines.append(f"- {name}: **{c.knob}={setting}**: accuracy {format_pm(r['acc.mean'], r['acc.std'], 100.0)}, "
+                         f"imbalance {format_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)}.")
     return lines
 
 
@@ -432,7 +432,7 @@ def write_dynamics(df: pd.DataFrame, out: Path) -> list[Path]:
     `val/shapley/<m>`: per-epoch φ per modality and the imbalance, mean (± std band) over the runs."""
     written = []
     done = df[df["status"] == "completed"]
-    groups = sorted(done.groupby(["dataset", "method", "variant"], sort=False), key=lambda g: _order_key(*g[0]))
+    groups = sorted(done.groupby(["dataset", "method", "variant"], sort=False), key=lambda g: order_key(*g[0]))
     for (dataset, method, variant), group in groups:
         stats = _history_means(list(group["run_dir"]))
         if stats is None:

@@ -28,7 +28,7 @@ Recipe (AV_preprocess_tool + BalanceBenchmark ``balance_dataset.py``, with the p
 * ``audio_log`` (default false): the released pickles hold the plain magnitude and both reference loaders
   (BalanceBenchmark, BML) feed it to the ResNet unchanged, so the paper's BalancedAV numbers were made without a
   log; ``audio_log: true`` applies log(|S| + 1e-7), the compression every OGM-GE audio recipe uses;
-* splits: the json's own training / validation / testing subsets (DECISIONS: BalancedAV has its own validation
+* splits: the json's own training / validation / testing subsets (a settled choice, docs/architecture.md: BalancedAV has its own validation
   split; the peer's ``mode + 'ing'`` match never finds ``validation``). Subset names ``train``/``val``/``valid``/
   ``test`` are accepted too. Only when no clip is in validation is a stratified 10 % carved from training;
 * classes: the json's ``labels`` list in its order (sorted label names when it has none), persisted as
@@ -49,31 +49,30 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
-from mmbalance.data.clips import CACHE_META, Clip, FrameReader, clip_splits, spectrogram_from_array, write_clip_cache
-from mmbalance.data.prepare import (PrepareContext, read_classes, read_json, read_manifest, resolve_prepared,
-                                    write_classes, write_manifest)
+from mmbalance.data.clips import Clip, FrameReader, ModalityMap, clip_splits, spectrogram_from_array
+from mmbalance.data.layout import (Discovery, candidate_list, dataset_root, find_media, option_path, prepare_clips,
+                                   prepared_clips, prepared_splits, walk_dirs)
+from mmbalance.data.prepare import CACHE_META, CLASSES, SUMMARY, PrepareContext, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
 
 SUBSETS = {"training": "train", "train": "train", "validation": "val", "valid": "val", "val": "val",
            "testing": "test", "test": "test"}
-VISUAL_SUFFIXES = (".hdf5", ".h5")
-AUDIO_SUFFIXES = (".pkl", ".npy")
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
-# files that mark a folder as mmbalance output (a prepared cache), never raw data to detect
-_PREPARED_MARKERS = ("manifest.csv", CACHE_META, "prepare_summary.json")
 LOG_EPS = 1e-7
+# the layout table: AV_preprocess_tool's hdf5 frames and pickled |STFT| (or prepare's .npy), else the raw videos;
+# the folders are the root and every folder two levels below it (or the pinned ones)
+KINDS = {"audio": ("array", "video"), "visual": ("hdf5", "video")}
+# what prepare decodes from the raw videos: an AV_preprocess_tool tree, which the raw loader reads too
+TO_AV_PREPROCESS_TOOL = {"visual": ("hdf5", "hdf5", "visual/{id}.hdf5"), "audio": ("npy", "array", "audio/{id}.npy")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,67 +145,30 @@ class MagnitudeReader:
         return fit_frames(spec, self.shape[2])
 
 
-class LogAudio(Dataset):
-    """Applies log(x + 1e-7) to one modality of another dataset's items (``audio_log: true``), so the raw and the
-    prepared path share one switch and the cache keeps the magnitude as released."""
+class LogAudio(ModalityMap):
+    """log(x + 1e-7) of the audio (``audio_log: true``): a wrapper, so the cache keeps the magnitude as released."""
 
-    def __init__(self, base: Dataset, modality: str = "audio"):
-        self.base, self.modality = base, modality
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.base[i]
-        item["inputs"][self.modality] = torch.log(item["inputs"][self.modality].clamp_min(0) + LOG_EPS)
-        return item
+    def apply(self, x: Tensor) -> Tensor:
+        return torch.log(x.clamp_min(0) + LOG_EPS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # annotation and layout
 
 
-def _is_prepared(folder: Path) -> bool:
-    return any((folder / m).is_file() for m in _PREPARED_MARKERS)
-
-
-def _candidate_dirs(root: Path, depth: int = 2, exclude: tuple[Path, ...] = ()) -> list[Path]:
-    """root and its sub-folders up to `depth` levels, without hidden folders, mmbalance prepared outputs and
-    `exclude` (prepare's own --out, which may sit inside root and be half-written)."""
-    excluded = {p.resolve() for p in exclude}
-    out, level = [root], [root]
-    for _ in range(depth):
-        nxt = []
-        for d in level:
-            try:
-                entries = sorted((e for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")),
-                                 key=lambda e: e.name)
-            except OSError:
-                continue
-            nxt += [Path(e.path) for e in entries
-                    if not _is_prepared(Path(e.path)) and Path(e.path).resolve() not in excluded]
-        out += nxt
-        level = nxt
-    return out
-
-
 def find_annotation(root: Path, annotation: str | None = None, exclude: tuple[Path, ...] = ()) -> Path:
     """The annotation json: `annotation` (absolute, or relative to root), else the one json with a `database`
     found in root or its sub-folders (two levels)."""
     if annotation:
-        path = Path(annotation).expanduser()
-        path = path if path.is_absolute() else root / path
-        if not path.is_file():
-            raise DataError(f"dataset.annotation: annotation json {str(path)!r} does not exist")
-        return path
+        return option_path(root, annotation, "annotation", "annotation json")
     found = []
-    for d in _candidate_dirs(root, exclude=exclude):
-        for p in sorted(d.glob("*.json")):
-            if p.name in ("classes.json", CACHE_META, "prepare_summary.json"):
+    for folder, entries in walk_dirs(root, 2, exclude):
+        for e in entries:
+            if not e.name.endswith(".json") or e.name in (CLASSES, CACHE_META, SUMMARY):
                 continue
             try:
-                if p.stat().st_size and "database" in json.loads(p.read_text()):
-                    found.append(p)
+                if e.stat().st_size and "database" in json.loads(Path(e.path).read_text()):
+                    found.append(Path(e.path))
             except (OSError, ValueError, TypeError):
                 continue
     if not found:
@@ -246,121 +208,35 @@ def read_annotation(path: Path) -> tuple[list[str], list[tuple[str, str, str]]]:
     return classes, entries
 
 
-@dataclass
-class Layout:
-    """Which layout matched and where its media live: {modality: folder} and the audio/video file suffixes."""
-
-    name: str
-    annotation: Path
-    dirs: dict[str, Path]
-    notes: dict = field(default_factory=dict)
-
-
-def _stems(folder: Path, suffixes: tuple[str, ...]) -> dict[str, str]:
-    """{file stem: suffix} for the files of `folder` with one of `suffixes` (first suffix wins)."""
-    out: dict[str, str] = {}
-    try:
-        for e in os.scandir(folder):
-            stem, suffix = os.path.splitext(e.name)
-            if suffix.lower() in suffixes and (stem not in out or suffixes.index(suffix.lower()) <
-                                               suffixes.index(out[stem])):
-                out[stem] = suffix.lower()
-    except OSError:
-        pass
-    return out
-
-
-def _best_dir(dirs: list[Path], ids: set[str], suffixes: tuple[str, ...]) -> tuple[Path | None, dict[str, str]]:
-    """The folder holding the most `<id><suffix>` files, and its {stem: suffix}."""
-    best, best_stems, best_hits = None, {}, 0
-    for d in dirs:
-        stems = _stems(d, suffixes)
-        hits = len(ids.intersection(stems))
-        if hits > best_hits:
-            best, best_stems, best_hits = d, stems, hits
-    return best, best_stems
-
-
-def _pinned(root: Path, value: str | None, what: str) -> Path | None:
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else root / path
-    if not path.is_dir():
-        raise DataError(f"dataset.{what}: folder {str(path)!r} does not exist")
-    return path
-
-
 def find_clips(root: str | Path, annotation: str | None = None, visual_dir: str | None = None,
                audio_dir: str | None = None, video_dir: str | None = None, exclude: tuple[Path, ...] = ()
-               ) -> tuple[list[Clip], list[str], Layout, list[tuple[str, str]]]:
-    """Clips with their media (visual/audio sources), class names, the matched layout, and the
-    (path, why) of every annotated clip whose media are missing (those clips are left out)."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"dataset.root: BalancedAV folder {str(root)!r} does not exist")
+               ) -> tuple[Discovery, list[str]]:
+    """The annotated clips with their media (`Discovery`: layout, clips, missing ones) and the class names."""
+    root = dataset_root(root, "BalancedAV")
     ann = find_annotation(root, annotation, exclude)
     classes, entries = read_annotation(ann)
-    ids = {e[0] for e in entries}
-    dirs = _candidate_dirs(root, exclude=exclude)
-    pinned = {k: _pinned(root, v, k) for k, v in
-              (("visual_dir", visual_dir), ("audio_dir", audio_dir), ("video_dir", video_dir))}
-
-    def locate(key: str, suffixes: tuple[str, ...]) -> tuple[Path | None, dict[str, str]]:
-        if pinned[key] is not None:
-            return pinned[key], _stems(pinned[key], suffixes)
-        if pinned["video_dir"] is not None and key != "video_dir":
-            return None, {}  # the user pinned the raw videos: read those
-        return _best_dir(dirs, ids, suffixes)
-
-    vis_dir, vis = locate("visual_dir", VISUAL_SUFFIXES)
-    aud_dir, aud = locate("audio_dir", AUDIO_SUFFIXES)
-    if vis_dir is not None and aud_dir is not None:
-        layout = Layout("av_preprocess_tool", ann, {"visual": vis_dir, "audio": aud_dir})
-        have = {"visual": vis, "audio": aud}
-    else:
-        vid_dir, vid = locate("video_dir", VIDEO_SUFFIXES)
-        if vid_dir is None:
-            example = next(iter(sorted(ids)))
-            raise DataError(
-                f"{root}: no BalancedAV media found for the {len(ids)} clips of {ann.name}: expected "
-                f"<visual>/{example}.hdf5 + <audio>/{example}.pkl (AV_preprocess_tool) or <videos>/{example}.mp4 "
-                f"in the root or a sub-folder (found visual: {vis_dir}, audio: {aud_dir}); set dataset.visual_dir/"
-                "audio_dir or dataset.video_dir")
-        layout = Layout("video", ann, {"visual": vid_dir, "audio": vid_dir})
-        have = {"visual": vid, "audio": vid}
     label_of = {c: i for i, c in enumerate(classes)}
-    clips, missing = [], []
-    for clip_id, label, split in entries:
-        gone = [m for m in ("visual", "audio") if clip_id not in have[m]]
-        if gone:  # one entry per clip, naming its first missing file
-            m = gone[0]
-            suffix = (VISUAL_SUFFIXES[0] if m == "visual" else AUDIO_SUFFIXES[0]) \
-                if layout.name == "av_preprocess_tool" else VIDEO_SUFFIXES[0]
-            missing.append((str(layout.dirs[m] / f"{clip_id}{suffix}"),
-                            f"{' and '.join(gone)} file missing for annotated clip {clip_id!r}"))
-            continue
-        sources = {m: str(layout.dirs[m] / f"{clip_id}{have[m][clip_id]}") for m in ("visual", "audio")}
-        clips.append(Clip(clip_id, label_of[label], split, sources))
-    if not clips:
-        raise DataError(f"{root}: none of the {len(entries)} clips of {ann} has its media in the {layout.name} "
-                        f"layout (looked in {', '.join(sorted({str(d) for d in layout.dirs.values()}))})")
-    layout.notes = {"annotation": str(ann), **{f"{m}_dir": str(d) for m, d in layout.dirs.items()}}
-    return clips, classes, layout, missing
+    dirs = [folder for folder, _ in walk_dirs(root, 2, exclude)]
+    pinned = {k: option_path(root, v, k) for k, v in (("visual_dir", visual_dir), ("audio_dir", audio_dir),
+                                                      ("video_dir", video_dir))}
+    if pinned["video_dir"] is not None and not (visual_dir or audio_dir):  # the user pinned the raw videos
+        tables = {m: [("video", [pinned["video_dir"]])] for m in KINDS}
+    else:
+        tables = {m: [(k, [pinned[f"{m}_dir"]] if pinned[f"{m}_dir"] else dirs) for k in kinds]
+                  for m, kinds in KINDS.items()}
+    disc = find_media(root, [Clip(i, label_of[lab], split, {}) for i, lab, split in entries], None,
+                      {m: candidate_list(t) for m, t in tables.items()}, layout="?", split_source=ann.name,
+                      dataset="BalancedAV")
+    kinds = set(disc.kinds.values())
+    disc.layout = "av_preprocess_tool" if kinds == {"hdf5", "array"} else "video" if kinds == {"video"} else "mixed"
+    disc.extra_notes = {"annotation": str(ann), **{f"{m}_dir": str(d[0]) for m, d in disc.dirs.items() if d}}
+    return disc, classes
 
 
-def _readers(layout_name: str, frames: int, image_size: int, augment: str, sr: int, seconds: float, n_fft: int,
-             hop_length: int, audio_frames: int | None, audio_shape=None) -> dict:
-    video = layout_name == "video"
-    return {
-        "audio": MagnitudeReader("video" if video else "array", sr, seconds, n_fft, hop_length, audio_frames,
-                                 audio_shape),
-        "visual": FrameReader("video" if video else "hdf5", frames, image_size, augment, fps=1.0),
-    }
-
-
-def _counts(clips: list[Clip]) -> dict[str, int]:
-    return {s: sum(c.split == s for c in clips) for s in ("train", "val", "test")}
+def bav_readers(kinds: dict[str, str], frames: int, image_size: int, augment: str, sr: int, seconds: float,
+                n_fft: int, hop_length: int, audio_frames: int | None) -> dict:
+    return {"audio": MagnitudeReader(kinds["audio"], sr, seconds, n_fft, hop_length, audio_frames),
+            "visual": FrameReader(kinds["visual"], frames, image_size, augment, fps=1.0)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,47 +261,22 @@ def build_balanced_av(root: str | None = None, prepared: str | None = None, anno
     prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     if augment not in media.ClipTransform.AUGMENTS:
         raise UserError(f"dataset.augment={augment!r}; expected one of {media.ClipTransform.AUGMENTS}")
-    if prepared:
-        splits = _build_prepared(Path(prepared).expanduser(), frames, image_size, augment, val_fraction, split_seed)
+    if prepared is not None:
+        folder = PreparedFolder(prepared, "balanced_av").require()
+        clips, classes, _ = prepared_clips(folder, ("audio", "visual"))
+        splits = prepared_splits(folder, clips, classes, frames=frames, image_size=image_size, augment=augment,
+                                 val_fraction=val_fraction, split_seed=split_seed)
     else:
-        if not root:
-            raise UserError("dataset.root is not set: point it at the BalancedAV folder, or set dataset.prepared")
-        clips, classes, layout, missing = find_clips(root, annotation, visual_dir, audio_dir, video_dir)
-        if missing:
-            log.warning("balanced_av: %d annotated clips have missing media and are left out (first: %s)",
-                        len(missing), missing[0][0])
-        readers = _readers(layout.name, frames, image_size, augment, sr, seconds, n_fft, hop_length, audio_frames)
-        notes = {"layout": layout.name, **layout.notes, "clips": _counts(clips), "missing_media": len(missing),
-                 "missing_examples": [p for p, _ in missing[:5]], "source": "raw"}
-        splits = clip_splits(clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed, notes=notes)
-        log.info("balanced_av: layout %s (%s), %d clips, %d with missing media left out", layout.name,
-                 layout.annotation, len(clips), len(missing))
+        disc, classes = find_clips(root, annotation, visual_dir, audio_dir, video_dir)
+        disc.log("balanced_av")
+        readers = bav_readers(disc.kinds, frames, image_size, augment, sr, seconds, n_fft, hop_length, audio_frames)
+        notes = {**disc.notes(), "missing_media": len(disc.missing), "source": "raw"}
+        splits = clip_splits(disc.clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
+                             notes=notes)
     splits.notes["audio_log"] = bool(audio_log)
     if audio_log:
         splits.train, splits.val, splits.test = (LogAudio(d) for d in (splits.train, splits.val, splits.test))
     return splits
-
-
-def _build_prepared(folder: Path, frames: int, image_size: int, augment: str, val_fraction: float,
-                    split_seed: int) -> DataSplits:
-    meta_path = folder / CACHE_META
-    if not meta_path.is_file():
-        raise DataError(f"dataset.prepared {str(folder)!r} is not a prepared BalancedAV cache ({CACHE_META} "
-                        "missing); run `mmbalance prepare balanced_av --root RAW --out <folder>`")
-    meta = read_json(meta_path)
-    if set(meta.get("modalities", {})) != {"audio", "visual"}:
-        raise DataError(f"dataset.prepared {str(folder)!r} holds {sorted(meta.get('modalities', {}))}, not "
-                        "BalancedAV's audio + visual cache")
-    classes = read_classes(folder)
-    clips = [Clip(r["id"], int(r["label"]), r["split"], {"visual": r["visual"], "audio": r["audio"]})
-             for r in read_manifest(folder)]
-    layout = read_json(folder / "prepare_summary.json", optional=True).get("layout", "unknown")
-    readers = {"audio": MagnitudeReader(shape=tuple(meta["modalities"]["audio"]["shape"])),
-               "visual": FrameReader("hdf5", frames, image_size, augment, fps=1.0)}
-    notes = {"layout": f"prepared cache ({layout})", "prepared": str(folder), "clips": _counts(clips),
-             "source": "prepared", "cache_frame_size": meta.get("size")}
-    return clip_splits(clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
-                       cache_dir=folder, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,31 +294,34 @@ def _write_hdf5(path: Path, jpegs: list[bytes]) -> None:
     os.replace(tmp, path)
 
 
-def _extract_one(task: tuple) -> tuple[str, str | None, str | None, bool]:
-    """Worker: one mp4 -> <out>/visual/<id>.hdf5 (1 fps JPEG bytes) + <out>/audio/<id>.npy (float16 |STFT|).
-    Returns (id, error or None, failing path, whether anything was written). Each file is written to a .tmp and
-    renamed, so an interrupted run never leaves a file that looks finished."""
-    clip_id, video, out, sr, seconds, n_fft, hop, force = task
-    out = Path(out)
-    vis, aud = out / "visual" / f"{clip_id}.hdf5", out / "audio" / f"{clip_id}.npy"
-    wrote = force or not (vis.is_file() and aud.is_file())
-    try:
-        if force or not vis.is_file():
-            jpegs = []
-            for img in media.decode_video_frames(video, fps=1.0):
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=95)
-                jpegs.append(buf.getvalue())
-            _write_hdf5(vis, jpegs)
-        if force or not aud.is_file():
-            reader = MagnitudeReader("video", sr, seconds, n_fft, hop)
-            spec = reader(video)[0].numpy().astype(np.float16)
-            tmp = aud.with_name(aud.name + ".tmp.npy")
-            np.save(tmp, spec)
-            os.replace(tmp, aud)
-    except DataError as exc:
-        return clip_id, str(exc), video, wrote
-    return clip_id, None, None, wrote
+def _extract_one(task: tuple) -> tuple[int, str | None, str | None, list[str]]:
+    """Worker: one video -> <out>/visual/<id>.hdf5 (1 fps JPEG bytes, quality 95) + <out>/audio/<id>.npy (float16
+    |STFT|). Each file is written to a .tmp and renamed, so an interrupted run never leaves a file that looks
+    finished. Returns (index, failing path, error or None, names of the outputs written)."""
+    i, jobs, force, (sr, seconds, n_fft, hop) = task
+    wrote = []
+    for name, video, dest in jobs:
+        dest = Path(dest)
+        if dest.is_file() and not force:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if name == "hdf5":
+                jpegs = []
+                for img in media.decode_video_frames(video, fps=1.0):
+                    buf = io.BytesIO()
+                    img.save(buf, format="JPEG", quality=95)
+                    jpegs.append(buf.getvalue())
+                _write_hdf5(dest, jpegs)
+            else:
+                spec = MagnitudeReader("video", sr, seconds, n_fft, hop)(video)[0].numpy().astype(np.float16)
+                tmp = dest.with_name(dest.name + ".tmp.npy")
+                np.save(tmp, spec)
+                os.replace(tmp, dest)
+        except DataError as exc:
+            return i, video, str(exc), wrote
+        wrote.append(name)
+    return i, None, None, wrote
 
 
 def prepare(ctx: PrepareContext, annotation: str | None = None, visual_dir: str | None = None,
@@ -481,34 +335,16 @@ def prepare(ctx: PrepareContext, annotation: str | None = None, visual_dir: str 
     for raw videos (AV_preprocess_tool: 44100, 10, 512, 440); audio_frames: spectrogram width (1003);
     cache: false to stop after the manifest (and the extraction for raw videos).
     """
-    clips, classes, layout, missing = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir,
-                                                 exclude=(ctx.out,))
-    for path, why in missing:
-        ctx.problem(path, why)
-    summary: dict = {"layout": layout.name, "annotation": str(layout.annotation), "classes": len(classes),
-                     "missing_media": len(missing)}
-    if layout.name == "video":
-        for sub in ("visual", "audio"):
-            (ctx.out / sub).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(layout.annotation, ctx.out / "annotation.json")
-        tasks = [(c.id, c.sources["visual"], str(ctx.out), sr, seconds, n_fft, hop_length, ctx.force) for c in clips]
-        failed, existing = set(), 0
-        for clip_id, error, path, wrote in ctx.map(_extract_one, tasks, desc="extracting frames and audio"):
-            existing += not wrote
-            if error is not None:
-                failed.add(clip_id)
-                ctx.problem(path, error)
-        clips = [Clip(c.id, c.label, c.split, {"visual": str(ctx.out / "visual" / f"{c.id}.hdf5"),
-                                               "audio": str(ctx.out / "audio" / f"{c.id}.npy")})
-                 for c in clips if c.id not in failed]
-        summary.update(extracted=len(clips) - existing, extract_skipped_existing=existing, extract_failed=len(failed),
-                       extracted_to=f"{ctx.out}/visual/<id>.hdf5, {ctx.out}/audio/<id>.npy")
-    write_manifest(ctx.out, ({"id": c.id, "label": c.label, "label_name": classes[c.label], "split": c.split,
-                              "visual": c.sources["visual"], "audio": c.sources["audio"]} for c in clips),
-                   ["id", "label", "label_name", "split", "visual", "audio"])
-    write_classes(ctx.out, classes)
-    summary.update(clips=len(clips), **{f"clips_{s}": n for s, n in _counts(clips).items()})
-    if cache:
-        readers = _readers("av_preprocess_tool", 3, size, "none", sr, seconds, n_fft, hop_length, audio_frames)
-        summary.update(write_clip_cache(ctx, clips, readers, size=size, max_frames=max_frames))
-    return summary
+    disc, classes = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir, exclude=(ctx.out,))
+    if disc.layout == "video":
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(disc.extra_notes["annotation"], ctx.out / "annotation.json")
+    summary = prepare_clips(ctx, "balanced_av", disc.clips, disc.kinds, classes, problems=disc.problems(),
+                            summary={"layout": disc.layout, "annotation": disc.extra_notes["annotation"],
+                                     "classes": len(classes), "missing_media": len(disc.missing)},
+                            cache_readers=(lambda kinds, clips: bav_readers(kinds, 3, size, "none", sr, seconds,
+                                                                           n_fft, hop_length, audio_frames))
+                            if cache else None, size=size, max_frames=max_frames, worker=_extract_one,
+                            targets=TO_AV_PREPROCESS_TOOL, params=(sr, seconds, n_fft, hop_length))
+    return {**summary, "clips": sum(summary["manifest_clips"].values()),
+            **{f"clips_{s}": n for s, n in summary["manifest_clips"].items()}}

@@ -2,22 +2,24 @@
 
 Every audio-visual benchmark dataset (CREMA-D, Kinetics-Sounds, VGGSound, BalancedAV, UCF-101) is a list of
 `Clip`s -- id, label, split and one source path per modality -- plus a reader per modality that turns a
-source into a tensor. A dataset module's only job is to find the clips in whatever layout the user has;
-reading, sampling, augmenting and caching are shared here.
+source into a tensor. A dataset module's only job is to find the clips in whatever layout the user has (with
+data/layout.py); reading, sampling, augmenting and caching are shared here.
 
 Two paths feed the model:
 * raw: `ClipDataset` decodes the user's files on every access (frame folders, HDF5 of jpeg bytes, videos,
   wav, pre-computed spectrogram arrays);
-* prepared: `mmbalance prepare` writes `frames.npy` (N, F, 3, S, S) uint8 and `<modality>.npy` float16
-  spectrograms as memory-mapped arrays (`write_clip_cache`); `CachedClipDataset` reads them with the same
-  sampling and transforms, without any decoding -- so a GPU is not starved by jpeg/video decoding.
+* prepared: `mmbalance prepare` writes `<modality>.npy`: frames (N, F, C, S, S) uint8 and spectrograms float16,
+  as memory-mapped arrays (`write_clip_cache`); `CachedClipDataset` reads them with the same sampling and
+  transforms, without any decoding -- so a GPU is not starved by jpeg/video decoding.
+`clip_splits` turns a clip list into DataSplits over either path. A reader of kind "frames" provides `frames`,
+`shape`, `transform(train)` and `cache_rows`; any other reader is called on a source and returns a tensor.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from torch.utils.data import Dataset
 
 from mmbalance.data import finite, media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
-from mmbalance.data.prepare import read_json
+from mmbalance.data.prepare import CACHE_META, PreparedFolder
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -81,12 +83,31 @@ class FrameReader:
             return media.images_from_hdf5(path)
         return media.decode_video_frames(path, self.fps)
 
+    def cache_rows(self, clip: Clip, modality: str, size: int, max_frames: int) -> tuple[np.ndarray, int]:
+        items = self.read_all(clip.sources[modality])
+        return cache_frames(len(items), lambda j: [items[j] if not isinstance(items[j], (str, Path, bytes))
+                                                   else media.read_image(items[j])], 3, size, max_frames)
+
     def __call__(self, path: str, train: bool, generator: torch.Generator | None = None) -> Tensor:
         items = self.read_all(path)
         idx = media.segment_indices(len(items), self.frames, train, generator)
         images = [items[i] if not isinstance(items[i], (str, Path, bytes)) else media.read_image(items[i])
                   for i in idx]
         return self.transform(train)(images, generator)
+
+
+def cache_frames(n: int, images, channels: int, size: int, max_frames: int) -> tuple[np.ndarray, int]:
+    """A clip's frames as the cache keeps them: every frame up to `max_frames` (evenly spread over the clip when
+    it has more), `images(j)` -> frame j as PIL images of `channels` channels in all, each resized to size x size;
+    uint8 (max_frames, channels, size, size) and the number of frames kept."""
+    import torchvision.transforms.v2.functional as TF
+
+    pick = np.linspace(0, n - 1, max_frames).round().astype(int) if n > max_frames else range(n)
+    out = np.zeros((max_frames, channels, size, size), dtype=np.uint8)
+    for k, j in enumerate(pick):
+        out[k] = np.concatenate([TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True).numpy()
+                                 for img in images(j)])
+    return out, len(pick)
 
 
 class AudioReader:
@@ -135,8 +156,12 @@ class AudioReader:
         return media.fit_length(wave, length, self.fit)
 
     def __call__(self, path: str, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        if self.source == "array":
-            return spectrogram_from_array(media.load_array(path), path)
+        if self.source == "array":  # used as stored; with a pinned shape every clip must have it (not a collate crash)
+            x = spectrogram_from_array(media.load_array(path), path)
+            if self._shape is not None and tuple(x.shape) != self._shape:
+                raise DataError(f"{path}: spectrogram of shape {tuple(x.shape)}, expected {self._shape} like the "
+                                "other clips")
+            return x
         wave = self.waveform(path, train, generator)
         if self.recipe == "kaldi_fbank":
             return media.kaldi_fbank(wave, self.sr, self.num_mel_bins, self.target_frames)
@@ -168,12 +193,13 @@ def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0)
 
 
-def probe_array_shape(paths: Sequence[str]) -> tuple[int, ...]:
-    """The (1, F, T) shape of the first readable stored spectrogram among the first few clips' files."""
+def stored_audio(paths: Sequence[str]) -> AudioReader:
+    """Stored spectrograms used as they are, pinned to the (1, F, T) shape of the first readable one among the first
+    few clips' files: every clip must have that shape."""
     first_error = None
     for path in list(paths)[:8]:
         try:
-            return tuple(spectrogram_from_array(media.load_array(path), path).shape)
+            return AudioReader(source="array", shape=spectrogram_from_array(media.load_array(path), path).shape)
         except DataError as exc:
             first_error = first_error or exc
     raise first_error or DataError("no clip to read a stored spectrogram's shape from")
@@ -215,11 +241,20 @@ class CachedClipDataset(Dataset):
         self.readers, self.train = readers, train
         self._arrays: dict[str, np.ndarray] | None = None  # opened lazily: memmaps do not pickle to workers well
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self) -> dict:
         if self._arrays is None:
             self._arrays = {m: np.load(self.cache_dir / f"{m}.npy", mmap_mode="r") for m in self.readers}
             self._arrays["_n_frames"] = np.load(self.cache_dir / "n_frames.npy")
+            # n_frames' columns follow the cache's modalities: a run may read fewer than were cached
+            self._arrays["_columns"] = list(PreparedFolder(self.cache_dir).json(CACHE_META)["modalities"])
         return self._arrays
+
+    def frames(self, i: int, m: str, generator: torch.Generator | None = None) -> Tensor:
+        """Modality m's frames of item i, uint8 (k, C, S, S), sampled segment-wise like the raw path."""
+        arrays, row = self.arrays(), int(self.rows[i])
+        n = int(arrays["_n_frames"][row, arrays["_columns"].index(m)])
+        idx = media.segment_indices(max(n, 1), self.readers[m].frames, self.train, generator)
+        return torch.from_numpy(np.ascontiguousarray(arrays[m][row, idx]))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -230,22 +265,40 @@ class CachedClipDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row, arrays, inputs = int(self.rows[i]), self.arrays(), {}
         for m, reader in self.readers.items():
-            if isinstance(reader, FrameReader):
-                n = int(arrays["_n_frames"][row, list(self.readers).index(m)])
-                idx = media.segment_indices(max(n, 1), reader.frames, self.train)
-                frames = torch.from_numpy(np.ascontiguousarray(arrays[m][row, idx]))
-                inputs[m] = reader.transform(self.train)(list(frames))
+            if reader.kind == "frames":
+                inputs[m] = reader.transform(self.train)(list(self.frames(i, m)))
             else:
                 # copy the float16 row out of the memmap, then widen with torch (4x faster than numpy's cast)
                 inputs[m] = torch.from_numpy(np.array(arrays[m][row])).float()
         return {"inputs": inputs, "label": int(self.labels[i]), "index": i}
 
 
+class ModalityMap(Dataset):
+    """Changes one modality of another dataset's items (`apply`, defined by a subclass), so that the raw and the
+    prepared path share one switch; the wrapped dataset's attributes (clips, rows, ...) show through."""
+
+    def __init__(self, base: Dataset, modality: str = "audio", train: bool = False):
+        self.base, self.modality, self.train = base, modality, bool(train)
+
+    def apply(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        item["inputs"][self.modality] = self.apply(item["inputs"][self.modality])
+        return item
+
+    def __getattr__(self, name: str):
+        if name == "base":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the prepared cache
-
-
-CACHE_META = "cache.json"
 
 
 def _cache_one(task: tuple) -> tuple[int, str | None]:
@@ -253,20 +306,11 @@ def _cache_one(task: tuple) -> tuple[int, str | None]:
     row, clip, readers, cache_dir, size, max_frames, shapes = task
     try:
         for j, (m, reader) in enumerate(readers.items()):
-            if isinstance(reader, FrameReader):
-                import torchvision.transforms.v2.functional as TF
-
-                items = reader.read_all(clip.sources[m])
-                n = min(len(items), max_frames)
-                # evenly spread when a clip has more frames than the cache keeps
-                pick = np.linspace(0, len(items) - 1, n).round().astype(int) if len(items) > max_frames else range(n)
-                out = np.zeros((max_frames, 3, size, size), dtype=np.uint8)
-                for k, idx in enumerate(pick):
-                    img = items[idx] if not isinstance(items[idx], (str, Path, bytes)) else media.read_image(items[idx])
-                    out[k] = TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True).numpy()
-                frames = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
-                frames[row] = out
-                frames.flush()
+            if reader.kind == "frames":
+                frames, n = reader.cache_rows(clip, m, size, max_frames)
+                array = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
+                array[row] = frames
+                array.flush()
                 nf = np.load(Path(cache_dir) / "n_frames.npy", mmap_mode="r+")
                 nf[row, j] = n
                 nf.flush()
@@ -295,39 +339,48 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
     and augments them exactly like the raw path. Spectrograms: the reader's evaluation output (deterministic),
     float16 (N, 1, F, T). Clips that fail to decode, or whose spectrogram is not finite, are recorded with
     ctx.problem and marked not-done (the loaders skip them, with a count in the log). Each array's non-finite
-    scan is recorded next to it (see `_drop_nonfinite_rows`), so runs do not scan the cache.
+    scan is recorded next to it, so runs do not scan the cache.
     """
     from numpy.lib.format import open_memmap
 
     out = Path(ctx.out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(clips)
-    shapes = {m: (max_frames, 3, size, size) if isinstance(r, FrameReader) else tuple(r.shape) for m, r in readers.items()}
+    shapes = {m: (max_frames, r.shape[1], size, size) if r.kind == "frames" else tuple(r.shape)
+              for m, r in readers.items()}
     meta = {"ids": [c.id for c in clips], "size": size, "max_frames": max_frames,
             "modalities": {m: {"kind": r.kind, "shape": list(shapes[m])} for m, r in readers.items()}}
     meta_path, done_path = out / CACHE_META, out / "done.npy"
-    fresh = ctx.force or not meta_path.is_file() or cache_meta_or_none(meta_path) != meta
+    try:  # an unreadable cache.json means the cache is rebuilt, not trusted
+        fresh = ctx.force or json.loads(meta_path.read_text()) != meta
+    except (OSError, ValueError):
+        fresh = True
     if fresh:
         for m, shape in shapes.items():
             open_memmap(out / f"{m}.npy", mode="w+", dtype=np.uint8 if len(shape) == 4 else np.float16,
                         shape=(n, *shape)).flush()
         np.save(out / "n_frames.npy", np.zeros((n, len(readers)), dtype=np.int16))
         np.save(done_path, np.zeros(n, dtype=bool))
-        (out / CACHE_META).write_text(json.dumps(meta))
-    summary = fill_cache_rows(ctx, clips, done_path, _cache_one,
-                              lambda i: (i, clips[i], readers, str(out), size, max_frames, shapes), "caching clips")
-    summary["cache_nonfinite"] = _drop_nonfinite_rows(ctx, clips, out, list(readers), done_path)
-    summary["cached"] -= summary["cache_nonfinite"]
-    return {**summary, "cache_frame_size": size}
-
-
-def _drop_nonfinite_rows(ctx, clips: Sequence[Clip], out: Path, modalities: list[str], done_path: Path) -> int:
-    """Scan each cache array once here (it is fresh in the page cache) and record the result next to it, so
-    runs read that record instead of the cache. Rows that hold NaN/Inf although done (cached before this check,
-    or changed since) are reported and marked not-done: left out now, decoded again by the next prepare."""
+        meta_path.write_text(json.dumps(meta))
+    # done.npy is saved after every chunk of rows, so an interrupted prepare resumes where it stopped; a row that
+    # fails is recorded with ctx.problem and stays not-done (retried next time)
     done = np.load(done_path)
+    todo = [i for i in range(n) if not done[i]]
+    failed = 0
+    for start in range(0, len(todo), 256):
+        tasks = [(i, clips[i], readers, str(out), size, max_frames, shapes) for i in todo[start:start + 256]]
+        for row, error in ctx.map(_cache_one, tasks, desc="caching clips"):
+            if error is None:
+                done[row] = True
+            else:
+                failed += 1
+                ctx.problem(clips[row].id, error)
+        np.save(done_path, done)
+    # Scan each array once here (it is fresh in the page cache) and record the result next to it, so runs read that
+    # record instead of the cache. Rows that hold NaN/Inf although done (cached before this check, or changed since)
+    # are reported and marked not-done: left out now, decoded again by the next prepare.
     dropped: set[int] = set()
-    for m in modalities:
+    for m in readers:
         for row, (nan, inf) in sorted(finite.cached_row_counts(out / f"{m}.npy").items()):
             if done[row]:
                 ctx.problem(clips[row].id, f"{m}: its cached row holds {nan} NaN and {inf} Inf values; left out")
@@ -335,36 +388,8 @@ def _drop_nonfinite_rows(ctx, clips: Sequence[Clip], out: Path, modalities: list
     if dropped:
         done[sorted(dropped)] = False
         np.save(done_path, done)
-    return len(dropped)
-
-
-def cache_meta_or_none(path: Path) -> dict | None:
-    """A cache's metadata, or None when it is unreadable (the cache is then rebuilt, not trusted)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def fill_cache_rows(ctx, clips: Sequence[Clip], done_path: Path, worker, task_for, desc: str) -> dict:
-    """Run `worker(task_for(row))` -> (row, error or None) on every cache row not yet done, in parallel.
-
-    `done.npy` is saved after every chunk of rows, so an interrupted prepare resumes where it stopped; a row
-    whose worker returns an error is recorded with ctx.problem and stays not-done (retried next time).
-    """
-    done = np.load(done_path)
-    todo = [i for i in range(len(clips)) if not done[i]]
-    failed = 0
-    for start in range(0, len(todo), 256):
-        tasks = [task_for(i) for i in todo[start:start + 256]]
-        for row, error in ctx.map(worker, tasks, desc=desc):
-            if error is None:
-                done[row] = True
-            else:
-                failed += 1
-                ctx.problem(clips[row].id, error)
-        np.save(done_path, done)
-    return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": len(clips) - len(todo)}
+    return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": n - len(todo),
+            "cache_nonfinite": len(dropped), "cache_frame_size": size, "cache_max_frames": max_frames}
 
 
 def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.ndarray, list[Clip]]:
@@ -373,7 +398,7 @@ def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.nd
     meta_path = cache_dir / CACHE_META
     if not meta_path.is_file():
         raise DataError(f"{cache_dir}: no prepared cache ({CACHE_META} missing); run `mmbalance prepare` first")
-    meta = read_json(meta_path)
+    meta = PreparedFolder(cache_dir).json(CACHE_META)
     done = finite.open_npy(cache_dir / "done.npy", mmap_mode=None)
     if not isinstance(meta, dict) or len(meta.get("ids", ())) != len(done):
         raise DataError(f"{meta_path}: its `ids` do not match {cache_dir / 'done.npy'}; run `mmbalance prepare` "
@@ -388,9 +413,14 @@ def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.nd
 
 
 def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: list[str], *, val_fraction: float,
-                split_seed: int, cache_dir: str | Path | None = None, notes: dict | None = None) -> DataSplits:
+                split_seed: int, cache_dir: str | Path | None = None, notes: dict | None = None,
+                make: Callable[[list[Clip], bool, np.ndarray | None], Dataset] | None = None) -> DataSplits:
     """DataSplits from clips whose split is train/val/test. Without any 'val' clip, validation is carved from
-    train (stratified, seeded, `val_fraction`), as DECISIONS says; otherwise the dataset's own is used."""
+    train (stratified, seeded, `val_fraction`), as the settled choices say (docs/architecture.md); otherwise the dataset's own is used.
+
+    `cache_dir`: read the prepared cache there (clips it lacks -- they failed to decode at prepare -- are left
+    out, counted in the notes and the log, never silently) after the finite-input check of the rows used.
+    `make(clips, train, cache rows or None)`: the dataset of a split (default ClipDataset / CachedClipDataset)."""
     by_split = {s: [c for c in clips if c.split == s] for s in SPLITS}
     if not by_split["train"] or not by_split["test"]:
         raise DataError(f"the clip list has {len(by_split['train'])} train and {len(by_split['test'])} test clips; "
@@ -402,43 +432,33 @@ def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: 
         keep, held = stratified_split(np.array([c.label for c in train]), val_fraction, split_seed)
         by_split["train"], by_split["val"] = [train[i] for i in keep], [train[i] for i in held]
         val_source = f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed})"
+    make = make or (lambda items, train, rows: ClipDataset(items, readers, train) if rows is None else
+                    CachedClipDataset(cache_dir, rows, np.array([c.label for c in items]), readers, train))
 
     def dataset(split: str) -> Dataset:
         items, train = by_split[split], split == "train"
         if cache_dir is None:
-            return ClipDataset(items, readers, train)
+            return make(items, train, None)
         rows, kept = load_clip_cache(cache_dir, items)
         kept_ids = {c.id for c in kept}
         uncached.extend(c.id for c in items if c.id not in kept_ids)
-        return CachedClipDataset(cache_dir, rows, np.array([c.label for c in kept]), readers, train)
+        return make(kept, train, rows)
 
     uncached: list[str] = []
     specs = {m: ModalitySpec(r.kind, tuple(r.shape)) for m, r in readers.items()}
     datasets = {s: dataset(s) for s in SPLITS}
     notes = dict(notes or {})
     if cache_dir is not None:
-        notes["uncached_clips"] = log_uncached(cache_dir, uncached)
+        if uncached:
+            log.warning("%s: %d clips of manifest.csv are not in its cache (they failed to decode at prepare; see "
+                        "prepare_report.txt) and are left out: %s%s", cache_dir, len(uncached),
+                        ", ".join(uncached[:5]), " ..." if len(uncached) > 5 else "")
+        notes["uncached_clips"] = len(uncached)
         notes["cached_clips"] = sum(len(d) for d in datasets.values())
-        check_cache_finite(cache_dir, list(readers), {s: d.rows for s, d in datasets.items()})
+        # uint8 frames hold no NaN and are not read, but this opens every array: a broken one fails here
+        used = [(m, s, Path(cache_dir) / f"{m}.npy", d.rows) for m in readers for s, d in datasets.items()]
+        finite.check_cached(f"prepared cache {str(cache_dir)!r} (<modality>.npy)", used,
+                            "the cache was changed after `mmbalance prepare` checked it; run prepare again (it lists, "
+                            "leaves out and re-decodes such clips)")
     return DataSplits(datasets["train"], datasets["val"], datasets["test"], specs, len(class_names),
                       list(class_names), val_source=val_source, notes=notes)
-
-
-def log_uncached(cache_dir: str | Path, ids: Sequence[str]) -> int:
-    """Say how many (and which) clips of the manifest the cache lacks: they failed to decode at prepare and are
-    left out of the run, which must never happen silently. Returns the count."""
-    if ids:
-        log.warning("%s: %d clips of manifest.csv are not in its cache (they failed to decode at prepare; see "
-                    "prepare_report.txt) and are left out: %s%s", cache_dir, len(ids), ", ".join(ids[:5]),
-                    " ..." if len(ids) > 5 else "")
-    return len(ids)
-
-
-def check_cache_finite(cache_dir: str | Path, modalities: Sequence[str], rows: dict[str, np.ndarray]) -> None:
-    """The finite-input check of a prepared clip cache: `<modality>.npy` over the rows each split uses."""
-    cache_dir = Path(cache_dir)
-    parts = [(m, s, cache_dir / f"{m}.npy", r) for m in modalities for s, r in rows.items()]
-    finite.check_cached(f"prepared cache {str(cache_dir)!r} (<modality>.npy)", parts,
-                        "the cache was changed after `mmbalance prepare` checked it; run prepare again (it lists, "
-                        "leaves out and re-decodes such clips)")
-

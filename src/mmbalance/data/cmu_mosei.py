@@ -29,7 +29,7 @@ Labels (``label_mode``) from the sentiment score y in [-3, 3]:
 * ``7class``: clip to [-3, 3] and round to the nearest integer (numpy's round-half-to-even, as MulT's and
   MMSA's Acc-7 evaluation), shifted to 0..6 with class names "-3" .. "+3".
 
-Splits: MOSEI's own train / valid / test (DECISIONS: its own validation split is used for model selection).
+Splits: MOSEI's own train / valid / test (a settled choice, docs/architecture.md: its own validation split is used for model selection).
 
 ``mmbalance prepare cmu_mosei --root RAW --out PREP`` unpickles once and writes a memory-mappable cache:
 ``<split>/<modality>.npy`` (float32, or int64 token ids) and ``<split>/y_reg.npy`` for split in
@@ -42,9 +42,7 @@ DataError instead of replacing them: the files were changed after prepare.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import pickle
 import sys
 from dataclasses import dataclass, field
@@ -56,16 +54,8 @@ from torch.utils.data import Dataset
 
 from mmbalance.data import finite
 from mmbalance.data.batch import DataSplits, ModalitySpec
-from mmbalance.data.prepare import (
-    CLASSES,
-    MANIFEST,
-    PrepareContext,
-    read_manifest,
-    resolve_prepared,
-    write_classes,
-    write_manifest,
-    write_text_atomic,
-)
+from mmbalance.data.layout import option_path
+from mmbalance.data.prepare import CACHE_META, CLASSES, MANIFEST, PrepareContext, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -91,7 +81,6 @@ LABEL_MODES = {
     "binary_drop_zero": ["negative", "positive"],
     "7class": ["-3", "-2", "-1", "0", "+1", "+2", "+3"],
 }
-CACHE_META = "cache.json"
 CACHE_VERSION = 1
 VAL_SOURCE = "CMU-MOSEI's own validation split ('valid' in the pickle)"
 _CHUNK = 1024  # samples per cleaning step: bounds the temporary isfinite mask for multi-GB arrays
@@ -487,19 +476,18 @@ def _splits(datasets, specs, mods, label_mode, notes) -> DataSplits:
 # the prepared cache
 
 
-def _read_meta(folder: Path) -> dict | None:
-    path = folder / CACHE_META
-    if not path.is_file():
-        return None
+def _read_meta(folder: PreparedFolder) -> dict | None:
+    """cache.json when the folder holds a complete CMU-MOSEI cache (prepare writes it last), else None."""
     try:
-        meta = json.loads(path.read_text())
-    except ValueError:
+        meta = folder.json(CACHE_META)
+    except DataError:
         return None
     return meta if isinstance(meta, dict) and meta.get("dataset") == "cmu_mosei" else None
 
 
 def _build_prepared(folder: Path, aligned: bool, label_mode: str, mods: list[str], text_key: str) -> DataSplits:
-    meta = _read_meta(folder)
+    prep = PreparedFolder(folder, "cmu_mosei")
+    meta = _read_meta(prep)
     if meta is None:
         raise DataError(f"dataset.prepared {str(folder)!r} is not a prepared CMU-MOSEI cache ({CACHE_META} missing "
                         "or not from cmu_mosei); run `mmbalance prepare cmu_mosei --root RAW --out "
@@ -517,7 +505,7 @@ def _build_prepared(folder: Path, aligned: bool, label_mode: str, mods: list[str
         raise DataError(f"dataset.prepared {str(folder)!r} has no {missing} (it holds {list(meta['shapes'])}); "
                         "prepare again with those modalities")
     specs = {m: ModalitySpec(meta["kinds"][m], tuple(meta["shapes"][m])) for m in meta["shapes"]}
-    rows = read_manifest(folder)
+    rows = prep.rows()
     ids = {s: [r["id"] for r in rows if r["split"] == s] for s in SPLITS}
     datasets, dropped = {}, {}
     for split in SPLITS:
@@ -554,16 +542,7 @@ def _stamp(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary name, then rename: an interrupted prepare never leaves a half-written array."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def _write_labels(out: Path, ids: dict[str, list[str]], y: dict[str, np.ndarray], label_mode: str) -> None:
+def _write_labels(out: PreparedFolder, ids: dict[str, list[str]], y: dict[str, np.ndarray], label_mode: str) -> None:
     """manifest.csv (id, label under label_mode -- empty where the mode drops the sample --, split, y_reg and
     the label under every mode) and classes.json; the only outputs that depend on label_mode."""
     rows = []
@@ -575,8 +554,8 @@ def _write_labels(out: Path, ids: dict[str, list[str]], y: dict[str, np.ndarray]
         for i, sample_id in enumerate(ids[split]):
             rows.append({"id": sample_id, "label": label[i], "split": split, "y_reg": f"{float(y[split][i]):.6g}",
                          **{c: v[i] for c, v in cols.items()}})
-    write_manifest(out, rows, ["id", "label", "split", "y_reg", "y2_nonneg", "y2_nonzero", "y7"])
-    write_classes(out, LABEL_MODES[label_mode])
+    out.write_manifest(rows, ["id", "label", "split", "y_reg", "y2_nonneg", "y2_nonzero", "y7"])
+    out.write_classes(LABEL_MODES[label_mode])
 
 
 def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", label_mode: str = "binary_nonneg",
@@ -592,8 +571,7 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
     """
     mods = _check_options(layout, label_mode, text_key, modalities)
     if file:
-        path = Path(file).expanduser()
-        path = path if path.is_absolute() else ctx.root / path
+        path = option_path(ctx.root, file)
         if not path.is_file():
             raise DataError(f"prepare cmu_mosei --set file={file}: {str(path)!r} is not a file")
         path, found_layout, file_aligned = path, "file", _aligned_from_name(path.name)
@@ -602,13 +580,13 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
     out = Path(ctx.out)
     stamp = _stamp(path)
     options = {"modalities": mods, "text_key": text_key, "layout": layout}
-    meta = _read_meta(out)
+    meta = _read_meta(ctx.folder)
     if (not ctx.force and meta is not None and meta.get("version") == CACHE_VERSION and meta["source"] == stamp
             and meta["options"] == options and _complete(out, meta)):
-        y = {s: finite.open_npy(out / s / "y_reg.npy", mmap_mode=None) for s in SPLITS}
-        rows = read_manifest(out)
+        y = {s: ctx.folder.array(f"{s}/y_reg.npy", mmap_mode=None) for s in SPLITS}
+        rows = ctx.folder.rows()
         ids = {s: [r["id"] for r in rows if r["split"] == s] for s in SPLITS}
-        _write_labels(out, ids, y, label_mode)
+        _write_labels(ctx.folder, ids, y, label_mode)
         return _summary(meta, label_mode, cache="up to date (kept; labels rewritten)")
 
     src = read_source(path, mods, text_key, layout, file_aligned)
@@ -623,15 +601,12 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
             s = src.splits[split]
             # clean_float32 and read_source made every array finite: record that instead of re-reading GBs
             for m in mods:
-                _save_npy(out / split / f"{m}.npy", s.arrays[m])
-                if finite.can_hold_nonfinite(s.arrays[m].dtype):
-                    finite.record_row_counts(out / split / f"{m}.npy", {})
+                ctx.folder.write_array(f"{split}/{m}.npy", s.arrays[m], finite_checked=True)
                 s.arrays[m] = None
                 bar.update()
-            _save_npy(out / split / "y_reg.npy", s.y)
-            finite.record_row_counts(out / split / "y_reg.npy", {})
+            ctx.folder.write_array(f"{split}/y_reg.npy", s.y, finite_checked=True)
             bar.update()
-    _write_labels(out, {s: src.splits[s].ids for s in SPLITS}, {s: src.splits[s].y for s in SPLITS}, label_mode)
+    _write_labels(ctx.folder, {s: src.splits[s].ids for s in SPLITS}, {s: src.splits[s].y for s in SPLITS}, label_mode)
     layout_name = src.layout if found_layout == "file" else found_layout
     meta = {
         "dataset": "cmu_mosei",
@@ -649,7 +624,7 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
         "notes": src.notes,
         "classes": LABEL_MODES,
     }
-    write_text_atomic(out / CACHE_META, json.dumps(meta, indent=1) + "\n")
+    ctx.folder.write_json(CACHE_META, meta)
     log.info("cmu_mosei prepare: %s (%s layout), %d samples, non-finite replaced %s", path, layout_name, total,
              src.replaced)
     return _summary(meta, label_mode, cache="written")

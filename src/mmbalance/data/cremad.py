@@ -38,7 +38,7 @@ Splits (``split``):
 * ``speaker``: speaker-disjoint by actor id (new; recommended when the claim is generalisation to new people):
   ``test_fraction`` of the actors are test actors, ``val_fraction`` of the rest validation actors.
 Validation is carved from train (stratified, seeded, ``val_fraction``) unless a ``val_split`` file is given or
-the split is by speaker (DECISIONS "Protocol").
+the split is by speaker (docs/architecture.md "Settled choices").
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ import numpy as np
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, stratified_split
-from mmbalance.data.clips import (CACHE_META, AudioReader, Clip, FrameReader, clip_splits, probe_array_shape,
-                                  write_clip_cache)
-from mmbalance.data.prepare import (read_classes, read_json, read_manifest, resolve_prepared, write_classes,
-                                    write_manifest)
+from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits, stored_audio
+from mmbalance.data.layout import (Candidate, DirIndex, candidate_list, dataset_root, first_present, option_path,
+                                   prepare_clips, prepared_splits, walk_dirs)
+from mmbalance.data.prepare import PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -69,14 +69,19 @@ LABEL_MAPS = {
 # <actor>_<sentence>_<EMO>_<level>, e.g. 1001_DFA_ANG_XX (levels LO, MD, HI, XX)
 CLIP_NAME = re.compile(r"^(?P<actor>\d+)_(?P<sentence>[A-Za-z]+)_(?P<emotion>[A-Za-z]{3})_(?P<level>[A-Za-z]+)$")
 SPLIT_MODES = ("auto", "files", "stratified", "speaker")
+# the layout table, in preference order: frame folders over decoding the flv; a pre-computed spectrogram (the
+# BalanceBenchmark layout) over the wav, over the flv's own audio track
+VISUAL = (("jpgdir", ("visual", "Image-01-FPS")), ("video", ("VideoFlash",)))
+AUDIO = (("array", ("audio",)), ("wav", ("AudioWAV",)), ("video", ("VideoFlash",)))
+AUDIO_KINDS = {"auto": ("array", "wav", "video"), "wav": ("wav",), "pt": ("array",), "video": ("video",)}
 LAYOUTS = {  # name -> (visual folder, audio folder)
     "raw": ("VideoFlash", "AudioWAV"),
     "ogmge": ("Image-01-FPS", "AudioWAV"),
     "balancebenchmark": ("visual", "audio"),
 }
-ARRAY_SUFFIXES = (".pt", ".npy", ".pkl")
+KIND_NAMES = {"jpgdir": "frame folders", "video": "videos", "wav": "wav files", "array": "spectrogram arrays"}
 # folders that hold media, never split files: not searched for train.csv/test.csv
-_MEDIA_DIRS = {"AudioWAV", "AudioMP3", "VideoFlash", "Image-01-FPS", "visual", "audio", "frames"}
+MEDIA_DIRS = {"AudioWAV", "AudioMP3", "VideoFlash", "Image-01-FPS", "visual", "audio", "frames"}
 
 
 def parse_clip_name(name: str) -> tuple[str, str] | None:
@@ -98,73 +103,22 @@ def class_names_for(label_map: str) -> list[str]:
 
 
 @dataclass
-class Source:
-    """Where one modality's files are: `kind` jpgdir (a frame folder per clip), video (.flv), wav, array."""
-
-    kind: str
-    folder: Path
-    suffix: str = ""
-
-    def path(self, clip_id: str) -> Path:
-        return self.folder / (clip_id if self.kind == "jpgdir" else clip_id + self.suffix)
-
-    def ids(self) -> dict[str, Path]:
-        """Every clip this folder has a file (or frame folder) for."""
-        out = {}
-        with os.scandir(self.folder) as it:
-            for e in it:
-                if self.kind == "jpgdir":
-                    if e.is_dir() and not e.name.endswith(".tmp"):
-                        out[e.name] = Path(e.path)
-                elif e.name.lower().endswith(self.suffix) and e.is_file():
-                    out[e.name[: -len(self.suffix)]] = Path(e.path)
-        return out
-
-    def describe(self) -> str:
-        what = {"jpgdir": "frame folders", "video": f"videos ({self.suffix})", "wav": "wav files",
-                "array": f"spectrogram arrays ({self.suffix})"}[self.kind]
-        return f"{what} in {self.folder}"
-
-
-def _has(folder: Path, kind: str) -> str | None:
-    """The suffix (or '' for frame folders) when `folder` holds media of `kind`, else None. Reads only until
-    the first match, so probing a 7,442-clip folder is cheap."""
-    if not folder.is_dir():
-        return None
-    with os.scandir(folder) as it:
-        for e in it:
-            name = e.name.lower()
-            if kind == "jpgdir" and e.is_dir():
-                return ""
-            if kind == "video" and name.endswith(".flv"):
-                return ".flv"
-            if kind == "wav" and name.endswith(".wav"):
-                return ".wav"
-            if kind == "array":
-                for s in ARRAY_SUFFIXES:
-                    if name.endswith(s):
-                        return s
-    return None
-
-
-def _source(folder: Path, kind: str) -> Source | None:
-    suffix = _has(folder, kind)
-    return None if suffix is None else Source(kind, folder, suffix)
-
-
-def _resolve_dir(root: Path, value: str | None) -> Path | None:
-    if value in (None, ""):
-        return None
-    p = Path(str(value)).expanduser()
-    return p if p.is_absolute() else root / p
-
-
-@dataclass
 class Layout:
     name: str  # raw | ogmge | balancebenchmark | mixed
     base: Path
-    visual: Source
-    audio: Source
+    visual: Candidate
+    audio: Candidate
+    index: DirIndex
+
+    def ids(self, modality: str) -> dict[str, Path]:
+        """Every clip the modality's folder has a file (or frame folder) for."""
+        c = getattr(self, modality)
+        folder = c.folder_for(self.base, "")
+        return {i: folder / (i + c.suffix) for i in self.index.stems(folder, c.suffix, c.is_dir)}
+
+    def describe(self, modality: str) -> str:
+        c = getattr(self, modality)
+        return f"{KIND_NAMES[c.kind]}{f' ({c.suffix})' if c.suffix else ''} in {c.folder_for(self.base, '')}"
 
 
 def detect_layout(root: str | Path, layout: str = "auto", audio: str = "auto", visual_dir: str | None = None,
@@ -176,47 +130,32 @@ def detect_layout(root: str | Path, layout: str = "auto", audio: str = "auto", v
     else the flv's own audio track; wav | pt | video force one. `visual_dir` / `audio_dir` (relative to root
     or absolute) override the folders; their content decides the kind.
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"CREMA-D root {str(root)!r} does not exist or is not a folder")
+    root = dataset_root(root, "CREMA-D")
     if layout not in ("auto", *LAYOUTS):
         raise DataError(f"dataset.layout={layout!r}; expected auto or one of {sorted(LAYOUTS)}")
-    if audio not in ("auto", "wav", "pt", "video"):
+    if audio not in AUDIO_KINDS:
         raise DataError(f"dataset.audio={audio!r}; expected auto, wav, pt or video")
-    bases = [root] + sorted((p for p in root.iterdir() if p.is_dir() and p.name not in _MEDIA_DIRS),
-                            key=lambda p: media.natural_key(p.name))
-    audio_kinds = {"auto": ("array", "wav", "video"), "wav": ("wav",), "pt": ("array",), "video": ("video",)}[audio]
-    audio_folders = {"array": "audio", "wav": "AudioWAV", "video": "VideoFlash"}
-
-    def explicit(value, kinds, what) -> Source:
-        folder = _resolve_dir(root, value)
-        for kind in kinds:
-            src = _source(folder, kind)
-            if src is not None:
-                return src
-        raise DataError(f"dataset.{what}: {str(folder)!r} holds no {' / '.join(kinds)} media for CREMA-D")
-
-    for base in bases:
-        if visual_dir:
-            vis = explicit(visual_dir, ("jpgdir", "video"), "visual_dir")
-        elif layout != "auto":
-            vis = _source(base / LAYOUTS[layout][0], "video" if layout == "raw" else "jpgdir")
-        else:
-            vis = (_source(base / "visual", "jpgdir") or _source(base / "Image-01-FPS", "jpgdir")
-                   or _source(base / "VideoFlash", "video"))
-        if vis is None:
-            continue
-        if audio_dir:
-            aud = explicit(audio_dir, audio_kinds, "audio_dir")
-        elif layout != "auto" and audio == "auto":
-            kind = "array" if layout == "balancebenchmark" else "wav"
-            aud = _source(base / LAYOUTS[layout][1], kind)
-        else:
-            aud = next((s for k in audio_kinds if (s := _source(base / audio_folders[k], k)) is not None), None)
-        if aud is None:
-            continue
-        name = next((n for n, (v, a) in LAYOUTS.items() if vis.folder.name == v and aud.folder.name == a), "mixed")
-        return Layout(name, base, vis, aud)
+    tables = {"visual": VISUAL, "audio": [(k, f) for k, f in AUDIO if k in AUDIO_KINDS[audio]]}
+    pinned = {"visual": option_path(root, visual_dir), "audio": option_path(root, audio_dir)}
+    if layout != "auto":  # the named layout's folders (its audio kind unless `audio` forces one)
+        folders = LAYOUTS[layout]
+        if pinned["visual"] is None:
+            tables["visual"] = [("video" if layout == "raw" else "jpgdir", (folders[0],))]
+        if pinned["audio"] is None and audio == "auto":
+            tables["audio"] = [("array" if layout == "balancebenchmark" else "wav", (folders[1],))]
+    tables = {m: candidate_list(table, pinned[m]) for m, table in tables.items()}
+    index = DirIndex()
+    below = [folder for folder, _ in walk_dirs(root, 1, descend=lambda n: n not in MEDIA_DIRS)[1:]]
+    for base in [root, *sorted(below, key=lambda p: media.natural_key(p.name))]:
+        found = {m: first_present(base, cands, index) for m, cands in tables.items()}
+        for m, cands in tables.items():
+            if found[m] is None and pinned[m] is not None:
+                kinds = " / ".join(k for k, _ in cands)
+                raise DataError(f"dataset.{m}_dir: {str(pinned[m])!r} holds no {kinds} media for CREMA-D")
+        vis, aud = found["visual"], found["audio"]
+        if vis is not None and aud is not None:
+            pair = (Path(vis.folder).name, Path(aud.folder).name)
+            return Layout(next((n for n, f in LAYOUTS.items() if f == pair), "mixed"), base, vis, aud, index)
     if layout != "auto":
         v, a = LAYOUTS[layout]
         expected = f"{v}/ and {a}/ (layout {layout!r})"
@@ -236,23 +175,21 @@ def find_split_files(root: Path, train_split: str | None, test_split: str | None
     """The split files to use: the given paths (relative to root or absolute; each must exist), else
     ``train.csv`` + ``test.csv`` found together in one folder under root (3 levels deep, media folders skipped).
     None when nothing was given and nothing found."""
-    given = {s: _resolve_dir(root, v) for s, v in (("train", train_split), ("test", test_split), ("val", val_split))
-             if v not in (None, "")}
+    given = {s: option_path(root, v, f"{s}_split", "split file")
+             for s, v in (("train", train_split), ("test", test_split), ("val", val_split)) if v not in (None, "")}
     if given:
-        for split, path in given.items():
-            if not path.is_file():
-                raise DataError(f"dataset.{split}_split: split file {str(path)!r} does not exist")
         if "train" not in given or "test" not in given:
             raise DataError("dataset.train_split and dataset.test_split must be given together "
                             f"(got {', '.join(f'{k}={str(v)!r}' for k, v in given.items())})")
         return given
-    if not root.is_dir():
-        return None
-    for folder, dirs, files in os.walk(root):
-        depth = len(Path(folder).relative_to(root).parts)
-        dirs[:] = sorted(d for d in dirs if d not in _MEDIA_DIRS and not d.startswith(".") and depth < 3)
-        if "train.csv" in files and "test.csv" in files:
-            return {"train": Path(folder) / "train.csv", "test": Path(folder) / "test.csv"}
+    for folder, entries in walk_dirs(root, 3, descend=lambda n: n not in MEDIA_DIRS):
+        names = {e.name for e in entries if e.is_file()}
+        if {"train.csv", "test.csv"} <= names:
+            return {"train": folder / "train.csv", "test": folder / "test.csv"}
+        if "train.csv" in names or "test.csv" in names:  # half a pair: never silently fall back to a generated split
+            found, lost = ("train.csv", "test.csv") if "train.csv" in names else ("test.csv", "train.csv")
+            raise DataError(f"{str(folder / found)!r} has no {lost} beside it ({str(folder / lost)!r} is missing): "
+                            "split files come in pairs; restore it, or use dataset.split=stratified")
     return None
 
 
@@ -330,7 +267,7 @@ def collect_clips(layout: Layout, split_of: dict[str, str], class_names: list[st
     counted missing, not silently dropped). Empty files and empty frame folders count as unreadable; full
     decoding is checked by `prepare` (corrupt files found on the fly raise a DataError naming the clip).
     """
-    have = {"visual": layout.visual.ids(), "audio": layout.audio.ids()}
+    have = {"visual": layout.ids("visual"), "audio": layout.ids("audio")}
     names = set(split_of) if ids_from_files else set(have["visual"]) | set(have["audio"])
     problems: list[tuple[str, str]] = []
     ignored = sorted(n for n in names if parse_clip_name(n) is None)
@@ -340,15 +277,16 @@ def collect_clips(layout: Layout, split_of: dict[str, str], class_names: list[st
         if clip_id not in split_of:
             continue
         sources, bad = {}, False
-        for m, src in (("audio", layout.audio), ("visual", layout.visual)):
-            path = have[m].get(clip_id)
+        for m in ("audio", "visual"):
+            path, src = have[m].get(clip_id), getattr(layout, m)
             if path is None:
-                problems.append((str(src.path(clip_id)), f"missing {m} file"))
+                problems.append((str(src.folder_for(layout.base, "")) + os.sep + clip_id + src.suffix,
+                                 f"missing {m} file"))
                 missing, bad = missing + 1, True
                 continue
-            empty = (not any(True for _ in os.scandir(path))) if src.kind == "jpgdir" else path.stat().st_size == 0
+            empty = (not any(True for _ in os.scandir(path))) if src.is_dir else path.stat().st_size == 0
             if empty:
-                problems.append((str(path), f"unreadable {m}: empty " + ("folder" if src.kind == "jpgdir" else "file")))
+                problems.append((str(path), f"unreadable {m}: empty " + ("folder" if src.is_dir else "file")))
                 unreadable, bad = unreadable + 1, True
                 continue
             sources[m] = str(path)
@@ -366,22 +304,37 @@ def collect_clips(layout: Layout, split_of: dict[str, str], class_names: list[st
 # readers
 
 
-def make_readers(visual_kind: str, audio_kind: str, *, frames: int, image_size: int, augment: str,
-                 video_fps: float, pad_mode: str, audio_shape: tuple[int, ...] | None = None) -> dict:
+def make_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 2, image_size: int = 224,
+                 augment: str = "none", video_fps: float = 1.0, pad_mode: str = "reflect") -> dict:
     """audio first, then visual (the concat order of OGM-GE and BalanceBenchmark)."""
-    if audio_kind == "array":
-        audio = AudioReader(source="array", shape=audio_shape)
+    if kinds["audio"] == "array":
+        audio = stored_audio([c.sources["audio"] for c in clips])
     else:
         # OGM-GE CramedDataset: 22,050 Hz, 3 s tiled from the start (deterministic in training too), n_fft 512, hop 353
-        audio = AudioReader(source=audio_kind, recipe="stft_log", sr=22050, seconds=3.0, n_fft=512, hop_length=353,
-                            pad_mode=pad_mode, fit="tile", crop="start", shape=audio_shape)
-    visual = FrameReader(source="video" if visual_kind == "video" else "jpgdir", frames=frames, size=image_size,
+        audio = AudioReader(source=kinds["audio"], recipe="stft_log", sr=22050, seconds=3.0, n_fft=512,
+                            hop_length=353, pad_mode=pad_mode, fit="tile", crop="start")
+    visual = FrameReader(source="video" if kinds["visual"] == "video" else "jpgdir", frames=frames, size=image_size,
                          augment=augment, fps=video_fps)
     return {"audio": audio, "visual": visual}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the builder
+# the builder and prepare
+
+
+def discover(root, layout: str, audio: str, visual_dir, audio_dir, class_names: list[str], split: str,
+             split_files: tuple, test_fraction: float, val_fraction: float, split_seed: int
+             ) -> tuple[Layout, list[Clip], dict, list[tuple[str, str]]]:
+    """(the layout, its complete clips with their splits, notes with the counts, every missing or unreadable
+    file)."""
+    found = detect_layout(root, layout, audio, visual_dir, audio_dir)
+    all_ids = [i for i in set(found.ids("visual")) | set(found.ids("audio")) if parse_clip_name(i)]
+    split_of, split_desc = assign_splits(Path(str(root)).expanduser(), all_ids, split, *split_files, test_fraction,
+                                         val_fraction, split_seed)
+    clips, counts, problems = collect_clips(found, split_of, class_names, split_desc.startswith("split files"))
+    notes = {"layout": found.name, "base": str(found.base), "visual": found.describe("visual"),
+             "audio": found.describe("audio"), **counts, "split": split_desc}
+    return found, clips, notes, problems
 
 
 def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", audio: str = "auto",
@@ -401,92 +354,43 @@ def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", a
     """
     prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     class_names = class_names_for(label_map)
-    if prepared not in (None, ""):
-        return _build_prepared(Path(str(prepared)).expanduser(), class_names, label_map, split=split,
-                               test_fraction=test_fraction, val_fraction=val_fraction, split_seed=split_seed,
-                               frames=frames, image_size=image_size, augment=augment,
-                               split_files=(train_split, test_split, val_split))
-    root_p = Path(str(root)).expanduser()
-    found = detect_layout(root_p, layout, audio, visual_dir, audio_dir)
-    all_ids = [i for i in set(found.visual.ids()) | set(found.audio.ids()) if parse_clip_name(i)]
-    split_of, split_desc = assign_splits(root_p, all_ids, split, train_split, test_split, val_split,
-                                         test_fraction, val_fraction, split_seed)
-    from_files = split_desc.startswith("split files")
-    clips, counts, problems = collect_clips(found, split_of, class_names, from_files)
-    if not clips:
-        raise DataError(f"CREMA-D: no complete clip (audio and visual) under {str(found.base)!r} "
-                        f"({found.visual.describe()}; {found.audio.describe()})")
-    shape = probe_array_shape([c.sources["audio"] for c in clips]) if found.audio.kind == "array" else None
-    readers = make_readers(found.visual.kind, found.audio.kind, frames=frames, image_size=image_size,
-                           augment=augment, video_fps=video_fps, pad_mode=pad_mode, audio_shape=shape)
-    notes = {"layout": found.name, "base": str(found.base), "visual": found.visual.describe(),
-             "audio": found.audio.describe(), **counts, "split": split_desc, "label_map": label_map,
-             "classes": class_names}
-    for path, why in problems[:10]:
-        log.warning("CREMA-D: %s: %s", path, why)
-    log.info("CREMA-D: layout %s under %s: %d clips, %d missing and %d unreadable files", found.name, found.base,
-             counts["clips"], counts["missing_files"], counts["unreadable_files"])
-    splits = clip_splits(clips, readers, class_names, val_fraction=val_fraction, split_seed=split_seed, notes=notes)
-    if split == "speaker" and any(c.split == "val" for c in clips):
+    split_files = (train_split, test_split, val_split)
+    if prepared is not None:
+        folder = PreparedFolder(prepared, "cremad").require()
+        if split not in SPLIT_MODES:
+            raise DataError(f"dataset.split={split!r}; expected one of {SPLIT_MODES}")
+        if any(v not in (None, "") for v in split_files):
+            raise DataError("with dataset.prepared, the split files are the ones given to `mmbalance prepare`; "
+                            "remove dataset.train_split/test_split/val_split or prepare again with them")
+        rows = folder.rows(["id", "label", "split", "emotion"])
+        if split in ("auto", "files"):
+            split_of = {r["id"]: r["split"] for r in rows}
+            split_desc = "as prepared: " + folder.summary.get("split", "manifest.csv")
+        else:
+            split_of, split_desc = generated_split([r["id"] for r in rows], split, test_fraction, val_fraction,
+                                                   split_seed)
+        clips = [Clip(r["id"], class_names.index(r["emotion"]), split_of[r["id"]], {}) for r in rows]
+        notes = {"split": split_desc, "label_map": label_map, "classes": class_names,
+                 "classes_json": folder.classes(), "audio_recipe": folder.summary.get("audio_recipe")}
+        splits = prepared_splits(folder, clips, class_names, frames=frames, image_size=image_size, augment=augment,
+                                 val_fraction=val_fraction, split_seed=split_seed, notes=notes)
+    else:
+        lay, clips, notes, problems = discover(root, layout, audio, visual_dir, audio_dir, class_names, split,
+                                               split_files, test_fraction, val_fraction, split_seed)
+        if not clips:
+            raise DataError(f"CREMA-D: no complete clip (audio and visual) under {str(lay.base)!r} "
+                            f"({notes['visual']}; {notes['audio']})")
+        readers = make_readers({"audio": lay.audio.kind, "visual": lay.visual.kind}, clips, frames=frames,
+                               image_size=image_size, augment=augment, video_fps=video_fps, pad_mode=pad_mode)
+        for path, why in problems[:10]:
+            log.warning("CREMA-D: %s: %s", path, why)
+        log.info("CREMA-D: layout %s under %s: %d clips, %d missing and %d unreadable files", lay.name, lay.base,
+                 len(clips), notes["missing_files"], notes["unreadable_files"])
+        splits = clip_splits(clips, readers, class_names, val_fraction=val_fraction, split_seed=split_seed,
+                             notes={**notes, "label_map": label_map, "classes": class_names})
+    if "speaker" in splits.notes["split"] and any(c.split == "val" for c in clips):
         splits.val_source = "speaker-disjoint validation actors (carved from the training actors)"
     return splits
-
-
-def _build_prepared(prep: Path, class_names: list[str], label_map: str, *, split: str, test_fraction: float,
-                    val_fraction: float, split_seed: int, frames: int, image_size: int, augment: str,
-                    split_files) -> DataSplits:
-    if not prep.is_dir():
-        raise DataError(f"dataset.prepared {str(prep)!r} does not exist; run `mmbalance prepare cremad --root RAW "
-                        f"--out {prep}` first")
-    if split not in SPLIT_MODES:
-        raise DataError(f"dataset.split={split!r}; expected one of {SPLIT_MODES}")
-    if any(v not in (None, "") for v in split_files):
-        raise DataError("with dataset.prepared, the split files are the ones given to `mmbalance prepare`; "
-                        "remove dataset.train_split/test_split/val_split or prepare again with them")
-    rows = read_manifest(prep)
-    if not rows or "emotion" not in rows[0]:
-        raise DataError(f"{prep / 'manifest.csv'}: no CREMA-D clips (expected columns id, label, split, emotion, "
-                        "...); was it written by `mmbalance prepare cremad`?")
-    persisted = read_classes(prep)
-    meta_path = prep / CACHE_META
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path} is missing: {prep} has a manifest but no cache; run `mmbalance prepare cremad` "
-                        "again (without --set cache=false)")
-    meta = read_json(meta_path)
-    summary = read_json(prep / "prepare_summary.json", optional=True)
-    if split in ("auto", "files"):
-        split_of = {r["id"]: r["split"] for r in rows}
-        split_desc = "as prepared: " + summary.get("split", "manifest.csv")
-    else:
-        split_of, split_desc = generated_split([r["id"] for r in rows], split, test_fraction, val_fraction,
-                                               split_seed)
-    clips = [Clip(r["id"], class_names.index(r["emotion"]), split_of[r["id"]], {}) for r in rows]
-    audio_shape = tuple(meta["modalities"]["audio"]["shape"])
-    readers = {"audio": AudioReader(source="array", shape=audio_shape),
-               "visual": FrameReader(source="jpgdir", frames=frames, size=image_size, augment=augment)}
-    notes = {"layout": "prepared", "prepared": str(prep), "clips": len(clips), "split": split_desc,
-             "label_map": label_map, "classes": class_names, "classes_json": persisted,
-             "cache_frame_size": meta.get("size"), "audio_recipe": summary.get("audio_recipe")}
-    splits = clip_splits(clips, readers, class_names, val_fraction=val_fraction, split_seed=split_seed,
-                         cache_dir=prep, notes=notes)
-    if split == "speaker" or "speaker" in split_desc:
-        if any(c.split == "val" for c in clips):
-            splits.val_source = "speaker-disjoint validation actors (carved from the training actors)"
-    return splits
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# prepare
-
-
-def _extract_frames(task: tuple) -> tuple[str, int, str | None]:
-    """Worker: decode one flv at `fps` into <dest>/frame_00001.jpg ... (written to a .tmp folder and renamed,
-    so a folder that exists is complete). Returns (clip id, frames, error or None); -1 frames = skipped."""
-    clip_id, video, dest, fps, force = task
-    try:
-        return clip_id, media.extract_frames(video, dest, fps, force=force), None
-    except DataError as exc:
-        return clip_id, 0, str(exc)
 
 
 def prepare(ctx, layout: str = "auto", audio: str = "auto", visual_dir: str | None = None,
@@ -508,43 +412,20 @@ def prepare(ctx, layout: str = "auto", audio: str = "auto", visual_dir: str | No
     Disk: 7,442 × (4 × 150 kB + 97 kB) ≈ 5.2 GB of cache at 224 px, plus ≈ 0.5 GB of extracted jpg frames.
     """
     class_names = class_names_for(label_map)
-    found = detect_layout(ctx.root, layout, audio, visual_dir, audio_dir)
-    all_ids = [i for i in set(found.visual.ids()) | set(found.audio.ids()) if parse_clip_name(i)]
-    split_of, split_desc = assign_splits(ctx.root, all_ids, split, train_split, test_split, val_split,
-                                         test_fraction, val_fraction, split_seed)
-    clips, counts, problems = collect_clips(found, split_of, class_names, split_desc.startswith("split files"))
-    for path, why in problems:
-        ctx.problem(path, why)
-    extracted = {"frames_extracted": 0, "frames_existing": 0, "video_failed": 0}
-    if found.visual.kind == "video":
-        frames_dir = ctx.out / "frames"
-        tasks = [(c.id, c.sources["visual"], str(frames_dir / c.id), float(extract_fps), ctx.force) for c in clips]
-        failed = set()
-        for clip_id, n, error in ctx.map(_extract_frames, tasks, desc="extracting frames"):
-            if error is not None:
-                ctx.problem(str(found.visual.path(clip_id)), error)
-                failed.add(clip_id)
-                extracted["video_failed"] += 1
-            else:
-                extracted["frames_existing" if n < 0 else "frames_extracted"] += 1
-        clips = [c for c in clips if c.id not in failed]
-        for c in clips:
-            c.sources["visual"] = str(frames_dir / c.id)
-    if not clips:
-        raise DataError(f"CREMA-D: no usable clip under {str(found.base)!r}; see {ctx.out / 'prepare_report.txt'}")
-    rows = [{"id": c.id, "label": c.label, "split": c.split, "emotion": class_names[c.label],
-             "actor": parse_clip_name(c.id)[0], "audio": c.sources["audio"], "visual": c.sources["visual"]}
-            for c in clips]
-    write_manifest(ctx.out, rows, ["id", "label", "split", "emotion", "actor", "audio", "visual"])
-    write_classes(ctx.out, class_names)
-    summary = {"layout": found.name, "base": str(found.base), "visual": found.visual.describe(),
-               "audio": found.audio.describe(), **counts, "label_map": label_map, "split": split_desc,
-               **{f"{s}_clips": sum(c.split == s for c in clips) for s in ("train", "val", "test")}, **extracted}
+    lay, clips, notes, problems = discover(ctx.root, layout, audio, visual_dir, audio_dir, class_names, split,
+                                           (train_split, test_split, val_split), test_fraction, val_fraction,
+                                           split_seed)
+    summary = prepare_clips(ctx, "cremad", clips, {"audio": lay.audio.kind, "visual": lay.visual.kind}, class_names,
+                            problems=problems, summary={**notes, "label_map": label_map}, size=image_size,
+                            cache_readers=(lambda kinds, clips: make_readers(kinds, clips, image_size=image_size,
+                                                                             pad_mode=pad_mode)) if cache else None,
+                            max_frames=max_frames, params=(22050, float(extract_fps), 0),
+                            columns=lambda c: {"emotion": class_names[c.label], "actor": parse_clip_name(c.id)[0]})
+    summary.update({f"{s}_clips": n for s, n in summary["manifest_clips"].items()},
+                   frames_existing=summary.get("extract_skipped_existing", 0),
+                   video_failed=summary.get("extract_failed", 0))
     if cache:
-        shape = probe_array_shape([c.sources["audio"] for c in clips]) if found.audio.kind == "array" else None
-        readers = make_readers("jpgdir", found.audio.kind, frames=2, image_size=image_size, augment="none",
-                               video_fps=extract_fps, pad_mode=pad_mode, audio_shape=shape)
-        summary.update(write_clip_cache(ctx, clips, readers, size=int(image_size), max_frames=int(max_frames)))
-        summary["audio_recipe"] = ("pre-computed array " + str(shape)) if shape else \
-            f"OGM-GE stft_log 22050 Hz 3 s n_fft 512 hop 353 pad_mode {pad_mode}"
+        shape = PreparedFolder(ctx.out).cache_meta()["modalities"]["audio"]["shape"]
+        summary["audio_recipe"] = (f"pre-computed array {tuple(shape)}" if lay.audio.kind == "array" else
+                                   f"OGM-GE stft_log 22050 Hz 3 s n_fft 512 hop 353 pad_mode {pad_mode}")
     return summary

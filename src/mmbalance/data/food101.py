@@ -22,7 +22,7 @@ Modalities, in the peer's order (FOOD-101: text, visual):
 
 Classes are the sorted class folder names of ``images/train`` (persisted in classes.json by ``prepare``);
 labels come from the csv rows. Splits: the official train/test; validation is carved from train (10 %,
-stratified, seeded), per DECISIONS.
+stratified, seeded), per the settled choices (docs/architecture.md).
 
 ``mmbalance prepare food101 --root RAW`` validates the tree (header detection, csv rows without an image,
 images without a row, unreadable images), writes manifest.csv + classes.json, and optionally pre-tokenises
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -46,18 +45,7 @@ from torch.utils.data import Dataset
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
-from mmbalance.data.finite import open_npy
-from mmbalance.data.prepare import (
-    MANIFEST,
-    PrepareContext,
-    read_classes,
-    read_json,
-    read_manifest,
-    write_classes,
-    write_manifest,
-    resolve_prepared,
-    write_text_atomic,
-)
+from mmbalance.data.prepare import MANIFEST, PrepareContext, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -380,12 +368,8 @@ def _sha1_file(path: Path) -> str:
 
 
 def _records_from_prepared(prep: Path) -> tuple[list[Record], list[str], dict]:
-    if not prep.is_dir():
-        raise DataError(f"food101: prepared folder {str(prep)!r} does not exist; run `mmbalance prepare food101 "
-                        f"--root RAW --out {prep}` or set dataset.prepared=null to read the raw tree")
-    rows = read_manifest(prep)
-    classes = read_classes(prep)
-    meta = read_json(prep / PREPARED_META, optional=True)
+    folder = PreparedFolder(prep, "food101").require()
+    rows, classes, meta = folder.rows(), folder.classes(), folder.json(PREPARED_META, optional=True)
     records = []
     for n, r in enumerate(rows, start=2):
         try:
@@ -397,8 +381,6 @@ def _records_from_prepared(prep: Path) -> tuple[list[Record], list[str], dict]:
         if not 0 <= label < len(classes) or rec.split not in SPLITS:
             raise DataError(f"food101: {prep / MANIFEST} line {n}: label {label} / split {rec.split!r} out of range")
         records.append(rec)
-    if not records:
-        raise DataError(f"food101: {prep / MANIFEST} lists no pairs")
     if not (prep / PREPARED_META).is_file():
         log.warning("food101: %s is missing; the image cache is not used", prep / PREPARED_META)
     return records, classes, meta
@@ -409,13 +391,13 @@ def _prepared_tokens(prep: Path, tok, clean_text: bool, n: int) -> np.ndarray | 
     meta_path, path = prep / TOKENS_META, prep / TOKENS
     if not (meta_path.is_file() and path.is_file()):
         return None
-    meta = read_json(meta_path)
+    meta = PreparedFolder(prep, "food101").json(TOKENS_META)
     same = (meta.get("fingerprint") == tok.fingerprint and meta.get("clean_text") == clean_text
             and meta.get("manifest_sha1") == _sha1_file(prep / MANIFEST))
     if not same:
         log.info("food101: %s was made with another tokenizer/max_length/cleaning or manifest; tokenising now", path)
         return None
-    ids = open_npy(path)
+    ids = PreparedFolder(prep, "food101").array(TOKENS)
     if ids.shape != (n, tok.max_length):
         return None
     return np.asarray(ids, dtype=np.int64)
@@ -431,7 +413,7 @@ def _prepared_cache(prep: Path, meta: dict, size: int) -> tuple[str, int] | None
     file = prep / _cache_name(size)
     if not (info_path.is_file() and file.is_file()):
         return None
-    info = read_json(info_path)
+    info = PreparedFolder(prep, "food101").json(info_path.name)
     if not info.get("complete") or info.get("candidates_sha1") != meta.get("candidates_sha1"):
         log.info("food101: %s is incomplete or from another scan; decoding jpegs instead", file)
         return None
@@ -482,9 +464,9 @@ def _check_images(ctx: PrepareContext, paths: list[str], candidates_sha1: str, s
 
     n = len(paths)
     stage = _cache_name(size) if size else "image_check"
-    info_path = ctx.out / (stage + ".json")
+    info_name = stage + ".json"
     cache_file = str(ctx.out / stage) if size else None
-    info = json.loads(info_path.read_text()) if info_path.is_file() and not ctx.force else {}
+    info = {} if ctx.force else ctx.folder.json(info_name, optional=True)
     if info.get("candidates_sha1") != candidates_sha1 or (cache_file and not Path(cache_file).is_file()):
         info = {}
     if not info:
@@ -502,10 +484,10 @@ def _check_images(ctx: PrepareContext, paths: list[str], candidates_sha1: str, s
                 if err is not None:
                     info["bad"][str(row)] = err
         info["done"] = stop
-        write_text_atomic(info_path, json.dumps(info) + "\n")
+        ctx.folder.write_json(info_name, info)
     if not info["complete"]:
         info["complete"] = True
-        write_text_atomic(info_path, json.dumps(info) + "\n")
+        ctx.folder.write_json(info_name, info)
     return {int(k): v for k, v in info["bad"].items()}, cache_file
 
 
@@ -537,8 +519,8 @@ def prepare(ctx: PrepareContext, image_size: int | None = None, tokenizer: str |
             ctx.problem(paths[row], why)
     rows = [{"id": r.id, "label": r.label, "split": r.split, "class": found.classes[r.label], "image": r.image,
              "text": r.text, "cache_row": i} for i, r in enumerate(found.records) if i not in bad]
-    write_manifest(ctx.out, rows, ["id", "label", "split", "class", "image", "text", "cache_row"])
-    write_classes(ctx.out, found.classes)
+    ctx.folder.write_manifest(rows, ["id", "label", "split", "class", "image", "text", "cache_row"])
+    ctx.folder.write_classes(found.classes)
     summary = {
         "layout": found.layout,
         "clips": len(rows),
@@ -555,7 +537,7 @@ def prepare(ctx: PrepareContext, image_size: int | None = None, tokenizer: str |
     }
     meta = {k: summary[k] for k in ("layout", "orphan_rows", "orphan_images", "unreadable")}
     meta.update(candidates_sha1=candidates_sha1, base=str(found.base))
-    write_text_atomic(ctx.out / PREPARED_META, json.dumps(meta, indent=1) + "\n")
+    ctx.folder.write_json(PREPARED_META, meta)
     if tokenizer:
         summary["tokens"] = _write_tokens(ctx, rows, tokenizer, int(max_length), bool(clean_text))
     log.info("food101 prepare: %s; %d pairs (train %d, test %d); csv rows without image %s; images without "
@@ -569,14 +551,11 @@ def _write_tokens(ctx: PrepareContext, rows: list[dict], tokenizer: str, max_len
 
     tok = Tokenizer(tokenizer, max_length=max_length)
     manifest_sha1 = _sha1_file(ctx.out / MANIFEST)
-    meta_path, path = ctx.out / TOKENS_META, ctx.out / TOKENS
+    path = ctx.out / TOKENS
     meta = {"tokenizer": tok.name, "fingerprint": tok.fingerprint, "max_length": max_length,
             "clean_text": clean_text, "manifest_sha1": manifest_sha1, "rows": len(rows)}
-    if not ctx.force and path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+    if not ctx.force and path.is_file() and ctx.folder.json(TOKENS_META, optional=True) == meta:
         return str(path)
-    ids = tok([clean(r["text"]) if clean_text else r["text"] for r in rows])
-    tmp = path.with_name("tokens.tmp.npy")
-    np.save(tmp, ids)
-    os.replace(tmp, path)
-    write_text_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
+    ctx.folder.write_array(TOKENS, tok([clean(r["text"]) if clean_text else r["text"] for r in rows]))
+    ctx.folder.write_json(TOKENS_META, meta)
     return str(path)

@@ -1,6 +1,6 @@
 """Media decoding, frame sampling, clip transforms and audio recipes shared by every benchmark dataset.
 
-Libraries (DECISIONS): soundfile reads wav, PyAV decodes video and other audio containers, PIL decodes
+Libraries (docs/architecture.md, "Settled choices"): soundfile reads wav, PyAV decodes video and other audio containers, PIL decodes
 jpeg, torchvision.transforms.v2 augments, torchaudio computes fbank. Every reader raises `DataError`
 naming the file when it cannot read it, so loaders and `prepare` can report and skip bad media.
 
@@ -99,8 +99,10 @@ def load_array(path: str | Path) -> np.ndarray:
             raise DataError(f"{path}: unknown feature format {path.suffix!r}; expected .npy, .pkl or .pt")
     except FileNotFoundError:
         raise DataError(f"feature file {str(path)!r} does not exist") from None
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, RuntimeError) as exc:
-        raise DataError(f"cannot read feature file {str(path)!r}: {exc}") from None
+    # IndexError/KeyError/TypeError/AttributeError: what torch's weights-only unpickler and pickle raise on garbage
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, RuntimeError, IndexError, KeyError, TypeError,
+            AttributeError) as exc:
+        raise DataError(f"cannot read feature file {str(path)!r}: {type(exc).__name__}: {exc}") from None
     if isinstance(value, Tensor):
         value = value.detach().cpu().numpy()
     return np.asarray(value)

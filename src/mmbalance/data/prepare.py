@@ -11,9 +11,10 @@ reads fast. Every preparer follows the same contract (see `PrepareContext`):
   so are clips whose cached spectrogram is not finite, and each float array's non-finite scan is recorded
   next to it (data/finite.py) so that runs check the cache without reading it again.
 
-A dataset registers its preparer in `PREPARERS` as "module:function"; the function has the signature
-`prepare(ctx: PrepareContext, **options) -> dict` and returns a summary that is printed and saved as
-`prepare_summary.json`.
+A dataset registers its preparer by name in `PREPARERS`: the key is its config name (conf/dataset/<key>.yaml),
+its builder lives in `mmbalance.data.<key>`, and that module's `prepare(ctx: PrepareContext, **options) -> dict`
+is the preparer. It returns a summary that is printed and saved as `prepare_summary.json`. Preparers read and
+write their output through `PreparedFolder`, which the loaders read back.
 """
 
 from __future__ import annotations
@@ -35,22 +36,17 @@ import yaml
 
 from mmbalance.errors import DataError, UserError
 
-# dataset config name -> "module:function" (imported lazily so `prepare --help` stays fast)
-PREPARERS: dict[str, str] = {
-    "cremad": "mmbalance.data.cremad:prepare",
-    "kinetics_sounds": "mmbalance.data.kinetics_sounds:prepare",
-    "vggsound": "mmbalance.data.vggsound:prepare",
-    "balanced_av": "mmbalance.data.balanced_av:prepare",
-    "ucf101": "mmbalance.data.ucf101:prepare",
-    "food101": "mmbalance.data.food101:prepare",
-    "cmu_mosei": "mmbalance.data.cmu_mosei:prepare",
-}
+# Explicit and import-free, like the method registry (a key equals a file name and a config name); the module
+# is imported only when its dataset is prepared, so `prepare --help` stays fast. tests/test_prepare_command.py
+# checks that each key's config builds from mmbalance.data.<key> and that no other module defines `prepare`.
+PREPARERS = ("balanced_av", "cmu_mosei", "cremad", "food101", "kinetics_sounds", "ucf101", "vggsound")
 
 DEFAULT_OUT = "mmbalance_prepared"  # prepare's --out when none is given, and where `prepared: auto` looks
 MANIFEST = "manifest.csv"
 CLASSES = "classes.json"
 REPORT = "prepare_report.txt"
 SUMMARY = "prepare_summary.json"
+CACHE_META = "cache.json"  # a prepared folder's array cache: what it holds and how it was made
 
 
 @dataclass
@@ -63,6 +59,11 @@ class PrepareContext:
     force: bool = False
     progress: bool = True
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
+    dataset: str = ""
+
+    @property
+    def folder(self) -> PreparedFolder:
+        return PreparedFolder(self.out, self.dataset)
 
     def require_root(self) -> None:
         if not self.root.is_dir():
@@ -100,73 +101,136 @@ class PrepareContext:
 
     def write_report(self) -> Path:
         """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none."""
-        path = self.out / REPORT
         lines = [f"{p}\t{why}" for p, why in self.problems] or ["# no missing or unreadable media"]
-        write_text_atomic(path, "\n".join(lines) + "\n")
+        self.folder.write_text(REPORT, "\n".join(lines) + "\n")
+        return self.out / REPORT
+
+
+class PreparedFolder:
+    """The folder `mmbalance prepare` writes and a loader reads: manifest.csv (id, label, split, ...),
+    classes.json, json side files (cache.json, recipe.json, prepare_summary.json, ...) and .npy arrays with their
+    finite-check sidecars (data/finite.py). Every write is atomic; every read error names the file and the
+    command that makes it."""
+
+    def __init__(self, path: str | Path, dataset: str = ""):
+        self.path, self.dataset = Path(path).expanduser(), dataset
+        self.command = f"`mmbalance prepare {dataset}`" if dataset else "`mmbalance prepare` for this dataset"
+
+    def require(self) -> PreparedFolder:
+        if not self.path.is_dir():
+            raise DataError(f"dataset.prepared {str(self.path)!r} is not a folder; run `mmbalance prepare "
+                            f"{self.dataset or 'DATASET'} --root RAW --out {self.path}` first to write the prepared "
+                            "folder, or set dataset.prepared=null to read the raw tree")
+        return self
+
+    # -- reading
+
+    def json(self, name: str, optional: bool = False) -> Any:
+        """A json file of the folder; DataError naming it when it is missing (unless `optional`: then {}) or not
+        valid json."""
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            if optional:
+                return {}
+            raise DataError(f"{path} is missing; run {self.command} first") from None
+        except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+            raise DataError(f"{path}: not readable json ({exc}); run {self.command} again with --force") from None
+
+    @property
+    def summary(self) -> dict:
+        return self.json(SUMMARY, optional=True)
+
+    def classes(self) -> list[str]:
+        """classes.json: the explicit class-index map, persisted with the prepared data."""
+        try:
+            return list(self.json(CLASSES)["classes"])
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{self.path / CLASSES}: expected {{\"classes\": [names...]}} ({exc})") from None
+
+    def rows(self, columns: Sequence[str] = ("id", "label", "split")) -> list[dict[str, str]]:
+        """manifest.csv as dicts; DataError when it is missing, unreadable, empty or lacks one of `columns`."""
+        path = self.path / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{path} is missing; run {self.command} first")
+        try:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{path}: not a readable manifest csv ({exc}); run {self.command} again") from None
+        if not rows:
+            raise DataError(f"{path} lists no clips; run {self.command} again")
+        missing = [c for c in columns if c not in rows[0]]
+        if missing:
+            raise DataError(f"{path}: columns {missing} are missing (found {list(rows[0])}); was it written by "
+                            f"{self.command}? Prepare it again")
+        return rows
+
+    def cache_meta(self, required: bool = True) -> dict | None:
+        """cache.json of the folder's array cache; None (or, when `required`, a DataError) without one."""
+        if not (self.path / CACHE_META).is_file():
+            if not required:
+                return None
+            raise DataError(f"{self.path / CACHE_META} is missing: dataset.prepared {str(self.path)!r} holds no "
+                            f"cache; run {self.command} again (without --set cache=false)")
+        return self.json(CACHE_META)
+
+    def array(self, name: str, mmap_mode: str | None = "r"):
+        from mmbalance.data.finite import open_npy
+
+        return open_npy(self.path / name, mmap_mode=mmap_mode)
+
+    # -- writing
+
+    def write_text(self, name: str, text: str) -> None:
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_text(name, json.dumps(value, indent=1, default=str) + "\n")
+
+    def write_classes(self, classes: Sequence[str]) -> None:
+        self.write_json(CLASSES, {"classes": list(classes)})
+
+    def write_manifest(self, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+        """manifest.csv with a header; `columns` starts with id, label, split."""
+        path = self.path / MANIFEST
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    def write_array(self, name: str, array, finite_checked: bool = False) -> Path:
+        """np.save to a temporary name, then rename: an interrupted prepare never leaves a half-written array.
+        `finite_checked`: the caller made every value finite, which the sidecar records instead of a re-read."""
+        import numpy as np
+
+        from mmbalance.data import finite
+
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npy")
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+        if finite_checked and finite.can_hold_nonfinite(np.asarray(array).dtype):
+            finite.record_row_counts(path, {})
         return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def read_classes(folder: str | Path) -> list[str]:
+    return PreparedFolder(folder).classes()
 
 
-def write_classes(out: Path, classes: list[str]) -> None:
-    """classes.json: the explicit class-index map, persisted with the prepared data."""
-    write_text_atomic(Path(out) / CLASSES, json.dumps({"classes": list(classes)}, indent=1) + "\n")
-
-
-def read_classes(folder: Path) -> list[str]:
-    path = Path(folder) / CLASSES
-    if not path.is_file():
-        raise DataError(f"{path} is missing; run `mmbalance prepare` for this dataset first")
-    try:
-        return list(json.loads(path.read_text())["classes"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: expected {{\"classes\": [names...]}} ({exc})") from None
-
-
-def read_json(path: Path, optional: bool = False) -> Any:
-    """A json file of a prepared folder; DataError naming it when it is missing (unless `optional`: then {}) or
-    not valid json."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        if optional:
-            return {}
-        raise DataError(f"{path} is missing; run `mmbalance prepare` for this dataset first") from None
-    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
-        raise DataError(f"{path}: not readable json ({exc}); run `mmbalance prepare` again with --force") from None
-
-
-def write_manifest(out: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
-    """manifest.csv with a header; `columns` starts with id, label, split."""
-    path = Path(out) / MANIFEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-    os.replace(tmp, path)
-
-
-def read_manifest(folder: Path) -> list[dict[str, str]]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} is missing; run `mmbalance prepare` for this dataset first")
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable manifest csv ({exc}); run `mmbalance prepare` again") from None
-    if rows and not {"id", "label", "split"} <= set(rows[0]):
-        raise DataError(f"{path}: expected columns id, label, split (found {list(rows[0])})")
-    return rows
+def read_manifest(folder: str | Path) -> list[dict[str, str]]:
+    return PreparedFolder(folder).rows()
 
 
 def resolve_prepared(root: str | Path | None, prepared: str | Path | None) -> Path | None:
@@ -187,8 +251,7 @@ def resolve_prepared(root: str | Path | None, prepared: str | Path | None) -> Pa
 def resolve(name: str) -> Callable:
     if name not in PREPARERS:
         raise UserError(f"prepare: unknown dataset {name!r}; expected one of {sorted(PREPARERS)}")
-    module, func = PREPARERS[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    return importlib.import_module(f"mmbalance.data.{name}").prepare
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -208,7 +271,8 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     fn = resolve(dataset)
     root = Path(root).expanduser()
     out = Path(out).expanduser() if out else root / DEFAULT_OUT
-    ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress)
+    ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress,
+                         dataset=dataset)
     ctx.require_root()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -216,7 +280,7 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     report = ctx.write_report()
     summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems), report=str(report),
                    seconds=round(time.time() - started, 2))
-    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=1, default=str) + "\n")
+    ctx.folder.write_json(SUMMARY, summary)
     return summary
 
 
@@ -254,3 +318,4 @@ def main(argv: Sequence[str]) -> int:
     if summary["skipped"]:
         print(f"{summary['skipped']} missing or unreadable media skipped; listed in {summary['report']}")
     return 0
+

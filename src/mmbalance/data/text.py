@@ -91,7 +91,7 @@ def _load_tokenizer(name: str, lowercase: bool):
         import transformers
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise UserError(f"Tokenizer needs the transformers package ({exc})") from exc
-    from mmbalance.models.pretrained import hf_hub_cache
+    from mmbalance.paths import hf_hub_cache
 
     path = Path(os.path.expanduser(name))
     cache = str(hf_hub_cache())

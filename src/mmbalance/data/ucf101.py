@@ -26,7 +26,7 @@ Recipe (BalanceBenchmark ``ucf101_dataset.py``, with its flow bugs fixed -- §6 
 * training augmentation ``resize_flip``: Resize((S, S)) + horizontal flip drawn ONCE per clip and applied to the
   RGB frames and the flow together, with u (horizontal motion) negated on a flip. The peer flips RGB, u and v
   independently and never negates u. Evaluation: Resize((S, S)) only (deterministic);
-* validation: UCF-101 has none, so a stratified, seeded 10 % of the training list (DECISIONS).
+* validation: UCF-101 has none, so a stratified, seeded 10 % of the training list (docs/architecture.md, "Settled choices").
 
 ``mmbalance prepare ucf101 --root RAW --out PREP`` checks every video of the split files (a missing or empty
 RGB/flow folder is listed in prepare_report.txt and skipped), writes manifest.csv (with the split of every
@@ -37,7 +37,6 @@ modality (uint8 ``visual.npy`` (N, F, 3, S, S), ``flow.npy`` (N, F, 2, S, S)) fo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -50,18 +49,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmbalance.data import media
-from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
-from mmbalance.data.clips import (CACHE_META, Clip, cache_meta_or_none, check_cache_finite, fill_cache_rows,
-                                  load_clip_cache, log_uncached)
-from mmbalance.data.prepare import (PrepareContext, read_classes, read_json, read_manifest, resolve_prepared,
-                                    write_classes, write_manifest)
+from mmbalance.data.batch import DataSplits
+from mmbalance.data.clips import CachedClipDataset, Clip, cache_frames, clip_splits
+from mmbalance.data.layout import dataset_root, option_path, prepare_clips, prepared_splits, walk_dirs
+from mmbalance.data.prepare import PrepareContext, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
 
 MODALITIES = ("visual", "flow")
-CHANNELS = {"visual": 3, "flow": 2}
-_PREPARED_MARKERS = ("manifest.csv", CACHE_META, "prepare_summary.json")
 _NAME = re.compile(r"^v_(.+)_g\d+_c\d+$", re.IGNORECASE)
 
 
@@ -125,46 +121,20 @@ def read_splits(split_dir: Path, split: int) -> tuple[list[str], list[tuple[str,
 # layout detection
 
 
-@dataclass
-class _Dir:
-    path: Path
-    files: set[str]
-    subdirs: list[str]
+def _scan(root: Path, exclude: tuple[Path, ...] = ()) -> list:
+    """Every folder under root, four levels deep, and its entries; video folders (`v_*`) are never descended:
+    there are 13k of them."""
+    return walk_dirs(root, 4, exclude, descend=lambda name: not name.lower().startswith("v_"))
 
 
-def _scan(root: Path, depth: int = 4, exclude: tuple[Path, ...] = ()) -> list[_Dir]:
-    """Every folder under root (to `depth` levels) except video folders (`v_*`, never descended: there are 13k of
-    them), hidden folders, mmbalance prepared outputs and `exclude`."""
-    excluded = {p.resolve() for p in exclude}
-    out, level = [], [root]
-    for d in range(depth + 1):
-        nxt = []
-        for folder in level:
-            try:
-                entries = list(os.scandir(folder))
-            except OSError:
-                continue
-            files = {e.name for e in entries if e.is_file()}
-            subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-            if folder != root and any(m in files for m in _PREPARED_MARKERS):
-                continue
-            out.append(_Dir(folder, files, subdirs))
-            if d < depth:
-                nxt += [folder / s for s in subdirs if not s.lower().startswith("v_")
-                        and (folder / s).resolve() not in excluded]
-        level = nxt
-    return out
-
-
-def find_split_dir(root: Path, splits_dir: str | None = None, scanned: list[_Dir] | None = None) -> Path:
+def find_split_dir(root: Path, splits_dir: str | None = None, scanned: list | None = None) -> Path:
     """The folder with classInd.txt: `splits_dir`, else found under root (ucfTrainTestlist/ as unzipped)."""
     if splits_dir:
-        path = Path(splits_dir).expanduser()
-        path = path if path.is_absolute() else root / path
+        path = option_path(root, splits_dir)
         if not (path / "classInd.txt").is_file():
             raise DataError(f"dataset.splits_dir: {str(path / 'classInd.txt')!r} does not exist")
         return path
-    found = [d.path for d in (scanned or _scan(root)) if "classInd.txt" in d.files]
+    found = [folder for folder, entries in (scanned or _scan(root)) if any(e.name == "classInd.txt" for e in entries)]
     if not found:
         raise DataError(f"{root}: no UCF-101 split files found (ucfTrainTestlist/classInd.txt, trainlist0N.txt, "
                         "testlist0N.txt from UCF101TrainTestSplits-RecognitionTask.zip); unzip them into the root "
@@ -195,36 +165,36 @@ def _frame_style(files: list[str]) -> str:
     return name or "empty"
 
 
-def _sources(scanned: list[_Dir], names: set[str]) -> tuple[list[Source], list[Source]]:
+def _sources(scanned: list, names: set[str]) -> tuple[list[Source], list[Source]]:
     """Candidate RGB and flow sources among the scanned folders: a folder whose sub-folders are video folders of
     the split lists is a container; its kind is told from its name (u/v) and from one video folder's files."""
     containers = []
-    for d in scanned:
-        videos = {s.lower(): d.path / s for s in d.subdirs if s.lower().startswith("v_")}
+    for folder, entries in scanned:
+        videos = {e.name.lower(): folder / e.name for e in entries if e.is_dir() and e.name.lower().startswith("v_")}
         if names.intersection(videos):
             sample = videos[sorted(names.intersection(videos))[0]]
             try:
                 files = [e.name for e in os.scandir(sample) if e.is_file()]
             except OSError:
                 files = []
-            containers.append((d, videos, files))
+            containers.append((folder, videos, files))
     rgb, flow = [], []
     mm_rgb: dict[Path, dict] = {}  # mmaction: per-class containers merged under their rawframes root
     mm_flow: dict[Path, dict] = {}
     uv: dict[Path, dict[str, dict]] = {}
-    for d, videos, files in containers:
+    for folder, videos, files in containers:
         lowered = [f.lower() for f in files]
         if any(f.startswith("flow_x") for f in lowered):
-            mm_flow.setdefault(d.path.parent, {}).update(videos)
+            mm_flow.setdefault(folder.parent, {}).update(videos)
         if any(f.startswith("img_") for f in lowered):
-            mm_rgb.setdefault(d.path.parent, {}).update(videos)
-        elif d.path.name.lower() in ("u", "v"):
-            uv.setdefault(d.path.parent, {})[d.path.name.lower()] = videos
+            mm_rgb.setdefault(folder.parent, {}).update(videos)
+        elif folder.name.lower() in ("u", "v"):
+            uv.setdefault(folder.parent, {})[folder.name.lower()] = videos
         elif not any(f.startswith("flow_") for f in lowered):
             kind = "twostreamfusion jpegs_256" if _frame_style(files) == "frame000001.jpg" else "frame folders"
             if _frame_style(files) == "frame_00001.jpg":
                 kind = "BalanceBenchmark frame folders"
-            rgb.append(Source(kind, d.path, {"visual": videos}, {"visual": ""}))
+            rgb.append(Source(kind, folder, {"visual": videos}, {"visual": ""}))
     for parent, videos in mm_rgb.items():
         rgb.append(Source("mmaction rawframes", parent, {"visual": videos}, {"visual": "img_"}))
     for parent, videos in mm_flow.items():
@@ -259,19 +229,14 @@ class Layout:
 
 
 def detect_layout(root: Path, names: set[str], modalities: tuple[str, ...], split_dir: Path,
-                  rgb_dir: str | None = None, flow_dir: str | None = None, scanned: list[_Dir] | None = None,
+                  rgb_dir: str | None = None, flow_dir: str | None = None, scanned: list | None = None,
                   exclude: tuple[Path, ...] = ()) -> Layout:
     """Find the RGB and flow trees that hold the split's videos (DataError naming root when one is missing)."""
-    scanned = scanned if scanned is not None else _scan(root, exclude=exclude)
+    scanned = scanned if scanned is not None else _scan(root, exclude)
 
-    def pinned(value: str | None, option: str) -> list[_Dir] | None:
-        if not value:
-            return None
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else root / path
-        if not path.is_dir():
-            raise DataError(f"dataset.{option}: folder {str(path)!r} does not exist")
-        return _scan(path)
+    def pinned(value: str | None, option: str) -> list | None:
+        path = option_path(root, value, option)
+        return None if path is None else _scan(path)
 
     sources = {}
     want = {"visual": ("RGB frame", "rgb_dir", rgb_dir, 0), "flow": ("optical flow", "flow_dir", flow_dir, 1)}
@@ -299,10 +264,8 @@ def find_clips(root: str | Path, split: int = 1, modalities: tuple[str, ...] = M
                splits_dir: str | None = None, rgb_dir: str | None = None, flow_dir: str | None = None,
                exclude: tuple[Path, ...] = ()) -> tuple[list[Clip], list[str], Layout, list[tuple[str, str]]]:
     """(clips with sources {visual, flow_u, flow_v}, classes, layout, [(video, why)] of videos left out)."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"dataset.root: UCF-101 folder {str(root)!r} does not exist")
-    scanned = _scan(root, exclude=exclude)
+    root = dataset_root(root, "UCF-101")
+    scanned = _scan(root, exclude)
     split_dir = find_split_dir(root, splits_dir, scanned)
     classes, videos = read_splits(split_dir, split)
     names = {n.lower() for n, _, _ in videos}
@@ -320,6 +283,33 @@ def find_clips(root: str | Path, split: int = 1, modalities: tuple[str, ...] = M
 
 # ---------------------------------------------------------------------------------------------------------------
 # the dataset: RGB and flow of a clip share one augmentation draw
+
+
+class Frames:
+    """One modality's frame folders: RGB (one folder per video, 3 channels) or optical flow (a u and a v folder, 2
+    grey channels), frame files picked by prefix (mmaction rawframes keep RGB and flow in one folder)."""
+
+    kind = "frames"
+
+    def __init__(self, modality: str, frames: int, size: int, prefixes: dict[str, str]):
+        self.streams = ("visual",) if modality == "visual" else ("flow_u", "flow_v")
+        self.mode = "RGB" if modality == "visual" else "L"
+        self.frames, self.size, self.prefixes = int(frames), int(size), prefixes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.frames, 3 if self.mode == "RGB" else 2, self.size, self.size)
+
+    def files(self, clip: Clip) -> list[list[Path]]:
+        return [media.list_frames(clip.sources[k], self.prefixes.get(k, "")) for k in self.streams]
+
+    def images(self, files: list[list[Path]], j: int) -> list:
+        """Frame j: one RGB image, or the u and v grey images (interleaved, as ClipTransform's flow_pairs)."""
+        return [media.read_image(f[j], self.mode) for f in files]
+
+    def cache_rows(self, clip: Clip, modality: str, size: int, max_frames: int) -> tuple[np.ndarray, int]:
+        files = self.files(clip)
+        return cache_frames(min(map(len, files)), lambda j: self.images(files, j), self.shape[1], size, max_frames)
 
 
 def _rescale(params: dict, src: tuple[int, int], dst: tuple[int, int]) -> dict:
@@ -351,42 +341,24 @@ class UCFDataset(Dataset):
         aug = augment if train else "none"
         self.transforms = {"visual": media.ClipTransform(size, train, aug, "imagenet"),
                            "flow": media.ClipTransform(size, train, aug, "flow", flow_pairs=True)}
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.rows = None if rows is None else np.asarray(rows)
-        self._arrays: dict | None = None
+        self.readers = {m: Frames(m, self.frames[m], size, self.prefixes) for m in self.modalities}
+        self.cache_dir, self.rows = cache_dir, rows
+        # the prepared cache (memmaps reopened in each DataLoader worker), sampled like the raw frame folders
+        self.cached = None if cache_dir is None else CachedClipDataset(cache_dir, rows, self.labels, self.readers,
+                                                                        train)
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getstate__(self):  # memmaps are reopened in each DataLoader worker
-        return {**self.__dict__, "_arrays": None}
-
-    def _cache(self) -> dict:
-        if self._arrays is None:
-            self._arrays = {m: np.load(self.cache_dir / f"{m}.npy", mmap_mode="r") for m in self.modalities}
-            self._arrays["_n_frames"] = np.load(self.cache_dir / "n_frames.npy")
-            self._arrays["_columns"] = json.loads((self.cache_dir / CACHE_META).read_text())["modalities"]
-        return self._arrays
-
     def _sample(self, i: int, m: str, generator: torch.Generator | None) -> list:
         """The modality's sampled frames: PIL/uint8 RGB images, or interleaved u, v grey images for flow."""
-        k = self.frames[m]
-        if self.cache_dir is not None:
-            arrays, row = self._cache(), int(self.rows[i])
-            n = int(arrays["_n_frames"][row, list(arrays["_columns"]).index(m)])
-            idx = media.segment_indices(max(n, 1), k, self.train, generator)
-            x = torch.from_numpy(np.ascontiguousarray(arrays[m][row, idx]))  # (k, C, S, S) uint8
+        if self.cached is not None:
+            x = self.cached.frames(i, m, generator)  # (k, C, S, S) uint8
             return list(x if m == "visual" else x.reshape(-1, 1, *x.shape[-2:]))
-        clip = self.clips[i]
-        if m == "visual":
-            files = media.list_frames(clip.sources["visual"], self.prefixes.get("visual", ""))
-            return [media.read_image(files[j]) for j in media.segment_indices(len(files), k, self.train, generator)]
-        u = media.list_frames(clip.sources["flow_u"], self.prefixes.get("flow_u", ""))
-        v = media.list_frames(clip.sources["flow_v"], self.prefixes.get("flow_v", ""))
-        out = []
-        for j in media.segment_indices(min(len(u), len(v)), k, self.train, generator):
-            out += [media.read_image(u[j], "L"), media.read_image(v[j], "L")]
-        return out
+        reader = self.readers[m]
+        files = reader.files(self.clips[i])
+        idx = media.segment_indices(min(map(len, files)), self.frames[m], self.train, generator)
+        return [image for j in idx for image in reader.images(files, j)]
 
     def item(self, i: int, generator: torch.Generator | None = None) -> dict:
         inputs, params, ref = {}, None, None
@@ -403,14 +375,6 @@ class UCFDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.item(i)
-
-
-def _specs(modalities, frames: dict[str, int], size: int) -> dict[str, ModalitySpec]:
-    return {m: ModalitySpec("frames", (frames[m], CHANNELS[m], size, size)) for m in modalities}
-
-
-def _counts(clips: list[Clip]) -> dict[str, int]:
-    return {s: sum(c.split == s for c in clips) for s in ("train", "val", "test")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,75 +407,41 @@ def build_ucf101(root: str | None = None, prepared: str | None = None, split: in
     if augment not in media.ClipTransform.AUGMENTS:
         raise UserError(f"dataset.augment={augment!r}; expected one of {media.ClipTransform.AUGMENTS}")
     nframes = {"visual": int(frames), "flow": int(flow_frames)}
-    if prepared:
-        folder = Path(prepared).expanduser()
-        clips, classes, cache_dir, notes = _prepared_clips(folder, split, mods)
-        prefixes = {}  # the cache holds decoded frames: no file names to match
+    if prepared is not None:
+        folder = PreparedFolder(prepared, "ucf101").require()
+        rows, column = folder.rows(), f"split{split}"
+        if column not in rows[0]:
+            have = [k[-1] for k in rows[0] if re.fullmatch(r"split\d", k)]
+            raise DataError(f"dataset.prepared {str(folder.path)!r} has no split {split} (the split files prepared "
+                            f"were {have}); set dataset.split to one of them")
+        clips = [Clip(r["id"], int(r["label"]), r[column], {}) for r in rows if r[column] in ("train", "test")]
+        classes, prefixes = folder.classes(), {}  # the cache holds decoded frames: no file names to match
     else:
-        if not root:
-            raise UserError("dataset.root is not set: point it at the UCF-101 folder, or set dataset.prepared")
         clips, classes, layout, missing = find_clips(root, split, mods, splits_dir, rgb_dir, flow_dir)
         if not clips:
             raise DataError(f"{root}: none of the videos of split {split} has all of {list(mods)}")
         if missing:
             log.warning("ucf101: %d videos of split %d have no %s frames and are left out (first: %s: %s)",
                         len(missing), split, "/".join(mods), *missing[0])
-        cache_dir, prefixes = None, layout.prefixes
+        prefixes = layout.prefixes
         log.info("ucf101: split %d, %s; %d videos, %d left out for missing frames", split,
                  ", ".join(f"{m}: {s.kind} ({s.root})" for m, s in layout.sources.items()), len(clips), len(missing))
         notes = {"layout": ", ".join(f"{m}: {s.kind}" for m, s in layout.sources.items()), **layout.notes,
                  "source": "raw", "missing_videos": len(missing), "missing_examples": [n for n, _ in missing[:5]]}
-    train_all = [c for c in clips if c.split == "train"]
-    test = [c for c in clips if c.split == "test"]
-    if not train_all or not test:
-        raise DataError(f"UCF-101 split {split}: {len(train_all)} training and {len(test)} test videos found; both "
-                        "must be non-empty")
-    keep, held = stratified_split(np.array([c.label for c in train_all]), val_fraction, split_seed)
-    parts = {"train": [train_all[i] for i in keep], "val": [train_all[i] for i in held], "test": test}
+    readers = {m: Frames(m, nframes[m], image_size, prefixes) for m in mods}
+    cache_dir = folder.path if prepared is not None else None
 
-    def dataset(name: str) -> UCFDataset:
-        items, rows = parts[name], None
-        if cache_dir is not None:
-            rows, kept = load_clip_cache(cache_dir, items)
-            kept_ids = {c.id for c in kept}
-            uncached.extend(c.id for c in items if c.id not in kept_ids)
-            items = kept
-        return UCFDataset(items, mods, nframes, image_size, augment, name == "train", prefixes, cache_dir, rows)
+    def make(items: list[Clip], train: bool, rows) -> UCFDataset:
+        return UCFDataset(items, mods, nframes, image_size, augment, train, prefixes, cache_dir, rows)
 
-    uncached: list[str] = []
-    datasets = {name: dataset(name) for name in parts}
-    notes.update(split=split, clips={k: len(v) for k, v in parts.items()})
-    if cache_dir is not None:  # uint8 frames hold no NaN, but this opens every array: a broken one fails here
-        notes["uncached_clips"] = log_uncached(cache_dir, uncached)
-        check_cache_finite(cache_dir, mods, {name: d.rows for name, d in datasets.items()})
-    return DataSplits(datasets["train"], datasets["val"], datasets["test"], _specs(mods, nframes, image_size),
-                      len(classes), list(classes),
-                      val_source=f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed})",
-                      notes=notes)
-
-
-def _prepared_clips(folder: Path, split: int, mods: tuple[str, ...]) -> tuple[list[Clip], list[str], Path, dict]:
-    meta_path = folder / CACHE_META
-    if not meta_path.is_file():
-        raise DataError(f"dataset.prepared {str(folder)!r} is not a prepared UCF-101 cache ({CACHE_META} missing); "
-                        "run `mmbalance prepare ucf101 --root RAW --out <folder>`")
-    meta = read_json(meta_path)
-    lacking = [m for m in mods if m not in meta.get("modalities", {})]
-    if lacking:
-        raise DataError(f"dataset.prepared {str(folder)!r} has no {lacking} cache (it holds "
-                        f"{sorted(meta.get('modalities', {}))}); prepare again with those modalities")
-    rows = read_manifest(folder)
-    column = f"split{split}"
-    if rows and column not in rows[0]:
-        have = [k[-1] for k in rows[0] if re.fullmatch(r"split\d", k)]
-        raise DataError(f"dataset.prepared {str(folder)!r} has no split {split} (the split files prepared were "
-                        f"{have}); set dataset.split to one of them")
-    clips = [Clip(r["id"], int(r["label"]), r[column], {k: r[k] for k in ("visual", "flow_u", "flow_v") if r.get(k)})
-             for r in rows if r[column] in ("train", "test")]
-    layout = read_json(folder / "prepare_summary.json", optional=True).get("layout", "unknown")
-    notes = {"layout": f"prepared cache ({layout})", "prepared": str(folder), "source": "prepared",
-             "cache_frame_size": meta.get("size"), "cache_max_frames": meta.get("max_frames")}
-    return clips, read_classes(folder), folder, notes
+    if prepared is not None:
+        splits = prepared_splits(folder, clips, classes, val_fraction=val_fraction, split_seed=split_seed,
+                                 modalities=mods, notes={"split": split}, readers=readers, make=make)
+    else:
+        splits = clip_splits(clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
+                             notes={**notes, "split": split}, make=make)
+    splits.notes["clips"] = {k: len(getattr(splits, k)) for k in ("train", "val", "test")}
+    return splits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -530,73 +460,6 @@ def _count_frames(task: tuple) -> tuple[int, dict[str, int], str | None, str | N
     return i, counts, None, None
 
 
-def _pick(n: int, max_frames: int) -> np.ndarray:
-    """Up to max_frames indices spread evenly over n frames (all of them when n <= max_frames)."""
-    return np.linspace(0, n - 1, max_frames).round().astype(int) if n > max_frames else np.arange(n)
-
-
-def _cache_one(task: tuple) -> tuple[int, str | None]:
-    """Worker: decode one video's sampled frames, resize to size x size, write its rows of the cache memmaps."""
-    import torchvision.transforms.v2.functional as TF
-
-    row, clip, mods, prefixes, cache_dir, size, max_frames = task
-    cache_dir = Path(cache_dir)
-
-    def load(path, mode):
-        return TF.resize(TF.pil_to_tensor(media.read_image(path, mode)), [size, size], antialias=True).numpy()
-
-    try:
-        counts = []
-        for m in mods:
-            out = np.zeros((max_frames, CHANNELS[m], size, size), dtype=np.uint8)
-            if m == "visual":
-                files = media.list_frames(clip.sources["visual"], prefixes.get("visual", ""))
-                pick = _pick(len(files), max_frames)
-                for k, j in enumerate(pick):
-                    out[k] = load(files[j], "RGB")
-            else:
-                u = media.list_frames(clip.sources["flow_u"], prefixes.get("flow_u", ""))
-                v = media.list_frames(clip.sources["flow_v"], prefixes.get("flow_v", ""))
-                pick = _pick(min(len(u), len(v)), max_frames)
-                for k, j in enumerate(pick):
-                    out[k, 0:1], out[k, 1:2] = load(u[j], "L"), load(v[j], "L")
-            arr = np.load(cache_dir / f"{m}.npy", mmap_mode="r+")
-            arr[row] = out
-            arr.flush()
-            counts.append(len(pick))
-        nf = np.load(cache_dir / "n_frames.npy", mmap_mode="r+")
-        nf[row] = counts
-        nf.flush()
-    except DataError as exc:
-        return row, str(exc)
-    return row, None
-
-
-def write_ucf_cache(ctx: PrepareContext, clips: list[Clip], mods: tuple[str, ...], prefixes: dict[str, str],
-                    size: int = 224, max_frames: int = 10) -> dict:
-    """The UCF-101 counterpart of clips.write_clip_cache (same files and resume rules, readable by
-    clips.load_clip_cache): `<modality>.npy` (N, max_frames, C, S, S) uint8 with C = 3 (RGB) or 2 (u, v),
-    `n_frames.npy` (N, modalities), `done.npy`, cache.json. Frames are spread evenly over the video when it has
-    more than max_frames, so training still samples segment-wise from the whole clip."""
-    from numpy.lib.format import open_memmap
-
-    out = Path(ctx.out)
-    n = len(clips)
-    meta = {"ids": [c.id for c in clips], "size": size, "max_frames": max_frames, "dataset": "ucf101",
-            "modalities": {m: {"kind": "frames", "shape": [max_frames, CHANNELS[m], size, size]} for m in mods}}
-    meta_path, done_path = out / CACHE_META, out / "done.npy"
-    if ctx.force or not meta_path.is_file() or cache_meta_or_none(meta_path) != meta:
-        for m in mods:
-            open_memmap(out / f"{m}.npy", mode="w+", dtype=np.uint8,
-                        shape=(n, max_frames, CHANNELS[m], size, size)).flush()
-        np.save(out / "n_frames.npy", np.zeros((n, len(mods)), dtype=np.int16))
-        np.save(done_path, np.zeros(n, dtype=bool))
-        meta_path.write_text(json.dumps(meta))
-    summary = fill_cache_rows(ctx, clips, done_path, _cache_one,
-                              lambda i: (i, clips[i], mods, prefixes, str(out), size, max_frames), "caching videos")
-    return {**summary, "cache_frame_size": size, "cache_max_frames": max_frames}
-
-
 def prepare(ctx: PrepareContext, split: int = 1, modalities: list[str] | tuple[str, ...] = MODALITIES,
             splits_dir: str | None = None, rgb_dir: str | None = None, flow_dir: str | None = None,
             size: int = 224, max_frames: int = 10, cache: bool = True) -> dict:
@@ -612,8 +475,6 @@ def prepare(ctx: PrepareContext, split: int = 1, modalities: list[str] | tuple[s
     mods = _modalities(modalities)
     clips, classes, layout, missing = find_clips(ctx.root, split, mods, splits_dir, rgb_dir, flow_dir,
                                                  exclude=(ctx.out,))
-    for name, why in missing:
-        ctx.problem(name, why)
     # every video is in exactly one list of each split: record all splits, so one cache serves splits 1-3
     membership: dict[str, dict[int, str]] = {}
     for k, (train, test) in split_files(layout.split_dir).items():
@@ -621,31 +482,27 @@ def prepare(ctx: PrepareContext, split: int = 1, modalities: list[str] | tuple[s
             for part, path in (("train", train), ("test", test)):
                 for name, _ in read_split_list(path, classes):
                     membership.setdefault(name.lower(), {})[k] = part
+    splits_found = sorted({k for v in membership.values() for k in v})
     prefixes = layout.prefixes
-    counted = ctx.map(_count_frames, [(i, c.sources, prefixes) for i, c in enumerate(clips)], desc="checking videos")
     good, n_frames = [], {}
-    for i, counts, path, why in counted:
+    for i, counts, path, why in ctx.map(_count_frames, [(i, c.sources, prefixes) for i, c in enumerate(clips)],
+                                        desc="checking videos"):
         if why is not None:
             ctx.problem(path, why)
         else:
             good.append(clips[i])
             n_frames[clips[i].id] = counts
-    splits_found = sorted({k for v in membership.values() for k in v})
-    rows = []
-    for c in good:
+
+    def columns(c: Clip) -> dict:
         nf = n_frames[c.id]
-        rows.append({"id": c.id, "label": c.label, "label_name": classes[c.label], "split": c.split,
-                     **{f"split{k}": membership.get(c.id.lower(), {}).get(k, "") for k in splits_found},
-                     **c.sources, "n_visual": nf.get("visual", ""),
-                     "n_flow": min(nf["flow_u"], nf["flow_v"]) if "flow_u" in nf else ""})
-    columns = ["id", "label", "label_name", "split", *[f"split{k}" for k in splits_found], "visual", "flow_u",
-               "flow_v", "n_visual", "n_flow"]
-    write_manifest(ctx.out, rows, columns)
-    write_classes(ctx.out, classes)
+        return {**{f"split{k}": membership.get(c.id.lower(), {}).get(k, "") for k in splits_found},
+                "n_visual": nf.get("visual", ""), "n_flow": min(nf["flow_u"], nf["flow_v"]) if "flow_u" in nf else ""}
+
     summary = {"layout": ", ".join(f"{m}: {s.kind}" for m, s in layout.sources.items()), **layout.notes,
                "classes": len(classes), "split": split, "splits_in_manifest": splits_found,
                "videos": len(good), "missing_videos": len(missing), "unreadable_videos": len(clips) - len(good),
-               **{f"videos_{s}": n for s, n in _counts(good).items() if s != "val"}}
-    if cache:
-        summary.update(write_ucf_cache(ctx, good, mods, prefixes, size, max_frames))
-    return summary
+               **{f"videos_{s}": sum(c.split == s for c in good) for s in ("train", "test")}}
+    return prepare_clips(ctx, "ucf101", good, dict.fromkeys(layout.prefixes, "jpgdir"), classes, summary=summary,
+                         problems=missing, columns=columns, size=size, max_frames=max_frames,
+                         cache_readers=(lambda kinds, clips: {m: Frames(m, 1, size, prefixes) for m in mods})
+                         if cache else None)

@@ -36,13 +36,12 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from mmbalance.data.batch import DataSplits, ModalitySpec
-from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits, probe_array_shape
-from mmbalance.data.kinetics_sounds import (RECIPE, VIDEO_FOLDERS, ArrayAudioReader, Discovery, _root,
-                                            build_prepared, candidate_list, find_media, prepare_clips)
-from mmbalance.data.prepare import read_json, resolve_prepared
+from mmbalance.data.clips import AudioReader, Clip, FrameReader, ModalityMap, clip_splits, stored_audio
+from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, candidate_list, dataset_root, find_media,
+                                   option_path, prepare_clips, prepared_clips, prepared_splits)
+from mmbalance.data.prepare import PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -91,10 +90,8 @@ def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
 def discover_vggsound(root, csv_path: str | None = None, visual_dir: str | None = None,
                       audio_dir: str | None = None) -> tuple[Discovery, list[str]]:
     """(clips found under `root`, the sorted class names of the whole csv)."""
-    root = _root(root, "VGGSound")
-    path = Path(str(csv_path)).expanduser() if csv_path not in (None, "") else root / "vggsound.csv"
-    if not path.is_absolute():
-        path = root / path
+    root = dataset_root(root, "VGGSound")
+    path = option_path(root, csv_path) or root / "vggsound.csv"
     rows = read_vggsound_csv(path)
     classes = sorted({label for _, _, label, _ in rows})
     index = {c: i for i, c in enumerate(classes)}
@@ -107,8 +104,8 @@ def discover_vggsound(root, csv_path: str | None = None, visual_dir: str | None 
         entries.append(Clip(cid, index[label], split, {}))
         padded = f"{ytid}_{start:06d}"
         names.append([cid] if padded == cid else [cid, padded])  # OGM-GE's plain name, then the zero-padded one
-    priorities = {"visual": candidate_list(VGG_VISUAL, visual_dir), "audio": candidate_list(VGG_AUDIO, audio_dir)}
-    disc = find_media(root, entries, names, priorities, layout="?", split_source=path.name, dataset="VGGSound")
+    tables = {"audio": candidate_list(VGG_AUDIO, audio_dir), "visual": candidate_list(VGG_VISUAL, visual_dir)}
+    disc = find_media(root, entries, names, tables, layout="?", split_source=path.name, dataset="VGGSound")
     disc.layout = {"jpgdir": {"wav": "ogmge", "array": "balancebenchmark"}}.get(disc.kinds["visual"], {}).get(
         disc.kinds["audio"], "raw" if disc.kinds["visual"] == "video" else "mixed")
     disc.extra_notes.update(duplicates_dropped=len(rows) - len(entries), num_classes=len(classes))
@@ -124,29 +121,20 @@ def window_frames(sample_rate: int, seconds: float, hop_length: int) -> int:
     return int(round(sample_rate * seconds)) // int(hop_length) + 1
 
 
-class AudioWindow(Dataset):
+class AudioWindow(ModalityMap):
     """Cuts `frames` STFT frames out of each item's audio spectrogram: a random window in training, the centre
-    window at evaluation (deterministic). Wraps a ClipDataset or CachedClipDataset."""
+    window at evaluation (deterministic)."""
 
-    def __init__(self, base: Dataset, frames: int, train: bool, modality: str = "audio"):
-        self.base, self.frames, self.train, self.modality = base, int(frames), bool(train), modality
+    def __init__(self, base, frames: int, train: bool, modality: str = "audio"):
+        super().__init__(base, modality, train)
+        self.frames = int(frames)
 
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.base[i]
-        x = item["inputs"][self.modality]
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
         extra = x.shape[-1] - self.frames
-        if extra > 0:
-            start = int(torch.randint(extra + 1, (1,))) if self.train else extra // 2
-            item["inputs"][self.modality] = x[..., start:start + self.frames].contiguous()
-        return item
-
-    def __getattr__(self, name: str):  # the wrapped dataset's attributes (clips, rows, ...)
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
+        if extra <= 0:
+            return x
+        start = int(torch.randint(extra + 1, (1,))) if self.train else extra // 2
+        return x[..., start:start + self.frames].contiguous()
 
 
 def _window(splits: DataSplits, frames: int) -> DataSplits:
@@ -167,6 +155,14 @@ def stft_reader(kind: str, *, sample_rate: int, clip_seconds: float, n_fft: int,
                        hop_length=hop_length, pad_mode=pad_mode, fit="tile", crop="start")
 
 
+def vgg_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 3, image_size: int = 224,
+                augment: str = "none", video_fps: float = 1.0, **stft) -> dict:
+    audio = stored_audio([c.sources["audio"] for c in clips]) if kinds["audio"] == "array" else \
+        stft_reader(kinds["audio"], **stft)
+    return {"audio": audio, "visual": FrameReader(source=kinds["visual"], frames=frames, size=image_size,
+                                                  augment=augment, fps=video_fps)}
+
+
 def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str | None = None,
                    visual_dir: str | None = None, audio_dir: str | None = None, frames: int = 3,
                    image_size: int = 224, augment: str = "crop_flip", video_fps: float = 1.0,
@@ -183,42 +179,34 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
     if audio_seconds > clip_seconds:
         raise DataError(f"VGGSound: dataset.audio_seconds={audio_seconds} is longer than dataset.clip_seconds="
                         f"{clip_seconds}")
-    params = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, n_fft=n_fft, hop_length=hop_length,
-                  pad_mode=pad_mode)
-
-    def audio_reader(kind: str, clips: list[Clip]) -> AudioReader:
-        if kind == "array":
-            return ArrayAudioReader(probe_array_shape([c.sources["audio"] for c in clips]))
-        return stft_reader(kind, **params)
-
-    if prepared not in (None, ""):
-        splits, cached = build_prepared(prepared, "vggsound", audio_reader=audio_reader, frames=frames,
-                                        image_size=image_size, augment=augment, video_fps=video_fps,
-                                        val_fraction=val_fraction, split_seed=split_seed)
-        if splits.notes["sources"]["audio"] == "array":
-            return splits
-        sr, hop = sample_rate, hop_length
-        recipe_path = Path(str(prepared)).expanduser() / RECIPE
-        if cached and recipe_path.is_file():  # the cache holds the recipe it was written with
-            recipe = read_json(recipe_path).get("audio", {})
+    stft = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, n_fft=n_fft, hop_length=hop_length,
+                pad_mode=pad_mode)
+    visual = dict(frames=frames, image_size=image_size, augment=augment)
+    sr, hop = sample_rate, hop_length
+    if prepared is not None:
+        folder = PreparedFolder(prepared, "vggsound").require()
+        clips, classes, kinds = prepared_clips(folder, ("audio", "visual"))
+        splits = prepared_splits(folder, clips, classes, val_fraction=val_fraction, split_seed=split_seed,
+                                 notes={"sources": kinds}, decode=lambda: vgg_readers(kinds, clips, **visual,
+                                                                                       video_fps=video_fps, **stft),
+                                 **visual)
+        recipe = folder.json("recipe.json", optional=True).get("audio", {})
+        if splits.notes["cache"] and recipe:  # the cache holds the recipe it was written with
             sr, hop = int(recipe.get("sample_rate", sr)), int(recipe.get("hop_length", hop))
-            differs = {k: (recipe.get(k), v) for k, v in params.items() if k in recipe and recipe[k] != v}
+            differs = {k: (recipe.get(k), v) for k, v in stft.items() if k in recipe and recipe[k] != v}
             if differs:
                 log.warning("VGGSound: the cache in %s was prepared with %s; it is used as prepared", prepared,
                             ", ".join(f"{k}={a} (config {b})" for k, (a, b) in differs.items()))
                 splits.notes["cache_recipe_differs"] = {k: a for k, (a, _) in differs.items()}
-        splits.notes["audio_window_frames"] = window_frames(sr, audio_seconds, hop)
-        return _window(splits, splits.notes["audio_window_frames"])
-    disc, classes = discover_vggsound(root, csv_path, visual_dir, audio_dir)
-    disc.log("VGGSound")
-    readers = {"audio": audio_reader(disc.kinds["audio"], disc.clips),
-               "visual": FrameReader(source=disc.kinds["visual"], frames=frames, size=image_size, augment=augment,
-                                     fps=video_fps)}
-    splits = clip_splits(disc.clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
-                         notes=disc.notes())
-    if disc.kinds["audio"] == "array":
+    else:
+        disc, classes = discover_vggsound(root, csv_path, visual_dir, audio_dir)
+        disc.log("VGGSound")
+        kinds = disc.kinds
+        splits = clip_splits(disc.clips, vgg_readers(kinds, disc.clips, **visual, video_fps=video_fps, **stft),
+                             classes, val_fraction=val_fraction, split_seed=split_seed, notes=disc.notes())
+    if kinds["audio"] == "array":
         return splits
-    splits.notes["audio_window_frames"] = window_frames(sample_rate, audio_seconds, hop_length)
+    splits.notes["audio_window_frames"] = window_frames(sr, audio_seconds, hop)
     return _window(splits, splits.notes["audio_window_frames"])
 
 
@@ -240,18 +228,13 @@ def prepare(ctx, csv_path: str | None = None, visual_dir: str | None = None, aud
        ``dataset.prepared`` decodes the extracted wav + jpg on access, as OGM-GE does.
     """
     disc, classes = discover_vggsound(ctx.root, csv_path, visual_dir, audio_dir)
-    params = dict(sample_rate=int(sample_rate), clip_seconds=float(clip_seconds), n_fft=int(n_fft),
-                  hop_length=int(hop_length), pad_mode=str(pad_mode))
-
-    def cache_readers(kinds: dict[str, str], clips: list[Clip]) -> dict:
-        audio = ArrayAudioReader(probe_array_shape([c.sources["audio"] for c in clips])) \
-            if kinds["audio"] == "array" else stft_reader(kinds["audio"], **params)
-        return {"audio": audio, "visual": FrameReader(source=kinds["visual"], size=int(size), fps=fps)}
-
-    recipe = {"audio": {"recipe": "stft_log", **params} if disc.kinds["audio"] != "array"
+    stft = dict(sample_rate=int(sample_rate), clip_seconds=float(clip_seconds), n_fft=int(n_fft),
+                hop_length=int(hop_length), pad_mode=str(pad_mode))
+    recipe = {"audio": {"recipe": "stft_log", **stft} if disc.kinds["audio"] != "array"
               else {"recipe": "stored array"}, "visual": {"fps": fps}}
-    summary = prepare_clips(ctx, "vggsound", disc, classes, cache_readers=cache_readers, recipe=recipe,
-                            sample_rate=sample_rate, fps=fps, short_side=short_side, cache=cache, size=size,
-                            max_frames=max_frames, shard=shard)
-    summary["num_classes"] = len(classes)
-    return summary
+    summary = prepare_clips(ctx, "vggsound", disc.clips, disc.kinds, classes, summary=disc.notes(),
+                            problems=disc.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
+                            cache_readers=(lambda kinds, clips: vgg_readers(kinds, clips, image_size=int(size),
+                                                                           video_fps=fps, **stft)) if cache else None,
+                            params=(int(sample_rate), float(fps), int(short_side or 0)))
+    return {**summary, "num_classes": len(classes)}

@@ -13,7 +13,7 @@ from mmbalance.metrics.classification import accuracy, macro_f1
 from mmbalance.metrics.shapley import coalitions, imbalance_score, shapley_values
 
 if TYPE_CHECKING:
-    from mmbalance.engine.trainer import Run
+    from mmbalance.engine.run import Run
 
 
 @contextlib.contextmanager

@@ -1,67 +1,48 @@
-"""The method registry: one file per method; a key equals the file name and the conf/method/<key>.yaml."""
+"""The method registry. A method is one file and one config: the class in `methods/<key>.py` that declares its
+`family` (one of `FAMILIES`) is method `<key>`, and `conf/method/<key>.yaml` builds it through `_target_`.
+tests/test_methods.py keeps the two in step.
 
-from mmbalance.methods.agm import AGM
-from mmbalance.methods.amco import AMCo
-from mmbalance.methods.base import Method
-from mmbalance.methods.baseline import Baseline
-from mmbalance.methods.cml import CML
-from mmbalance.methods.gblending import GBlending
-from mmbalance.methods.greedy import Greedy
-from mmbalance.methods.lfm import LFM
-from mmbalance.methods.mbsd import MBSD
-from mmbalance.methods.mla import MLA
-from mmbalance.methods.mmcosine import MMCosine
-from mmbalance.methods.mmpareto import MMPareto
-from mmbalance.methods.ogm_ge import OGMGE
-from mmbalance.methods.opm import OPM
-from mmbalance.methods.pmr import PMR
-from mmbalance.methods.reconboost import ReconBoost
-from mmbalance.methods.relearning import Relearning
-from mmbalance.methods.umt import UMT
-from mmbalance.methods.unimodal import Unimodal
-from mmbalance.methods.valuation import Valuation
+Discovered on first use (`METHODS`, `list_methods()`), so building one method imports only its own file.
+"""
 
-# Explicit, import-side-effect free (torchtune-style); tests check it equals the YAML files in conf/method.
-METHODS: dict[str, type[Method]] = {
-    "baseline": Baseline,
-    "unimodal": Unimodal,
-    # data stage
-    "valuation": Valuation,
-    # feed-forward (forward stage)
-    "mla": MLA,
-    "opm": OPM,
-    "greedy": Greedy,
-    "amco": AMCo,
-    # objective (loss stage)
-    "mmcosine": MMCosine,
-    "umt": UMT,
-    "mbsd": MBSD,
-    "cml": CML,
-    "mmpareto": MMPareto,
-    "gblending": GBlending,
-    "lfm": LFM,
-    # optimization (gradient stage)
-    "ogm_ge": OGMGE,
-    "agm": AGM,
-    "pmr": PMR,
-    "relearning": Relearning,
-    "reconboost": ReconBoost,
-}
+from __future__ import annotations
 
-# The BalanceBenchmark taxonomy: the stage each method acts at (reports group and average by it).
-FAMILIES: dict[str, str] = {
-    "baseline": "reference",
-    "unimodal": "reference",
-    "valuation": "data",
-    **dict.fromkeys(["mla", "opm", "greedy", "amco"], "feed-forward"),
-    **dict.fromkeys(["mmcosine", "umt", "mbsd", "cml", "mmpareto", "gblending", "lfm"], "objective"),
-    **dict.fromkeys(["ogm_ge", "agm", "pmr", "relearning", "reconboost"], "optimization"),
-}
+import importlib
+import pkgutil
+from functools import cache
 
-for _key, _cls in METHODS.items():
-    _cls.registry_key = _key
-    _cls.family = FAMILIES[_key]
+from mmbalance.methods.base import FAMILIES, Method, registry_key
+
+__all__ = ["FAMILIES", "METHODS", "Method", "list_methods", "registered_methods", "registry_key"]
+
+
+@cache
+def registered_methods() -> dict[str, type[Method]]:
+    """{key: method class}, ordered by family (as in FAMILIES), then by key."""
+    found: dict[str, type[Method]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg or info.name == "base" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        declared = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Method)
+                    and c.__module__ == module.__name__ and "family" in vars(c)]
+        if len(declared) > 1:
+            raise TypeError(f"{module.__name__}: {', '.join(c.__name__ for c in declared)} each declare a family; "
+                            "a method file holds one method")
+        if not declared:
+            continue  # a helper module of the methods, not a method
+        cls = declared[0]
+        if cls.family not in FAMILIES:
+            raise TypeError(f"{module.__name__}.{cls.__name__}.family = {cls.family!r}; expected one of {FAMILIES}")
+        found[info.name] = cls
+    return dict(sorted(found.items(), key=lambda item: (FAMILIES.index(item[1].family), item[0])))
 
 
 def list_methods() -> list[str]:
-    return sorted(METHODS)
+    return sorted(registered_methods())
+
+
+def __getattr__(name: str):
+    if name == "METHODS":
+        return registered_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

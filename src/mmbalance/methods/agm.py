@@ -135,6 +135,8 @@ class AGM(Method):
     worth 0 (official), not the output of all-zero inputs. Stale scales: see above.
     """
 
+    family = "optimization"
+
     def __init__(
         self,
         alpha: NonNegativeFloat = 1.0,

@@ -110,6 +110,7 @@ class AMCo(Method):
     sticks for the rest of the epoch, B re-tests every step as we do.
     """
 
+    family = "feed-forward"
     needs_unimodal_logits = True
 
     def __init__(

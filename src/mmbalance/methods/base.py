@@ -4,7 +4,7 @@ A method overrides only what its paper changes. The trainer calls, per epoch:
 
     on_epoch_start(run, epoch)                         data stage (may rebuild run.train_loader)
     for batch: training_step(run, batch)               the template below; MLA/ReconBoost take it over
-        forward -> loss -> zero_grad -> backward -> on_after_backward -> sync -> clip -> optimizer.step
+        forward -> loss -> run.zero_grad -> backward -> on_after_backward -> run.optimizer_step (sync, clip, step)
     on_epoch_end(run, epoch)
 
 and `eval_fuse(run, features)` whenever it predicts (validation, test, the Shapley metric).
@@ -20,16 +20,30 @@ from torch import Tensor, nn
 
 from mmbalance.data.batch import Batch
 from mmbalance.errors import UserError
+from mmbalance.models.fusion import fusion_choices
 from mmbalance.models.multimodal import Output
 
 if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
-    from mmbalance.engine.trainer import Run
+    from mmbalance.engine.run import Run
+
+
+# The BalanceBenchmark taxonomy: the stage a method acts at, in the order the registry and reports list them.
+FAMILIES = ("reference", "data", "feed-forward", "objective", "optimization")
+
+
+def registry_key(cls: type) -> str | None:
+    """The registry key of a method class: the module name of the nearest class in its MRO that declares its own
+    `family` (methods/<key>.py, conf/method/<key>.yaml); None for a class that declares none."""
+    for c in cls.__mro__:
+        if "family" in vars(c) and c is not Method:
+            return c.__module__.rpartition(".")[2]
+    return None
 
 
 class Method:
     """Base: plain joint training with the fused cross-entropy (which is exactly `baseline`)."""
 
-    #: the BalanceBenchmark family (data, feed-forward, objective, optimization); set by the registry
+    #: one of FAMILIES. Declaring it in the class body is what registers a class of methods/<key>.py as method <key>
     family: str = "unregistered"
     #: most modalities this method supports (None = any); the run refuses more with a clear error
     max_modalities: int | None = None
@@ -53,14 +67,16 @@ class Method:
 
     @property
     def name(self) -> str:
-        return getattr(type(self), "registry_key", type(self).__name__)
+        """The registry key (= the config name), or the class name of a method outside the registry."""
+        return registry_key(type(self)) or type(self).__name__
 
     # ---- once ----
     def setup(self, run: Run) -> None:
         if self.needs_unimodal_logits and not run.model.fusion.has_unimodal_logits:
             raise UserError(
                 f"method {self.name} needs per-modality logits, which backbone.fusion="
-                f"{type(run.model.fusion).__name__} does not define; use backbone.fusion=concat or sum"
+                f"{type(run.model.fusion).__name__} does not define; use backbone.fusion="
+                f"{fusion_choices('has_unimodal_logits')}"
             )
 
     # ---- data stage ----
@@ -88,12 +104,10 @@ class Method:
         with run.autocast():
             out = self.forward(run, batch)
             losses = self.loss(run, batch, out)
-        run.optimizer.zero_grad(set_to_none=True)
+        run.zero_grad()
         self.backward(run, losses)
         self.on_after_backward(run, batch, out)
-        run.sync_gradients()  # hardware=ddp: average over ranks (a method that takes over the step does it too)
-        run.clip_gradients()
-        run.optimizer.step()
+        run.optimizer_step()  # average over ranks (hardware=ddp), clip, step: a takeover ends its updates so too
         return {k: v.detach() for k, v in losses.items()}
 
     # ---- prediction ----

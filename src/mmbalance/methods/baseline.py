@@ -8,3 +8,5 @@ class Baseline(Method):
 
     Hooks used: none (the base class's defaults are exactly this).
     """
+
+    family = "reference"

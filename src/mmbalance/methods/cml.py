@@ -85,6 +85,8 @@ class CML(Method):
     definition of absence. The CE over all levels (mean, weight 1) is part of the loss in both.
     """
 
+    family = "objective"
+
     def __init__(
         self,
         lam: NonNegativeFloat = 0.1,

@@ -118,6 +118,8 @@ class GBlending(Method):
     learning rate if needed).
     """
 
+    family = "objective"
+
     def __init__(
         self,
         super_epoch: PositiveInt = 10,

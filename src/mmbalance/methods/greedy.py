@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
-from mmbalance.models.multimodal import Absent, MultimodalModel, mask_modalities
+from mmbalance.models.greedy import GreedyModel
+from mmbalance.models.multimodal import MultimodalModel
 
 LOSSES = ("unimodal", "fused")
 
@@ -81,41 +82,6 @@ def _scale(x: Tensor, gate: Tensor, batch_size: int) -> Tensor:
     """x (N, C, H, W) with N = B*T, times the (B, C) gate of its sample on every frame."""
     n, c, h, w = x.shape
     return (x.view(batch_size, n // batch_size, c, h, w) * gate[:, None, :, None, None]).view(n, c, h, w)
-
-
-class GreedyModel(MultimodalModel):
-    """A two-modality model whose encoders run stage by stage with an MMTM block after matching stages.
-
-    It holds the SAME encoder and fusion modules as the model it wraps (the optimizer already has their
-    parameters), so its state dict is the wrapped model's plus `mmtm.*`. Input masking zeroes an absent
-    modality's input before encoding, feature masking its pooled feature after; with intermediate fusion the
-    absent modality still passes its (zero-input or live) gate signal to the other through the MMTM blocks.
-    """
-
-    late_fusion = False
-
-    def __init__(self, base: MultimodalModel, blocks: nn.ModuleList, after_stage: list[int]):
-        super().__init__(dict(base.encoders), base.fusion, masking=base.masking)
-        self.mmtm = blocks
-        self.after_stage = list(after_stage)
-        #: set by the method: during training forwards, freeze this modality's (index's) gates to their average
-        self.frozen: int | None = None
-
-    def encode(self, inputs: dict[str, Tensor], absent: Absent = ()) -> dict[str, Tensor]:
-        mods = self.modalities
-        if self.masking == "input":
-            inputs = mask_modalities({m: inputs[m] for m in mods}, absent)
-        batch_size = inputs[mods[0]].shape[0]
-        encs = [self.encoders[m] for m in mods]
-        maps = [e.stage_input(inputs[m]) for e, m in zip(encs, mods)]
-        stages = [e.stages() for e in encs]
-        frozen = self.frozen if self.training else None
-        for i in range(len(stages[0])):
-            maps = [s[i](x) for s, x in zip(stages, maps)]
-            if i in self.after_stage:
-                maps = list(self.mmtm[self.after_stage.index(i)](*maps, batch_size=batch_size, frozen=frozen))
-        features = {m: e.pool_head(x, batch_size) for m, e, x in zip(mods, encs, maps)}
-        return mask_modalities(features, absent) if self.masking == "feature" else features
 
 
 def learning_speed_ratio(params: list[nn.Parameter]) -> Tensor:
@@ -186,6 +152,7 @@ class Greedy(Method):
     Two modalities only.
     """
 
+    family = "feed-forward"
     max_modalities = 2
 
     def __init__(

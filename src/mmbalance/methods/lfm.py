@@ -97,6 +97,7 @@ class LFM(Method):
     but the BatchNorm running statistics it would move are restored afterwards.
     """
 
+    family = "objective"
     needs_unimodal_logits = True
 
     def __init__(

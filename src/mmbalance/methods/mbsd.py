@@ -75,6 +75,7 @@ class MBSD(Method):
     epoch window (the peer's 0..80 window is always on within its 30 epochs).
     """
 
+    family = "objective"
     needs_unimodal_logits = True
 
     def __init__(self, kl_weight: NonNegativeFloat = 1.0, rs_weight: NonNegativeFloat = 1.0):

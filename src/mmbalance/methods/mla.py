@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
-from mmbalance.models.fusion import ConcatFusion, SumFusion
 
 log = logging.getLogger("mmbalance")
 
@@ -81,9 +80,10 @@ class MLA(Method):
 
     The shared head is method-owned (`register_module`): the model's own fusion head takes the concatenation
     and cannot be shared. The model's head is not trained; after every step it is overwritten with the fixed
-    fusion of the shared head (concat: W[:, slice_m] = w_m W_head, b = (sum_m w_m) b_head; sum: heads[m] =
-    w_m head), so `run.model` alone predicts like `fusion="fixed"`. With film/gated fusion that mirror is
-    impossible and the model's head stays at its initialisation (it is never used for prediction).
+    fusion of the shared head (`Fusion.load_shared_head`: f = sum_m w_m head(z_m); concat: W_m = w_m W_head,
+    b = (sum_m w_m) b_head; sum: heads[m] = w_m head), so `run.model` alone predicts like `fusion="fixed"`.
+    With a head without linear blocks per modality (film, gated) that mirror is impossible and the model's
+    head stays at its initialisation (it is never used for prediction).
 
     Choices: GS on by default (the paper's intent; official HEAD = off) with the scalar textbook denominator
     (official: element-wise) and no Frobenius normalisation of P (official code divides P by its norm, which
@@ -96,6 +96,8 @@ class MLA(Method):
 
     Hooks used: `setup`, `on_epoch_start`, `training_step`, `eval_fuse`, `state_dict`/`load_state_dict`.
     """
+
+    family = "feed-forward"
 
     def __init__(
         self,
@@ -128,7 +130,7 @@ class MLA(Method):
         self.weights = fixed_weights(model.modalities, self.weights_arg)
         self.head = self.register_module(run, "shared_head", nn.Linear(d, run.num_classes))
         self.P = torch.eye(d, device=run.device)
-        if not isinstance(model.fusion, (ConcatFusion, SumFusion)):
+        if not model.fusion.has_linear_blocks:
             log.info("mla: the model's %s head is unused (predictions use the shared head)",
                      type(model.fusion).__name__)
         self.mirror_head(run)
@@ -148,7 +150,7 @@ class MLA(Method):
         for m in model.modalities:
             with run.autocast():
                 loss = F.cross_entropy(self.head(features[m]), batch.label)
-            run.optimizer.zero_grad(set_to_none=True)
+            run.zero_grad()
             loss.backward()
             if self.projection == "paper" and self.updates > 0:
                 with torch.no_grad():
@@ -157,13 +159,10 @@ class MLA(Method):
                     self.P = owm_update(self.P, r, alpha)
                     g = self.head.weight.grad
                     g.copy_(project_gradient(g.float(), self.P).to(g.dtype))
-            run.sync_gradients(params)
-            if run.grad_clip:
-                nn.utils.clip_grad_norm_(params, run.grad_clip)
-            run.optimizer.step()
+            run.optimizer_step(params=params)  # averaged, clipped and stepped over this update's parameters
             self.updates += 1
             losses[f"ce/{m}"] = loss.detach()
-        run.optimizer.zero_grad(set_to_none=True)
+        run.zero_grad()
         self.batch_in_epoch += 1
         self.mirror_head(run)
         losses["loss"] = torch.stack(list(losses.values())).mean()
@@ -172,16 +171,8 @@ class MLA(Method):
     @torch.no_grad()
     def mirror_head(self, run):
         """Write the fixed fusion of the shared head into the model's own head (see the class docstring)."""
-        fusion, W, b = run.model.fusion, self.head.weight, self.head.bias
-        if isinstance(fusion, ConcatFusion):
-            for m, w in self.weights.items():
-                lo, hi = fusion.slices[m]
-                fusion.fc.weight[:, lo:hi] = w * W
-            fusion.fc.bias.copy_(sum(self.weights.values()) * b)
-        elif isinstance(fusion, SumFusion):
-            for m, w in self.weights.items():
-                fusion.heads[m].weight.copy_(w * W)
-                fusion.heads[m].bias.copy_(w * b)
+        if run.model.fusion.has_linear_blocks:
+            run.model.fusion.load_shared_head(self.head.weight, self.head.bias, self.weights)
 
     # ---- prediction ----
     def eval_fuse(self, run, features):

@@ -8,7 +8,7 @@ from torch import Tensor
 from mmbalance.constraints import PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
-from mmbalance.models.fusion import ConcatFusion, SumFusion
+from mmbalance.models.fusion import fusion_choices
 from mmbalance.models.multimodal import Output
 
 
@@ -33,10 +33,10 @@ class MMCosine(Method):
     z_m = s * cos(h_m, W_m[c]) is bounded by +-s whatever the feature norms; the fused logits are
     z = sum_m z_m and the loss is CE(z, y). The head's bias is not used (it gets no gradient).
 
-    Weight blocks: with `backbone.fusion=concat` W_m is `ConcatFusion.weight_block(m)` (the slice of the one
-    linear layer over the concatenated features); with `backbone.fusion=sum` W_m is the weight of modality
-    m's own head. Fusions without a linear block per modality (film, gated) are refused: cosine logits there
-    would need new per-modality heads, i.e. a different architecture.
+    Weight blocks: W_m is the fusion head's `weight_block(m)`: with `backbone.fusion=concat` the slice of the
+    one linear layer over the concatenated features; with `backbone.fusion=sum` the weight of modality m's
+    own head. Fusions without a linear block per modality (`has_linear_blocks` false: film, gated) are
+    refused: cosine logits there would need new per-modality heads, i.e. a different architecture.
 
     Args:
         scaling: s, the logit scale (official argparse default and README: 10; the peer uses 15).
@@ -51,6 +51,8 @@ class MMCosine(Method):
     slicing is replaced by the fusion's own blocks, so any number of modalities works.
     """
 
+    family = "objective"
+
     def __init__(self, scaling: PositiveFloat = 10.0):
         if scaling <= 0:
             raise UserError(f"method.scaling={scaling}; expected a positive logit scale")
@@ -59,17 +61,15 @@ class MMCosine(Method):
     def setup(self, run):
         super().setup(run)
         fusion = run.model.fusion
-        if not isinstance(fusion, (ConcatFusion, SumFusion)):
+        if not fusion.has_linear_blocks:
             raise UserError(
                 f"method mmcosine needs a linear weight block per modality, which backbone.fusion="
-                f"{type(fusion).__name__} does not have; use backbone.fusion=concat or sum"
+                f"{type(fusion).__name__} does not have; use backbone.fusion={fusion_choices('has_linear_blocks')}"
             )
 
     def weight_blocks(self, run) -> dict[str, Tensor]:
         fusion = run.model.fusion
-        if isinstance(fusion, ConcatFusion):
-            return {m: fusion.weight_block(m) for m in fusion.modalities}
-        return {m: fusion.heads[m].weight for m in fusion.modalities}
+        return {m: fusion.weight_block(m) for m in fusion.modalities}
 
     def cosine(self, run, features: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         unimodal = cosine_logits(features, self.weight_blocks(run), self.scaling)

@@ -83,6 +83,8 @@ class MMPareto(Method):
     Single-process: under DDP the probed gradients would have to be all-reduced before the cosine test.
     """
 
+    family = "objective"
+
     def __init__(self, gamma: PositiveFloat = 1.5, unimodal_head: Literal["aux", "slice"] = "aux"):
         if unimodal_head not in UNIMODAL_HEADS:
             raise UserError(f"method.unimodal_head={unimodal_head!r}; expected one of {UNIMODAL_HEADS}")

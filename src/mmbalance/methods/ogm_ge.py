@@ -63,6 +63,7 @@ class OGMGE(Method):
     literal 4-D rule) linear encoder weights are modulated too, see `scope`.
     """
 
+    family = "optimization"
     needs_unimodal_logits = True
 
     def __init__(

@@ -62,6 +62,7 @@ class OPM(Method):
     is never dropped (and theta < 1). The peer runs without warm-up; the official 6 epochs are the default.
     """
 
+    family = "feed-forward"
     needs_unimodal_logits = True
 
     def __init__(

@@ -104,6 +104,8 @@ class PMR(Method):
     scaling with subtracted noise; we keep the prototype loss for every modality below the strongest.
     """
 
+    family = "optimization"
+
     def __init__(
         self,
         alpha: NonNegativeFloat = 1.0,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, Range
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
-from mmbalance.models.fusion import ConcatFusion, SumFusion
+from mmbalance.models.fusion import Fusion, fusion_choices
 
 BOOST, RECTIFY = "boost", "rectify"
 
@@ -61,20 +61,15 @@ def reconcilement_loss(logits: Tensor, weights: Tensor, label: Tensor) -> Tensor
     return -(weights * log_p_y).mean()
 
 
-def learner_head(fusion: nn.Module, modality: str) -> list[tuple[nn.Parameter, Tensor | None]]:
-    """The head parameters of one modality's learner, each with a mask of the entries it owns (None = all).
-
-    Concat: the weight columns of its slice (mask) and the shared bias (its learner logits carry b/M).
-    Sum: its own linear head.
+def learner_head(fusion: Fusion, modality: str) -> list[tuple[nn.Parameter, Tensor | None]]:
+    """The head parameters of one modality's learner, each with a mask of the entries it owns (None = all):
+    the fusion's `block_parameters` (concat: the weight columns of its slice and the shared bias, since its
+    learner logits carry b/M; sum: its own linear head).
     """
-    if isinstance(fusion, ConcatFusion):
-        lo, hi = fusion.slices[modality]
-        mask = torch.zeros_like(fusion.fc.weight)
-        mask[:, lo:hi] = 1.0
-        return [(fusion.fc.weight, mask), (fusion.fc.bias, None)]
-    if isinstance(fusion, SumFusion):
-        return [(p, None) for p in fusion.heads[modality].parameters()]
-    raise UserError(f"method reconboost needs backbone.fusion=concat or sum, not {type(fusion).__name__}")
+    if not fusion.has_linear_blocks:
+        raise UserError(f"method reconboost needs backbone.fusion={fusion_choices('has_linear_blocks')}, "
+                        f"not {type(fusion).__name__}")
+    return fusion.block_parameters(modality)
 
 
 class EnsembleScale(nn.Module):
@@ -134,6 +129,7 @@ class ReconBoost(Method):
     first step scaled by the epoch's samples is exact.
     """
 
+    family = "optimization"
     needs_unimodal_logits = True
 
     def __init__(
@@ -247,13 +243,11 @@ class ReconBoost(Method):
         optimizer = self.optimizer_for(run, phase)
         with run.autocast():
             losses = self.boost_loss(run, batch, phase) if phase.kind == BOOST else self.rectify_loss(run, batch)
-        optimizer.zero_grad(set_to_none=True)
+        run.zero_grad(optimizer)
         run.model.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self._apply_weight_decay()
-        run.sync_gradients([p for group in optimizer.param_groups for p in group["params"]])
-        run.clip_gradients()
-        optimizer.step()
+        run.optimizer_step(optimizer)  # the phase's optimizer: averaged over its parameters, the model clipped
         stats = {k: v.detach() for k, v in losses.items()}
         stats["beta"] = self.beta.detach().clone()
         return stats

@@ -97,6 +97,8 @@ class Relearning(Method):
     scikit-learn and are not in the FLOPs count; the feature passes are (they run inside an epoch hook).
     """
 
+    family = "optimization"
+
     def __init__(
         self,
         move_lambda: NonNegativeFloat = 3.0,

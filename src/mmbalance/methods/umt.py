@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -14,7 +15,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -103,6 +103,7 @@ class UMT(Method):
     string replacement; no hard-coded two-GPU wrapper; any number of modalities.
     """
 
+    family = "objective"
     counts_own_setup_flops = True
 
     def __init__(
@@ -250,58 +251,46 @@ class UMT(Method):
         return entry
 
     def _train(self, run, modality: str, encoder: nn.Module, head: nn.Linear, seed: int) -> dict:
-        """Train encoder + head on the training split with CE; a forked RNG keeps the run's own stream intact."""
+        """Train encoder + head on the training split with CE, through the trainer's own epoch loop (the same
+        step, clipping, precision, FLOP counting and divergence checks as the run); a forked RNG keeps the
+        run's own stream intact."""
+        from omegaconf import OmegaConf
+
         from mmbalance.config import build  # the scheduler node is built like the run's own
+        from mmbalance.engine.trainer import Trainer
+        from mmbalance.metrics.flops import FlopMeter
+        from mmbalance.models.fusion import build_fusion
+        from mmbalance.models.multimodal import MultimodalModel
 
         epochs = self._epochs(run)
         cls, settings = self._optimizer_spec(run)
         t0 = time.perf_counter()
-        flops = 0.0
         with torch.random.fork_rng(devices=_cuda_devices(run)):
             torch.manual_seed(seed)  # dropout and data-independent draws: the same teacher whatever ran before
-            model = nn.Sequential(encoder, head).to(run.device).train()
+            # encoder + head as a one-modality model: a concat head over one modality is exactly `head`
+            fusion = build_fusion("concat", {modality: head.in_features}, head.out_features)
+            fusion.load_shared_head(head.weight.detach(), head.bias.detach(), {modality: 1.0})
+            model = MultimodalModel({modality: encoder}, fusion).to(run.device)
             optimizer = cls(model.parameters(), **settings)
             sched_cfg = self._scheduler_config(run)
-            scheduler = None
-            if sched_cfg is not None:
-                from omegaconf import OmegaConf
-
-                scheduler = build(OmegaConf.create(sched_cfg), optimizer=optimizer)
+            scheduler = build(OmegaConf.create(sched_cfg), optimizer=optimizer) if sched_cfg is not None else None
             # the whole training split on every rank (hardware=ddp): each rank trains the same teachers
             loader = run.make_loader(run.train_loader.dataset, train=True, shard=False)
-
-            def step(x, y):
-                with run.autocast():
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if run.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
-                optimizer.step()
-                return logits.detach(), loss.detach()
-
+            teacher_run = dataclasses.replace(
+                run, model=model, method=TeacherTraining(), optimizer=optimizer, scheduler=scheduler,
+                train_loader=loader, val_loader=None, test_loader=None, output_dir=None, identity=None,
+                epoch=0, step=0, flops=FlopMeter(), _noise={})
+            trainer = Trainer(teacher_run, epochs=epochs, count_flops=True, progress_bar=False)
             for epoch in range(epochs):
-                loader.sampler.set_epoch(epoch)
-                correct = seen = 0
-                loss_sum = per_sample = 0.0
-                for i, batch in enumerate(loader):
-                    x = batch.inputs[modality].to(run.device, non_blocking=True)
-                    y = batch.label.to(run.device, non_blocking=True)
-                    if i == 0:  # counted like the trainer's steps: the first step exactly, scaled by the samples
-                        with FlopCounterMode(display=False) as counter:
-                            logits, loss = step(x, y)
-                        per_sample = counter.get_total_flops() / len(y)
-                    else:
-                        logits, loss = step(x, y)
-                    loss_sum += float(loss) * len(y)
-                    correct += int((logits.argmax(1) == y).sum())
-                    seen += len(y)
-                flops += per_sample * seen
+                teacher_run.epoch = epoch
+                last = trainer.train_epoch(epoch)
                 if scheduler is not None:
                     scheduler.step()
-        info = {"epochs": epochs, "train_flops": flops,
-                "final_epoch_train_acc": correct / max(seen, 1), "final_epoch_train_loss": loss_sum / max(seen, 1),
+        with torch.no_grad():
+            head.weight.copy_(fusion.weight_block(modality))
+            head.bias.copy_(fusion.bias_share(modality))
+        info = {"epochs": epochs, "train_flops": teacher_run.flops.total,
+                "final_epoch_train_acc": last["train/acc"], "final_epoch_train_loss": last["train/loss"],
                 "seconds": time.perf_counter() - t0}
         log.info("umt: trained teacher %s for %d epochs (last-epoch train acc %.3f, %.1fs, %.4g FLOPs)", modality,
                  epochs, info["final_epoch_train_acc"], info["seconds"], info["train_flops"])
@@ -330,3 +319,11 @@ class UMT(Method):
         if saved and self.teacher_keys and saved != self.teacher_keys:
             log.warning("umt: the checkpoint was trained with other teachers (%s) than this run built (%s)",
                         saved, self.teacher_keys)
+
+
+class TeacherTraining(Method):
+    """A UMT teacher's step: the base step (fused CE on a one-modality model) that also logs the batch accuracy."""
+
+    def loss(self, run, batch, out):
+        return {"loss": F.cross_entropy(out.logits, batch.label),
+                "acc": (out.logits.detach().argmax(1) == batch.label).float().mean()}

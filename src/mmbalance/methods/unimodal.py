@@ -14,6 +14,8 @@ class Unimodal(Method):
     cross-entropy of that model's logits, so the result is what the modality reaches on its own.
     """
 
+    family = "reference"
+
     def __init__(self, modality: str):
         self.modality = modality
 

@@ -166,6 +166,8 @@ class Valuation(Method):
     modality and add no full copies (official; the peer adds both).
     """
 
+    family = "data"
+
     def __init__(
         self,
         variant: Literal["sample", "modality"] = "sample",

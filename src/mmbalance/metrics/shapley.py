@@ -1,6 +1,6 @@
 """Exact Shapley contribution of each modality over all 2^M coalitions, and the imbalance score.
 
-The value of a coalition S is the fused accuracy with the modalities outside S absent (DECISIONS.md:
+The value of a coalition S is the fused accuracy with the modalities outside S absent (docs/architecture.md, "Settled choices":
 inputs zeroed in eval mode by default, v(empty) = accuracy with every input zeroed).
 """
 

@@ -13,77 +13,21 @@ feature vector for every sample of a batch (the model reuses that to mask modali
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.errors import UserError
+from mmbalance.models.encoder_utils import (check_batch, check_input, check_positive, check_token_ids,
+                                            mean_over_frames, output_projection, token_mask)
+from mmbalance.models.weights import find_timm_weights, load_state_file, resnet18_weights_file
 
-__all__ = [
-    "ENCODERS",
-    "MLPEncoder",
-    "ResNet18Encoder",
-    "SmallCNN",
-    "TokenEncoder",
-    "TransformerEncoder",
-    "check_input",
-]
+__all__ = ["MLPEncoder", "ResNet18Encoder", "SmallCNN", "TokenEncoder", "TransformerEncoder"]
 
 # ndim of the per-sample shape -> what it is taken to be; used by check_input's messages
 _IMAGE = {3: "image (C, H, W) or spectrogram (1, F, T)", 4: "frames (T, C, H, W)"}
 _FEATURES = {1: "vector (D,)", 2: "sequence (T, D)"}
-
-
-def check_input(encoder_name: str, in_shape: Sequence[int], accepted_ndims: Mapping[int, str]) -> tuple[int, ...]:
-    """Validate a per-sample shape for an encoder; return it as a tuple of ints.
-
-    ``accepted_ndims`` maps each accepted number of dimensions to a description of what that shape is.
-    Raises ``UserError`` naming the encoder, the shape received and the shapes it accepts.
-    """
-    try:
-        shape = tuple(int(s) for s in in_shape)
-    except (TypeError, ValueError):
-        raise UserError(f"{encoder_name}: in_shape must be a tuple of ints (the per-sample shape), got {in_shape!r}")
-    accepted = "; ".join(f"{n}-D {desc}" for n, desc in sorted(accepted_ndims.items()))
-    if len(shape) not in accepted_ndims:
-        raise UserError(
-            f"{encoder_name} cannot encode a modality with per-sample shape {shape} ({len(shape)}-D); "
-            f"it accepts {accepted}. Pick an encoder that fits this modality's kind."
-        )
-    if any(s <= 0 for s in shape):
-        raise UserError(f"{encoder_name}: every dimension of in_shape must be positive, got {shape}")
-    return shape
-
-
-def _check_batch(encoder_name: str, x: Tensor, in_shape: tuple[int, ...]) -> None:
-    """A batch must be (B, *per-sample shape) in rank; sizes other than channels/features may vary."""
-    if x.dim() != len(in_shape) + 1:
-        raise UserError(
-            f"{encoder_name} was built for per-sample shape {in_shape} and expects a batch of rank "
-            f"{len(in_shape) + 1} (B, ...), got a tensor of shape {tuple(x.shape)}"
-        )
-
-
-def _positive(encoder_name: str, **values: int) -> None:
-    for name, v in values.items():
-        if int(v) < 1:
-            raise UserError(f"{encoder_name}: {name} must be >= 1, got {v}")
-
-
-def mean_over_frames(encode, x: Tensor) -> Tensor:
-    """Frames (B, T, C, H, W): fold time into the batch, encode every frame, average the features over time."""
-    b, t = x.shape[:2]
-    return encode(x.reshape(b * t, *x.shape[2:])).view(b, t, -1).mean(dim=1)
-
-
-def output_projection(encoder_name: str, width: int, out_dim: int | None) -> tuple[nn.Module, int]:
-    """A Linear from `width` to `out_dim` features, or Identity when out_dim is unset or equal; and the width out."""
-    if out_dim is None or int(out_dim) == int(width):
-        return nn.Identity(), int(width)
-    _positive(encoder_name, out_dim=out_dim)
-    return nn.Linear(int(width), int(out_dim)), int(out_dim)
 
 
 # --------------------------------------------------------------------------------------------- SmallCNN
@@ -132,7 +76,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         name = "SmallCNN"
         self.in_shape = check_input(name, in_shape, _IMAGE)
-        _positive(name, width=width, depth=depth, out_dim=out_dim, grid=grid, min_pool_size=min_pool_size)
+        check_positive(name, width=width, depth=depth, out_dim=out_dim, grid=grid, min_pool_size=min_pool_size)
         if pool not in ("auto", "time", "time_max", "grid"):
             raise UserError(f"{name}: pool must be 'auto', 'time', 'time_max' or 'grid', got {pool!r}")
         self.is_frames = len(self.in_shape) == 4
@@ -172,7 +116,7 @@ class SmallCNN(nn.Module):
         self.out_dim = int(out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_batch("SmallCNN", x, self.in_shape)
+        check_batch("SmallCNN", x, self.in_shape)
         if self.is_frames:
             return mean_over_frames(self._encode, x)
         return self._encode(x)
@@ -188,7 +132,7 @@ class SmallCNN(nn.Module):
 
     def stage_input(self, x: Tensor) -> Tensor:
         """The (N, C, H, W) input of the first stage: frames (B, T, C, H, W) are folded to N = B*T."""
-        _check_batch("SmallCNN", x, self.in_shape)
+        check_batch("SmallCNN", x, self.in_shape)
         return x.reshape(-1, *x.shape[2:]) if self.is_frames else x
 
     def stages(self) -> list[nn.Module]:
@@ -212,20 +156,6 @@ class SmallCNN(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- ResNet18Encoder
-
-_RESNET18_URL_NAME = "resnet18-f37072fd.pth"  # torchvision ResNet18_Weights.IMAGENET1K_V1
-
-
-def _resnet18_weights_file() -> str:
-    """Where torch hub keeps torchvision's ImageNet ResNet-18 checkpoint (not downloaded here)."""
-    try:
-        from torchvision.models import ResNet18_Weights
-
-        fname = os.path.basename(ResNet18_Weights.IMAGENET1K_V1.url)
-    except Exception:  # pragma: no cover - torchvision renamed something
-        fname = _RESNET18_URL_NAME
-    return os.path.join(torch.hub.get_dir(), "checkpoints", fname)
-
 
 class ResNet18Encoder(nn.Module):
     """torchvision ResNet-18 trunk (fc removed, out_dim 512): the benchmark backbone for audio and video.
@@ -305,7 +235,7 @@ class ResNet18Encoder(nn.Module):
 
     @staticmethod
     def _load_pretrained(weights_path: str | None) -> dict:
-        path = os.path.expanduser(str(weights_path)) if weights_path else _resnet18_weights_file()
+        path = os.path.expanduser(str(weights_path)) if weights_path else resnet18_weights_file()
         if not os.path.isfile(path):
             raise UserError(
                 f"ResNet18Encoder(pretrained=True) needs torchvision's ImageNet ResNet-18 weights, but the file "
@@ -325,8 +255,6 @@ class ResNet18Encoder(nn.Module):
 
     @staticmethod
     def _load_timm(timm_model: str, weights_path: str | None) -> dict:
-        from mmbalance.models.pretrained import find_timm_weights, load_state_file
-
         path = find_timm_weights(timm_model, weights_path, "ResNet18Encoder")
         state = load_state_file(path, "ResNet18Encoder")
         if "conv1.weight" not in state or "layer4.1.conv2.weight" not in state:
@@ -335,7 +263,7 @@ class ResNet18Encoder(nn.Module):
         return state
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_batch("ResNet18Encoder", x, self.in_shape)
+        check_batch("ResNet18Encoder", x, self.in_shape)
         if self.is_frames:
             return mean_over_frames(self.net, x)
         return self.net(x)
@@ -345,7 +273,7 @@ class ResNet18Encoder(nn.Module):
 
     def stage_input(self, x: Tensor) -> Tensor:
         """The (N, C, H, W) input of the first stage: frames (B, T, C, H, W) are folded to N = B*T."""
-        _check_batch("ResNet18Encoder", x, self.in_shape)
+        check_batch("ResNet18Encoder", x, self.in_shape)
         return x.reshape(-1, *x.shape[2:]) if self.is_frames else x
 
     def stages(self) -> list[nn.Module]:
@@ -386,7 +314,7 @@ class MLPEncoder(nn.Module):
         super().__init__()
         name = "MLPEncoder"
         self.in_shape = check_input(name, in_shape, _FEATURES)
-        _positive(name, hidden=hidden, layers=layers, out_dim=out_dim)
+        check_positive(name, hidden=hidden, layers=layers, out_dim=out_dim)
         self.is_sequence = len(self.in_shape) == 2
         dims = [self.in_shape[-1]] + [int(hidden)] * (int(layers) - 1) + [int(out_dim)]
         mods: list[nn.Module] = []
@@ -398,7 +326,7 @@ class MLPEncoder(nn.Module):
         self.out_dim = int(out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_batch("MLPEncoder", x, self.in_shape)
+        check_batch("MLPEncoder", x, self.in_shape)
         if self.is_sequence:
             x = x.mean(dim=1)
         return self.mlp(x)
@@ -474,7 +402,7 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         name = "TransformerEncoder"
         self.in_shape = check_input(name, in_shape, _FEATURES)
-        _positive(name, d_model=d_model, nhead=nhead, layers=layers, dim_feedforward=dim_feedforward, max_len=max_len)
+        check_positive(name, d_model=d_model, nhead=nhead, layers=layers, dim_feedforward=dim_feedforward, max_len=max_len)
         if d_model % nhead:
             raise UserError(f"{name}: d_model ({d_model}) must be divisible by nhead ({nhead})")
         if activation not in ("relu", "gelu"):
@@ -495,7 +423,7 @@ class TransformerEncoder(nn.Module):
         self.proj, self.out_dim = output_projection(name, d_model, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_batch("TransformerEncoder", x, self.in_shape)
+        check_batch("TransformerEncoder", x, self.in_shape)
         if self.is_vector:
             x = x.unsqueeze(1)
         t = x.shape[1]
@@ -506,39 +434,7 @@ class TransformerEncoder(nn.Module):
         return self.proj(h.mean(dim=1))
 
 
-
-
 # ----------------------------------------------------------------------------------------- TokenEncoder
-
-
-def check_token_ids(encoder_name: str, ids: Tensor, vocab_size: int) -> None:
-    """Token ids must be integers in [0, vocab_size).
-
-    A dataset tokenised for a larger vocabulary than the encoder's would otherwise fail deep inside the
-    embedding (on a GPU as a device-side assert that poisons the CUDA context). Costs one reduction per
-    batch; skipped while tracing (fvcore).
-    """
-    if ids.is_floating_point() or ids.is_complex():
-        raise UserError(f"{encoder_name}: expects int64 token ids (the tokens kind), got a {ids.dtype} tensor")
-    if torch.jit.is_tracing() or ids.numel() == 0:
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise UserError(
-            f"{encoder_name}: token ids range over [{lo}, {hi}] but the vocabulary has {vocab_size} entries; the "
-            "dataset's tokenizer and the encoder must share one vocabulary (raise vocab_size, or use the same model)"
-        )
-
-
-def token_mask(ids: Tensor) -> Tensor:
-    """(B, L) bool, True = a real token: ids != 0, with the first position always kept.
-
-    Absent-modality masking zeroes the ids (all padding); attention or pooling over no tokens at all is
-    0/0, so the first position stays in and the encoder gives a finite, constant feature for such rows.
-    """
-    mask = ids != 0
-    mask[:, 0] = True
-    return mask
 
 
 class TokenEncoder(nn.Module):
@@ -569,7 +465,7 @@ class TokenEncoder(nn.Module):
         super().__init__()
         name = "TokenEncoder"
         self.in_shape = check_input(name, in_shape, {1: "tokens (L,) int64 ids, 0 = padding"})
-        _positive(name, vocab_size=vocab_size, d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward)
+        check_positive(name, vocab_size=vocab_size, d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward)
         if int(layers) < 0:
             raise UserError(f"{name}: layers must be >= 0, got {layers}")
         if int(layers) and d_model % nhead:
@@ -587,7 +483,7 @@ class TokenEncoder(nn.Module):
         self.proj, self.out_dim = output_projection(name, d_model, out_dim)
 
     def forward(self, ids: Tensor) -> Tensor:
-        _check_batch("TokenEncoder", ids, self.in_shape)
+        check_batch("TokenEncoder", ids, self.in_shape)
         check_token_ids("TokenEncoder", ids, self.vocab_size)
         ids = ids.long()
         mask = token_mask(ids)
@@ -596,13 +492,3 @@ class TokenEncoder(nn.Module):
             h = self.encoder(h, src_key_padding_mask=~mask)
         w = mask.unsqueeze(-1).to(h.dtype)
         return self.proj((h * w).sum(dim=1) / w.sum(dim=1))
-
-
-# name -> class, for configs or messages that refer to encoders by a short name
-ENCODERS: dict[str, type[nn.Module]] = {
-    "small_cnn": SmallCNN,
-    "resnet18": ResNet18Encoder,
-    "mlp": MLPEncoder,
-    "transformer": TransformerEncoder,
-    "token": TokenEncoder,
-}

@@ -1,0 +1,466 @@
+"""The clip-dataset skeleton: what every audio-visual loader does that is not its own.
+
+A dataset module (cremad, kinetics_sounds, vggsound, balanced_av, ucf101) keeps what is truly its own: its layout
+table, its clip list (split files, csv, json) with its label parsing and split rules, and its recipes (readers).
+The rest is here:
+
+* `option_path` -- the one resolver of path options (``visual_dir``, ``train_split``, ...: relative to the root
+  or absolute, optionally required to exist); `dataset_root` checks the root; `walk_dirs` lists the folders
+  below it (hidden and mmbalance-prepared folders left out);
+* a **layout table** per modality: ``((kind, (folder, ...)), ...)`` in priority order, `{split}` in a folder
+  standing for the clip's split, e.g. ``(("jpgdir", ("visual", "frames")), ("video", ("{split}",)))``; kinds and
+  their file suffixes are `KIND_SUFFIXES`. `find_media` resolves the tables for a listed clip set (per modality,
+  the kind that finds most clips wins; a clip lacking a modality is counted and left out, never fatal) into a
+  `Discovery`; `first_present` serves trees whose clip list comes from the media themselves (CREMA-D);
+* `prepared_clips` + `prepared_splits` -- DataSplits from a folder `mmbalance prepare` wrote (`PreparedFolder`),
+  from its memory-mapped clip cache or by decoding the files prepare extracted;
+* `prepare_clips` -- the one `prepare()` skeleton and its report: missing media -> prepare_report.txt, decoding
+  from video once (`extract_media`, resumable, `shard=i/n`), classes.json, manifest.csv, recipe.json, and the
+  clip cache (clips.write_clip_cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmbalance.data import media
+from mmbalance.data.batch import DataSplits
+from mmbalance.data.clips import SPLITS, AudioReader, Clip, FrameReader, clip_splits, write_clip_cache
+from mmbalance.data.prepare import CACHE_META, MANIFEST, SUMMARY, PreparedFolder
+from mmbalance.errors import DataError, UserError
+
+log = logging.getLogger("mmbalance")
+
+# file-name suffixes per media kind; a frame folder may be named `<id>.mp4` (OGM-GE's VGGSound frame extractor)
+KIND_SUFFIXES = {"jpgdir": ("", ".mp4"), "hdf5": (".hdf5", ".h5"), "video": (".mp4", ".mkv", ".webm", ".avi", ".flv"),
+                 "array": (".npy", ".pkl", ".pt"), "wav": (".wav",)}
+# where raw downloads keep their videos (`{split}` = the clip's split)
+VIDEO_FOLDERS = ("{split}", "train", "val", "validate", "test", "videos", "video", "mp4")
+# files that mark a folder as mmbalance output (a prepared folder), never raw data to detect
+PREPARED_MARKERS = (MANIFEST, CACHE_META, SUMMARY)
+
+Table = Sequence[tuple[str, Sequence[str]]]  # ((kind, folders), ...) in priority order
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the root and path options
+
+
+def option_path(root: Path, value, option: str | None = None, what: str = "folder") -> Path | None:
+    """A path option (relative to `root`, or absolute); None when unset. With `option`, it must exist: a folder
+    when `what` is 'folder', else a file (DataError "dataset.<option>: <what> '<path>' does not exist")."""
+    if value in (None, ""):
+        return None
+    path = Path(str(value)).expanduser()
+    path = path if path.is_absolute() else Path(root) / path
+    if option and not (path.is_dir() if what == "folder" else path.is_file()):
+        raise DataError(f"dataset.{option}: {what} {str(path)!r} does not exist")
+    return path
+
+
+def dataset_root(root, dataset: str) -> Path:
+    if root in (None, ""):
+        raise UserError(f"{dataset}: dataset.root is not set (set dataset.root=... or paths.data_dir=..., or "
+                        "dataset.prepared)")
+    path = Path(str(root)).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{dataset}: dataset root {str(path)!r} is not a folder (set dataset.root=... or "
+                        "paths.data_dir=...)")
+    return path
+
+
+def walk_dirs(root: Path, depth: int, exclude: Sequence[Path] = (), descend: Callable[[str], bool] = lambda n: True
+              ) -> list[tuple[Path, list[os.DirEntry]]]:
+    """(folder, its entries) for root and its sub-folders down to `depth` levels, breadth first and sorted by
+    name, without hidden folders, mmbalance prepared folders (a half-written --out inside the root included),
+    `exclude`, and folders whose name `descend` refuses."""
+    excluded = {Path(p).resolve() for p in exclude}
+    out, level = [], [root]
+    for d in range(depth + 1):
+        nxt = []
+        for folder in level:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            if folder != root and any(e.name in PREPARED_MARKERS for e in entries):
+                continue
+            out.append((folder, entries))
+            if d < depth:
+                nxt += [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")
+                        and descend(e.name) and Path(e.path).resolve() not in excluded]
+        level = nxt
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layout tables
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A place a clip's media may be: `<folder>/<clip name><suffix>` (a folder for kind jpgdir)."""
+
+    folder: str  # relative to the root, or absolute; `{split}` is replaced by the clip's split
+    suffix: str
+    kind: str  # jpgdir | hdf5 | video (visual); array | wav | video (audio)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "jpgdir"
+
+    def folder_for(self, root: Path, split: str) -> Path:
+        path = Path(self.folder.format(split=split))
+        return path if path.is_absolute() else root / path
+
+
+def candidate_list(table: Table, override: str | Path | None = None) -> list[tuple[str, list[Candidate]]]:
+    """[(kind, candidates)] in priority order; `override` (a user's visual_dir/audio_dir) replaces the folders."""
+    return [(kind, [Candidate(str(f), s, kind) for f in ([override] if override else folders)
+                    for s in KIND_SUFFIXES[kind]]) for kind, folders in table]
+
+
+class DirIndex:
+    """Lists every probed folder once (name -> is a folder), so resolving 200k clips costs set intersections,
+    not 200k x candidates stat calls (VGGSound folders hold ~200k entries)."""
+
+    def __init__(self):
+        self._listing: dict[Path, dict[str, bool]] = {}
+        self._stems: dict[tuple, set[str]] = {}
+
+    def listing(self, folder: Path) -> dict[str, bool]:
+        if folder not in self._listing:
+            entries: dict[str, bool] = {}
+            try:
+                with os.scandir(folder) as it:
+                    for entry in it:
+                        try:
+                            entries[entry.name] = entry.is_dir()
+                        except OSError:
+                            continue
+            except OSError:
+                pass
+            self._listing[folder] = entries
+        return self._listing[folder]
+
+    def stems(self, folder: Path, suffix: str, is_dir: bool) -> set[str]:
+        key = (folder, suffix, is_dir)
+        if key not in self._stems:
+            n = len(suffix)
+            # a .tmp folder is an extraction that did not finish
+            self._stems[key] = {name[:len(name) - n] for name, d in self.listing(folder).items()
+                                if d == is_dir and name.endswith(suffix) and len(name) > n
+                                and not name.endswith(".tmp")}
+        return self._stems[key]
+
+
+def shown(folder: Path, root: Path) -> str:
+    try:
+        return str(folder.relative_to(root)) or "."
+    except ValueError:
+        return str(folder)
+
+
+def describe(cand: Candidate, root: Path) -> str:
+    return f"{shown(cand.folder_for(root, '{split}'), root)}/<id>{cand.suffix}" + ("/" if cand.is_dir else "")
+
+
+def first_present(root: Path, table: list[tuple[str, list[Candidate]]], index: DirIndex) -> Candidate | None:
+    """The first candidate folder that holds any media of its kind (for trees whose clips come from the media)."""
+    return next((c for _, cands in table for c in cands
+                 if index.stems(c.folder_for(root, ""), c.suffix, c.is_dir)), None)
+
+
+@dataclass
+class Resolved:
+    """Where one modality's media were found: the kind, a path per clip (None = missing), the folders used."""
+
+    kind: str
+    paths: list[str | None]
+    folders: list[str]
+    first: Candidate
+    dirs: list[Path] = field(default_factory=list)
+
+    @property
+    def found(self) -> int:
+        return sum(p is not None for p in self.paths)
+
+
+def resolve_modality(root: Path, clips: Sequence[Clip], names: Sequence[Sequence[str]],
+                     priority: list[tuple[str, list[Candidate]]], index: DirIndex) -> Resolved:
+    """For each kind, union its candidate folders (first hit per clip wins); keep the kind that finds the most
+    clips (on a tie the earlier kind). `names[i]` are clip i's accepted file names (VGGSound: plain and
+    zero-padded start)."""
+    by_split: dict[str, dict[str, list[int]]] = {}
+    for i, (clip, clip_names) in enumerate(zip(clips, names)):
+        wanted = by_split.setdefault(clip.split, {})
+        for name in clip_names:
+            wanted.setdefault(name, []).append(i)
+    best: Resolved | None = None
+    for kind, cands in priority:
+        found = Resolved(kind, [None] * len(clips), [], cands[0])
+        first = None
+        for cand in cands:
+            for split, wanted in by_split.items():
+                folder = cand.folder_for(root, split)
+                common = wanted.keys() & index.stems(folder, cand.suffix, cand.is_dir)
+                hit, prefix = False, str(folder) + os.sep  # plain strings: 200k Paths are slow
+                for name in sorted(common):  # sorted: the same file wins on every run
+                    for i in wanted[name]:
+                        if found.paths[i] is None:
+                            found.paths[i], hit = prefix + name + cand.suffix, True
+                if hit:
+                    first = first or cand
+                    if describe(cand, root) not in found.folders:
+                        found.folders.append(describe(cand, root))
+                    if folder not in found.dirs:
+                        found.dirs.append(folder)
+        found.first = first or cands[0]
+        if best is None or found.found > best.found:
+            best = found
+    assert best is not None
+    return best
+
+
+@dataclass
+class Discovery:
+    """The clips of a raw tree: which layout matched, the complete clips, and the ones left out."""
+
+    layout: str
+    split_source: str
+    clips: list[Clip]  # every modality found
+    kinds: dict[str, str]  # modality -> media kind
+    where: dict[str, str]  # modality -> description of the folders used
+    missing: list[tuple[Clip, list[tuple[str, str]]]] = field(default_factory=list)  # clip, [(modality, path)]
+    total: int = 0
+    extra_notes: dict = field(default_factory=dict)
+    dirs: dict[str, list[Path]] = field(default_factory=dict)  # modality -> folders that held its media
+
+    def counts(self) -> dict:
+        found = {s: sum(c.split == s for c in self.clips) for s in SPLITS}
+        lost = {s: sum(c.split == s for c, _ in self.missing) for s in SPLITS}
+        by_modality = {m: sum(any(mm == m for mm, _ in lack) for _, lack in self.missing) for m in self.kinds}
+        return {"clips_listed": self.total, "clips": {s: n for s, n in found.items() if n},
+                "missing_clips": len(self.missing), "missing_by_split": {s: n for s, n in lost.items() if n},
+                "missing_by_modality": by_modality}
+
+    def notes(self) -> dict:
+        examples = [path for _, lack in self.missing[:10] for _, path in lack[:1]]
+        return {"layout": self.layout, "split_source": self.split_source,
+                "sources": {m: f"{k}: {self.where[m]}" for m, k in self.kinds.items()}, **self.counts(),
+                "missing_examples": examples, **self.extra_notes}
+
+    def problems(self) -> list[tuple[str, str]]:
+        """One (path, why) per clip left out, naming its first missing file (prepare_report.txt)."""
+        return [(lack[0][1], f"missing: no {' or '.join(f'{m} ({self.kinds[m]})' for m, _ in lack)} file for "
+                             f"clip {clip.id}") for clip, lack in self.missing]
+
+    def log(self, dataset: str) -> None:
+        log.info("%s: layout %s (%s); %s; %d of %d listed clips found, %d missing", dataset, self.layout,
+                 self.split_source, "; ".join(f"{m} {k} in {self.where[m]}" for m, k in self.kinds.items()),
+                 len(self.clips), self.total, len(self.missing))
+        for clip, lack in self.missing[:5]:
+            log.warning("%s: clip %s left out: no %s", dataset, clip.id, ", ".join(f"{m} ({p})" for m, p in lack))
+
+
+def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str]] | None,
+               tables: dict[str, list[tuple[str, list[Candidate]]]], *, layout: str, split_source: str,
+               dataset: str) -> Discovery:
+    """Resolve every modality (`tables`, in the fusion order) of every listed clip; clips lacking a modality are
+    counted as missing. `names`: each clip's accepted file names (default: its id)."""
+    names = names or [[e.id] for e in entries]
+    index = DirIndex()
+    resolved = {m: resolve_modality(root, entries, names, table, index) for m, table in tables.items()}
+    empty = [m for m, r in resolved.items() if r.found == 0]
+    if empty:
+        looked = "; ".join(f"{m} {k}: " + ", ".join(dict.fromkeys(describe(c, root) for c in cands))
+                           for m in empty for k, cands in tables[m])
+        raise DataError(f"{root}: no {dataset} media: no {' or '.join(empty)} file for any of the {len(entries)} "
+                        f"clips listed in {split_source} ({layout} layout); looked for {looked}")
+    clips, missing = [], []
+    for i, entry in enumerate(entries):
+        lack = [(m, str(r.first.folder_for(root, entry.split) / (names[i][0] + r.first.suffix)))
+                for m, r in resolved.items() if r.paths[i] is None]
+        if lack:
+            missing.append((entry, lack))
+        else:
+            clips.append(Clip(entry.id, entry.label, entry.split, {m: r.paths[i] for m, r in resolved.items()}))
+    return Discovery(layout, split_source, clips, {m: r.kind for m, r in resolved.items()},
+                     {m: ", ".join(r.folders) or "-" for m, r in resolved.items()}, missing, len(entries),
+                     dirs={m: r.dirs for m, r in resolved.items()})
+
+
+def unique_entries(entries: Sequence[Clip]) -> list[Clip]:
+    """A clip listed twice (e.g. in train and test) is kept once, where it first appears."""
+    seen: set[str] = set()
+    return [e for e in entries if not (e.id in seen or seen.add(e.id))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the prepared folder -> DataSplits
+
+
+def prepared_clips(folder: PreparedFolder, modalities: Sequence[str]) -> tuple[list[Clip], list[str], dict[str, str]]:
+    """(clips with absolute sources, class names, modality -> kind) from manifest.csv + classes.json."""
+    rows = folder.rows(["id", "label", "split", *modalities, *[f"{m}_kind" for m in modalities]])
+    classes = folder.classes()
+    clips = []
+    for row in rows:
+        label = int(row["label"])
+        if not 0 <= label < len(classes):
+            raise DataError(f"{folder.path / MANIFEST}: clip {row['id']!r} has label {label}, but classes.json "
+                            f"lists {len(classes)} classes")
+        sources = {m: str(p if (p := Path(row[m])).is_absolute() else folder.path / p) for m in modalities}
+        clips.append(Clip(row["id"], label, row["split"], sources))
+    return clips, classes, {m: rows[0][f"{m}_kind"] for m in modalities}
+
+
+def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str], *, val_fraction: float,
+                    split_seed: int, modalities: Sequence[str] = ("audio", "visual"), frames: int = 3,
+                    image_size: int = 224, augment: str = "none", notes: dict | None = None,
+                    decode: Callable[[], dict] | None = None, readers: dict | None = None, make=None) -> DataSplits:
+    """DataSplits over a prepared folder: its memory-mapped clip cache (no decoding) when it has one, else
+    `decode()` readers on the files prepare extracted (DataError when there is neither). `readers`/`make`:
+    a dataset's own readers and split datasets over the cache (see clip_splits)."""
+    meta = folder.cache_meta(required=decode is None)
+    notes = {"layout": "prepared", "source": "prepared", "prepared": str(folder.path),
+             "source_layout": folder.summary.get("layout"), "missing_clips": folder.summary.get("missing_clips"),
+             "clips": {s: sum(c.split == s for c in clips) for s in SPLITS}, "cache": meta is not None,
+             **(notes or {})}
+    if meta is not None:
+        lacking = [m for m in modalities if m not in meta["modalities"]]
+        if lacking:
+            raise DataError(f"dataset.prepared {str(folder.path)!r} has no {lacking} cache (it holds "
+                            f"{sorted(meta['modalities'])}); prepare again with those modalities")
+        specs = meta["modalities"]
+        readers = readers or {m: FrameReader(frames=frames, size=image_size, augment=augment)
+                              if specs[m]["kind"] == "frames" else AudioReader(source="array", shape=specs[m]["shape"])
+                              for m in modalities}
+        # clips the cache lacks are counted (notes["uncached_clips"]) and logged by clip_splits
+        notes.update(cache_frame_size=meta.get("size"), cache_max_frames=meta.get("max_frames"))
+    else:
+        readers = decode()
+    log.info("%s: prepared folder %s (%s), %d clips", folder.dataset, folder.path,
+             "cache" if meta else "decoded on access", len(clips))
+    return clip_splits(clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
+                       cache_dir=folder.path if meta else None, notes=notes, make=make)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prepare
+
+
+def parse_shard(shard) -> tuple[int, int] | None:
+    """'i/n' -> (i, n): the i-th (0-based) of n interleaved shards of the clip list."""
+    if shard in (None, "", False):
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise UserError(f"prepare --set shard={shard!r}: expected i/n with 0 <= i < n, e.g. shard=0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+# modality -> (output name, kind written, path under --out): the default extraction from video
+WAV_AND_FRAMES = {"audio": ("audio", "wav", "audio/{id}.wav"), "visual": ("frames", "jpgdir", "frames/{id}")}
+
+
+def extract_wav_and_frames(task: tuple) -> tuple[int, str | None, str | None, list[str]]:
+    """Worker: a video's audio -> mono 16-bit wav at `sr`, its frames at `fps` -> frame_00001.jpg ... Both are
+    written to a temporary name and renamed, so an output that exists is complete (re-runs skip it).
+    Returns (index, failing path or None, error or None, names of the outputs written)."""
+    i, jobs, force, (sr, fps, short_side) = task
+    wrote = []
+    for name, video, dest in jobs:
+        try:
+            if name == "audio":
+                done = media.extract_wav(video, dest, sr, force)
+            else:
+                done = media.extract_frames(video, dest, fps, short_side, force) >= 0
+        except DataError as exc:
+            return i, video, str(exc), wrote
+        if done:
+            wrote.append(name)
+    return i, None, None, wrote
+
+
+def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, worker=extract_wav_and_frames,
+                  targets: dict = WAV_AND_FRAMES, params: tuple = ()) -> tuple[list[Clip], dict[str, str], dict]:
+    """For every modality read from video (kind 'video'): decode each clip once into `targets[modality]` under
+    ctx.out with `worker` (in parallel). Existing outputs are skipped (resumable); a video that fails to decode
+    is recorded with ctx.problem and its clip dropped."""
+    todo = {m: t for m, t in targets.items() if kinds.get(m) == "video"}
+    if not todo:
+        return clips, kinds, {}
+    out = Path(ctx.out)
+    dests = [{m: str(out / path.format(id=c.id)) for m, (_, _, path) in todo.items()} for c in clips]
+    tasks = [(i, [(name, c.sources[m], dests[i][m]) for m, (name, _, _) in todo.items()], bool(ctx.force), params)
+             for i, c in enumerate(clips)]
+    stats = dict.fromkeys([f"{name}_extracted" for name, _, _ in todo.values()], 0)
+    stats.update(extracted=0, extract_skipped_existing=0, extract_failed=0)
+    kept = []
+    for i, bad_path, error, wrote in ctx.map(worker, tasks, desc="extracting media"):
+        if error is not None:
+            ctx.problem(bad_path, error)
+            stats["extract_failed"] += 1
+            continue
+        for name in wrote:
+            stats[f"{name}_extracted"] += 1
+        stats["extracted" if wrote else "extract_skipped_existing"] += 1
+        kept.append(Clip(clips[i].id, clips[i].label, clips[i].split, {**clips[i].sources, **dests[i]}))
+    return kept, {**kinds, **{m: kind for m, (_, kind, _) in todo.items()}}, stats
+
+
+def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], classes: list[str], *,
+                  summary: dict, problems: Sequence[tuple[str, str]] = (),
+                  cache_readers: Callable[[dict[str, str], list[Clip]], dict] | None, size: int = 224,
+                  max_frames: int = 10, recipe: dict | None = None, columns: Callable[[Clip], dict] | None = None,
+                  shard=None, **extraction) -> dict:
+    """The one `prepare()` skeleton of the clip datasets:
+
+    1. every missing or unreadable file found while listing the clips -> prepare_report.txt (skipped, counted);
+    2. modalities read from video are decoded once (`extract_media`; `shard=i/n` extracts only every n-th clip
+       from the i-th and stops there: run the shards anywhere, then once without shard);
+    3. classes.json, manifest.csv (id, label, split, label_name, one path and kind per modality, `columns`
+       extras) and recipe.json;
+    4. with `cache_readers`, the memory-mapped clip cache (`size` px frames, up to `max_frames` per clip).
+    Returns the summary (printed and saved as prepare_summary.json by the command).
+    """
+    for path, why in problems:
+        ctx.problem(path, why)
+    ctx.folder.write_classes(classes)
+    part = parse_shard(shard)
+    if part is not None:
+        i, n = part
+        _, _, stats = extract_media(ctx, clips[i::n], kinds, **extraction)
+        return {**summary, **stats, "shard": f"{i}/{n}", "shard_clips": len(clips[i::n]),
+                "next_step": f"when every shard is done, run `mmbalance prepare {dataset}` again without shard: it "
+                             "skips what was extracted and writes manifest.csv and the cache"}
+    clips, kinds, stats = extract_media(ctx, clips, kinds, **extraction)
+    if not clips:
+        raise DataError(f"{dataset}: no usable clip under {str(ctx.root)!r}; see {ctx.out / 'prepare_report.txt'}")
+    out = Path(ctx.out).resolve()
+
+    def rel(path: str) -> str:  # inside the prepared folder: relative, so the folder can be moved
+        try:
+            return str(Path(path).resolve().relative_to(out))
+        except ValueError:
+            return str(Path(path).resolve())
+
+    mods = list(kinds)
+    rows = [{"id": c.id, "label": c.label, "split": c.split, "label_name": classes[c.label],
+             **{m: rel(c.sources[m]) for m in mods}, **{f"{m}_kind": kinds[m] for m in mods},
+             **(columns(c) if columns else {})} for c in clips]
+    ctx.folder.write_manifest(rows, list(rows[0]))
+    if recipe is not None:
+        ctx.folder.write_json("recipe.json", recipe)
+    summary = {**summary, **stats, "prepared_formats": kinds,
+               "manifest_clips": {s: sum(c.split == s for c in clips) for s in SPLITS}}
+    if cache_readers is not None:
+        summary.update(write_clip_cache(ctx, clips, cache_readers(kinds, clips), size=int(size),
+                                        max_frames=int(max_frames)))
+    return summary
