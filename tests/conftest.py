@@ -63,4 +63,7 @@ def tiny_cfg():
 def pytest_configure(config):
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    threads = max(1, min(2, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    # runs started by the tests (in-process and subprocesses) resolve hardware.threads=auto to the same cap
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mmbalance.engine import threads
 from mmbalance.engine.identity import job_dir_name
 
 # conf/ sits at the repository root next to src/ (an editable install, as `make` does)
@@ -26,10 +27,12 @@ OmegaConf.register_new_resolver("mmbalance_job_dir", lambda overrides: job_dir_n
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    # OMP_WAIT_POLICY counts only if set before torch loads its OpenMP runtime: here, before the imports below
+    threads.prepare_process(cfg.get("hardware"), hc.launcher if hc.mode == RunMode.MULTIRUN else None)
     from mmbalance.errors import SweepJobFailed, UserError  # torch and friends load here, not at import time
     from mmbalance.train import train
 
-    hc = HydraConfig.get()
     choices = OmegaConf.to_container(hc.runtime.choices)
     choices = {k: v for k, v in choices.items() if not k.startswith("hydra")}
     run_dir = Path(hc.runtime.output_dir)

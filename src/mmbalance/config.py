@@ -49,6 +49,9 @@ ROOT_SCHEMA = {
 OPTIONAL_SCHEMA = {  # checked only when present (hardware=ddp sets them)
     "hardware.distributed": bool,
     "hardware.backend": Literal["nccl", "gloo"],
+    # the thread policy (engine/threads.py); absent means auto
+    "hardware.threads": PositiveInt | Literal["auto"],
+    "hardware.wait_policy": Literal["passive", "active", "auto"],
 }
 
 # Ranges of torch optimizer and scheduler arguments, by name: torch's own hints carry types but no ranges

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mmbalance
 from mmbalance.config import build, validate
-from mmbalance.engine import distributed
+from mmbalance.engine import distributed, threads
 from mmbalance.engine.checkpoint import write_json
 from mmbalance.engine.identity import data_identity, run_identity
 from mmbalance.engine.run import LoaderSettings, Run
@@ -147,6 +147,7 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
 def _make_trainer(cfg: DictConfig, output_dir: Path, results: dict, device, identity: dict, overrides,
                   mode: str) -> Trainer:
     validate(cfg)
+    results["threads"] = threads.apply(cfg.hardware)  # thread counts and wait policy, once per run
     run = build_run(cfg, device or resolve_device(cfg.hardware), output_dir, results)
     run.identity = {**identity, "data": results["data_identity"], "overrides": list(overrides or []),
                     "run_dir": str(output_dir.resolve())}

@@ -24,6 +24,10 @@ NON_IDENTITY_KEYS = (
     "trainer.progress_bar",
     "hardware.num_workers",   # the sampler's order does not depend on workers (tested in test_train)
     "hardware.pin_memory",
+    # CPU threads and how idle ones wait (engine/threads.py): `auto` resolves per machine, and a run resumed on
+    # another node must not be refused for it (thread counts only reorder float reductions)
+    "hardware.threads",
+    "hardware.wait_policy",
 )
 
 RESUME_MODES = ("auto", "never", "force", "reevaluate")

@@ -1,17 +1,49 @@
-"""Accuracy and macro-F1 from epoch-level statistics (torchmetrics)."""
+"""Accuracy and macro-F1 from epoch-level statistics: exact tensor arithmetic on the whole split at once.
+
+Plain torch (a confusion count with `bincount`), so importing the training recipe does not load a metrics
+library. The definitions:
+
+* accuracy: correct predictions over all samples (torchmetrics' `multiclass_accuracy(average="micro")`);
+* macro-F1: the unweighted mean over ALL `num_classes` classes of the per-class F1 = 2 TP / (2 TP + FP + FN),
+  where a class with 2 TP + FP + FN = 0 (absent from both targets and predictions) has F1 = 0. This equals
+  torchmetrics' `multiclass_f1_score(average="none", zero_division=0).mean()`, which the project used before.
+  torchmetrics' `average="macro"` differs in exactly that case: it leaves such a class out of the mean. A class
+  without support that is predicted (FP > 0) has F1 = 0 under both.
+"""
 
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+
+def _as_labels(preds: torch.Tensor) -> torch.Tensor:
+    """Class indices from (N,) labels or (N, C) scores (argmax over the class dimension, as torchmetrics)."""
+    return preds.argmax(dim=1) if preds.ndim == 2 else preds
 
 
 def accuracy(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    return float(multiclass_accuracy(preds, target, num_classes=num_classes, average="micro"))
+    """Fraction of samples whose predicted class equals the target (0.0 for an empty split)."""
+    preds, target = _as_labels(preds).reshape(-1), target.reshape(-1)
+    if target.numel() == 0:
+        return 0.0
+    return float((preds == target).sum().item() / target.numel())
+
+
+def per_class_f1(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes,) float64 F1 of every class, 0 where 2 TP + FP + FN = 0."""
+    preds, target = _as_labels(preds).reshape(-1).long(), target.reshape(-1).long()
+    k = int(num_classes)
+    if preds.numel() and (int(preds.min()) < 0 or int(preds.max()) >= k or int(target.min()) < 0
+                          or int(target.max()) >= k):
+        raise ValueError(f"class indices must lie in [0, {k}); got predictions in [{int(preds.min())}, "
+                         f"{int(preds.max())}] and targets in [{int(target.min())}, {int(target.max())}]")
+    confusion = torch.bincount(target * k + preds, minlength=k * k).reshape(k, k).to(torch.float64)
+    tp = confusion.diagonal()
+    denom = confusion.sum(0) + confusion.sum(1)  # (TP + FP) + (TP + FN) = 2 TP + FP + FN
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
 
 
 def macro_f1(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
     """Unweighted mean of the per-class F1 over all `num_classes` classes (a class absent from both the
     targets and the predictions counts with F1 = 0, as in the peer), from the whole split at once."""
-    per_class = multiclass_f1_score(preds, target, num_classes=num_classes, average="none", zero_division=0)
-    return float(per_class.mean())
+    return float(per_class_f1(preds, target, num_classes).mean())
