@@ -229,3 +229,86 @@ def test_state_round_trip_keeps_running_scores_iteration_and_scales():
     other.method.load_state_dict(run.method.state_dict())
     assert other.method.running_scores == run.method.running_scores
     assert other.method.iteration == 1 and other.method.scales == run.method.scales
+
+
+# ---------------------------------------------------------------- the fast variant (issue 14)
+
+def test_zero_row_is_appended_to_the_eval_encoding_not_encoded_apart():
+    # the official values from one eval-mode encoder call per modality (batch + one all-zero sample)
+    model = tiny_model()
+    x = inputs()
+    calls = []
+    for m, enc in model.encoders.items():
+        enc.register_forward_hook(lambda mod, args, out, m=m: calls.append((m, args[0].shape[0])))
+    full = model(x).logits
+    calls.clear()
+    coalition_logits(model, x, full)
+    assert sorted(calls) == [("a", 7), ("b", 7)]
+
+
+def fast_reference(model, x, mods):
+    """v(S) of coalition_features="train" by hand: present = the training pass's features, absent = the
+    eval-mode encoder output on one all-zero sample, v(empty) = 0, v(all) = T."""
+    out = model(x)
+    model.eval()
+    zero = {m: model.encoders[m](torch.zeros_like(x[m][:1])) for m in mods}
+    model.train()
+    values = {fs(): torch.zeros_like(out.logits), fs(*mods): out.logits}
+    for s in coalitions(mods)[1:-1]:
+        values[s] = model.fusion({m: out.features[m] if m in s else zero[m].expand(6, -1) for m in mods})
+    return out, values
+
+
+@pytest.mark.parametrize("mods", [("a", "b"), ("a", "b", "c")])
+def test_train_features_coalitions_reuse_the_training_pass_and_keep_efficiency(mods):
+    model = tiny_model(mods)
+    x = inputs(mods)
+    out = model(x)
+    calls = []
+    for m, enc in model.encoders.items():
+        enc.register_forward_hook(lambda mod, args, o, m=m: calls.append((m, args[0].shape[0])))
+    ours = coalition_logits(model, x, out.logits, features=out.features)
+    assert model.training and sorted(calls) == [(m, 1) for m in mods]  # only the zero rows are encoded
+    for enc in model.encoders.values():
+        enc._forward_hooks.clear()
+    _, ref = fast_reference(tiny_model(mods), x, mods)
+    for s in ref:
+        torch.testing.assert_close(ours[s], ref[s])
+    torch.testing.assert_close(sum(shapley_values(ours, mods).values()), out.logits)
+    # with BatchNorm the eval-mode (official) values differ: the variant is not the official method
+    official = coalition_logits(model, x, out.logits)
+    assert not torch.allclose(official[fs("a")], ours[fs("a")])
+
+
+@pytest.mark.parametrize("mods", [("a", "b"), ("a", "b", "c")])
+def test_train_features_step_scales_each_shapley_output_by_its_coefficient(mods):
+    run = make_run(mods, alpha=1.0, clip_threshold=None, coalition_features="train")
+    b = batch(mods)
+    state = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.method.training_step(run, b)
+    coeffs = run.method.last_coefficients
+    got = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+    run.model.load_state_dict(state)
+    run.model.zero_grad()
+    _, values = fast_reference(run.model, b.inputs, mods)
+    phi = shapley_values(values, mods)
+    scores = {m: float((-F.log_softmax(p.detach(), 1).gather(1, Y[:, None])).clamp(max=-math.log(1e-8)).mean())
+              for m, p in phi.items()}
+    assert run.method.last_scores == pytest.approx(scores, rel=1e-5)
+    assert coeffs == pytest.approx(agm_coefficients(scores, {m: 0.0 for m in mods}, 1.0, 10.0), rel=1e-5)
+    surrogate = sum(coeffs[m] * phi[m] + (1 - coeffs[m]) * phi[m].detach() for m in mods)
+    F.cross_entropy(surrogate, Y).backward()
+    for n, p in run.model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, msg=n)
+
+
+def test_train_features_variant_needs_late_fusion():
+    from mmbalance.errors import UserError
+
+    model = tiny_model()
+    model.late_fusion = False  # as an intermediate-fusion model declares
+    method = AGM(coalition_features="train")
+    run = Run(model=model, method=method, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), scheduler=None,
+              train_loader=None, val_loader=None, test_loader=None, device=torch.device("cpu"), num_classes=3)
+    with pytest.raises(UserError, match="late-fusion"):
+        method.setup(run)
