@@ -142,3 +142,22 @@ def test_trial_optimizer_is_fresh_with_the_runs_settings_at_the_current_lr(cls):
     opt = fresh_optimizer(cls(p, lr=1e-3, weight_decay=0.01), p, lr=0.5)
     assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["weight_decay"] == 0.01
     assert not opt.state
+
+
+def test_trial_estimates_reuse_one_trial_loader(monkeypatch):
+    run = make_run(compose_cfg(["method=gblending", "method.estimator=trial", "method.super_epoch=1",
+                                 "dataset.num_samples=40"]))
+    made, original = [], run.make_loader
+
+    def counting(dataset, train, shard=True, indices=None):
+        made.append(original(dataset, train, shard, indices))
+        return made[-1]
+
+    monkeypatch.setattr(run, "make_loader", counting)
+    for epoch in (0, 1):
+        run.epoch = epoch
+        run.method.on_epoch_start(run, epoch)
+    assert len(made) == 1  # built once
+    trial = made[0]
+    assert trial.batch_sampler.sampler.world_size == 1  # the whole training split on every rank
+    assert trial.dataset is run.train_loader.dataset and trial.sampler.epoch == 10_001  # its own order per boundary

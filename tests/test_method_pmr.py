@@ -169,3 +169,76 @@ def test_state_round_trip_keeps_the_prototypes():
     for m in ("a", "b"):
         torch.testing.assert_close(other.method.prototypes[m], run.method.prototypes[m])
     assert other.method.updates == run.method.updates
+
+
+def _loaders_made(run, monkeypatch) -> list:
+    made, original = [], run.make_loader
+
+    def counting(dataset, train, shard=True, indices=None):
+        made.append(train)
+        return original(dataset, train, shard, indices)
+
+    monkeypatch.setattr(run, "make_loader", counting)
+    return made
+
+
+def test_run_loader_is_kept_per_purpose_and_yields_what_a_subset_loader_does():
+    run = make_run()
+    run.loader_settings.batch_size = 16
+    data = run.train_loader.dataset
+    first = run.loader("x", data, train=False, indices=[5, 1, 7, 30, 2])
+    assert [b.index.tolist() for b in first] == [[5, 1, 7, 30, 2]]
+    again = run.loader("x", data, train=False, indices=list(range(20)))
+    subset = run.make_loader(torch.utils.data.Subset(data, list(range(20))), train=False)
+    assert again is first and len(again) == len(subset) == 2  # batches of 16: 16 + a last one of 4
+    for ours, theirs in zip(again, subset):
+        assert torch.equal(ours.index, theirs.index) and torch.equal(ours.inputs["a"], theirs.inputs["a"])
+    assert run.loader("x", _Data(("a", "b")), train=False) is not first  # another dataset object: a new loader
+    assert run.loader("y", data, train=False) is not first  # another purpose: its own loader
+
+
+def test_prototype_passes_reuse_one_loader_across_epochs(monkeypatch):
+    run = make_run(prototype_fraction=0.5)  # setup built the prototype loader
+    made = _loaders_made(run, monkeypatch)
+    for epoch in range(3):
+        run.method.on_epoch_end(run, epoch)
+    assert made == [] and run.method.updates == 3
+    # the kept loader, pointed at each draw's subset, gives the class means of that subset
+    means, counts = run.method.compute_means(run, draw=4)
+    g = torch.Generator().manual_seed(run.seed * 1_000_003 + 7_919 + 4)
+    idx = torch.randperm(40, generator=g)[:20].tolist()
+    x, y = _Data(("a", "b")), (torch.arange(40) % 3)[idx]
+    run.model.eval()
+    with torch.no_grad():
+        z = run.model.encode({m: x.x[m][idx] for m in ("a", "b")})
+    run.model.train()
+    expected, expected_counts = class_means(z["a"], y, 3)
+    torch.testing.assert_close(means["a"], expected)
+    assert torch.equal(counts, expected_counts)
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    from conftest import train_in_process
+    from mmbalance.engine.trainer import Trainer
+
+    overrides = ["method=pmr", "trainer.epochs=3", "method.prototype_fraction=0.5"]
+    straight = train_in_process(tmp_path / "straight", overrides)
+    original = Trainer.train_epoch
+
+    def train_epoch(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_epoch", train_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(tmp_path / "resumed", overrides)
+    resumed = train_in_process(tmp_path / "resumed", overrides)
+    assert resumed["processes"] == 2
+
+    def same(m):
+        return {k: v for k, v in m.items() if not k.startswith("time")}
+
+    assert same(resumed["metrics"]) == same(straight["metrics"])
+    assert resumed["metrics"]["flops/train/method_epoch_hooks"] > 0

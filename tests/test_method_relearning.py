@@ -128,3 +128,18 @@ def test_state_round_trips_snapshot_and_counter():
     fresh.load_state_dict(state)
     assert_same_state(fresh.state_dict(), state)
     assert fresh.done == 1 and not relearn_due(2, 1, fresh.done, 1)
+
+
+def test_every_event_reuses_one_training_feature_loader(monkeypatch):
+    run = make_run(compose_cfg(["method=relearning", "method.reinit_epoch=1", "method.reinit_num=2",
+                                "method.kmeans_n_init=1"]))
+    made, original = [], run.make_loader
+
+    def counting(dataset, train, shard=True, indices=None):
+        made.append(train)
+        return original(dataset, train, shard, indices)
+
+    monkeypatch.setattr(run, "make_loader", counting)
+    for epoch in (2, 3):
+        run.method.on_epoch_start(run, epoch)
+    assert run.method.done == 2 and made == [False]  # an unshuffled loader over the training set, built once

@@ -151,9 +151,9 @@ def test_modality_level_adds_copies_of_the_weaker_modality_only(monkeypatch):
     run = make_run(n=30, warmup=0, variant="modality", part_ratio=0.2)
     seen = {}
 
-    def fake(run, dataset):
-        seen["n"] = len(dataset)
-        return torch.tensor([[1.25, 0.5]]).expand(len(dataset), 2)
+    def fake(run, dataset, indices=None):
+        seen["n"] = len(dataset) if indices is None else len(indices)
+        return torch.tensor([[1.25, 0.5]]).expand(seen["n"], 2)
 
     monkeypatch.setattr(run.method, "contributions", fake)
     run.method.on_epoch_start(run, 0)
@@ -176,3 +176,19 @@ def test_forward_zeroes_the_absent_features_per_sample():
     torch.testing.assert_close(out.logits, run.model.fuse(out.features))
     plain = run.method.forward(run, Batch(x, torch.tensor([0, 1, 2, 0]), torch.arange(4)))
     torch.testing.assert_close(plain.features["a"], z["a"])
+
+
+def test_the_valuation_pass_keeps_its_loader_and_only_the_resampled_training_set_gets_a_new_one(monkeypatch):
+    run = make_run(warmup=0)
+    made, original = [], run.make_loader
+
+    def counting(dataset, train, shard=True, indices=None):
+        made.append(train)
+        return original(dataset, train, shard, indices)
+
+    monkeypatch.setattr(run, "make_loader", counting)
+    for epoch in range(3):
+        run.method.on_epoch_start(run, epoch)
+    # one evaluation loader over the original set for every epoch's valuation; one training loader per new set
+    assert made == [False, True, True, True]
+    assert run.train_loader.dataset.base is run.method.train_dataset

@@ -30,14 +30,15 @@ def eval_mode(model):
 @torch.no_grad()
 def collect_features(run: "Run", loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Pooled float features of every modality and the labels over a whole loader, in eval mode, on run.device
-    (methods' epoch hooks: PMR's prototypes, Re-learning's purity)."""
+    (methods' epoch hooks: PMR's prototypes, Re-learning's purity). Its FLOPs are counted on the first batch
+    and scaled by the samples (`FlopMeter.sampled_pass`)."""
     model = run.model
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
     labels = []
-    with eval_mode(model):
+    with eval_mode(model), run.flops.sampled_pass() as sample:
         for batch in loader:
             batch = batch.to(run.device, non_blocking=True)
-            with run.autocast():
+            with sample(len(batch)), run.autocast():
                 z = model.encode(batch.inputs)
             for m in feats:
                 feats[m].append(z[m].float())

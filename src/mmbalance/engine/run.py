@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,19 @@ class EpochShuffleSampler(Sampler[int]):
         return -(-self.n // self.world_size)  # ceil: the padded shard length
 
 
+class IndexSampler(Sampler[int]):
+    """The given dataset indices, in the given order; a kept loader points it at another subset (`Run.loader`)."""
+
+    def __init__(self, indices: Sequence[int]):
+        self.indices = list(indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 @dataclass
 class LoaderSettings:
     batch_size: int = 64
@@ -79,6 +92,7 @@ class Run:
     step: int = 0
     flops: FlopMeter = field(default_factory=FlopMeter)
     _noise: dict = field(default_factory=dict)
+    _loaders: dict = field(default_factory=dict, repr=False)  # Run.loader: purpose -> (key, DataLoader)
 
     @property
     def modalities(self) -> list[str]:
@@ -140,23 +154,51 @@ class Run:
             self._noise[key] = torch.Generator(device=device).manual_seed(self.seed + 12345)
         return self._noise[key]
 
-    def make_loader(self, dataset: Dataset, train: bool, shard: bool = True) -> DataLoader:
+    def make_loader(self, dataset: Dataset, train: bool, shard: bool = True,
+                    indices: Sequence[int] | None = None) -> DataLoader:
         """A loader like the run's own (methods that rebuild the training data use this).
 
         Training loaders shuffle per epoch and, under hardware=ddp, give each rank its shard; `shard=False`
         keeps the whole dataset on every rank (side trainings that must come out identical on every rank,
-        e.g. UMT's teachers). Evaluation loaders always see the whole dataset, in order.
+        e.g. UMT's teachers). Evaluation loaders always see the whole dataset, in order, or only `indices` of
+        it, in that order (the same batches as a loader over `Subset(dataset, indices)`).
         """
+        if indices is not None and train:
+            raise ValueError("make_loader: indices select an evaluation pass; a training loader shuffles the dataset")
         s = self.loader_settings
         world = distributed.world_size() if shard else 1
         rank = distributed.rank() if shard else 0
+        if train:
+            sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world)
+        else:
+            sampler = IndexSampler(indices) if indices is not None else None
         return DataLoader(
             dataset,
             batch_size=s.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed, rank, world) if train else None,
+            sampler=sampler,
             num_workers=s.num_workers,
             pin_memory=s.pin_memory,
             drop_last=s.drop_last if train else False,
             collate_fn=collate_batch,
             persistent_workers=s.num_workers > 0,
         )
+
+    def loader(self, purpose: str, dataset: Dataset, train: bool, shard: bool = True,
+               indices: Sequence[int] | None = None) -> DataLoader:
+        """`make_loader`'s loader, kept on the run under `purpose` (e.g. "pmr/prototypes") and reused while the
+        dataset object and the other arguments stay the same, so a pass that a method repeats every epoch
+        starts its worker processes (hardware.num_workers > 0) once, not once per epoch. `indices` (evaluation
+        only) re-points the kept loader at another subset of the same dataset. A new dataset object replaces the
+        purpose's loader (and lets its workers go). The loader yields exactly what a new `make_loader` would:
+        a training loader's order comes from its sampler's `set_epoch`, which the caller sets.
+        """
+        key = (train, shard, indices is not None)
+        kept = self._loaders.get(purpose)
+        if kept is not None and kept[0] == key and kept[1].dataset is dataset:
+            loader = kept[1]
+            if indices is not None:
+                loader.sampler.indices = list(indices)
+            return loader
+        loader = self.make_loader(dataset, train, shard, indices)
+        self._loaders[purpose] = (key, loader)
+        return loader

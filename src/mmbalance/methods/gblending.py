@@ -106,7 +106,8 @@ class GBlending(Method):
         gain_floor, overfit_floor: see `blend_weights` (our guards; neither reference code has them).
 
     Hooks: `setup` (carve the held-out part, rebuild the train loader, own the aux heads), `on_epoch_start`
-    (estimate at boundaries; counted in the FLOPs), `loss` (blended CE), `eval_fuse` (fused logits from the
+    (estimate at boundaries; counted in the FLOPs, each pass and each branch's trial training on its first batch
+    scaled by the samples, `FlopMeter.sampled_pass`), `loss` (blended CE), `eval_fuse` (fused logits from the
     fusion head; per-modality accuracy from the aux heads in "aux" mode).
 
     Choices: the official code (facebookresearch/VMZ) released only the blended loss with static weights, no
@@ -220,13 +221,15 @@ class GBlending(Method):
             heads.eval()
         sums = {k: torch.zeros((), dtype=torch.float64, device=run.device) for k in which}
         count = torch.zeros((), dtype=torch.float64, device=run.device)
-        for batch in loader:
-            batch = batch.to(run.device, non_blocking=True)
-            with run.autocast():
-                logits = self._branch_logits(model, heads, batch.inputs, which)
-            for k in which:
-                sums[k] += F.cross_entropy(logits[k].float(), batch.label, reduction="sum").double()
-            count += len(batch.label)
+        with run.flops.sampled_pass() as sample:  # FLOPs: the first batch, scaled by the samples
+            for batch in loader:
+                batch = batch.to(run.device, non_blocking=True)
+                with sample(len(batch)):
+                    with run.autocast():
+                        logits = self._branch_logits(model, heads, batch.inputs, which)
+                    for k in which:
+                        sums[k] += F.cross_entropy(logits[k].float(), batch.label, reduction="sum").double()
+                count += len(batch.label)
         model.train(was_training)
         if heads is not None:
             heads.train(was_training)
@@ -245,8 +248,9 @@ class GBlending(Method):
         before, after = {}, {}
         start = self.measure(run, run.model, self.heads, list(self.weights))
         lr = run.optimizer.param_groups[0]["lr"]
-        # the whole training split on every rank (hardware=ddp), so every rank measures the same weights
-        loader = run.make_loader(run.train_loader.dataset, train=True, shard=False)
+        # the whole training split on every rank (hardware=ddp), so every rank measures the same weights; one
+        # loader kept across super-epochs (its order comes from set_epoch below)
+        loader = run.loader("gblending/trial", run.train_loader.dataset, train=True, shard=False)
         sampler = loader.sampler
         for k in self.weights:
             model = copy.deepcopy(run.model)
@@ -261,16 +265,18 @@ class GBlending(Method):
             model.train()
             if heads is not None:
                 heads.train()
-            for trial_epoch in range(self.super_epoch):
-                sampler.set_epoch(10_000 + run.epoch * self.super_epoch + trial_epoch)  # distinct trial orders
-                for batch in loader:
-                    batch = batch.to(run.device, non_blocking=True)
-                    with run.autocast():
-                        z = self._branch_logits(model, heads, batch.inputs, [k])[k]
-                        loss = F.cross_entropy(z, batch.label)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            with run.flops.sampled_pass() as sample:  # every step of this branch costs the same per sample
+                for trial_epoch in range(self.super_epoch):
+                    sampler.set_epoch(10_000 + run.epoch * self.super_epoch + trial_epoch)  # distinct trial orders
+                    for batch in loader:
+                        batch = batch.to(run.device, non_blocking=True)
+                        with sample(len(batch)):
+                            with run.autocast():
+                                z = self._branch_logits(model, heads, batch.inputs, [k])[k]
+                                loss = F.cross_entropy(z, batch.label)
+                            opt.zero_grad(set_to_none=True)
+                            loss.backward()
+                            opt.step()
             before[k] = start[k]
             after[k] = self.measure(run, model, heads, [k])[k]
             del model, heads, opt

@@ -9,7 +9,6 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Subset
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Probability, Range
 from mmbalance.engine.evaluation import collect_features
@@ -87,8 +86,9 @@ class PMR(Method):
     encoder (the prototypes are constants). No gradient edits.
 
     Cost: per step B x C distances per modality; per epoch one no-grad eval-mode encoder pass over the
-    subset, counted by the trainer (setup and epoch hooks are measured in full). The pass is skipped when its
-    prototypes could never be used (the next epoch is past the window or past the last epoch).
+    subset, counted by the trainer on its first batch and scaled by the samples (`FlopMeter.sampled_pass`),
+    through one loader kept across epochs (`run.loader`). The pass is skipped when its prototypes could
+    never be used (the next epoch is past the window or past the last epoch).
 
     Args:
         alpha: weight of the prototype loss (official argparse 1.0; scripts 2.0 on CREMA-D/AVE; peer 0.6).
@@ -171,8 +171,9 @@ class PMR(Method):
         n = len(dataset)
         k = max(1, int(round(self.prototype_fraction * n)))
         g = torch.Generator().manual_seed(run.seed * 1_000_003 + 7_919 + draw)
-        subset = Subset(dataset, torch.randperm(n, generator=g)[:k].tolist())
-        feats, y = collect_features(run, run.make_loader(subset, train=False))
+        # one kept loader over the training set, pointed at this draw's subset: no new workers every epoch
+        indices = torch.randperm(n, generator=g)[:k].tolist()
+        feats, y = collect_features(run, run.loader("pmr/prototypes", dataset, train=False, indices=indices))
         means = {}
         for m, z in feats.items():
             means[m], counts = class_means(z, y, run.num_classes)

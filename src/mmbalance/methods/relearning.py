@@ -94,7 +94,8 @@ class Relearning(Method):
     official code (which re-initialises after its per-epoch evaluation). The training-set features come from
     an unshuffled loader over the training dataset (its own transforms), as the official code. The peer's
     settings (reinit_epoch 15, reinit_num 2) are not the default. The KMeans fits run on CPU in
-    scikit-learn and are not in the FLOPs count; the feature passes are (they run inside an epoch hook).
+    scikit-learn and are not in the FLOPs count; the feature passes are (they run inside an epoch hook; the
+    first batch is counted and scaled by the samples, `FlopMeter.sampled_pass`).
     """
 
     family = "optimization"
@@ -146,7 +147,7 @@ class Relearning(Method):
         return {m: z.cpu() for m, z in feats.items()}, labels.cpu()
 
     def relearn(self, run, epoch: int) -> dict[str, dict[str, float]]:
-        train_loader = run.make_loader(run.train_loader.dataset, train=False)
+        train_loader = run.loader("relearning/train_features", run.train_loader.dataset, train=False)
         train_z, train_y = self.extract(run, train_loader)
         val_z, val_y = self.extract(run, run.val_loader)
         params = run.model.modality_parameters()

@@ -145,11 +145,12 @@ class Valuation(Method):
     the dropped modality's encoder still runs on the copy (its output is zeroed, so it gets no gradient), and
     in train mode BatchNorm sees the copies' real inputs.
 
-    Cost: the valuation pass runs in `on_epoch_start` and is counted in full (encoders once per sample, the
-    head 2^M - 1 times); the larger epoch is counted because the trainer scales the step FLOPs by the samples
-    processed. The modality-level variant values only its drawn subset (the official code values every sample
-    and then uses only the subset; phi of a sample does not depend on the others in eval mode, so the result
-    is the same).
+    Cost: the valuation pass runs in `on_epoch_start` (encoders once per sample, the head 2^M - 1 times) and is
+    counted on its first batch, scaled by the samples, through one loader kept across epochs; the re-sampled
+    training set is a new dataset each epoch, so its training loader is rebuilt. The larger epoch is counted
+    because the trainer scales the step FLOPs by the samples processed. The modality-level variant values only
+    its drawn subset (the official code values every sample and then uses only the subset; phi of a sample does
+    not depend on the others in eval mode, so the result is the same).
 
     Args:
         variant: "sample" (the paper's main method, default) or "modality".
@@ -223,7 +224,7 @@ class Valuation(Method):
             source, keep = pairs // len(mods), pairs % len(mods)
         else:
             subset = torch.randint(0, n, (max(1, int(self.part_ratio * n)),), generator=generator)
-            phi = self.contributions(run, torch.utils.data.Subset(self.train_dataset, subset.tolist()))
+            phi = self.contributions(run, self.train_dataset, subset.tolist())
             per_mod = [int(f * n) for f in modality_level_copies(phi, self.alpha).tolist()]
             source = torch.randint(0, n, (sum(per_mod),), generator=generator)
             keep = torch.repeat_interleave(torch.arange(len(mods)), torch.tensor(per_mod, dtype=torch.long))
@@ -236,17 +237,20 @@ class Valuation(Method):
                  "  ".join(f"{m} {c}" for m, c in zip(mods, copies)), n)
 
     @torch.no_grad()
-    def contributions(self, run, dataset: Dataset) -> Tensor:
-        """Per-sample Shapley values (N, M) of `dataset` (unshuffled, eval mode, feature-level coalitions)."""
+    def contributions(self, run, dataset: Dataset, indices: list[int] | None = None) -> Tensor:
+        """Per-sample Shapley values (N, M) of `dataset`, or of its samples `indices` in that order (unshuffled,
+        eval mode, feature-level coalitions). One loader is kept across epochs (`run.loader`); the FLOPs are
+        counted on the first batch and scaled by the samples (`FlopMeter.sampled_pass`)."""
         model = run.model
         mods = list(model.modalities)
         subsets = coalitions(mods)
         full_value = float(len(mods)) if self.full_value is None else float(self.full_value)
         correct = []
-        with eval_mode(model):
-            for batch in run.make_loader(dataset, train=False):
+        loader = run.loader("valuation/values", dataset, train=False, indices=indices)
+        with eval_mode(model), run.flops.sampled_pass() as sample:
+            for batch in loader:
                 batch = batch.to(run.device, non_blocking=True)
-                with run.autocast():
+                with sample(len(batch)), run.autocast():
                     z = model.encode(batch.inputs)
                     hits = [torch.zeros_like(batch.label, dtype=torch.bool)]  # v(empty) = 0, not evaluated
                     for s in subsets[1:]:

@@ -34,18 +34,78 @@ if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
         pass
 
 
+def _dispatch_depth() -> int | None:
+    """How many torch dispatch modes are active (None when this torch cannot say)."""
+    depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return depth() if depth is not None else None
+
+
+class _Segment:
+    """One open `FlopMeter.measure` block: its counter (None while a sampled pass has paused it) and the FLOPs
+    counted so far."""
+
+    def __init__(self, part: str, scale: float):
+        self.part, self.scale = part, scale
+        self.flops = 0.0
+        self.counter: FlopCounterMode | None = None
+        self.depth: int | None = None
+
+    def start(self) -> None:
+        self.counter = FlopCounterMode(display=False)
+        self.counter.__enter__()
+        self.depth = _dispatch_depth()
+
+    def stop(self) -> None:
+        counter, self.counter = self.counter, None
+        counter.__exit__(None, None, None)
+        self.flops += counter.get_total_flops()
+
+    def on_top(self) -> bool:
+        """Whether this block's counter is the innermost dispatch mode, so it can be paused and resumed without
+        disturbing another mode entered after it."""
+        return self.counter is not None and self.depth is not None and _dispatch_depth() == self.depth
+
+
+class SampledPass:
+    """What `FlopMeter.sampled_pass` yields: `with sample(n):` around each batch's work."""
+
+    def __init__(self, measured: bool):
+        self.measured = measured
+        self.first_flops = 0
+        self.first_samples = 0
+        self.samples = 0
+
+    @contextlib.contextmanager
+    def __call__(self, samples: int):
+        if self.measured and self.first_samples == 0 and samples > 0:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                yield
+            self.first_flops, self.first_samples = counter.get_total_flops(), samples
+        else:
+            yield
+        self.samples += samples
+
+    @property
+    def flops(self) -> float:
+        """The first batch's FLOPs scaled to every sample of the pass."""
+        return self.first_flops * self.samples / self.first_samples if self.first_samples else 0.0
+
+
 class FlopMeter:
     """Accumulates the FLOPs of a run's training work.
 
     The trainer counts the first training step of every epoch exactly and scales it by the number of
     samples the epoch processed (a step's FLOPs are linear in the batch size), and counts every method
-    hook outside the step (setup, epoch start/end passes) in full.
+    hook outside the step (setup, epoch start/end) under `measure`: in full, except the passes over batches a
+    hook declares with `sampled_pass`, which are counted the same way as the training steps.
     """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.total = 0.0
         self.by_part: dict[str, float] = {}
+        self._open: list[_Segment] = []
 
     @contextlib.contextmanager
     def measure(self, part: str, scale: float = 1.0):
@@ -53,10 +113,44 @@ class FlopMeter:
         if not self.enabled:
             yield None
             return
-        counter = FlopCounterMode(display=False)
-        with counter:
-            yield counter
-        self.add(part, counter.get_total_flops() * scale)
+        segment = _Segment(part, scale)
+        segment.start()
+        self._open.append(segment)
+        try:
+            yield None
+        finally:
+            self._open.pop()
+            if segment.counter is not None:
+                segment.stop()
+        self.add(part, segment.flops * scale)
+
+    @contextlib.contextmanager
+    def sampled_pass(self):
+        """A pass over batches whose FLOPs are linear in the samples (a no-grad feature pass, or training steps
+        of one fixed model): inside `measure`, only the first batch runs under the counter and its FLOPs are
+        scaled by the pass's samples, added to the part being measured; the rest runs at full speed.
+
+            with run.flops.sampled_pass() as sample:
+                for batch in loader:
+                    with sample(len(batch)):
+                        ...  # the batch's work
+
+        The count equals the exact one whenever every sample costs the same (a last, smaller batch included:
+        the FLOPs of these ops are proportional to the batch size); work outside the `sample` blocks is not
+        counted. Outside `measure`, or when another dispatch mode was entered inside it, nothing changes: the
+        work is counted exactly, as before.
+        """
+        segment = self._open[-1] if self._open else None
+        if segment is None or not segment.on_top():
+            yield SampledPass(measured=False)
+            return
+        segment.stop()  # pause the exact count of the enclosing hook
+        sample = SampledPass(measured=True)
+        try:
+            yield sample
+        finally:
+            segment.flops += sample.flops
+            segment.start()
 
     def add(self, part: str, flops: float) -> None:
         self.total += flops
