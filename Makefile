@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := multirun/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help setup run test test-slow bench clean
+.PHONY: help setup run test test-slow bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,8 +33,13 @@ test: $(STAMP)  ## the test suite without the slow tests
 test-slow: $(STAMP)  ## every test, the slow ones included
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)  ## the speed benchmarks (training-step overhead, Shapley cost)
-	$(BIN)/python benchmarks/overhead.py
+BENCH_ARGS ?=
+bench: $(STAMP)  ## the speed targets in one table (BENCH_ARGS="--small" for a quick check, "--rounds N", "--methods a,b")
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)  ## every method a few steps as hardware=gpu runs it (bf16, channels_last, pinned memory); exit 1 on any failure
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs multirun
