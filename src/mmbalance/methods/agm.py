@@ -158,7 +158,8 @@ class AGM(Method):
             outputs still sum to T exactly and the c_m-weighted gradients flow the same way, but v(S), the
             scores and therefore the coefficients differ from the official ones by train- vs eval-mode
             BatchNorm (not at all without BatchNorm or dropout); on the digits demo the per-step scores
-            differed by a median 3% (audio) and 6% (image).
+            differed by a median 3% (audio) and 6% (image), ranked the modalities alike in 96.5% of steps,
+            and test accuracy was 0.933 vs 0.947 (seed 0) and 0.942 vs 0.953 (seed 1), official vs fast.
 
     Hooks used: `forward` (coalition passes, Shapley outputs, scores, coefficients, gradient hooks), `loss`
     (fused CE plus logged coefficients), `on_after_backward` (conditional clip). Works with any fusion (it
