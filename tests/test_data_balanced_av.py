@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_metrics, run_cli
-from fixtures_av import write_corrupt, write_hdf5_frames, write_video
+from fixtures_av import write_corrupt, write_hdf5_frames
 
 from mmbalance.data import media
 from mmbalance.data.balanced_av import LogAudio, build_balanced_av
@@ -81,14 +81,9 @@ def raw(root):
 @pytest.fixture(scope="module")
 def video_root(tmp_path_factory) -> Path:
     """The raw release: one mp4 per id (2 s, 10 fps, audio), plus the json at the root."""
-    root = tmp_path_factory.mktemp("bav_video")
-    db = {i: {"subset": s, "label": LABELS[c]} for c in range(2) for i, s in zip(clip_ids(c)[2:], SUBSETS[2:])}
-    (root / "balanced.json").write_text(json.dumps({"labels": LABELS[:2], "database": db}))
-    for i, e in db.items():
-        c = LABELS.index(e["label"])
-        write_video(root / "videos" / f"{i}.mp4", seconds=2.0, fps=10, size=(48, 32), hz=300.0 * (c + 1),
-                    colour=COLOURS[c], seed=c)
-    return root
+    from fixtures_contract import bav_video_tree  # one tree description for this test and the contract test
+
+    return bav_video_tree(tmp_path_factory.mktemp("bav_video"))
 
 
 def ids_by_split(splits) -> dict[str, list[tuple[str, int]]]:

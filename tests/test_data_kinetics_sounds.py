@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_cli
-from fixtures_av import write_corrupt, write_frames, write_hdf5_frames, write_video
+from fixtures_av import write_corrupt, write_frames, write_hdf5_frames
 from mmbalance.data.clips import CachedClipDataset, ClipDataset
 from mmbalance.data.kinetics_sounds import KS_CLASSES, build_kinetics_sounds
 from mmbalance.data.prepare import run_prepare
@@ -136,14 +136,9 @@ def _kinetics_csv(path, rows, split):
 @pytest.fixture(scope="module")
 def cvdf(tmp_path_factory):
     """The raw Kinetics download: annotations/{train,validate}.csv + {train,val}/<id>.mp4 (MPEG-4 + AAC)."""
-    root = tmp_path_factory.mktemp("ks_cvdf")
-    _kinetics_csv(root / "annotations" / "train.csv", TRAIN, "train")
-    _kinetics_csv(root / "annotations" / "validate.csv", TEST, "val")
-    for n, (i, c) in enumerate(TRAIN + TEST):
-        folder = "train" if (i, c) in TRAIN else "val"
-        write_video(root / folder / f"{i}.mp4", seconds=2.0, fps=4, size=(48, 32), sr=16000,
-                    hz=300.0 + 200 * n, colour=COLOURS[c], seed=n)
-    return root
+    from fixtures_contract import ks_cvdf_tree  # one tree description for this test and the contract test
+
+    return ks_cvdf_tree(tmp_path_factory.mktemp("ks_cvdf"))
 
 
 TINY_FBANK = dict(audio_target_frames=48, num_mel_bins=32)

@@ -126,18 +126,25 @@ def official_scores(model, b, mods):
     return values, phi, scores
 
 
-@pytest.mark.parametrize("mods", [("a", "b"), ("a", "b", "c")])
-def test_in_the_window_gradients_through_each_shapley_output_are_scaled_by_its_coefficient(mods):
-    run = make_run(mods, alpha=1.0, clip_threshold=None)
-    b = batch(mods)
+def step_then_rewind(run, b):
+    """One AGM step; returns its coefficients and gradients, with the model's weights put back and grads zeroed
+    so a hand-written reference can start from the same point."""
     state = {k: v.clone() for k, v in run.model.state_dict().items()}
     run.method.training_step(run, b)
     coeffs = run.method.last_coefficients
     got = {n: p.grad.clone() for n, p in run.model.named_parameters()}
-    # reference: the official 2^M passes and L = CE(sum_m phi_m) with dL/dphi_m scaled by c_m, written as
-    # the surrogate sum_m (c_m phi_m + (1 - c_m) phi_m.detach()) whose gradient is exactly that
     run.model.load_state_dict(state)
     run.model.zero_grad()
+    return coeffs, got
+
+
+@pytest.mark.parametrize("mods", [("a", "b"), ("a", "b", "c")])
+def test_in_the_window_gradients_through_each_shapley_output_are_scaled_by_its_coefficient(mods):
+    run = make_run(mods, alpha=1.0, clip_threshold=None)
+    b = batch(mods)
+    coeffs, got = step_then_rewind(run, b)
+    # reference: the official 2^M passes and L = CE(sum_m phi_m) with dL/dphi_m scaled by c_m, written as
+    # the surrogate sum_m (c_m phi_m + (1 - c_m) phi_m.detach()) whose gradient is exactly that
     _, phi, scores = official_scores(run.model, b, mods)
     expected_c = agm_coefficients(scores, {m: 0.0 for m in mods}, 1.0, 10.0)  # first step: running scores 0
     assert coeffs == pytest.approx(expected_c, rel=1e-5)
@@ -284,12 +291,7 @@ def test_train_features_coalitions_reuse_the_training_pass_and_keep_efficiency(m
 def test_train_features_step_scales_each_shapley_output_by_its_coefficient(mods):
     run = make_run(mods, alpha=1.0, clip_threshold=None, coalition_features="train")
     b = batch(mods)
-    state = {k: v.clone() for k, v in run.model.state_dict().items()}
-    run.method.training_step(run, b)
-    coeffs = run.method.last_coefficients
-    got = {n: p.grad.clone() for n, p in run.model.named_parameters()}
-    run.model.load_state_dict(state)
-    run.model.zero_grad()
+    coeffs, got = step_then_rewind(run, b)
     _, values = fast_reference(run.model, b.inputs, mods)
     phi = shapley_values(values, mods)
     scores = {m: float((-F.log_softmax(p.detach(), 1).gather(1, Y[:, None])).clamp(max=-math.log(1e-8)).mean())

@@ -132,6 +132,8 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
         raise
     finally:
         results["wall_time_s"] = trainer.wall_time_s if trainer is not None else time.time() - started
+        if keep_completed:  # a re-evaluation adds to the completed total, which includes the work after last.pt
+            results["wall_time_s"] = float(plan.previous.get("wall_time_s") or 0.0) + (time.time() - started)
         if trainer is not None:
             results["processes"] = trainer.processes
             if trainer.resumed_from is not None:

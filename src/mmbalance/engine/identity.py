@@ -31,6 +31,7 @@ NON_IDENTITY_KEYS = (
 )
 
 RESUME_MODES = ("auto", "never", "force", "reevaluate")
+SUPERSEDED = "superseded"  # where resume=never moves a folder's previous files (engine/run_folder.py)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -99,6 +100,18 @@ def describe(record: dict | None) -> str:
     what = " ".join(overrides) if overrides else "the default config"
     where = record.get("run_dir")
     return f"`{what}`" + (f" (written in {where})" if where else "")
+
+
+def refusal(where, owner: str, diff: list[str]) -> str:
+    """The one message that refuses a run folder's file (metrics.json, a checkpoint) written by another run:
+    whose it is (`owner`), every key that differs, and the ways forward."""
+    lines = "\n".join(f"    {d}" for d in diff)
+    return (
+        f"{where} belongs to another run: {owner}; this run differs in:\n{lines}\n"
+        "  Nothing was changed. Choose another folder (hydra.run.dir=... / hydra.sweep.dir=...), or re-run with "
+        f"resume=never to start fresh here (the existing files move to {SUPERSEDED}/), or resume=force to "
+        "continue from its checkpoint anyway."
+    )
 
 
 def _canonical(value: Any) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmbalance.engine.checkpoint import remove_stale_temporaries
-from mmbalance.engine.identity import RESUME_MODES, describe, differences, run_identity
+from mmbalance.engine.identity import RESUME_MODES, SUPERSEDED, describe, differences, refusal, run_identity
 from mmbalance.errors import RunFolderError, UserError
 
 try:  # POSIX advisory locks; elsewhere the folder simply is not locked
@@ -37,7 +37,6 @@ log = logging.getLogger("mmbalance")
 # What a run writes into its folder; `resume=never` moves these aside (train.log and .hydra/ belong to the
 # process that is starting and stay).
 RESULT_FILES = ("metrics.json", "history.csv", "checkpoints", "flops_fvcore.txt")
-SUPERSEDED = "superseded"
 LOCK = ".lock"
 
 
@@ -118,7 +117,8 @@ class RunFolder:
         recorded = recorded_identity(previous)
         diff = differences(recorded["config"], identity["config"]) if recorded else ["<no identity recorded>"]
         if diff and mode != "force":
-            raise RunFolderError(mismatch_message(self.path / "metrics.json", previous, identity, diff))
+            owner = f"it records {describe(previous)}, status {previous.get('status')!r}"
+            raise RunFolderError(refusal(self.path / "metrics.json", owner, diff))
         completed = previous.get("status") == "completed"
         if completed and mode == "auto" and not diff:
             return Plan("skip", previous)
@@ -157,14 +157,3 @@ def recorded_identity(record: dict) -> dict | None:
         return None
     version = (record.get("versions") or {}).get("mmbalance", "?")
     return run_identity(config, version)
-
-
-def mismatch_message(where: Path, previous: dict, identity: dict, diff: list[str]) -> str:
-    lines = "\n".join(f"    {d}" for d in diff)
-    return (
-        f"{where} belongs to another run: it records {describe(previous)}, status {previous.get('status')!r}; "
-        f"this run differs in:\n{lines}\n"
-        "  Nothing was changed. Choose another folder (hydra.run.dir=... / hydra.sweep.dir=...), or re-run with "
-        f"resume=never to start fresh here (the existing files move to {SUPERSEDED}/), or resume=force to "
-        "continue from its checkpoint anyway."
-    )

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from mmbalance.engine import distributed
 from mmbalance.engine.checkpoint import load_checkpoint, previous_path, save_checkpoint, write_text
 from mmbalance.engine.evaluation import evaluate
-from mmbalance.engine.identity import describe, differences
+from mmbalance.engine.identity import describe, differences, refusal
 from mmbalance.engine.run import Run
 from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged
 from mmbalance.metrics.flops import count_flops
@@ -138,11 +138,7 @@ class Trainer:
             log.warning("resume=force: resuming %s although it was written by %s; differing: %s", path,
                         describe(theirs), "; ".join(diff))
             return
-        lines = "\n".join(f"    {d}" for d in diff)
-        raise RunFolderError(
-            f"{path} belongs to another run: it was written by {describe(theirs)}; this run differs in:\n{lines}\n"
-            "  Nothing was changed. Choose another folder, or re-run with resume=never to start fresh here "
-            "(the existing files move to superseded/), or resume=force to continue from it anyway.")
+        raise RunFolderError(refusal(path, f"it was written by {describe(theirs)}", diff))
 
     def _resume(self) -> int:
         found = self._load_last()
