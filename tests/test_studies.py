@@ -22,13 +22,13 @@ FAMILY = {"baseline": "reference", "unimodal": "reference", "valuation": "data",
 
 
 def make_run(root, name, *, method, seed, acc, f1=None, imb=0.2, flops=1e12, dataset="dsA", history=None,
-             **method_params):
+             trainer=None, **method_params):
     run_dir = root / name
     run_dir.mkdir(parents=True)
     data = {
         "status": "completed",
         "choices": {"dataset": dataset, "method": method, "backbone": "small"},
-        "config": {"seed": seed, "dataset": {"name": dataset},
+        "config": {"seed": seed, "dataset": {"name": dataset}, "trainer": trainer or {},
                    "method": {"_target_": f"mmbalance.methods.{method}", **method_params}},
         "seed": seed,
         "method_family": FAMILY[method],
@@ -210,6 +210,63 @@ def test_no_curve_when_two_knobs_vary_or_one_setting(tmp_path):
     df = load_runs([tmp_path])
     assert find_balance_curves(summarize(df), method_families(df)) == []
     assert write_report([tmp_path])["balance_curves"] == {}
+
+
+def test_a_grid_sweep_gives_a_curve_per_knob_at_each_setting_of_the_other(tmp_path):
+    # PMR's alpha x epochs, with the baseline swept over the epochs too: no curve is dropped, and a curve at
+    # epochs=5 is compared with the baseline at epochs=5
+    for seed in (0, 1):
+        for epochs in (5, 10):
+            make_run(tmp_path, f"b{epochs}_{seed}", method="baseline", seed=seed, acc=0.70 + epochs / 100,
+                     imb=0.40, trainer={"epochs": epochs})
+            for alpha in (0.1, 1.0):
+                make_run(tmp_path, f"p{alpha}_{epochs}_{seed}", method="pmr", seed=seed, acc=0.80 + alpha / 10,
+                         imb=0.30 - alpha / 10 - epochs / 100, alpha=alpha, trainer={"epochs": epochs})
+    df = load_runs([tmp_path])
+    curves = find_balance_curves(summarize(df), method_families(df))
+    assert sorted(c.title for c in curves) == [
+        "pmr on dsA, over alpha at epochs=10", "pmr on dsA, over alpha at epochs=5",
+        "pmr on dsA, over epochs at alpha=0.1", "pmr on dsA, over epochs at alpha=1"]
+    at5 = next(c for c in curves if c.title.endswith("alpha at epochs=5"))
+    assert at5.points["imbalance.mean"].tolist() == pytest.approx([0.24, 0.15])
+    assert at5.baseline["test/acc.mean"] == pytest.approx(0.75)  # the baseline at epochs=5, not at 10
+    over_epochs = next(c for c in curves if c.title.endswith("at alpha=1"))
+    assert over_epochs.baseline is None  # two baselines (epochs 5 and 10) and neither is the curve's: no star
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    assert result["balance_curves"]["pmr"].read_bytes()[:8] == PNG
+    assert "### pmr on dsA, over alpha at epochs=5 (`balance_curve_pmr.png`)" in result["markdown"]
+
+
+def test_acc_vs_imbalance_labels_move_to_a_legend_beyond_five_groups(tmp_path):
+    from mmbalance.analysis.report import LABELLED_POINTS, acc_vs_imbalance_figure
+
+    for n in (LABELLED_POINTS, LABELLED_POINTS + 2):
+        root = tmp_path / str(n)
+        for i in range(n):
+            make_run(root, f"r{i}", method="pmr", seed=0, acc=0.8 + i / 100, imb=0.3, alpha=i)
+        summary = summarize(load_runs([root]))
+        ax = acc_vs_imbalance_figure(summary).axes[0]
+        labels = [f"alpha={i}" for i in range(n)]
+        if n <= LABELLED_POINTS:  # beside the points, no legend
+            assert sorted(t.get_text() for t in ax.texts) == sorted(f"pmr {x}" for x in labels)
+            assert ax.get_legend() is None
+        else:  # one legend entry per group, nothing written over the points
+            assert len(ax.texts) == 0
+            assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted(f"pmr {x}" for x in labels)
+
+
+def _png_width(file: Path) -> int:
+    return int.from_bytes(file.read_bytes()[16:20], "big")
+
+
+def test_a_unimodal_run_gets_no_empty_imbalance_panel(tmp_path):
+    history = "epoch,val/acc,val/shapley/audio\n0,0.5,0.30\n1,0.6,0.40\n"
+    make_run(tmp_path, "u", method="unimodal", seed=0, acc=0.8, imb=None, history=history, modality="audio")
+    make_run(tmp_path, "o", method="ogm_ge", seed=0, acc=0.8, history=HISTORY[0], alpha=0.3)
+    out = tmp_path / "out"
+    files = {f.name: f for f in write_report([tmp_path], out_dir=out)["dynamics"]}
+    assert set(files) == {"dynamics_dsA_unimodal.png", "dynamics_dsA_ogm_ge.png"}
+    assert _png_width(files["dynamics_dsA_unimodal.png"]) * 2 == _png_width(files["dynamics_dsA_ogm_ge.png"])
 
 
 # --------------------------------------------------------------------------------------- training dynamics

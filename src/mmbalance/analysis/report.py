@@ -183,33 +183,51 @@ def _problem_reason(row: pd.Series) -> str:
     return "no error recorded"
 
 
+LABELLED_POINTS = 5  # acc_vs_imbalance.png labels points beside them up to this many groups, then in a legend
+
+
 def _plot(summary: pd.DataFrame, file: Path) -> Path | None:
     if "test/imbalance.mean" not in summary or "test/acc.mean" not in summary:
         return None
     points = summary[summary["test/imbalance.mean"].notna() & summary["test/acc.mean"].notna()]
     if points.empty:
         return None
+    acc_vs_imbalance_figure(points).savefig(file, dpi=150)
+    return file
+
+
+def acc_vs_imbalance_figure(points: pd.DataFrame):
+    """Test accuracy against imbalance, one point (mean ± std over seeds) per summary row."""
     # No pyplot: it would set a global backend inside the user's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 5), layout="constrained")
+    # Up to LABELLED_POINTS groups are labelled beside their point; more labels would overlap, so beyond that
+    # each group gets its own colour and marker and its label goes into a legend beside the axes.
+    in_legend = len(points) > LABELLED_POINTS
+    fig = Figure(figsize=(11 if in_legend else 7, max(5, 0.22 * len(points)) if in_legend else 5),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     several = points["dataset"].nunique() > 1
-    for _, row in points.iterrows():
+    markers = "osD^vP*Xh<>p"
+    for k, (_, row) in enumerate(points.iterrows()):
         x, y = 100 * row["test/imbalance.mean"], 100 * row["test/acc.mean"]
         xerr = 100 * np.nan_to_num(row["test/imbalance.std"])
         yerr = 100 * np.nan_to_num(row["test/acc.std"])
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
         label = " ".join(str(p) for p in ([row["dataset"]] if several else []) + [row["method"], row["variant"]] if p)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=markers[k // 10 % len(markers)] if in_legend else "o",
+                    color=f"C{k % 10}", capsize=3, label=label)
+        if not in_legend:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if in_legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  ncols=1 + len(points) // 40)
     ax.set_xlabel("test imbalance (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs. modality imbalance (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    fig.savefig(file, dpi=150)
-    return file
+    return fig
 
 
 def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:

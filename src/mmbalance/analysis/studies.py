@@ -291,16 +291,21 @@ class BalanceCurve:
     method: str
     knob: str
     points: pd.DataFrame  # setting (str), value, n, acc.mean/std, imbalance.mean/std, in knob order
-    baseline: pd.Series | None  # the baseline's summary row on the same dataset, if given
+    baseline: pd.Series | None  # the baseline's summary row on the same dataset (and the same fixed knobs), if any
     balance: BalancePoints
+    fixed: str = ""  # the other knobs, held at these values along the curve ("" when only one knob varies)
+
+    @property
+    def title(self) -> str:
+        return f"{self.method} on {self.dataset}, over {self.knob}" + (f" at {self.fixed}" if self.fixed else "")
 
 
-def _single_knob(variant: str) -> tuple[str, str] | None:
+def _knobs(variant: str) -> dict[str, str] | None:
+    """{knob: value} of a variant string ("alpha=0.5, epochs=10"); None when it is not knob=value pairs."""
     parts = variant.split(", ") if variant else []
-    if len(parts) != 1 or "=" not in parts[0]:
+    if not parts or any("=" not in p for p in parts):
         return None
-    name, value = parts[0].split("=", 1)
-    return name, value
+    return dict(p.split("=", 1) for p in parts)
 
 
 def _value(text: str) -> Any:
@@ -310,40 +315,69 @@ def _value(text: str) -> Any:
         return text
 
 
+def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str]) -> pd.Series | None:
+    """The baseline row to compare a curve with: the only baseline on the dataset, or the one whose own knobs
+    equal the curve's fixed knobs (a sweep that varies e.g. the epochs for every method); None when ambiguous."""
+    base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
+    if len(base) == 1:
+        return base.iloc[0]
+    hits = [row for _, row in base.iterrows()
+            if (k := _knobs(row["variant"])) is not None and all(fixed.get(name) == v for name, v in k.items())]
+    return hits[0] if len(hits) == 1 else None
+
+
 def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list[BalanceCurve]:
-    """One curve per (dataset, method) whose completed runs vary in exactly one hyper-parameter, with at
-    least two settings that have both a test accuracy and an imbalance. Reference methods are skipped."""
+    """The relative-balance curves of every (dataset, method) but the references: for each knob that takes at
+    least two settings, one curve per combination of the other knobs' values (a grid alpha x epochs gives a
+    curve over alpha at each epochs and one over epochs at each alpha); a curve needs at least two settings
+    with both a test accuracy and an imbalance. Knobs that only ever change together give no curve."""
     curves = []
     for (dataset, method), group in summary.groupby(["dataset", "method"], sort=False):
         if families.get(method, "other") == REFERENCE:
             continue
         group = group[group["n"] > 0]
-        knobs = [_single_knob(v) for v in group["variant"]]
-        if len(group) < 2 or any(k is None for k in knobs) or len({k[0] for k in knobs}) != 1:
+        knobs = [_knobs(v) for v in group["variant"]]
+        if len(group) < 2 or any(k is None for k in knobs):
             continue
-        points = pd.DataFrame({
-            "setting": [k[1] for k in knobs],
-            "value": [_value(k[1]) for k in knobs],
-            "n": group["n"].to_numpy(),
-            **{f"{short}.{s}": group[f"{metric}.{s}"].to_numpy() if f"{metric}.{s}" in group else math.nan
-               for short, metric in [("acc", "test/acc"), ("imbalance", "test/imbalance")] for s in ("mean", "std")},
-        })
-        points = points[points["acc.mean"].notna() & points["imbalance.mean"].notna()]
-        if len(points) < 2:
-            continue
-        points = points.iloc[sorted(range(len(points)), key=lambda i: natural_key(points["setting"].iloc[i]))]
-        points = points.reset_index(drop=True)
-        base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
-        baseline = base.iloc[0] if len(base) else None
-        balance = balance_points(points["setting"], points["acc.mean"], points["imbalance.mean"])
-        curves.append(BalanceCurve(dataset, method, knobs[0][0], points, baseline, balance))
+        names = list(dict.fromkeys(name for k in knobs for name in k))
+        for knob in names:
+            rest = [n for n in names if n != knob]
+            by_rest: dict[tuple, list[int]] = {}
+            for i, k in enumerate(knobs):
+                if knob in k:
+                    by_rest.setdefault(tuple(k.get(n) for n in rest), []).append(i)
+            for rest_values, rows in by_rest.items():
+                if len(rows) < 2:
+                    continue
+                sub = group.iloc[rows]
+                points = pd.DataFrame({
+                    "setting": [knobs[i][knob] for i in rows],
+                    "value": [_value(knobs[i][knob]) for i in rows],
+                    "n": sub["n"].to_numpy(),
+                    **{f"{short}.{s}": sub[f"{metric}.{s}"].to_numpy() if f"{metric}.{s}" in sub else math.nan
+                       for short, metric in [("acc", "test/acc"), ("imbalance", "test/imbalance")]
+                       for s in ("mean", "std")},
+                })
+                points = points[points["acc.mean"].notna() & points["imbalance.mean"].notna()]
+                if len(points) < 2:
+                    continue
+                points = points.iloc[sorted(range(len(points)), key=lambda i: natural_key(points["setting"].iloc[i]))]
+                points = points.reset_index(drop=True)
+                fixed = {n: v for n, v in zip(rest, rest_values) if v is not None}
+                balance = balance_points(points["setting"], points["acc.mean"], points["imbalance.mean"])
+                curves.append(BalanceCurve(dataset, method, knob, points, _matching_baseline(summary, dataset, fixed),
+                                           balance, ", ".join(f"{n}={v}" for n, v in fixed.items())))
     return curves
 
 
 def plot_balance_curves(curves: Sequence[BalanceCurve], file: Path) -> Path:
-    """Accuracy against imbalance (mean ± std per setting, labelled), one panel per dataset."""
-    fig = _figure(6.5 * len(curves), 5)
-    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    """Accuracy against imbalance (mean ± std per setting, labelled), one panel per curve."""
+    cols = min(3, len(curves))  # a grid sweep gives several curves per method: rows of three panels
+    rows = math.ceil(len(curves) / cols)
+    fig = _figure(6.5 * cols, 5 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
     for ax, c in zip(axes, curves):
         p = c.points
         x, y = 100 * p["imbalance.mean"], 100 * p["acc.mean"]
@@ -366,7 +400,7 @@ def plot_balance_curves(curves: Sequence[BalanceCurve], file: Path) -> Path:
                         fmt="*", ms=12, capsize=3, color="k", label="baseline")
         ax.set_xlabel("test imbalance (%)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{c.method} on {c.dataset}: accuracy vs. imbalance over {c.knob}")
+        ax.set_title(f"{c.title}: accuracy vs. imbalance", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.savefig(file, dpi=150)
@@ -379,7 +413,7 @@ def _balance_markdown(curves: Sequence[BalanceCurve], files: dict[str, Path]) ->
              "point* the setting with the lowest mean imbalance (BalanceBenchmark)."]
     for c in curves:
         p = c.points
-        lines += ["", f"### {c.method} on {c.dataset}, over {c.knob} (`{files[c.method].name}`)", "",
+        lines += ["", f"### {c.title} (`{files[c.method].name}`)", "",
                   f"| {c.knob} | n | test acc | imbalance |", "|---:|---:|---:|---:|"]
         for _, r in p.iterrows():
             lines.append(f"| {r['setting']} | {r['n']} | {format_pm(r['acc.mean'], r['acc.std'], 100.0)} "
@@ -439,13 +473,16 @@ def write_dynamics(df: pd.DataFrame, out: Path) -> list[Path]:
             continue
         from matplotlib.ticker import MaxNLocator
 
-        fig = _figure(11, 4.2)
-        ax_phi, ax_imb = fig.subplots(1, 2)
+        # a unimodal run has one φ and no imbalance: it gets the φ panel only, not an empty second one
+        has_imbalance = "val/imbalance.mean" in stats and stats["val/imbalance.mean"].notna().any()
+        fig = _figure(11 if has_imbalance else 5.5, 4.2)
+        ax_phi, ax_imb = fig.subplots(1, 2) if has_imbalance else (fig.subplots(1, 1), None)
         epochs = stats["epoch"]  # as in history.csv (0-based)
         modalities = [c[len("val/shapley/"):-len(".mean")] for c in stats.columns
                       if c.startswith("val/shapley/") and c.endswith(".mean")]
-        for ax, names in [(ax_phi, [(f"val/shapley/{m}", f"φ {m}") for m in modalities]),
-                          (ax_imb, [("val/imbalance", "imbalance")])]:
+        panels = [(ax_phi, [(f"val/shapley/{m}", f"φ {m}") for m in modalities])]
+        panels += [(ax_imb, [("val/imbalance", "imbalance")])] if has_imbalance else []
+        for ax, names in panels:
             for col, label in names:
                 if f"{col}.mean" not in stats:
                     continue
@@ -457,7 +494,8 @@ def write_dynamics(df: pd.DataFrame, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         ax_phi.set_ylabel("validation Shapley value φ (%)")
-        ax_imb.set_ylabel("validation imbalance (%)")
+        if has_imbalance:
+            ax_imb.set_ylabel("validation imbalance (%)")
         what = " ".join(p for p in (dataset, method, variant) if p)
         fig.suptitle(f"Training dynamics: {what} (mean ± std over {stats.attrs['n_runs']} run(s))")
         name = "_".join(_safe_name(p) for p in (dataset, method, variant) if p)

@@ -91,8 +91,9 @@ def _load_tokenizer(name: str, lowercase: bool):
         import transformers
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise UserError(f"Tokenizer needs the transformers package ({exc})") from exc
-    from mmbalance.paths import hf_hub_cache
+    from mmbalance.paths import OFFLINE_MINILM_HINT, hf_hub_cache, local_text_model
 
+    name = local_text_model(name)
     path = Path(os.path.expanduser(name))
     cache = str(hf_hub_cache())
     if path.is_file():
@@ -126,5 +127,6 @@ def _load_tokenizer(name: str, lowercase: bool):
         raise UserError(
             f"Tokenizer: {name!r} is not available offline in the Hugging Face cache {cache} (no download is "
             f"attempted): {why}. Download it once on a machine with internet (`hf download {name}`) and copy the "
-            "cache there (or set HF_HOME / HF_HUB_CACHE), or give a local tokenizer folder or a vocab.txt."
+            "cache there (or set HF_HOME / HF_HUB_CACHE), or give a local tokenizer folder or a vocab.txt; "
+            f"{OFFLINE_MINILM_HINT}."
         ) from None

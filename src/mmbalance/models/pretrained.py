@@ -30,7 +30,7 @@ from mmbalance.errors import UserError
 from mmbalance.models.encoder_utils import (check_batch, check_input, check_positive, check_token_ids,
                                             mean_over_frames, output_projection, token_mask)
 from mmbalance.models.weights import find_timm_weights, load_state_file
-from mmbalance.paths import hf_hub_cache
+from mmbalance.paths import OFFLINE_MINILM_HINT, hf_hub_cache, local_text_model
 
 __all__ = ["TextTransformerEncoder", "ViTEncoder"]
 
@@ -126,6 +126,7 @@ def _load_text_model(model: str, with_pooler: bool, attn_implementation: str | N
         from transformers import AutoModel
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise UserError(f"TextTransformerEncoder needs the transformers package ({exc})") from exc
+    model = local_text_model(model)
     local = Path(os.path.expanduser(model))
     looks_like_path = local.is_absolute() or model.startswith((".", "~")) or local.exists()
     cache = str(hf_hub_cache())
@@ -154,7 +155,8 @@ def _load_text_model(model: str, with_pooler: bool, attn_implementation: str | N
             f"TextTransformerEncoder: the pretrained text model {model!r} is not available offline in the "
             f"Hugging Face cache {cache} (no download is attempted): {why}. Download it once on a machine "
             f"with internet (`hf download {model}`) and copy the cache into {cache} (or set HF_HOME / "
-            "HF_HUB_CACHE), or set the encoder's model to a local folder holding config.json and the weights."
+            "HF_HUB_CACHE), or set the encoder's model to a local folder holding config.json and the weights; "
+            f"{OFFLINE_MINILM_HINT}."
         ) from None
     if with_pooler:
         if getattr(net, "pooler", None) is None:
@@ -234,8 +236,9 @@ class ViTEncoder(nn.Module):
         patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
         if patch is not None and (h % patch[0] or w % patch[1]):
             raise UserError(
-                f"{name}: image size {h}x{w} is not a multiple of {model!r}'s patch size {tuple(patch)}; "
-                "resize the images or set patch_size"
+                f"{name}: image size {h}x{w} is not a multiple of {model!r}'s patch size {tuple(patch)}; set "
+                f"backbone.encoders.{'frames' if self.is_frames else 'image'}.patch_size to a divisor of {h} and {w} "
+                "(the 8x8 digits_av demo: patch_size=4, or 2) or use images of at least the patch size"
             )
         self.net = net
         self.pretrained = weights is not None
