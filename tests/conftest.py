@@ -23,6 +23,7 @@ FAST = [
     "trainer.epochs=2",
     "trainer.batch_size=32",
     "trainer.progress_bar=false",
+    "logger=csv",  # the default (auto) adds TensorBoard's import to every test run; tests/test_loggers.py covers it
     "backbone.encoders.image.width=8",
     "backbone.encoders.spectrogram.width=8",
     "backbone.encoders.frames.width=8",

@@ -102,3 +102,10 @@ def test_collate_keeps_stack_errors_and_mixed_dtypes():
         collate_batch([ok, {"inputs": {"a": torch.zeros(4)}, "label": 1, "index": 1}])
     mixed = collate_batch([ok, {"inputs": {"a": torch.ones(3, dtype=torch.float64)}, "label": 1, "index": 1}])
     assert mixed.inputs["a"].dtype == torch.float64  # torch.stack's type promotion, as before
+
+
+def test_float_labels_stay_float_and_classes_stay_int64():
+    sample = {"inputs": {"a": torch.zeros(2)}, "index": 0}
+    scores = collate_batch([{**sample, "label": -1.6}, {**sample, "label": 2.4}]).label
+    assert scores.dtype == torch.float32 and scores.tolist() == pytest.approx([-1.6, 2.4])  # never truncated
+    assert collate_batch([{**sample, "label": 3}]).label.dtype == torch.int64

@@ -20,7 +20,7 @@ from fixtures_av import write_corrupt, write_hdf5_frames
 
 from mmbalance.data import media
 from mmbalance.data.balanced_av import LogAudio, build_balanced_av
-from mmbalance.data.prepare import read_classes, read_manifest, run_prepare
+from mmbalance.data.prepare import PreparedFolder, run_prepare
 from mmbalance.errors import DataError
 
 # the json's `labels` order is deliberately not alphabetical: it must be kept
@@ -156,8 +156,8 @@ def test_prepare_cache_keeps_ids_labels_and_is_idempotent(root, raw, tmp_path):
     assert (summary["clips_train"], summary["clips_val"], summary["clips_test"]) == (9, 3, 3)
     assert summary["cached"] == 15 and summary["missing_media"] == 1 and summary["skipped"] == 1
     assert MISSING_ID in (out / "prepare_report.txt").read_text()
-    assert read_classes(out) == LABELS
-    assert {r["id"] for r in read_manifest(out)} == {i for c in range(3) for i in clip_ids(c)}
+    assert PreparedFolder(out).classes() == LABELS
+    assert {r["id"] for r in PreparedFolder(out).rows()} == {i for c in range(3) for i in clip_ids(c)}
     cached = build_balanced_av(prepared=str(out), image_size=32)
     assert cached.notes["source"] == "prepared" and cached.class_names == LABELS
     assert cached.val_source == "the dataset's own validation split"

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_cli
-from fixtures_cmu_mosei import EXPECTED, KEPT_DROP_ZERO, REPLACED, cleaned, write_mmsa, write_mult
+from fixtures_cmu_mosei import EXPECTED, KEPT_DROP_ZERO, REPLACED, Y, cleaned, write_mmsa, write_mult
 from mmbalance.data.batch import collate_batch
 from mmbalance.data.cmu_mosei import build_cmu_mosei, prepare
 from mmbalance.data.prepare import PrepareContext, run_prepare
-from mmbalance.errors import DataError
+from mmbalance.errors import DataError, UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -106,6 +106,40 @@ def test_label_modes_match_hand_computed_labels(tmp_path, mode):
         assert splits.num_classes == 7 and splits.class_names == ["-3", "-2", "-1", "0", "+1", "+2", "+3"]
     assert splits.notes["class_counts"]["val"] == np.bincount(EXPECTED[mode]["val"],
                                                               minlength=splits.num_classes).tolist()
+
+
+@pytest.mark.parametrize("source", ["raw", "prepared"])
+def test_regression_keeps_every_sample_with_its_float_score(tmp_path, source):
+    write_mmsa(tmp_path / "raw", aligned=True)  # MMSA's (N,) regression_labels
+    root = {"root": str(tmp_path / "raw")}
+    if source == "prepared":
+        run_prepare("cmu_mosei", tmp_path / "raw", tmp_path / "prep", progress=False, aligned=True,
+                    label_mode="binary_drop_zero")
+        root = {"prepared": str(tmp_path / "prep")}
+    # label_mode does not apply to scores: every sample is kept, zeros included
+    splits = build_cmu_mosei(**root, aligned=True, task="regression", label_mode="binary_drop_zero")
+    assert splits.num_classes == 1 and splits.class_names == ["sentiment score"]  # one model output
+    for ours, theirs in (("train", "train"), ("val", "valid"), ("test", "test")):
+        ds = getattr(splits, ours)
+        assert len(ds) == len(Y[theirs]) and isinstance(ds[0]["label"], float)
+        batch = collate_batch([ds[i] for i in range(len(ds))])  # the one collate every loader uses
+        assert batch.label.dtype == torch.float32  # scores stay float, never truncated to classes
+        np.testing.assert_array_equal(batch.label.numpy(), np.asarray(Y[theirs], dtype=np.float32))
+    notes = splits.notes
+    assert notes["task"] == "regression" and notes["label_mode"] is None and "class_counts" not in notes
+    # negative, zero, positive scores per split (the zeros are what the two acc-2 conventions treat apart)
+    assert notes["score_signs"] == {"train": [5, 2, 5], "val": [1, 2, 1], "test": [1, 1, 2]}
+
+
+def test_task_and_loss_options_are_checked(tmp_path):
+    write_mult(tmp_path, aligned=False)
+    with pytest.raises(UserError, match=r"dataset.task='ordinal'; expected one of \['classification', 'regression'\]"):
+        build_cmu_mosei(root=str(tmp_path), task="ordinal")
+    with pytest.raises(UserError, match=r"dataset.loss='cross_entropy' does not train dataset.task=regression"):
+        build_cmu_mosei(root=str(tmp_path), task="regression", loss="cross_entropy")
+    splits = build_cmu_mosei(root=str(tmp_path))  # classification stays the default: BalanceBenchmark's 2 classes
+    assert splits.num_classes == 2 and splits.train.labels.dtype == torch.int64
+    assert collate_batch([splits.train[0]]).label.dtype == torch.int64
 
 
 def test_prepare_writes_a_memmap_cache_that_reads_like_the_raw_pickle(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from conftest import read_metrics, run_cli
 from fixtures_food101 import CLASSES, make_food101, minilm_dir, title
 from mmbalance.data.food101 import build_food101, read_titles, scan
-from mmbalance.data.prepare import read_classes, read_manifest, run_prepare
+from mmbalance.data.prepare import PreparedFolder, run_prepare
 from mmbalance.data.text import Tokenizer, clean_text
 from mmbalance.errors import DataError
 
@@ -111,8 +111,8 @@ def test_prepare_cache_and_tokens_match_the_raw_path(tmp_path, minilm):
     assert (summary["clips"], summary["train"], summary["test"], summary["unreadable"]) == (32, 24, 8, 1)
     report = (out / "prepare_report.txt").read_text()
     assert str(bad) in report and "cannot read image" in report
-    assert read_classes(out) == list(CLASSES)
-    manifest = read_manifest(out)
+    assert PreparedFolder(out).classes() == list(CLASSES)
+    manifest = PreparedFolder(out).rows()
     assert len(manifest) == 32 and not any(r["id"] == "test/sushi/sushi_101.jpg" for r in manifest)
     assert set(manifest[0]) >= {"id", "label", "split", "class", "image", "text", "cache_row"}
     cache = out / f"images_{S}.u8"

@@ -6,6 +6,7 @@ layout; the real loader and preparer read them."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fixtures_av import write_corrupt, write_frames
 from PIL import Image
 
 from mmbalance.data import media
-from mmbalance.data.prepare import read_classes, read_manifest, run_prepare
+from mmbalance.data.prepare import PreparedFolder, run_prepare
 from mmbalance.data.ucf101 import build_ucf101
 from mmbalance.errors import DataError
 
@@ -143,8 +144,8 @@ def test_flip_is_joint_and_negates_u_only(root, tmp_path, source):
         kw["root"] = str(root)
     splits = build_ucf101(**kw)
     train = splits.train
-    evaluation = type(train)(train.clips, train.modalities, train.frames, train.size, "none", False, train.prefixes,
-                             train.cache_dir, train.rows)
+    evaluation = copy.copy(train)
+    evaluation.train = False
     ref = evaluation.item(0)["inputs"]
     u0, v0 = ref["flow"][:, 0], ref["flow"][:, 1]
     assert not torch.allclose(u0, u0.flip(-1), atol=0.05) and not torch.allclose(v0, v0.flip(-1), atol=0.05)
@@ -186,8 +187,8 @@ def test_prepare_cache_keeps_ids_labels_for_every_split(root, raw, tmp_path):
     summary = run_prepare("ucf101", root, out, progress=False, size=32)
     assert summary["videos"] == 12 and summary["cached"] == 12 and summary["missing_videos"] == 0
     assert summary["splits_in_manifest"] == [1, 2]
-    assert read_classes(out) == CLASSES
-    rows = read_manifest(out)
+    assert PreparedFolder(out).classes() == CLASSES
+    rows = PreparedFolder(out).rows()
     assert {r["n_visual"] for r in rows} == {str(N_RGB)} and {r["n_flow"] for r in rows} == {str(N_FLOW)}
     cached = build_ucf101(prepared=str(out), image_size=32)
     assert cached.notes["source"] == "prepared" and cached.class_names == CLASSES
@@ -252,9 +253,7 @@ def test_cli_paper_preset_runs_end_to_end(data_dir, tmp_path):
 
 
 def test_a_crop_drawn_on_rgb_moves_to_a_differently_sized_flow_frame():
-    from mmbalance.data.ucf101 import _rescale
-
     p = {"flip": True, "crop": (10, 20, 100, 200), "angle": 0.0}
-    assert _rescale(p, (256, 340), (128, 170)) == {"flip": True, "crop": (5, 10, 50, 100), "angle": 0.0}
-    assert _rescale(p, (256, 340), (256, 340)) is p
-    assert _rescale({"flip": False, "crop": None, "angle": 0.0}, (256, 340), (64, 64))["crop"] is None
+    assert media.move_crop(p, (256, 340), (128, 170)) == {"flip": True, "crop": (5, 10, 50, 100), "angle": 0.0}
+    assert media.move_crop(p, (256, 340), (256, 340)) is p
+    assert media.move_crop({"flip": False, "crop": None, "angle": 0.0}, (256, 340), (64, 64))["crop"] is None

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.data import digits_av
+from mmbalance.data import digits_av, spoken_digits
 from mmbalance.data.batch import DataSplits, collate_batch
-from mmbalance.data.digits_av import build_digits_av, clip_cache_path, load_clip_bank
+from mmbalance.data.digits_av import build_digits_av
+from mmbalance.data.spoken_digits import clip_cache_path, load_clip_bank
 from mmbalance.errors import DataError
 
 # A small clip bank (12 clips per digit) keeps the cold build well under a second; the default bank
@@ -112,7 +113,7 @@ def test_cache_is_reused_without_synthesis(splits, cache_dir, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the synthesiser must not run when the cache holds the clips")
 
-    monkeypatch.setattr(digits_av, "synthesise_clips", boom)
+    monkeypatch.setattr(spoken_digits, "synthesise_clips", boom)
     t = time.perf_counter()
     cached = build_digits_av(cache_dir=cache_dir, **SMALL)
     assert time.perf_counter() - t < 10
@@ -158,7 +159,7 @@ def test_text_adds_a_weak_third_modality(splits, cache_dir):
 
 def test_missing_espeak_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # makes `import espeakng_loader` fail
-    monkeypatch.setattr(digits_av, "_ESPEAK_STATE", {})  # forget a library loaded earlier in this process
+    monkeypatch.setattr(spoken_digits, "_ESPEAK_STATE", {})  # forget a library loaded earlier in this process
     with pytest.raises(DataError, match=r'pip install "mmbalance\[demo\]"'):
         build_digits_av(cache_dir=tmp_path / "empty", **SMALL)
 
@@ -172,5 +173,5 @@ def test_default_bank_builds_cold_in_well_under_a_minute(tmp_path):
     bank, hit = load_clip_bank(tmp_path)
     assert hit and len(bank) == 1800
     assert np.array_equal(np.bincount(bank.labels), [180] * 10)
-    assert len(set(bank.voices.tolist())) == len(digits_av.ACCENTS) * len(digits_av.VARIANTS)
+    assert len(set(bank.voices.tolist())) == len(spoken_digits.ACCENTS) * len(spoken_digits.VARIANTS)
     assert splits.notes["clip_cache_hit"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -85,6 +86,33 @@ def test_the_replica_check_fails_without_gradient_averaging(tmp_path):
     assert not result["ok"] and result["max_param_diff"] > 0
 
 
+# ---- every rank evaluates the same model: validation and test metrics agree ----
+
+@pytest.fixture(scope="module")
+def fit_check(tmp_path_factory):
+    """PMR trained for two epochs by the real Trainer on 2 gloo ranks, with and without the buffer sync (one
+    launch). PMR: its epoch-end prototypes come from an eval-mode pass, so they need the sync too."""
+    folder = tmp_path_factory.mktemp("ddp_fit")
+    proc = torchrun([str(REPO / "tests" / "ddp_check.py"), str(folder / "fit.json"), "--fit", "pmr"], cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((folder / "fit.json").read_text())["pmr:2"]
+
+
+def test_ranks_agree_on_every_validation_and_test_metric(fit_check):
+    r = fit_check["synced"]
+    assert r["epochs"] == 2
+    assert r["val_diffs"] == {} and r["test_diffs"] == {}
+    assert r["max_param_diff"] == r["max_buffer_diff"] == r["max_state_diff"] == 0.0
+
+
+def test_the_metric_check_fails_without_the_buffer_sync(fit_check):
+    """The negative control and the cause: with identical parameters, the ranks' own BatchNorm statistics make
+    their validation metrics (and PMR's eval-mode prototypes) differ."""
+    r = fit_check["unsynced"]
+    assert r["max_param_diff"] == 0.0 and r["max_buffer_diff"] > 0
+    assert r["val_diffs"] and r["max_state_diff"] > 0
+
+
 def test_torchrun_cli_run_writes_once_from_rank_0_and_sums_flops_over_ranks(tmp_path):
     common = [*FAST, "trainer.epochs=1", "trainer.batch_size=8", "method=ogm_ge"]
     run_dir = tmp_path / "ddp_run"
@@ -92,7 +120,10 @@ def test_torchrun_cli_run_writes_once_from_rank_0_and_sums_flops_over_ranks(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = read_metrics(run_dir)
     assert results["status"] == "completed" and results["world_size"] == 2
-    assert (run_dir / "train_rank0.log").exists() and (run_dir / "train_rank1.log").exists()
+    # only rank 0 logs progress, to the console and to train.log
+    assert "epoch 0  loss" in (run_dir / "train.log").read_text() and not list(run_dir.glob("train_rank*"))
+    assert (run_dir / "train.log").read_text().count("epoch 0  loss") == 1
+    assert (proc.stdout + proc.stderr).count("epoch 0  loss") == 1
     assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "history.csv").exists()
     # the FLOPs of the two shards add up to the single-process run's (up to the one padded sample)
     single = run_cli([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
@@ -101,6 +132,32 @@ def test_torchrun_cli_run_writes_once_from_rank_0_and_sums_flops_over_ranks(tmp_
     both = results["metrics"]["flops/train_total"]
     n = read_metrics(tmp_path / "single")["split_sizes"]["train"]
     assert both == pytest.approx(one * (2 * -(-n // 2)) / n, rel=1e-6)
+
+
+def test_other_ranks_log_only_warnings_marked_with_their_rank(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from mmbalance.cli import quiet_other_ranks
+
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    handler = logging.FileHandler(tmp_path / "train.log")
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    try:
+        root.handlers = [handler]
+        root.setLevel(logging.INFO)
+        for rank, distributed in (("0", True), ("1", False), ("1", True)):
+            monkeypatch.setenv("RANK", rank)
+            quiet_other_ranks(OmegaConf.create({"hardware": {"distributed": distributed}}))
+            logging.getLogger("mmbalance").info("progress %s %s", rank, distributed)
+            logging.getLogger("mmbalance").warning("odd %s %s", rank, distributed)
+    finally:
+        handler.close()
+        root.handlers = saved[1]
+        root.setLevel(saved[0])  # setLevel, not .level: it also clears the loggers' cached levels
+    assert (tmp_path / "train.log").read_text().splitlines() == [
+        "[INFO] progress 0 True", "[WARNING] odd 0 True", "[INFO] progress 1 False", "[WARNING] odd 1 False",
+        "[rank 1] [WARNING] odd 1 True"]
 
 
 def test_ddp_outside_torchrun_says_how_to_launch(tmp_path):

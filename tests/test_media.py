@@ -94,10 +94,16 @@ def test_flow_flip_negates_u():
     assert all(torch.allclose(o[0, 1], torch.full((8, 8), 100 / 127.5 - 1)) for o in outs)  # v unchanged
 
 
+def _frames(reader: FrameReader, path: Path, train: bool, generator=None) -> torch.Tensor:
+    """One clip's frames read as ClipDataset reads them."""
+    clip = Clip("c", 0, "train" if train else "test", {"visual": str(path)})
+    return ClipDataset([clip], {"visual": reader}, train).item(0, generator)["inputs"]["visual"]
+
+
 def test_eval_is_deterministic_and_normalised(tmp_path):
     write_frames(tmp_path / "clip", n=5, size=(48, 36))
     reader = FrameReader("jpgdir", frames=2, size=32)
-    a, b = reader(str(tmp_path / "clip"), train=False), reader(str(tmp_path / "clip"), train=False)
+    a, b = _frames(reader, tmp_path / "clip", train=False), _frames(reader, tmp_path / "clip", train=False)
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
     # ImageNet normalisation: a white pixel maps to (1 - mean) / std
     white = media.ClipTransform(4)([torch.full((3, 4, 4), 255, dtype=torch.uint8)])
@@ -105,7 +111,7 @@ def test_eval_is_deterministic_and_normalised(tmp_path):
     assert torch.allclose(white[0, :, 0, 0], expected, atol=1e-5)
     # training differs between draws (crop + flip), eval never does
     g = torch.Generator().manual_seed(1)
-    trains = [reader(str(tmp_path / "clip"), train=True, generator=g) for _ in range(4)]
+    trains = [_frames(reader, tmp_path / "clip", train=True, generator=g) for _ in range(4)]
     assert any(not torch.equal(trains[0], t) for t in trains[1:])
 
 
@@ -115,9 +121,9 @@ def test_frame_sources_agree(tmp_path):
     write_hdf5_frames(tmp_path / "clip.hdf5", n=4, size=32)
     write_video(tmp_path / "clip.mp4", seconds=3, fps=8, size=(32, 32))
     outs = {
-        "jpgdir": FrameReader("jpgdir", 3, 16)(str(tmp_path / "jpg"), False),
-        "hdf5": FrameReader("hdf5", 3, 16)(str(tmp_path / "clip.hdf5"), False),
-        "video": FrameReader("video", 3, 16, fps=1)(str(tmp_path / "clip.mp4"), False),
+        "jpgdir": _frames(FrameReader("jpgdir", 3, 16), tmp_path / "jpg", False),
+        "hdf5": _frames(FrameReader("hdf5", 3, 16), tmp_path / "clip.hdf5", False),
+        "video": _frames(FrameReader("video", 3, 16, fps=1), tmp_path / "clip.mp4", False),
     }
     assert all(o.shape == (3, 3, 16, 16) for o in outs.values())
     # the same jpeg bytes in a folder and in HDF5 decode identically
@@ -147,10 +153,11 @@ def test_stft_shapes_of_the_reference_recipes(tmp_path):
     assert torch.allclose(r[..., 2:-2], c[..., 2:-2]) and not torch.allclose(r[..., 0], c[..., 0])
 
 
-def test_fit_length_tiles_or_pads():
+def test_fit_length_tiles_the_clip_or_its_tail():
     x = np.arange(3, dtype=np.float32)
     assert media.fit_length(x, 7).tolist() == [0, 1, 2, 0, 1, 2, 0]
-    assert media.fit_length(x, 5, "pad").tolist() == [0, 1, 2, 0, 0]
+    assert media.fit_length(x, 7, tail=2).tolist() == [0, 1, 2, 1, 2, 1, 2]  # AV_preprocess_tool: the last second
+    assert media.fit_length(x, 5, tail=8).tolist() == [0, 1, 2, 0, 1]  # a clip shorter than its tail: all of it
     assert media.fit_length(np.arange(10.0), 4).tolist() == [0, 1, 2, 3]
 
 
@@ -191,10 +198,10 @@ def test_split_file_formats(tmp_path):
     assert media.read_split_file(tmp_path / "c.txt") == [("vid1", "5"), ("vid2", "7")]
     (tmp_path / "d.txt").write_text("Class/v_x.avi\n")
     assert media.read_split_file(tmp_path / "d.txt") == [("Class/v_x.avi", "")]
-    # ActivityNet-style json
+    # ActivityNet-style json: the database with its subsets
     db = {"labels": ["a", "b"], "database": {"x1": {"subset": "training", "label": "b"}}}
     (tmp_path / "e.json").write_text(json.dumps(db))
-    assert media.read_split_file(tmp_path / "e.json") == [("x1", "b")]
+    assert media.read_annotation(tmp_path / "e.json") == ([("x1", "b", "train")], ["a", "b"])
     with pytest.raises(DataError, match="gone.csv"):
         media.read_split_file(tmp_path / "gone.csv")
     (tmp_path / "empty.csv").write_text("id,label\n")
@@ -230,7 +237,7 @@ def test_cache_round_trip_matches_raw(tmp_path):
     rows, kept = load_clip_cache(ctx.out, clips)
     assert [c.id for c in kept] == [c.id for c in clips]
     raw = ClipDataset(clips, readers, train=False)
-    cached = CachedClipDataset(ctx.out, rows, np.array([c.label for c in clips]), readers, train=False)
+    cached = CachedClipDataset(ctx.out, rows, kept, readers, train=False)
     for i in range(len(clips)):
         a, b = raw[i], cached[i]
         assert a["label"] == b["label"] and a["index"] == b["index"] == i
@@ -238,7 +245,7 @@ def test_cache_round_trip_matches_raw(tmp_path):
         assert torch.equal(a["inputs"]["visual"], b["inputs"]["visual"])
         assert torch.allclose(a["inputs"]["audio"], b["inputs"]["audio"], atol=1e-2, rtol=1e-3)
     # training on the cache samples and augments like the raw path: right shape, varies between draws
-    train = CachedClipDataset(ctx.out, rows, np.zeros(6), readers, train=True)
+    train = CachedClipDataset(ctx.out, rows, kept, readers, train=True)
     torch.manual_seed(0)
     draws = [train[4]["inputs"]["visual"] for _ in range(6)]
     assert draws[0].shape == (2, 3, 24, 24) and any(not torch.equal(draws[0], d) for d in draws[1:])

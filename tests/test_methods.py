@@ -26,14 +26,22 @@ CONF_METHODS = Path(__file__).resolve().parents[1] / "conf" / "method"
 EXTRA = METHOD_EXTRA_ARGS
 
 
+def is_hybrid(path: Path) -> bool:
+    """conf/method/hybrid_<parts>.yaml: a stored composition of registered methods, built by method compose."""
+    return path.stem.startswith("hybrid_")
+
+
 def test_registry_keys_equal_the_method_config_files():
-    assert set(METHODS) == {p.stem for p in CONF_METHODS.glob("*.yaml")}
+    assert set(METHODS) == {p.stem for p in CONF_METHODS.glob("*.yaml") if not is_hybrid(p)}
 
 
 def test_every_method_config_builds_the_class_registered_under_its_name():
     """conf/method/<key>.yaml's `_target_` is the class of methods/<key>.py that declares its family."""
     for path in sorted(CONF_METHODS.glob("*.yaml")):
         target = get_object(OmegaConf.load(path)["_target_"])
+        if is_hybrid(path):  # a hybrid is method compose with stored parts (tests/test_method_compose.py)
+            assert target is METHODS["compose"], f"{path.name}: a hybrid_* config builds method compose"
+            continue
         assert target is METHODS[path.stem], f"{path.name}: _target_ is {target}, not METHODS[{path.stem!r}]"
         assert target.__module__ == f"mmbalance.methods.{path.stem}"
 
@@ -42,7 +50,8 @@ def test_every_method_has_a_family_of_the_taxonomy():
     from mmbalance.methods import FAMILIES
 
     assert all(cls.family in FAMILIES for cls in METHODS.values())
-    assert {cls.family for cls in METHODS.values()} == {"reference", "data", "feed-forward", "objective", "optimization"}
+    assert {cls.family for cls in METHODS.values()} == {"reference", "data", "feed-forward", "objective", "optimization",
+                                                      "hybrid"}
     assert METHODS["ogm_ge"].family == "optimization" and METHODS["mla"].family == "feed-forward"
     # the registry's order: by family as the taxonomy lists them, then by name
     assert list(METHODS) == sorted(METHODS, key=lambda k: (FAMILIES.index(METHODS[k].family), k))

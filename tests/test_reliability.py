@@ -64,6 +64,9 @@ def straight(tmp_path_factory):
 def test_job_folder_names_do_not_depend_on_argument_order():
     assert job_dir_name(["seed=0", "method=ogm_ge"]) == job_dir_name(["method=ogm_ge", "seed=0"]) == "method=ogm_ge,seed=0"
     assert job_dir_name(["method.alpha=0.1", "seed=0", "method=ogm_ge"]) == "method=ogm_ge,seed=0,method.alpha=0.1"
+    # loggers only mirror results: choosing others must not move a job to a new folder
+    assert job_dir_name(["method=ogm_ge", "seed=0", "logger=[tensorboard,mlflow]", "+logger.mlflow.tracking_uri=x"]) \
+        == "method=ogm_ge,seed=0"
     assert job_dir_name(["experiment=demo/baseline", "seed=1"]) == "experiment=demo_baseline,seed=1"
     assert job_dir_name([]) == "default"
     long = job_dir_name([f"backbone.encoders.image.width={i}" for i in range(20)])

@@ -315,16 +315,17 @@ def test_every_sweep_file_composes(name):
         assert lines[0] == "# @package _global_" and f"sweep={name}" in lines[1] + lines[2]
 
 
-def test_benchmark_sweeps_every_registered_method_but_unimodal():
+def test_benchmark_sweeps_every_registered_method_but_unimodal_and_every_stored_hybrid():
     from mmbalance.methods import METHODS
 
     params = _sweep_params("benchmark")
-    assert str(params.method).split(",") == [m for m in METHODS if m != "unimodal"]
+    hybrids = sorted(f.stem for f in (CONF / "method").glob("hybrid_*.yaml"))
+    assert str(params.method).split(",") == [m for m in METHODS if m not in ("unimodal", "compose")] + hybrids
     assert str(params.seed) == "0,1,2"
 
 
 CURVES = {"ogm_ge": "alpha", "agm": "alpha", "gblending": "super_epoch", "pmr": "alpha", "mmpareto": "gamma",
-          "opm": "lam"}
+          "opm": "lam", "mlgm": "alpha", "inforeg": "beta", "amss": "temperature", "cggm": "rho", "olm": "weight_lr"}
 
 
 @pytest.mark.parametrize("method", sorted(CURVES))

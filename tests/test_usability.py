@@ -49,3 +49,15 @@ def test_a_missing_tokenizer_names_the_offline_alternative():
 
     with pytest.raises(UserError, match="dataset.tokenizer=offline-minilm"):
         Tokenizer("no-such-org/no-such-tokenizer", 8)
+
+
+def test_readme_says_where_commands_run_and_what_make_installs():
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    extras = re.search(r'pip install --quiet -e "(\.\[[a-z,]+\])"', (repo / "Makefile").read_text()).group(1)
+    assert f'pip install -e "{extras}"' in readme  # the README names what make really installs
+    assert "source .venv/bin/activate" in readme and "No module named mmbalance" in readme
+    assert "DECISIONS.md" not in readme  # a file users do not have

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import mmbalance.config  # noqa: F401  (registers ${mmbalance_compose_parts:}, which hybrid method configs resolve)
 from mmbalance.engine import threads
 from mmbalance.engine.identity import job_dir_name
 
@@ -28,6 +30,7 @@ OmegaConf.register_new_resolver("mmbalance_job_dir", lambda overrides: job_dir_n
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
+    quiet_other_ranks(cfg)
     # OMP_WAIT_POLICY counts only if set before torch loads its OpenMP runtime: here, before the imports below
     threads.prepare_process(cfg.get("hardware"), hc.launcher if hc.mode == RunMode.MULTIRUN else None)
     from mmbalance.errors import SweepJobFailed, UserError  # torch and friends load here, not at import time
@@ -58,6 +61,28 @@ def train_main(cfg: DictConfig) -> float | None:
     if key not in m:
         raise SystemExit(f"error: optimized_metric={key!r} is not among the run's metrics ({', '.join(sorted(m))})")
     return m[key]
+
+
+class _RankFormatter(logging.Formatter):
+    def __init__(self, inner: logging.Formatter | None, rank: int):
+        super().__init__()
+        self.inner, self.prefix = inner or logging.Formatter(), f"[rank {rank}] "
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.prefix + self.inner.format(record)
+
+
+def quiet_other_ranks(cfg: DictConfig) -> None:
+    """Under hardware=ddp only rank 0 logs progress: the other ranks log warnings and errors only, marked with
+    their rank, to the console and to the run's train.log (which rank 0 writes)."""
+    rank = int(os.environ.get("RANK") or 0)
+    if rank == 0 or not (cfg.get("hardware") or {}).get("distributed", False):
+        return
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    for handler in root.handlers:
+        if not isinstance(handler.formatter, _RankFormatter):
+            handler.setFormatter(_RankFormatter(handler.formatter, rank))
 
 
 def log_to_file_only(message: str, exc: BaseException) -> None:

@@ -11,6 +11,7 @@ import inspect
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from hydra.errors import InstantiationException
@@ -37,7 +38,9 @@ ROOT_SCHEMA = {
     "trainer.batch_size": PositiveInt,
     "trainer.grad_clip": PositiveFloat | None,
     "eval.select_on": Literal["val", "test"],
-    "eval.select_metric": Literal["acc", "macro_f1"],
+    # classification: acc | macro_f1; regression (metrics/regression.py SELECT_METRICS): mae | corr | ...
+    "eval.select_metric": Literal["acc", "macro_f1", "mae", "corr", "acc2_nonneg", "f1_nonneg", "acc2_nonzero",
+                                  "f1_nonzero", "acc7", "acc5"],
     "eval.shapley_every": NonNegativeInt,
     "eval.flops": bool,
     "masking": Literal["input", "feature"],
@@ -122,6 +125,41 @@ def _check_target(where: str, node: Any, runtime: set[str], problems: list[str])
             continue
         if name not in keys and name not in runtime:
             problems.append(f"{where}: {target_path} needs argument {name!r} (set {where}.{name}=...)")
+    nested = getattr(target, "nested_configs", None)  # a hybrid method's parts (methods/compose.py)
+    if callable(nested):
+        try:
+            children = nested(where, node)
+        except Exception:  # an unresolvable part list is reported by the key check above
+            children = []
+        for child_where, child in children:
+            _check_target(child_where, child, runtime, problems)
+
+
+# ---- hybrid methods: `resolved: ${mmbalance_compose_parts:}` in conf/method/compose.yaml and the hybrid_* files ----
+
+# conf/ at the repository root (as cli.CONF_DIR; not imported from there, which would close an import circle)
+_METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "method"
+
+
+def compose_parts(*, _parent_: DictConfig) -> dict[str, dict[str, Any]]:
+    """{part: its full config} for the hybrid method node `_parent_`: conf/method/<part>.yaml for each name in
+    its `parts`, with the node's `<part>` settings (`method.<part>.<key>=...`) merged on top. The hybrid's
+    resolved config (and so the run identity) holds every part's hyper-parameters this way. A name without a
+    config file is left out here and refused, with the registered names, when the method is built."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in _parent_.get("parts") or []:
+        if not isinstance(name, str) or not (_METHOD_CONFIGS / f"{name}.yaml").is_file():
+            continue
+        node = OmegaConf.load(_METHOD_CONFIGS / f"{name}.yaml")
+        node.pop("defaults", None)
+        own = _parent_.get(name)
+        if isinstance(own, DictConfig):
+            node = OmegaConf.merge(node, own)
+        out[name] = OmegaConf.to_container(node, resolve=True)
+    return out
+
+
+OmegaConf.register_new_resolver("mmbalance_compose_parts", compose_parts, replace=True)
 
 
 def _get(cfg: DictConfig, dotted: str) -> tuple[bool, Any]:

@@ -18,12 +18,14 @@ from mmbalance.config import build, validate
 from mmbalance.engine import distributed, threads
 from mmbalance.engine.checkpoint import write_json
 from mmbalance.engine.identity import data_identity, run_identity
+from mmbalance.engine.loggers import build_loggers, supersede_logger_files
 from mmbalance.engine.run import LoaderSettings, Run
 from mmbalance.engine.run_folder import RunFolder
 from mmbalance.engine.seeding import seed_everything
 from mmbalance.engine.trainer import Trainer
 from mmbalance.errors import CheckpointError, UserError
 from mmbalance.metrics.flops import count_flops, write_fvcore_table
+from mmbalance.metrics.regression import selection_metric
 from mmbalance.models.build import build_model
 
 log = logging.getLogger("mmbalance")
@@ -95,6 +97,7 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
             moved = folder.supersede()
             if moved is not None:
                 log.info("resume=never: the previous files of %s moved to %s", output_dir, moved)
+            supersede_logger_files(output_dir, moved, cfg)
         folder.clean_temporaries()
     distributed.barrier()
     results: dict[str, Any] = {
@@ -143,20 +146,26 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
         elif write:
             log.error("re-evaluation %s; %s/metrics.json still holds the completed run's results",
                       results["status"], output_dir)
+        if trainer is not None and trainer.loggers is not None:
+            trainer.loggers.finish(results)  # after the record is on disk: a tracker never delays or breaks it
     return results
 
 
 def _make_trainer(cfg: DictConfig, output_dir: Path, results: dict, device, identity: dict, overrides,
                   mode: str) -> Trainer:
     validate(cfg)
+    # experiment loggers on rank 0: a missing package is refused here, before any work; they start in fit()
+    loggers = build_loggers(cfg, output_dir, results) if distributed.is_main() else None
     results["threads"] = threads.apply(cfg.hardware)  # thread counts and wait policy, once per run
     run = build_run(cfg, device or resolve_device(cfg.hardware), output_dir, results)
     run.identity = {**identity, "data": results["data_identity"], "overrides": list(overrides or []),
                     "run_dir": str(output_dir.resolve())}
+    # regression selects on a regression metric (the default acc means the lowest val MAE); recorded
+    results["select_metric"] = selection_metric(run.method.task, cfg.eval.select_metric)
     return Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
-                   select_metric=cfg.eval.select_metric, shapley_every=cfg.eval.shapley_every,
+                   select_metric=results["select_metric"], shapley_every=cfg.eval.shapley_every,
                    count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"),
-                   force_resume=mode == "force")
+                   force_resume=mode == "force", loggers=loggers)
 
 
 def _fit(cfg: DictConfig, trainer: Trainer, output_dir: Path, require_checkpoint: bool = False) -> dict[str, Any]:
@@ -182,8 +191,11 @@ def build_run(cfg: DictConfig, device: torch.device, output_dir: Path | None = N
         if len(getattr(splits, split)) == 0:
             raise UserError(f"dataset: the {split} split is empty; the dataset is too small for its split fractions")
     method = build(cfg.method)
+    # dataset.task / dataset.loss (CMU-MOSEI): a method refuses a task it does not declare, before training
+    method.set_task(cfg.dataset.get("task", "classification"), cfg.dataset.get("loss", "auto"))
     modalities = method.select_modalities(list(splits.modalities))
     method.check_modalities(modalities)
+    results.update(task=method.task, loss=method.loss_name)
     results.update(modalities=modalities, method_family=method.family, val_source=splits.val_source,
                    dataset_notes=splits.notes, data_identity=data_identity(splits),
                    split_sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)})

@@ -51,6 +51,18 @@ def _not_completed_phrase(counts: dict[str, int]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in NOT_COMPLETED_STATUSES if counts.get(s))
 
 
+# regression runs (dataset.task=regression; metrics/regression.py): their extra columns, and the scale of those
+# that are not percentages (factor, digits)
+REGRESSION_COLUMNS = [("MAE", "test/mae"), ("corr", "test/corr"), ("acc-2 ≥0", "test/acc2_nonneg"),
+                      ("F1 ≥0", "test/f1_nonneg"), ("acc-2 ≠0", "test/acc2_nonzero"),
+                      ("F1 ≠0", "test/f1_nonzero"), ("acc-7", "test/acc7")]
+REGRESSION_SCALE = {"test/mae": (1.0, 3), "test/corr": (1.0, 3)}
+REGRESSION_NOTE = ("Regression runs (dataset.task=regression): MAE and corr (Pearson r) as numbers; acc-2 ≥0 "
+                   "(non-negative vs negative, every sample; also their test acc and macro-F1), acc-2 ≠0 (zero "
+                   "scores left out, positive vs negative), weighted F1 and acc-7 in %; their φ and imbalance are "
+                   "in MAE points (the Shapley value is v = −MAE), not in %.")
+
+
 # ------------------------------------------------------------------------------------------ summarizing
 
 
@@ -125,16 +137,22 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     lines.append("Values are mean ± sample std (ddof=1) over completed runs; n counts completed runs "
                  f"(failed, interrupted and running ones in brackets). Accuracy, macro-F1, φ (Shapley share) "
                  f"and imbalance in %; {DASH} = not available (std needs n ≥ 2).")
+    if "test/mae.mean" in summary and summary["test/mae.mean"].notna().any():
+        lines.append("")
+        lines.append(REGRESSION_NOTE)
     for dataset, table in summary.groupby("dataset", sort=False):
         metric_cols = [c[: -len(".mean")] for c in table.columns if c.endswith(".mean")
                        and table[c].notna().any()]
         acc_mods = _modalities(metric_cols, "test/acc/")
         phi_mods = _modalities(metric_cols, "test/shapley/")
+        mae_mods = _modalities(metric_cols, "test/mae/")  # regression runs
+        regression = [(name, metric) for name, metric in REGRESSION_COLUMNS if metric in metric_cols]
         has_flops = "flops/train_total" in metric_cols
         scale, unit = _flop_unit(table["flops/train_total.mean"]) if has_flops else (1.0, "")
 
-        header = ["method", "variant", "n", "test acc", "macro-F1"]
-        header += [f"acc {m}" for m in acc_mods] + [f"φ {m}" for m in phi_mods] + ["imbalance"]
+        header = ["method", "variant", "n", "test acc", "macro-F1"] + [name for name, _ in regression]
+        header += [f"acc {m}" for m in acc_mods] + [f"MAE {m}" for m in mae_mods]
+        header += [f"φ {m}" for m in phi_mods] + ["imbalance"]
         if has_flops:
             header.append(f"train FLOPs ({unit})")
         lines += ["", f"## {dataset}", "", "| " + " | ".join(header) + " |",
@@ -150,9 +168,13 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
             n = str(row["n"]) + (f" ({others})" if others else "")
             cells = [str(row["method"]), str(row["variant"]) or DASH, n,
                      cell(row, "test/acc"), cell(row, "test/macro_f1")]
+            cells += [cell(row, metric, *REGRESSION_SCALE.get(metric, (100.0, 1))) for _, metric in regression]
             cells += [cell(row, f"test/acc/{m}") for m in acc_mods]
-            cells += [cell(row, f"test/shapley/{m}") for m in phi_mods]
-            cells.append(cell(row, "test/imbalance"))
+            cells += [cell(row, f"test/mae/{m}", 1.0, 3) for m in mae_mods]
+            # a regression run's φ and imbalance are MAE points (v = -MAE), not a share of accuracy
+            phi_scale = (1.0, 3) if pd.notna(row.get("test/mae.mean", math.nan)) else (100.0, 1)
+            cells += [cell(row, f"test/shapley/{m}", *phi_scale) for m in phi_mods]
+            cells.append(cell(row, "test/imbalance", *phi_scale))
             if has_flops:
                 cells.append(cell(row, "flops/train_total", 1.0 / scale, 2))
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -190,6 +212,8 @@ def _plot(summary: pd.DataFrame, file: Path) -> Path | None:
     if "test/imbalance.mean" not in summary or "test/acc.mean" not in summary:
         return None
     points = summary[summary["test/imbalance.mean"].notna() & summary["test/acc.mean"].notna()]
+    if "test/mae.mean" in points:  # a regression run's imbalance is in MAE points: not on the accuracy-share axis
+        points = points[points["test/mae.mean"].isna()]
     if points.empty:
         return None
     acc_vs_imbalance_figure(points).savefig(file, dpi=150)
@@ -294,7 +318,18 @@ def format_runs_table(df: pd.DataFrame) -> str:
     def pct(row, c):
         return f"{100 * row[c]:.1f}" if c in row and pd.notna(row[c]) else DASH
 
+    regression = "test/mae" in cols  # regression runs: MAE and corr; their φ and imbalance in MAE points
+
+    def phi(row, c):
+        if regression and pd.notna(row.get("test/mae")):
+            return f"{row[c]:.3f}" if c in row and pd.notna(row[c]) else DASH
+        return pct(row, c)
+
+    def num(row, c):
+        return f"{row[c]:.3f}" if c in row and pd.notna(row[c]) else DASH
+
     header = (["dataset"] if several else []) + ["method", "variant", "seed", "acc%"]
+    header += ["mae", "corr"] if regression else []
     header += [f"acc/{m}%" for m in acc_mods] + [f"φ/{m}%" for m in phi_mods] + ["imb%"]
     if unit:
         header.append(f"train {unit}")
@@ -303,13 +338,16 @@ def format_runs_table(df: pd.DataFrame) -> str:
         cells = ([str(r["dataset"])] if several else []) + [
             str(r["method"]), str(r["variant"]) or DASH, DASH if pd.isna(r["seed"]) else str(r["seed"]),
             pct(r, "test/acc")]
-        cells += [pct(r, f"test/acc/{m}") for m in acc_mods] + [pct(r, f"test/shapley/{m}") for m in phi_mods]
-        cells.append(pct(r, "test/imbalance"))
+        cells += [num(r, "test/mae"), num(r, "test/corr")] if regression else []
+        cells += [pct(r, f"test/acc/{m}") for m in acc_mods] + [phi(r, f"test/shapley/{m}") for m in phi_mods]
+        cells.append(phi(r, "test/imbalance"))
         if unit:
             v = r["flops/train_total"]
             cells.append(f"{v / scale:.2f}" if pd.notna(v) else DASH)
         rows.append(cells)
     text = _text_table(header, rows, n_left=header.index("seed")) if rows else "(no completed runs)"
+    if regression and rows:
+        text += "\n(regression runs: acc = acc-2 non-negative; φ and imbalance in MAE points, not %)"
 
     problems = _not_completed(df)
     if len(problems):

@@ -122,6 +122,8 @@ def _is_non_variant_key(key: str) -> bool:
     last = parts[-1]
     return (
         parts[0] in NON_VARIANT_PREFIXES
+        # a hybrid's computed copy of its parts' settings: `parts` and `method.<part>.<key>` name what differs
+        or key.startswith("method.resolved.")
         or last in NON_VARIANT_NAMES
         or last.endswith(NON_VARIANT_SUFFIXES)
     )

@@ -7,6 +7,7 @@ files only when the runs contain what it needs (see each function). Families com
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 BASELINE = "baseline"
 REFERENCE = "reference"
 # The BalanceBenchmark taxonomy in the paper's order; families it does not know come after, alphabetically.
-FAMILY_ORDER = ["data", "feed-forward", "objective", "optimization"]
+FAMILY_ORDER = ["data", "feed-forward", "objective", "optimization", "hybrid"]
 BENCHMARK_METRICS = [("acc", "test/acc"), ("macro_f1", "test/macro_f1")]
 
 
@@ -45,8 +46,13 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^\w.=+-]+", "_", text).strip("_")
+def _safe_name(text: str, limit: int = 120) -> str:
+    """A file-name part from a label: unsafe characters become '_', and a label longer than `limit` is cut and
+    given a digest of the whole, so that long variants (a hybrid's part lists) stay distinct and fit a file name."""
+    name = re.sub(r"[^\w.=+-]+", "_", text).strip("_")
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit - 11]}_{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def method_families(df: pd.DataFrame) -> dict[str, str]:
@@ -58,7 +64,8 @@ def method_families(df: pd.DataFrame) -> dict[str, str]:
         if not method:
             continue
         if isinstance(family, str) and family:
-            out[method] = family
+            # a hybrid records its parts ("hybrid: ogm_ge (optimization) + mbsd (objective)"): one hybrid group
+            out[method] = "hybrid" if family.startswith("hybrid:") else family
         elif method not in out:
             out[method] = REFERENCE if method in (BASELINE, "unimodal") else "other"
     return out

@@ -19,27 +19,21 @@ sub-folders up to two levels down; ``annotation``/``visual_dir``/``audio_dir``/`
 
 Recipe (AV_preprocess_tool + BalanceBenchmark ``balance_dataset.py``, with the peer's two bugs fixed):
 
-* visual: 3 frames sampled segment-wise from the 1 fps frames (random frame per segment in training, the centre
-  at evaluation); training RandomResizedCrop + horizontal flip drawn once per clip, evaluation Resize((S, S));
-  ImageNet normalisation. The peer never augments (its train branch tests ``mode == 'training'``) -- we do;
+* visual: 3 frames of the 1 fps frames, the audio-visual frame recipe (clips.FrameReader). The peer never
+  augments (its train branch tests ``mode == 'training'``) -- we do;
 * audio: |STFT| of exactly 10 s at 44.1 kHz (shorter clips are completed by repeating their last second),
   n_fft 512, hop 440, Hann window, centred with reflect padding -> (1, 257, 1003); stored arrays are fitted
   to ``audio_frames`` columns (cut, or zero-padded = silence);
 * ``audio_log`` (default false): the released pickles hold the plain magnitude and both reference loaders
   (BalanceBenchmark, BML) feed it to the ResNet unchanged, so the paper's BalancedAV numbers were made without a
   log; ``audio_log: true`` applies log(|S| + 1e-7), the compression every OGM-GE audio recipe uses;
-* splits: the json's own training / validation / testing subsets (a settled choice, docs/architecture.md: BalancedAV has its own validation
-  split; the peer's ``mode + 'ing'`` match never finds ``validation``). Subset names ``train``/``val``/``valid``/
-  ``test`` are accepted too. Only when no clip is in validation is a stratified 10 % carved from training;
-* classes: the json's ``labels`` list in its order (sorted label names when it has none), persisted as
-  ``classes.json`` by ``prepare``.
+* splits: the json's own training / validation / testing subsets (BalancedAV has its own validation split; the
+  peer's ``mode + 'ing'`` match never finds ``validation``); ``train``/``val``/``valid``/``test`` are accepted too;
+* classes: the json's ``labels`` list in its order (sorted label names when it has none).
 
-``mmbalance prepare balanced_av --root RAW --out PREP``: validates the tree (missing media are listed in
-prepare_report.txt and skipped), for the ``video`` layout first extracts ``PREP/visual/<id>.hdf5`` (1 fps JPEG
-bytes, quality 95) and ``PREP/audio/<id>.npy`` (float16 |STFT|) plus ``PREP/annotation.json`` -- an
-av_preprocess_tool tree that ``build_balanced_av(root=PREP)`` also reads --, writes manifest.csv and
-classes.json, and caches the clips (uint8 frames, float16 magnitude spectrograms) for
-``build_balanced_av(prepared=PREP)``.
+``mmbalance prepare balanced_av`` first decodes the ``video`` layout into ``PREP/visual/<id>.hdf5`` (1 fps JPEG
+bytes, quality 95), ``PREP/audio/<id>.npy`` (float16 |STFT|) and ``PREP/annotation.json`` -- an av_preprocess_tool
+tree that ``build_balanced_av(root=PREP)`` also reads.
 """
 
 from __future__ import annotations
@@ -57,55 +51,22 @@ from torch import Tensor
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
-from mmbalance.data.clips import Clip, FrameReader, ModalityMap, clip_splits, spectrogram_from_array
-from mmbalance.data.layout import (Discovery, candidate_list, dataset_root, find_media, option_path, prepare_clips,
-                                   prepared_clips, prepared_splits, walk_dirs)
-from mmbalance.data.prepare import CACHE_META, CLASSES, SUMMARY, PrepareContext, PreparedFolder, resolve_prepared
-from mmbalance.errors import DataError, UserError
+from mmbalance.data.clips import Clip, FrameReader, ModalityMap, spectrogram_from_array
+from mmbalance.data.layout import (Discovery, build_clips, candidate_list, dataset_root, find_media, option_path,
+                                   prepare_clips, walk_dirs)
+from mmbalance.data.prepare import CACHE_META, CLASSES, SUMMARY, PrepareContext
+from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
 
-SUBSETS = {"training": "train", "train": "train", "validation": "val", "valid": "val", "val": "val",
-           "testing": "test", "test": "test"}
 LOG_EPS = 1e-7
 # the layout table: AV_preprocess_tool's hdf5 frames and pickled |STFT| (or prepare's .npy), else the raw videos;
 # the folders are the root and every folder two levels below it (or the pinned ones)
 KINDS = {"audio": ("array", "video"), "visual": ("hdf5", "video")}
-# what prepare decodes from the raw videos: an AV_preprocess_tool tree, which the raw loader reads too
-TO_AV_PREPROCESS_TOOL = {"visual": ("hdf5", "hdf5", "visual/{id}.hdf5"), "audio": ("npy", "array", "audio/{id}.npy")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the audio recipe
-
-
-def fit_last_second(wave: np.ndarray, length: int, sr: int) -> np.ndarray:
-    """Exactly `length` samples; a short clip is completed by repeating its last second (AV_preprocess_tool)."""
-    if len(wave) == 0:
-        raise DataError("empty audio clip")
-    if len(wave) < length:
-        tail = wave[-min(sr, len(wave)):]
-        reps = -(-(length - len(wave)) // len(tail))
-        wave = np.concatenate([wave, np.tile(tail, reps)])
-    return wave[:length]
-
-
-def stft_magnitude(wave: np.ndarray, n_fft: int = 512, hop_length: int = 440, pad_mode: str = "reflect") -> Tensor:
-    """|STFT| with a Hann window, centred (AV_preprocess_tool's librosa call: pad_mode 'reflect'), (F, frames)."""
-    x = torch.as_tensor(np.asarray(wave), dtype=torch.float32)
-    spec = torch.stft(x, n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft), center=True,
-                      pad_mode=pad_mode, return_complex=True)
-    return spec.abs()
-
-
-def fit_frames(spec: Tensor, frames: int) -> Tensor:
-    """(1, F, T) cut or zero-padded (silence) on the right to `frames` columns."""
-    t = spec.shape[-1]
-    if t > frames:
-        return spec[..., :frames].contiguous()
-    if t < frames:
-        return torch.nn.functional.pad(spec, (0, frames - t))
-    return spec
 
 
 class MagnitudeReader:
@@ -113,36 +74,31 @@ class MagnitudeReader:
 
     source 'array': a stored spectrogram (.pkl from AV_preprocess_tool, or .npy) of shape (F, T) or (1, F, T);
     source 'video': the clip's audio decoded with PyAV at `sr`, made exactly `seconds` long by repeating its last
-    second, |STFT| n_fft 512 / hop 440 (AV_preprocess_tool: 10 s at 44.1 kHz -> (257, 1003)).
-    `shape` pins the output shape (the prepared cache's), otherwise it follows the recipe.
+    second, |STFT| n_fft 512 / hop 440 (AV_preprocess_tool: 10 s at 44.1 kHz -> (257, 1003)). The spectrogram is
+    cut, or zero-padded (silence) on the right, to `frames` columns.
     """
 
     kind = "spectrogram"
 
     def __init__(self, source: str = "array", sr: int = 44100, seconds: float = 10.0, n_fft: int = 512,
-                 hop_length: int = 440, frames: int | None = None, shape: tuple[int, ...] | None = None):
+                 hop_length: int = 440, frames: int | None = None):
         if source not in ("array", "video"):
             raise ValueError(f"MagnitudeReader source={source!r}; expected array or video")
         self.source, self.sr, self.seconds = source, int(sr), float(seconds)
         self.n_fft, self.hop_length = int(n_fft), int(hop_length)
-        natural = int(round(self.sr * self.seconds)) // self.hop_length + 1
-        self.frames = int(frames) if frames else natural
-        self._shape = tuple(shape) if shape is not None else None
+        self.frames = int(frames) if frames else int(round(self.sr * self.seconds)) // self.hop_length + 1
+        self.shape = (1, self.n_fft // 2 + 1, self.frames)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape or (1, self.n_fft // 2 + 1, self.frames)
-
-    def __call__(self, path: str, train: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, path: str, train: bool = False) -> Tensor:
         if self.source == "array":
             spec = spectrogram_from_array(media.load_array(path), path)
         else:
-            wave = fit_last_second(media.decode_audio(path, self.sr), int(round(self.sr * self.seconds)), self.sr)
-            spec = stft_magnitude(wave, self.n_fft, self.hop_length).unsqueeze(0)
+            wave = media.fit_length(media.decode_audio(path, self.sr), int(round(self.sr * self.seconds)), self.sr)
+            spec = media.stft_magnitude(wave, self.n_fft, self.hop_length).unsqueeze(0)
         if spec.shape[1] != self.shape[1]:
             raise DataError(f"{path}: spectrogram has {spec.shape[1]} frequency bins, expected {self.shape[1]} "
                             f"(|STFT| with n_fft {self.n_fft}); shape {tuple(spec.shape)}")
-        return fit_frames(spec, self.shape[2])
+        return torch.nn.functional.pad(spec, (0, max(0, self.frames - spec.shape[-1])))[..., :self.frames].contiguous()
 
 
 class LogAudio(ModalityMap):
@@ -182,36 +138,25 @@ def find_annotation(root: Path, annotation: str | None = None, exclude: tuple[Pa
 
 def read_annotation(path: Path) -> tuple[list[str], list[tuple[str, str, str]]]:
     """(class names, [(id, label name, split)]) from the annotation json. Classes: the json's `labels` list in its
-    order, else the sorted label names. Unknown subsets or labels outside `labels` raise DataError."""
-    database = media.read_json_database(path)  # DataError naming the file when it is not such a json
-    labels = json.loads(Path(path).read_text()).get("labels")
-    entries = []
-    for clip_id, e in database.items():
-        if not isinstance(e, dict) or "label" not in e or "subset" not in e:
-            raise DataError(f"{path}: database[{clip_id!r}] must have \"subset\" and \"label\" (got {e!r})")
-        subset = str(e["subset"]).strip().lower()
-        if subset not in SUBSETS:
-            raise DataError(f"{path}: database[{clip_id!r}] has subset {e['subset']!r}; expected one of "
-                            "training, validation, testing")
-        entries.append((str(clip_id), str(e["label"]), SUBSETS[subset]))
-    if labels:
-        classes = [str(c) for c in labels]
-        if len(set(classes)) != len(classes):
-            raise DataError(f"{path}: the `labels` list has duplicate names")
-        unknown = sorted({lab for _, lab, _ in entries} - set(classes))
-        if unknown:
-            raise DataError(f"{path}: labels {unknown[:5]} are used in `database` but missing from `labels`")
-    else:
-        classes = sorted({lab for _, lab, _ in entries})
+    order, else the sorted label names; a label outside `labels` is a DataError."""
+    entries, labels = media.read_annotation(path)  # DataError naming the file when it is not such a json
     if not entries:
         raise DataError(f"{path}: `database` is empty")
+    if not labels:
+        return sorted({lab for _, lab, _ in entries}), entries
+    classes = [str(c) for c in labels]
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{path}: the `labels` list has duplicate names")
+    unknown = sorted({lab for _, lab, _ in entries} - set(classes))
+    if unknown:
+        raise DataError(f"{path}: labels {unknown[:5]} are used in `database` but missing from `labels`")
     return classes, entries
 
 
 def find_clips(root: str | Path, annotation: str | None = None, visual_dir: str | None = None,
                audio_dir: str | None = None, video_dir: str | None = None, exclude: tuple[Path, ...] = ()
-               ) -> tuple[Discovery, list[str]]:
-    """The annotated clips with their media (`Discovery`: layout, clips, missing ones) and the class names."""
+               ) -> Discovery:
+    """The annotated clips with their media: the layout, the complete clips, the ones left out, the classes."""
     root = dataset_root(root, "BalancedAV")
     ann = find_annotation(root, annotation, exclude)
     classes, entries = read_annotation(ann)
@@ -224,13 +169,14 @@ def find_clips(root: str | Path, annotation: str | None = None, visual_dir: str 
     else:
         tables = {m: [(k, [pinned[f"{m}_dir"]] if pinned[f"{m}_dir"] else dirs) for k in kinds]
                   for m, kinds in KINDS.items()}
-    disc = find_media(root, [Clip(i, label_of[lab], split, {}) for i, lab, split in entries], None,
-                      {m: candidate_list(t) for m, t in tables.items()}, layout="?", split_source=ann.name,
-                      dataset="BalancedAV")
-    kinds = set(disc.kinds.values())
-    disc.layout = "av_preprocess_tool" if kinds == {"hdf5", "array"} else "video" if kinds == {"video"} else "mixed"
-    disc.extra_notes = {"annotation": str(ann), **{f"{m}_dir": str(d[0]) for m, d in disc.dirs.items() if d}}
-    return disc, classes
+    found = find_media(root, [Clip(i, label_of[lab], split, {}) for i, lab, split in entries], None,
+                       {m: candidate_list(t) for m, t in tables.items()}, split_source=ann.name,
+                       dataset="BalancedAV", classes=classes,
+                       layout=lambda kinds: {("hdf5", "array"): "av_preprocess_tool", ("video", "video"): "video"}.get(
+                           (kinds["visual"], kinds["audio"]), "mixed"))
+    found.extra_notes = {"annotation": str(ann), **{f"{m}_dir": str(d[0]) for m, d in found.dirs.items() if d},
+                         "missing_media": len(found.missing)}
+    return found
 
 
 def bav_readers(kinds: dict[str, str], frames: int, image_size: int, augment: str, sr: int, seconds: float,
@@ -239,40 +185,21 @@ def bav_readers(kinds: dict[str, str], frames: int, image_size: int, augment: st
             "visual": FrameReader(kinds["visual"], frames, image_size, augment, fps=1.0)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the builder
-
-
 def build_balanced_av(root: str | None = None, prepared: str | None = None, annotation: str | None = None,
                       visual_dir: str | None = None, audio_dir: str | None = None, video_dir: str | None = None,
                       frames: int = 3, image_size: int = 224, augment: str = "crop_flip", audio_log: bool = False,
                       sr: int = 44100, seconds: float = 10.0, n_fft: int = 512, hop_length: int = 440,
                       audio_frames: int | None = 1003, val_fraction: float = 0.1, split_seed: int = 0) -> DataSplits:
     """BalancedAV as DataSplits with modalities audio (spectrogram (1, 257, audio_frames)) and visual (frames
-    (frames, 3, S, S)); recipe and layouts in the module docstring.
-
-    root: the raw tree (any accepted layout); prepared: the `mmbalance prepare balanced_av --out` folder (fast
-    path; root is then not read). augment: training augmentation of the frames (crop_flip: RandomResizedCrop +
-    flip, the OGM-GE/BalanceBenchmark recipe; 'none' to switch it off). audio_log: log(|S| + 1e-7) instead of the
-    released magnitude. sr/seconds/n_fft/hop_length: the STFT recipe for the raw `video` layout. audio_frames:
-    the spectrogram width every clip is fitted to (1003 = 10 s at 44.1 kHz, hop 440). val_fraction/split_seed:
-    only used when the json has no validation clips.
-    """
-    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
-    if augment not in media.ClipTransform.AUGMENTS:
-        raise UserError(f"dataset.augment={augment!r}; expected one of {media.ClipTransform.AUGMENTS}")
-    if prepared is not None:
-        folder = PreparedFolder(prepared, "balanced_av").require()
-        clips, classes, _ = prepared_clips(folder, ("audio", "visual"))
-        splits = prepared_splits(folder, clips, classes, frames=frames, image_size=image_size, augment=augment,
-                                 val_fraction=val_fraction, split_seed=split_seed)
-    else:
-        disc, classes = find_clips(root, annotation, visual_dir, audio_dir, video_dir)
-        disc.log("balanced_av")
-        readers = bav_readers(disc.kinds, frames, image_size, augment, sr, seconds, n_fft, hop_length, audio_frames)
-        notes = {**disc.notes(), "missing_media": len(disc.missing), "source": "raw"}
-        splits = clip_splits(disc.clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
-                             notes=notes)
+    (frames, 3, S, S)), from the raw tree under `root` or the `mmbalance prepare balanced_av` folder `prepared`.
+    sr/seconds/n_fft/hop_length: the STFT recipe for the raw `video` layout; audio_frames: the spectrogram width
+    every clip is fitted to (1003 = 10 s at 44.1 kHz, hop 440); audio_log: log(|S| + 1e-7) of the magnitude."""
+    splits, _ = build_clips(
+        "balanced_av", root, prepared, lambda: find_clips(root, annotation, visual_dir, audio_dir, video_dir),
+        lambda kinds, clips: bav_readers(kinds, frames, image_size, augment, sr, seconds, n_fft, hop_length,
+                                         audio_frames), val_fraction=val_fraction, split_seed=split_seed,
+        frames=frames, image_size=image_size, augment=augment, decode_prepared=False,
+        notes={"source": "raw"})
     splits.notes["audio_log"] = bool(audio_log)
     if audio_log:
         splits.train, splits.val, splits.test = (LogAudio(d) for d in (splits.train, splits.val, splits.test))
@@ -283,68 +210,61 @@ def build_balanced_av(root: str | None = None, prepared: str | None = None, anno
 # prepare
 
 
-def _write_hdf5(path: Path, jpegs: list[bytes]) -> None:
+def _write_hdf5(video: str, dest: str, force: bool, sr: int, seconds: float, n_fft: int, hop: int) -> bool:
+    """A video's frames at 1 fps as JPEG bytes (quality 95) in dataset `video` of an .hdf5, written to a .tmp and
+    renamed, so an interrupted run never leaves a file that looks finished; kept unless `force`."""
     import h5py
 
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    dest = Path(dest)
+    if dest.is_file() and not force:
+        return False
+    jpegs = []
+    for img in media.decode_video_frames(video, fps=1.0):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=95)
+        jpegs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(dest.with_name(dest.name + ".tmp"), "w") as f:
         ds = f.create_dataset("video", (len(jpegs),), dtype=h5py.vlen_dtype(np.dtype("uint8")))
         for i, b in enumerate(jpegs):
-            ds[i] = np.frombuffer(b, dtype=np.uint8)
-    os.replace(tmp, path)
+            ds[i] = b
+    os.replace(dest.with_name(dest.name + ".tmp"), dest)
+    return True
 
 
-def _extract_one(task: tuple) -> tuple[int, str | None, str | None, list[str]]:
-    """Worker: one video -> <out>/visual/<id>.hdf5 (1 fps JPEG bytes, quality 95) + <out>/audio/<id>.npy (float16
-    |STFT|). Each file is written to a .tmp and renamed, so an interrupted run never leaves a file that looks
-    finished. Returns (index, failing path, error or None, names of the outputs written)."""
-    i, jobs, force, (sr, seconds, n_fft, hop) = task
-    wrote = []
-    for name, video, dest in jobs:
-        dest = Path(dest)
-        if dest.is_file() and not force:
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if name == "hdf5":
-                jpegs = []
-                for img in media.decode_video_frames(video, fps=1.0):
-                    buf = io.BytesIO()
-                    img.save(buf, format="JPEG", quality=95)
-                    jpegs.append(buf.getvalue())
-                _write_hdf5(dest, jpegs)
-            else:
-                spec = MagnitudeReader("video", sr, seconds, n_fft, hop)(video)[0].numpy().astype(np.float16)
-                tmp = dest.with_name(dest.name + ".tmp.npy")
-                np.save(tmp, spec)
-                os.replace(tmp, dest)
-        except DataError as exc:
-            return i, video, str(exc), wrote
-        wrote.append(name)
-    return i, None, None, wrote
+def _write_npy(video: str, dest: str, force: bool, sr: int, seconds: float, n_fft: int, hop: int) -> bool:
+    """A video's |STFT| (the recipe above) as float16 .npy, written like `_write_hdf5`."""
+    dest = Path(dest)
+    if dest.is_file() and not force:
+        return False
+    spec = MagnitudeReader("video", sr, seconds, n_fft, hop)(video)[0].numpy().astype(np.float16)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    np.save(dest.with_name(dest.name + ".tmp.npy"), spec)
+    os.replace(dest.with_name(dest.name + ".tmp.npy"), dest)
+    return True
+
+
+# what prepare decodes from the raw videos: an AV_preprocess_tool tree, which the raw loader reads too
+TO_AV_PREPROCESS_TOOL = {"visual": ("hdf5", _write_hdf5, "hdf5", "visual/{id}.hdf5"),
+                         "audio": ("npy", _write_npy, "array", "audio/{id}.npy")}
 
 
 def prepare(ctx: PrepareContext, annotation: str | None = None, visual_dir: str | None = None,
             audio_dir: str | None = None, video_dir: str | None = None, size: int = 224, max_frames: int = 10,
             sr: int = 44100, seconds: float = 10.0, n_fft: int = 512, hop_length: int = 440,
             audio_frames: int = 1003, cache: bool = True) -> dict:
-    """`mmbalance prepare balanced_av`: validate, (video layout) extract hdf5 + npy, manifest, classes, cache.
-
-    Options (--set key=value): annotation/visual_dir/audio_dir/video_dir pin the layout; size: cached frame side
-    (224); max_frames: frames kept per clip (10 = 10 s at 1 fps); sr/seconds/n_fft/hop_length: the STFT recipe
-    for raw videos (AV_preprocess_tool: 44100, 10, 512, 440); audio_frames: spectrogram width (1003);
-    cache: false to stop after the manifest (and the extraction for raw videos).
-    """
-    disc, classes = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir, exclude=(ctx.out,))
-    if disc.layout == "video":
+    """`mmbalance prepare balanced_av` (layout.prepare_clips): raw videos are decoded once into an
+    AV_preprocess_tool tree (see the module docstring); `cache`: `size` px frames, up to `max_frames` per clip
+    (10 = 10 s at 1 fps), and the |STFT| recipe (sr, seconds, n_fft, hop_length, audio_frames) in float16."""
+    found = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir, exclude=(ctx.out,))
+    if found.layout == "video":
         ctx.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(disc.extra_notes["annotation"], ctx.out / "annotation.json")
-    summary = prepare_clips(ctx, "balanced_av", disc.clips, disc.kinds, classes, problems=disc.problems(),
-                            summary={"layout": disc.layout, "annotation": disc.extra_notes["annotation"],
-                                     "classes": len(classes), "missing_media": len(disc.missing)},
+        shutil.copyfile(found.extra_notes["annotation"], ctx.out / "annotation.json")
+    summary = prepare_clips(ctx, "balanced_av", found.clips, found.kinds, found.classes, problems=found.problems(),
+                            summary={**found.notes(), "classes": len(found.classes)},
                             cache_readers=(lambda kinds, clips: bav_readers(kinds, 3, size, "none", sr, seconds,
                                                                            n_fft, hop_length, audio_frames))
-                            if cache else None, size=size, max_frames=max_frames, worker=_extract_one,
-                            targets=TO_AV_PREPROCESS_TOOL, params=(sr, seconds, n_fft, hop_length))
+                            if cache else None, size=size, max_frames=max_frames, targets=TO_AV_PREPROCESS_TOOL,
+                            params=(sr, seconds, n_fft, hop_length))
     return {**summary, "clips": sum(summary["manifest_clips"].values()),
             **{f"clips_{s}": n for s, n in summary["manifest_clips"].items()}}

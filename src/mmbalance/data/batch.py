@@ -77,10 +77,13 @@ def _stack(tensors: list[Tensor]) -> Tensor:
 def collate_batch(samples: list[dict]) -> Batch:
     """Stack `{"inputs": {m: tensor}, "label": int, "index": int[, "absent": {m: bool}]}` samples into a Batch.
 
-    In a DataLoader worker the modality tensors are stacked into shared memory (see `_stack`)."""
+    Integer labels (classes) become int64; float labels (regression scores, CMU-MOSEI's dataset.task=regression)
+    float32, never truncated. In a DataLoader worker the modality tensors are stacked into shared memory (see
+    `_stack`)."""
     modalities = samples[0]["inputs"].keys()
     inputs = {m: _stack([s["inputs"][m] for s in samples]) for m in modalities}
-    label = torch.as_tensor([s["label"] for s in samples], dtype=torch.long)
+    labels = [s["label"] for s in samples]
+    label = torch.as_tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
     index = torch.as_tensor([s["index"] for s in samples], dtype=torch.long)
     absent = None
     if any("absent" in s for s in samples):
@@ -92,12 +95,15 @@ class MultimodalDataset(Dataset):
     """In-memory dataset: {modality: array (N, ...)} plus labels. Samples are dicts for `collate_batch`.
 
     Arrays may be float16 to halve memory; floating samples are returned as float32, integer ones (token
-    ids) as int64.
+    ids) as int64. `ids`: per-sample provenance arrays (N,), kept as attributes and sliced with the samples
+    (digits_av's image_ids and clip_ids).
     """
 
-    def __init__(self, inputs: dict[str, np.ndarray | Tensor], labels: np.ndarray | Tensor):
+    def __init__(self, inputs: dict[str, np.ndarray | Tensor], labels: np.ndarray | Tensor, **ids: np.ndarray):
         self.inputs = {m: torch.as_tensor(np.asarray(x)) for m, x in inputs.items()}
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.ids = {k: np.asarray(v, dtype=np.int64) for k, v in ids.items()}
+        self.__dict__.update(self.ids)
         n = len(self.labels)
         for m, x in self.inputs.items():
             if x.shape[0] != n:
@@ -114,8 +120,10 @@ class MultimodalDataset(Dataset):
         }
 
     def subset(self, indices: np.ndarray) -> "MultimodalDataset":
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return MultimodalDataset({m: x[idx] for m, x in self.inputs.items()}, self.labels[idx])
+        idx = np.asarray(indices, dtype=np.int64)
+        t = torch.as_tensor(idx)
+        return MultimodalDataset({m: x[t] for m, x in self.inputs.items()}, self.labels[t],
+                                 **{k: v[idx] for k, v in self.ids.items()})
 
 
 @dataclass

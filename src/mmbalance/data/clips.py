@@ -2,17 +2,10 @@
 
 Every audio-visual benchmark dataset (CREMA-D, Kinetics-Sounds, VGGSound, BalancedAV, UCF-101) is a list of
 `Clip`s -- id, label, split and one source path per modality -- plus a reader per modality that turns a
-source into a tensor. A dataset module's only job is to find the clips in whatever layout the user has (with
-data/layout.py); reading, sampling, augmenting and caching are shared here.
-
-Two paths feed the model:
-* raw: `ClipDataset` decodes the user's files on every access (frame folders, HDF5 of jpeg bytes, videos,
-  wav, pre-computed spectrogram arrays);
-* prepared: `mmbalance prepare` writes `<modality>.npy`: frames (N, F, C, S, S) uint8 and spectrograms float16,
-  as memory-mapped arrays (`write_clip_cache`); `CachedClipDataset` reads them with the same sampling and
-  transforms, without any decoding -- so a GPU is not starved by jpeg/video decoding.
-`clip_splits` turns a clip list into DataSplits over either path. A reader of kind "frames" provides `frames`,
-`shape`, `transform(train)` and `cache_rows`; any other reader is called on a source and returns a tensor.
+source into a tensor. Two paths feed the model: `ClipDataset` decodes the user's files on every access;
+`CachedClipDataset` reads the memory-mapped arrays `mmbalance prepare` wrote (`write_clip_cache`: frames uint8,
+spectrograms float16) with the same sampling and transforms, without any decoding -- so a GPU is not starved by
+jpeg/video decoding. `clip_splits` turns a clip list into DataSplits over either path.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ from torch.utils.data import Dataset
 from mmbalance.data import finite, media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
 from mmbalance.data.prepare import CACHE_META, PreparedFolder
-from mmbalance.errors import DataError
+from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
 
@@ -49,89 +42,96 @@ class Clip:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# readers: source path -> tensor
+# readers: a clip's sources -> tensor
 
 
 class FrameReader:
-    """Visual modality reader: T frames sampled segment-wise from a clip, transformed as one clip.
+    """Frames reader: T frames sampled segment-wise from a clip, transformed as one clip (see ClipDataset).
 
-    source: 'jpgdir' (a folder of frame images, sorted naturally; `prefix` selects e.g. flow_x_), 'hdf5'
-    (jpeg bytes in dataset `video`), 'video' (decoded with PyAV at `fps`).
+    source: 'jpgdir' (a folder of frame images, sorted naturally), 'hdf5' (jpeg bytes in dataset `video`),
+    'video' (decoded with PyAV at `fps`). `streams` {source key: file-name prefix}: several folders read as the
+    channels of one frame (default: the modality's own source); with `flow` they are the grey u and v planes of
+    optical flow, scaled to [-1, 1], u negated on a flip (UCF-101: tvl1_flow u/ and v/, or mmaction's flow_x_ and
+    flow_y_ files of one folder).
     """
 
     kind = "frames"
 
     def __init__(self, source: str = "jpgdir", frames: int = 3, size: int = 224, augment: str = "crop_flip",
-                 fps: float = 1.0, prefix: str = "", normalize: str = "imagenet"):
+                 fps: float = 1.0, streams: dict[str, str] | None = None, flow: bool = False):
         if source not in ("jpgdir", "hdf5", "video"):
             raise ValueError(f"FrameReader source={source!r}; expected jpgdir, hdf5 or video")
-        self.source, self.frames, self.size, self.augment = source, int(frames), int(size), augment
-        self.fps, self.prefix, self.normalize = fps, prefix, normalize
+        if augment not in media.ClipTransform.AUGMENTS:
+            raise UserError(f"dataset.augment={augment!r}; expected one of {media.ClipTransform.AUGMENTS}")
+        self.source, self.frames, self.size, self.augment, self.fps = source, int(frames), int(size), augment, fps
+        self.streams, self.flow = dict(streams or {}), bool(flow)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.frames, 3, self.size, self.size)
+        return (self.frames, 2 if self.flow else 3, self.size, self.size)
 
     def transform(self, train: bool) -> media.ClipTransform:
-        return media.ClipTransform(self.size, train, self.augment if train else "none", self.normalize)
+        return media.ClipTransform(self.size, train, self.augment if train else "none",
+                                   "flow" if self.flow else "imagenet", flow_pairs=self.flow)
 
-    def read_all(self, path: str) -> list:
-        """Every frame of the clip as a lazily decodable list (paths, bytes or PIL images)."""
-        if self.source == "jpgdir":
-            return media.list_frames(path, self.prefix)
-        if self.source == "hdf5":
-            return media.images_from_hdf5(path)
-        return media.decode_video_frames(path, self.fps)
+    def items(self, clip: Clip, modality: str) -> list[list]:
+        """Every frame of each stream of the clip, lazily decodable (paths, jpeg bytes or PIL images)."""
+        out = []
+        for key, prefix in (self.streams or {modality: ""}).items():
+            path = clip.sources[key]
+            out.append(media.list_frames(path, prefix) if self.source == "jpgdir" else
+                       media.images_from_hdf5(path) if self.source == "hdf5" else
+                       media.decode_video_frames(path, self.fps))
+        return out
+
+    def images(self, items: list[list], j: int) -> list:
+        """Frame j of every stream: one RGB image, or the u and v grey images (interleaved, ClipTransform's
+        flow_pairs)."""
+        mode = "L" if self.flow else "RGB"
+        return [x[j] if not isinstance(x[j], (str, Path, bytes)) else media.read_image(x[j], mode) for x in items]
+
+    def sample(self, clip: Clip, modality: str, train: bool, generator: torch.Generator | None = None) -> list:
+        items = self.items(clip, modality)
+        idx = media.segment_indices(min(map(len, items)), self.frames, train, generator)
+        return [image for j in idx for image in self.images(items, j)]
 
     def cache_rows(self, clip: Clip, modality: str, size: int, max_frames: int) -> tuple[np.ndarray, int]:
-        items = self.read_all(clip.sources[modality])
-        return cache_frames(len(items), lambda j: [items[j] if not isinstance(items[j], (str, Path, bytes))
-                                                   else media.read_image(items[j])], 3, size, max_frames)
+        """The clip's frames as the cache keeps them: every frame up to `max_frames` (evenly spread over the clip
+        when it has more), each resized to size x size; uint8 (max_frames, C, size, size) and the count kept."""
+        import torchvision.transforms.v2.functional as TF
 
-    def __call__(self, path: str, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        items = self.read_all(path)
-        idx = media.segment_indices(len(items), self.frames, train, generator)
-        images = [items[i] if not isinstance(items[i], (str, Path, bytes)) else media.read_image(items[i])
-                  for i in idx]
-        return self.transform(train)(images, generator)
-
-
-def cache_frames(n: int, images, channels: int, size: int, max_frames: int) -> tuple[np.ndarray, int]:
-    """A clip's frames as the cache keeps them: every frame up to `max_frames` (evenly spread over the clip when
-    it has more), `images(j)` -> frame j as PIL images of `channels` channels in all, each resized to size x size;
-    uint8 (max_frames, channels, size, size) and the number of frames kept."""
-    import torchvision.transforms.v2.functional as TF
-
-    pick = np.linspace(0, n - 1, max_frames).round().astype(int) if n > max_frames else range(n)
-    out = np.zeros((max_frames, channels, size, size), dtype=np.uint8)
-    for k, j in enumerate(pick):
-        out[k] = np.concatenate([TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True).numpy()
-                                 for img in images(j)])
-    return out, len(pick)
+        items = self.items(clip, modality)
+        n = min(map(len, items))
+        pick = np.linspace(0, n - 1, max_frames).round().astype(int) if n > max_frames else range(n)
+        out = np.zeros((max_frames, self.shape[1], size, size), dtype=np.uint8)
+        for k, j in enumerate(pick):
+            out[k] = np.concatenate([TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True).numpy()
+                                     for img in self.images(items, j)])
+        return out, len(pick)
 
 
 class AudioReader:
-    """Audio modality reader: a waveform (wav via soundfile, any container via PyAV) turned into a
-    spectrogram by `recipe`, or a pre-computed spectrogram array (.npy/.pkl/.pt) used as it is.
+    """Audio reader: a waveform (wav via soundfile, any container via PyAV) turned into a spectrogram by `recipe`,
+    or a stored spectrogram array (.npy/.pkl/.pt) used as it is.
 
     recipes (datasets.md §1): 'stft_log' (OGM-GE CREMA-D: `sr` 22050, `seconds` 3, tiled, n_fft 512, hop 353,
-    log|S|; VGGSound: sr 16000, seconds 5, n_fft 256, hop 128), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000,
-    128 mel bins, 1024 frames). Arrays are returned as (1, F, T) float32 (see `spectrogram_from_array` for the
-    one time-first format, OGM-GE's (1024, 128) fbank, which is transposed).
+    log|S|; VGGSound: sr 16000, n_fft 256, hop 128), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000, 128 mel bins,
+    1024 frames). Arrays are returned as (1, F, T) float32 (`spectrogram_from_array`); `shape` pins them: a clip
+    of another shape is a DataError naming it, not a collate crash.
     """
 
     kind = "spectrogram"
 
     def __init__(self, source: str = "wav", recipe: str = "stft_log", sr: int = 22050, seconds: float = 3.0,
                  n_fft: int = 512, hop_length: int = 353, pad_mode: str = "constant", num_mel_bins: int = 128,
-                 target_frames: int = 1024, fit: str = "tile", crop: str = "start", shape: Sequence[int] | None = None):
+                 target_frames: int = 1024, shape: Sequence[int] | None = None):
         if source not in ("wav", "video", "array"):
             raise ValueError(f"AudioReader source={source!r}; expected wav, video or array")
         if recipe not in ("stft_log", "kaldi_fbank"):
             raise ValueError(f"AudioReader recipe={recipe!r}; expected stft_log or kaldi_fbank")
         self.source, self.recipe, self.sr, self.seconds = source, recipe, int(sr), float(seconds)
         self.n_fft, self.hop_length, self.pad_mode = int(n_fft), int(hop_length), pad_mode
-        self.num_mel_bins, self.target_frames, self.fit, self.crop = int(num_mel_bins), int(target_frames), fit, crop
+        self.num_mel_bins, self.target_frames = int(num_mel_bins), int(target_frames)
         self._shape = tuple(shape) if shape is not None else None
 
     @property
@@ -140,31 +140,19 @@ class AudioReader:
             return self._shape
         if self.recipe == "kaldi_fbank":
             return (1, self.num_mel_bins, self.target_frames)
-        samples = int(round(self.sr * self.seconds))
-        return (1, self.n_fft // 2 + 1, samples // self.hop_length + 1)
+        return (1, self.n_fft // 2 + 1, int(round(self.sr * self.seconds)) // self.hop_length + 1)
 
-    def waveform(self, path: str, train: bool, generator: torch.Generator | None = None) -> np.ndarray:
-        wave = media.read_wav(path, self.sr)[0] if self.source == "wav" else media.decode_audio(path, self.sr)
-        if self.recipe == "kaldi_fbank":
-            return wave
-        length = int(round(self.sr * self.seconds))
-        if self.crop == "random_train" and len(wave) > length:
-            # a random window in training, the centre at evaluation (OGM-GE crops randomly at test too: not here)
-            start = int(torch.randint(len(wave) - length + 1, (1,), generator=generator)) if train \
-                else (len(wave) - length) // 2
-            wave = wave[start:]
-        return media.fit_length(wave, length, self.fit)
-
-    def __call__(self, path: str, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        if self.source == "array":  # used as stored; with a pinned shape every clip must have it (not a collate crash)
+    def __call__(self, path: str, train: bool = False) -> Tensor:
+        if self.source == "array":
             x = spectrogram_from_array(media.load_array(path), path)
             if self._shape is not None and tuple(x.shape) != self._shape:
                 raise DataError(f"{path}: spectrogram of shape {tuple(x.shape)}, expected {self._shape} like the "
                                 "other clips")
             return x
-        wave = self.waveform(path, train, generator)
+        wave = media.read_wav(path, self.sr)[0] if self.source == "wav" else media.decode_audio(path, self.sr)
         if self.recipe == "kaldi_fbank":
             return media.kaldi_fbank(wave, self.sr, self.num_mel_bins, self.target_frames)
+        wave = media.fit_length(wave, int(round(self.sr * self.seconds)))
         return media.stft_log_spectrogram(wave, self.n_fft, self.hop_length, self.pad_mode)
 
 
@@ -177,8 +165,7 @@ def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
 
     (F, T) gains a channel. The one stored time-first format in the reference repos is OGM-GE's Kaldi fbank,
     (frames, mel bins) = (1024, 128): a 2-D array whose second axis is a mel-bin count and whose first axis is
-    longer is taken to be (T, F) and transposed. A linear |STFT| such as (257, 188) is never transposed, whatever
-    its length.
+    longer is taken to be (T, F) and transposed. A linear |STFT| such as (257, 188) is never transposed.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 3 and x.shape[0] == 1:
@@ -186,7 +173,7 @@ def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
     if x.ndim != 2:
         raise DataError(f"{path}: expected a 2-D spectrogram (or (1, F, T)), got shape {x.shape}")
     if x.shape[1] in MEL_BIN_COUNTS and x.shape[0] > x.shape[1]:
-        x = x.T  # OGM-GE's fbank is stored (frames, bins)
+        x = x.T
     if not np.isfinite(x).all():  # a stored array is used as it is: its NaN/Inf would reach the model
         raise DataError(f"{path}: the stored spectrogram holds {int(np.isnan(x).sum())} NaN and "
                         f"{int(np.isinf(x).sum())} Inf values; fix or remove that file")
@@ -205,11 +192,28 @@ def stored_audio(paths: Sequence[str]) -> AudioReader:
     raise first_error or DataError("no clip to read a stored spectrogram's shape from")
 
 
+def av_readers(kinds: dict[str, str], clips: Sequence[Clip], audio: Callable[[str], AudioReader], *,
+               frames: int = 3, image_size: int = 224, augment: str = "none", video_fps: float = 1.0) -> dict:
+    """Audio, then visual (the fusion order of OGM-GE and BalanceBenchmark): stored spectrogram arrays used as they
+    are, else `audio(kind)`, the dataset's recipe; frames of `kinds['visual']`, videos decoded at `video_fps`."""
+    return {"audio": stored_audio([c.sources["audio"] for c in clips]) if kinds["audio"] == "array" else
+            audio(kinds["audio"]), "visual": FrameReader(kinds["visual"], frames, image_size, augment, video_fps)}
+
+
 Reader = FrameReader | AudioReader
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # datasets
+
+
+def _frames_input(reader: FrameReader, frames: list, train: bool, drawn: dict, generator) -> Tensor:
+    """A modality's sampled frames through its transform with the clip's one augmentation draw: the first frame
+    modality draws it, the others reuse it (UCF-101: one flip and crop for RGB and optical flow)."""
+    tf, hw = reader.transform(train), media.frame_size(frames[0])
+    if not drawn:
+        drawn.update(params=tf.draw(*hw, generator), hw=hw)
+    return tf(frames, params=media.move_crop(drawn["params"], drawn["hw"], hw))
 
 
 class ClipDataset(Dataset):
@@ -222,11 +226,15 @@ class ClipDataset(Dataset):
         return len(self.clips)
 
     def __getitem__(self, i: int) -> dict:
-        clip = self.clips[i]
-        inputs = {}
+        return self.item(i)
+
+    def item(self, i: int, generator: torch.Generator | None = None) -> dict:
+        """Item i, its frame sampling and augmentation drawn from `generator` (default: torch's global one)."""
+        clip, inputs, drawn = self.clips[i], {}, {}
         for m, reader in self.readers.items():
             try:
-                inputs[m] = reader(clip.sources[m], self.train)
+                inputs[m] = reader(clip.sources[m], self.train) if reader.kind != "frames" else \
+                    _frames_input(reader, reader.sample(clip, m, self.train, generator), self.train, drawn, generator)
             except DataError as exc:
                 raise DataError(f"clip {clip.id!r} ({m}): {exc}") from None
         return {"inputs": inputs, "label": clip.label, "index": i}
@@ -235,10 +243,10 @@ class ClipDataset(Dataset):
 class CachedClipDataset(Dataset):
     """Reads the prepared cache (see `write_clip_cache`) with the same sampling and transforms as the raw path."""
 
-    def __init__(self, cache_dir: str | Path, rows: np.ndarray, labels: np.ndarray, readers: dict[str, Reader],
+    def __init__(self, cache_dir: str | Path, rows: np.ndarray, clips: Sequence[Clip], readers: dict[str, Reader],
                  train: bool):
-        self.cache_dir, self.rows, self.labels = Path(cache_dir), np.asarray(rows), np.asarray(labels)
-        self.readers, self.train = readers, train
+        self.cache_dir, self.rows, self.clips = Path(cache_dir), np.asarray(rows), list(clips)
+        self.labels, self.readers, self.train = np.array([c.label for c in self.clips]), readers, train
         self._arrays: dict[str, np.ndarray] | None = None  # opened lazily: memmaps do not pickle to workers well
 
     def arrays(self) -> dict:
@@ -263,12 +271,14 @@ class CachedClipDataset(Dataset):
         return {**self.__dict__, "_arrays": None}
 
     def __getitem__(self, i: int) -> dict:
-        row, arrays, inputs = int(self.rows[i]), self.arrays(), {}
+        return self.item(i)
+
+    def item(self, i: int, generator: torch.Generator | None = None) -> dict:
+        row, arrays, inputs, drawn = int(self.rows[i]), self.arrays(), {}, {}
         for m, reader in self.readers.items():
             if reader.kind == "frames":
-                inputs[m] = reader.transform(self.train)(list(self.frames(i, m)))
-            else:
-                # copy the float16 row out of the memmap, then widen with torch (4x faster than numpy's cast)
+                inputs[m] = _frames_input(reader, list(self.frames(i, m, generator)), self.train, drawn, generator)
+            else:  # copy the float16 row out of the memmap, then widen with torch (4x faster than numpy's cast)
                 inputs[m] = torch.from_numpy(np.array(arrays[m][row])).float()
         return {"inputs": inputs, "label": int(self.labels[i]), "index": i}
 
@@ -307,24 +317,21 @@ def _cache_one(task: tuple) -> tuple[int, str | None]:
     try:
         for j, (m, reader) in enumerate(readers.items()):
             if reader.kind == "frames":
-                frames, n = reader.cache_rows(clip, m, size, max_frames)
-                array = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
-                array[row] = frames
-                array.flush()
-                nf = np.load(Path(cache_dir) / "n_frames.npy", mmap_mode="r+")
-                nf[row, j] = n
-                nf.flush()
+                value, n = reader.cache_rows(clip, m, size, max_frames)
+                counts = np.load(Path(cache_dir) / "n_frames.npy", mmap_mode="r+")
+                counts[row, j] = n
+                counts.flush()
             else:
-                spec = reader(clip.sources[m], train=False).numpy()
-                if spec.shape != shapes[m]:
-                    return row, f"{m}: spectrogram shape {spec.shape}, expected {shapes[m]} like the other clips"
-                spec = spec.astype(np.float16)
-                if not np.isfinite(spec).all():  # float16 ends at 65504: a loud magnitude overflows to Inf
-                    return row, (f"{m}: the spectrogram of {clip.sources[m]!r} holds {int(np.isnan(spec).sum())} "
-                                 f"NaN and {int(np.isinf(spec).sum())} Inf values in float16")
-                arr = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
-                arr[row] = spec
-                arr.flush()
+                value = reader(clip.sources[m], train=False).numpy()
+                if value.shape != shapes[m]:
+                    return row, f"{m}: spectrogram shape {value.shape}, expected {shapes[m]} like the other clips"
+                value = value.astype(np.float16)
+                if not np.isfinite(value).all():  # float16 ends at 65504: a loud magnitude overflows to Inf
+                    return row, (f"{m}: the spectrogram of {clip.sources[m]!r} holds {int(np.isnan(value).sum())} "
+                                 f"NaN and {int(np.isinf(value).sum())} Inf values in float16")
+            array = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
+            array[row] = value
+            array.flush()
     except DataError as exc:
         return row, str(exc)
     return row, None
@@ -334,12 +341,11 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
                      max_frames: int = 10) -> dict:
     """Decode every clip once into memory-mapped arrays in ctx.out (resumable: rows already done are skipped).
 
-    Frames: every frame of the clip up to `max_frames` (evenly spread beyond), resized to size×size, uint8
-    (N, max_frames, 3, S, S) in `<modality>.npy`, with the true count in `n_frames.npy`; training then samples
-    and augments them exactly like the raw path. Spectrograms: the reader's evaluation output (deterministic),
-    float16 (N, 1, F, T). Clips that fail to decode, or whose spectrogram is not finite, are recorded with
-    ctx.problem and marked not-done (the loaders skip them, with a count in the log). Each array's non-finite
-    scan is recorded next to it, so runs do not scan the cache.
+    Frames: `FrameReader.cache_rows`, uint8 (N, max_frames, C, S, S) in `<modality>.npy`, with the true count in
+    `n_frames.npy`; training then samples and augments them exactly like the raw path. Spectrograms: the reader's
+    evaluation output (deterministic), float16 (N, 1, F, T). Clips that fail to decode, or whose spectrogram is
+    not finite, are recorded with ctx.problem and stay not-done in done.npy (the loaders skip them, with a count;
+    the next prepare retries them). Each array's non-finite scan is recorded next to it, so runs do not scan it.
     """
     from numpy.lib.format import open_memmap
 
@@ -362,12 +368,10 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
         np.save(out / "n_frames.npy", np.zeros((n, len(readers)), dtype=np.int16))
         np.save(done_path, np.zeros(n, dtype=bool))
         meta_path.write_text(json.dumps(meta))
-    # done.npy is saved after every chunk of rows, so an interrupted prepare resumes where it stopped; a row that
-    # fails is recorded with ctx.problem and stays not-done (retried next time)
     done = np.load(done_path)
     todo = [i for i in range(n) if not done[i]]
     failed = 0
-    for start in range(0, len(todo), 256):
+    for start in range(0, len(todo), 256):  # done.npy is saved after every chunk: an interrupted prepare resumes
         tasks = [(i, clips[i], readers, str(out), size, max_frames, shapes) for i in todo[start:start + 256]]
         for row, error in ctx.map(_cache_one, tasks, desc="caching clips"):
             if error is None:
@@ -376,9 +380,8 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
                 failed += 1
                 ctx.problem(clips[row].id, error)
         np.save(done_path, done)
-    # Scan each array once here (it is fresh in the page cache) and record the result next to it, so runs read that
-    # record instead of the cache. Rows that hold NaN/Inf although done (cached before this check, or changed since)
-    # are reported and marked not-done: left out now, decoded again by the next prepare.
+    # Scan each array once here (it is fresh in the page cache) and record the result next to it. Rows that hold
+    # NaN/Inf although done (cached before this check, or changed since) are reported and marked not-done.
     dropped: set[int] = set()
     for m in readers:
         for row, (nan, inf) in sorted(finite.cached_row_counts(out / f"{m}.npy").items()):
@@ -413,14 +416,12 @@ def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.nd
 
 
 def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: list[str], *, val_fraction: float,
-                split_seed: int, cache_dir: str | Path | None = None, notes: dict | None = None,
-                make: Callable[[list[Clip], bool, np.ndarray | None], Dataset] | None = None) -> DataSplits:
+                split_seed: int, cache_dir: str | Path | None = None, notes: dict | None = None) -> DataSplits:
     """DataSplits from clips whose split is train/val/test. Without any 'val' clip, validation is carved from
-    train (stratified, seeded, `val_fraction`), as the settled choices say (docs/architecture.md); otherwise the dataset's own is used.
+    train (stratified, seeded, `val_fraction`: the settled choice); otherwise the dataset's own is used.
 
     `cache_dir`: read the prepared cache there (clips it lacks -- they failed to decode at prepare -- are left
-    out, counted in the notes and the log, never silently) after the finite-input check of the rows used.
-    `make(clips, train, cache rows or None)`: the dataset of a split (default ClipDataset / CachedClipDataset)."""
+    out, counted in the notes and the log, never silently) after the finite-input check of the rows used."""
     by_split = {s: [c for c in clips if c.split == s] for s in SPLITS}
     if not by_split["train"] or not by_split["test"]:
         raise DataError(f"the clip list has {len(by_split['train'])} train and {len(by_split['test'])} test clips; "
@@ -432,33 +433,26 @@ def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: 
         keep, held = stratified_split(np.array([c.label for c in train]), val_fraction, split_seed)
         by_split["train"], by_split["val"] = [train[i] for i in keep], [train[i] for i in held]
         val_source = f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed})"
-    make = make or (lambda items, train, rows: ClipDataset(items, readers, train) if rows is None else
-                    CachedClipDataset(cache_dir, rows, np.array([c.label for c in items]), readers, train))
-
-    def dataset(split: str) -> Dataset:
-        items, train = by_split[split], split == "train"
-        if cache_dir is None:
-            return make(items, train, None)
-        rows, kept = load_clip_cache(cache_dir, items)
-        kept_ids = {c.id for c in kept}
-        uncached.extend(c.id for c in items if c.id not in kept_ids)
-        return make(kept, train, rows)
-
-    uncached: list[str] = []
-    specs = {m: ModalitySpec(r.kind, tuple(r.shape)) for m, r in readers.items()}
-    datasets = {s: dataset(s) for s in SPLITS}
     notes = dict(notes or {})
-    if cache_dir is not None:
+    if cache_dir is None:
+        datasets = {s: ClipDataset(by_split[s], readers, s == "train") for s in SPLITS}
+    else:
+        datasets, uncached = {}, []
+        for s in SPLITS:
+            rows, kept = load_clip_cache(cache_dir, by_split[s])
+            kept_ids = {c.id for c in kept}
+            uncached += [c.id for c in by_split[s] if c.id not in kept_ids]
+            datasets[s] = CachedClipDataset(cache_dir, rows, kept, readers, s == "train")
         if uncached:
             log.warning("%s: %d clips of manifest.csv are not in its cache (they failed to decode at prepare; see "
                         "prepare_report.txt) and are left out: %s%s", cache_dir, len(uncached),
                         ", ".join(uncached[:5]), " ..." if len(uncached) > 5 else "")
-        notes["uncached_clips"] = len(uncached)
-        notes["cached_clips"] = sum(len(d) for d in datasets.values())
+        notes.update(uncached_clips=len(uncached), cached_clips=sum(len(d) for d in datasets.values()))
         # uint8 frames hold no NaN and are not read, but this opens every array: a broken one fails here
         used = [(m, s, Path(cache_dir) / f"{m}.npy", d.rows) for m in readers for s, d in datasets.items()]
         finite.check_cached(f"prepared cache {str(cache_dir)!r} (<modality>.npy)", used,
                             "the cache was changed after `mmbalance prepare` checked it; run prepare again (it lists, "
                             "leaves out and re-decodes such clips)")
+    specs = {m: ModalitySpec(r.kind, tuple(r.shape)) for m, r in readers.items()}
     return DataSplits(datasets["train"], datasets["val"], datasets["test"], specs, len(class_names),
                       list(class_names), val_source=val_source, notes=notes)

@@ -29,6 +29,11 @@ Labels (``label_mode``) from the sentiment score y in [-3, 3]:
 * ``7class``: clip to [-3, 3] and round to the nearest integer (numpy's round-half-to-even, as MulT's and
   MMSA's Acc-7 evaluation), shifted to 0..6 with class names "-3" .. "+3".
 
+Task (``task``): ``classification`` (the default, BalanceBenchmark's protocol) uses the ``label_mode`` classes above;
+``regression`` (MulT's and MMSA's protocol) keeps every sample and its score y in [-3, 3] as a float label, the
+model gets one output (``num_classes`` 1) and trains with ``loss`` (auto = L1, as MulT; or mse); ``label_mode`` does
+not apply (the shared ``collate_batch`` keeps float labels float). Metrics: ``mmbalance.metrics.regression``.
+
 Splits: MOSEI's own train / valid / test (a settled choice, docs/architecture.md: its own validation split is used for model selection).
 
 ``mmbalance prepare cmu_mosei --root RAW --out PREP`` unpickles once and writes a memory-mappable cache:
@@ -47,6 +52,7 @@ import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -57,6 +63,7 @@ from mmbalance.data.batch import DataSplits, ModalitySpec
 from mmbalance.data.layout import option_path
 from mmbalance.data.prepare import CACHE_META, CLASSES, MANIFEST, PrepareContext, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError, UserError
+from mmbalance.metrics.regression import TASKS, resolve_loss
 
 log = logging.getLogger("mmbalance")
 
@@ -81,6 +88,8 @@ LABEL_MODES = {
     "binary_drop_zero": ["negative", "positive"],
     "7class": ["-3", "-2", "-1", "0", "+1", "+2", "+3"],
 }
+# the internal label mode of dataset.task=regression: the float scores themselves, one model output
+REGRESSION = "regression"
 CACHE_VERSION = 1
 VAL_SOURCE = "CMU-MOSEI's own validation split ('valid' in the pickle)"
 _CHUNK = 1024  # samples per cleaning step: bounds the temporary isfinite mask for multi-GB arrays
@@ -373,13 +382,17 @@ def read_source(path: Path, modalities: list[str], text_key: str = "auto", layou
 
 class SequenceDataset(Dataset):
     """Samples `rows` of per-modality arrays (in memory, or .npy files opened lazily as read-only memmaps so
-    that DataLoader workers each map the file instead of receiving a pickled copy)."""
+    that DataLoader workers each map the file instead of receiving a pickled copy).
+
+    Labels are int64 classes, or float32 scores with `regression` (a sample's label is then a Python float,
+    which `collate_batch` keeps float)."""
 
     def __init__(self, sources: dict[str, np.ndarray | Path], rows: np.ndarray, labels: np.ndarray,
-                 ids: list[str]):
+                 ids: list[str], regression: bool = False):
         self.sources = dict(sources)
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)  # read by methods that stratify
+        # classes are read by methods that stratify; scores by the regression loss and metrics
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32 if regression else torch.long)
         self.ids = list(ids)
         if not (len(self.rows) == len(self.labels) == len(self.ids)):
             raise ValueError("rows, labels and ids must have the same length")
@@ -401,10 +414,13 @@ class SequenceDataset(Dataset):
         for m, a in self.arrays().items():
             # np.array copies: a writable tensor, never a view into the read-only memmap
             inputs[m] = torch.from_numpy(np.array(a[row], dtype=np.int64 if a.dtype.kind in "iu" else np.float32))
-        return {"inputs": inputs, "label": int(self.labels[i]), "index": i}
+        return {"inputs": inputs, "label": self.labels[i].item(), "index": i}
 
 
 def _make_split(sources: dict, y: np.ndarray, ids: list[str], label_mode: str) -> tuple[SequenceDataset, int]:
+    if label_mode == REGRESSION:  # every sample, its score as the label
+        y = np.asarray(y, dtype=np.float32).reshape(-1)
+        return SequenceDataset(sources, np.arange(len(y)), y, list(ids), regression=True), 0
     labels, keep = sentiment_labels(y, label_mode)
     rows = np.flatnonzero(keep)
     return SequenceDataset(sources, rows, labels, [ids[r] for r in rows]), int((~keep).sum())
@@ -418,6 +434,8 @@ def build_cmu_mosei(
     label_mode: str = "binary_nonneg",
     modalities: list[str] | None = None,
     text_key: str = "auto",
+    task: Literal["classification", "regression"] = "classification",
+    loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto",
 ) -> DataSplits:
     """CMU-MOSEI as DataSplits of (T, D) `sequence` modalities audio, vision, text (in `modalities` order).
 
@@ -426,10 +444,17 @@ def build_cmu_mosei(
     (50 steps) or unaligned pickle; BalanceBenchmark's recipe is `if_align: false`, hence the default.
     layout: auto | mult | mmsa. label_mode: binary_nonneg (BalanceBenchmark, 0 counts as non-negative) |
     binary_drop_zero | 7class (see the module docstring). text_key: auto (`text` features) | text |
-    text_bert (MMSA token ids as a `tokens` modality).
+    text_bert (MMSA token ids as a `tokens` modality). task: classification (the `label_mode` classes) |
+    regression (float scores, one model output; `label_mode` does not apply). loss: the training loss of the
+    task, read by the run (auto: cross-entropy, or L1 for regression as MulT; l1 | mse for regression).
     """
     prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _check_options(layout, label_mode, text_key, modalities)
+    if task not in TASKS:
+        raise UserError(f"dataset.task={task!r}; expected one of {list(TASKS)}")
+    resolve_loss(task, loss)  # a loss that does not fit the task is refused here, before any file is read
+    if task == "regression":
+        label_mode = REGRESSION  # from here on the "label mode" of float scores
     if prepared:
         return _build_prepared(Path(prepared).expanduser(), aligned, label_mode, mods, text_key)
     if not root:
@@ -455,9 +480,16 @@ def _notes(layout, file, aligned, label_mode, text_source, replaced, dropped, da
         "label_mode": label_mode,
         "text": text_source,
         "nonfinite_replaced": dict(replaced),
-        "class_counts": {s: np.bincount(d.labels.numpy(), minlength=len(LABEL_MODES[label_mode])).tolist()
-                         for s, d in datasets.items()},
     }
+    if label_mode == REGRESSION:
+        notes["task"] = "regression"
+        notes["label_mode"] = None  # label_mode does not apply to scores
+        # how many scores are negative, zero, positive: the zeros are what the two acc-2 conventions treat apart
+        notes["score_signs"] = {s: [int((d.labels < 0).sum()), int((d.labels == 0).sum()), int((d.labels > 0).sum())]
+                                for s, d in datasets.items()}
+    else:
+        notes["class_counts"] = {s: np.bincount(d.labels.numpy(), minlength=len(LABEL_MODES[label_mode])).tolist()
+                                 for s, d in datasets.items()}
     if label_mode == "binary_drop_zero":
         notes["dropped_zero"] = dict(dropped)
     log.info("cmu_mosei: %s layout (%s, %s), %s; non-finite values replaced by 0: %s", layout,
@@ -467,9 +499,10 @@ def _notes(layout, file, aligned, label_mode, text_source, replaced, dropped, da
 
 
 def _splits(datasets, specs, mods, label_mode, notes) -> DataSplits:
+    # regression: one output, the predicted score
+    names = ["sentiment score"] if label_mode == REGRESSION else list(LABEL_MODES[label_mode])
     return DataSplits(datasets["train"], datasets["val"], datasets["test"], {m: specs[m] for m in mods},
-                      len(LABEL_MODES[label_mode]), list(LABEL_MODES[label_mode]), val_source=VAL_SOURCE,
-                      notes=notes)
+                      len(names), names, val_source=VAL_SOURCE, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

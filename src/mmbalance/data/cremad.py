@@ -13,16 +13,11 @@ Reads any of the three on-disk layouts people have (datasets.md §2), autodetect
 Clip names are ``<actor>_<sentence>_<EMO>_<level>`` (``1001_DFA_ANG_XX``): the emotion and the speaker come from
 the name, so no metadata file is needed.
 
-Recipes (the defaults reproduce the references):
-* audio from wav: OGM-GE's ``CramedDataset`` -- 22,050 Hz, tiled to 3 s, |STFT| with n_fft 512, hop 353, Hann,
-  centred, log(|S| + 1e-7) -> (1, 257, 188). ``pad_mode`` is explicit: OGM-GE (2022) ran librosa < 0.10, whose
-  centre padding was 'reflect' (the default here); 'constant' matches librosa >= 0.10 (datasets.md §6.4);
-* audio from ``.pt``: the BalanceBenchmark / MMPareto array used as it is (its recipe is undocumented; a
-  maintainer said it is OGM-GE's Kinetics-Sounds fbank script, stored as .pt);
-* visual: ``frames`` frames per clip (BalanceBenchmark's CREMA-D ``fps: 2`` = 2 frames): the clip's frames are
-  split into that many segments, a random frame of each in training and the centre one at evaluation;
-  RandomResizedCrop + horizontal flip drawn once per clip in training, Resize((S, S)) at evaluation, ImageNet
-  normalisation; (T, 3, S, S) with S = ``image_size`` (224 in the paper).
+Recipes (the defaults reproduce the references): audio from wav is OGM-GE's ``CramedDataset`` (`make_readers`);
+``pad_mode`` is explicit: OGM-GE (2022) ran librosa < 0.10, whose centre padding was 'reflect' (the default here),
+'constant' matches librosa >= 0.10 (datasets.md §6.4). Audio from ``.pt`` is the BalanceBenchmark / MMPareto array
+used as it is (its recipe is undocumented; a maintainer said it is OGM-GE's Kinetics-Sounds fbank script). Visual:
+``frames`` frames per clip (BalanceBenchmark's CREMA-D ``fps: 2`` = 2 frames), the audio-visual frame recipe.
 
 Label maps (persisted in ``classes.json`` by prepare, recorded in the run's notes):
 * ``ogmge`` (default): NEU HAP SAD FEA DIS ANG -> 0..5, hard-coded by OGM-GE and by BalanceBenchmark, whose
@@ -37,8 +32,6 @@ Splits (``split``):
   like OGM-GE's lists it is NOT speaker-independent;
 * ``speaker``: speaker-disjoint by actor id (new; recommended when the claim is generalisation to new people):
   ``test_fraction`` of the actors are test actors, ``val_fraction`` of the rest validation actors.
-Validation is carved from train (stratified, seeded, ``val_fraction``) unless a ``val_split`` file is given or
-the split is by speaker (docs/architecture.md "Settled choices").
 """
 
 from __future__ import annotations
@@ -53,19 +46,17 @@ import numpy as np
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, stratified_split
-from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits, stored_audio
-from mmbalance.data.layout import (Candidate, DirIndex, candidate_list, dataset_root, first_present, option_path,
-                                   prepare_clips, prepared_splits, walk_dirs)
+from mmbalance.data.clips import AudioReader, Clip, av_readers, clip_splits
+from mmbalance.data.layout import (Candidate, DirIndex, candidate_list, dataset_root, find_media, first_present,
+                                   option_path, prepare_clips, prepared_splits, walk_dirs)
 from mmbalance.data.prepare import PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
 
 EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
-LABEL_MAPS = {
-    "ogmge": ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"],  # OGM-GE / BalanceBenchmark
-    "sorted": sorted(EMOTIONS),  # MMPareto / Diagnosing
-}
+# OGM-GE / BalanceBenchmark's order, and MMPareto / Diagnosing's
+LABEL_MAPS = {"ogmge": ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"], "sorted": sorted(EMOTIONS)}
 # <actor>_<sentence>_<EMO>_<level>, e.g. 1001_DFA_ANG_XX (levels LO, MD, HI, XX)
 CLIP_NAME = re.compile(r"^(?P<actor>\d+)_(?P<sentence>[A-Za-z]+)_(?P<emotion>[A-Za-z]{3})_(?P<level>[A-Za-z]+)$")
 SPLIT_MODES = ("auto", "files", "stratified", "speaker")
@@ -74,11 +65,8 @@ SPLIT_MODES = ("auto", "files", "stratified", "speaker")
 VISUAL = (("jpgdir", ("visual", "Image-01-FPS")), ("video", ("VideoFlash",)))
 AUDIO = (("array", ("audio",)), ("wav", ("AudioWAV",)), ("video", ("VideoFlash",)))
 AUDIO_KINDS = {"auto": ("array", "wav", "video"), "wav": ("wav",), "pt": ("array",), "video": ("video",)}
-LAYOUTS = {  # name -> (visual folder, audio folder)
-    "raw": ("VideoFlash", "AudioWAV"),
-    "ogmge": ("Image-01-FPS", "AudioWAV"),
-    "balancebenchmark": ("visual", "audio"),
-}
+LAYOUTS = {"raw": ("VideoFlash", "AudioWAV"), "ogmge": ("Image-01-FPS", "AudioWAV"),  # name -> (visual, audio)
+           "balancebenchmark": ("visual", "audio")}
 KIND_NAMES = {"jpgdir": "frame folders", "video": "videos", "wav": "wav files", "array": "spectrogram arrays"}
 # folders that hold media, never split files: not searched for train.csv/test.csv
 MEDIA_DIRS = {"AudioWAV", "AudioMP3", "VideoFlash", "Image-01-FPS", "visual", "audio", "frames"}
@@ -87,9 +75,7 @@ MEDIA_DIRS = {"AudioWAV", "AudioMP3", "VideoFlash", "Image-01-FPS", "visual", "a
 def parse_clip_name(name: str) -> tuple[str, str] | None:
     """(actor, EMO) from a CREMA-D clip name, or None when the name does not follow the convention."""
     m = CLIP_NAME.match(name)
-    if m is None or m["emotion"].upper() not in EMOTIONS:
-        return None
-    return m["actor"], m["emotion"].upper()
+    return (m["actor"], m["emotion"].upper()) if m and m["emotion"].upper() in EMOTIONS else None
 
 
 def class_names_for(label_map: str) -> list[str]:
@@ -110,11 +96,10 @@ class Layout:
     audio: Candidate
     index: DirIndex
 
-    def ids(self, modality: str) -> dict[str, Path]:
-        """Every clip the modality's folder has a file (or frame folder) for."""
-        c = getattr(self, modality)
-        folder = c.folder_for(self.base, "")
-        return {i: folder / (i + c.suffix) for i in self.index.stems(folder, c.suffix, c.is_dir)}
+    def names(self) -> set[str]:
+        """Every clip name either modality's folder has a file (or frame folder) for."""
+        return {i for c in (self.visual, self.audio) for i in self.index.stems(c.folder_for(self.base, ""), c.suffix,
+                                                                               c.is_dir)}
 
     def describe(self, modality: str) -> str:
         c = getattr(self, modality)
@@ -123,13 +108,9 @@ class Layout:
 
 def detect_layout(root: str | Path, layout: str = "auto", audio: str = "auto", visual_dir: str | None = None,
                   audio_dir: str | None = None) -> Layout:
-    """Find the CREMA-D media under `root` (or one folder below it) and say which known layout matched.
-
-    Visual preference: frame folders (``visual/``, then ``Image-01-FPS/``) over decoding ``VideoFlash/*.flv``.
-    Audio (`audio`): auto = ``audio/*.pt`` when present (the BalanceBenchmark layout), else ``AudioWAV/*.wav``,
-    else the flv's own audio track; wav | pt | video force one. `visual_dir` / `audio_dir` (relative to root
-    or absolute) override the folders; their content decides the kind.
-    """
+    """Find the CREMA-D media under `root` (or one folder below it) in the order of the layout table and say which
+    known layout matched. `audio` (wav | pt | video) forces one kind; `visual_dir` / `audio_dir` (relative to root
+    or absolute) override the folders, and their content decides the kind."""
     root = dataset_root(root, "CREMA-D")
     if layout not in ("auto", *LAYOUTS):
         raise DataError(f"dataset.layout={layout!r}; expected auto or one of {sorted(LAYOUTS)}")
@@ -156,12 +137,9 @@ def detect_layout(root: str | Path, layout: str = "auto", audio: str = "auto", v
         if vis is not None and aud is not None:
             pair = (Path(vis.folder).name, Path(aud.folder).name)
             return Layout(next((n for n, f in LAYOUTS.items() if f == pair), "mixed"), base, vis, aud, index)
-    if layout != "auto":
-        v, a = LAYOUTS[layout]
-        expected = f"{v}/ and {a}/ (layout {layout!r})"
-    else:
-        expected = ("AudioWAV/ + VideoFlash/ (raw release), Image-01-FPS/ + AudioWAV/ (OGM-GE) or "
-                    "visual/ + audio/ (MMPareto / BalanceBenchmark)")
+    expected = (f"{LAYOUTS[layout][0]}/ and {LAYOUTS[layout][1]}/ (layout {layout!r})" if layout != "auto" else
+                "AudioWAV/ + VideoFlash/ (raw release), Image-01-FPS/ + AudioWAV/ (OGM-GE) or visual/ + audio/ "
+                "(MMPareto / BalanceBenchmark)")
     raise DataError(f"CREMA-D: no known layout under {str(root)!r}: expected {expected}, in it or one folder below"
                     + (f"; audio={audio!r} was requested" if audio != "auto" else ""))
 
@@ -255,67 +233,13 @@ def assign_splits(root: Path, ids: list[str], split: str, train_split, test_spli
     return generated_split(ids, "speaker" if split == "speaker" else "stratified", test_fraction, val_fraction, seed)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# clip list
-
-
-def collect_clips(layout: Layout, split_of: dict[str, str], class_names: list[str],
-                  ids_from_files: bool) -> tuple[list[Clip], dict, list[tuple[str, str]]]:
-    """The clips whose files are all present, plus counts and the list of (path, why) for the others.
-
-    Without split files the clip set is every name either modality has (so a clip with its wav but no video is
-    counted missing, not silently dropped). Empty files and empty frame folders count as unreadable; full
-    decoding is checked by `prepare` (corrupt files found on the fly raise a DataError naming the clip).
-    """
-    have = {"visual": layout.ids("visual"), "audio": layout.ids("audio")}
-    names = set(split_of) if ids_from_files else set(have["visual"]) | set(have["audio"])
-    problems: list[tuple[str, str]] = []
-    ignored = sorted(n for n in names if parse_clip_name(n) is None)
-    clips, missing, unreadable = [], 0, 0
-    unlisted = len((set(have["visual"]) | set(have["audio"])) - set(split_of) - set(ignored)) if ids_from_files else 0
-    for clip_id in sorted(set(names) - set(ignored), key=media.natural_key):
-        if clip_id not in split_of:
-            continue
-        sources, bad = {}, False
-        for m in ("audio", "visual"):
-            path, src = have[m].get(clip_id), getattr(layout, m)
-            if path is None:
-                problems.append((str(src.folder_for(layout.base, "")) + os.sep + clip_id + src.suffix,
-                                 f"missing {m} file"))
-                missing, bad = missing + 1, True
-                continue
-            empty = (not any(True for _ in os.scandir(path))) if src.is_dir else path.stat().st_size == 0
-            if empty:
-                problems.append((str(path), f"unreadable {m}: empty " + ("folder" if src.is_dir else "file")))
-                unreadable, bad = unreadable + 1, True
-                continue
-            sources[m] = str(path)
-        if not bad:
-            clips.append(Clip(clip_id, class_names.index(parse_clip_name(clip_id)[1]), split_of[clip_id], sources))
-    # clips on disk that the split files do not list are not part of the benchmark (counted, not used)
-    counts = {"clips": len(clips), "missing_files": missing, "unreadable_files": unreadable,
-              "ignored_names": len(ignored), "not_in_split_files": unlisted}
-    if ignored:
-        problems += [(n, "not a CREMA-D clip name (<actor>_<sentence>_<EMO>_<level>); ignored") for n in ignored[:20]]
-    return clips, counts, problems
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# readers
-
-
 def make_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 2, image_size: int = 224,
                  augment: str = "none", video_fps: float = 1.0, pad_mode: str = "reflect") -> dict:
-    """audio first, then visual (the concat order of OGM-GE and BalanceBenchmark)."""
-    if kinds["audio"] == "array":
-        audio = stored_audio([c.sources["audio"] for c in clips])
-    else:
-        # OGM-GE CramedDataset: 22,050 Hz, 3 s tiled from the start (deterministic in training too), n_fft 512, hop 353
-        audio = AudioReader(source=kinds["audio"], recipe="stft_log", sr=22050, seconds=3.0, n_fft=512,
-                            hop_length=353, pad_mode=pad_mode, fit="tile", crop="start")
-    visual = FrameReader(source="video" if kinds["visual"] == "video" else "jpgdir", frames=frames, size=image_size,
-                         augment=augment, fps=video_fps)
-    return {"audio": audio, "visual": visual}
+    """OGM-GE CramedDataset's audio: 22,050 Hz, tiled to 3 s from the start (deterministic in training too),
+    |STFT| n_fft 512, hop 353, Hann, centred, log(|S| + 1e-7) -> (1, 257, 188); or the stored arrays as they are."""
+    return av_readers(kinds, clips, lambda kind: AudioReader(kind, "stft_log", sr=22050, seconds=3.0, n_fft=512,
+                                                             hop_length=353, pad_mode=pad_mode),
+                      frames=frames, image_size=image_size, augment=augment, video_fps=video_fps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,15 +250,34 @@ def discover(root, layout: str, audio: str, visual_dir, audio_dir, class_names: 
              split_files: tuple, test_fraction: float, val_fraction: float, split_seed: int
              ) -> tuple[Layout, list[Clip], dict, list[tuple[str, str]]]:
     """(the layout, its complete clips with their splits, notes with the counts, every missing or unreadable
-    file)."""
-    found = detect_layout(root, layout, audio, visual_dir, audio_dir)
-    all_ids = [i for i in set(found.ids("visual")) | set(found.ids("audio")) if parse_clip_name(i)]
-    split_of, split_desc = assign_splits(Path(str(root)).expanduser(), all_ids, split, *split_files, test_fraction,
-                                         val_fraction, split_seed)
-    clips, counts, problems = collect_clips(found, split_of, class_names, split_desc.startswith("split files"))
-    notes = {"layout": found.name, "base": str(found.base), "visual": found.describe("visual"),
-             "audio": found.describe("audio"), **counts, "split": split_desc}
-    return found, clips, notes, problems
+    file). Without split files the clip set is every name either modality has (so a clip with its wav but no
+    video is counted missing, not silently dropped); clips on disk that split files do not list are counted, not
+    used. Empty files and frame folders count as unreadable; full decoding is checked by `prepare`."""
+    lay = detect_layout(root, layout, audio, visual_dir, audio_dir)
+    on_disk = lay.names()
+    split_of, split_desc = assign_splits(Path(str(root)).expanduser(), [i for i in on_disk if parse_clip_name(i)],
+                                         split, *split_files, test_fraction, val_fraction, split_seed)
+    from_files = split_desc.startswith("split files")
+    ignored = sorted(n for n in (set(split_of) if from_files else on_disk) if parse_clip_name(n) is None)
+    entries = [Clip(i, class_names.index(parse_clip_name(i)[1]), split_of[i]) for i in
+               sorted(set(split_of) - set(ignored), key=media.natural_key)]
+    cands = {"audio": lay.audio, "visual": lay.visual}
+    found = find_media(lay.base, entries, None, {m: [(c.kind, [c])] for m, c in cands.items()}, layout=lay.name,
+                       split_source=split_desc, dataset="CREMA-D", classes=class_names)
+    missing = [(path, f"missing {m} file") for _, lack in found.missing for m, path in lack]
+    empty = {c.id: [m for m, p in c.sources.items() if (not os.listdir(p) if cands[m].is_dir else
+                                                        os.path.getsize(p) == 0)] for c in found.clips}
+    unreadable = [(c.sources[m], f"unreadable {m}: empty " + ("folder" if cands[m].is_dir else "file"))
+                  for c in found.clips for m in empty[c.id]]
+    clips = [c for c in found.clips if not empty[c.id]]
+    notes = {"layout": lay.name, "base": str(lay.base), "visual": lay.describe("visual"),
+             "audio": lay.describe("audio"), "clips": len(clips), "missing_files": len(missing),
+             "unreadable_files": len(unreadable), "ignored_names": len(ignored),
+             "not_in_split_files": len(on_disk - set(split_of) - set(ignored)) if from_files else 0,
+             "split": split_desc}
+    problems = missing + unreadable + [(n, "not a CREMA-D clip name (<actor>_<sentence>_<EMO>_<level>); ignored")
+                                       for n in ignored[:20]]
+    return lay, clips, notes, problems
 
 
 def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", audio: str = "auto",
@@ -343,15 +286,11 @@ def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", a
                  val_split: str | None = None, test_fraction: float = 0.1, val_fraction: float = 0.1,
                  split_seed: int = 0, frames: int = 2, image_size: int = 224, augment: str = "crop_flip",
                  video_fps: float = 1.0, pad_mode: str = "reflect") -> DataSplits:
-    """CREMA-D as DataSplits with modalities audio (1, F, T) and visual (frames, 3, image_size, image_size).
-
-    `prepared`: a folder written by ``mmbalance prepare cremad`` (manifest.csv, classes.json, the memory-mapped
-    cache): read without any decoding. The media options (layout, audio, pad_mode, video_fps) are then the ones
-    given to prepare; ``split=auto`` keeps the prepared split, ``stratified``/``speaker`` regenerate it from the
-    manifest with `split_seed`. Otherwise the raw tree under `root` is decoded on access (see the module
-    docstring for layouts, recipes, label maps and splits). `frames` follows BalanceBenchmark (2); `video_fps`
-    is the rate frames are decoded from flv videos when no frame folders exist (OGM-GE extracts 1 fps).
-    """
+    """CREMA-D as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S): the raw tree under
+    `root`, or the `mmbalance prepare cremad` folder `prepared`, whose media options (layout, audio, pad_mode,
+    video_fps) are the ones given to prepare; there ``split=auto`` keeps the prepared split and
+    ``stratified``/``speaker`` regenerate it from the manifest. `frames` follows BalanceBenchmark (2); `video_fps`:
+    the rate frames are decoded from flv videos without frame folders (OGM-GE extracts 1 fps)."""
     prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     class_names = class_names_for(label_map)
     split_files = (train_split, test_split, val_split)
@@ -398,19 +337,11 @@ def prepare(ctx, layout: str = "auto", audio: str = "auto", visual_dir: str | No
             train_split: str | None = None, test_split: str | None = None, val_split: str | None = None,
             test_fraction: float = 0.1, val_fraction: float = 0.1, split_seed: int = 0, extract_fps: float = 1.0,
             image_size: int = 224, max_frames: int = 4, pad_mode: str = "reflect", cache: bool = True) -> dict:
-    """`mmbalance prepare cremad --root RAW --out PREP [--set key=value ...]`.
-
-    1. detect the layout and list the clips (missing or empty files -> prepare_report.txt);
-    2. decide the split (files, stratified or speaker; see the module docstring) -> manifest.csv
-       (id, label, split, emotion, actor, audio, visual) and classes.json (`label_map`);
-    3. when the only video is ``VideoFlash/*.flv``, decode frames at `extract_fps` (1, like OGM-GE) with PyAV
-       into ``<out>/frames/<clip>/frame_%05d.jpg`` (existing folders are kept; a corrupt flv is reported
-       and its clip skipped);
-    4. `cache` (default): the memory-mapped cache the loader reads (`write_clip_cache`): up to `max_frames`
-       frames per clip at `image_size`² uint8 (CREMA-D clips are 1-5 s: 4 frames at 1 fps keep them all) and
-       the OGM-GE (1, 257, 188) spectrogram (or the .pt array) as float16.
-    Disk: 7,442 × (4 × 150 kB + 97 kB) ≈ 5.2 GB of cache at 224 px, plus ≈ 0.5 GB of extracted jpg frames.
-    """
+    """`mmbalance prepare cremad` (layout.prepare_clips): manifest.csv adds emotion and actor; flv videos (when
+    there are no frame folders) are decoded once into ``frames/<clip>/`` at `extract_fps` (1, like OGM-GE);
+    `cache`: up to `max_frames` frames per clip at `image_size` (CREMA-D clips are 1-5 s: 4 frames at 1 fps keep
+    them all) and the OGM-GE (1, 257, 188) spectrogram (or the .pt array): about 5.2 GB at 224 px for the 7,442
+    clips, plus about 0.5 GB of extracted jpg frames."""
     class_names = class_names_for(label_map)
     lay, clips, notes, problems = discover(ctx.root, layout, audio, visual_dir, audio_dir, class_names, split,
                                            (train_split, test_split, val_split), test_fraction, val_fraction,

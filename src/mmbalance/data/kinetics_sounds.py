@@ -21,19 +21,13 @@ Accepted layouts under ``root`` (autodetected by their split files; the media fo
 
 Split files may be comma- or whitespace-separated: the clip id is the basename of the first field, the label the
 last field (an integer index into ``KS_CLASSES`` or a class name, spaces or underscores). BML's validation subset
-(and Kinetics' own val csv for ``cvdf``) is used as the validation split; otherwise validation is carved from train
-(stratified, seeded, ``val_fraction``; docs/architecture.md "Settled choices"). A clip whose media are missing is counted (notes,
-log, prepare_report.txt) and left out, never fatal.
+(and Kinetics' own val csv for ``cvdf``) is the validation split; otherwise it is carved from train.
 
-Recipes (OGM-GE / BalanceBenchmark ``KS_dataset.py``):
-* visual: ``frames`` = 3 frames per clip, one per segment (random in training, centre at evaluation),
-  RandomResizedCrop + horizontal flip drawn once per clip in training, Resize((S, S)) at evaluation, ImageNet
-  normalisation -> (3, 3, S, S), S = ``image_size`` (224); frames from video are decoded at 1 fps;
-* audio from wav or video: OGM-GE ``process_audio.py`` -- 16 kHz, DC removed, Kaldi fbank (htk_compat, Hanning,
-  25 / 10 ms, 128 mel bins, no dither), zero-padded or cut to 1024 frames, normalised (x + 4.503877) / (2 * 5.141276)
-  -> (1, 128, 1024) (frequency first);
-* audio from a stored array (``.npy``/``.pkl``/``.pt``): used as it is, frequency first ((1024, 128) is transposed).
-  BML's ``.pkl`` holds a linear |STFT| (257, 1003), not a log spectrogram.
+Recipes (OGM-GE / BalanceBenchmark ``KS_dataset.py``): visual ``frames`` = 3 frames per clip (clips.FrameReader),
+from video decoded at 1 fps; audio from wav or video is OGM-GE's ``process_audio.py`` Kaldi fbank
+(media.kaldi_fbank: 16 kHz, 128 mel bins, 1024 frames, AudioSet-normalised -> (1, 128, 1024)); a stored array
+(``.npy``/``.pkl``/``.pt``) is used as it is, frequency first -- BML's ``.pkl`` holds a linear |STFT| (257, 1003),
+not a log spectrogram.
 """
 
 from __future__ import annotations
@@ -45,11 +39,9 @@ from pathlib import Path
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
-from mmbalance.data.clips import AudioReader, Clip, FrameReader, clip_splits, stored_audio
-from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, candidate_list, dataset_root, find_media,
-                                   option_path, prepare_clips, prepared_clips, prepared_splits, shown,
-                                   unique_entries)
-from mmbalance.data.prepare import PreparedFolder, resolve_prepared
+from mmbalance.data.clips import AudioReader, Clip, av_readers
+from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root, find_media,
+                                   option_path, prepare_clips, shown, unique_entries)
 from mmbalance.errors import DataError
 
 # BML_TPAMI2024 code/dataset/KS.json, alphabetical: integer labels are positions in this list
@@ -62,8 +54,6 @@ KS_CLASSES = [
     "tapping_guitar", "tapping_pen", "tickling",
 ]
 
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "validate": "val", "test": "test", "testing": "test"}
 MEDIA_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".flv", ".wav", ".npy", ".pkl", ".pt", ".hdf5", ".h5"}
 
 # split lists at the root, tried in this order: (layout, train, test, optional val); a Kinetics csv named train.csv
@@ -125,21 +115,8 @@ def _entries_from_list(path: Path, split: str) -> list[Clip]:
 
 
 def _entries_from_json(path: Path) -> list[Clip]:
-    entries = []
-    for key, entry in media.read_json_database(path).items():
-        if not isinstance(entry, dict):
-            raise DataError(f"{path}: database entry {key!r} is not an object")
-        subset = SPLIT_NAMES.get(str(entry.get("subset", "")).lower())
-        if subset is None:
-            raise DataError(f"{path}: clip {key!r} has subset {entry.get('subset')!r}; expected training, "
-                            "validation or testing")
-        label = entry.get("label")
-        if label is None and entry.get("annotations"):  # ActivityNet proper: annotations[0].label
-            label = entry["annotations"][0].get("label")
-        if label is None:
-            raise DataError(f"{path}: clip {key!r} has no label")
-        entries.append(Clip(clip_id(key), ks_label(str(label), f"{path}, clip {key!r}"), subset, {}))
-    return entries
+    return [Clip(clip_id(i), ks_label(label, f"{path}, clip {i!r}"), split, {})
+            for i, label, split in media.read_annotation(path)[0]]
 
 
 def _is_kinetics_csv(path: Path) -> bool:
@@ -238,13 +215,10 @@ def ks_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 3, ima
                augment: str = "none", video_fps: float = 1.0, sample_rate: int = 16000, num_mel_bins: int = 128,
                audio_target_frames: int = 1024) -> dict:
     """OGM-GE's Kaldi fbank from wav or video, or the stored arrays as they are; frames segment-sampled."""
-    if kinds["audio"] == "array":
-        audio = stored_audio([c.sources["audio"] for c in clips])
-    else:
-        audio = AudioReader(source=kinds["audio"], recipe="kaldi_fbank", sr=sample_rate, num_mel_bins=num_mel_bins,
-                            target_frames=audio_target_frames)
-    return {"audio": audio, "visual": FrameReader(source=kinds["visual"], frames=frames, size=image_size,
-                                                  augment=augment, fps=video_fps)}
+    return av_readers(kinds, clips, lambda kind: AudioReader(kind, "kaldi_fbank", sr=sample_rate,
+                                                             num_mel_bins=num_mel_bins,
+                                                             target_frames=audio_target_frames),
+                      frames=frames, image_size=image_size, augment=augment, video_fps=video_fps)
 
 
 def discover_ks(root: str | Path, train_list: str | None = None, val_list: str | None = None,
@@ -257,9 +231,10 @@ def discover_ks(root: str | Path, train_list: str | None = None, val_list: str |
         raise DataError(f"Kinetics-Sounds: {source} under {str(root)!r} lists no clip of the 31 classes")
     unique = unique_entries(entries)
     tables = {"audio": candidate_list(KS_AUDIO, audio_dir), "visual": candidate_list(KS_VISUAL, visual_dir)}
-    disc = find_media(root, unique, None, tables, layout=layout, split_source=source, dataset="Kinetics-Sounds")
-    disc.extra_notes.update(extra, duplicates_dropped=len(entries) - len(unique))
-    return disc
+    found = find_media(root, unique, None, tables, layout=layout, split_source=source, dataset="Kinetics-Sounds",
+                       classes=KS_CLASSES)
+    found.extra_notes.update(extra, duplicates_dropped=len(entries) - len(unique))
+    return found
 
 
 def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_list: str | None = None,
@@ -268,26 +243,14 @@ def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_l
                           image_size: int = 224, augment: str = "crop_flip", video_fps: float = 1.0,
                           sample_rate: int = 16000, num_mel_bins: int = 128, audio_target_frames: int = 1024,
                           val_fraction: float = 0.1, split_seed: int = 0) -> DataSplits:
-    """Kinetics-Sounds as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S).
-
-    `prepared`: a folder written by ``mmbalance prepare kinetics_sounds`` (read from its cache, no decoding);
-    otherwise the raw tree under `root` in any layout of the module docstring, decoded on access. Defaults follow
-    OGM-GE / BalanceBenchmark: 3 frames at 224 px, the (1, 128, 1024) Kaldi fbank at 16 kHz when audio is decoded
-    from wav/video (`audio_target_frames`, `num_mel_bins`, `sample_rate` change it), the stored array otherwise.
-    """
-    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
+    """Kinetics-Sounds as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S), from the
+    ``mmbalance prepare kinetics_sounds`` folder `prepared` or the raw tree under `root` (any layout above)."""
     recipe = dict(frames=frames, image_size=image_size, augment=augment, video_fps=video_fps,
                   sample_rate=sample_rate, num_mel_bins=num_mel_bins, audio_target_frames=audio_target_frames)
-    if prepared is not None:
-        folder = PreparedFolder(prepared, "kinetics_sounds").require()
-        clips, classes, kinds = prepared_clips(folder, ("audio", "visual"))
-        return prepared_splits(folder, clips, classes, frames=frames, image_size=image_size, augment=augment,
-                               val_fraction=val_fraction, split_seed=split_seed, notes={"sources": kinds},
-                               decode=lambda: ks_readers(kinds, clips, **recipe))
-    disc = discover_ks(root, train_list, val_list, test_list, annotations, visual_dir, audio_dir)
-    disc.log("Kinetics-Sounds")
-    return clip_splits(disc.clips, ks_readers(disc.kinds, disc.clips, **recipe), KS_CLASSES,
-                       val_fraction=val_fraction, split_seed=split_seed, notes=disc.notes())
+    return build_clips("kinetics_sounds", root, prepared,
+                       lambda: discover_ks(root, train_list, val_list, test_list, annotations, visual_dir, audio_dir),
+                       lambda kinds, clips: ks_readers(kinds, clips, **recipe), val_fraction=val_fraction,
+                       split_seed=split_seed, frames=frames, image_size=image_size, augment=augment)[0]
 
 
 def prepare(ctx, train_list: str | None = None, val_list: str | None = None, test_list: str | None = None,
@@ -295,24 +258,16 @@ def prepare(ctx, train_list: str | None = None, val_list: str | None = None, tes
             fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, num_mel_bins: int = 128,
             audio_target_frames: int = 1024, cache: bool = True, size: int = 224, max_frames: int = 10,
             shard: str | None = None) -> dict:
-    """`mmbalance prepare kinetics_sounds --root RAW --out PREP [--set key=value ...]`.
-
-    1. find the layout and the clips (split files, media folders); missing media -> prepare_report.txt;
-    2. from raw video (cvdf): audio -> ``<out>/audio/<id>.wav`` (mono, `sample_rate` 16 kHz) and frames at `fps`
-       (1) -> ``<out>/frames/<id>/frame_%05d.jpg`` (optionally `short_side` px), with PyAV; existing outputs are
-       skipped; `shard=i/n` extracts only every n-th clip from the i-th (run shards in parallel, then once
-       without shard);
-    3. classes.json (the 31 classes), manifest.csv, recipe.json;
-    4. `cache` (default on): the memory-mapped cache (`size` px frames, up to `max_frames` per clip; the audio
-       recipe's (1, 128, 1024) fbank in float16, or the stored arrays) that ``dataset.prepared`` reads.
-    """
-    disc = discover_ks(ctx.root, train_list, val_list, test_list, annotations, visual_dir, audio_dir)
+    """`mmbalance prepare kinetics_sounds` (layout.prepare_clips): raw videos (cvdf) are decoded once into
+    ``audio/<id>.wav`` (mono, `sample_rate`) and ``frames/<id>/`` (`fps`, optionally `short_side` px); `cache`:
+    `size` px frames, up to `max_frames` per clip, and the fbank recipe's spectrogram (or the stored arrays)."""
+    found = discover_ks(ctx.root, train_list, val_list, test_list, annotations, visual_dir, audio_dir)
     audio = dict(sample_rate=sample_rate, num_mel_bins=num_mel_bins, audio_target_frames=audio_target_frames)
     recipe = {"audio": {"recipe": "kaldi_fbank", "sample_rate": sample_rate, "num_mel_bins": num_mel_bins,
-                        "target_frames": audio_target_frames} if disc.kinds["audio"] != "array"
+                        "target_frames": audio_target_frames} if found.kinds["audio"] != "array"
               else {"recipe": "stored array"}, "visual": {"fps": fps}}
-    return prepare_clips(ctx, "kinetics_sounds", disc.clips, disc.kinds, KS_CLASSES, summary=disc.notes(),
-                         problems=disc.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
+    return prepare_clips(ctx, "kinetics_sounds", found.clips, found.kinds, KS_CLASSES, summary=found.notes(),
+                         problems=found.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
                          cache_readers=(lambda kinds, clips: ks_readers(kinds, clips, image_size=int(size),
                                                                        video_fps=fps, **audio)) if cache else None,
                          params=(int(sample_rate), float(fps), int(short_side or 0)))

@@ -12,8 +12,8 @@ The rest is here:
   their file suffixes are `KIND_SUFFIXES`. `find_media` resolves the tables for a listed clip set (per modality,
   the kind that finds most clips wins; a clip lacking a modality is counted and left out, never fatal) into a
   `Discovery`; `first_present` serves trees whose clip list comes from the media themselves (CREMA-D);
-* `prepared_clips` + `prepared_splits` -- DataSplits from a folder `mmbalance prepare` wrote (`PreparedFolder`),
-  from its memory-mapped clip cache or by decoding the files prepare extracted;
+* `build_clips` -- the builder: a prepared folder (`prepared_clips` + `prepared_splits`: its memory-mapped clip
+  cache, or the files prepare extracted, decoded) or the raw tree (`clips.clip_splits`);
 * `prepare_clips` -- the one `prepare()` skeleton and its report: missing media -> prepare_report.txt, decoding
   from video once (`extract_media`, resumable, `shard=i/n`), classes.json, manifest.csv, recipe.json, and the
   clip cache (clips.write_clip_cache).
@@ -31,7 +31,7 @@ from pathlib import Path
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import SPLITS, AudioReader, Clip, FrameReader, clip_splits, write_clip_cache
-from mmbalance.data.prepare import CACHE_META, MANIFEST, SUMMARY, PreparedFolder
+from mmbalance.data.prepare import CACHE_META, MANIFEST, SUMMARY, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -231,8 +231,10 @@ def resolve_modality(root: Path, clips: Sequence[Clip], names: Sequence[Sequence
 class Discovery:
     """The clips of a raw tree: which layout matched, the complete clips, and the ones left out."""
 
+    dataset: str
     layout: str
     split_source: str
+    classes: list[str]
     clips: list[Clip]  # every modality found
     kinds: dict[str, str]  # modality -> media kind
     where: dict[str, str]  # modality -> description of the folders used
@@ -260,19 +262,20 @@ class Discovery:
         return [(lack[0][1], f"missing: no {' or '.join(f'{m} ({self.kinds[m]})' for m, _ in lack)} file for "
                              f"clip {clip.id}") for clip, lack in self.missing]
 
-    def log(self, dataset: str) -> None:
-        log.info("%s: layout %s (%s); %s; %d of %d listed clips found, %d missing", dataset, self.layout,
+    def log(self) -> None:
+        log.info("%s: layout %s (%s); %s; %d of %d listed clips found, %d missing", self.dataset, self.layout,
                  self.split_source, "; ".join(f"{m} {k} in {self.where[m]}" for m, k in self.kinds.items()),
                  len(self.clips), self.total, len(self.missing))
         for clip, lack in self.missing[:5]:
-            log.warning("%s: clip %s left out: no %s", dataset, clip.id, ", ".join(f"{m} ({p})" for m, p in lack))
+            log.warning("%s: clip %s left out: no %s", self.dataset, clip.id, ", ".join(f"{m} ({p})" for m, p in lack))
 
 
 def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str]] | None,
-               tables: dict[str, list[tuple[str, list[Candidate]]]], *, layout: str, split_source: str,
-               dataset: str) -> Discovery:
+               tables: dict[str, list[tuple[str, list[Candidate]]]], *, layout: str | Callable[[dict], str],
+               split_source: str, dataset: str, classes: list[str]) -> Discovery:
     """Resolve every modality (`tables`, in the fusion order) of every listed clip; clips lacking a modality are
-    counted as missing. `names`: each clip's accepted file names (default: its id)."""
+    counted as missing. `names`: each clip's accepted file names (default: its id). `layout`: the layout's name,
+    or a function of the media kinds found that names it."""
     names = names or [[e.id] for e in entries]
     index = DirIndex()
     resolved = {m: resolve_modality(root, entries, names, table, index) for m, table in tables.items()}
@@ -290,8 +293,9 @@ def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str
             missing.append((entry, lack))
         else:
             clips.append(Clip(entry.id, entry.label, entry.split, {m: r.paths[i] for m, r in resolved.items()}))
-    return Discovery(layout, split_source, clips, {m: r.kind for m, r in resolved.items()},
-                     {m: ", ".join(r.folders) or "-" for m, r in resolved.items()}, missing, len(entries),
+    kinds = {m: r.kind for m, r in resolved.items()}
+    return Discovery(dataset, layout if isinstance(layout, str) else layout(kinds), split_source, classes, clips,
+                     kinds, {m: ", ".join(r.folders) or "-" for m, r in resolved.items()}, missing, len(entries),
                      dirs={m: r.dirs for m, r in resolved.items()})
 
 
@@ -323,10 +327,10 @@ def prepared_clips(folder: PreparedFolder, modalities: Sequence[str]) -> tuple[l
 def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str], *, val_fraction: float,
                     split_seed: int, modalities: Sequence[str] = ("audio", "visual"), frames: int = 3,
                     image_size: int = 224, augment: str = "none", notes: dict | None = None,
-                    decode: Callable[[], dict] | None = None, readers: dict | None = None, make=None) -> DataSplits:
+                    decode: Callable[[], dict] | None = None, readers: dict | None = None) -> DataSplits:
     """DataSplits over a prepared folder: its memory-mapped clip cache (no decoding) when it has one, else
-    `decode()` readers on the files prepare extracted (DataError when there is neither). `readers`/`make`:
-    a dataset's own readers and split datasets over the cache (see clip_splits)."""
+    `decode()` readers on the files prepare extracted (DataError when there is neither). `readers`: a dataset's
+    own readers of the cache."""
     meta = folder.cache_meta(required=decode is None)
     notes = {"layout": "prepared", "source": "prepared", "prepared": str(folder.path),
              "source_layout": folder.summary.get("layout"), "missing_clips": folder.summary.get("missing_clips"),
@@ -348,7 +352,28 @@ def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str
     log.info("%s: prepared folder %s (%s), %d clips", folder.dataset, folder.path,
              "cache" if meta else "decoded on access", len(clips))
     return clip_splits(clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
-                       cache_dir=folder.path if meta else None, notes=notes, make=make)
+                       cache_dir=folder.path if meta else None, notes=notes)
+
+
+def build_clips(dataset: str, root, prepared, discover: Callable[[], Discovery],
+                readers: Callable[[dict[str, str], list[Clip]], dict], *, val_fraction: float, split_seed: int,
+                frames: int = 3, image_size: int = 224, augment: str = "crop_flip", notes: dict | None = None,
+                decode_prepared: bool = True) -> tuple[DataSplits, dict[str, str]]:
+    """The builder of an audio-visual clip dataset, and each modality's media kind: the folder `mmbalance prepare`
+    wrote (`prepared`; 'auto' = ROOT/mmbalance_prepared once prepare finished there) read from its clip cache, or
+    its extracted files decoded with `readers` (`decode_prepared`); else the raw tree `discover()` finds, decoded
+    on access by `readers(kinds, clips)`. `notes`: the raw path's own notes."""
+    folder = resolve_prepared(root, prepared)
+    if folder is not None:
+        folder = PreparedFolder(folder, dataset).require()
+        clips, classes, kinds = prepared_clips(folder, ("audio", "visual"))
+        return prepared_splits(folder, clips, classes, val_fraction=val_fraction, split_seed=split_seed,
+                               frames=frames, image_size=image_size, augment=augment, notes={"sources": kinds},
+                               decode=(lambda: readers(kinds, clips)) if decode_prepared else None), kinds
+    found = discover()
+    found.log()
+    return clip_splits(found.clips, readers(found.kinds, found.clips), found.classes, val_fraction=val_fraction,
+                       split_seed=split_seed, notes={**found.notes(), **(notes or {})}), found.kinds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,45 +390,50 @@ def parse_shard(shard) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-# modality -> (output name, kind written, path under --out): the default extraction from video
-WAV_AND_FRAMES = {"audio": ("audio", "wav", "audio/{id}.wav"), "visual": ("frames", "jpgdir", "frames/{id}")}
-
-
-def extract_wav_and_frames(task: tuple) -> tuple[int, str | None, str | None, list[str]]:
-    """Worker: a video's audio -> mono 16-bit wav at `sr`, its frames at `fps` -> frame_00001.jpg ... Both are
-    written to a temporary name and renamed, so an output that exists is complete (re-runs skip it).
-    Returns (index, failing path or None, error or None, names of the outputs written)."""
-    i, jobs, force, (sr, fps, short_side) = task
+def _extract_one(task: tuple) -> tuple[int, str | None, str | None, list[str]]:
+    """Worker: one clip's video decoded into each target by its writer, which writes to a temporary name and
+    renames, so an output that exists is complete (kept, False returned, unless force). Returns (index, failing
+    path or None, error or None, names of the outputs written)."""
+    i, jobs, force, params = task
     wrote = []
-    for name, video, dest in jobs:
+    for name, write, video, dest in jobs:
         try:
-            if name == "audio":
-                done = media.extract_wav(video, dest, sr, force)
-            else:
-                done = media.extract_frames(video, dest, fps, short_side, force) >= 0
+            if write(video, dest, force, *params):
+                wrote.append(name)
         except DataError as exc:
             return i, video, str(exc), wrote
-        if done:
-            wrote.append(name)
     return i, None, None, wrote
 
 
-def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, worker=extract_wav_and_frames,
-                  targets: dict = WAV_AND_FRAMES, params: tuple = ()) -> tuple[list[Clip], dict[str, str], dict]:
+def write_wav(video: str, dest: str, force: bool, sr: int, fps: float, short_side: int) -> bool:
+    return media.extract_wav(video, dest, sr, force)
+
+
+def write_frames(video: str, dest: str, force: bool, sr: int, fps: float, short_side: int) -> bool:
+    return media.extract_frames(video, dest, fps, short_side, force) >= 0
+
+
+# modality -> (output name, writer, kind written, path under --out): the default extraction from video, with
+# params (sample rate, fps, short side)
+WAV_AND_FRAMES = {"audio": ("audio", write_wav, "wav", "audio/{id}.wav"),
+                  "visual": ("frames", write_frames, "jpgdir", "frames/{id}")}
+
+
+def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, targets: dict = WAV_AND_FRAMES,
+                  params: tuple = ()) -> tuple[list[Clip], dict[str, str], dict]:
     """For every modality read from video (kind 'video'): decode each clip once into `targets[modality]` under
-    ctx.out with `worker` (in parallel). Existing outputs are skipped (resumable); a video that fails to decode
-    is recorded with ctx.problem and its clip dropped."""
+    ctx.out (in parallel). Existing outputs are skipped (resumable); a video that fails to decode is recorded
+    with ctx.problem and its clip dropped."""
     todo = {m: t for m, t in targets.items() if kinds.get(m) == "video"}
     if not todo:
         return clips, kinds, {}
-    out = Path(ctx.out)
-    dests = [{m: str(out / path.format(id=c.id)) for m, (_, _, path) in todo.items()} for c in clips]
-    tasks = [(i, [(name, c.sources[m], dests[i][m]) for m, (name, _, _) in todo.items()], bool(ctx.force), params)
-             for i, c in enumerate(clips)]
-    stats = dict.fromkeys([f"{name}_extracted" for name, _, _ in todo.values()], 0)
-    stats.update(extracted=0, extract_skipped_existing=0, extract_failed=0)
+    dests = [{m: str(Path(ctx.out) / path.format(id=c.id)) for m, (_, _, _, path) in todo.items()} for c in clips]
+    tasks = [(i, [(name, write, c.sources[m], dests[i][m]) for m, (name, write, _, _) in todo.items()],
+              bool(ctx.force), params) for i, c in enumerate(clips)]
+    stats = {**{f"{t[0]}_extracted": 0 for t in todo.values()}, "extracted": 0, "extract_skipped_existing": 0,
+             "extract_failed": 0}
     kept = []
-    for i, bad_path, error, wrote in ctx.map(worker, tasks, desc="extracting media"):
+    for i, bad_path, error, wrote in ctx.map(_extract_one, tasks, desc="extracting media"):
         if error is not None:
             ctx.problem(bad_path, error)
             stats["extract_failed"] += 1
@@ -412,7 +442,7 @@ def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, worker=extra
             stats[f"{name}_extracted"] += 1
         stats["extracted" if wrote else "extract_skipped_existing"] += 1
         kept.append(Clip(clips[i].id, clips[i].label, clips[i].split, {**clips[i].sources, **dests[i]}))
-    return kept, {**kinds, **{m: kind for m, (_, kind, _) in todo.items()}}, stats
+    return kept, {**kinds, **{m: t[2] for m, t in todo.items()}}, stats
 
 
 def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], classes: list[str], *,

@@ -1,8 +1,8 @@
 """Media decoding, frame sampling, clip transforms and audio recipes shared by every benchmark dataset.
 
-Libraries (docs/architecture.md, "Settled choices"): soundfile reads wav, PyAV decodes video and other audio containers, PIL decodes
-jpeg, torchvision.transforms.v2 augments, torchaudio computes fbank. Every reader raises `DataError`
-naming the file when it cannot read it, so loaders and `prepare` can report and skip bad media.
+soundfile reads wav, PyAV decodes video and other audio containers, PIL decodes jpeg, torchvision.transforms.v2
+augments, torchaudio computes fbank (docs/architecture.md, "Settled choices"). Every reader raises a `DataError`
+naming the file, so loaders and `prepare` can report and skip bad media.
 
 Pitfalls of the reference loaders that this module exists to avoid (datasets.md §6):
 * frame lists are sorted naturally (`frame_2` before `frame_10`), never taken from unsorted `os.listdir`;
@@ -17,10 +17,13 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import itertools
 import json
 import math
+import os
 import pickle
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,7 +56,8 @@ def list_frames(folder: str | Path, prefix: str = "") -> list[Path]:
         raise DataError(f"frame folder {str(folder)!r} does not exist")
     files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name.startswith(prefix)]
     if not files:
-        raise DataError(f"frame folder {str(folder)!r} has no image files" + (f" starting with {prefix!r}" if prefix else ""))
+        raise DataError(f"frame folder {str(folder)!r} has no image files"
+                        + (f" starting with {prefix!r}" if prefix else ""))
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
@@ -61,25 +65,23 @@ def read_image(source: str | Path | bytes, mode: str = "RGB"):
     """A PIL image from a file path or encoded bytes, converted to `mode` ('RGB' or 'L')."""
     from PIL import Image, UnidentifiedImageError
 
-    what = "jpeg bytes" if isinstance(source, (bytes, bytearray, np.ndarray)) else repr(str(source))
+    encoded = isinstance(source, (bytes, bytearray, np.ndarray))
     try:
-        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, np.ndarray)) else source
-        with Image.open(fp) as img:
+        with Image.open(io.BytesIO(bytes(source)) if encoded else source) as img:
             return img.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot read image {what}: {exc}") from None
+        raise DataError(f"cannot read image {'jpeg bytes' if encoded else repr(str(source))}: {exc}") from None
 
 
-def images_from_hdf5(path: str | Path, key: str = "video") -> list[bytes]:
-    """The encoded frames stored in an HDF5 file as a variable-length uint8 dataset (AV_preprocess_tool's
-    format: dataset `video` = one JPEG byte string per frame at 1 fps)."""
+def images_from_hdf5(path: str | Path) -> list[bytes]:
+    """The encoded frames of AV_preprocess_tool's HDF5 format: dataset `video` = one JPEG byte string per frame."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            if key not in f:
-                raise DataError(f"{path}: HDF5 file has no dataset {key!r} (found {sorted(f.keys())})")
-            return [bytes(np.asarray(x, dtype=np.uint8)) for x in f[key][()]]
+            if "video" not in f:
+                raise DataError(f"{path}: HDF5 file has no dataset 'video' (found {sorted(f.keys())})")
+            return [bytes(np.asarray(x, dtype=np.uint8)) for x in f["video"][()]]
     except (OSError, TypeError, ValueError) as exc:
         raise DataError(f"cannot read HDF5 frames from {str(path)!r}: {exc}") from None
 
@@ -109,7 +111,7 @@ def load_array(path: str | Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# audio
+# audio and video decoding
 
 
 @functools.lru_cache(maxsize=16)
@@ -121,14 +123,6 @@ def _resampler(sr: int, target: int):
     return AT.Resample(sr, target)
 
 
-def _resample(wave: np.ndarray, sr: int, target: int | None) -> tuple[np.ndarray, int]:
-    if target is None or sr == target:
-        return wave, sr
-    with torch.no_grad():
-        out = _resampler(int(sr), int(target))(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
-    return out.numpy().astype(np.float32, copy=False), target
-
-
 def read_wav(path: str | Path, sr: int | None = None) -> tuple[np.ndarray, int]:
     """Mono float32 samples in [-1, 1] and the sample rate (resampled to `sr` when given), via soundfile."""
     import soundfile as sf
@@ -137,7 +131,12 @@ def read_wav(path: str | Path, sr: int | None = None) -> tuple[np.ndarray, int]:
         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (OSError, RuntimeError, sf.LibsndfileError) as exc:
         raise DataError(f"cannot read audio file {str(path)!r}: {exc}") from None
-    return _resample(wave.mean(axis=1), int(rate), sr)
+    wave, rate = wave.mean(axis=1), int(rate)
+    if sr is None or rate == sr:
+        return wave, rate
+    with torch.no_grad():
+        out = _resampler(rate, int(sr))(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
+    return out.numpy().astype(np.float32, copy=False), sr
 
 
 def decode_audio(path: str | Path, sr: int = 16000) -> np.ndarray:
@@ -149,12 +148,8 @@ def decode_audio(path: str | Path, sr: int = 16000) -> np.ndarray:
             if not container.streams.audio:
                 raise DataError(f"{path}: no audio stream")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
-            chunks = []
-            for frame in container.decode(audio=0):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+            chunks = [out.to_ndarray().reshape(-1) for frame in itertools.chain(container.decode(audio=0), [None])
+                      for out in resampler.resample(frame)]  # None: flush the resampler
     except av.error.FFmpegError as exc:
         raise DataError(f"cannot decode audio from {str(path)!r}: {exc}") from None
     if not chunks:
@@ -162,7 +157,7 @@ def decode_audio(path: str | Path, sr: int = 16000) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32)
 
 
-def decode_video_frames(path: str | Path, fps: float = 1.0, max_frames: int | None = None) -> list:
+def decode_video_frames(path: str | Path, fps: float = 1.0) -> list:
     """PIL RGB frames sampled at `fps`: the first decoded frame at or after each time (i + 0.5) / fps,
     i.e. the centre of each 1/fps interval (AV_preprocess_tool's convention)."""
     import av
@@ -175,17 +170,12 @@ def decode_video_frames(path: str | Path, fps: float = 1.0, max_frames: int | No
             stream = container.streams.video[0]
             next_t = 0.5 / fps
             for frame in container.decode(stream):
-                t = frame.time if frame.time is not None else 0.0
-                if t + 1e-6 >= next_t:
+                if (frame.time if frame.time is not None else 0.0) + 1e-6 >= next_t:
                     frames.append(frame.to_image())
                     next_t += 1.0 / fps
-                    if max_frames and len(frames) >= max_frames:
-                        break
             if not frames:  # clip shorter than half an interval: keep its first frame
                 container.seek(0)
-                for frame in container.decode(stream):
-                    frames.append(frame.to_image())
-                    break
+                frames = [frame.to_image() for frame in itertools.islice(container.decode(stream), 1)]
     except av.error.FFmpegError as exc:
         raise DataError(f"cannot decode video {str(path)!r}: {exc}") from None
     if not frames:
@@ -199,9 +189,6 @@ def extract_frames(video: str | Path, dest: str | Path, fps: float = 1.0, short_
     MMPareto / BalanceBenchmark read), optionally shrunk to `short_side`. Written to a temporary folder and
     renamed, so a folder that exists is complete: it is kept (-1 returned) unless `force`. Returns the number of
     frames written; raises DataError when the video cannot be decoded."""
-    import os
-    import shutil
-
     dest = Path(dest)
     if dest.is_dir() and not force:
         return -1
@@ -223,8 +210,6 @@ def extract_frames(video: str | Path, dest: str | Path, fps: float = 1.0, short_
 def extract_wav(video: str | Path, wav: str | Path, sr: int = 16000, force: bool = False) -> bool:
     """The audio track of `video` as a mono 16-bit wav at `sr` (like `ffmpeg -acodec pcm_s16le -ar 16000`),
     written atomically; an existing file is kept (False returned) unless `force`."""
-    import os
-
     import soundfile as sf
 
     wav = Path(wav)
@@ -238,40 +223,42 @@ def extract_wav(video: str | Path, wav: str | Path, sr: int = 16000, force: bool
     return True
 
 
-def fit_length(wave: np.ndarray, length: int, mode: str = "tile") -> np.ndarray:
-    """Exactly `length` samples: 'tile' repeats a short clip (OGM-GE), 'pad' zero-pads; long clips are cut."""
+# ---------------------------------------------------------------------------------------------------------------
+# audio recipes
+
+
+def fit_length(wave: np.ndarray, length: int, tail: int | None = None) -> np.ndarray:
+    """Exactly `length` samples: a short clip is completed by repeating it (OGM-GE's tiling), or only its last
+    `tail` samples (AV_preprocess_tool repeats the last second); a long one is cut."""
     if len(wave) == 0:
         raise DataError("empty audio clip")
     if len(wave) < length:
-        if mode == "tile":
-            wave = np.tile(wave, math.ceil(length / len(wave)))
-        elif mode == "pad":
-            wave = np.pad(wave, (0, length - len(wave)))
-        else:
-            raise ValueError(f"fit_length mode {mode!r}; expected 'tile' or 'pad'")
+        repeat = wave[-tail:] if tail else wave
+        wave = np.concatenate([wave, np.tile(repeat, -(-(length - len(wave)) // len(repeat)))])
     return wave[:length]
+
+
+def stft_magnitude(wave: np.ndarray, n_fft: int = 512, hop_length: int = 440, pad_mode: str = "reflect") -> Tensor:
+    """|STFT| (n_fft // 2 + 1, frames) with a Hann window, centred with an explicit `pad_mode` ('constant'
+    matches librosa >= 0.10, 'reflect' older librosa and AV_preprocess_tool; datasets.md §6, item 4)."""
+    x = torch.as_tensor(np.asarray(wave), dtype=torch.float32)
+    return torch.stft(x, n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft), center=True,
+                      pad_mode=pad_mode, return_complex=True).abs()
 
 
 def stft_log_spectrogram(wave: np.ndarray, n_fft: int = 512, hop_length: int = 353, pad_mode: str = "constant",
                          eps: float = 1e-7) -> Tensor:
-    """log(|STFT| + eps) with a Hann window and centre padding, shape (1, n_fft // 2 + 1, frames).
-
-    OGM-GE's CREMA-D recipe is 3 s at 22,050 Hz, n_fft 512, hop 353 -> (1, 257, 188); its VGGSound recipe is
-    5 s at 16 kHz, n_fft 256, hop 128 -> (1, 129, 626). `pad_mode` is explicit: 'constant' matches librosa
-    >= 0.10, 'reflect' older librosa (datasets.md §6, item 4).
-    """
-    x = torch.as_tensor(np.clip(wave, -1.0, 1.0), dtype=torch.float32)
-    spec = torch.stft(x, n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft), center=True,
-                      pad_mode=pad_mode, return_complex=True)
-    return torch.log(spec.abs() + eps).unsqueeze(0)
+    """log(|STFT| + eps) of the wave clipped to [-1, 1], shape (1, n_fft // 2 + 1, frames). OGM-GE's CREMA-D
+    recipe is 3 s at 22,050 Hz, n_fft 512, hop 353 -> (1, 257, 188); its VGGSound recipe 5 s at 16 kHz, n_fft 256,
+    hop 128 -> (1, 129, 626)."""
+    return torch.log(stft_magnitude(np.clip(wave, -1.0, 1.0), n_fft, hop_length, pad_mode) + eps).unsqueeze(0)
 
 
 # OGM-GE's KS recipe normalises the fbank with the AudioSet statistics (mean -4.503877, std 5.141276)
 FBANK_MEAN, FBANK_STD = -4.503877, 5.141276
 
 
-def kaldi_fbank(wave: np.ndarray, sr: int, num_mel_bins: int = 128, target_frames: int = 1024,
-                normalize: bool = True) -> Tensor:
+def kaldi_fbank(wave: np.ndarray, sr: int, num_mel_bins: int = 128, target_frames: int = 1024) -> Tensor:
     """Kaldi-compatible log-mel fbank (torchaudio.compliance.kaldi; OGM-GE's Kinetics-Sounds recipe): DC removed,
     htk_compat, Hanning window, 25 ms / 10 ms, no dither, zero-padded or cut to `target_frames`, normalised as
     (x - mean) / (2 std). Returned as (1, num_mel_bins, target_frames): frequency first, like every
@@ -279,15 +266,10 @@ def kaldi_fbank(wave: np.ndarray, sr: int, num_mel_bins: int = 128, target_frame
     from torchaudio.compliance import kaldi
 
     x = torch.as_tensor(wave, dtype=torch.float32)
-    x = (x - x.mean()).unsqueeze(0)
-    fb = kaldi.fbank(x, htk_compat=True, sample_frequency=sr, use_energy=False, window_type="hanning",
-                     num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10)
-    if fb.shape[0] < target_frames:
-        fb = torch.nn.functional.pad(fb, (0, 0, 0, target_frames - fb.shape[0]))
-    fb = fb[:target_frames]
-    if normalize:
-        fb = (fb - FBANK_MEAN) / (FBANK_STD * 2)
-    return fb.T.unsqueeze(0).contiguous()
+    fb = kaldi.fbank((x - x.mean()).unsqueeze(0), htk_compat=True, sample_frequency=sr, use_energy=False,
+                     window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10)
+    fb = torch.nn.functional.pad(fb, (0, 0, 0, max(0, target_frames - fb.shape[0])))[:target_frames]
+    return ((fb - FBANK_MEAN) / (FBANK_STD * 2)).T.unsqueeze(0).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,11 +287,24 @@ def segment_indices(n: int, k: int, train: bool, generator: torch.Generator | No
         lo, hi = int(math.floor(edges[s])), max(int(math.floor(edges[s])) + 1, int(math.floor(edges[s + 1])))
         hi = min(hi, n)
         lo = min(lo, hi - 1)
-        if train:
-            out.append(lo + int(torch.randint(hi - lo, (1,), generator=generator)))
-        else:
-            out.append((lo + hi - 1) // 2)
+        out.append(lo + int(torch.randint(hi - lo, (1,), generator=generator)) if train else (lo + hi - 1) // 2)
     return out
+
+
+def frame_size(frame) -> tuple[int, int]:
+    """(height, width) of a PIL image or a (C, H, W) tensor."""
+    return tuple(frame.shape[-2:]) if isinstance(frame, Tensor) else (frame.height, frame.width)
+
+
+def move_crop(params: dict, src: tuple[int, int], dst: tuple[int, int]) -> dict:
+    """Augmentation parameters drawn on a src-sized frame, for a dst-sized one: the crop box (top, left, h, w)
+    is scaled (RGB and flow jpgs may differ in size); flip and angle carry over unchanged."""
+    if params.get("crop") is None or src == dst:
+        return params
+    sy, sx = dst[0] / src[0], dst[1] / src[1]
+    top, left, h, w = params["crop"]
+    return {**params, "crop": (int(round(top * sy)), int(round(left * sx)), max(1, int(round(h * sy))),
+                               max(1, int(round(w * sx))))}
 
 
 class ClipTransform:
@@ -321,21 +316,21 @@ class ClipTransform:
       * 'rotate_flip' RandomRotation(30) + Resize((S, S)) + flip (BalanceBenchmark FOOD-101);
       * 'none'        Resize((S, S)).
     `normalize`: 'imagenet' (RGB), 'flow' (x / 127.5 - 1, so zero motion is 0), or 'none' (x / 255).
-    `flow_pairs=True` means frames come as interleaved (u, v) grey images: a flip mirrors both and negates u
-    (the horizontal displacement), which keeps the flow consistent with a flipped RGB clip.
+    `flow_pairs=True` means frames come as interleaved (u, v) grey images (or (2, H, W) tensors): a flip mirrors
+    both and negates u (the horizontal displacement), which keeps the flow consistent with a flipped RGB clip.
     Frames may be PIL images or uint8 tensors (C, H, W) (the prepared cache).
     """
 
     AUGMENTS = ("crop_flip", "resize_flip", "rotate_flip", "none")
 
     def __init__(self, size: int = 224, train: bool = False, augment: str = "crop_flip",
-                 normalize: str = "imagenet", flow_pairs: bool = False, scale: tuple[float, float] = (0.08, 1.0)):
+                 normalize: str = "imagenet", flow_pairs: bool = False):
         if augment not in self.AUGMENTS:
             raise ValueError(f"ClipTransform augment={augment!r}; expected one of {self.AUGMENTS}")
         if normalize not in ("imagenet", "flow", "none"):
             raise ValueError(f"ClipTransform normalize={normalize!r}; expected imagenet, flow or none")
         self.size, self.train, self.augment = int(size), bool(train), augment
-        self.normalize, self.flow_pairs, self.scale = normalize, flow_pairs, scale
+        self.normalize, self.flow_pairs = normalize, flow_pairs
 
     def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> dict:
         """The clip's augmentation parameters (drawn once, applied to every frame)."""
@@ -344,7 +339,7 @@ class ClipTransform:
             return p
         p["flip"] = bool(torch.rand(1, generator=generator) < 0.5)
         if self.augment == "crop_flip":
-            p["crop"] = _random_resized_crop_box(height, width, self.scale, generator)
+            p["crop"] = _random_resized_crop_box(height, width, (0.08, 1.0), generator)
         elif self.augment == "rotate_flip":
             p["angle"] = float(torch.empty(1).uniform_(-30.0, 30.0, generator=generator))
         return p
@@ -355,8 +350,7 @@ class ClipTransform:
         one clip (UCF-101 RGB and optical flow) share one flip/crop."""
         import torchvision.transforms.v2.functional as TF
 
-        tensors = [f if isinstance(f, Tensor) else TF.pil_to_tensor(f) for f in frames]
-        x = torch.stack(tensors)  # (N, C, H, W) uint8
+        x = torch.stack([f if isinstance(f, Tensor) else TF.pil_to_tensor(f) for f in frames])  # (N, C, H, W) uint8
         p = self.draw(x.shape[-2], x.shape[-1], generator) if params is None else params
         if p["angle"]:
             x = TF.rotate(x, p["angle"])
@@ -369,9 +363,10 @@ class ClipTransform:
             x = x.flip(-1)
         x = x.float() if x.dtype != torch.float32 else x.clone()  # a fresh tensor: normalised in place below
         if self.flow_pairs:
+            x = x.reshape(-1, 1, self.size, self.size)  # interleaved u, v (cached flow comes as (2, S, S) frames)
             if p["flip"]:
                 x[0::2] = 255.0 - x[0::2]  # u: horizontal motion changes sign under a mirror
-            x = x.reshape(-1, 2, self.size, self.size)  # (T, 2, S, S) from interleaved u, v
+            x = x.reshape(-1, 2, self.size, self.size)  # (T, 2, S, S)
         if self.normalize == "imagenet":  # (x - 255 mean) / (255 std), in place (no temporaries)
             x.mul_(_IMAGENET_SCALE).add_(_IMAGENET_SHIFT)
         elif self.normalize == "flow":
@@ -402,57 +397,60 @@ def _random_resized_crop_box(height: int, width: int, scale: tuple[float, float]
 # ---------------------------------------------------------------------------------------------------------------
 # split files
 
+_HEADER_WORDS = {"label", "labels", "class", "emotion", "emo", "category", "target", "y", "id", "name", "path"}
+
 
 def read_split_file(path: str | Path) -> list[tuple[str, str]]:
-    """(id, label) pairs from a split file in any of the formats the reference repos ship:
-
-    * comma-separated csv, with or without a header (OGM-GE CREMA-D `<clip>,<EMO>`; KS `<id>,10,<label>`);
-    * whitespace-separated lines (BalanceBenchmark KS `<id> <label>`; UCF-101 `Class/v_x.avi 1`);
-    * one id per line (UCF-101 testlist: label '' -- the caller derives it);
-    * ActivityNet-style json {"database": {id: {"subset": ..., "label": ...}}} (BML; BalancedAV) -- here the
-      pair's label is the label name and the subset is dropped; use `read_json_database` to keep it.
-
-    The id is the first field (a path's basename without extension is NOT taken here: callers decide), the
-    label the last field. A first row whose last field is a known header word is skipped.
-    """
+    """(id, label) pairs from a split file in any of the text formats the reference repos ship: comma-separated
+    csv with or without a header (OGM-GE CREMA-D `<clip>,<EMO>`; KS `<id>,10,<label>`), whitespace-separated lines
+    (BalanceBenchmark KS `<id> <label>`; UCF-101 `Class/v_x.avi 1`) or one id per line (UCF-101 testlist: label
+    '', the caller derives it). The id is the first field, the label the last; a first row with a header word
+    first or last is skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {str(path)!r} does not exist")
-    if path.suffix == ".json":
-        return [(i, str(e.get("label", ""))) for i, e in read_json_database(path).items()]
     text = path.read_text(encoding="utf-8-sig")
-    rows = []
     comma = "," in text.splitlines()[0] if text.strip() else False
-    lines = list(csv.reader(io.StringIO(text))) if comma else [ln.split() for ln in text.splitlines()]
-    for n, fields in enumerate(lines):
+    rows = []
+    for n, fields in enumerate(csv.reader(io.StringIO(text)) if comma else map(str.split, text.splitlines())):
         fields = [f.strip() for f in fields if f.strip() != ""]
-        if not fields:
-            continue
-        if n == 0 and _looks_like_header(fields):
-            continue
-        rows.append((fields[0], fields[-1] if len(fields) > 1 else ""))
+        if fields and not (n == 0 and {fields[0].lower(), fields[-1].lower()} & _HEADER_WORDS):
+            rows.append((fields[0], fields[-1] if len(fields) > 1 else ""))
     if not rows:
         raise DataError(f"split file {str(path)!r} has no entries")
     return rows
 
 
-_HEADER_WORDS = {"label", "labels", "class", "emotion", "emo", "category", "target", "y", "id", "name", "path"}
+SUBSETS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "validate": "val",
+           "test": "test", "testing": "test"}
 
 
-def _looks_like_header(fields: list[str]) -> bool:
-    return fields[-1].lower() in _HEADER_WORDS or fields[0].lower() in _HEADER_WORDS
-
-
-def read_json_database(path: str | Path) -> dict[str, dict]:
-    """The `database` of an ActivityNet-style annotation json: {id: {"subset": ..., "label": ...}}."""
+def read_annotation(path: str | Path) -> tuple[list[tuple[str, str, str]], list | None]:
+    """(id, label name, split) of every clip of an ActivityNet-style annotation json (BML's KS_train_val.json,
+    BalancedAV's: ``{"labels": [...], "database": {id: {"subset", "label"}}}``), and its `labels` list if any.
+    Subsets are training/validation/testing (or train/val/valid/test); the label is `label`, or, in ActivityNet
+    proper, `annotations[0].label`."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        database = data["database"]
-        if not isinstance(database, dict):
+        if not isinstance(data["database"], dict):
             raise TypeError("`database` is not an object")
     except FileNotFoundError:
         raise DataError(f"annotation file {str(path)!r} does not exist") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: expected json {{\"database\": {{id: {{\"subset\", \"label\"}}}}}} ({exc})") from None
-    return database
+    out = []
+    for key, entry in data["database"].items():
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: database entry {key!r} is not an object")
+        split = SUBSETS.get(str(entry.get("subset", "")).strip().lower())
+        if split is None:
+            raise DataError(f"{path}: clip {key!r} has subset {entry.get('subset')!r}; expected training, "
+                            "validation or testing")
+        label = entry.get("label")
+        if label is None and entry.get("annotations"):
+            label = entry["annotations"][0].get("label")
+        if label is None:
+            raise DataError(f"{path}: clip {key!r} has no label")
+        out.append((str(key), str(label), split))
+    return out, data.get("labels")

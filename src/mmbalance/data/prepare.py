@@ -1,25 +1,22 @@
 """`mmbalance prepare <dataset> --root RAW [--out PREPARED] [--workers N] [--set key=value ...]`.
 
-One command per benchmark dataset turns the raw tree a user downloaded into the prepared cache its loader
-reads fast. Every preparer follows the same contract (see `PrepareContext`):
+One command per benchmark dataset turns the raw tree a user downloaded into the prepared cache its loader reads
+fast. Every preparer validates the raw tree and says which known layout matched (a `DataError` naming the path
+when none does); writes manifest.csv and classes.json into --out, and extracts what its recipe needs there, in
+parallel with a progress bar (`PrepareContext.map`); is idempotent and resumable (--force redoes finished
+outputs); and lists corrupt or missing media in prepare_report.txt, skipped with a count, never silently -- so are
+clips whose cached spectrogram is not finite, and each float array's non-finite scan is recorded next to it
+(data/finite.py) so that runs check the cache without reading it again.
 
-* validate the raw tree and say which known layout matched (`DataError` naming the path when none does);
-* write `manifest.csv` (id, label, split, per-modality paths) and `classes.json` into `--out`;
-* extract what the recipe needs into `--out`, in parallel (`--workers`), with a progress bar;
-* idempotent and resumable: an output that already exists and is complete is skipped (`--force` redoes it);
-* corrupt or missing media are listed in `prepare_report.txt` and skipped with a count, never silently;
-  so are clips whose cached spectrogram is not finite, and each float array's non-finite scan is recorded
-  next to it (data/finite.py) so that runs check the cache without reading it again.
-
-A dataset registers its preparer by name in `PREPARERS`: the key is its config name (conf/dataset/<key>.yaml),
-its builder lives in `mmbalance.data.<key>`, and that module's `prepare(ctx: PrepareContext, **options) -> dict`
-is the preparer. It returns a summary that is printed and saved as `prepare_summary.json`. Preparers read and
-write their output through `PreparedFolder`, which the loaders read back.
+A preparer is `mmbalance.data.<key>.prepare(ctx: PrepareContext, **options) -> dict` with its key in
+`PREPARERS`; the summary it returns is printed and saved as prepare_summary.json. Preparers read and write their
+output through `PreparedFolder`, which the loaders read back.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import json
@@ -65,39 +62,28 @@ class PrepareContext:
     def folder(self) -> PreparedFolder:
         return PreparedFolder(self.out, self.dataset)
 
-    def require_root(self) -> None:
-        if not self.root.is_dir():
-            raise DataError(f"--root {str(self.root)!r} is not a folder")
-
     def problem(self, path: str | Path, why: str) -> None:
         """Record a missing or unreadable media file; it is skipped and listed in prepare_report.txt."""
         self.problems.append((str(path), why))
 
     def map(self, fn: Callable, items: Sequence, desc: str) -> list:
-        """fn(item) for every item, on `workers` processes, in order, with a progress bar.
-
-        `fn` must be a module-level function (it is pickled to the workers). An exception inside `fn`
-        propagates; functions that may meet bad media should return an error marker instead and let
-        the caller record it with `problem()`.
-        """
+        """fn(item) for every item, on `workers` processes, in order, with a progress bar. `fn` must be a
+        module-level function (it is pickled to the workers). An exception inside `fn` propagates; functions that
+        may meet bad media return an error marker instead and let the caller record it with `problem()`."""
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), desc=desc, disable=not self.progress, leave=False, file=sys.stderr)
-        try:
-            if self.workers <= 1 or len(items) <= 1:
-                out = []
-                for item in items:
-                    out.append(fn(item))
-                    bar.update()
-                return out
-            with ProcessPoolExecutor(max_workers=self.workers) as pool:
-                out = []
-                for result in pool.map(fn, items, chunksize=max(1, len(items) // (self.workers * 16))):
-                    out.append(result)
-                    bar.update()
-                return out
-        finally:
-            bar.close()
+        with contextlib.ExitStack() as stack:
+            serial = self.workers <= 1 or len(items) <= 1
+            pool = None if serial else stack.enter_context(ProcessPoolExecutor(max_workers=self.workers))
+            results = map(fn, items) if serial else \
+                pool.map(fn, items, chunksize=max(1, len(items) // (self.workers * 16)))
+            bar = stack.enter_context(tqdm(total=len(items), desc=desc, disable=not self.progress, leave=False,
+                                           file=sys.stderr))
+            out = []
+            for result in results:
+                out.append(result)
+                bar.update()
+            return out
 
     def write_report(self) -> Path:
         """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none."""
@@ -225,14 +211,6 @@ class PreparedFolder:
         return path
 
 
-def read_classes(folder: str | Path) -> list[str]:
-    return PreparedFolder(folder).classes()
-
-
-def read_manifest(folder: str | Path) -> list[dict[str, str]]:
-    return PreparedFolder(folder).rows()
-
-
 def resolve_prepared(root: str | Path | None, prepared: str | Path | None) -> Path | None:
     """The prepared folder a builder reads: `prepared` itself; None = decode the raw tree under `root`;
     'auto' (every dataset config's default) = ROOT/mmbalance_prepared when `mmbalance prepare` finished writing
@@ -273,7 +251,8 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     out = Path(out).expanduser() if out else root / DEFAULT_OUT
     ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress,
                          dataset=dataset)
-    ctx.require_root()
+    if not root.is_dir():
+        raise DataError(f"--root {str(root)!r} is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     summary = dict(fn(ctx, **options) or {})

@@ -4,8 +4,7 @@ The clip list is the official ``vggsound.csv`` (no header; ``ytid, start_seconds
 hold commas, so it is read as real csv). Classes are the SORTED label names of the whole csv (OGM-GE numbers them
 by first appearance, which changes with the csv; datasets.md §6.3) and are persisted in classes.json. Clip ids are
 ``<ytid>_<start>`` (OGM-GE's naming); files named with a zero-padded start ``<ytid>_<start:06d>`` (many
-downloaders) are found too. Link rot is normal: clips whose media are missing are counted per split (notes, log,
-prepare_report.txt) and left out, never fatal.
+downloaders) are found too. Link rot is normal: clips whose media are missing are counted, never fatal.
 
 Accepted layouts under ``root`` (media folders probed; ``visual_dir``/``audio_dir`` override them):
 
@@ -24,9 +23,8 @@ Recipes (OGM-GE ``VGGSoundDataset.py``; datasets.md §1.4):
   so the raw and the prepared paths give identical tensors; OGM-GE computes the STFT of the cropped wave, which
   differs only in the two edge frames (centre padding instead of the neighbouring audio);
 * audio from a stored array (BalanceBenchmark ``.npy``): used as it is;
-* visual: 3 frames, one per segment (random in training, centre at evaluation), RandomResizedCrop + flip once per
-  clip in training, Resize at evaluation, ImageNet normalisation -> (3, 3, S, S).
-Validation is carved from train (stratified, seeded, ``val_fraction``): VGGSound has no validation split.
+* visual: 3 frames per clip, the audio-visual frame recipe (clips.FrameReader).
+VGGSound has no validation split: it is carved from train.
 """
 
 from __future__ import annotations
@@ -38,10 +36,10 @@ from pathlib import Path
 import torch
 
 from mmbalance.data.batch import DataSplits, ModalitySpec
-from mmbalance.data.clips import AudioReader, Clip, FrameReader, ModalityMap, clip_splits, stored_audio
-from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, candidate_list, dataset_root, find_media,
-                                   option_path, prepare_clips, prepared_clips, prepared_splits)
-from mmbalance.data.prepare import PreparedFolder, resolve_prepared
+from mmbalance.data.clips import AudioReader, Clip, ModalityMap, av_readers
+from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root, find_media,
+                                   option_path, prepare_clips)
+from mmbalance.data.prepare import PreparedFolder
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -57,6 +55,7 @@ VGG_AUDIO = (
     ("array", ("audio_{split}_root", "audio_{split}", "audio", "{split}/audio", "spec")),
     ("video", VIDEO_OR_SPLIT),
 )
+LAYOUTS = {("jpgdir", "wav"): "ogmge", ("jpgdir", "array"): "balancebenchmark"}  # (visual, audio) kinds -> layout
 
 
 def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
@@ -88,8 +87,8 @@ def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
 
 
 def discover_vggsound(root, csv_path: str | None = None, visual_dir: str | None = None,
-                      audio_dir: str | None = None) -> tuple[Discovery, list[str]]:
-    """(clips found under `root`, the sorted class names of the whole csv)."""
+                      audio_dir: str | None = None) -> Discovery:
+    """The clips found under `root`, with the sorted class names of the whole csv."""
     root = dataset_root(root, "VGGSound")
     path = option_path(root, csv_path) or root / "vggsound.csv"
     rows = read_vggsound_csv(path)
@@ -105,20 +104,15 @@ def discover_vggsound(root, csv_path: str | None = None, visual_dir: str | None 
         padded = f"{ytid}_{start:06d}"
         names.append([cid] if padded == cid else [cid, padded])  # OGM-GE's plain name, then the zero-padded one
     tables = {"audio": candidate_list(VGG_AUDIO, audio_dir), "visual": candidate_list(VGG_VISUAL, visual_dir)}
-    disc = find_media(root, entries, names, tables, layout="?", split_source=path.name, dataset="VGGSound")
-    disc.layout = {"jpgdir": {"wav": "ogmge", "array": "balancebenchmark"}}.get(disc.kinds["visual"], {}).get(
-        disc.kinds["audio"], "raw" if disc.kinds["visual"] == "video" else "mixed")
-    disc.extra_notes.update(duplicates_dropped=len(rows) - len(entries), num_classes=len(classes))
-    return disc, classes
+    found = find_media(root, entries, names, tables, split_source=path.name, dataset="VGGSound", classes=classes,
+                       layout=lambda kinds: LAYOUTS.get((kinds["visual"], kinds["audio"]),
+                                                        "raw" if kinds["visual"] == "video" else "mixed"))
+    found.extra_notes.update(duplicates_dropped=len(rows) - len(entries), num_classes=len(classes))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # audio: the whole clip's spectrogram, then a window
-
-
-def window_frames(sample_rate: int, seconds: float, hop_length: int) -> int:
-    """STFT frames of a centred STFT over `seconds` of audio (5 s at 16 kHz, hop 128 -> 626)."""
-    return int(round(sample_rate * seconds)) // int(hop_length) + 1
 
 
 class AudioWindow(ModalityMap):
@@ -137,30 +131,11 @@ class AudioWindow(ModalityMap):
         return x[..., start:start + self.frames].contiguous()
 
 
-def _window(splits: DataSplits, frames: int) -> DataSplits:
-    spec = splits.modalities["audio"]
-    if spec.shape[-1] <= frames:
-        return splits
-    splits.train = AudioWindow(splits.train, frames, train=True)
-    splits.val = AudioWindow(splits.val, frames, train=False)
-    splits.test = AudioWindow(splits.test, frames, train=False)
-    splits.modalities["audio"] = ModalitySpec(spec.kind, (*spec.shape[:-1], frames))
-    return splits
-
-
 def stft_reader(kind: str, *, sample_rate: int, clip_seconds: float, n_fft: int, hop_length: int,
                 pad_mode: str) -> AudioReader:
     """OGM-GE's VGGSound waveform recipe over the whole (tiled) clip; the training window is cut afterwards."""
-    return AudioReader(source=kind, recipe="stft_log", sr=sample_rate, seconds=clip_seconds, n_fft=n_fft,
-                       hop_length=hop_length, pad_mode=pad_mode, fit="tile", crop="start")
-
-
-def vgg_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 3, image_size: int = 224,
-                augment: str = "none", video_fps: float = 1.0, **stft) -> dict:
-    audio = stored_audio([c.sources["audio"] for c in clips]) if kinds["audio"] == "array" else \
-        stft_reader(kinds["audio"], **stft)
-    return {"audio": audio, "visual": FrameReader(source=kinds["visual"], frames=frames, size=image_size,
-                                                  augment=augment, fps=video_fps)}
+    return AudioReader(kind, "stft_log", sr=sample_rate, seconds=clip_seconds, n_fft=n_fft, hop_length=hop_length,
+                       pad_mode=pad_mode)
 
 
 def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str | None = None,
@@ -169,72 +144,57 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
                    sample_rate: int = 16000, audio_seconds: float = 5.0, clip_seconds: float = 10.0,
                    n_fft: int = 256, hop_length: int = 128, pad_mode: str = "reflect", val_fraction: float = 0.1,
                    split_seed: int = 0) -> DataSplits:
-    """VGGSound as DataSplits with modalities audio (1, n_fft/2+1, T) and visual (frames, 3, S, S).
-
-    `prepared`: a folder written by ``mmbalance prepare vggsound`` (its cache, or its extracted wav + frames
-    decoded on access when prepared with cache=false); otherwise the raw tree under `root`. Defaults follow
-    OGM-GE: 16 kHz, 5 s windows of a 10 s clip, n_fft 256, hop 128 -> (1, 129, 626); 3 frames at 224 px.
-    """
-    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
+    """VGGSound as DataSplits with modalities audio (1, n_fft/2+1, T) and visual (frames, 3, S, S), from the
+    ``mmbalance prepare vggsound`` folder `prepared` (its cache, or its extracted wav + frames decoded on access
+    when prepared with cache=false) or the raw tree under `root`."""
     if audio_seconds > clip_seconds:
         raise DataError(f"VGGSound: dataset.audio_seconds={audio_seconds} is longer than dataset.clip_seconds="
                         f"{clip_seconds}")
     stft = dict(sample_rate=sample_rate, clip_seconds=clip_seconds, n_fft=n_fft, hop_length=hop_length,
                 pad_mode=pad_mode)
-    visual = dict(frames=frames, image_size=image_size, augment=augment)
-    sr, hop = sample_rate, hop_length
-    if prepared is not None:
-        folder = PreparedFolder(prepared, "vggsound").require()
-        clips, classes, kinds = prepared_clips(folder, ("audio", "visual"))
-        splits = prepared_splits(folder, clips, classes, val_fraction=val_fraction, split_seed=split_seed,
-                                 notes={"sources": kinds}, decode=lambda: vgg_readers(kinds, clips, **visual,
-                                                                                       video_fps=video_fps, **stft),
-                                 **visual)
-        recipe = folder.json("recipe.json", optional=True).get("audio", {})
-        if splits.notes["cache"] and recipe:  # the cache holds the recipe it was written with
-            sr, hop = int(recipe.get("sample_rate", sr)), int(recipe.get("hop_length", hop))
-            differs = {k: (recipe.get(k), v) for k, v in stft.items() if k in recipe and recipe[k] != v}
-            if differs:
-                log.warning("VGGSound: the cache in %s was prepared with %s; it is used as prepared", prepared,
-                            ", ".join(f"{k}={a} (config {b})" for k, (a, b) in differs.items()))
-                splits.notes["cache_recipe_differs"] = {k: a for k, (a, _) in differs.items()}
-    else:
-        disc, classes = discover_vggsound(root, csv_path, visual_dir, audio_dir)
-        disc.log("VGGSound")
-        kinds = disc.kinds
-        splits = clip_splits(disc.clips, vgg_readers(kinds, disc.clips, **visual, video_fps=video_fps, **stft),
-                             classes, val_fraction=val_fraction, split_seed=split_seed, notes=disc.notes())
+    splits, kinds = build_clips(
+        "vggsound", root, prepared, lambda: discover_vggsound(root, csv_path, visual_dir, audio_dir),
+        lambda kinds, clips: av_readers(kinds, clips, lambda kind: stft_reader(kind, **stft), frames=frames,
+                                        image_size=image_size, augment=augment, video_fps=video_fps),
+        val_fraction=val_fraction, split_seed=split_seed, frames=frames, image_size=image_size, augment=augment)
     if kinds["audio"] == "array":
         return splits
-    splits.notes["audio_window_frames"] = window_frames(sr, audio_seconds, hop)
-    return _window(splits, splits.notes["audio_window_frames"])
+    recipe = PreparedFolder(splits.notes["prepared"]).json("recipe.json", optional=True).get("audio", {}) \
+        if splits.notes.get("cache") else {}
+    differs = {k: (recipe[k], v) for k, v in stft.items() if k in recipe and recipe[k] != v}
+    if differs:  # the cache holds the recipe it was written with
+        log.warning("VGGSound: the cache in %s was prepared with %s; it is used as prepared", splits.notes["prepared"],
+                    ", ".join(f"{k}={a} (config {b})" for k, (a, b) in differs.items()))
+        splits.notes["cache_recipe_differs"] = {k: a for k, (a, _) in differs.items()}
+    frames_kept = int(round(int(recipe.get("sample_rate", sample_rate)) * audio_seconds)) // \
+        int(recipe.get("hop_length", hop_length)) + 1  # a centred STFT over audio_seconds (5 s at 16 kHz -> 626)
+    splits.notes["audio_window_frames"] = frames_kept
+    spec = splits.modalities["audio"]
+    if spec.shape[-1] > frames_kept:
+        splits.train, splits.val, splits.test = (AudioWindow(getattr(splits, s), frames_kept, train=s == "train")
+                                                 for s in ("train", "val", "test"))
+        splits.modalities["audio"] = ModalitySpec(spec.kind, (*spec.shape[:-1], frames_kept))
+    return splits
 
 
 def prepare(ctx, csv_path: str | None = None, visual_dir: str | None = None, audio_dir: str | None = None,
             fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, clip_seconds: float = 10.0,
             n_fft: int = 256, hop_length: int = 128, pad_mode: str = "reflect", cache: bool = False,
             size: int = 224, max_frames: int = 10, shard: str | None = None) -> dict:
-    """`mmbalance prepare vggsound --root RAW --out PREP [--set key=value ...]`.
-
-    1. read vggsound.csv (sorted classes -> classes.json), find each clip's media under either name
-       (``<ytid>_<start>`` or ``<ytid>_<start:06d>``); missing clips (link rot) -> prepare_report.txt, counted;
-    2. from mp4: audio -> ``<out>/audio/<id>.wav`` (16 kHz mono, like OGM-GE's ``mp4_to_wav.py``) and frames at
-       `fps` (1) -> ``<out>/frames/<id>/frame_%05d.jpg``, PyAV; existing outputs are skipped, so it resumes;
-       `shard=i/n` processes only every n-th clip from the i-th (run the n shards anywhere, then once without
-       shard to write the manifest);
-    3. manifest.csv, recipe.json;
-    4. `cache` (default OFF for VGGSound: 224 px x 10 frames is ~1.5 MB a clip, ~300 GB for the whole set):
-       the memory-mapped cache of frames and the whole-clip log-STFT (1, 129, 1251) in float16. Without it,
-       ``dataset.prepared`` decodes the extracted wav + jpg on access, as OGM-GE does.
-    """
-    disc, classes = discover_vggsound(ctx.root, csv_path, visual_dir, audio_dir)
+    """`mmbalance prepare vggsound` (layout.prepare_clips): clips missing from disk (link rot) are reported and
+    counted; mp4s are decoded once into ``audio/<id>.wav`` (16 kHz mono, like OGM-GE's ``mp4_to_wav.py``) and
+    ``frames/<id>/`` at `fps`. `cache` is OFF by default for VGGSound (224 px x 10 frames is ~1.5 MB a clip, ~300 GB
+    for the whole set): ``dataset.prepared`` then decodes the extracted wav + jpg on access, as OGM-GE does; with
+    it, the frames and the whole-clip log-STFT (1, 129, 1251) in float16."""
+    found = discover_vggsound(ctx.root, csv_path, visual_dir, audio_dir)
     stft = dict(sample_rate=int(sample_rate), clip_seconds=float(clip_seconds), n_fft=int(n_fft),
                 hop_length=int(hop_length), pad_mode=str(pad_mode))
-    recipe = {"audio": {"recipe": "stft_log", **stft} if disc.kinds["audio"] != "array"
+    recipe = {"audio": {"recipe": "stft_log", **stft} if found.kinds["audio"] != "array"
               else {"recipe": "stored array"}, "visual": {"fps": fps}}
-    summary = prepare_clips(ctx, "vggsound", disc.clips, disc.kinds, classes, summary=disc.notes(),
-                            problems=disc.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
-                            cache_readers=(lambda kinds, clips: vgg_readers(kinds, clips, image_size=int(size),
-                                                                           video_fps=fps, **stft)) if cache else None,
+    summary = prepare_clips(ctx, "vggsound", found.clips, found.kinds, found.classes, summary=found.notes(),
+                            problems=found.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
+                            cache_readers=(lambda kinds, clips: av_readers(
+                                kinds, clips, lambda kind: stft_reader(kind, **stft), image_size=int(size),
+                                video_fps=fps)) if cache else None,
                             params=(int(sample_rate), float(fps), int(short_side or 0)))
-    return {**summary, "num_classes": len(classes)}
+    return {**summary, "num_classes": len(found.classes)}

@@ -14,7 +14,22 @@ Instead every replica
   `Run.sync_gradients` after the method's backward and gradient edits),
 
 so the replicas apply identical updates and never drift. Evaluation runs the full validation and test data
-on every rank (identical model selection without extra communication); only rank 0 writes outputs.
+on every rank (identical model selection without extra communication); only rank 0 writes outputs and logs
+progress (the other ranks log warnings and errors only, marked with their rank: `cli.quiet_other_ranks`).
+
+Buffers are what a step does not synchronise: a training forward updates BatchNorm's running mean and
+variance from the rank's own shard, so the replicas hold the same parameters but different running statistics,
+and every eval-mode pass (validation, test, a method's prototypes) would differ between ranks. `sync_buffers`
+runs at the end of every training epoch, before the method's epoch-end hook: it *averages* the normalisation
+layers' running statistics over the ranks (the statistics of every shard, as timm's `distribute_bn` "reduce";
+DDP's `broadcast_buffers` would keep rank 0's only) and copies every other buffer from rank 0. Validation,
+checkpoints and test then see one model on every rank. Inside an epoch each rank's statistics follow its shard;
+the eval-mode passes there (a method's coefficient passes) are summed with `Run.reduce` anyway.
+
+Not SyncBatchNorm: it makes every train-mode forward a collective (methods run several forwards per step), it
+changes training itself (global-batch statistics), and PyTorch's SyncBatchNorm refuses CPU tensors, so
+hardware=ddp on gloo could not use it. Not "evaluate on rank 0 and broadcast": the other ranks would idle through
+every evaluation, and eval-mode epoch hooks would still see different statistics.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from mmbalance.errors import UserError
 
@@ -113,4 +129,57 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     for p in active:
         n = p.grad.numel()
         p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def _running_statistics(module: nn.Module) -> set[int]:
+    """ids of the running mean and variance buffers of every normalisation layer in module (BatchNorm*,
+    InstanceNorm* with track_running_stats, SyncBatchNorm)."""
+    ids = set()
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+            ids.update(id(b) for b in (sub.running_mean, sub.running_var) if b is not None)
+    return ids
+
+
+@torch.no_grad()
+def sync_buffers(modules: Iterable[nn.Module]) -> None:
+    """Make every buffer of `modules` identical on all ranks (a no-op in one process): the running statistics of
+    normalisation layers become their mean over the ranks, every other buffer becomes rank 0's.
+
+    Every rank must call it at the same point (it is a collective); two flat messages, not one per buffer.
+    """
+    if not is_distributed():
+        return
+    averaged: list[torch.Tensor] = []
+    copied: dict[torch.dtype, list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for module in modules:
+        stats = _running_statistics(module)
+        for buf in module.buffers():
+            if id(buf) in seen:
+                continue
+            seen.add(id(buf))
+            if id(buf) in stats and buf.is_floating_point():
+                averaged.append(buf)
+            else:
+                copied.setdefault(buf.dtype, []).append(buf)
+    if averaged:
+        flat = torch.cat([b.reshape(-1).double() for b in averaged])  # double: the mean of w copies of x is x
+        dist.all_reduce(flat)
+        flat /= world_size()
+        _unflatten(flat, averaged)
+    for dtype, bufs in copied.items():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        if dtype == torch.bool:  # not every backend broadcasts bool
+            flat = flat.to(torch.uint8)
+        dist.broadcast(flat, src=0)
+        _unflatten(flat, bufs)
+
+
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
         offset += n

@@ -1,4 +1,5 @@
-"""One evaluation pass: fused accuracy and macro-F1, per-modality accuracy, exact Shapley, imbalance."""
+"""One evaluation pass: fused accuracy and macro-F1 (classification) or MAE, correlation, acc-2/F1 in both
+conventions, acc-7/acc-5 (regression), the per-modality scores, exact Shapley, imbalance."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmbalance.errors import NonFiniteError
+from mmbalance.errors import NonFiniteError, UserError
 from mmbalance.metrics.classification import accuracy, macro_f1
-from mmbalance.metrics.shapley import coalitions, imbalance_score, shapley_values
+from mmbalance.metrics.regression import mae, pearson, regression_metrics
+from mmbalance.metrics.shapley import coalitions, imbalance_score, regression_value, shapley_values
 
 if TYPE_CHECKING:
     from mmbalance.engine.run import Run
@@ -46,6 +48,11 @@ def collect_features(run: "Run", loader) -> tuple[dict[str, torch.Tensor], torch
     return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels)
 
 
+def task_of(run: "Run") -> str:
+    """The task the run's method was set up for (`Method.set_task`): "classification" or "regression"."""
+    return getattr(run.method, "task", "classification")
+
+
 @torch.no_grad()
 def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, float | None]:
     """Metrics of the model as the method predicts, over a whole split, keyed "<split>/<name>".
@@ -54,9 +61,18 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
     encoder's output on an all-zero input (input masking, one constant row in eval mode) or zero
     (feature masking). Intermediate fusion falls back to one masked forward per coalition.
 
+    Classification: acc, macro_f1, acc/<modality>; the coalition value is the accuracy. Regression (the method's
+    `task`; the head's one output is the predicted score): the metrics of `metrics.regression.regression_metrics`
+    (mae, corr, acc2_*, f1_*, acc7, acc5, and acc / macro_f1 of the non-negative acc-2), per modality mae/<m>,
+    corr/<m> and acc/<m> (its acc-2, non-negative); the coalition value is -MAE (`metrics.shapley`).
+    Per-modality scores come from the method's per-modality outputs, or, without them, from the modality alone
+    with the others masked. Both tasks add shapley/<modality>, value/empty and imbalance when `shapley`.
+
     Raises NonFiniteError when any fused, per-modality or coalition logit is NaN/Inf: the argmax of NaN is an
     arbitrary class, so every metric would be computed on noise without saying so.
     """
+    if task_of(run) == "regression":
+        return _evaluate_regression(run, loader, split, shapley)
     model, method = run.model, run.method
     mods = list(model.modalities)
     subsets = coalitions(mods) if shapley else [frozenset(mods)]
@@ -67,7 +83,7 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
     unimodal_preds: dict[str, list] = {m: [] for m in mods}
     correct = {s: 0 for s in subsets}
     have_unimodal = True
-    absent_rows = None
+    absent_cache: dict = {}  # the absent modalities' feature rows, computed once (late fusion)
     n = 0
     # samples with NaN/Inf in the fused logits, and in any logits (fused, per-modality, coalition): counted on the
     # device and read once after the loop, so this check adds no host sync per batch
@@ -91,18 +107,8 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
             for m in mods:
                 unimodal_preds[m].append(unimodal[m].argmax(1).cpu())
                 bad_any |= ~torch.isfinite(unimodal[m]).all(1)
-        masked_subsets = [s for s in subsets if s != full]
-        if unimodal is None and not shapley:  # per-modality accuracy needs the single-modality coalitions
-            masked_subsets = [frozenset([m]) for m in mods]
-        for s in masked_subsets:
-            with run.autocast():
-                if model.late_fusion:
-                    if absent_rows is None:
-                        absent_rows = model.absent_features(batch.inputs)
-                    masked = {m: features[m] if m in s else absent_rows[m].expand(len(y), -1) for m in mods}
-                else:
-                    masked = model.encode(batch.inputs, absent=[m for m in mods if m not in s])
-                coalition_logits, _ = method.eval_fuse(run, masked)
+        for s, coalition_logits in _coalition_logits(run, batch, features, subsets, unimodal is None and not shapley,
+                                                     absent_cache):
             correct[s] = correct.get(s, 0) + int((coalition_logits.argmax(1) == y).sum())
             bad_any |= ~torch.isfinite(coalition_logits).all(1)
         if nonfinite_fused is None:
@@ -112,14 +118,7 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
             nonfinite_any += bad_any.sum()
     if was_training:
         model.train()
-    if nonfinite_fused is not None:
-        fused_count, any_count = torch.stack([nonfinite_fused, nonfinite_any]).tolist()
-        if any_count:
-            raise NonFiniteError(
-                f"evaluation on {split}: {any_count} of {n} samples have non-finite (NaN/Inf) logits ({fused_count} "
-                f"in the fused prediction, the rest in per-modality or coalition predictions); accuracy, macro-F1 "
-                "and Shapley values would be computed on NaN, so none are reported. The model's weights or the "
-                f"{split} inputs hold NaN/Inf: check the training loss in history.csv and the data")
+    _check_finite(nonfinite_fused, nonfinite_any, n, split)
 
     preds_t, targets_t = torch.cat(preds), torch.cat(targets)
     k = run.num_classes
@@ -140,3 +139,111 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
         out[f"{split}/value/empty"] = values[frozenset()]
         out[f"{split}/imbalance"] = imbalance_score(phi)
     return out
+
+
+def _check_finite(nonfinite_fused, nonfinite_any, n: int, split: str) -> None:
+    """Raise NonFiniteError when any sample had a non-finite output (counted on the device during the pass)."""
+    if nonfinite_fused is None:
+        return
+    fused_count, any_count = torch.stack([nonfinite_fused, nonfinite_any]).tolist()
+    if any_count:
+        raise NonFiniteError(
+            f"evaluation on {split}: {any_count} of {n} samples have non-finite (NaN/Inf) logits ({fused_count} "
+            f"in the fused prediction, the rest in per-modality or coalition predictions); accuracy, macro-F1 "
+            "and Shapley values would be computed on NaN, so none are reported. The model's weights or the "
+            f"{split} inputs hold NaN/Inf: check the training loss in history.csv and the data")
+
+
+def _coalition_logits(run: "Run", batch, features: dict, subsets: list[frozenset], singles: bool, cache: dict):
+    """The method's fused logits for each coalition but the full one (modalities outside it absent), or, with
+    `singles` (per-modality scores without per-modality logits and without Shapley), for each modality alone.
+    Late fusion reuses `features` (one encoder pass) with each absent modality's constant row, kept in `cache`;
+    intermediate fusion encodes once per coalition."""
+    model, method = run.model, run.method
+    mods = list(model.modalities)
+    full = frozenset(mods)
+    masked_subsets = [frozenset([m]) for m in mods if len(mods) > 1] if singles else [s for s in subsets if s != full]
+    for s in masked_subsets:
+        with run.autocast():
+            if model.late_fusion:
+                if "rows" not in cache:
+                    cache["rows"] = model.absent_features(batch.inputs)
+                n = len(batch.label)
+                masked = {m: features[m] if m in s else cache["rows"][m].expand(n, -1) for m in mods}
+            else:
+                masked = model.encode(batch.inputs, absent=[m for m in mods if m not in s])
+            logits, _ = method.eval_fuse(run, masked)
+        yield s, logits
+
+
+def _evaluate_regression(run: "Run", loader, split: str, shapley: bool) -> dict[str, float | None]:
+    """`evaluate` for a one-output regression head: the same passes, predictions kept as scores."""
+    model, method = run.model, run.method
+    mods = list(model.modalities)
+    full = frozenset(mods)
+    subsets = coalitions(mods) if shapley else [full]
+    was_training = model.training
+    model.eval()
+    targets = []
+    preds: dict[frozenset, list] = {}  # coalition -> predicted scores (CPU)
+    unimodal_preds: dict[str, list] = {m: [] for m in mods}
+    have_unimodal = True
+    absent_cache: dict = {}  # the absent modalities' feature rows, computed once (late fusion)
+    n = 0
+    nonfinite_fused = nonfinite_any = None
+    for batch in loader:
+        batch = batch.to(run.device, non_blocking=True)
+        y = batch.label
+        if not y.is_floating_point():
+            raise UserError(f"evaluation on {split}: dataset.task=regression but the labels are integer classes; "
+                            "the dataset gives its labels as integers (collate_batch keeps float labels float)")
+        with run.autocast():
+            features = model.encode(batch.inputs)
+            logits, unimodal = method.eval_fuse(run, features)
+        _check_one_output(logits)
+        bad_fused = ~torch.isfinite(logits).all(1)
+        bad_any = bad_fused.clone()
+        targets.append(y.float().cpu())
+        preds.setdefault(full, []).append(logits[:, 0].float().cpu())
+        n += len(y)
+        if unimodal is None:
+            have_unimodal = False
+        else:
+            for m in mods:
+                unimodal_preds[m].append(unimodal[m][:, 0].float().cpu())
+                bad_any |= ~torch.isfinite(unimodal[m]).all(1)
+        for s, coalition_logits in _coalition_logits(run, batch, features, subsets, unimodal is None and not shapley,
+                                                     absent_cache):
+            preds.setdefault(s, []).append(coalition_logits[:, 0].float().cpu())
+            bad_any |= ~torch.isfinite(coalition_logits).all(1)
+        if nonfinite_fused is None:
+            nonfinite_fused, nonfinite_any = bad_fused.sum(), bad_any.sum()
+        else:
+            nonfinite_fused += bad_fused.sum()
+            nonfinite_any += bad_any.sum()
+    if was_training:
+        model.train()
+    _check_finite(nonfinite_fused, nonfinite_any, n, split)
+
+    y_all = torch.cat(targets)
+    scores = {s: torch.cat(p) for s, p in preds.items()}
+    out: dict[str, float | None] = {f"{split}/{k}": v for k, v in regression_metrics(scores[full], y_all).items()}
+    for m in mods:
+        p = torch.cat(unimodal_preds[m]) if have_unimodal else scores[frozenset([m])]
+        out[f"{split}/mae/{m}"] = mae(p, y_all)
+        out[f"{split}/corr/{m}"] = pearson(p, y_all)
+        out[f"{split}/acc/{m}"] = float(((p >= 0) == (y_all >= 0)).double().mean())
+    if shapley:
+        values = {s: regression_value(scores[s], y_all) for s in subsets}
+        phi = shapley_values(values, mods)
+        for m in mods:
+            out[f"{split}/shapley/{m}"] = phi[m]
+        out[f"{split}/value/empty"] = values[frozenset()]
+        out[f"{split}/imbalance"] = imbalance_score(phi)
+    return out
+
+
+def _check_one_output(logits: torch.Tensor) -> None:
+    if logits.ndim != 2 or logits.shape[1] != 1:
+        raise UserError(f"dataset.task=regression needs a head with one output per sample; the model gives "
+                        f"{tuple(logits.shape)} (is the dataset's num_classes 1?)")

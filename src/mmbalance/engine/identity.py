@@ -128,14 +128,22 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
 MAX_JOB_DIR = 96
 
 
+def _names_no_folder(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key == "logger" or key.startswith("logger.")
+
+
 def job_dir_name(overrides: list[str] | tuple[str, ...]) -> str:
     """The folder of one sweep job, from its overrides: sorted, so the same job lands in the same folder
     whatever the order of the sweep's arguments; filesystem-safe (`/`, spaces, quotes become `_`); kept
     short (a long name keeps its start and gains a digest of the whole). No overrides: "default".
 
     Top-level keys (method=, seed=, dataset=) sort before nested ones (method.alpha=, trainer.epochs=), so a
-    shortened name still starts with what usually tells the jobs of a sweep apart."""
-    parts = sorted((str(o) for o in overrides), key=lambda o: (o.split("=", 1)[0].count("."), o))
+    shortened name still starts with what usually tells the jobs of a sweep apart. Overrides of keys outside the
+    run identity that only say where results are mirrored (`logger`) name no folder: a sweep re-run with other
+    loggers finds its finished jobs."""
+    parts = sorted((str(o) for o in overrides if not _names_no_folder(str(o))),
+                   key=lambda o: (o.split("=", 1)[0].count("."), o))
     if not parts:
         return "default"
     name = _UNSAFE.sub("_", ",".join(parts)).strip("._") or "job"

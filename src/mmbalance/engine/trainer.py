@@ -23,6 +23,7 @@ from mmbalance.engine.identity import describe, differences, refusal
 from mmbalance.engine.run import Run
 from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged
 from mmbalance.metrics.flops import count_flops
+from mmbalance.metrics.regression import LOWER_IS_BETTER
 
 log = logging.getLogger("mmbalance")
 
@@ -46,20 +47,23 @@ class Trainer:
         count_flops: bool = True,
         progress_bar: str | bool = "auto",
         force_resume: bool = False,
+        loggers=None,
     ):
         self.run = run
         self.force_resume = force_resume
+        self.loggers = loggers  # experiment loggers (engine/loggers.py) on rank 0; None: the run folder only
         self.epochs = epochs
         self.select_on = select_on
         self.select_key = f"{select_on}/{select_metric}"
+        self.lower_is_better = select_metric in LOWER_IS_BETTER  # regression's MAE
         self.shapley_every = shapley_every  # validation Shapley every N epochs (and the last); 0 = never
         self.run.flops.enabled = count_flops
-        self.progress_bar = sys.stderr.isatty() if progress_bar == "auto" else bool(progress_bar)
+        self.progress_bar = (sys.stderr.isatty() if progress_bar == "auto" else bool(progress_bar)) and distributed.is_main()
         out = run.output_dir or Path(".")
         self.ckpt_dir = out / "checkpoints"
         self.history_path = out / "history.csv"
         self.history: list[dict] = []
-        self.best_score = -math.inf
+        self.best_score = math.inf if self.lower_is_better else -math.inf
         self.best_epoch = -1
         # wall time adds up across the processes that worked on this run (the ones before the checkpoint)
         self.started = time.time()
@@ -197,6 +201,9 @@ class Trainer:
             run.step += 1
         run.flops.add("train_steps", step_flops_per_sample * samples)
         if run.world_size > 1:  # the epoch means over every rank's shard
+            # BatchNorm statistics followed each rank's shard: one model again before the epoch-end hook, validation
+            # and the checkpoint (engine/distributed.py)
+            distributed.sync_buffers([run.model, *run.method.owned_modules().values()])
             totals = run.reduce({**{k: torch.as_tensor(v, dtype=torch.float32, device=run.device) for k, v in sums.items()},
                                  "_samples": torch.tensor(float(samples), device=run.device)})
             samples = int(totals.pop("_samples"))
@@ -223,6 +230,8 @@ class Trainer:
             with run.flops.measure("method_setup"):
                 run.method.setup(run)
         start = self.first_epoch_here = self._resume()
+        if self.loggers is not None:  # continues the tracker runs of a resumed run, with the checkpoint's history
+            self.loggers.start(self.history, start)
         for epoch in range(start, self.epochs):
             run.epoch = epoch
             t0 = time.perf_counter()
@@ -243,7 +252,7 @@ class Trainer:
             row["time_s"] = time.perf_counter() - t0
             self.history.append(row)
             score = row[self.select_key]
-            if score > self.best_score:
+            if self._improves(score):
                 self.best_score, self.best_epoch = score, epoch
                 if distributed.is_main():
                     save_checkpoint({"epoch": epoch, "model": run.model.state_dict(),
@@ -253,14 +262,23 @@ class Trainer:
                 # the checkpoint first: it is the record; history.csv is rewritten from it on resume
                 save_checkpoint(self._state(epoch), self.ckpt_dir / "last.pt", keep_previous=True)
                 self._write_history()
+                if self.loggers is not None:  # after the checkpoint, so a logged epoch is one the record holds
+                    self.loggers.log_epoch(row)
             distributed.barrier()  # the others read best.pt / last.pt only after rank 0 wrote them
             log.info(
                 "epoch %d  loss %.4f  %s %.4f  %s  (%.1fs)", epoch, row.get("train/loss", float("nan")),
-                self.select_key, score,
+                self.select_key, math.nan if score is None else score,
                 "  ".join(f"{m} {row[f'val/acc/{m}']:.3f}" for m in run.modalities if f"val/acc/{m}" in row),
                 row["time_s"],
             )
         return self.test_best()
+
+    def _improves(self, score: float | None) -> bool:
+        """Whether a validation score beats the best so far (lower for MAE, higher otherwise); an undefined one
+        (None or NaN, e.g. the correlation of constant predictions) never does."""
+        if score is None or math.isnan(score):
+            return False
+        return score < self.best_score if self.lower_is_better else score > self.best_score
 
     def test_best(self) -> dict[str, Any]:
         run = self.run

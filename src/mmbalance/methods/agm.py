@@ -171,6 +171,9 @@ class AGM(Method):
     """
 
     family = "optimization"
+    regression_refusal = ("its per-modality scores are the softmax probability of the true class of each "
+                          "modality's Shapley logits, -log p_m[y], and its loss is the cross-entropy of their "
+                          "sum")
 
     def __init__(
         self,

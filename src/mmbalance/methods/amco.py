@@ -111,6 +111,8 @@ class AMCo(Method):
     """
 
     family = "feed-forward"
+    regression_refusal = ("it detects the dependent modality from the softmax mass each modality's class logits"
+                          " take")
     needs_unimodal_logits = True
 
     def __init__(

@@ -8,6 +8,11 @@ A method overrides only what its paper changes. The trainer calls, per epoch:
     on_epoch_end(run, epoch)
 
 and `eval_fuse(run, features)` whenever it predicts (validation, test, the Shapley metric).
+
+Tasks: a method declares the dataset tasks it trains (`tasks`); the run calls `set_task` before it builds the
+model, and a method refuses a task it does not declare, saying why (`regression_refusal`). Losses go through
+`task_loss`: cross-entropy of class logits, or for `dataset.task=regression` the L1/MSE of the head's one output
+against the float score.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 
 from mmbalance.data.batch import Batch
 from mmbalance.errors import UserError
+from mmbalance.metrics.regression import LOSS_KEYS, regression_loss, resolve_loss
 from mmbalance.models.fusion import fusion_choices
 from mmbalance.models.multimodal import Output
 
@@ -27,8 +33,9 @@ if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
     from mmbalance.engine.run import Run
 
 
-# The BalanceBenchmark taxonomy: the stage a method acts at, in the order the registry and reports list them.
-FAMILIES = ("reference", "data", "feed-forward", "objective", "optimization")
+# The BalanceBenchmark taxonomy: the stage a method acts at, in the order the registry and reports list them;
+# "hybrid" after it: `compose`, registered methods combined (a built hybrid records its parts' families).
+FAMILIES = ("reference", "data", "feed-forward", "objective", "optimization", "hybrid")
 
 
 def registry_key(cls: type) -> str | None:
@@ -41,7 +48,7 @@ def registry_key(cls: type) -> str | None:
 
 
 class Method:
-    """Base: plain joint training with the fused cross-entropy (which is exactly `baseline`)."""
+    """Base: plain joint training with the fused cross-entropy, or the regression loss (exactly `baseline`)."""
 
     #: one of FAMILIES. Declaring it in the class body is what registers a class of methods/<key>.py as method <key>
     family: str = "unregistered"
@@ -52,8 +59,39 @@ class Method:
     #: True when `setup` adds its own FLOPs to `run.flops` (e.g. UMT's teacher training, counted like the trainer
     #: counts steps); otherwise the trainer measures all of `setup`, which slows long setups under the counter
     counts_own_setup_flops: bool = False
+    #: the dataset tasks (`dataset.task`) the method trains; `set_task` refuses the others before training
+    tasks: tuple[str, ...] = ("classification",)
+    #: why a classification-only method refuses dataset.task=regression, completing "method X does not support
+    #: dataset.task=regression: ..." (what it needs class probabilities or class labels for)
+    regression_refusal: str = ("it has not been checked for regression (a method that needs no class "
+                               "probabilities and trains its heads with `task_loss` declares the task in `tasks`)")
+    #: set by `set_task`: the run's task and its training loss (cross_entropy | l1 | mse)
+    task: str = "classification"
+    loss_name: str = "cross_entropy"
 
     # ---- before the model exists ----
+    def set_task(self, task: str, loss: str = "auto") -> None:
+        """Train `task` with `loss` (`dataset.task`, `dataset.loss`); a UserError when the method does not
+        declare the task. The run calls it once, before it builds the model."""
+        loss = resolve_loss(task, loss)
+        if task not in self.tasks:
+            why = self.regression_refusal if task == "regression" else f"it trains only {', '.join(self.tasks)}"
+            raise UserError(f"method {self.name} does not support dataset.task={task}: {why}. method=baseline "
+                            f"supports every task")
+        self.task, self.loss_name = task, loss
+
+    @property
+    def loss_key(self) -> str:
+        """The prefix of per-head loss names in the log: "ce", "l1" or "mse"."""
+        return LOSS_KEYS[self.loss_name]
+
+    def task_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The supervised loss of one head's output: cross-entropy of (B, C) logits against class labels, or,
+        for dataset.task=regression, the L1 or MSE of the (B, 1) output against the float scores."""
+        if self.task == "regression":
+            return regression_loss(self.loss_name, output, target)
+        return F.cross_entropy(output, target)
+
     def select_modalities(self, available: list[str]) -> list[str]:
         """Which of the dataset's modalities the model is built from (unimodal training keeps one)."""
         return list(available)
@@ -90,7 +128,7 @@ class Method:
     # ---- loss stage ----
     def loss(self, run: Run, batch: Batch, out: Output) -> dict[str, Tensor]:
         """"loss" is what is minimised; every other key is logged (epoch means in history.csv)."""
-        return {"loss": F.cross_entropy(out.logits, batch.label)}
+        return {"loss": self.task_loss(out.logits, batch.label)}
 
     # ---- gradient stage ----
     def backward(self, run: Run, losses: dict[str, Tensor]) -> None:

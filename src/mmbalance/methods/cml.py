@@ -86,6 +86,9 @@ class CML(Method):
     """
 
     family = "objective"
+    regression_refusal = ("its calibration penalty compares the confidence (the largest softmax class "
+                          "probability) of predictions with and without modalities, and which of them are "
+                          "correct")
 
     def __init__(
         self,

@@ -120,6 +120,9 @@ class GBlending(Method):
     """
 
     family = "objective"
+    regression_refusal = ("its blend weights come from the cross-entropy of every head on a held-out part "
+                          "stratified by class; the overfitting-to-generalisation ratio itself would work on a "
+                          "regression loss, but that version is not implemented")
 
     def __init__(
         self,

@@ -153,6 +153,9 @@ class Greedy(Method):
     """
 
     family = "feed-forward"
+    regression_refusal = ("its curation rule reads gradients, not probabilities, but its losses are "
+                          "cross-entropy and it runs only on two modalities with staged CNN encoders, which no "
+                          "regression dataset here has, so a regression version could not be tested")
     max_modalities = 2
 
     def __init__(

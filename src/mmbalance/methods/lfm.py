@@ -98,6 +98,8 @@ class LFM(Method):
     """
 
     family = "objective"
+    regression_refusal = ("its modality-gap term is the Jensen-Shannon divergence between the modalities' "
+                          "predicted class distributions")
     needs_unimodal_logits = True
 
     def __init__(

@@ -76,6 +76,8 @@ class MBSD(Method):
     """
 
     family = "objective"
+    regression_refusal = ("its self-distillation weights and KL terms are computed on each modality's softmax "
+                          "class probabilities")
     needs_unimodal_logits = True
 
     def __init__(self, kl_weight: NonNegativeFloat = 1.0, rs_weight: NonNegativeFloat = 1.0):

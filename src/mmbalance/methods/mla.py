@@ -98,6 +98,8 @@ class MLA(Method):
     """
 
     family = "feed-forward"
+    regression_refusal = ("its prediction (fusion=entropy) weighs the modalities by the entropy of their class "
+                          "distributions, and its shared head is trained with cross-entropy")
 
     def __init__(
         self,

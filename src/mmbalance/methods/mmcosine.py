@@ -52,6 +52,8 @@ class MMCosine(Method):
     """
 
     family = "objective"
+    regression_refusal = ("its logits are scaled cosines between the features and one weight row per class, "
+                          "trained with cross-entropy: a classifier by construction")
 
     def __init__(self, scaling: PositiveFloat = 10.0):
         if scaling <= 0:

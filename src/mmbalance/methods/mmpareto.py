@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.constraints import PositiveFloat
@@ -72,6 +71,10 @@ class MMPareto(Method):
             head and any fusion works. "slice": the peer's convention, the fused concat/sum head's own
             per-modality logits (weight slice + b/M); then L_m also trains the fused head.
 
+    Regression (dataset.task=regression): the rule never reads class probabilities, only the gradients of the
+    multimodal and unimodal losses, so it applies unchanged with those losses replaced by the run's regression
+    loss (`task_loss`: L1 or MSE of one-output heads; logged as "l1/..." or "mse/..." instead of "ce/...").
+
     Hooks used: `setup` (auxiliary heads, parameter map), `loss`, `backward` (replaces the plain backward).
     The loss logged as "loss" is L_mm + sum_m L_m (what the official code reports); the per-encoder cosine,
     alpha_mm and conflict indicator are logged as "pareto/..." (epoch means).
@@ -84,6 +87,7 @@ class MMPareto(Method):
     """
 
     family = "objective"
+    tasks = ("classification", "regression")
 
     def __init__(self, gamma: PositiveFloat = 1.5, unimodal_head: Literal["aux", "slice"] = "aux"):
         if unimodal_head not in UNIMODAL_HEADS:
@@ -112,9 +116,10 @@ class MMPareto(Method):
         return out.unimodal
 
     def loss(self, run, batch, out):
-        uni = {m: F.cross_entropy(z, batch.label) for m, z in self.unimodal_logits(run, out).items()}
-        fused = F.cross_entropy(out.logits, batch.label)
-        return {"loss": fused + sum(uni.values()), "ce/fused": fused, **{f"ce/{m}": v for m, v in uni.items()}}
+        uni = {m: self.task_loss(z, batch.label) for m, z in self.unimodal_logits(run, out).items()}
+        fused = self.task_loss(out.logits, batch.label)
+        key = self.loss_key  # "ce", or "l1"/"mse" for regression
+        return {"loss": fused + sum(uni.values()), f"{key}/fused": fused, **{f"{key}/{m}": v for m, v in uni.items()}}
 
     def backward(self, run, losses):
         mods = list(run.model.modalities)
@@ -122,8 +127,9 @@ class MMPareto(Method):
         shared, aux = self.shared_params, self.aux_params
         uni_reach = aux if self.heads is not None else shared
         # pass 1: the multimodal loss; pass 2: the sum of the unimodal losses (L_m reaches only encoder m)
-        g_mm = torch.autograd.grad(losses["ce/fused"], encoder + shared, retain_graph=True, allow_unused=True)
-        g_uni = torch.autograd.grad(sum(losses[f"ce/{m}"] for m in mods), encoder + uni_reach, allow_unused=True)
+        key = self.loss_key
+        g_mm = torch.autograd.grad(losses[f"{key}/fused"], encoder + shared, retain_graph=True, allow_unused=True)
+        g_uni = torch.autograd.grad(sum(losses[f"{key}/{m}"] for m in mods), encoder + uni_reach, allow_unused=True)
         n = len(encoder)
         start = 0
         for m in mods:

@@ -64,6 +64,8 @@ class OGMGE(Method):
     """
 
     family = "optimization"
+    regression_refusal = ("its modulation coefficients come from each modality's softmax probability of the "
+                          "true class")
     needs_unimodal_logits = True
 
     def __init__(

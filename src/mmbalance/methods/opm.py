@@ -63,6 +63,8 @@ class OPM(Method):
     """
 
     family = "feed-forward"
+    regression_refusal = ("its drop probabilities come from each modality's softmax probability of the true "
+                          "class")
     needs_unimodal_logits = True
 
     def __init__(

@@ -105,6 +105,8 @@ class PMR(Method):
     """
 
     family = "optimization"
+    regression_refusal = ("it builds one prototype per class and adds a prototype cross-entropy over the "
+                          "classes")
 
     def __init__(
         self,

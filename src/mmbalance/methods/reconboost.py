@@ -130,6 +130,7 @@ class ReconBoost(Method):
     """
 
     family = "optimization"
+    regression_refusal = "its boosting weights use the ensemble's softmax probability of the true class"
     needs_unimodal_logits = True
 
     def __init__(

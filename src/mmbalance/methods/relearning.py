@@ -99,6 +99,8 @@ class Relearning(Method):
     """
 
     family = "optimization"
+    regression_refusal = ("its diagnosis is the k-means cluster purity of each encoder's features against the "
+                          "class labels")
 
     def __init__(
         self,

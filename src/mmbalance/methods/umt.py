@@ -104,6 +104,9 @@ class UMT(Method):
     """
 
     family = "objective"
+    regression_refusal = ("its unimodal teachers are trained with cross-entropy in their own loop; the feature "
+                          "distillation itself would work for regression, but teachers trained on the "
+                          "regression loss are not implemented")
     counts_own_setup_flops = True
 
     def __init__(

@@ -11,10 +11,12 @@ class Unimodal(Method):
         modality: the modality to keep, e.g. ``method.modality=audio``.
 
     Hooks used: `select_modalities` (the model only ever sees the chosen modality). The loss is the
-    cross-entropy of that model's logits, so the result is what the modality reaches on its own.
+    cross-entropy of that model's logits (with dataset.task=regression the L1/MSE of its one output), so the
+    result is what the modality reaches on its own.
     """
 
     family = "reference"
+    tasks = ("classification", "regression")
 
     def __init__(self, modality: str):
         self.modality = modality

@@ -168,6 +168,8 @@ class Valuation(Method):
     """
 
     family = "data"
+    regression_refusal = ("its per-sample Shapley values score each coalition's prediction as correct or not "
+                          "(argmax == label)")
 
     def __init__(
         self,

@@ -1,0 +1,666 @@
+"""Experiment loggers (`logger=tensorboard|mlflow|wandb|csv|auto`, several as `logger=[tensorboard,mlflow]`).
+
+A run folder's own files (history.csv, metrics.json, train.log) are the run's record and are written whatever
+is chosen; a logger mirrors them into a tracker for browsing (docs/loggers.md). So:
+
+* a chosen logger whose package is missing is refused before training, naming the extra to install;
+* a logger that fails (at start, mid-run or at the end) is switched off with a warning, noted in metrics.json
+  "loggers", and never fails the run or touches its record;
+* per-epoch values are logged with step = epoch. A resumed run continues the same tracker run (the MLflow run
+  id and W&B id are kept in <run folder>/loggers.json) and logs each epoch once: epochs the checkpoint holds
+  but the tracker missed (a kill between the two) are filled in, and TensorBoard's event files are rebuilt
+  from the checkpoint's history, like history.csv;
+* under hardware=ddp only rank 0 logs (train.py builds the loggers there only).
+
+Every tracker package is imported inside the functions that need it: they are optional extras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmbalance.engine.checkpoint import write_json
+from mmbalance.engine.identity import flatten
+from mmbalance.errors import UserError
+
+log = logging.getLogger("mmbalance")
+
+INSTALL = "pip install 'mmbalance[loggers]'"
+STATE_FILE = "loggers.json"
+OPTIONS = ("auto", "csv", "tensorboard", "mlflow", "wandb")
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> module it needs
+WANDB_MODES = ("offline", "online", "disabled")
+RECORD_ARTIFACT = "mmbalance_metrics.json"  # metrics.json in MLflow's artifacts
+FINAL = "final/"  # prefix of the run's final metrics (metrics.json "metrics") in every tracker
+
+
+@dataclass
+class RunInfo:
+    """What a logger needs to know about the run it mirrors."""
+
+    run_dir: Path
+    sweep_dir: Path | None = None  # the sweep folder when the run is a sweep job (groups its runs)
+    config: dict = field(default_factory=dict)  # the resolved config (plain containers)
+    choices: dict = field(default_factory=dict)  # hydra.runtime.choices: dataset, method, ...
+    tags: list = field(default_factory=list)
+    identity: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The job folder's name: a sweep job's folder is named by its overrides (method=ogm_ge,seed=1)."""
+        return self.run_dir.name
+
+    @property
+    def sweep_name(self) -> str | None:
+        return None if self.sweep_dir is None else _shown(self.sweep_dir)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_loggers(cfg, run_dir: Path, results: dict | None = None, sweep_dir: Path | None = None) -> Loggers:
+    """The loggers the config chooses (`cfg.logger`), checked but not started: nothing is opened or written.
+
+    Raises UserError when a chosen logger's package is missing (all of them named at once) or an option is
+    invalid. `results` (metrics.json in the making) gives the resolved config and choices and receives
+    "loggers": what each logger did. `sweep_dir` defaults to Hydra's sweep folder when this is a sweep job.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    results = results if results is not None else {}
+    node = cfg.get("logger") if cfg is not None else None
+    chosen: dict[str, dict] = {}
+    if node is not None:
+        plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        chosen = {str(k): dict(v or {}) for k, v in plain.items()}
+    unknown = [k for k in chosen if k not in OPTIONS]
+    if unknown:
+        raise UserError(f"logger: unknown logger(s) {unknown}; expected any of {list(OPTIONS)} "
+                        "(several as logger=[tensorboard,mlflow])")
+    if sweep_dir is None:
+        sweep_dir = hydra_sweep_dir()
+    config = results.get("config")
+    if config is None and cfg is not None:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    info = RunInfo(run_dir=Path(run_dir), sweep_dir=Path(sweep_dir) if sweep_dir is not None else None,
+                   config=config or {}, choices=dict(results.get("choices") or {}),
+                   tags=[str(t) for t in (config or {}).get("tags") or []], identity=results.get("identity"))
+    status: dict[str, dict] = {"csv": {"status": "on", "where": str(info.run_dir)}}
+    loggers: list[Logger] = []
+    missing: list[str] = []
+    for name in ("tensorboard", "mlflow", "wandb"):
+        if name not in chosen:
+            continue
+        options = chosen[name]
+        if not _importable(PACKAGES[name]):
+            if options.get("if_installed", False):
+                note = f"the `{PACKAGES[name]}` package is not installed ({INSTALL} turns it on)"
+                status[name] = {"status": "skipped", "note": note}
+                log.info("logger=auto: %s; this run logs to its folder's files only", note)
+                continue
+            missing.append(name)
+            continue
+        loggers.append(LOGGERS[name](options))
+    if missing:
+        names = ", ".join(f"logger={m} needs the `{PACKAGES[m]}` package" for m in missing)
+        raise UserError(f"{names}, not installed here; install the loggers extra: {INSTALL} "
+                        "(or choose logger=csv: the run folder's files only)")
+    for lg in loggers:
+        lg.check()
+        status[lg.name] = {"status": "chosen", "where": lg.where(info)}
+    results["loggers"] = status
+    return Loggers(loggers, info, status)
+
+
+def hydra_sweep_dir() -> Path | None:
+    """The sweep folder when this process runs a Hydra sweep job (`-m`, sweep=...), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover - hydra is a core dependency
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def supersede_logger_files(run_dir: Path, target: Path | None, cfg=None) -> None:
+    """resume=never moved the previous run's files to `target`: the loggers' own files of that run go with them
+    (loggers.json, so the new run starts new tracker runs; the TensorBoard folder, so nothing is deleted)."""
+    if target is None:
+        return
+    run_dir = Path(run_dir)
+    names = [STATE_FILE]
+    node = cfg.get("logger") if cfg is not None else None
+    tb_dir = (node.get("tensorboard") or {}).get("dir", "tensorboard") if node is not None else "tensorboard"
+    if tb_dir and not Path(str(tb_dir)).is_absolute():
+        names.append(str(tb_dir))
+    for name in names:
+        path = run_dir / name
+        if path.exists():
+            dest = Path(target) / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(dest))
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class Loggers:
+    """The chosen loggers as one: start, log_epoch, finish. None of its methods raises for a logger's failure."""
+
+    def __init__(self, loggers: list[Logger], info: RunInfo, status: dict[str, dict]):
+        self.loggers = list(loggers)
+        self.info = info
+        self.status = status
+        self.state_path = info.run_dir / STATE_FILE
+        self.state: dict[str, dict] = {}
+        self.last_epoch = -1
+        self.started = False
+
+    def start(self, history: list[dict], first_epoch: int) -> None:
+        """Open every logger, continuing the tracker runs this folder's loggers.json names, and log the epochs of
+        `history` (the checkpoint's) that a tracker does not hold yet. `first_epoch` is the epoch training
+        starts at (0 fresh, > 0 resumed)."""
+        self.started = True
+        previous = self._read_state()
+        self.last_epoch = max((int(r["epoch"]) for r in history), default=-1)
+        for lg in list(self.loggers):
+            before = previous.get(lg.name)
+            destination = lg.destination(self.info)
+            logged_through = -1
+            if before is not None and before.get("destination") != destination:
+                before = None  # another tracker, store or project: a new run there, with the whole history
+            if before is not None and first_epoch == 0 and int(before.get("logged_through", -1)) >= 0:
+                before = None  # the record starts over (resume=never, an unreadable folder): so does the tracker run
+            if before is not None:
+                logged_through = int(before.get("logged_through", -1))
+            try:
+                ids = lg.start(self.info, before, history, logged_through)
+            except Exception as exc:  # noqa: BLE001 - a tracker must never fail the run
+                self._fail(lg, "start", exc)
+                continue
+            resumed = bool(ids.pop("resumed", before is not None))
+            held = max(logged_through, self.last_epoch) if lg.durable else logged_through
+            self.state[lg.name] = {"destination": destination, **ids, "logged_through": held}
+            self.status[lg.name] = {"status": "on", "where": lg.where(self.info),
+                                    **({"resumed": True} if resumed else {}), **lg.describe()}
+            log.info("logger %s: %s%s%s", lg.name, lg.where(self.info), " (resumed)" if resumed else "", lg.hint())
+        self._write_state()
+
+    def log_epoch(self, row: dict) -> None:
+        """One epoch's history row, step = row["epoch"]; call it after the checkpoint of that epoch is written."""
+        epoch = int(row["epoch"])
+        self.last_epoch = max(self.last_epoch, epoch)
+        for lg in list(self.loggers):
+            try:
+                lg.log_rows([row])
+            except Exception as exc:  # noqa: BLE001
+                self._fail(lg, f"epoch {epoch}", exc)
+                continue
+            if lg.durable:
+                self.state[lg.name]["logged_through"] = max(self.state[lg.name].get("logged_through", -1), epoch)
+        self._write_state()
+
+    def finish(self, results: dict) -> None:
+        """The final metrics (results["metrics"]) and the run's status, then close. Safe to call once started or
+        not (a run that failed before training has nothing to close)."""
+        if not self.started:
+            return
+        for lg in list(self.loggers):
+            try:
+                lg.finish(results, max(self.last_epoch, 0))
+            except Exception as exc:  # noqa: BLE001
+                self._fail(lg, "the end", exc)
+                continue
+            self.state[lg.name]["finished"] = results.get("status")
+            self.state[lg.name]["logged_through"] = self.last_epoch
+            self.status[lg.name]["status"] = "done"
+        self.loggers = []
+        self._write_state()
+
+    # ---- bookkeeping ----
+    def _fail(self, lg: Logger, stage: str, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}".strip()
+        if len(message) > 500:
+            message = message[:500] + "..."
+        log.warning("logger %s failed at %s (%s); it is off for the rest of this run. The run goes on: "
+                    "history.csv and metrics.json are its record", lg.name, stage, message.splitlines()[0])
+        _traceback_to_files(f"logger {lg.name} failed at {stage}", exc)
+        with contextlib.suppress(Exception):
+            lg.abort()
+        self.loggers.remove(lg)
+        self.status[lg.name] = {"status": "failed", "where": lg.where(self.info), "error": f"at {stage}: {message}"}
+        self.state.pop(lg.name, None)
+
+    def _read_state(self) -> dict[str, dict]:
+        try:
+            state = json.loads(self.state_path.read_text())
+            return state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self) -> None:
+        if not self.state:
+            return
+        try:
+            merged = {**self._read_state(), **self.state}
+            write_json(merged, self.state_path)
+        except OSError as exc:
+            log.warning("could not write %s (%s); a resumed run will start new tracker runs", self.state_path, exc)
+
+
+class Logger:
+    """One tracker. `start` returns what a resumed run needs to continue its tracker run (stored in loggers.json)."""
+
+    name = ""
+    # True: a step is on disk (or on the server) once log_rows returns; False: only once finish returns, so
+    # the epochs since the last finish are logged again after a kill (their values are the same)
+    durable = True
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def check(self) -> None:
+        """Refuse invalid options before training (UserError)."""
+
+    def where(self, info: RunInfo) -> str:
+        raise NotImplementedError
+
+    def destination(self, info: RunInfo) -> dict:
+        """Where the tracker run lives; a resumed run whose destination changed starts a new tracker run."""
+        return {"where": self.where(info)}
+
+    def describe(self) -> dict:
+        return {}
+
+    def hint(self) -> str:
+        """Said after where it logs, once started."""
+        return ""
+
+    def start(self, info: RunInfo, previous: dict | None, history: list[dict], logged_through: int) -> dict:
+        raise NotImplementedError
+
+    def log_rows(self, rows: list[dict]) -> None:
+        raise NotImplementedError
+
+    def finish(self, results: dict, step: int) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Release what start opened after a failure (best effort)."""
+
+
+class TensorBoardLogger(Logger):
+    """Scalars per epoch (step = epoch), the Shapley / imbalance / per-modality accuracy curves on one chart each
+    (CUSTOM SCALARS), the config as text, and the config as hparams beside the final metrics (HPARAMS).
+
+    Its folder mirrors the checkpoint's history: every start rewrites it from that history (as history.csv is),
+    so a resumed run shows one curve with each epoch once.
+    """
+
+    name = "tensorboard"
+
+    def where(self, info: RunInfo) -> str:
+        return str(self._dir(info))
+
+    def _dir(self, info: RunInfo) -> Path:
+        path = Path(str(self.options.get("dir") or "tensorboard"))
+        return path if path.is_absolute() else info.run_dir / path
+
+    def start(self, info, previous, history, logged_through):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.info = info
+        log_dir = self._dir(info)
+        old = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
+        for path in old:
+            path.unlink()
+        # purge_step=0: a TensorBoard already showing this folder drops what it read from the files just removed
+        self.writer = SummaryWriter(str(log_dir), purge_step=0 if old else None, flush_secs=30)
+        self.writer.add_custom_scalars({"balance": {
+            "Shapley contribution (val)": ["Multiline", [r"val/shapley/.*"]],
+            "imbalance (val)": ["Multiline", [r"val/imbalance"]],
+            "accuracy per modality (val)": ["Multiline", [r"val/acc/.*"]],
+        }})
+        self.writer.add_text("config", "```\n" + json.dumps(info.config, indent=2, default=str) + "\n```", 0)
+        self.log_rows(history)
+        return {}
+
+    def log_rows(self, rows):
+        for row in rows:
+            step = int(row["epoch"])
+            for key, value in _numbers(row).items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def finish(self, results, step):
+        from torch.utils.tensorboard.summary import hparams
+
+        final = {FINAL + k: v for k, v in _numbers(results.get("metrics") or {}).items()}
+        for key, value in final.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.add_text("status", str(results.get("status")), step)
+        if self.options.get("hparams", True) and results.get("status") == "completed":
+            # into this run's own writer: SummaryWriter.add_hparams would make a new sub-run (pytorch #32651)
+            exp, ssi, sei = hparams(_hparams(self.info), final)
+            file_writer = self.writer._get_file_writer()
+            for summary in (exp, ssi, sei):
+                file_writer.add_summary(summary)
+        self.writer.flush()
+        self.writer.close()
+
+    def abort(self):
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+
+
+class MLflowLogger(Logger):
+    """An MLflow run: the config as params, choices and tags as tags, per-epoch metrics (step = epoch), the final
+    metrics as final/<name> (names as history.csv's, later `/` as `.`: val/acc.audio), metrics.json (as
+    mmbalance_metrics.json) and history.csv as artifacts, and the run's status.
+
+    The default store is a local file store (<run folder>/mlruns, or one <sweep dir>/mlruns shared by a sweep's
+    jobs, one experiment per sweep): a folder per run, safe for concurrent jobs, no server. MLflow 3 keeps
+    that backend in maintenance mode and refuses it unless MLFLOW_ALLOW_FILE_STORE=true; this process sets that
+    for a file store it was given (the viewer needs it too: docs/loggers.md).
+    """
+
+    name = "mlflow"
+
+    def where(self, info: RunInfo) -> str:
+        return self._uri(info)
+
+    def destination(self, info):
+        return {"tracking_uri": self._uri(info), "experiment": self._experiment_name(info)}
+
+    def describe(self):
+        return {"run_id": getattr(self, "run_id", None), "experiment": getattr(self, "experiment", None)}
+
+    def _uri(self, info: RunInfo) -> str:
+        uri = self.options.get("tracking_uri")
+        if uri:
+            return str(uri)
+        return ((info.sweep_dir or info.run_dir) / "mlruns").resolve().as_uri()
+
+    def _experiment_name(self, info: RunInfo) -> str:
+        return str(self.options.get("experiment") or info.sweep_name or "mmbalance")
+
+    def start(self, info, previous, history, logged_through):
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.info = info
+        uri = self._uri(info)
+        if _local_store(uri):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment = self._experiment_name(info)
+        resumed = False
+        if previous is not None and previous.get("run_id"):
+            try:
+                self.client.get_run(previous["run_id"])
+                resumed = True
+            except MlflowException:
+                log.warning("logger mlflow: run %s recorded in %s is not in %s any more; starting a new run",
+                            previous["run_id"], STATE_FILE, uri)
+        if resumed:
+            self.run_id = previous["run_id"]
+            self.experiment_id = previous.get("experiment_id")
+            self.client.update_run(self.run_id, status="RUNNING")
+            rows = [r for r in history if int(r["epoch"]) > logged_through]
+        else:
+            self.experiment_id = self._experiment_id(uri)
+            tags = {"mmbalance.run_dir": str(info.run_dir.resolve()), "mmbalance.identity": str(info.identity)}
+            tags.update({f"mmbalance.choice.{k}": str(v) for k, v in info.choices.items()})
+            tags.update({f"mmbalance.tag.{t}": "true" for t in info.tags})
+            if info.sweep_name:
+                tags["mmbalance.sweep"] = info.sweep_name
+            name = str(self.options.get("run_name") or info.name)
+            self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            params = [Param(_key(k), _param_value(v)) for k, v in _flat_config(info).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+            rows = list(history)
+        self.log_rows(rows)
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "resumed": resumed}
+
+    def _experiment_id(self, uri: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        # a sweep's jobs may start together: one lock per local store makes "get or create" one step
+        with _store_lock(uri):
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is not None:
+                return found.experiment_id
+            try:
+                return self.client.create_experiment(self.experiment)
+            except MlflowException:  # another process created it in between (a remote store)
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+                return found.experiment_id
+
+    def log_rows(self, rows):
+        from mlflow.entities import Metric
+
+        metrics = []
+        for row in rows:
+            now = int(time.time() * 1000)
+            metrics += [Metric(_key(k), v, now, int(row["epoch"])) for k, v in _numbers(row).items() if k != "epoch"]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def finish(self, results, step):
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        final = [Metric(_key(FINAL + k), v, now, step) for k, v in _numbers(results.get("metrics") or {}).items()]
+        self.client.log_batch(self.run_id, metrics=final,
+                              tags=[RunTag("mmbalance.status", str(results.get("status")))])
+        if self.options.get("artifacts", True):
+            # not named metrics.json: `mmbalance report` would count a copy inside the run folder as another run
+            record = self.info.run_dir / "metrics.json"
+            if record.exists():
+                self.client.log_text(self.run_id, record.read_text(), RECORD_ARTIFACT)
+            if (self.info.run_dir / "history.csv").exists():
+                self.client.log_artifact(self.run_id, str(self.info.run_dir / "history.csv"))
+        state = {"completed": "FINISHED", "interrupted": "KILLED"}.get(str(results.get("status")), "FAILED")
+        self.client.set_terminated(self.run_id, state)
+
+    def abort(self):
+        if getattr(self, "run_id", None):
+            self.client.set_terminated(self.run_id, "FAILED")
+
+
+class WandbLogger(Logger):
+    """A W&B run, offline by default (files in <run folder>/wandb/offline-run-*; `wandb sync` uploads them):
+    the config, per-epoch values against `epoch`, the final metrics as final/<name> in the summary. A sweep's
+    jobs share one group named after the sweep folder. A resumed run keeps its id (`wandb sync` joins the
+    offline folders of one id in order)."""
+
+    name = "wandb"
+    durable = False  # the W&B service holds a process's records until the run finishes: a SIGKILL loses them
+
+    def check(self):
+        mode = str(self.options.get("mode") or "offline")
+        if mode not in WANDB_MODES:
+            raise UserError(f"logger.wandb.mode={mode!r}: expected one of {list(WANDB_MODES)}")
+
+    def where(self, info):
+        mode = str(self.options.get("mode") or "offline")
+        if mode != "offline":
+            return f"W&B project {self.options.get('project')} ({mode})"
+        run = getattr(self, "run", None)  # once started: its own offline folder, what `wandb sync` takes
+        return str(Path(run.dir).parent) if run is not None else str(info.run_dir / "wandb")
+
+    def destination(self, info):
+        return {"mode": str(self.options.get("mode") or "offline"), "project": self.options.get("project"),
+                "entity": self.options.get("entity")}
+
+    def describe(self):
+        run = getattr(self, "run", None)
+        return {"id": run.id} if run is not None else {}
+
+    def hint(self):
+        if str(self.options.get("mode") or "offline") != "offline":
+            return ""
+        return f"; upload it later with `wandb sync {self.where(self.info)}`"
+
+    def start(self, info, previous, history, logged_through):
+        import wandb
+
+        self.info = info
+        run_id = (previous or {}).get("id") or _wandb_id()
+        info.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=self.options.get("project") or "mmbalance", entity=self.options.get("entity"),
+            group=self.options.get("group") or info.sweep_name, name=str(self.options.get("name") or info.name),
+            id=run_id, resume="allow", dir=str(info.run_dir), mode=str(self.options.get("mode") or "offline"),
+            config={**info.config, "choices": info.choices}, tags=info.tags or None, job_type="train",
+            reinit="create_new", settings=wandb.Settings(console="off", silent=True))
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
+        self.log_rows([r for r in history if int(r["epoch"]) > logged_through])
+        return {"id": run_id}
+
+    def log_rows(self, rows):
+        for row in rows:
+            self.run.log(_numbers(row))
+
+    def finish(self, results, step):
+        self.run.summary.update({FINAL + k: v for k, v in _numbers(results.get("metrics") or {}).items()})
+        self.run.summary["status"] = str(results.get("status"))
+        self.run.finish(exit_code=0 if results.get("status") == "completed" else 1)
+
+    def abort(self):
+        run = getattr(self, "run", None)
+        if run is not None:
+            run.finish(exit_code=1)
+
+
+LOGGERS: dict[str, type[Logger]] = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger, "wandb": WandbLogger}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+def _numbers(row: dict) -> dict[str, float]:
+    """The numeric entries of a history row or metrics dict (NaN kept: a tracker shows what the record holds)."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            out[str(key)] = float(value)
+        elif hasattr(value, "item"):  # numpy / torch scalars
+            with contextlib.suppress(Exception):
+                out[str(key)] = float(value.item())
+    return out
+
+
+def _flat_config(info: RunInfo) -> dict[str, Any]:
+    """The resolved config, flat ("optimizer.lr"), without the loggers' own options, plus the group choices."""
+    flat = {k: v for k, v in flatten(info.config).items() if not k.startswith("logger.") and k != "logger"}
+    flat.update({f"choice/{k}": v for k, v in info.choices.items()})
+    return flat
+
+
+def _hparams(info: RunInfo) -> dict[str, Any]:
+    """TensorBoard hparams: numbers, strings and booleans as they are, lists as text, null left out."""
+    out = {}
+    for key, value in _flat_config(info).items():
+        if value is None:
+            continue
+        out[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
+    return out
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's limit on a param's value
+
+
+_KEY_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. /:")
+
+
+def _key(key: str) -> str:
+    """An MLflow metric/param name: the first `/` kept, later ones become `.` (val/acc.audio), anything but
+    letters, digits and `_-. :` becomes `_`. MLflow's file store keeps a metric in a file of that name, so
+    val/acc and val/acc/audio could not both exist; the first `/` keeps the UI's sections (train, val, final)."""
+    head, sep, rest = str(key).partition("/")
+    name = head + sep + rest.replace("/", ".")
+    return "".join(c if c in _KEY_OK else "_" for c in name)[:250]
+
+
+def _wandb_id() -> str:
+    return secrets.token_hex(4)  # 8 characters from [0-9a-f], as W&B's own ids
+
+
+def _shown(path: Path) -> str:
+    """A folder as the user knows it: relative to the working folder when inside it (multirun/2026-01-01/...)."""
+    path = Path(path)
+    with contextlib.suppress(ValueError, OSError):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+def _local_store(uri: str) -> bool:
+    """A file store: a file: URI or a plain path (not "databricks", which names a workspace)."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    return scheme == "file" or (scheme == "" or len(scheme) == 1) and not uri.startswith("databricks")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    if not _local_store(uri):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    from urllib.parse import unquote, urlparse
+
+    root = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".mmbalance.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _traceback_to_files(message: str, exc: BaseException) -> None:
+    """The traceback of a logger's failure goes to the run's log files (train.log), not to the console."""
+    record = log.makeRecord(log.name, logging.WARNING, __file__, 0, "%s", (message,),
+                            (type(exc), exc, exc.__traceback__))
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
