@@ -46,7 +46,6 @@ def test_standardisation_uses_the_train_split_only(tmp_path):
     assert raw.train.inputs["v"].tolist() == x[:2].tolist()
 
 
-@pytest.mark.slow  # 50 epochs each: about 20 s on an idle 2-core machine
 @pytest.mark.parametrize("n_views", [2, 3])
 def test_the_default_recipe_reaches_a_logistic_regression_on_the_concatenated_views(tmp_path, n_views):
     from sklearn.linear_model import LogisticRegression
