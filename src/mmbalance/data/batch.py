@@ -1,9 +1,10 @@
-"""The batch format every dataset produces and every method consumes, plus the shared dataset container."""
+"""The batch format every dataset produces and every method consumes, plus the shared dataset containers."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -125,6 +126,41 @@ class MultimodalDataset(Dataset):
         return MultimodalDataset({m: x[t] for m, x in self.inputs.items()}, self.labels[t],
                                  **{k: v[idx] for k, v in self.ids.items()})
 
+
+
+class ArrayDataset(Dataset):
+    """Samples `rows` of per-modality arrays (N, ...): in memory, or .npy files memory-mapped read-only on first
+    use, so that DataLoader workers each map the file instead of receiving a pickled copy. Samples are float32,
+    or int64 for integer arrays (token ids). Labels are int64 classes, or with `regression` float32 scores (a
+    sample's label is then a Python float, which `collate_batch` keeps float)."""
+
+    def __init__(self, sources: dict[str, np.ndarray | Path], rows: np.ndarray, labels: np.ndarray,
+                 ids: list[str], regression: bool = False):
+        self.sources = dict(sources)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32 if regression else torch.long)
+        self.ids = list(ids)
+        if not (len(self.rows) == len(self.labels) == len(self.ids)):
+            raise ValueError("rows, labels and ids must have the same length")
+        self._open: dict[str, np.ndarray] | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._open is None:
+            self._open = {m: np.load(s, mmap_mode="r") if isinstance(s, Path) else s for m, s in self.sources.items()}
+        return self._open
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": None}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row, inputs = int(self.rows[i]), {}
+        for m, a in self.arrays().items():
+            # np.array copies: a writable tensor, never a view into the read-only memmap
+            inputs[m] = torch.from_numpy(np.array(a[row], dtype=np.int64 if a.dtype.kind in "iu" else np.float32))
+        return {"inputs": inputs, "label": self.labels[i].item(), "index": i}
 
 @dataclass
 class DataSplits:

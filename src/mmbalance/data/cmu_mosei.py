@@ -34,15 +34,14 @@ Task (``task``): ``classification`` (the default, BalanceBenchmark's protocol) u
 model gets one output (``num_classes`` 1) and trains with ``loss`` (auto = L1, as MulT; or mse); ``label_mode`` does
 not apply (the shared ``collate_batch`` keeps float labels float). Metrics: ``mmbalance.metrics.regression``.
 
-Splits: MOSEI's own train / valid / test (a settled choice, docs/architecture.md: its own validation split is used for model selection).
+Splits: MOSEI's own train / valid / test (a settled choice, docs/architecture.md: its own validation split is
+used for model selection).
 
 ``mmbalance prepare cmu_mosei --root RAW --out PREP`` unpickles once and writes a memory-mappable cache:
-``<split>/<modality>.npy`` (float32, or int64 token ids) and ``<split>/y_reg.npy`` for split in
-train/val/test, ``manifest.csv`` (id, label, split, y_reg and the label under every mode), ``classes.json``
-and ``cache.json`` (source file stamp, layout, shapes); ``build_cmu_mosei(prepared=PREP)`` then reads it with
-``np.load(mmap_mode='r')`` instead of unpickling gigabytes. Prepare writes those arrays cleaned, so a build
-that finds NaN/Inf in them (the finite-input check of data/finite.py, recorded next to each array) raises a
-DataError instead of replacing them: the files were changed after prepare.
+``<split>/<modality>.npy`` (float32, or int64 token ids) and ``<split>/y_reg.npy``, ``manifest.csv`` (id, label,
+split, y_reg and the label under every mode), ``classes.json`` and ``cache.json`` (source file stamp, layout,
+shapes), read with ``np.load(mmap_mode='r')`` instead of unpickling gigabytes. Its arrays are written cleaned, so
+NaN/Inf found in them by a build is a DataError, not replaced: the files were changed after prepare.
 """
 
 from __future__ import annotations
@@ -55,15 +54,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from mmbalance.data import finite
-from mmbalance.data.batch import DataSplits, ModalitySpec
+from mmbalance.data.batch import ArrayDataset, DataSplits, ModalitySpec
 from mmbalance.data.layout import option_path
 from mmbalance.data.prepare import CACHE_META, CLASSES, MANIFEST, PrepareContext, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError, UserError
-from mmbalance.metrics.regression import TASKS, resolve_loss
+from mmbalance.metrics.regression import resolve_loss
 
 log = logging.getLogger("mmbalance")
 
@@ -88,58 +85,35 @@ LABEL_MODES = {
     "binary_drop_zero": ["negative", "positive"],
     "7class": ["-3", "-2", "-1", "0", "+1", "+2", "+3"],
 }
+# manifest.csv's column holding each mode's labels (empty where the mode drops the sample)
+LABEL_COLUMNS = {"binary_nonneg": "y2_nonneg", "binary_drop_zero": "y2_nonzero", "7class": "y7"}
 # the internal label mode of dataset.task=regression: the float scores themselves, one model output
 REGRESSION = "regression"
 CACHE_VERSION = 1
 VAL_SOURCE = "CMU-MOSEI's own validation split ('valid' in the pickle)"
-_CHUNK = 1024  # samples per cleaning step: bounds the temporary isfinite mask for multi-GB arrays
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# labels
 
 
 def sentiment_labels(y: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """(class labels int64 for the kept samples, keep mask) of sentiment scores `y` under `label_mode`."""
+    """(class labels int64 for the kept samples, keep mask) of sentiment scores `y` under a LABEL_MODES mode."""
     y = np.asarray(y, dtype=np.float64).reshape(-1)
-    if mode == "binary_nonneg":
-        return (y >= 0).astype(np.int64), np.ones(len(y), dtype=bool)
-    if mode == "binary_drop_zero":
-        keep = y != 0
-        return (y[keep] > 0).astype(np.int64), keep
-    if mode == "7class":
-        return (np.round(np.clip(y, -3.0, 3.0)) + 3).astype(np.int64), np.ones(len(y), dtype=bool)
-    raise UserError(f"dataset.label_mode={mode!r}; expected one of {sorted(LABEL_MODES)}")
+    keep = y != 0 if mode == "binary_drop_zero" else np.ones(len(y), dtype=bool)
+    labels = np.round(np.clip(y, -3.0, 3.0)) + 3 if mode == "7class" else y[keep] >= 0
+    return labels.astype(np.int64), keep
 
 
-def _all_label_columns(y: np.ndarray) -> dict[str, list[str]]:
-    """The manifest's per-mode label columns (empty where binary_drop_zero drops the sample)."""
-    n = len(y)
-    cols = {}
-    for mode, col in (("binary_nonneg", "y2_nonneg"), ("binary_drop_zero", "y2_nonzero"), ("7class", "y7")):
-        labels, keep = sentiment_labels(y, mode)
-        full = np.full(n, "", dtype=object)
-        full[keep] = labels.astype(str)
-        cols[col] = full.tolist()
-    return cols
+def _check_options(layout: str, label_mode: str, text_key: str, modalities) -> list[str]:
+    for name, value, allowed in (("layout", layout, list(LAYOUTS)), ("label_mode", label_mode, sorted(LABEL_MODES)),
+                                 ("text_key", text_key, list(TEXT_KEYS))):
+        if value not in allowed:
+            raise UserError(f"dataset.{name}={value!r}; expected one of {allowed}")
+    mods = list(modalities) if modalities else list(MODALITIES)
+    if len(set(mods)) != len(mods) or not set(mods) <= set(MODALITIES):
+        raise UserError(f"dataset.modalities={mods}; expected distinct names out of {list(MODALITIES)}")
+    return mods
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # finding and reading the pickle
-
-
-def _check_options(layout: str, label_mode: str, text_key: str, modalities) -> list[str]:
-    if layout not in LAYOUTS:
-        raise UserError(f"dataset.layout={layout!r}; expected one of {list(LAYOUTS)}")
-    if label_mode not in LABEL_MODES:
-        raise UserError(f"dataset.label_mode={label_mode!r}; expected one of {sorted(LABEL_MODES)}")
-    if text_key not in TEXT_KEYS:
-        raise UserError(f"dataset.text_key={text_key!r}; expected one of {list(TEXT_KEYS)}")
-    mods = list(modalities) if modalities else list(MODALITIES)
-    bad = [m for m in mods if m not in MODALITIES]
-    if bad or len(set(mods)) != len(mods) or not mods:
-        raise UserError(f"dataset.modalities={mods}; expected distinct names out of {list(MODALITIES)}")
-    return mods
 
 
 def _aligned_from_name(name: str) -> bool | None:
@@ -157,7 +131,7 @@ def find_source(root: str | Path, aligned: bool = False, layout: str = "auto") -
     With layout "auto" the MulT file is preferred over the MMSA one when both exist (BalanceBenchmark reads
     MulT's). layout is "mult", "mmsa" or, for a file given directly, "file" (refined from its keys on load).
     """
-    root = Path(root).expanduser()
+    root, aligned = Path(root).expanduser(), bool(aligned)
     if root.is_file():
         return root, "file", _aligned_from_name(root.name)
     if not root.is_dir():
@@ -165,12 +139,11 @@ def find_source(root: str | Path, aligned: bool = False, layout: str = "auto") -
                         f"mosei_senti_data[_noalign].pkl (MulT) or MOSEI/Processed/[un]aligned_50.pkl (MMSA), "
                         "or the path of such a .pkl")
     layouts = ("mult", "mmsa") if layout == "auto" else (layout,)
-    for name in layouts:
-        for rel in FILES[(name, bool(aligned))]:
-            if (root / rel).is_file():
-                return root / rel, name, bool(aligned)
-    tried = [str(root / rel) for name in layouts for rel in FILES[(name, bool(aligned))]]
-    other = [str(root / rel) for name in layouts for rel in FILES[(name, not aligned)] if (root / rel).is_file()]
+    tried = [(name, root / rel) for name in layouts for rel in FILES[(name, aligned)]]
+    for name, path in tried:
+        if path.is_file():
+            return path, name, aligned
+    other = [root / rel for name in layouts for rel in FILES[(name, not aligned)] if (root / rel).is_file()]
     found = sorted(p.relative_to(root).as_posix() for pattern in ("*.pkl", "*/*.pkl", "*/*/*.pkl", "*.csd")
                    for p in root.glob(pattern))[:12]
     hint = ""
@@ -182,8 +155,8 @@ def find_source(root: str | Path, aligned: bool = False, layout: str = "auto") -
                 "(see README: Datasets).")
     raise DataError(
         f"dataset.root {str(root)!r}: no CMU-MOSEI {'aligned' if aligned else 'unaligned'} pickle found "
-        f"(layout={layout}); looked for {', '.join(tried)}. Found: {', '.join(found) or 'no .pkl/.csd files'}."
-        + hint
+        f"(layout={layout}); looked for {', '.join(str(p) for _, p in tried)}. "
+        f"Found: {', '.join(found) or 'no .pkl/.csd files'}." + hint
     )
 
 
@@ -206,54 +179,43 @@ def load_pickle(path: Path) -> dict:
 
 
 def clean_float32(x: np.ndarray) -> tuple[np.ndarray, int]:
-    """float32 copy (or the same array when it already is float32) with every -inf/+inf/NaN set to 0, and
-    how many were replaced. Works chunk-wise so the temporary mask stays small for multi-GB arrays."""
-    x = np.asarray(x)
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
-    elif not x.flags.writeable:
+    """float32 (the array itself when it already is writable float32) with every -inf/+inf/NaN set to 0, and how
+    many were replaced. finite.nonfinite_rows scans it chunk-wise: no full-size mask for multi-GB arrays."""
+    x = np.asarray(x, dtype=np.float32)
+    if not x.flags.writeable:
         x = x.copy()
-    replaced = 0
-    for start in range(0, len(x), _CHUNK):
-        block = x[start:start + _CHUNK]
-        bad = ~np.isfinite(block)
-        n = int(bad.sum())
-        if n:
-            block[bad] = 0.0
-            replaced += n
-    return x, replaced
-
-
-def _to_str(v) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    bad = finite.nonfinite_rows(x)
+    for row in bad:
+        block = x[row]
+        block[~np.isfinite(block)] = 0.0
+    return x, sum(nan + inf for nan, inf in bad.values())
 
 
 def _ids(split_data: dict, n: int, split: str, where: str) -> list[str]:
-    """Sample ids as strings: MMSA stores a list of 'video$_$clip' strings, MulT an array (N,) or (N, k)
-    whose columns (video id, segment...) are joined with '_'; without `id`, '<split>_<row>'."""
-    raw = split_data.get("id")
-    if raw is None:
+    """Sample ids as strings: MMSA stores a list of 'video$_$clip' strings, MulT an array (N,) or (N, k) of
+    bytes whose columns (video id, segment...) are joined with '_'; without `id`, '<split>_<row>'."""
+    if split_data.get("id") is None:
         return [f"{split}_{i}" for i in range(n)]
-    arr = np.asarray(raw, dtype=object)
+    arr = np.asarray(split_data["id"], dtype=object)
     if arr.ndim == 0 or len(arr) != n:
         raise DataError(f"{where}: `id` has {arr.shape} entries but there are {n} samples")
-    if arr.ndim == 1:
-        return [_to_str(v) for v in arr]
-    return ["_".join(_to_str(v) for v in row) for row in arr.reshape(n, -1)]
+    rows = arr[:, None] if arr.ndim == 1 else arr.reshape(n, -1)
+    return ["_".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in row) for row in rows]
 
 
 @dataclass
 class SplitData:
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray | Path]  # in memory (the pickle) or .npy files (the prepared cache)
     y: np.ndarray  # (N,) float32 sentiment score
     ids: list[str]
 
 
 @dataclass
 class Source:
-    """A loaded pickle, cleaned: per split arrays, scores and ids, plus what was found."""
+    """One release file, cleaned: per split arrays, scores and ids, plus what was found (from the pickle, or as
+    the prepared cache recorded it)."""
 
-    file: Path
+    file: Path | str
     layout: str  # mult | mmsa
     aligned: bool | None
     splits: dict[str, SplitData]
@@ -261,9 +223,10 @@ class Source:
     text_source: str | None
     replaced: dict[str, int] = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
+    origin: str = "raw pickle"
 
 
-def _split_table(data: dict, path: Path) -> dict[str, dict]:
+def _split_table(data: dict, path: Path) -> dict[str, tuple[str, dict]]:
     table = {}
     for split, keys in SPLIT_KEYS.items():
         key = next((k for k in keys if k in data), None)
@@ -286,6 +249,15 @@ def _detect_layout(table: dict, path: Path) -> str:
                     f"found keys {sorted(map(str, keys))}")
 
 
+def _key(split_data: dict, keys: tuple[str, ...], what: str, where: str) -> str:
+    """The first of `keys` present in the split; DataError naming them all when none is."""
+    key = next((k for k in keys if k in split_data), None)
+    if key is None:
+        raise DataError(f"{where}: no {what} key: looked for {' or '.join(map(repr, keys))} "
+                        f"(found keys {sorted(map(str, split_data))})")
+    return key
+
+
 def _text_key(split_data: dict, text_key: str, where: str) -> str:
     """Which pickle key feeds the text modality. auto: `text` (GloVe 300-d in MulT, BERT 768-d features in
     MMSA); a file with only MMSA's `text_bert` token ids needs text_key=text_bert (a `tokens` modality)."""
@@ -294,55 +266,41 @@ def _text_key(split_data: dict, text_key: str, where: str) -> str:
             raise DataError(f"{where}: dataset.text_key={text_key!r} but the split has no {text_key!r} "
                             f"(found keys {sorted(map(str, split_data))})")
         return text_key
-    if "text" in split_data:
-        return "text"
-    if "text_bert" in split_data:
+    if _key(split_data, ("text", "text_bert"), "text", where) == "text_bert":
         raise DataError(
             f"{where}: no `text` feature sequence (the 768-d BERT features of MMSA files); only `text_bert` "
             "BERT token ids (N, 3, L) are present. Set dataset.text_key=text_bert to use them as a `tokens` "
             "modality (needs a backbone.encoders.tokens encoder), or leave text out with "
             "dataset.modalities=[audio,vision]")
-    raise DataError(f"{where}: no text key: looked for 'text' or 'text_bert' (found keys "
-                    f"{sorted(map(str, split_data))})")
+    return "text"
 
 
 def read_source(path: Path, modalities: list[str], text_key: str = "auto", layout_hint: str = "auto",
                 aligned: bool | None = None) -> Source:
-    """Load, validate and clean one MulT/MMSA pickle (see the module docstring). The pickle's arrays are
-    consumed (cast in place where possible) so peak memory stays near the file's size."""
-    data = load_pickle(path)
-    table = _split_table(data, path)
+    """Load, validate and clean one MulT/MMSA pickle. Its arrays are consumed (cast in place where possible) so
+    peak memory stays near the file's size."""
+    table = _split_table(load_pickle(path), path)
     layout = _detect_layout(table, path)
     if layout_hint in ("mult", "mmsa") and layout != layout_hint:
         log.warning("%s: dataset.layout=%s but its keys look like %s; reading it as %s", path, layout_hint,
                     layout, layout)
-    splits, specs, replaced, text_source, notes = {}, {}, {m: 0 for m in modalities}, None, {}
-    for split, (key, d) in table.items():
-        where = f"{path} [{key!r}]"
-        label_key = next((k for k in LABEL_KEYS[layout] if k in d), None)
-        if label_key is None:
-            raise DataError(f"{where}: no sentiment key: looked for {' or '.join(map(repr, LABEL_KEYS[layout]))} "
-                            f"(found keys {sorted(map(str, d))})")
+    splits, specs, replaced, text_source, notes = {}, {}, dict.fromkeys(modalities, 0), None, {}
+    for split, (name, d) in table.items():
+        where = f"{path} [{name!r}]"
+        label_key = _key(d, LABEL_KEYS[layout], "sentiment", where)
         y = np.asarray(d[label_key], dtype=np.float64)
         n = int(y.shape[0]) if y.ndim else 0
-        y = y.reshape(n, -1) if n else y.reshape(0, 1)
-        if y.shape[1] != 1:
-            raise DataError(f"{where}: `{label_key}` has shape {np.shape(d[label_key])}; expected one sentiment "
-                            "score per sample, (N,), (N, 1) or (N, 1, 1)")
-        y = y[:, 0]
+        if y.size != n:
+            raise DataError(f"{where}: `{label_key}` has shape {y.shape}; expected one sentiment score per sample, "
+                            "(N,), (N, 1) or (N, 1, 1)")
+        y = y.reshape(n)
         if not np.isfinite(y).all():
             raise DataError(f"{where}: `{label_key}` has {int((~np.isfinite(y)).sum())} non-finite scores")
         arrays = {}
         for m in modalities:
-            if m == "text":
-                k = _text_key(d, text_key, where)
-            else:
-                k = next((c for c in MODALITY_KEYS[m] if c in d), None)
-                if k is None:
-                    raise DataError(f"{where}: no {m} key: looked for {' or '.join(map(repr, MODALITY_KEYS[m]))} "
-                                    f"(found keys {sorted(map(str, d))})")
+            k = _text_key(d, text_key, where) if m == "text" else _key(d, MODALITY_KEYS[m], m, where)
             x = np.asarray(d[k])
-            if m == "text" and k == "text_bert":
+            if k == "text_bert":
                 # MMSA: rows are input ids, attention mask, segment ids; the `tokens` kind wants ids, 0 = [PAD]
                 if x.ndim != 3 or x.shape[0] != n or x.shape[1] < 1:
                     raise DataError(f"{where}: `text_bert` has shape {x.shape}; expected ({n}, 3, L) BERT inputs")
@@ -362,10 +320,9 @@ def read_source(path: Path, modalities: list[str], text_key: str = "auto", layou
                     text_source = f"`text` {x.shape[2]}-d " + ("GloVe (MulT)" if layout == "mult" else
                                                                 "BERT features (MMSA)")
             d[k] = None  # drop the pickle's reference: a float64 original is freed as soon as it is cast
-            if m in specs and specs[m] != spec:
+            if specs.setdefault(m, spec) != spec:
                 raise DataError(f"{where}: `{k}` per-sample shape {spec.shape} differs from the train split's "
                                 f"{specs[m].shape}; every split must share one shape")
-            specs[m] = spec
             arrays[m] = x
         splits[split] = SplitData(arrays, y.astype(np.float32), _ids(d, n, split, where))
         if split == "train":
@@ -377,132 +334,75 @@ def read_source(path: Path, modalities: list[str], text_key: str = "auto", layou
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the dataset
+# the builder
 
 
-class SequenceDataset(Dataset):
-    """Samples `rows` of per-modality arrays (in memory, or .npy files opened lazily as read-only memmaps so
-    that DataLoader workers each map the file instead of receiving a pickled copy).
-
-    Labels are int64 classes, or float32 scores with `regression` (a sample's label is then a Python float,
-    which `collate_batch` keeps float)."""
-
-    def __init__(self, sources: dict[str, np.ndarray | Path], rows: np.ndarray, labels: np.ndarray,
-                 ids: list[str], regression: bool = False):
-        self.sources = dict(sources)
-        self.rows = np.asarray(rows, dtype=np.int64)
-        # classes are read by methods that stratify; scores by the regression loss and metrics
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32 if regression else torch.long)
-        self.ids = list(ids)
-        if not (len(self.rows) == len(self.labels) == len(self.ids)):
-            raise ValueError("rows, labels and ids must have the same length")
-        self._open: dict[str, np.ndarray] | None = None
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        if self._open is None:
-            self._open = {m: np.load(s, mmap_mode="r") if isinstance(s, Path) else s for m, s in self.sources.items()}
-        return self._open
-
-    def __getstate__(self):
-        return {**self.__dict__, "_open": None}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        row, inputs = int(self.rows[i]), {}
-        for m, a in self.arrays().items():
-            # np.array copies: a writable tensor, never a view into the read-only memmap
-            inputs[m] = torch.from_numpy(np.array(a[row], dtype=np.int64 if a.dtype.kind in "iu" else np.float32))
-        return {"inputs": inputs, "label": self.labels[i].item(), "index": i}
-
-
-def _make_split(sources: dict, y: np.ndarray, ids: list[str], label_mode: str) -> tuple[SequenceDataset, int]:
+def _make_split(s: SplitData, label_mode: str) -> tuple[ArrayDataset, int]:
+    """The split's dataset and how many samples label_mode dropped."""
     if label_mode == REGRESSION:  # every sample, its score as the label
-        y = np.asarray(y, dtype=np.float32).reshape(-1)
-        return SequenceDataset(sources, np.arange(len(y)), y, list(ids), regression=True), 0
-    labels, keep = sentiment_labels(y, label_mode)
+        return ArrayDataset(s.arrays, np.arange(len(s.y)), s.y, s.ids, regression=True), 0
+    labels, keep = sentiment_labels(s.y, label_mode)
     rows = np.flatnonzero(keep)
-    return SequenceDataset(sources, rows, labels, [ids[r] for r in rows]), int((~keep).sum())
+    return ArrayDataset(s.arrays, rows, labels, [s.ids[r] for r in rows]), int((~keep).sum())
 
 
-def build_cmu_mosei(
-    root: str | None = None,
-    prepared: str | None = None,
-    aligned: bool = False,
-    layout: str = "auto",
-    label_mode: str = "binary_nonneg",
-    modalities: list[str] | None = None,
-    text_key: str = "auto",
-    task: Literal["classification", "regression"] = "classification",
-    loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto",
-) -> DataSplits:
+def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligned: bool = False, layout: str = "auto",
+                    label_mode: str = "binary_nonneg", modalities: list[str] | None = None, text_key: str = "auto",
+                    task: Literal["classification", "regression"] = "classification",
+                    loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto") -> DataSplits:
     """CMU-MOSEI as DataSplits of (T, D) `sequence` modalities audio, vision, text (in `modalities` order).
 
-    root: a folder in the MulT or MMSA layout, or the .pkl itself; prepared: the folder written by
-    `mmbalance prepare cmu_mosei` (read memory-mapped; root is then not opened). aligned picks the aligned
-    (50 steps) or unaligned pickle; BalanceBenchmark's recipe is `if_align: false`, hence the default.
-    layout: auto | mult | mmsa. label_mode: binary_nonneg (BalanceBenchmark, 0 counts as non-negative) |
-    binary_drop_zero | 7class (see the module docstring). text_key: auto (`text` features) | text |
-    text_bert (MMSA token ids as a `tokens` modality). task: classification (the `label_mode` classes) |
-    regression (float scores, one model output; `label_mode` does not apply). loss: the training loss of the
-    task, read by the run (auto: cross-entropy, or L1 for regression as MulT; l1 | mse for regression).
+    root: a folder in the MulT or MMSA layout, or the .pkl itself; prepared: the folder `mmbalance prepare
+    cmu_mosei` wrote (root is then not opened). aligned=false, the unaligned pickle, is BalanceBenchmark's recipe
+    (`if_align: false`). text_key: auto (`text` features) | text | text_bert (MMSA token ids as a `tokens`
+    modality). loss: the task's training loss, read by the run (auto: cross-entropy, or L1 for regression as MulT).
+    label_mode, task, layout: see the module docstring and conf/dataset/cmu_mosei.yaml.
     """
     prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _check_options(layout, label_mode, text_key, modalities)
-    if task not in TASKS:
-        raise UserError(f"dataset.task={task!r}; expected one of {list(TASKS)}")
-    resolve_loss(task, loss)  # a loss that does not fit the task is refused here, before any file is read
+    resolve_loss(task, loss)  # an unknown task, or a loss that does not fit it, is refused before any file is read
     if task == "regression":
         label_mode = REGRESSION  # from here on the "label mode" of float scores
     if prepared:
-        return _build_prepared(Path(prepared).expanduser(), aligned, label_mode, mods, text_key)
-    if not root:
+        src = _read_prepared(PreparedFolder(prepared, "cmu_mosei"), aligned, mods, text_key)
+    elif not root:
         raise UserError("dataset.root is not set: point it at the CMU-MOSEI folder or .pkl, or set dataset.prepared")
-    path, found_layout, file_aligned = find_source(root, aligned, layout)
-    src = read_source(path, mods, text_key, layout, file_aligned)
+    else:
+        path, found_layout, file_aligned = find_source(root, aligned, layout)
+        src = read_source(path, mods, text_key, layout, file_aligned)
+        src.layout = src.layout if found_layout == "file" else found_layout
     datasets, dropped = {}, {}
-    for split in SPLITS:
-        s = src.splits[split]
-        datasets[split], dropped[split] = _make_split(s.arrays, s.y, s.ids, label_mode)
-    notes = _notes(src.layout if found_layout == "file" else found_layout, str(path), src.aligned, label_mode,
-                   src.text_source, src.replaced, dropped, datasets, "raw pickle")
-    notes.update(src.notes)
-    return _splits(datasets, src.specs, mods, label_mode, notes)
+    for split, s in src.splits.items():
+        datasets[split], dropped[split] = _make_split(s, label_mode)
+    if prepared:  # prepare wrote these arrays cleaned (clean_float32), so a NaN/Inf here means they were changed
+        parts = [(m, s, d.sources[m], d.rows) for m in mods for s, d in datasets.items()]
+        parts += [("y_reg", s, prepared / s / "y_reg.npy", None) for s in SPLITS]
+        finite.check_cached(f"prepared CMU-MOSEI cache {str(prepared)!r} (<split>/<key>.npy)", parts,
+                            "the arrays were changed after `mmbalance prepare cmu_mosei`; prepare again with --force")
+    # regression: one output, the predicted score
+    names = ["sentiment score"] if label_mode == REGRESSION else list(LABEL_MODES[label_mode])
+    return DataSplits(datasets["train"], datasets["val"], datasets["test"], {m: src.specs[m] for m in mods},
+                      len(names), names, val_source=VAL_SOURCE, notes=_notes(src, label_mode, dropped, datasets))
 
 
-def _notes(layout, file, aligned, label_mode, text_source, replaced, dropped, datasets, source) -> dict:
-    notes = {
-        "layout": layout,
-        "file": file,
-        "aligned": aligned,
-        "source": source,
-        "label_mode": label_mode,
-        "text": text_source,
-        "nonfinite_replaced": dict(replaced),
-    }
+def _notes(src: Source, label_mode: str, dropped: dict, datasets: dict) -> dict:
+    notes = {"layout": src.layout, "file": str(src.file), "aligned": src.aligned, "source": src.origin,
+             "label_mode": label_mode, "text": src.text_source, "nonfinite_replaced": dict(src.replaced)}
     if label_mode == REGRESSION:
-        notes["task"] = "regression"
-        notes["label_mode"] = None  # label_mode does not apply to scores
-        # how many scores are negative, zero, positive: the zeros are what the two acc-2 conventions treat apart
-        notes["score_signs"] = {s: [int((d.labels < 0).sum()), int((d.labels == 0).sum()), int((d.labels > 0).sum())]
-                                for s, d in datasets.items()}
+        # label_mode does not apply to scores; how many are negative, zero, positive per split: the zeros are
+        # what the two acc-2 conventions treat apart
+        notes.update(task="regression", label_mode=None, score_signs={
+            s: [int((d.labels < 0).sum()), int((d.labels == 0).sum()), int((d.labels > 0).sum())]
+            for s, d in datasets.items()})
     else:
         notes["class_counts"] = {s: np.bincount(d.labels.numpy(), minlength=len(LABEL_MODES[label_mode])).tolist()
                                  for s, d in datasets.items()}
     if label_mode == "binary_drop_zero":
         notes["dropped_zero"] = dict(dropped)
-    log.info("cmu_mosei: %s layout (%s, %s), %s; non-finite values replaced by 0: %s", layout,
-             "aligned" if aligned else "unaligned" if aligned is not None else "alignment unknown", file, source,
-             replaced)
-    return notes
-
-
-def _splits(datasets, specs, mods, label_mode, notes) -> DataSplits:
-    # regression: one output, the predicted score
-    names = ["sentiment score"] if label_mode == REGRESSION else list(LABEL_MODES[label_mode])
-    return DataSplits(datasets["train"], datasets["val"], datasets["test"], {m: specs[m] for m in mods},
-                      len(names), names, val_source=VAL_SOURCE, notes=notes)
+    log.info("cmu_mosei: %s layout (%s, %s), %s; non-finite values replaced by 0: %s", src.layout,
+             "aligned" if src.aligned else "unaligned" if src.aligned is not None else "alignment unknown",
+             notes["file"], src.origin, src.replaced)
+    return {**notes, **src.notes}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -518,9 +418,15 @@ def _read_meta(folder: PreparedFolder) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("dataset") == "cmu_mosei" else None
 
 
-def _build_prepared(folder: Path, aligned: bool, label_mode: str, mods: list[str], text_key: str) -> DataSplits:
-    prep = PreparedFolder(folder, "cmu_mosei")
-    meta = _read_meta(prep)
+def _prepared_labels(folder: PreparedFolder) -> dict[str, SplitData]:
+    """Each split's ids (manifest.csv) and scores (<split>/y_reg.npy), without its feature arrays."""
+    rows = folder.rows()
+    ids = {s: [r["id"] for r in rows if r["split"] == s] for s in SPLITS}
+    return {s: SplitData({}, folder.array(f"{s}/y_reg.npy", mmap_mode=None), ids[s]) for s in SPLITS}
+
+
+def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_key: str) -> Source:
+    folder, meta = prep.path, _read_meta(prep)
     if meta is None:
         raise DataError(f"dataset.prepared {str(folder)!r} is not a prepared CMU-MOSEI cache ({CACHE_META} missing "
                         "or not from cmu_mosei); run `mmbalance prepare cmu_mosei --root RAW --out "
@@ -538,63 +444,41 @@ def _build_prepared(folder: Path, aligned: bool, label_mode: str, mods: list[str
         raise DataError(f"dataset.prepared {str(folder)!r} has no {missing} (it holds {list(meta['shapes'])}); "
                         "prepare again with those modalities")
     specs = {m: ModalitySpec(meta["kinds"][m], tuple(meta["shapes"][m])) for m in meta["shapes"]}
-    rows = prep.rows()
-    ids = {s: [r["id"] for r in rows if r["split"] == s] for s in SPLITS}
-    datasets, dropped = {}, {}
-    for split in SPLITS:
-        sub = folder / split
-        y_path = sub / "y_reg.npy"
-        if not y_path.is_file():
-            raise DataError(f"{y_path} is missing: the prepared cache is incomplete; run prepare again")
-        y = finite.open_npy(y_path, mmap_mode=None)
-        if y.ndim != 1 or len(y) != len(ids[split]):
-            raise DataError(f"{folder / MANIFEST}: {len(ids[split])} {split} rows but {y_path} has {len(y)} "
-                            "scores; run prepare again (--force)")
-        sources = {}
+    splits = _prepared_labels(prep)
+    for split, s in splits.items():
+        if s.y.ndim != 1 or len(s.y) != len(s.ids):
+            raise DataError(f"{folder / MANIFEST}: {len(s.ids)} {split} rows but {folder / split / 'y_reg.npy'} has "
+                            f"{len(s.y)} scores; run prepare again (--force)")
         for m in mods:
-            path = sub / f"{m}.npy"
-            head = finite.open_npy(path)
-            if head.shape != (len(y), *specs[m].shape):
-                raise DataError(f"{path}: shape {head.shape}, expected {(len(y), *specs[m].shape)}; run prepare "
+            s.arrays[m] = folder / split / f"{m}.npy"
+            shape = prep.array(f"{split}/{m}.npy").shape
+            if shape != (len(s.y), *specs[m].shape):
+                raise DataError(f"{s.arrays[m]}: shape {shape}, expected {(len(s.y), *specs[m].shape)}; run prepare "
                                 "again (--force)")
-            sources[m] = path
-        datasets[split], dropped[split] = _make_split(sources, y, ids[split], label_mode)
-    # prepare wrote these arrays cleaned (clean_float32), so a NaN/Inf here means they were changed since
-    parts = [(m, s, folder / s / f"{m}.npy", datasets[s].rows) for m in mods for s in SPLITS]
-    parts += [("y_reg", s, folder / s / "y_reg.npy", None) for s in SPLITS]
-    finite.check_cached(f"prepared CMU-MOSEI cache {str(folder)!r} (<split>/<key>.npy)", parts,
-                        "the arrays were changed after `mmbalance prepare cmu_mosei`; prepare again with --force")
-    notes = _notes(meta["layout"], meta["source"]["path"], meta.get("aligned"), label_mode, meta.get("text"),
-                   meta.get("nonfinite_replaced", {}), dropped, datasets, f"prepared cache {folder}")
-    notes.update(meta.get("notes", {}))
-    return _splits(datasets, specs, mods, label_mode, notes)
+    return Source(meta["source"]["path"], meta["layout"], meta.get("aligned"), splits, specs, meta.get("text"),
+                  meta.get("nonfinite_replaced", {}), meta.get("notes", {}), f"prepared cache {folder}")
 
 
-def _stamp(path: Path) -> dict:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _write_labels(out: PreparedFolder, ids: dict[str, list[str]], y: dict[str, np.ndarray], label_mode: str) -> None:
-    """manifest.csv (id, label under label_mode -- empty where the mode drops the sample --, split, y_reg and
-    the label under every mode) and classes.json; the only outputs that depend on label_mode."""
+def _write_labels(out: PreparedFolder, splits: dict[str, SplitData], label_mode: str) -> None:
+    """manifest.csv (id, label under label_mode, split, y_reg and the label under every mode) and classes.json:
+    the only outputs that depend on label_mode."""
     rows = []
-    for split in SPLITS:
-        labels, keep = sentiment_labels(y[split], label_mode)
-        label = np.full(len(keep), "", dtype=object)
-        label[keep] = labels.astype(str)
-        cols = _all_label_columns(y[split])
-        for i, sample_id in enumerate(ids[split]):
-            rows.append({"id": sample_id, "label": label[i], "split": split, "y_reg": f"{float(y[split][i]):.6g}",
-                         **{c: v[i] for c, v in cols.items()}})
-    out.write_manifest(rows, ["id", "label", "split", "y_reg", "y2_nonneg", "y2_nonzero", "y7"])
+    for split, s in splits.items():
+        cols = {}
+        for mode, col in LABEL_COLUMNS.items():
+            labels, keep = sentiment_labels(s.y, mode)
+            cols[col] = np.full(len(keep), "", dtype=object)
+            cols[col][keep] = labels.astype(str)
+        rows += [{"id": sample_id, "label": cols[LABEL_COLUMNS[label_mode]][i], "split": split,
+                  "y_reg": f"{float(s.y[i]):.6g}", **{c: v[i] for c, v in cols.items()}}
+                 for i, sample_id in enumerate(s.ids)]
+    out.write_manifest(rows, ["id", "label", "split", "y_reg", *LABEL_COLUMNS.values()])
     out.write_classes(LABEL_MODES[label_mode])
 
 
 def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", label_mode: str = "binary_nonneg",
             text_key: str = "auto", modalities: list[str] | None = None, file: str | None = None) -> dict:
-    """Unpickle the MulT/MMSA file once, cast to float32, replace non-finite values by 0, and write the
-    memory-mappable cache (see the module docstring). Never re-aligns.
+    """Unpickle the MulT/MMSA file once and write the cleaned, memory-mappable cache (see the module docstring).
 
     Options (`--set key=value`): aligned (false: the unaligned file, BalanceBenchmark's recipe), layout
     (auto | mult | mmsa), label_mode (only manifest.csv/classes.json depend on it), text_key, modalities, and
@@ -607,79 +491,50 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
         path = option_path(ctx.root, file)
         if not path.is_file():
             raise DataError(f"prepare cmu_mosei --set file={file}: {str(path)!r} is not a file")
-        path, found_layout, file_aligned = path, "file", _aligned_from_name(path.name)
+        found_layout, file_aligned = "file", _aligned_from_name(path.name)
     else:
         path, found_layout, file_aligned = find_source(ctx.root, aligned, layout)
-    out = Path(ctx.out)
-    stamp = _stamp(path)
+    out, st = ctx.folder, path.stat()
+    stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     options = {"modalities": mods, "text_key": text_key, "layout": layout}
-    meta = _read_meta(ctx.folder)
+    meta = _read_meta(out)
     if (not ctx.force and meta is not None and meta.get("version") == CACHE_VERSION and meta["source"] == stamp
-            and meta["options"] == options and _complete(out, meta)):
-        y = {s: ctx.folder.array(f"{s}/y_reg.npy", mmap_mode=None) for s in SPLITS}
-        rows = ctx.folder.rows()
-        ids = {s: [r["id"] for r in rows if r["split"] == s] for s in SPLITS}
-        _write_labels(ctx.folder, ids, y, label_mode)
+            and meta["options"] == options
+            and out.has(MANIFEST, CLASSES, *(f"{s}/{m}.npy" for s in SPLITS for m in [*meta["shapes"], "y_reg"]))):
+        _write_labels(out, _prepared_labels(out), label_mode)
         return _summary(meta, label_mode, cache="up to date (kept; labels rewritten)")
 
     src = read_source(path, mods, text_key, layout, file_aligned)
-    (out / CACHE_META).unlink(missing_ok=True)  # written last: its presence marks a complete cache
-    total = sum(len(src.splits[s].y) for s in SPLITS)
+    (out.path / CACHE_META).unlink(missing_ok=True)  # written last: its presence marks a complete cache
     from tqdm import tqdm
 
     # Sequential on purpose: the arrays live in this process, and ctx.map would pickle gigabytes to workers.
     with tqdm(total=len(SPLITS) * (len(mods) + 1), desc="writing cache", disable=not ctx.progress, leave=False,
               file=sys.stderr) as bar:
-        for split in SPLITS:
-            s = src.splits[split]
-            # clean_float32 and read_source made every array finite: record that instead of re-reading GBs
-            for m in mods:
-                ctx.folder.write_array(f"{split}/{m}.npy", s.arrays[m], finite_checked=True)
-                s.arrays[m] = None
+        for split, s in src.splits.items():
+            # clean_float32 and read_source made every array finite: record that instead of re-reading GBs;
+            # each array is dropped once written
+            for name in [*mods, "y_reg"]:
+                array = s.y if name == "y_reg" else s.arrays.pop(name)
+                out.write_array(f"{split}/{name}.npy", array, finite_checked=True)
                 bar.update()
-            ctx.folder.write_array(f"{split}/y_reg.npy", s.y, finite_checked=True)
-            bar.update()
-    _write_labels(ctx.folder, {s: src.splits[s].ids for s in SPLITS}, {s: src.splits[s].y for s in SPLITS}, label_mode)
+    _write_labels(out, src.splits, label_mode)
     layout_name = src.layout if found_layout == "file" else found_layout
-    meta = {
-        "dataset": "cmu_mosei",
-        "version": CACHE_VERSION,
-        "source": stamp,
-        "options": options,
-        "layout": layout_name,
-        "aligned": src.aligned,
-        "text_key": text_key,
-        "text": src.text_source,
-        "kinds": {m: src.specs[m].kind for m in mods},
-        "shapes": {m: list(src.specs[m].shape) for m in mods},
-        "counts": {s: len(src.splits[s].y) for s in SPLITS},
-        "nonfinite_replaced": src.replaced,
-        "notes": src.notes,
-        "classes": LABEL_MODES,
-    }
-    ctx.folder.write_json(CACHE_META, meta)
-    log.info("cmu_mosei prepare: %s (%s layout), %d samples, non-finite replaced %s", path, layout_name, total,
-             src.replaced)
+    meta = {"dataset": "cmu_mosei", "version": CACHE_VERSION, "source": stamp, "options": options,
+            "layout": layout_name, "aligned": src.aligned, "text_key": text_key, "text": src.text_source,
+            "kinds": {m: src.specs[m].kind for m in mods}, "shapes": {m: list(src.specs[m].shape) for m in mods},
+            "counts": {s: len(d.y) for s, d in src.splits.items()}, "nonfinite_replaced": src.replaced,
+            "notes": src.notes, "classes": LABEL_MODES}
+    out.write_json(CACHE_META, meta)
+    log.info("cmu_mosei prepare: %s (%s layout), %d samples, non-finite replaced %s", path, layout_name,
+             sum(meta["counts"].values()), src.replaced)
     return _summary(meta, label_mode, cache="written")
-
-
-def _complete(out: Path, meta: dict) -> bool:
-    files = [out / MANIFEST, out / CLASSES] + [out / s / f"{m}.npy" for s in SPLITS for m in
-                                               [*meta["shapes"], "y_reg"]]
-    return all(f.is_file() for f in files)
 
 
 def _summary(meta: dict, label_mode: str, cache: str) -> dict:
     counts = meta["counts"]
-    return {
-        "layout": meta["layout"],
-        "file": meta["source"]["path"],
-        "aligned": meta["aligned"],
-        "clips": sum(counts.values()),
-        **{s: counts[s] for s in SPLITS},
-        "modalities": {m: f"{meta['kinds'][m]} {meta['shapes'][m]}" for m in meta["shapes"]},
-        "text": meta["text"],
-        "nonfinite_replaced": meta["nonfinite_replaced"],
-        "label_mode": label_mode,
-        "cache": cache,
-    }
+    return {"layout": meta["layout"], "file": meta["source"]["path"], "aligned": meta["aligned"],
+            "clips": sum(counts.values()), **{s: counts[s] for s in SPLITS},
+            "modalities": {m: f"{meta['kinds'][m]} {meta['shapes'][m]}" for m in meta["shapes"]},
+            "text": meta["text"], "nonfinite_replaced": meta["nonfinite_replaced"], "label_mode": label_mode,
+            "cache": cache}

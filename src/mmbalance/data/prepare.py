@@ -162,6 +162,11 @@ class PreparedFolder:
                             f"cache; run {self.command} again (without --set cache=false)")
         return self.json(CACHE_META)
 
+    def has(self, *names: str) -> bool:
+        """Whether each of `names` is a file of the folder: what an idempotent preparer checks before keeping its
+        outputs."""
+        return all((self.path / name).is_file() for name in names)
+
     def array(self, name: str, mmap_mode: str | None = "r"):
         from mmbalance.data.finite import open_npy
 
