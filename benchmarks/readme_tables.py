@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 CURVE_PNG = REPO / "docs" / "balance_curve_ogm_ge.png"
 SECTIONS = ("demo", "curve", "methods")
+# every sweep runs as `make run` does (conf/sweep/demo.yaml): two runs at a time, one thread each, so the three
+# tables share their numbers (the demo's rows = the method table's rows) and a run's digits do not depend on the
+# section it was made for; time per epoch is then measured beside one other run, on its own core
+PARALLEL = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 # methods whose default schedule does not fit the demo's 15 epochs, with the overrides the table uses
 SCHEDULES = {"relearning": ["method.reinit_epoch=4", "method.reinit_num=2"]}
 # methods that cannot run in a one-knob sweep (unimodal needs a modality: the demo table has it) or that only
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if "demo" in only:
         text = replace_section(text, "demo", demo_table(demo) + "\n\n" + provenance(command))
     if "curve" in only:
-        sweep(curve, ["sweep=balance_curve_ogm_ge", f"seed={args.seeds}"])
+        sweep(curve, ["sweep=balance_curve_ogm_ge", f"seed={args.seeds}", *PARALLEL])
         text = replace_section(text, "curve", curve_table(curve, demo) + "\n\n" + provenance(command))
     if "methods" in only:
         names = table_methods(args.methods)
@@ -199,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if "baseline" not in plain:
             plain.insert(0, "baseline")
         dirs = [methods / "main"]
-        sweep(dirs[0], [f"method={','.join(plain)}", f"seed={args.seeds}"])
+        sweep(dirs[0], [f"method={','.join(plain)}", f"seed={args.seeds}", *PARALLEL])
         for m in [m for m in names if m in SCHEDULES]:
             dirs.append(methods / m)
-            sweep(dirs[-1], [f"method={m}", f"seed={args.seeds}", *SCHEDULES[m]])
+            sweep(dirs[-1], [f"method={m}", f"seed={args.seeds}", *SCHEDULES[m], *PARALLEL])
         body = methods_table(dirs)
         if args.methods:  # a partial table never goes into the README
             print(body)

@@ -57,7 +57,8 @@ def test_the_demo_rows_for_baseline_and_ogm_ge_reproduce_within_the_seed_spread(
     published = {r[0]: dict(zip(head, r)) for r in table[1:] if r[0] in ("baseline", "ogm_ge")}
     assert set(published) == {"baseline", "ogm_ge"}
     done = subprocess.run([sys.executable, "-m", "mmbalance", "-m", "experiment=demo/baseline,demo/ogm_ge",
-                           "seed=0,1,2", f"hydra.sweep.dir={tmp_path}", "trainer.progress_bar=false"],
+                           "seed=0,1,2", f"hydra.sweep.dir={tmp_path}", "trainer.progress_bar=false",
+                           *readme_tables.PARALLEL],  # as make run: two runs at a time, one thread each
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = summarize(load_runs([tmp_path])).set_index("method")
