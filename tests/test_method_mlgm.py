@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from conftest import THREE, compose_cfg
 from helpers import inputs, tiny_model
-from mmbalance.config import validate
 from mmbalance.data.batch import Batch
 from mmbalance.engine.run import Run
 from mmbalance.errors import UserError
@@ -233,17 +232,3 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
         return {k: v for k, v in m.items() if not k.startswith("time")}
 
     assert same(resumed["metrics"]) == same(straight["metrics"])
-
-
-def test_balance_curve_sweep_sweeps_alpha():
-    from omegaconf import OmegaConf
-
-    from mmbalance.cli import CONF_DIR
-
-    params = OmegaConf.load(CONF_DIR / "sweep" / "balance_curve_mlgm.yaml").hydra.sweeper.params
-    values = str(params["method.alpha"]).split(",")
-    assert len(set(values)) >= 3 and str(params.seed) == "0,1,2"
-    cfg = compose_cfg(["sweep=balance_curve_mlgm"], fast=False)
-    assert cfg.method._target_ == "mmbalance.methods.mlgm.MLGM"
-    for value in (values[0], values[-1]):
-        validate(compose_cfg(["sweep=balance_curve_mlgm", f"method.alpha={value}"], fast=False))
