@@ -11,10 +11,11 @@ and is rewritten whole, with a provenance line (the command, the date, torch, th
              that fits in 15 epochs)
 
 Usage:
-    python benchmarks/readme_tables.py [--only demo,curve,methods] [--out DIR] [--reuse] [--methods a,b]
+    python benchmarks/readme_tables.py [--only demo,curve,methods] [--out DIR] [--reuse DIR] [--methods a,b]
 
---out DIR keeps the sweeps (default multirun/readme_tables); --reuse re-reads the sweeps already in DIR and trains
-only what is missing (a sweep re-run into its folder skips finished jobs). tests/test_readme_numbers.py checks that
+--out DIR is where the sweeps go (default multirun/readme_tables/<date>_<time>, a new folder each time: nothing
+earlier is removed); --reuse DIR re-reads the sweeps already in DIR and trains only what is missing (a sweep re-run
+into its folder skips finished jobs). tests/test_readme_numbers.py checks that
 the README's demo rows are what the code gives (a slow test: it re-runs baseline and OGM-GE).
 """
 
@@ -24,9 +25,9 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,9 @@ def curve_table(curve: Path, demo: Path) -> str:
     return "\n".join(rows)
 
 
-def methods_table(dirs: list[Path]) -> str:
+def methods_table(dirs: list[Path], labels: dict[str, str] | None = None) -> str:
+    """One row per (method, variant) of the runs in `dirs`, costs relative to their baseline; `labels` names a
+    method's settings where its runs all share them (so no variant tells them apart)."""
     from mmbalance.analysis.report import load_runs, summarize
     from mmbalance.analysis.runs import format_pm
     from mmbalance.analysis.studies import method_families
@@ -144,8 +147,8 @@ def methods_table(dirs: list[Path]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for _, row in sorted(summary.iterrows(), key=lambda item: rank(item[1])):
         name = row["method"]
-        if name in SCHEDULES:
-            name += " (" + ", ".join(o.split(".", 1)[1] for o in SCHEDULES[name]) + ")"
+        if row["variant"] or (labels or {}).get(name):
+            name += f" ({row['variant'] or labels[name]})"
         family = str(families.get(row["method"]) or "–")
         cells = [family if family != "reference" else "—", name,
                  format_pm(row["test/acc.mean"], row["test/acc.std"], 100.0),
@@ -175,8 +178,8 @@ def table_methods(selected: str | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections to regenerate: demo,curve,methods")
-    parser.add_argument("--out", type=Path, default=REPO / "multirun" / "readme_tables")
-    parser.add_argument("--reuse", action="store_true", help="keep the sweeps already in --out (train what is missing)")
+    parser.add_argument("--out", type=Path, help="a new folder for the sweeps (default multirun/readme_tables/<time>)")
+    parser.add_argument("--reuse", type=Path, metavar="DIR", help="complete and re-read the sweeps of an earlier run")
     parser.add_argument("--methods", help="only these methods in the method table (a quick look; not for the README)")
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args(argv)
@@ -184,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    if args.out.exists() and not args.reuse:
-        shutil.rmtree(args.out)
-    demo, curve, methods = args.out / "demo", args.out / "curve_ogm_ge", args.out / "methods"
+    if args.reuse and args.out:
+        parser.error("--out and --reuse name the sweeps' folder both; give one")
+    out = (args.reuse or args.out or REPO / "multirun" / "readme_tables" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    if args.out and out.exists():  # never mix this run's sweeps with another's results
+        parser.error(f"--out {out} exists; choose a new folder, or --reuse {out} to complete its sweeps")
+    demo, curve, methods = out / "demo", out / "curve_ogm_ge", out / "methods"
     text = README.read_text(encoding="utf-8")
     command = "make readme-tables" + (f" READMETABLES_ARGS=\"--only {args.only}\"" if args.only != ",".join(SECTIONS) else "")
 
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in [m for m in names if m in SCHEDULES]:
             dirs.append(methods / m)
             sweep(dirs[-1], [f"method={m}", f"seed={args.seeds}", *SCHEDULES[m], *PARALLEL])
-        body = methods_table(dirs)
+        body = methods_table(dirs, {m: ", ".join(o.split(".", 1)[1] for o in SCHEDULES[m]) for m in SCHEDULES})
         if args.methods:  # a partial table never goes into the README
             print(body)
             return 0

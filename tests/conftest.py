@@ -45,6 +45,31 @@ def train_in_process(tmp_path: Path, overrides: list[str] = (), fast: bool = Tru
     return train(cfg, tmp_path, {"method": "test"}, list(overrides))
 
 
+def without_times(metrics: dict) -> dict:
+    """A run's metrics without its wall-clock times: what two runs of the same work must share exactly."""
+    return {k: v for k, v in metrics.items() if not k.startswith("time")}
+
+
+def straight_and_resumed(tmp_path: Path, overrides: list[str], stop_epoch: int, monkeypatch) -> tuple[dict, dict]:
+    """The results of `overrides` trained straight through (tmp_path/straight) and trained with a Ctrl-C at the
+    start of epoch `stop_epoch`, then resumed (tmp_path/resumed): resume tests compare the two."""
+    from mmbalance.engine.trainer import Trainer
+
+    straight = train_in_process(tmp_path / "straight", overrides)
+    original = Trainer.train_epoch
+
+    def train_epoch(self, epoch):
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_epoch", train_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(tmp_path / "resumed", overrides)
+    return straight, train_in_process(tmp_path / "resumed", overrides)
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m mmbalance ...` in a subprocess, as a user runs it."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}

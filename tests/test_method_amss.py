@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_cfg, train_in_process
+from conftest import compose_cfg
 from helpers import inputs, tiny_model
 from mmbalance.data.batch import Batch
 from mmbalance.errors import UserError
@@ -307,22 +307,10 @@ def test_same_seed_same_masks_and_a_restored_generator_redraws_them():
 
 @pytest.mark.slow
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
-    from mmbalance.engine.trainer import Trainer
+    from conftest import straight_and_resumed
 
     args = ["method=amss", "method.variant=amss_plus", "trainer.epochs=2", "dataset.num_samples=64",
             "eval.shapley_every=0"]
-    straight = train_in_process(tmp_path / "straight", args)
-    original = Trainer.train_epoch
-
-    def interrupted(self, e):
-        if e == 1:
-            raise KeyboardInterrupt
-        return original(self, e)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_in_process(tmp_path / "resumed", args)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
-    resumed = train_in_process(tmp_path / "resumed", args)
+    straight, resumed = straight_and_resumed(tmp_path, args, 1, monkeypatch)
     for key in ("test/acc", "val/acc", "flops/train_total"):
         assert resumed["metrics"][key] == straight["metrics"][key], key

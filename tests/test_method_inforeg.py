@@ -263,34 +263,18 @@ def test_state_is_the_trace_history_and_rebuilds_the_windows():
 @pytest.mark.slow
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     """W = 1 and a high threshold make the windows of epoch 2 depend on the traces of epochs 0 and 1."""
-    from conftest import train_in_process
-    from mmbalance.engine.trainer import Trainer
+    from conftest import straight_and_resumed, without_times
 
     overrides = ["method=inforeg", *THREE, "trainer.epochs=3", "dataset.num_samples=64", "method.window_epochs=1",
                  "method.threshold=0.2", "eval.shapley_every=0"]
-    straight = train_in_process(tmp_path / "straight", overrides)
-    original = Trainer.train_epoch
-
-    def train_epoch(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_epoch", train_epoch)
-        with pytest.raises(KeyboardInterrupt):
-            train_in_process(tmp_path / "resumed", overrides)
-    resumed = train_in_process(tmp_path / "resumed", overrides)
+    straight, resumed = straight_and_resumed(tmp_path, overrides, 2, monkeypatch)
     assert resumed["processes"] == 2
     # epoch 2's windows came from the restored traces (an empty history would have opened them: k = 1)
     rows = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
     header, last = rows[0].split(","), rows[-1].split(",")
     assert float(last[header.index("train/inforeg/k/audio")]) != 1.0
 
-    def same(m):
-        return {k: v for k, v in m.items() if not k.startswith("time")}
-
-    assert same(resumed["metrics"]) == same(straight["metrics"])
+    assert without_times(resumed["metrics"]) == without_times(straight["metrics"])
 
 
 def test_the_official_asymmetric_settings_validate():

@@ -209,26 +209,10 @@ def test_three_modality_run_trains_and_logs_every_coefficient(tmp_path):
 
 @pytest.mark.slow
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
-    from conftest import train_in_process
-    from mmbalance.engine.trainer import Trainer
+    from conftest import straight_and_resumed, without_times
 
     overrides = ["method=mlgm", "trainer.epochs=2", "dataset.num_samples=64"]
-    straight = train_in_process(tmp_path / "straight", overrides)
-    original = Trainer.train_epoch
-
-    def train_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_epoch", train_epoch)
-        with pytest.raises(KeyboardInterrupt):
-            train_in_process(tmp_path / "resumed", overrides)
-    resumed = train_in_process(tmp_path / "resumed", overrides)  # the aux heads and their optimizer state return
+    straight, resumed = straight_and_resumed(tmp_path, overrides, 1, monkeypatch)  # the aux heads and their optimizer state return
     assert resumed["processes"] == 2
 
-    def same(m):
-        return {k: v for k, v in m.items() if not k.startswith("time")}
-
-    assert same(resumed["metrics"]) == same(straight["metrics"])
+    assert without_times(resumed["metrics"]) == without_times(straight["metrics"])

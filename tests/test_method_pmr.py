@@ -218,27 +218,11 @@ def test_prototype_passes_reuse_one_loader_across_epochs(monkeypatch):
 
 
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
-    from conftest import train_in_process
-    from mmbalance.engine.trainer import Trainer
+    from conftest import straight_and_resumed, without_times
 
     overrides = ["method=pmr", "trainer.epochs=3", "method.prototype_fraction=0.5"]
-    straight = train_in_process(tmp_path / "straight", overrides)
-    original = Trainer.train_epoch
-
-    def train_epoch(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_epoch", train_epoch)
-        with pytest.raises(KeyboardInterrupt):
-            train_in_process(tmp_path / "resumed", overrides)
-    resumed = train_in_process(tmp_path / "resumed", overrides)
+    straight, resumed = straight_and_resumed(tmp_path, overrides, 2, monkeypatch)
     assert resumed["processes"] == 2
 
-    def same(m):
-        return {k: v for k, v in m.items() if not k.startswith("time")}
-
-    assert same(resumed["metrics"]) == same(straight["metrics"])
+    assert without_times(resumed["metrics"]) == without_times(straight["metrics"])
     assert resumed["metrics"]["flops/train/method_epoch_hooks"] > 0

@@ -16,16 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, REPO, read_metrics, run_cli, train_in_process
+from conftest import FAST, REPO, read_metrics, run_cli, train_in_process, without_times
 from mmbalance.engine.identity import job_dir_name, run_identity
 from mmbalance.engine.run_folder import RunFolder
 from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged, UserError
 
 OGM = ["method=ogm_ge", "trainer.epochs=3"]  # random noise in every step: resume must restore the RNG too
 
-
-def comparable(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not k.startswith("time")}
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -93,9 +90,9 @@ def test_a_completed_run_is_left_as_it_is_and_reevaluation_is_on_request(tmp_pat
     again = train_in_process(out, OGM)
     assert (out / "metrics.json").read_bytes() == before and again["metrics"] == done["metrics"]
     redone = train_in_process(out, [*OGM, "resume=reevaluate"])
-    assert comparable(redone["metrics"]) == comparable(done["metrics"])
+    assert without_times(redone["metrics"]) == without_times(done["metrics"])
     assert redone["processes"] == 2 and redone["wall_time_s"] > done["wall_time_s"]
-    assert comparable(done["metrics"]) == comparable(first["metrics"])
+    assert without_times(done["metrics"]) == without_times(first["metrics"])
 
 
 def test_another_runs_folder_is_refused_naming_both_runs_and_the_keys(tmp_path):
@@ -169,7 +166,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, 
     assert stopped["status"] == "interrupted" and stopped["metrics"] == {}
     monkeypatch.undo()
     resumed = train_in_process(out, OGM)
-    assert comparable(resumed["metrics"]) == comparable(expected["metrics"])
+    assert without_times(resumed["metrics"]) == without_times(expected["metrics"])
     assert history(out) == history(straight_dir)
     assert resumed["processes"] == 2 and resumed["resumed_from"]["epoch"] == 1
     assert resumed["wall_time_s"] > stopped["wall_time_s"] * 0.5  # the first process's work is counted
@@ -185,7 +182,7 @@ def test_an_unreadable_last_checkpoint_falls_back_to_the_one_before(tmp_path, mo
     truncate(out / "checkpoints" / "last.pt")
     resumed = train_in_process(out, OGM)
     assert "last.pt" in caplog.text and "is unreadable" in caplog.text and "resuming from last.prev.pt (epoch 0)" in caplog.text
-    assert comparable(resumed["metrics"]) == comparable(expected["metrics"])
+    assert without_times(resumed["metrics"]) == without_times(expected["metrics"])
     assert history(out) == history(straight_dir)
 
 
@@ -286,7 +283,7 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(tmp_path, cli_straight, 
     assert read_metrics(out)["status"] == "running"  # a killed process cannot say more; the re-run does
     rerun = run_cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert comparable(read_metrics(out)["metrics"]) == comparable(read_metrics(cli_straight)["metrics"])
+    assert without_times(read_metrics(out)["metrics"]) == without_times(read_metrics(cli_straight)["metrics"])
     assert history(out) == history(cli_straight)
     assert not list(out.rglob("*.tmp"))
 
@@ -342,4 +339,4 @@ def test_ctrl_c_a_sweep_then_rerun_it_reordered_finishes_every_job_correctly(tmp
         single = tmp_path / "single" / str(i)
         assert run_cli([f"method={record['choices']['method']}", f"seed={record['seed']}", *FAST,
                         "trainer.epochs=8", f"hydra.run.dir={single}"], tmp_path).returncode == 0
-        assert comparable(record["metrics"]) == comparable(read_metrics(single)["metrics"])
+        assert without_times(record["metrics"]) == without_times(read_metrics(single)["metrics"])

@@ -5,12 +5,9 @@ import json
 
 import pytest
 
-from conftest import FAST, THREE, read_metrics, run_cli, train_in_process
+from conftest import FAST, THREE, read_metrics, run_cli, train_in_process, without_times
 from mmbalance.errors import DataError, UserError
 
-
-def metric_subset(metrics):
-    return {k: v for k, v in metrics.items() if not k.startswith("time")}
 
 
 def test_a_run_writes_every_metric_and_artifact(tmp_path):
@@ -48,7 +45,7 @@ def test_same_seed_same_metrics_and_another_seed_differs(tmp_path):
     a = train_in_process(tmp_path / "a", ["method=ogm_ge"])["metrics"]
     b = train_in_process(tmp_path / "b", ["method=ogm_ge"])["metrics"]
     c = train_in_process(tmp_path / "c", ["method=ogm_ge", "seed=1"])["metrics"]
-    assert metric_subset(a) == metric_subset(b)
+    assert without_times(a) == without_times(b)
     assert a["val/shapley/audio"] != c["val/shapley/audio"] or a["test/acc"] != c["test/acc"]
 
 
@@ -59,7 +56,7 @@ def test_extending_a_finished_run_needs_resume_force_and_gives_the_uninterrupted
         train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=3"])
     assert read_metrics(tmp_path / "resumed")["status"] == "completed"
     resumed = train_in_process(tmp_path / "resumed", ["method=ogm_ge", "trainer.epochs=3", "resume=force"])
-    assert metric_subset(resumed["metrics"]) == metric_subset(straight)
+    assert without_times(resumed["metrics"]) == without_times(straight)
     assert resumed["forced_resume"]["differences"] == ["trainer.epochs: 1 -> 3"]
 
 

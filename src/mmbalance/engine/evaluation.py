@@ -87,7 +87,7 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
     n = 0
     # samples with NaN/Inf in the fused logits, and in any logits (fused, per-modality, coalition): counted on the
     # device and read once after the loop, so this check adds no host sync per batch
-    nonfinite_fused = nonfinite_any = None
+    nonfinite = None
     for batch in loader:
         batch = batch.to(run.device, non_blocking=True)
         y = batch.label
@@ -111,14 +111,10 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
                                                      absent_cache):
             correct[s] = correct.get(s, 0) + int((coalition_logits.argmax(1) == y).sum())
             bad_any |= ~torch.isfinite(coalition_logits).all(1)
-        if nonfinite_fused is None:
-            nonfinite_fused, nonfinite_any = bad_fused.sum(), bad_any.sum()
-        else:
-            nonfinite_fused += bad_fused.sum()
-            nonfinite_any += bad_any.sum()
+        nonfinite = _add_nonfinite(nonfinite, bad_fused, bad_any)
     if was_training:
         model.train()
-    _check_finite(nonfinite_fused, nonfinite_any, n, split)
+    _check_finite(nonfinite, n, split)
 
     preds_t, targets_t = torch.cat(preds), torch.cat(targets)
     k = run.num_classes
@@ -141,11 +137,18 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
     return out
 
 
-def _check_finite(nonfinite_fused, nonfinite_any, n: int, split: str) -> None:
-    """Raise NonFiniteError when any sample had a non-finite output (counted on the device during the pass)."""
-    if nonfinite_fused is None:
+def _add_nonfinite(counts: torch.Tensor | None, bad_fused: torch.Tensor, bad_any: torch.Tensor) -> torch.Tensor:
+    """The running (fused, any) counts of samples with non-finite outputs, kept on the device: no host sync per
+    batch."""
+    batch = torch.stack([bad_fused.sum(), bad_any.sum()])
+    return batch if counts is None else counts + batch
+
+
+def _check_finite(counts: torch.Tensor | None, n: int, split: str) -> None:
+    """Raise NonFiniteError when any sample had a non-finite output (counted by `_add_nonfinite`)."""
+    if counts is None:
         return
-    fused_count, any_count = torch.stack([nonfinite_fused, nonfinite_any]).tolist()
+    fused_count, any_count = counts.tolist()
     if any_count:
         raise NonFiniteError(
             f"evaluation on {split}: {any_count} of {n} samples have non-finite (NaN/Inf) logits ({fused_count} "
@@ -190,7 +193,7 @@ def _evaluate_regression(run: "Run", loader, split: str, shapley: bool) -> dict[
     have_unimodal = True
     absent_cache: dict = {}  # the absent modalities' feature rows, computed once (late fusion)
     n = 0
-    nonfinite_fused = nonfinite_any = None
+    nonfinite = None
     for batch in loader:
         batch = batch.to(run.device, non_blocking=True)
         y = batch.label
@@ -216,14 +219,10 @@ def _evaluate_regression(run: "Run", loader, split: str, shapley: bool) -> dict[
                                                      absent_cache):
             preds.setdefault(s, []).append(coalition_logits[:, 0].float().cpu())
             bad_any |= ~torch.isfinite(coalition_logits).all(1)
-        if nonfinite_fused is None:
-            nonfinite_fused, nonfinite_any = bad_fused.sum(), bad_any.sum()
-        else:
-            nonfinite_fused += bad_fused.sum()
-            nonfinite_any += bad_any.sum()
+        nonfinite = _add_nonfinite(nonfinite, bad_fused, bad_any)
     if was_training:
         model.train()
-    _check_finite(nonfinite_fused, nonfinite_any, n, split)
+    _check_finite(nonfinite, n, split)
 
     y_all = torch.cat(targets)
     scores = {s: torch.cat(p) for s, p in preds.items()}
