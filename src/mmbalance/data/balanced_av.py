@@ -1,68 +1,33 @@
-"""BalancedAV (Xia et al., CVPR-W 2023): 30-class audio-visual events with a uniform per-sample modality discrepancy.
+"""BalancedAV (Xia et al., CVPR-W 2023): 30 audio-visual event classes, a uniform per-sample modality discrepancy.
 
-Reference: datasets.md §1.3, §2 "BalancedAV", §5 "balancedav", §6 item 6. The release (OneDrive, linked from
-gewu-lab.github.io/Balanced-Audiovisual-Dataset) comes with one ActivityNet-style annotation json::
-
-    {"labels": [class names...], "database": {clip_id: {"subset": "training|validation|testing", "label": name}}}
-
-(28,949 / 3,018 / 3,884 clips). Clip ids mix formats (``<ytid>_<start6>_<end6>``, ``<ytid>_<sec>``, bare
-``<ytid>``); they are used as they are, as file stems.
-
-Accepted layouts (autodetected under ``root``: the json and the media folders may sit in ``root`` or in
-sub-folders up to two levels down; ``annotation``/``visual_dir``/``audio_dir``/``video_dir`` pin them):
-
-* ``av_preprocess_tool`` -- the GeWu-Lab/AV_preprocess_tool outputs that BalanceBenchmark and BML read:
-  ``<visual_dir>/<id>.hdf5`` (dataset ``video`` = JPEG bytes at 1 fps) and ``<audio_dir>/<id>.pkl`` (a pickled
-  numpy |STFT|, (257, 1003), NOT log-scaled); ``<id>.npy`` audio (what ``prepare`` extracts) is accepted too;
-* ``video`` -- the raw release, one ``<id>.mp4`` (or .mkv/.webm/.avi) per clip, decoded with PyAV on every
-  access with the same recipe (slow: run ``mmbalance prepare balanced_av`` once instead).
-
-Recipe (AV_preprocess_tool + BalanceBenchmark ``balance_dataset.py``, with the peer's two bugs fixed):
-
-* visual: 3 frames of the 1 fps frames, the audio-visual frame recipe (clips.FrameReader). The peer never
-  augments (its train branch tests ``mode == 'training'``) -- we do;
-* audio: |STFT| of exactly 10 s at 44.1 kHz (shorter clips are completed by repeating their last second),
-  n_fft 512, hop 440, Hann window, centred with reflect padding -> (1, 257, 1003); stored arrays are fitted
-  to ``audio_frames`` columns (cut, or zero-padded = silence);
-* ``audio_log`` (default false): the released pickles hold the plain magnitude and both reference loaders
-  (BalanceBenchmark, BML) feed it to the ResNet unchanged, so the paper's BalancedAV numbers were made without a
-  log; ``audio_log: true`` applies log(|S| + 1e-7), the compression every OGM-GE audio recipe uses;
-* splits: the json's own training / validation / testing subsets (BalancedAV has its own validation split; the
-  peer's ``mode + 'ing'`` match never finds ``validation``); ``train``/``val``/``valid``/``test`` are accepted too;
-* classes: the json's ``labels`` list in its order (sorted label names when it has none).
-
-``mmbalance prepare balanced_av`` first decodes the ``video`` layout into ``PREP/visual/<id>.hdf5`` (1 fps JPEG
-bytes, quality 95), ``PREP/audio/<id>.npy`` (float16 |STFT|) and ``PREP/annotation.json`` -- an av_preprocess_tool
-tree that ``build_balanced_av(root=PREP)`` also reads.
+What is BalancedAV's own: its annotation json (classes, own train / val / test subsets), its two layouts
+(AV_preprocess_tool's hdf5 + pickled |STFT|, or the raw videos), its |STFT| magnitude recipe (optionally logged)
+and a prepare that writes an AV_preprocess_tool tree. Reference: docs/datasets.md#balancedav-balanced_av
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import Clip, FrameReader, ModalityMap, spectrogram_from_array
 from mmbalance.data.layout import (Discovery, build_clips, candidate_list, dataset_root, find_media, option_path,
                                    prepare_clips, walk_dirs)
-from mmbalance.data.prepare import CACHE_META, CLASSES, SUMMARY, PrepareContext
+from mmbalance.data.prepare import CACHE_META, CLASSES, SUMMARY, PrepareContext, PreparedFolder
 from mmbalance.errors import DataError
 
-log = logging.getLogger("mmbalance")
-
-LOG_EPS = 1e-7
 # the layout table: AV_preprocess_tool's hdf5 frames and pickled |STFT| (or prepare's .npy), else the raw videos;
 # the folders are the root and every folder two levels below it (or the pinned ones)
 KINDS = {"audio": ("array", "video"), "visual": ("hdf5", "video")}
+LAYOUTS = {("hdf5", "array"): "av_preprocess_tool", ("video", "video"): "video"}  # (visual, audio) kinds -> layout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,10 +37,9 @@ KINDS = {"audio": ("array", "video"), "visual": ("hdf5", "video")}
 class MagnitudeReader:
     """The BalancedAV audio modality: an |STFT| magnitude (1, n_fft/2+1, `frames`), not log-scaled.
 
-    source 'array': a stored spectrogram (.pkl from AV_preprocess_tool, or .npy) of shape (F, T) or (1, F, T);
-    source 'video': the clip's audio decoded with PyAV at `sr`, made exactly `seconds` long by repeating its last
-    second, |STFT| n_fft 512 / hop 440 (AV_preprocess_tool: 10 s at 44.1 kHz -> (257, 1003)). The spectrogram is
-    cut, or zero-padded (silence) on the right, to `frames` columns.
+    source 'array': a stored spectrogram (.pkl from AV_preprocess_tool, or .npy), (F, T) or (1, F, T); source
+    'video': AV_preprocess_tool's recipe on the clip's audio. Either is cut, or zero-padded (silence) on the
+    right, to `frames` columns.
     """
 
     kind = "spectrogram"
@@ -89,10 +53,10 @@ class MagnitudeReader:
         self.frames = int(frames) if frames else int(round(self.sr * self.seconds)) // self.hop_length + 1
         self.shape = (1, self.n_fft // 2 + 1, self.frames)
 
-    def __call__(self, path: str, train: bool = False) -> Tensor:
+    def __call__(self, path: str, train: bool = False) -> torch.Tensor:
         if self.source == "array":
             spec = spectrogram_from_array(media.load_array(path), path)
-        else:
+        else:  # exactly `seconds` long, a short clip completed by repeating its last second
             wave = media.fit_length(media.decode_audio(path, self.sr), int(round(self.sr * self.seconds)), self.sr)
             spec = media.stft_magnitude(wave, self.n_fft, self.hop_length).unsqueeze(0)
         if spec.shape[1] != self.shape[1]:
@@ -104,29 +68,31 @@ class MagnitudeReader:
 class LogAudio(ModalityMap):
     """log(x + 1e-7) of the audio (``audio_log: true``): a wrapper, so the cache keeps the magnitude as released."""
 
-    def apply(self, x: Tensor) -> Tensor:
-        return torch.log(x.clamp_min(0) + LOG_EPS)
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x.clamp_min(0) + 1e-7)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# annotation and layout
+# annotation, layout, builder
 
 
-def find_annotation(root: Path, annotation: str | None = None, exclude: tuple[Path, ...] = ()) -> Path:
+def _is_annotation(path: Path) -> bool:
+    """Whether `path` is a json object with a `database` (BalancedAV's annotation, not some other json)."""
+    if path.name in (CLASSES, CACHE_META, SUMMARY):
+        return False
+    try:
+        return path.stat().st_size > 0 and "database" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def find_annotation(root: Path, annotation: str | None, folders: list[tuple[Path, list[os.DirEntry]]]) -> Path:
     """The annotation json: `annotation` (absolute, or relative to root), else the one json with a `database`
-    found in root or its sub-folders (two levels)."""
+    among the files of `folders` (walk_dirs' listing)."""
     if annotation:
         return option_path(root, annotation, "annotation", "annotation json")
-    found = []
-    for folder, entries in walk_dirs(root, 2, exclude):
-        for e in entries:
-            if not e.name.endswith(".json") or e.name in (CLASSES, CACHE_META, SUMMARY):
-                continue
-            try:
-                if e.stat().st_size and "database" in json.loads(Path(e.path).read_text()):
-                    found.append(Path(e.path))
-            except (OSError, ValueError, TypeError):
-                continue
+    found = [Path(e.path) for _, entries in folders for e in entries
+             if e.name.endswith(".json") and _is_annotation(Path(e.path))]
     if not found:
         raise DataError(f"{root}: no BalancedAV annotation json found (a .json with {{\"labels\", \"database\"}} "
                         "in the root or a sub-folder); set dataset.annotation=<path to the json>")
@@ -158,24 +124,22 @@ def find_clips(root: str | Path, annotation: str | None = None, visual_dir: str 
                ) -> Discovery:
     """The annotated clips with their media: the layout, the complete clips, the ones left out, the classes."""
     root = dataset_root(root, "BalancedAV")
-    ann = find_annotation(root, annotation, exclude)
+    folders = walk_dirs(root, 2, exclude)
+    ann = find_annotation(root, annotation, folders)
     classes, entries = read_annotation(ann)
     label_of = {c: i for i, c in enumerate(classes)}
-    dirs = [folder for folder, _ in walk_dirs(root, 2, exclude)]
+    dirs = [folder for folder, _ in folders]
     pinned = {k: option_path(root, v, k) for k, v in (("visual_dir", visual_dir), ("audio_dir", audio_dir),
                                                       ("video_dir", video_dir))}
     if pinned["video_dir"] is not None and not (visual_dir or audio_dir):  # the user pinned the raw videos
-        tables = {m: [("video", [pinned["video_dir"]])] for m in KINDS}
+        tables = {m: candidate_list([("video", dirs)], pinned["video_dir"]) for m in KINDS}
     else:
-        tables = {m: [(k, [pinned[f"{m}_dir"]] if pinned[f"{m}_dir"] else dirs) for k in kinds]
-                  for m, kinds in KINDS.items()}
-    found = find_media(root, [Clip(i, label_of[lab], split, {}) for i, lab, split in entries], None,
-                       {m: candidate_list(t) for m, t in tables.items()}, split_source=ann.name,
-                       dataset="BalancedAV", classes=classes,
-                       layout=lambda kinds: {("hdf5", "array"): "av_preprocess_tool", ("video", "video"): "video"}.get(
-                           (kinds["visual"], kinds["audio"]), "mixed"))
-    found.extra_notes = {"annotation": str(ann), **{f"{m}_dir": str(d[0]) for m, d in found.dirs.items() if d},
-                         "missing_media": len(found.missing)}
+        tables = {m: candidate_list([(k, dirs) for k in kinds], pinned[f"{m}_dir"]) for m, kinds in KINDS.items()}
+    found = find_media(root, [Clip(i, label_of[lab], split, {}) for i, lab, split in entries], None, tables,
+                       split_source=ann.name, dataset="BalancedAV", classes=classes,
+                       layout=lambda kinds: LAYOUTS.get((kinds["visual"], kinds["audio"]), "mixed"))
+    found.extra_notes.update(annotation=str(ann), **{f"{m}_dir": str(d[0]) for m, d in found.dirs.items() if d},
+                             missing_media=len(found.missing))
     return found
 
 
@@ -191,9 +155,7 @@ def build_balanced_av(root: str | None = None, prepared: str | None = None, anno
                       sr: int = 44100, seconds: float = 10.0, n_fft: int = 512, hop_length: int = 440,
                       audio_frames: int | None = 1003, val_fraction: float = 0.1, split_seed: int = 0) -> DataSplits:
     """BalancedAV as DataSplits with modalities audio (spectrogram (1, 257, audio_frames)) and visual (frames
-    (frames, 3, S, S)), from the raw tree under `root` or the `mmbalance prepare balanced_av` folder `prepared`.
-    sr/seconds/n_fft/hop_length: the STFT recipe for the raw `video` layout; audio_frames: the spectrogram width
-    every clip is fitted to (1003 = 10 s at 44.1 kHz, hop 440); audio_log: log(|S| + 1e-7) of the magnitude."""
+    (frames, 3, S, S)), from the raw tree under `root` or the `mmbalance prepare balanced_av` folder `prepared`."""
     splits, _ = build_clips(
         "balanced_av", root, prepared, lambda: find_clips(root, annotation, visual_dir, audio_dir, video_dir),
         lambda kinds, clips: bav_readers(kinds, frames, image_size, augment, sr, seconds, n_fft, hop_length,
@@ -207,10 +169,10 @@ def build_balanced_av(root: str | None = None, prepared: str | None = None, anno
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# prepare
+# prepare: the raw videos -> an AV_preprocess_tool tree
 
 
-def _write_hdf5(video: str, dest: str, force: bool, sr: int, seconds: float, n_fft: int, hop: int) -> bool:
+def _write_hdf5(video: str, dest: str, force: bool, *_stft_params) -> bool:
     """A video's frames at 1 fps as JPEG bytes (quality 95) in dataset `video` of an .hdf5, written to a .tmp and
     renamed, so an interrupted run never leaves a file that looks finished; kept unless `force`."""
     import h5py
@@ -218,29 +180,26 @@ def _write_hdf5(video: str, dest: str, force: bool, sr: int, seconds: float, n_f
     dest = Path(dest)
     if dest.is_file() and not force:
         return False
-    jpegs = []
-    for img in media.decode_video_frames(video, fps=1.0):
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=95)
-        jpegs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    frames = media.decode_video_frames(video, fps=1.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(dest.with_name(dest.name + ".tmp"), "w") as f:
-        ds = f.create_dataset("video", (len(jpegs),), dtype=h5py.vlen_dtype(np.dtype("uint8")))
-        for i, b in enumerate(jpegs):
-            ds[i] = b
-    os.replace(dest.with_name(dest.name + ".tmp"), dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("video", (len(frames),), dtype=h5py.vlen_dtype(np.dtype("uint8")))
+        for i, img in enumerate(frames):
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=95)
+            ds[i] = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    os.replace(tmp, dest)
     return True
 
 
 def _write_npy(video: str, dest: str, force: bool, sr: int, seconds: float, n_fft: int, hop: int) -> bool:
-    """A video's |STFT| (the recipe above) as float16 .npy, written like `_write_hdf5`."""
+    """A video's |STFT| (MagnitudeReader's recipe) as float16 .npy, written atomically; kept unless `force`."""
     dest = Path(dest)
     if dest.is_file() and not force:
         return False
     spec = MagnitudeReader("video", sr, seconds, n_fft, hop)(video)[0].numpy().astype(np.float16)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    np.save(dest.with_name(dest.name + ".tmp.npy"), spec)
-    os.replace(dest.with_name(dest.name + ".tmp.npy"), dest)
+    PreparedFolder(dest.parent).write_array(dest.name, spec)
     return True
 
 
@@ -253,9 +212,8 @@ def prepare(ctx: PrepareContext, annotation: str | None = None, visual_dir: str 
             audio_dir: str | None = None, video_dir: str | None = None, size: int = 224, max_frames: int = 10,
             sr: int = 44100, seconds: float = 10.0, n_fft: int = 512, hop_length: int = 440,
             audio_frames: int = 1003, cache: bool = True) -> dict:
-    """`mmbalance prepare balanced_av` (layout.prepare_clips): raw videos are decoded once into an
-    AV_preprocess_tool tree (see the module docstring); `cache`: `size` px frames, up to `max_frames` per clip
-    (10 = 10 s at 1 fps), and the |STFT| recipe (sr, seconds, n_fft, hop_length, audio_frames) in float16."""
+    """`mmbalance prepare balanced_av` (layout.prepare_clips): raw videos decoded once into an AV_preprocess_tool
+    tree (with the annotation json); then, with `cache`, the frames and the |STFT| recipe in float16."""
     found = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir, exclude=(ctx.out,))
     if found.layout == "video":
         ctx.out.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ class AudioReader:
     """Audio reader: a waveform (wav via soundfile, any container via PyAV) turned into a spectrogram by `recipe`,
     or a stored spectrogram array (.npy/.pkl/.pt) used as it is.
 
-    recipes (datasets.md §1): 'stft_log' (OGM-GE CREMA-D: `sr` 22050, `seconds` 3, tiled, n_fft 512, hop 353,
+    recipes (docs/datasets.md): 'stft_log' (OGM-GE CREMA-D: `sr` 22050, `seconds` 3, tiled, n_fft 512, hop 353,
     log|S|; VGGSound: sr 16000, n_fft 256, hop 128), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000, 128 mel bins,
     1024 frames). Arrays are returned as (1, F, T) float32 (`spectrogram_from_array`); `shape` pins them: a clip
     of another shape is a DataError naming it, not a collate crash.

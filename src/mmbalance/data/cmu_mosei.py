@@ -1,47 +1,9 @@
 """CMU-MOSEI sentiment: audio (COVAREP), vision (FACET) and text (GloVe or BERT) feature sequences.
 
-CMU-MOSEI is distributed as feature sequences, not media. mmbalance reads the processed pickles that the
-imbalance papers use (reference: datasets.md §1.7, §2 "MOSEI"):
-
-* MulT (yaohungt/Multimodal-Transformer; the BalanceBenchmark recipe): ``<root>/mosei_senti_data.pkl``
-  (word-aligned, 50 steps) or ``<root>/mosei_senti_data_noalign.pkl``; a dict
-  ``{train, valid, test} -> {text, audio, vision, labels, id}`` with text GloVe 300-d, audio COVAREP 74-d,
-  vision FACET 35-d, ``labels`` (N, 1, 1) sentiment in [-3, 3].
-* MMSA (thuiar/MMSA): ``<root>/MOSEI/Processed/{aligned_50,unaligned_50}.pkl``; the same split dict with
-  ``text`` (BERT-base last hidden states, 768-d per MMSA's ``feature_dims``), ``text_bert`` ((N, 3, L) BERT
-  input ids, attention mask, segment ids), ``audio``, ``vision``, ``regression_labels`` (N,),
-  ``classification_labels``, ``audio_lengths``, ``vision_lengths``, ``id``, ``raw_text``, ``annotations``.
-* ``root`` may also be the .pkl file itself; its format is then told from its keys.
-
-Sequence lengths and feature sizes are read from the file (never assumed): aligned files have 50 steps for
-every modality, unaligned ones longer audio/vision sequences (about 500/500 in MulT's, 500/375 in MMSA's).
-Features are used as stored -- never re-aligned. Every float modality is cast to float32 and non-finite values
-(COVAREP has -inf; some releases have NaN) are replaced by 0, as BalanceBenchmark does for audio -inf; the
-counts replaced are reported in ``DataSplits.notes``. Unaligned MMSA files are zero-padded; their
-``*_lengths`` are not used (the TransformerEncoder attends over the full padded length, like the peer).
-
-Labels (``label_mode``) from the sentiment score y in [-3, 3]:
-
-* ``binary_nonneg`` (default; BalanceBenchmark's ``acc2``): y < 0 -> 0 "negative", else 1 "non-negative" --
-  a neutral y == 0 counts as positive;
-* ``binary_drop_zero`` (the other common "Acc-2" protocol): samples with y == 0 are removed from every split,
-  then y > 0 -> 1 "positive", y < 0 -> 0 "negative";
-* ``7class``: clip to [-3, 3] and round to the nearest integer (numpy's round-half-to-even, as MulT's and
-  MMSA's Acc-7 evaluation), shifted to 0..6 with class names "-3" .. "+3".
-
-Task (``task``): ``classification`` (the default, BalanceBenchmark's protocol) uses the ``label_mode`` classes above;
-``regression`` (MulT's and MMSA's protocol) keeps every sample and its score y in [-3, 3] as a float label, the
-model gets one output (``num_classes`` 1) and trains with ``loss`` (auto = L1, as MulT; or mse); ``label_mode`` does
-not apply (the shared ``collate_batch`` keeps float labels float). Metrics: ``mmbalance.metrics.regression``.
-
-Splits: MOSEI's own train / valid / test (a settled choice, docs/architecture.md: its own validation split is
-used for model selection).
-
-``mmbalance prepare cmu_mosei --root RAW --out PREP`` unpickles once and writes a memory-mappable cache:
-``<split>/<modality>.npy`` (float32, or int64 token ids) and ``<split>/y_reg.npy``, ``manifest.csv`` (id, label,
-split, y_reg and the label under every mode), ``classes.json`` and ``cache.json`` (source file stamp, layout,
-shapes), read with ``np.load(mmap_mode='r')`` instead of unpickling gigabytes. Its arrays are written cleaned, so
-NaN/Inf found in them by a build is a DataError, not replaced: the files were changed after prepare.
+What is CMU-MOSEI's own: finding and reading the processed pickles of MulT and MMSA (aligned or not), cleaning
+their features, the sentiment labels (three class conventions, or the score itself for regression) and its
+memory-mappable prepared cache.
+Reference (layouts, labels, tasks, the prepared cache): docs/datasets.md#cmu-mosei-cmu_mosei
 """
 
 from __future__ import annotations
@@ -112,6 +74,10 @@ def _check_options(layout: str, label_mode: str, text_key: str, modalities) -> l
     return mods
 
 
+def _alignment(aligned: bool | None) -> str:
+    return "alignment unknown" if aligned is None else "aligned" if aligned else "unaligned"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # finding and reading the pickle
 
@@ -139,24 +105,24 @@ def find_source(root: str | Path, aligned: bool = False, layout: str = "auto") -
                         f"mosei_senti_data[_noalign].pkl (MulT) or MOSEI/Processed/[un]aligned_50.pkl (MMSA), "
                         "or the path of such a .pkl")
     layouts = ("mult", "mmsa") if layout == "auto" else (layout,)
-    tried = [(name, root / rel) for name in layouts for rel in FILES[(name, aligned)]]
-    for name, path in tried:
+    candidates = {a: [(name, root / rel) for name in layouts for rel in FILES[(name, a)]] for a in (True, False)}
+    for name, path in candidates[aligned]:
         if path.is_file():
             return path, name, aligned
-    other = [root / rel for name in layouts for rel in FILES[(name, not aligned)] if (root / rel).is_file()]
+    other = [path for _, path in candidates[not aligned] if path.is_file()]
     found = sorted(p.relative_to(root).as_posix() for pattern in ("*.pkl", "*/*.pkl", "*/*/*.pkl", "*.csd")
                    for p in root.glob(pattern))[:12]
     hint = ""
     if other:
-        hint = (f" The {'unaligned' if aligned else 'aligned'} file {other[0]} exists: set "
-                f"dataset.aligned={str(not aligned).lower()} to use it.")
+        hint = (f" The {_alignment(not aligned)} file {other[0]} exists: set dataset.aligned={str(not aligned).lower()}"
+                " to use it.")
     elif any(f.endswith(".csd") for f in found):
         hint = (" CMU-MultimodalSDK .csd files are not read directly: use the MulT or MMSA processed pickle "
                 "(see README: Datasets).")
     raise DataError(
-        f"dataset.root {str(root)!r}: no CMU-MOSEI {'aligned' if aligned else 'unaligned'} pickle found "
-        f"(layout={layout}); looked for {', '.join(str(p) for _, p in tried)}. "
-        f"Found: {', '.join(found) or 'no .pkl/.csd files'}." + hint
+        f"dataset.root {str(root)!r}: no CMU-MOSEI {_alignment(aligned)} pickle found (layout={layout}); looked "
+        f"for {', '.join(str(p) for _, p in candidates[aligned])}. Found: {', '.join(found) or 'no .pkl/.csd files'}."
+        + hint
     )
 
 
@@ -218,35 +184,12 @@ class Source:
     file: Path | str
     layout: str  # mult | mmsa
     aligned: bool | None
-    splits: dict[str, SplitData]
-    specs: dict[str, ModalitySpec]
-    text_source: str | None
+    splits: dict[str, SplitData] = field(default_factory=dict)
+    specs: dict[str, ModalitySpec] = field(default_factory=dict)
+    text_source: str | None = None
     replaced: dict[str, int] = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
     origin: str = "raw pickle"
-
-
-def _split_table(data: dict, path: Path) -> dict[str, tuple[str, dict]]:
-    table = {}
-    for split, keys in SPLIT_KEYS.items():
-        key = next((k for k in keys if k in data), None)
-        if key is None:
-            raise DataError(f"{path}: no {' / '.join(repr(k) for k in keys)} split (found keys "
-                            f"{sorted(map(str, data))}); expected a dict {{train, valid, test}} of arrays")
-        if not isinstance(data[key], dict):
-            raise DataError(f"{path}: split {key!r} is a {type(data[key]).__name__}, expected a dict of arrays")
-        table[split] = (key, data[key])
-    return table
-
-
-def _detect_layout(table: dict, path: Path) -> str:
-    keys = set().union(*(d.keys() for _, d in table.values()))
-    if "regression_labels" in keys or "text_bert" in keys:
-        return "mmsa"
-    if "labels" in keys:
-        return "mult"
-    raise DataError(f"{path}: no sentiment labels: looked for 'labels' (MulT) or 'regression_labels' (MMSA); "
-                    f"found keys {sorted(map(str, keys))}")
 
 
 def _key(split_data: dict, keys: tuple[str, ...], what: str, where: str) -> str:
@@ -256,6 +199,26 @@ def _key(split_data: dict, keys: tuple[str, ...], what: str, where: str) -> str:
         raise DataError(f"{where}: no {what} key: looked for {' or '.join(map(repr, keys))} "
                         f"(found keys {sorted(map(str, split_data))})")
     return key
+
+
+def _split_table(data: dict, path: Path) -> tuple[dict[str, tuple[str, dict]], str]:
+    """({our split: (the pickle's split name, its dict)}, layout told from the keys)."""
+    table = {}
+    for split, keys in SPLIT_KEYS.items():
+        key = next((k for k in keys if k in data), None)
+        if key is None:
+            raise DataError(f"{path}: no {' / '.join(repr(k) for k in keys)} split (found keys "
+                            f"{sorted(map(str, data))}); expected a dict {{train, valid, test}} of arrays")
+        if not isinstance(data[key], dict):
+            raise DataError(f"{path}: split {key!r} is a {type(data[key]).__name__}, expected a dict of arrays")
+        table[split] = (key, data[key])
+    keys = set().union(*(d.keys() for _, d in table.values()))
+    if "regression_labels" in keys or "text_bert" in keys:
+        return table, "mmsa"
+    if "labels" in keys:
+        return table, "mult"
+    raise DataError(f"{path}: no sentiment labels: looked for 'labels' (MulT) or 'regression_labels' (MMSA); "
+                    f"found keys {sorted(map(str, keys))}")
 
 
 def _text_key(split_data: dict, text_key: str, where: str) -> str:
@@ -275,62 +238,69 @@ def _text_key(split_data: dict, text_key: str, where: str) -> str:
     return "text"
 
 
+def _scores(split_data: dict, layout: str, where: str) -> np.ndarray:
+    """The split's sentiment scores, (N,) float32: MulT stores them (N, 1, 1), MMSA (N,)."""
+    key = _key(split_data, LABEL_KEYS[layout], "sentiment", where)
+    y = np.asarray(split_data[key], dtype=np.float64)
+    n = int(y.shape[0]) if y.ndim else 0
+    if y.size != n:
+        raise DataError(f"{where}: `{key}` has shape {y.shape}; expected one sentiment score per sample, "
+                        "(N,), (N, 1) or (N, 1, 1)")
+    if not np.isfinite(y).all():
+        raise DataError(f"{where}: `{key}` has {int((~np.isfinite(y)).sum())} non-finite scores")
+    return y.reshape(n).astype(np.float32)
+
+
+def _features(split_data: dict, key: str, n: int, where: str) -> tuple[np.ndarray, ModalitySpec, int]:
+    """The split's array under `key` for its n samples: (array, spec, how many non-finite values were replaced)."""
+    x = np.asarray(split_data[key])
+    split_data[key] = None  # drop the pickle's reference: a float64 original is freed as soon as it is cast
+    if key == "text_bert":
+        # MMSA: rows are input ids, attention mask, segment ids; the `tokens` kind wants ids, 0 = [PAD]
+        if x.ndim != 3 or x.shape[0] != n or x.shape[1] < 1:
+            raise DataError(f"{where}: `text_bert` has shape {x.shape}; expected ({n}, 3, L) BERT inputs")
+        ids = np.ascontiguousarray(x[:, 0, :]).astype(np.int64)
+        return ids, ModalitySpec("tokens", (int(ids.shape[1]),)), 0
+    if x.ndim != 3 or x.shape[0] != n:
+        raise DataError(f"{where}: `{key}` has shape {x.shape}; expected ({n}, T, D) feature sequences "
+                        f"matching the {n} labels")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise DataError(f"{where}: `{key}` has dtype {x.dtype}; expected numbers")
+    x, count = clean_float32(x)
+    return x, ModalitySpec("sequence", (int(x.shape[1]), int(x.shape[2]))), count
+
+
 def read_source(path: Path, modalities: list[str], text_key: str = "auto", layout_hint: str = "auto",
                 aligned: bool | None = None) -> Source:
     """Load, validate and clean one MulT/MMSA pickle. Its arrays are consumed (cast in place where possible) so
     peak memory stays near the file's size."""
-    table = _split_table(load_pickle(path), path)
-    layout = _detect_layout(table, path)
+    table, layout = _split_table(load_pickle(path), path)
     if layout_hint in ("mult", "mmsa") and layout != layout_hint:
         log.warning("%s: dataset.layout=%s but its keys look like %s; reading it as %s", path, layout_hint,
                     layout, layout)
-    splits, specs, replaced, text_source, notes = {}, {}, dict.fromkeys(modalities, 0), None, {}
+    src = Source(path, layout, aligned, replaced=dict.fromkeys(modalities, 0))
     for split, (name, d) in table.items():
         where = f"{path} [{name!r}]"
-        label_key = _key(d, LABEL_KEYS[layout], "sentiment", where)
-        y = np.asarray(d[label_key], dtype=np.float64)
-        n = int(y.shape[0]) if y.ndim else 0
-        if y.size != n:
-            raise DataError(f"{where}: `{label_key}` has shape {y.shape}; expected one sentiment score per sample, "
-                            "(N,), (N, 1) or (N, 1, 1)")
-        y = y.reshape(n)
-        if not np.isfinite(y).all():
-            raise DataError(f"{where}: `{label_key}` has {int((~np.isfinite(y)).sum())} non-finite scores")
+        y = _scores(d, layout, where)
         arrays = {}
         for m in modalities:
-            k = _text_key(d, text_key, where) if m == "text" else _key(d, MODALITY_KEYS[m], m, where)
-            x = np.asarray(d[k])
-            if k == "text_bert":
-                # MMSA: rows are input ids, attention mask, segment ids; the `tokens` kind wants ids, 0 = [PAD]
-                if x.ndim != 3 or x.shape[0] != n or x.shape[1] < 1:
-                    raise DataError(f"{where}: `text_bert` has shape {x.shape}; expected ({n}, 3, L) BERT inputs")
-                x = np.ascontiguousarray(x[:, 0, :]).astype(np.int64)
-                spec = ModalitySpec("tokens", (int(x.shape[1]),))
-                text_source = "text_bert (BERT token ids)"
-            else:
-                if x.ndim != 3 or x.shape[0] != n:
-                    raise DataError(f"{where}: `{k}` has shape {x.shape}; expected ({n}, T, D) feature sequences "
-                                    f"matching the {n} labels")
-                if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-                    raise DataError(f"{where}: `{k}` has dtype {x.dtype}; expected numbers")
-                x, count = clean_float32(x)
-                replaced[m] += count
-                spec = ModalitySpec("sequence", (int(x.shape[1]), int(x.shape[2])))
-                if m == "text":
-                    text_source = f"`text` {x.shape[2]}-d " + ("GloVe (MulT)" if layout == "mult" else
-                                                                "BERT features (MMSA)")
-            d[k] = None  # drop the pickle's reference: a float64 original is freed as soon as it is cast
-            if specs.setdefault(m, spec) != spec:
-                raise DataError(f"{where}: `{k}` per-sample shape {spec.shape} differs from the train split's "
-                                f"{specs[m].shape}; every split must share one shape")
-            arrays[m] = x
-        splits[split] = SplitData(arrays, y.astype(np.float32), _ids(d, n, split, where))
-        if split == "train":
-            notes["lengths_present"] = sorted(k for k in d if str(k).endswith("_lengths"))
-    if aligned is None:
-        steps = {specs[m].shape[0] for m in modalities if specs[m].kind == "sequence"}
-        aligned = None if len(modalities) < 2 else len(steps) == 1
-    return Source(path, layout, aligned, splits, specs, text_source, replaced, notes)
+            key = _text_key(d, text_key, where) if m == "text" else _key(d, MODALITY_KEYS[m], m, where)
+            arrays[m], spec, count = _features(d, key, len(y), where)
+            src.replaced[m] += count
+            if src.specs.setdefault(m, spec) != spec:
+                raise DataError(f"{where}: `{key}` per-sample shape {spec.shape} differs from the train split's "
+                                f"{src.specs[m].shape}; every split must share one shape")
+        src.splits[split] = SplitData(arrays, y, _ids(d, len(y), split, where))
+    src.notes["lengths_present"] = sorted(k for k in table["train"][1] if str(k).endswith("_lengths"))
+    text = src.specs.get("text")
+    if text is not None and text.kind == "tokens":
+        src.text_source = "text_bert (BERT token ids)"
+    elif text is not None:
+        src.text_source = f"`text` {text.shape[1]}-d " + ("GloVe (MulT)" if layout == "mult" else
+                                                          "BERT features (MMSA)")
+    if aligned is None and len(modalities) >= 2:
+        src.aligned = len({src.specs[m].shape[0] for m in modalities if src.specs[m].kind == "sequence"}) == 1
+    return src
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,10 +323,8 @@ def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligne
     """CMU-MOSEI as DataSplits of (T, D) `sequence` modalities audio, vision, text (in `modalities` order).
 
     root: a folder in the MulT or MMSA layout, or the .pkl itself; prepared: the folder `mmbalance prepare
-    cmu_mosei` wrote (root is then not opened). aligned=false, the unaligned pickle, is BalanceBenchmark's recipe
-    (`if_align: false`). text_key: auto (`text` features) | text | text_bert (MMSA token ids as a `tokens`
-    modality). loss: the task's training loss, read by the run (auto: cross-entropy, or L1 for regression as MulT).
-    label_mode, task, layout: see the module docstring and conf/dataset/cmu_mosei.yaml.
+    cmu_mosei` wrote (root is then not opened). loss: the task's training loss, read by the run. The options are
+    described in conf/dataset/cmu_mosei.yaml and docs/datasets.md.
     """
     prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _check_options(layout, label_mode, text_key, modalities)
@@ -400,8 +368,7 @@ def _notes(src: Source, label_mode: str, dropped: dict, datasets: dict) -> dict:
     if label_mode == "binary_drop_zero":
         notes["dropped_zero"] = dict(dropped)
     log.info("cmu_mosei: %s layout (%s, %s), %s; non-finite values replaced by 0: %s", src.layout,
-             "aligned" if src.aligned else "unaligned" if src.aligned is not None else "alignment unknown",
-             notes["file"], src.origin, src.replaced)
+             _alignment(src.aligned), notes["file"], src.origin, src.replaced)
     return {**notes, **src.notes}
 
 
@@ -426,23 +393,23 @@ def _prepared_labels(folder: PreparedFolder) -> dict[str, SplitData]:
 
 
 def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_key: str) -> Source:
+    """The cache as a Source whose arrays are its .npy files, once it is checked to fit the options."""
     folder, meta = prep.path, _read_meta(prep)
+    where = f"dataset.prepared {str(folder)!r}"
     if meta is None:
-        raise DataError(f"dataset.prepared {str(folder)!r} is not a prepared CMU-MOSEI cache ({CACHE_META} missing "
-                        "or not from cmu_mosei); run `mmbalance prepare cmu_mosei --root RAW --out "
-                        f"{folder}` first")
+        raise DataError(f"{where} is not a prepared CMU-MOSEI cache ({CACHE_META} missing or not from cmu_mosei); "
+                        f"run `mmbalance prepare cmu_mosei --root RAW --out {folder}` first")
     if meta.get("aligned") is not None and bool(meta["aligned"]) != bool(aligned):
-        kind = "aligned" if meta["aligned"] else "unaligned"
-        raise DataError(f"dataset.prepared {str(folder)!r} holds the {kind} features but dataset.aligned="
+        raise DataError(f"{where} holds the {_alignment(meta['aligned'])} features but dataset.aligned="
                         f"{str(bool(aligned)).lower()}; set dataset.aligned={str(bool(meta['aligned'])).lower()} or "
-                        f"prepare the other file into another folder (--set aligned=...)")
+                        "prepare the other file into another folder (--set aligned=...)")
     if text_key != "auto" and "text" in mods and meta.get("text_key") not in ("auto", text_key):
-        raise DataError(f"dataset.prepared {str(folder)!r} was prepared with text_key={meta.get('text_key')}; "
-                        f"dataset.text_key={text_key} needs another prepare run")
+        raise DataError(f"{where} was prepared with text_key={meta.get('text_key')}; dataset.text_key={text_key} "
+                        "needs another prepare run")
     missing = [m for m in mods if m not in meta["shapes"]]
     if missing:
-        raise DataError(f"dataset.prepared {str(folder)!r} has no {missing} (it holds {list(meta['shapes'])}); "
-                        "prepare again with those modalities")
+        raise DataError(f"{where} has no {missing} (it holds {list(meta['shapes'])}); prepare again with those "
+                        "modalities")
     specs = {m: ModalitySpec(meta["kinds"][m], tuple(meta["shapes"][m])) for m in meta["shapes"]}
     splits = _prepared_labels(prep)
     for split, s in splits.items():
@@ -478,22 +445,18 @@ def _write_labels(out: PreparedFolder, splits: dict[str, SplitData], label_mode:
 
 def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", label_mode: str = "binary_nonneg",
             text_key: str = "auto", modalities: list[str] | None = None, file: str | None = None) -> dict:
-    """Unpickle the MulT/MMSA file once and write the cleaned, memory-mappable cache (see the module docstring).
+    """Unpickle the MulT/MMSA file once and write the cleaned, memory-mappable cache (docs/datasets.md).
 
-    Options (`--set key=value`): aligned (false: the unaligned file, BalanceBenchmark's recipe), layout
-    (auto | mult | mmsa), label_mode (only manifest.csv/classes.json depend on it), text_key, modalities, and
-    file (a .pkl path, absolute or relative to --root, when the file has a non-standard name).
+    Options (`--set key=value`): aligned, layout, label_mode (only manifest.csv/classes.json depend on it),
+    text_key, modalities, and file (a .pkl path, absolute or relative to --root, with a non-standard name).
     Idempotent: when cache.json records the same source file (path, size, mtime) and options, the arrays are
     kept and only the label files are rewritten; --force rebuilds everything.
     """
     mods = _check_options(layout, label_mode, text_key, modalities)
-    if file:
-        path = option_path(ctx.root, file)
-        if not path.is_file():
-            raise DataError(f"prepare cmu_mosei --set file={file}: {str(path)!r} is not a file")
-        found_layout, file_aligned = "file", _aligned_from_name(path.name)
-    else:
-        path, found_layout, file_aligned = find_source(ctx.root, aligned, layout)
+    source = option_path(ctx.root, file) if file else ctx.root
+    if file and not source.is_file():
+        raise DataError(f"prepare cmu_mosei --set file={file}: {str(source)!r} is not a file")
+    path, found_layout, file_aligned = find_source(source, aligned, layout)
     out, st = ctx.folder, path.stat()
     stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     options = {"modalities": mods, "text_key": text_key, "layout": layout}
@@ -505,6 +468,7 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
         return _summary(meta, label_mode, cache="up to date (kept; labels rewritten)")
 
     src = read_source(path, mods, text_key, layout, file_aligned)
+    src.layout = src.layout if found_layout == "file" else found_layout
     (out.path / CACHE_META).unlink(missing_ok=True)  # written last: its presence marks a complete cache
     from tqdm import tqdm
 
@@ -519,14 +483,13 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
                 out.write_array(f"{split}/{name}.npy", array, finite_checked=True)
                 bar.update()
     _write_labels(out, src.splits, label_mode)
-    layout_name = src.layout if found_layout == "file" else found_layout
     meta = {"dataset": "cmu_mosei", "version": CACHE_VERSION, "source": stamp, "options": options,
-            "layout": layout_name, "aligned": src.aligned, "text_key": text_key, "text": src.text_source,
+            "layout": src.layout, "aligned": src.aligned, "text_key": text_key, "text": src.text_source,
             "kinds": {m: src.specs[m].kind for m in mods}, "shapes": {m: list(src.specs[m].shape) for m in mods},
             "counts": {s: len(d.y) for s, d in src.splits.items()}, "nonfinite_replaced": src.replaced,
             "notes": src.notes, "classes": LABEL_MODES}
     out.write_json(CACHE_META, meta)
-    log.info("cmu_mosei prepare: %s (%s layout), %d samples, non-finite replaced %s", path, layout_name,
+    log.info("cmu_mosei prepare: %s (%s layout), %d samples, non-finite replaced %s", path, src.layout,
              sum(meta["counts"].values()), src.replaced)
     return _summary(meta, label_mode, cache="written")
 

@@ -1,37 +1,8 @@
-"""CREMA-D (Cao et al. 2014): 7,442 clips of 91 actors speaking 12 sentences with 6 emotions; audio + visual.
+"""CREMA-D (Cao et al. 2014): 7,442 clips, 91 actors, 6 emotions; audio + visual.
 
-Reads any of the three on-disk layouts people have (datasets.md §2), autodetected, there or one level below
-`root`:
-
-* raw release  (CheyneyComputerScience/CREMA-D): ``AudioWAV/<clip>.wav`` + ``VideoFlash/<clip>.flv``; frames are
-  decoded from the flv with PyAV at ``video_fps`` (slow on every access: run ``mmbalance prepare cremad``);
-* OGM-GE       ``Image-01-FPS/<clip>/<absframe:05d>.jpg`` (1 fps) + ``AudioWAV/<clip>.wav``
-  (+ ``train.csv``/``test.csv``);
-* MMPareto / BalanceBenchmark ``visual/<clip>/frame_00001.jpg ..`` + ``audio/<clip>.pt`` (a pre-computed spectrogram)
-  (+ ``stat.csv``/``train.csv``/``test.csv``).
-
-Clip names are ``<actor>_<sentence>_<EMO>_<level>`` (``1001_DFA_ANG_XX``): the emotion and the speaker come from
-the name, so no metadata file is needed.
-
-Recipes (the defaults reproduce the references): audio from wav is OGM-GE's ``CramedDataset`` (`make_readers`);
-``pad_mode`` is explicit: OGM-GE (2022) ran librosa < 0.10, whose centre padding was 'reflect' (the default here),
-'constant' matches librosa >= 0.10 (datasets.md §6.4). Audio from ``.pt`` is the BalanceBenchmark / MMPareto array
-used as it is (its recipe is undocumented; a maintainer said it is OGM-GE's Kinetics-Sounds fbank script). Visual:
-``frames`` frames per clip (BalanceBenchmark's CREMA-D ``fps: 2`` = 2 frames), the audio-visual frame recipe.
-
-Label maps (persisted in ``classes.json`` by prepare, recorded in the run's notes):
-* ``ogmge`` (default): NEU HAP SAD FEA DIS ANG -> 0..5, hard-coded by OGM-GE and by BalanceBenchmark, whose
-  protocol our ``paper_cremad`` preset reproduces -- so per-class numbers line up with those papers;
-* ``sorted``: ANG DIS FEA HAP NEU SAD -> 0..5, MMPareto / Diagnosing (``sorted(stat.csv)``).
-
-Splits (``split``):
-* ``auto``: user split files when found (``train.csv`` + ``test.csv`` under root, or given by path), else
-  ``stratified``;
-* ``files``: split files required (a DataError names what is missing);
-* ``stratified``: a seeded per-emotion split, ``test_fraction`` (10 %, like OGM-GE's 744 / 7,442) held out;
-  like OGM-GE's lists it is NOT speaker-independent;
-* ``speaker``: speaker-disjoint by actor id (new; recommended when the claim is generalisation to new people):
-  ``test_fraction`` of the actors are test actors, ``val_fraction`` of the rest validation actors.
+What is CREMA-D's own: its layout table (the release, OGM-GE's and BalanceBenchmark's trees), clip names that
+carry the emotion and the actor, its two label maps, its split rules (split files, stratified, speaker-disjoint)
+and OGM-GE's audio recipe. Reference (layouts, recipes, label maps, splits, prepare): docs/datasets.md#crema-d-cremad
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""`digits_av`: a small, real, offline audio-visual demo dataset with a built-in modality imbalance.
+"""`digits_av`: the small, real, offline audio-visual demo dataset with a built-in modality imbalance.
 
-* **image** – the 1,797 real handwritten digits shipped with scikit-learn (UCI optdigits, 8×8, scaled to
-  [0, 1]) plus fixed per-sample Gaussian noise of std `image_noise` (the first imbalance knob).
-* **audio** – the digit word ("zero" … "nine") spoken by eSpeak NG, from a bank of clean clips synthesised once
-  and cached (data/spoken_digits.py: 60 voices, 3 speaking rates, random pitch; 180 clips per digit). Each image
-  is paired with a random clip of the same label, placed at a random offset in a 1 s window at 8 kHz, with white
-  noise at `audio_snr_db` dB (the second knob), and turned into a standardised log-mel spectrogram (torchaudio).
-* **text** (optional, `text=True`) – a weak bag-of-words cue: one parity word (even/odd) and one size word
-  (small = 0–4, large = 5–9), each flipped with probability `text_noise`, plus random filler words. Even a
-  perfect reader can only tell one of four groups apart, so text alone is capped at 40 % accuracy.
-
-With the defaults (image σ 0.55, audio 20 dB) audio dominates. Measured with mmbalance's own demo study
-(`make run`: backbone=small, concat fusion, SGD lr 0.01 momentum 0.9, batch 64, 15 epochs, seeds 0-2):
-audio alone 97.1 %, image alone 65.0 %, joint 95.7 %, and inside the joint model the image branch (its
-slice of the head + b/2) reaches only 41.4 %: the under-optimised weak modality that the balancing methods
-target.
+image: scikit-learn's real handwritten digits plus Gaussian noise (knob 1); audio: the digit word spoken by
+eSpeak NG (the clip bank of data/spoken_digits.py) in white noise (knob 2), as a log-mel spectrogram; text
+(optional): a weak bag-of-words cue capped at 40 %. Reference: docs/datasets.md#the-demo-digits_av; the
+README's demo table (`make readme-tables`) gives its numbers.
 """
 
 from __future__ import annotations

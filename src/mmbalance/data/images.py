@@ -1,11 +1,10 @@
 """Photos, one per sample (Food-101): the uint8 image cache `mmbalance prepare` writes and the loader reads.
 
-The cache is one memory-mapped file ``images_<S>.u8`` of rows x S x S x 3 uint8 holding each image after the
-evaluation Resize((S, S)) of media.ClipTransform, so evaluation inputs are identical with and without it, and
-training decodes no jpeg. It is filled in blocks, in parallel; ``images_<S>.u8.json`` records the progress (an
-interrupted prepare goes on where it stopped), the unreadable rows and the key of the image list it was made for:
-a cache of another list, or an incomplete one, is not used. Without a size the same pass only checks that every
-image decodes (``image_check.json``).
+The cache is one memory-mapped file ``images_<S>.u8`` of rows x S x S x 3 uint8, each image after media.ClipTransform's
+evaluation Resize((S, S)), so evaluation inputs are identical with and without it and training decodes no jpeg.
+It is filled in blocks, in parallel; ``images_<S>.u8.json`` records the progress (an interrupted prepare resumes),
+the unreadable rows and the key of the image list it was made for: a cache of another list, or an incomplete
+one, is not used. Without a size the same pass only checks that every image decodes (``image_check.json``).
 """
 
 from __future__ import annotations
@@ -57,10 +56,10 @@ class Images:
 def cached_images(folder: Path, key: str | None, size: int) -> tuple[str, int] | None:
     """(file, rows) of the complete cache at this size in a prepared folder, made for the image list `key`, or
     None (logged when one is there but not usable)."""
-    file = folder / cache_name(size)
-    if not ((folder / f"{file.name}.json").is_file() and file.is_file()):
+    file, prepared = folder / cache_name(size), PreparedFolder(folder)
+    if not prepared.has(file.name, f"{file.name}.json"):
         return None
-    info = PreparedFolder(folder).json(f"{file.name}.json")
+    info = prepared.json(f"{file.name}.json")
     if not info.get("complete") or info.get("candidates_sha1") != key:
         log.info("%s is incomplete or from another scan; decoding jpegs instead", file)
         return None
@@ -103,9 +102,7 @@ def decode_images(ctx: PrepareContext, paths: list[str], key: str, size: int | N
     stage = cache_name(size) if size else "image_check"
     cache_file = str(ctx.out / stage) if size else None
     info = {} if ctx.force else ctx.folder.json(f"{stage}.json", optional=True)
-    if info.get("candidates_sha1") != key or (cache_file and not Path(cache_file).is_file()):
-        info = {}
-    if not info:
+    if info.get("candidates_sha1") != key or (size and not ctx.folder.has(stage)):  # start again
         info = {"candidates_sha1": key, "rows": n, "size": size, "done": 0, "bad": {}, "complete": False}
         if cache_file:
             np.memmap(cache_file, dtype=np.uint8, mode="w+", shape=(n, size, size, 3)).flush()

@@ -1,33 +1,8 @@
-"""Kinetics-Sounds (KS): 31 sound-making action classes of Kinetics-400, audio + visual (datasets.md §1.1).
+"""Kinetics-Sounds (KS): the 31 sound-making action classes of Kinetics-400; audio + visual.
 
-Clip ids are cvdf's ``<ytid>_<start:06d>_<end:06d>`` (e.g. ``--4-0ihtnBU_000058_000068``); the 31 classes are
-those of BML_TPAMI2024 ``KS.json``, numbered in alphabetical order (``KS_CLASSES``; persisted in classes.json).
-
-Accepted layouts under ``root`` (autodetected by their split files; the media folders are probed, see
-``KS_VISUAL``/``KS_AUDIO``; ``visual_dir``/``audio_dir`` override the folders):
-
-* ``ogmge``            ``my_train.txt``/``my_test.txt`` (lines ``<id>,10,<label_idx>``),
-                       ``visual/<id>/frame_00001.jpg..`` (1 fps), ``audio_spec/<id>.npy`` (OGM-GE
-                       ``process_audio.py``: a (1024, 128) Kaldi fbank);
-* ``balancebenchmark`` ``ks_{train,test}_overlap.txt``, ``{train,test}.txt`` or ``.csv`` (lines ``<id> <label>``) with
-                       frame folders and ``.npy`` arrays (``visual[/_]{split}``, ``audio[/_]{split}`` or shared
-                       folders);
-* ``bml``              ``KS_train_val.json`` (ActivityNet schema, subsets training/validation/testing), ``<id>.hdf5``
-                       (dataset ``video`` = 1 fps JPEG bytes) and ``<id>.pkl`` |STFT| (AV_preprocess_tool);
-* ``cvdf``             the raw Kinetics download: ``{train,val,test}/<id>.mp4`` + ``annotations/{train,val|validate,
-                       test}.csv`` (Kinetics csv, filtered to the 31 classes); audio and frames decoded with PyAV.
-                       Kinetics' own train/val/test become train/val/test; without a labelled test csv, Kinetics' val
-                       is the test set (as in the KS literature) and validation is carved from train.
-
-Split files may be comma- or whitespace-separated: the clip id is the basename of the first field, the label the
-last field (an integer index into ``KS_CLASSES`` or a class name, spaces or underscores). BML's validation subset
-(and Kinetics' own val csv for ``cvdf``) is the validation split; otherwise it is carved from train.
-
-Recipes (OGM-GE / BalanceBenchmark ``KS_dataset.py``): visual ``frames`` = 3 frames per clip (clips.FrameReader),
-from video decoded at 1 fps; audio from wav or video is OGM-GE's ``process_audio.py`` Kaldi fbank
-(media.kaldi_fbank: 16 kHz, 128 mel bins, 1024 frames, AudioSet-normalised -> (1, 128, 1024)); a stored array
-(``.npy``/``.pkl``/``.pt``) is used as it is, frequency first -- BML's ``.pkl`` holds a linear |STFT| (257, 1003),
-not a log spectrogram.
+What is Kinetics-Sounds' own: its class list, its layout table (OGM-GE, BalanceBenchmark, BML, the raw cvdf
+download), its split sources (split files, BML's json, Kinetics' csv) with their label parsing, and OGM-GE's
+Kaldi fbank recipe. Reference (layouts, split files, recipes, prepare): docs/datasets.md#kinetics-sounds-kinetics_sounds
 """
 
 from __future__ import annotations
@@ -40,8 +15,8 @@ from pathlib import Path
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import AudioReader, Clip, av_readers
-from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root, find_media,
-                                   option_path, prepare_clips, shown, unique_entries)
+from mmbalance.data.layout import (KIND_SUFFIXES, VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root,
+                                   find_media, option_path, prepare_clips, shown, unique_entries)
 from mmbalance.errors import DataError
 
 # BML_TPAMI2024 code/dataset/KS.json, alphabetical: integer labels are positions in this list
@@ -53,8 +28,10 @@ KS_CLASSES = [
     "ripping_paper", "shoveling_snow", "shuffling_cards", "singing", "stomping_grapes", "tap_dancing",
     "tapping_guitar", "tapping_pen", "tickling",
 ]
+KS_INDEX = {name: i for i, name in enumerate(KS_CLASSES)}
 
-MEDIA_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".flv", ".wav", ".npy", ".pkl", ".pt", ".hdf5", ".h5"}
+# a split file's first field may name the clip's media file: these extensions are stripped from the id
+MEDIA_EXTENSIONS = {suffix for suffixes in KIND_SUFFIXES.values() for suffix in suffixes if suffix}
 
 # split lists at the root, tried in this order: (layout, train, test, optional val); a Kinetics csv named train.csv
 # is the cvdf layout instead
@@ -78,7 +55,7 @@ KS_AUDIO = (
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# split files and labels
+# split sources and labels
 
 
 def clip_id(field_value: str) -> str:
@@ -90,9 +67,6 @@ def clip_id(field_value: str) -> str:
 
 def _normalise(name: str) -> str:
     return re.sub(r"[\s_]+", "_", name.strip().strip("'\"").lower())
-
-
-KS_INDEX = {name: i for i, name in enumerate(KS_CLASSES)}
 
 
 def ks_label(value: str, where: str) -> int:
@@ -109,14 +83,13 @@ def ks_label(value: str, where: str) -> int:
     return KS_INDEX[_normalise(v)]
 
 
-def _entries_from_list(path: Path, split: str) -> list[Clip]:
-    return [Clip(clip_id(i), ks_label(label, f"{path}, clip {i!r}"), split, {})
-            for i, label in media.read_split_file(path)]
+def _entry(path: Path, listed_id: str, label: str, split: str) -> Clip:
+    """A clip of a split file or json: its id and label parsed, errors naming the file and the clip."""
+    return Clip(clip_id(listed_id), ks_label(label, f"{path}, clip {listed_id!r}"), split, {})
 
 
-def _entries_from_json(path: Path) -> list[Clip]:
-    return [Clip(clip_id(i), ks_label(label, f"{path}, clip {i!r}"), split, {})
-            for i, label, split in media.read_annotation(path)[0]]
+def _entries_from_lists(files: dict[str, Path]) -> list[Clip]:
+    return [_entry(path, i, label, split) for split, path in files.items() for i, label in media.read_split_file(path)]
 
 
 def _is_kinetics_csv(path: Path) -> bool:
@@ -127,23 +100,24 @@ def _is_kinetics_csv(path: Path) -> bool:
         return False
 
 
-def read_kinetics_csv(path: Path, split: str) -> tuple[list[Clip], int, int]:
+def read_kinetics_csv(path: Path, split: str, skipped: dict[str, int]) -> list[Clip]:
     """Kinetics annotation csv (label,youtube_id,time_start,time_end,split): clips of the 31 KS classes with id
-    `<ytid>_<start:06d>_<end:06d>` (cvdf's file names). Returns (clips, other-class rows, unlabelled rows)."""
+    `<ytid>_<start:06d>_<end:06d>` (cvdf's file names). Rows of other classes and unlabelled ones are counted in
+    `skipped`."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])
         if not {"youtube_id", "time_start", "time_end"} <= columns:
             raise DataError(f"{path}: expected a Kinetics annotation csv with columns label, youtube_id, "
                             f"time_start, time_end (found {sorted(columns)})")
-        clips, other, unlabelled = [], 0, 0
+        clips = []
         for row in reader:
             label = (row.get("label") or "").strip()
             if not label:
-                unlabelled += 1
+                skipped["kinetics_rows_unlabelled"] += 1
                 continue
             if _normalise(label) not in KS_INDEX:
-                other += 1
+                skipped["kinetics_rows_other_classes"] += 1
                 continue
             try:
                 start, end = int(float(row["time_start"])), int(float(row["time_end"]))
@@ -151,26 +125,40 @@ def read_kinetics_csv(path: Path, split: str) -> tuple[list[Clip], int, int]:
             except (TypeError, ValueError):
                 raise DataError(f"{path}: row {row} has no integer time_start/time_end") from None
             clips.append(Clip(cid, KS_INDEX[_normalise(label)], split, {}))
-    return clips, other, unlabelled
+    return clips
+
+
+def _cvdf_entries(folder: Path) -> tuple[str, str, list[Clip], dict]:
+    entries, files = [], []
+    notes = {"kinetics_rows_other_classes": 0, "kinetics_rows_unlabelled": 0}
+    for name, split in (("train.csv", "train"), ("val.csv", "val"), ("validate.csv", "val"), ("test.csv", "test")):
+        if (folder / name).is_file():
+            entries += read_kinetics_csv(folder / name, split, notes)
+            files.append(name)
+    if not any(c.split == "test" for c in entries) and any(c.split == "val" for c in entries):
+        # no labelled Kinetics test csv: Kinetics' validation clips are the test set (as in the KS literature)
+        entries = [Clip(c.id, c.label, "test" if c.split == "val" else c.split, {}) for c in entries]
+        notes["kinetics_val_used_as_test"] = True
+    return "cvdf", f"{shown(folder, folder.parent)}/{{{','.join(files)}}}", entries, notes
 
 
 def ks_split_entries(root: Path, train_list: str | None = None, val_list: str | None = None,
                      test_list: str | None = None, annotations: str | None = None) -> tuple[str, str, list[Clip], dict]:
-    """(layout, split source, listed clips without sources, notes) from the first split source found."""
+    """(layout, split source, listed clips without sources, notes) from the first split source found: the
+    options, then BML's json, the split files at the root, a Kinetics csv."""
     ann = option_path(root, annotations)
+    if ann is None and not (train_list or test_list) and (root / "KS_train_val.json").is_file():
+        ann = root / "KS_train_val.json"  # BML's json, unless split lists were given
     if ann is not None:
-        return "bml", ann.name, _entries_from_json(ann), {}
-    given = {s: option_path(root, v) for s, v in (("train", train_list), ("val", val_list), ("test", test_list))}
-    if given["train"] or given["test"]:
+        return "bml", ann.name, [_entry(ann, i, label, split) for i, label, split in media.read_annotation(ann)[0]], {}
+    if train_list or test_list:
+        given = {s: option_path(root, v) for s, v in (("train", train_list), ("val", val_list), ("test", test_list))}
         for s in ("train", "test"):
             if given[s] is None:
                 raise DataError(f"Kinetics-Sounds: dataset.{s}_list is not set (train_list and test_list go together)")
         files = {s: p for s, p in given.items() if p is not None}
         layout = "ogmge" if files["train"].name.startswith("my_") else "balancebenchmark"
-        return layout, ", ".join(str(p) for p in files.values()), \
-            [e for s, p in files.items() for e in _entries_from_list(p, s)], {}
-    if (root / "KS_train_val.json").is_file():
-        return "bml", "KS_train_val.json", _entries_from_json(root / "KS_train_val.json"), {}
+        return layout, ", ".join(str(p) for p in files.values()), _entries_from_lists(files), {}
     for layout, train, test, val in SPLIT_FILES:
         if not (root / train).is_file() or _is_kinetics_csv(root / train):
             continue
@@ -180,8 +168,7 @@ def ks_split_entries(root: Path, train_list: str | None = None, val_list: str | 
         files = {"train": root / train, "test": root / test}
         if (root / val).is_file():
             files["val"] = root / val
-        return layout, ", ".join(p.name for p in files.values()), \
-            [e for s, p in files.items() for e in _entries_from_list(p, s)], {}
+        return layout, ", ".join(p.name for p in files.values()), _entries_from_lists(files), {}
     for folder in (root / "annotations", root):
         if (folder / "train.csv").is_file() and _is_kinetics_csv(folder / "train.csv"):
             return _cvdf_entries(folder)
@@ -191,34 +178,8 @@ def ks_split_entries(root: Path, train_list: str | None = None, val_list: str | 
                     "options train_list + test_list (or annotations)")
 
 
-def _cvdf_entries(folder: Path) -> tuple[str, str, list[Clip], dict]:
-    entries, files, other, unlabelled = [], [], 0, 0
-    for name, split in (("train.csv", "train"), ("val.csv", "val"), ("validate.csv", "val"), ("test.csv", "test")):
-        if (folder / name).is_file():
-            clips, o, u = read_kinetics_csv(folder / name, split)
-            entries += clips
-            other, unlabelled = other + o, unlabelled + u
-            files.append(name)
-    notes = {"kinetics_rows_other_classes": other, "kinetics_rows_unlabelled": unlabelled}
-    if not any(c.split == "test" for c in entries) and any(c.split == "val" for c in entries):
-        # no labelled Kinetics test csv: Kinetics' validation clips are the test set (as in the KS literature)
-        entries = [Clip(c.id, c.label, "test" if c.split == "val" else c.split, {}) for c in entries]
-        notes["kinetics_val_used_as_test"] = True
-    return "cvdf", f"{shown(folder, folder.parent)}/{{{','.join(files)}}}", entries, notes
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# recipes, builder, prepare
-
-
-def ks_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 3, image_size: int = 224,
-               augment: str = "none", video_fps: float = 1.0, sample_rate: int = 16000, num_mel_bins: int = 128,
-               audio_target_frames: int = 1024) -> dict:
-    """OGM-GE's Kaldi fbank from wav or video, or the stored arrays as they are; frames segment-sampled."""
-    return av_readers(kinds, clips, lambda kind: AudioReader(kind, "kaldi_fbank", sr=sample_rate,
-                                                             num_mel_bins=num_mel_bins,
-                                                             target_frames=audio_target_frames),
-                      frames=frames, image_size=image_size, augment=augment, video_fps=video_fps)
+# discovery, recipes, builder, prepare
 
 
 def discover_ks(root: str | Path, train_list: str | None = None, val_list: str | None = None,
@@ -237,6 +198,16 @@ def discover_ks(root: str | Path, train_list: str | None = None, val_list: str |
     return found
 
 
+def ks_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 3, image_size: int = 224,
+               augment: str = "none", video_fps: float = 1.0, sample_rate: int = 16000, num_mel_bins: int = 128,
+               audio_target_frames: int = 1024) -> dict:
+    """OGM-GE's Kaldi fbank from wav or video, or the stored arrays as they are; frames segment-sampled."""
+    return av_readers(kinds, clips, lambda kind: AudioReader(kind, "kaldi_fbank", sr=sample_rate,
+                                                             num_mel_bins=num_mel_bins,
+                                                             target_frames=audio_target_frames),
+                      frames=frames, image_size=image_size, augment=augment, video_fps=video_fps)
+
+
 def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_list: str | None = None,
                           val_list: str | None = None, test_list: str | None = None, annotations: str | None = None,
                           visual_dir: str | None = None, audio_dir: str | None = None, frames: int = 3,
@@ -244,7 +215,7 @@ def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_l
                           sample_rate: int = 16000, num_mel_bins: int = 128, audio_target_frames: int = 1024,
                           val_fraction: float = 0.1, split_seed: int = 0) -> DataSplits:
     """Kinetics-Sounds as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S), from the
-    ``mmbalance prepare kinetics_sounds`` folder `prepared` or the raw tree under `root` (any layout above)."""
+    ``mmbalance prepare kinetics_sounds`` folder `prepared` or the raw tree under `root`."""
     recipe = dict(frames=frames, image_size=image_size, augment=augment, video_fps=video_fps,
                   sample_rate=sample_rate, num_mel_bins=num_mel_bins, audio_target_frames=audio_target_frames)
     return build_clips("kinetics_sounds", root, prepared,
@@ -258,16 +229,15 @@ def prepare(ctx, train_list: str | None = None, val_list: str | None = None, tes
             fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, num_mel_bins: int = 128,
             audio_target_frames: int = 1024, cache: bool = True, size: int = 224, max_frames: int = 10,
             shard: str | None = None) -> dict:
-    """`mmbalance prepare kinetics_sounds` (layout.prepare_clips): raw videos (cvdf) are decoded once into
-    ``audio/<id>.wav`` (mono, `sample_rate`) and ``frames/<id>/`` (`fps`, optionally `short_side` px); `cache`:
-    `size` px frames, up to `max_frames` per clip, and the fbank recipe's spectrogram (or the stored arrays)."""
+    """`mmbalance prepare kinetics_sounds` (layout.prepare_clips): raw videos decoded once into wav + frames,
+    then, with `cache`, the frames and the fbank spectrograms (or the stored arrays)."""
     found = discover_ks(ctx.root, train_list, val_list, test_list, annotations, visual_dir, audio_dir)
-    audio = dict(sample_rate=sample_rate, num_mel_bins=num_mel_bins, audio_target_frames=audio_target_frames)
+    fbank = dict(sample_rate=sample_rate, num_mel_bins=num_mel_bins, audio_target_frames=audio_target_frames)
     recipe = {"audio": {"recipe": "kaldi_fbank", "sample_rate": sample_rate, "num_mel_bins": num_mel_bins,
                         "target_frames": audio_target_frames} if found.kinds["audio"] != "array"
               else {"recipe": "stored array"}, "visual": {"fps": fps}}
     return prepare_clips(ctx, "kinetics_sounds", found.clips, found.kinds, KS_CLASSES, summary=found.notes(),
                          problems=found.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
                          cache_readers=(lambda kinds, clips: ks_readers(kinds, clips, image_size=int(size),
-                                                                       video_fps=fps, **audio)) if cache else None,
+                                                                       video_fps=fps, **fbank)) if cache else None,
                          params=(int(sample_rate), float(fps), int(short_side or 0)))

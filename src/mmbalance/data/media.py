@@ -4,7 +4,8 @@ soundfile reads wav, PyAV decodes video and other audio containers, PIL decodes 
 augments, torchaudio computes fbank (docs/architecture.md, "Settled choices"). Every reader raises a `DataError`
 naming the file, so loaders and `prepare` can report and skip bad media.
 
-Pitfalls of the reference loaders that this module exists to avoid (datasets.md §6):
+Pitfalls of the reference loaders that this module exists to avoid (docs/datasets.md, "Common to the
+audio-visual datasets"):
 * frame lists are sorted naturally (`frame_2` before `frame_10`), never taken from unsorted `os.listdir`;
 * frames are sampled segment-wise: a random frame per segment in training, the centre frame at evaluation;
 * one augmentation is drawn per clip and applied to all its frames; optical flow is flipped with its RGB
@@ -240,7 +241,7 @@ def fit_length(wave: np.ndarray, length: int, tail: int | None = None) -> np.nda
 
 def stft_magnitude(wave: np.ndarray, n_fft: int = 512, hop_length: int = 440, pad_mode: str = "reflect") -> Tensor:
     """|STFT| (n_fft // 2 + 1, frames) with a Hann window, centred with an explicit `pad_mode` ('constant'
-    matches librosa >= 0.10, 'reflect' older librosa and AV_preprocess_tool; datasets.md §6, item 4)."""
+    matches librosa >= 0.10, 'reflect' older librosa and AV_preprocess_tool)."""
     x = torch.as_tensor(np.asarray(wave), dtype=torch.float32)
     return torch.stft(x, n_fft=n_fft, hop_length=hop_length, window=torch.hann_window(n_fft), center=True,
                       pad_mode=pad_mode, return_complex=True).abs()

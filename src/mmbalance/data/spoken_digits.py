@@ -1,14 +1,10 @@
 """The clean clip bank of the digits_av demo: the digit words spoken by eSpeak NG, synthesised once and cached.
 
-Every digit word ("zero" … "nine") is spoken `clips_per_digit` times (180) by 60 voices (5 English accents × 12
-voice variants) at 3 speaking rates with random pitch, trimmed, resampled to 8 kHz and stored back to back as
-int16 in ``<cache>/digits_av/clips_v1.npz`` (written atomically; a missing, damaged or foreign file is
-synthesised again). eSpeak NG output is real output of a rule-based TTS engine, not recorded speech, and it is
-not bit-reproducible: the same calls give clips of the same lengths but different samples, in one process or in
-two, so a rebuilt bank gives other audio (the cache is what makes runs repeatable).
-
-eSpeak NG comes from the optional PyPI package ``espeakng-loader`` (``pip install "mmbalance[demo]"``), loaded
-through ctypes only when the bank has to be synthesised. It is GPL-3.0 and is never vendored.
+60 voices (5 English accents x 12 variants) x 3 speaking rates, random pitch, trimmed, resampled to 8 kHz and
+stored back to back as int16 in ``<cache>/digits_av/clips_v1.npz`` (atomic; a missing, damaged or foreign file
+is synthesised again). eSpeak NG is not bit-reproducible, so the cache is what makes runs repeatable. It comes
+from the optional ``espeakng-loader`` package (the demo extra, GPL-3.0, never vendored), loaded through ctypes
+only when the bank has to be synthesised. Reference: docs/datasets.md#the-demo-digits_av
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,14 +39,11 @@ def clean_text(text: str) -> str:
 class Tokenizer:
     """A Hugging Face fast tokenizer, loaded from local files only: texts -> (N, max_length) int64 ids.
 
-    ``model_or_path`` is a hub name present in the local Hugging Face cache (default bert-base-uncased, the
-    tokenizer of BalanceBenchmark's FOOD-101 recipe), a local folder with tokenizer files, or a WordPiece
-    ``vocab.txt`` (read as an uncased BERT tokenizer). Every text is padded to ``max_length`` and truncated
-    (``padding='max_length', truncation=True``, as BalanceBenchmark does with max_length 40); special tokens
-    ([CLS] ... [SEP]) are added.
-
-    Padding is id 0 in the stored ids. For tokenizers whose padding id is not 0 (e.g. RoBERTa's 1) the
-    padding id and 0 are swapped; ``TextTransformerEncoder`` swaps them back with its model's padding id.
+    ``model_or_path``: a hub name in the local Hugging Face cache (default bert-base-uncased, BalanceBenchmark's
+    FOOD-101 tokenizer), a local tokenizer folder, or a WordPiece ``vocab.txt`` (an uncased BERT tokenizer). Texts
+    get [CLS] ... [SEP] and are padded and truncated to ``max_length`` (BalanceBenchmark: 40). Padding is id 0 in
+    the stored ids: for a tokenizer whose padding id is not 0 (RoBERTa's 1) the two ids are swapped, and
+    ``TextTransformerEncoder`` swaps them back with its model's padding id.
     """
 
     def __init__(self, model_or_path: str = "bert-base-uncased", max_length: int = 40, lowercase: bool = True):
@@ -94,7 +90,7 @@ def _load_tokenizer(name: str, lowercase: bool):
     from mmbalance.paths import OFFLINE_MINILM_HINT, hf_hub_cache, local_text_model
 
     name = local_text_model(name)
-    path = Path(os.path.expanduser(name))
+    path = Path(name).expanduser()
     cache = str(hf_hub_cache())
     if path.is_file():
         if path.suffix != ".txt":

@@ -1,30 +1,8 @@
-"""VGGSound (Chen et al. 2020): ~200k 10 s YouTube clips of 309 sound classes, audio + visual (datasets.md §1.4).
+"""VGGSound (Chen et al. 2020): ~200k 10 s YouTube clips of 309 sound classes; audio + visual.
 
-The clip list is the official ``vggsound.csv`` (no header; ``ytid, start_seconds, label, train|test``; labels may
-hold commas, so it is read as real csv). Classes are the SORTED label names of the whole csv (OGM-GE numbers them
-by first appearance, which changes with the csv; datasets.md §6.3) and are persisted in classes.json. Clip ids are
-``<ytid>_<start>`` (OGM-GE's naming); files named with a zero-padded start ``<ytid>_<start:06d>`` (many
-downloaders) are found too. Link rot is normal: clips whose media are missing are counted, never fatal.
-
-Accepted layouts under ``root`` (media folders probed; ``visual_dir``/``audio_dir`` override them):
-
-* ``ogmge``            ``{train,test}-audios/{train,test}-set/<id>.wav`` (16 kHz, OGM-GE ``mp4_to_wav.py``) and
-                       ``{train,test}-videos/{train,test}-set-img/Image-01-FPS/<id>.mp4/<n:05d>.jpg`` (1 fps; the
-                       frame FOLDER name ends in .mp4);
-* ``balancebenchmark`` ``video_{train,test}_root/<id>/`` frame folders + ``audio_{train,test}_root/<id>.npy``;
-* ``raw``              ``{train,test}/<id>.mp4`` (or ``video/``): audio and frames decoded with PyAV.
-
-Recipes (OGM-GE ``VGGSoundDataset.py``; datasets.md §1.4):
-* audio from wav or video: 16 kHz mono, tiled to at least ``clip_seconds`` (10 s) and cut to it, clipped to
-  [-1, 1], |STFT| (n_fft 256, hop 128, Hann, centred, explicit ``pad_mode``), log(|S| + 1e-7); then a window of
-  ``audio_seconds`` (5 s -> 626 frames) is taken: a random window in training (starts in [0, 5 s], like OGM-GE)
-  and the CENTRE window at evaluation (OGM-GE crops randomly at test time too: non-deterministic, §6.5) ->
-  (1, 129, 626). The window is cut from the spectrogram of the whole 10 s, at hop-aligned starts (8 ms steps),
-  so the raw and the prepared paths give identical tensors; OGM-GE computes the STFT of the cropped wave, which
-  differs only in the two edge frames (centre padding instead of the neighbouring audio);
-* audio from a stored array (BalanceBenchmark ``.npy``): used as it is;
-* visual: 3 frames per clip, the audio-visual frame recipe (clips.FrameReader).
-VGGSound has no validation split: it is carved from train.
+What is VGGSound's own: its clip list (the official vggsound.csv; classes are its sorted label names), file names
+with a plain or zero-padded start, its layout table (OGM-GE, BalanceBenchmark, raw mp4) and OGM-GE's audio recipe
+with a deterministic evaluation window. Reference (layouts, recipes, prepare): docs/datasets.md#vggsound-vggsound
 """
 
 from __future__ import annotations
@@ -38,12 +16,13 @@ import torch
 from mmbalance.data.batch import DataSplits, ModalitySpec
 from mmbalance.data.clips import AudioReader, Clip, ModalityMap, av_readers
 from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root, find_media,
-                                   option_path, prepare_clips)
+                                   option_path, prepare_clips, unique_entries)
 from mmbalance.data.prepare import PreparedFolder
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
 
+# the layout table: per modality, (kind, folders) in priority order; `{split}` = train|test
 VIDEO_OR_SPLIT = VIDEO_FOLDERS + ("{split}-videos/{split}-set", "{split}-videos")
 VGG_VISUAL = (
     ("jpgdir", ("{split}-videos/{split}-set-img/Image-01-FPS", "video_{split}_root", "video_{split}",
@@ -94,15 +73,10 @@ def discover_vggsound(root, csv_path: str | None = None, visual_dir: str | None 
     rows = read_vggsound_csv(path)
     classes = sorted({label for _, _, label, _ in rows})
     index = {c: i for i, c in enumerate(classes)}
-    entries, names, seen = [], [], set()
-    for ytid, start, label, split in rows:
-        cid = f"{ytid}_{start}"
-        if cid in seen:
-            continue
-        seen.add(cid)
-        entries.append(Clip(cid, index[label], split, {}))
-        padded = f"{ytid}_{start:06d}"
-        names.append([cid] if padded == cid else [cid, padded])  # OGM-GE's plain name, then the zero-padded one
+    entries = unique_entries([Clip(f"{ytid}_{start}", index[label], split, {}) for ytid, start, label, split in rows])
+    # a clip's files are named by OGM-GE's plain start, or the zero-padded one many downloaders write
+    padded = {f"{ytid}_{start}": f"{ytid}_{start:06d}" for ytid, start, _, _ in rows}
+    names = [[c.id] if padded[c.id] == c.id else [c.id, padded[c.id]] for c in entries]
     tables = {"audio": candidate_list(VGG_AUDIO, audio_dir), "visual": candidate_list(VGG_VISUAL, visual_dir)}
     found = find_media(root, entries, names, tables, split_source=path.name, dataset="VGGSound", classes=classes,
                        layout=lambda kinds: LAYOUTS.get((kinds["visual"], kinds["audio"]),
@@ -145,8 +119,8 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
                    n_fft: int = 256, hop_length: int = 128, pad_mode: str = "reflect", val_fraction: float = 0.1,
                    split_seed: int = 0) -> DataSplits:
     """VGGSound as DataSplits with modalities audio (1, n_fft/2+1, T) and visual (frames, 3, S, S), from the
-    ``mmbalance prepare vggsound`` folder `prepared` (its cache, or its extracted wav + frames decoded on access
-    when prepared with cache=false) or the raw tree under `root`."""
+    ``mmbalance prepare vggsound`` folder `prepared` (its cache, or its extracted wav + frames decoded on access)
+    or the raw tree under `root`."""
     if audio_seconds > clip_seconds:
         raise DataError(f"VGGSound: dataset.audio_seconds={audio_seconds} is longer than dataset.clip_seconds="
                         f"{clip_seconds}")
@@ -157,23 +131,25 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
         lambda kinds, clips: av_readers(kinds, clips, lambda kind: stft_reader(kind, **stft), frames=frames,
                                         image_size=image_size, augment=augment, video_fps=video_fps),
         val_fraction=val_fraction, split_seed=split_seed, frames=frames, image_size=image_size, augment=augment)
-    if kinds["audio"] == "array":
+    if kinds["audio"] == "array":  # a stored spectrogram is used as it is
         return splits
-    recipe = PreparedFolder(splits.notes["prepared"]).json("recipe.json", optional=True).get("audio", {}) \
+    # a cache holds the spectrograms of the recipe it was written with (recipe.json): the window follows it
+    cached = PreparedFolder(splits.notes["prepared"]).json("recipe.json", optional=True).get("audio", {}) \
         if splits.notes.get("cache") else {}
-    differs = {k: (recipe[k], v) for k, v in stft.items() if k in recipe and recipe[k] != v}
-    if differs:  # the cache holds the recipe it was written with
+    differs = {k: cached[k] for k, v in stft.items() if k in cached and cached[k] != v}
+    if differs:
         log.warning("VGGSound: the cache in %s was prepared with %s; it is used as prepared", splits.notes["prepared"],
-                    ", ".join(f"{k}={a} (config {b})" for k, (a, b) in differs.items()))
-        splits.notes["cache_recipe_differs"] = {k: a for k, (a, _) in differs.items()}
-    frames_kept = int(round(int(recipe.get("sample_rate", sample_rate)) * audio_seconds)) // \
-        int(recipe.get("hop_length", hop_length)) + 1  # a centred STFT over audio_seconds (5 s at 16 kHz -> 626)
-    splits.notes["audio_window_frames"] = frames_kept
+                    ", ".join(f"{k}={a} (config {stft[k]})" for k, a in differs.items()))
+        splits.notes["cache_recipe_differs"] = differs
+    used = {**stft, **differs}
+    # a centred STFT over audio_seconds (5 s at 16 kHz, hop 128 -> 626 frames)
+    window = int(round(int(used["sample_rate"]) * audio_seconds)) // int(used["hop_length"]) + 1
+    splits.notes["audio_window_frames"] = window
     spec = splits.modalities["audio"]
-    if spec.shape[-1] > frames_kept:
-        splits.train, splits.val, splits.test = (AudioWindow(getattr(splits, s), frames_kept, train=s == "train")
+    if spec.shape[-1] > window:
+        splits.train, splits.val, splits.test = (AudioWindow(getattr(splits, s), window, train=s == "train")
                                                  for s in ("train", "val", "test"))
-        splits.modalities["audio"] = ModalitySpec(spec.kind, (*spec.shape[:-1], frames_kept))
+        splits.modalities["audio"] = ModalitySpec(spec.kind, (*spec.shape[:-1], window))
     return splits
 
 
@@ -181,11 +157,8 @@ def prepare(ctx, csv_path: str | None = None, visual_dir: str | None = None, aud
             fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, clip_seconds: float = 10.0,
             n_fft: int = 256, hop_length: int = 128, pad_mode: str = "reflect", cache: bool = False,
             size: int = 224, max_frames: int = 10, shard: str | None = None) -> dict:
-    """`mmbalance prepare vggsound` (layout.prepare_clips): clips missing from disk (link rot) are reported and
-    counted; mp4s are decoded once into ``audio/<id>.wav`` (16 kHz mono, like OGM-GE's ``mp4_to_wav.py``) and
-    ``frames/<id>/`` at `fps`. `cache` is OFF by default for VGGSound (224 px x 10 frames is ~1.5 MB a clip, ~300 GB
-    for the whole set): ``dataset.prepared`` then decodes the extracted wav + jpg on access, as OGM-GE does; with
-    it, the frames and the whole-clip log-STFT (1, 129, 1251) in float16."""
+    """`mmbalance prepare vggsound` (layout.prepare_clips): mp4s decoded once into wav + frames; `cache` is off by
+    default (the whole set would take ~300 GB): the prepared folder is then decoded on access, as OGM-GE does."""
     found = discover_vggsound(ctx.root, csv_path, visual_dir, audio_dir)
     stft = dict(sample_rate=int(sample_rate), clip_seconds=float(clip_seconds), n_fft=int(n_fft),
                 hop_length=int(hop_length), pad_mode=str(pad_mode))
