@@ -18,9 +18,9 @@ import torch
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
-from mmbalance.data.clips import Clip, FrameReader, ModalityMap, spectrogram_from_array
+from mmbalance.data.clips import AudioReader, Clip, FrameReader, ModalityMap
 from mmbalance.data.layout import (Discovery, build_clips, candidate_list, dataset_root, find_media, option_path,
-                                   prepare_clips, walk_dirs)
+                                   prepare_discovered, walk_dirs)
 from mmbalance.data.prepare import CACHE_META, CLASSES, SUMMARY, PrepareContext, PreparedFolder
 from mmbalance.errors import DataError
 
@@ -34,35 +34,13 @@ LAYOUTS = {("hdf5", "array"): "av_preprocess_tool", ("video", "video"): "video"}
 # the audio recipe
 
 
-class MagnitudeReader:
-    """The BalancedAV audio modality: an |STFT| magnitude (1, n_fft/2+1, `frames`), not log-scaled.
-
-    source 'array': a stored spectrogram (.pkl from AV_preprocess_tool, or .npy), (F, T) or (1, F, T); source
-    'video': AV_preprocess_tool's recipe on the clip's audio. Either is cut, or zero-padded (silence) on the
-    right, to `frames` columns.
-    """
-
-    kind = "spectrogram"
-
-    def __init__(self, source: str = "array", sr: int = 44100, seconds: float = 10.0, n_fft: int = 512,
-                 hop_length: int = 440, frames: int | None = None):
-        if source not in ("array", "video"):
-            raise ValueError(f"MagnitudeReader source={source!r}; expected array or video")
-        self.source, self.sr, self.seconds = source, int(sr), float(seconds)
-        self.n_fft, self.hop_length = int(n_fft), int(hop_length)
-        self.frames = int(frames) if frames else int(round(self.sr * self.seconds)) // self.hop_length + 1
-        self.shape = (1, self.n_fft // 2 + 1, self.frames)
-
-    def __call__(self, path: str, train: bool = False) -> torch.Tensor:
-        if self.source == "array":
-            spec = spectrogram_from_array(media.load_array(path), path)
-        else:  # exactly `seconds` long, a short clip completed by repeating its last second
-            wave = media.fit_length(media.decode_audio(path, self.sr), int(round(self.sr * self.seconds)), self.sr)
-            spec = media.stft_magnitude(wave, self.n_fft, self.hop_length).unsqueeze(0)
-        if spec.shape[1] != self.shape[1]:
-            raise DataError(f"{path}: spectrogram has {spec.shape[1]} frequency bins, expected {self.shape[1]} "
-                            f"(|STFT| with n_fft {self.n_fft}); shape {tuple(spec.shape)}")
-        return torch.nn.functional.pad(spec, (0, max(0, self.frames - spec.shape[-1])))[..., :self.frames].contiguous()
+def magnitude_reader(kind: str, sr: int, seconds: float, n_fft: int, hop_length: int,
+                     frames: int | None = None) -> AudioReader:
+    """The BalancedAV audio modality: an |STFT| magnitude (1, n_fft/2+1, `frames`), not log-scaled: a stored one
+    (kind 'array': AV_preprocess_tool's .pkl, or prepare's .npy) or AV_preprocess_tool's recipe on the clip's
+    audio (kind 'video'), cut or zero-padded to `frames` columns (AudioReader's 'stft_magnitude')."""
+    return AudioReader(kind, "stft_magnitude", sr=sr, seconds=seconds, n_fft=n_fft, hop_length=hop_length,
+                       pad_mode="reflect", frames=frames)
 
 
 class LogAudio(ModalityMap):
@@ -145,7 +123,7 @@ def find_clips(root: str | Path, annotation: str | None = None, visual_dir: str 
 
 def bav_readers(kinds: dict[str, str], frames: int, image_size: int, augment: str, sr: int, seconds: float,
                 n_fft: int, hop_length: int, audio_frames: int | None) -> dict:
-    return {"audio": MagnitudeReader(kinds["audio"], sr, seconds, n_fft, hop_length, audio_frames),
+    return {"audio": magnitude_reader(kinds["audio"], sr, seconds, n_fft, hop_length, audio_frames),
             "visual": FrameReader(kinds["visual"], frames, image_size, augment, fps=1.0)}
 
 
@@ -194,11 +172,11 @@ def _write_hdf5(video: str, dest: str, force: bool, *_stft_params) -> bool:
 
 
 def _write_npy(video: str, dest: str, force: bool, sr: int, seconds: float, n_fft: int, hop: int) -> bool:
-    """A video's |STFT| (MagnitudeReader's recipe) as float16 .npy, written atomically; kept unless `force`."""
+    """A video's |STFT| (`magnitude_reader`'s recipe) as float16 .npy, written atomically; kept unless `force`."""
     dest = Path(dest)
     if dest.is_file() and not force:
         return False
-    spec = MagnitudeReader("video", sr, seconds, n_fft, hop)(video)[0].numpy().astype(np.float16)
+    spec = magnitude_reader("video", sr, seconds, n_fft, hop)(video)[0].numpy().astype(np.float16)
     PreparedFolder(dest.parent).write_array(dest.name, spec)
     return True
 
@@ -212,17 +190,16 @@ def prepare(ctx: PrepareContext, annotation: str | None = None, visual_dir: str 
             audio_dir: str | None = None, video_dir: str | None = None, size: int = 224, max_frames: int = 10,
             sr: int = 44100, seconds: float = 10.0, n_fft: int = 512, hop_length: int = 440,
             audio_frames: int = 1003, cache: bool = True) -> dict:
-    """`mmbalance prepare balanced_av` (layout.prepare_clips): raw videos decoded once into an AV_preprocess_tool
+    """`mmbalance prepare balanced_av` (layout.prepare_discovered): raw videos decoded once into an AV_preprocess_tool
     tree (with the annotation json); then, with `cache`, the frames and the |STFT| recipe in float16."""
     found = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir, exclude=(ctx.out,))
     if found.layout == "video":
         ctx.out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(found.extra_notes["annotation"], ctx.out / "annotation.json")
-    summary = prepare_clips(ctx, "balanced_av", found.clips, found.kinds, found.classes, problems=found.problems(),
-                            summary={**found.notes(), "classes": len(found.classes)},
-                            cache_readers=(lambda kinds, clips: bav_readers(kinds, 3, size, "none", sr, seconds,
-                                                                           n_fft, hop_length, audio_frames))
-                            if cache else None, size=size, max_frames=max_frames, targets=TO_AV_PREPROCESS_TOOL,
-                            params=(sr, seconds, n_fft, hop_length))
+    summary = prepare_discovered(ctx, "balanced_av", found, summary={"classes": len(found.classes)},
+                                 cache_readers=(lambda kinds, clips: bav_readers(kinds, 3, size, "none", sr, seconds,
+                                                                                n_fft, hop_length, audio_frames))
+                                 if cache else None, size=size, max_frames=max_frames, targets=TO_AV_PREPROCESS_TOOL,
+                                 params=(sr, seconds, n_fft, hop_length))
     return {**summary, "clips": sum(summary["manifest_clips"].values()),
             **{f"clips_{s}": n for s, n in summary["manifest_clips"].items()}}

@@ -115,24 +115,40 @@ class AudioReader:
     or a stored spectrogram array (.npy/.pkl/.pt) used as it is.
 
     recipes (docs/datasets.md): 'stft_log' (OGM-GE CREMA-D: `sr` 22050, `seconds` 3, tiled, n_fft 512, hop 353,
-    log|S|; VGGSound: sr 16000, n_fft 256, hop 128), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000, 128 mel bins,
-    1024 frames). Arrays are returned as (1, F, T) float32 (`spectrogram_from_array`); `shape` pins them: a clip
-    of another shape is a DataError naming it, not a collate crash.
+    log|S|; VGGSound: sr 16000, n_fft 256, hop 128), 'stft_magnitude' (AV_preprocess_tool's BalancedAV: |S|, not
+    logged, of `seconds` 10 at `sr` 44100, a short clip completed by repeating its last second, n_fft 512, hop 440,
+    reflect padding), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000, 128 mel bins, 1024 frames). Arrays are
+    returned as (1, F, T) float32 (`spectrogram_from_array`); `shape` pins them: a clip of another shape is a
+    DataError naming it, not a collate crash.
+
+    `frames` (STFT recipes; 'stft_magnitude' always, by default to its own width): every spectrogram, stored ones
+    too, cut or zero-padded (silence) on the right to that many columns, so arrays of any width batch together.
     """
 
     kind = "spectrogram"
 
     def __init__(self, source: str = "wav", recipe: str = "stft_log", sr: int = 22050, seconds: float = 3.0,
                  n_fft: int = 512, hop_length: int = 353, pad_mode: str = "constant", num_mel_bins: int = 128,
-                 target_frames: int = 1024, shape: Sequence[int] | None = None):
+                 target_frames: int = 1024, shape: Sequence[int] | None = None, frames: int | None = None):
         if source not in ("wav", "video", "array"):
             raise ValueError(f"AudioReader source={source!r}; expected wav, video or array")
-        if recipe not in ("stft_log", "kaldi_fbank"):
-            raise ValueError(f"AudioReader recipe={recipe!r}; expected stft_log or kaldi_fbank")
+        if recipe not in ("stft_log", "stft_magnitude", "kaldi_fbank"):
+            raise ValueError(f"AudioReader recipe={recipe!r}; expected stft_log, stft_magnitude or kaldi_fbank")
+        if frames and recipe == "kaldi_fbank":
+            raise ValueError("AudioReader: kaldi_fbank fits its own width (target_frames), not `frames`")
         self.source, self.recipe, self.sr, self.seconds = source, recipe, int(sr), float(seconds)
         self.n_fft, self.hop_length, self.pad_mode = int(n_fft), int(hop_length), pad_mode
         self.num_mel_bins, self.target_frames = int(num_mel_bins), int(target_frames)
         self._shape = tuple(shape) if shape is not None else None
+        # the width every spectrogram is fitted to (None: as the recipe makes it, or as stored)
+        self.frames = int(frames) if frames else None
+        if self.frames is None and recipe == "stft_magnitude":  # AV_preprocess_tool's |STFT| has a fixed width
+            self.frames = self.stft_frames
+
+    @property
+    def stft_frames(self) -> int:
+        """The width of the STFT recipes' spectrogram: a centred STFT of `seconds` at `sr`."""
+        return int(round(self.sr * self.seconds)) // self.hop_length + 1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -140,11 +156,13 @@ class AudioReader:
             return self._shape
         if self.recipe == "kaldi_fbank":
             return (1, self.num_mel_bins, self.target_frames)
-        return (1, self.n_fft // 2 + 1, int(round(self.sr * self.seconds)) // self.hop_length + 1)
+        return (1, self.n_fft // 2 + 1, self.frames or self.stft_frames)
 
     def __call__(self, path: str, train: bool = False) -> Tensor:
         if self.source == "array":
             x = spectrogram_from_array(media.load_array(path), path)
+            if self.frames is not None:
+                return self.fit(x, path)
             if self._shape is not None and tuple(x.shape) != self._shape:
                 raise DataError(f"{path}: spectrogram of shape {tuple(x.shape)}, expected {self._shape} like the "
                                 "other clips")
@@ -152,8 +170,22 @@ class AudioReader:
         wave = media.read_wav(path, self.sr)[0] if self.source == "wav" else media.decode_audio(path, self.sr)
         if self.recipe == "kaldi_fbank":
             return media.kaldi_fbank(wave, self.sr, self.num_mel_bins, self.target_frames)
-        wave = media.fit_length(wave, int(round(self.sr * self.seconds)))
-        return media.stft_log_spectrogram(wave, self.n_fft, self.hop_length, self.pad_mode)
+        length = int(round(self.sr * self.seconds))
+        if self.recipe == "stft_magnitude":  # AV_preprocess_tool repeats a short clip's last second, not the clip
+            wave = media.fit_length(wave, length, tail=self.sr)
+            spec = media.stft_magnitude(wave, self.n_fft, self.hop_length, self.pad_mode).unsqueeze(0)
+        else:
+            spec = media.stft_log_spectrogram(media.fit_length(wave, length), self.n_fft, self.hop_length,
+                                              self.pad_mode)
+        return spec if self.frames is None else self.fit(spec, path)
+
+    def fit(self, spec: Tensor, path: str) -> Tensor:
+        """`spec` cut, or zero-padded (silence) on the right, to `frames` columns; its frequency bins must be the
+        recipe's (a stored array made with another n_fft is a DataError naming the file)."""
+        if spec.shape[1] != self.shape[1]:
+            raise DataError(f"{path}: spectrogram has {spec.shape[1]} frequency bins, expected {self.shape[1]} "
+                            f"(|STFT| with n_fft {self.n_fft}); shape {tuple(spec.shape)}")
+        return torch.nn.functional.pad(spec, (0, max(0, self.frames - spec.shape[-1])))[..., :self.frames].contiguous()
 
 
 # conventional mel-bin counts; a linear STFT has n_fft / 2 + 1 bins (odd: 129, 257, 513), never one of these

@@ -16,7 +16,7 @@ from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import AudioReader, Clip, av_readers
 from mmbalance.data.layout import (KIND_SUFFIXES, VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root,
-                                   find_media, option_path, prepare_clips, shown, unique_entries)
+                                   find_media, option_path, prepare_discovered, shown, wav_and_frames)
 from mmbalance.errors import DataError
 
 # BML_TPAMI2024 code/dataset/KS.json, alphabetical: integer labels are positions in this list
@@ -190,11 +190,10 @@ def discover_ks(root: str | Path, train_list: str | None = None, val_list: str |
     layout, source, entries, extra = ks_split_entries(root, train_list, val_list, test_list, annotations)
     if not entries:
         raise DataError(f"Kinetics-Sounds: {source} under {str(root)!r} lists no clip of the 31 classes")
-    unique = unique_entries(entries)
     tables = {"audio": candidate_list(KS_AUDIO, audio_dir), "visual": candidate_list(KS_VISUAL, visual_dir)}
-    found = find_media(root, unique, None, tables, layout=layout, split_source=source, dataset="Kinetics-Sounds",
-                       classes=KS_CLASSES)
-    found.extra_notes.update(extra, duplicates_dropped=len(entries) - len(unique))
+    found = find_media(root, entries, None, tables, layout=layout, split_source=source, dataset="Kinetics-Sounds",
+                       classes=KS_CLASSES, drop_duplicates=True)
+    found.extra_notes.update(extra)
     return found
 
 
@@ -229,15 +228,13 @@ def prepare(ctx, train_list: str | None = None, val_list: str | None = None, tes
             fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, num_mel_bins: int = 128,
             audio_target_frames: int = 1024, cache: bool = True, size: int = 224, max_frames: int = 10,
             shard: str | None = None) -> dict:
-    """`mmbalance prepare kinetics_sounds` (layout.prepare_clips): raw videos decoded once into wav + frames,
+    """`mmbalance prepare kinetics_sounds` (layout.prepare_discovered): raw videos decoded once into wav + frames,
     then, with `cache`, the frames and the fbank spectrograms (or the stored arrays)."""
     found = discover_ks(ctx.root, train_list, val_list, test_list, annotations, visual_dir, audio_dir)
     fbank = dict(sample_rate=sample_rate, num_mel_bins=num_mel_bins, audio_target_frames=audio_target_frames)
-    recipe = {"audio": {"recipe": "kaldi_fbank", "sample_rate": sample_rate, "num_mel_bins": num_mel_bins,
-                        "target_frames": audio_target_frames} if found.kinds["audio"] != "array"
-              else {"recipe": "stored array"}, "visual": {"fps": fps}}
-    return prepare_clips(ctx, "kinetics_sounds", found.clips, found.kinds, KS_CLASSES, summary=found.notes(),
-                         problems=found.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
-                         cache_readers=(lambda kinds, clips: ks_readers(kinds, clips, image_size=int(size),
-                                                                       video_fps=fps, **fbank)) if cache else None,
-                         params=(int(sample_rate), float(fps), int(short_side or 0)))
+    audio = {"recipe": "kaldi_fbank", "sample_rate": sample_rate, "num_mel_bins": num_mel_bins,
+             "target_frames": audio_target_frames}
+    return prepare_discovered(ctx, "kinetics_sounds", found, shard=shard, size=size, max_frames=max_frames,
+                              cache_readers=(lambda kinds, clips: ks_readers(kinds, clips, image_size=int(size),
+                                                                            video_fps=fps, **fbank)) if cache else None,
+                              **wav_and_frames(found.kinds, audio, sample_rate, fps, short_side))

@@ -11,12 +11,14 @@ The rest is here:
   standing for the clip's split, e.g. ``(("jpgdir", ("visual", "frames")), ("video", ("{split}",)))``; kinds and
   their file suffixes are `KIND_SUFFIXES`. `find_media` resolves the tables for a listed clip set (per modality,
   the kind that finds most clips wins; a clip lacking a modality is counted and left out, never fatal) into a
-  `Discovery`; `first_present` serves trees whose clip list comes from the media themselves (CREMA-D);
+  `Discovery` (dropping clips listed twice, with a count, where asked); `first_present` serves trees whose clip
+  list comes from the media themselves (CREMA-D);
 * `build_clips` -- the builder: a prepared folder (`prepared_clips` + `prepared_splits`: its memory-mapped clip
   cache, or the files prepare extracted, decoded) or the raw tree (`clips.clip_splits`);
 * `prepare_clips` -- the one `prepare()` skeleton and its report: missing media -> prepare_report.txt, decoding
   from video once (`extract_media`, resumable, `shard=i/n`), classes.json, manifest.csv, recipe.json, and the
-  clip cache (clips.write_clip_cache).
+  clip cache (clips.write_clip_cache); `prepare_discovered` runs it on a `Discovery`, `wav_and_frames` gives the
+  options of the datasets decoded into wav + frames.
 """
 
 from __future__ import annotations
@@ -272,11 +274,19 @@ class Discovery:
 
 def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str]] | None,
                tables: dict[str, list[tuple[str, list[Candidate]]]], *, layout: str | Callable[[dict], str],
-               split_source: str, dataset: str, classes: list[str]) -> Discovery:
+               split_source: str, dataset: str, classes: list[str], drop_duplicates: bool = False) -> Discovery:
     """Resolve every modality (`tables`, in the fusion order) of every listed clip; clips lacking a modality are
     counted as missing. `names`: each clip's accepted file names (default: its id). `layout`: the layout's name,
-    or a function of the media kinds found that names it."""
+    or a function of the media kinds found that names it. `drop_duplicates` (split lists that may repeat a clip):
+    a clip listed twice (e.g. in train and test) is kept once, where it first appears, and the notes count the
+    others (`duplicates_dropped`)."""
     names = names or [[e.id] for e in entries]
+    listed = len(entries)
+    if drop_duplicates:
+        first: dict[str, int] = {}
+        for i, entry in enumerate(entries):
+            first.setdefault(entry.id, i)
+        entries, names = [entries[i] for i in first.values()], [names[i] for i in first.values()]
     index = DirIndex()
     resolved = {m: resolve_modality(root, entries, names, table, index) for m, table in tables.items()}
     empty = [m for m, r in resolved.items() if r.found == 0]
@@ -296,13 +306,8 @@ def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str
     kinds = {m: r.kind for m, r in resolved.items()}
     return Discovery(dataset, layout if isinstance(layout, str) else layout(kinds), split_source, classes, clips,
                      kinds, {m: ", ".join(r.folders) or "-" for m, r in resolved.items()}, missing, len(entries),
+                     extra_notes={"duplicates_dropped": listed - len(entries)} if drop_duplicates else {},
                      dirs={m: r.dirs for m, r in resolved.items()})
-
-
-def unique_entries(entries: Sequence[Clip]) -> list[Clip]:
-    """A clip listed twice (e.g. in train and test) is kept once, where it first appears."""
-    seen: set[str] = set()
-    return [e for e in entries if not (e.id in seen or seen.add(e.id))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,3 +499,18 @@ def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], c
         summary.update(write_clip_cache(ctx, clips, cache_readers(kinds, clips), size=int(size),
                                         max_frames=int(max_frames)))
     return summary
+
+
+def prepare_discovered(ctx, dataset: str, found: Discovery, *, summary: dict | None = None, **options) -> dict:
+    """`prepare_clips` for the clips `find_media` discovered in a raw tree: its notes open the summary (then
+    `summary`), and every clip it left out for a missing file is reported."""
+    return prepare_clips(ctx, dataset, found.clips, found.kinds, found.classes, problems=found.problems(),
+                         summary={**found.notes(), **(summary or {})}, **options)
+
+
+def wav_and_frames(kinds: dict[str, str], audio_recipe: dict, sample_rate: int, fps: float, short_side) -> dict:
+    """`prepare_clips`' `params` of the `WAV_AND_FRAMES` writers and its recipe.json: the audio recipe (or a
+    stored array, used as it is; the vggsound loader reads it back) and the frame rate."""
+    audio = audio_recipe if kinds["audio"] != "array" else {"recipe": "stored array"}
+    params = (int(sample_rate), float(fps), int(short_side or 0))  # write_wav's and write_frames' order
+    return {"recipe": {"audio": audio, "visual": {"fps": fps}}, "params": params}

@@ -83,46 +83,37 @@ class Tokenizer:
 
 
 def _load_tokenizer(name: str, lowercase: bool):
+    """A fast tokenizer from a WordPiece vocab.txt, a local folder or the local hub cache; never downloads."""
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise UserError(f"Tokenizer needs the transformers package ({exc})") from exc
-    from mmbalance.paths import OFFLINE_MINILM_HINT, hf_hub_cache, local_text_model
+    from mmbalance.paths import from_pretrained_offline, text_model_source
 
-    name = local_text_model(name)
-    path = Path(name).expanduser()
-    cache = str(hf_hub_cache())
-    if path.is_file():
-        if path.suffix != ".txt":
-            raise UserError(f"Tokenizer: {str(path)!r} is a file but not a WordPiece vocab.txt; give a tokenizer "
-                            "folder, a vocab.txt, or a hub name in the Hugging Face cache")
-        cls = getattr(transformers, "BertTokenizerFast", None) or transformers.BertTokenizer
-        try:
-            if "vocab_file" in inspect.signature(cls.__init__).parameters:  # transformers 4
-                return cls(vocab_file=str(path), do_lower_case=lowercase)
-            # transformers 5 takes the vocabulary as a {token: id} dict: one token per line, id = line number
-            with path.open(encoding="utf-8") as f:
-                vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-            return cls(vocab=vocab, do_lower_case=lowercase)
-        except Exception as exc:
-            raise UserError(f"Tokenizer: cannot read the WordPiece vocabulary {path}: {exc}") from exc
-    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or path.exists()
-    if looks_like_path and not path.is_dir():
-        raise UserError(f"Tokenizer: {name!r} does not exist; give a tokenizer folder, a vocab.txt, or a hub "
-                        f"name present in the Hugging Face cache {cache}")
+    source = text_model_source(name)
+    if source.path.is_file():  # a bare vocab.txt: transformers only loads folders and hub names
+        return _wordpiece_tokenizer(source.path, lowercase)
+    return from_pretrained_offline(
+        source, transformers.AutoTokenizer.from_pretrained, {"use_fast": True},
+        who="Tokenizer", what="tokenizer", folder_holds="tokenizer.json or vocab.txt (with tokenizer_config.json)",
+        local_forms="a local tokenizer folder or a WordPiece vocab.txt",
+    )
+
+
+def _wordpiece_tokenizer(path: Path, lowercase: bool):
+    """An uncased-BERT-style fast tokenizer over a bare WordPiece vocab.txt (one token per line)."""
+    import transformers  # already loaded by _load_tokenizer
+
+    if path.suffix != ".txt":
+        raise UserError(f"Tokenizer: {str(path)!r} is a file but not a WordPiece vocab.txt; give a tokenizer "
+                        "folder, a vocab.txt, or a hub name in the Hugging Face cache")
+    cls = getattr(transformers, "BertTokenizerFast", None) or transformers.BertTokenizer
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path) if looks_like_path else name,
-                                                          local_files_only=True, cache_dir=cache, use_fast=True)
-    except (OSError, ValueError) as exc:
-        why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
-        if "couldn't connect" in why or "cached files" in why:  # transformers' offline wording; nothing was fetched
-            why = "no cached copy"
-        if looks_like_path:
-            raise UserError(f"Tokenizer: cannot load a tokenizer from the folder {path}: {why}. It must hold "
-                            "tokenizer.json or vocab.txt (with tokenizer_config.json)") from None
-        raise UserError(
-            f"Tokenizer: {name!r} is not available offline in the Hugging Face cache {cache} (no download is "
-            f"attempted): {why}. Download it once on a machine with internet (`hf download {name}`) and copy the "
-            "cache there (or set HF_HOME / HF_HUB_CACHE), or give a local tokenizer folder or a vocab.txt; "
-            f"{OFFLINE_MINILM_HINT}."
-        ) from None
+        if "vocab_file" in inspect.signature(cls.__init__).parameters:  # transformers 4
+            return cls(vocab_file=str(path), do_lower_case=lowercase)
+        # transformers 5 takes the vocabulary as a {token: id} dict: one token per line, id = line number
+        with path.open(encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        return cls(vocab=vocab, do_lower_case=lowercase)
+    except Exception as exc:
+        raise UserError(f"Tokenizer: cannot read the WordPiece vocabulary {path}: {exc}") from exc

@@ -16,7 +16,7 @@ import torch
 from mmbalance.data.batch import DataSplits, ModalitySpec
 from mmbalance.data.clips import AudioReader, Clip, ModalityMap, av_readers
 from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root, find_media,
-                                   option_path, prepare_clips, unique_entries)
+                                   option_path, prepare_discovered, wav_and_frames)
 from mmbalance.data.prepare import PreparedFolder
 from mmbalance.errors import DataError
 
@@ -73,15 +73,16 @@ def discover_vggsound(root, csv_path: str | None = None, visual_dir: str | None 
     rows = read_vggsound_csv(path)
     classes = sorted({label for _, _, label, _ in rows})
     index = {c: i for i, c in enumerate(classes)}
-    entries = unique_entries([Clip(f"{ytid}_{start}", index[label], split, {}) for ytid, start, label, split in rows])
+    entries = [Clip(f"{ytid}_{start}", index[label], split, {}) for ytid, start, label, split in rows]
     # a clip's files are named by OGM-GE's plain start, or the zero-padded one many downloaders write
     padded = {f"{ytid}_{start}": f"{ytid}_{start:06d}" for ytid, start, _, _ in rows}
     names = [[c.id] if padded[c.id] == c.id else [c.id, padded[c.id]] for c in entries]
     tables = {"audio": candidate_list(VGG_AUDIO, audio_dir), "visual": candidate_list(VGG_VISUAL, visual_dir)}
     found = find_media(root, entries, names, tables, split_source=path.name, dataset="VGGSound", classes=classes,
                        layout=lambda kinds: LAYOUTS.get((kinds["visual"], kinds["audio"]),
-                                                        "raw" if kinds["visual"] == "video" else "mixed"))
-    found.extra_notes.update(duplicates_dropped=len(rows) - len(entries), num_classes=len(classes))
+                                                        "raw" if kinds["visual"] == "video" else "mixed"),
+                       drop_duplicates=True)
+    found.extra_notes["num_classes"] = len(classes)
     return found
 
 
@@ -157,17 +158,15 @@ def prepare(ctx, csv_path: str | None = None, visual_dir: str | None = None, aud
             fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, clip_seconds: float = 10.0,
             n_fft: int = 256, hop_length: int = 128, pad_mode: str = "reflect", cache: bool = False,
             size: int = 224, max_frames: int = 10, shard: str | None = None) -> dict:
-    """`mmbalance prepare vggsound` (layout.prepare_clips): mp4s decoded once into wav + frames; `cache` is off by
+    """`mmbalance prepare vggsound` (layout.prepare_discovered): mp4s decoded once into wav + frames; `cache` is off by
     default (the whole set would take ~300 GB): the prepared folder is then decoded on access, as OGM-GE does."""
     found = discover_vggsound(ctx.root, csv_path, visual_dir, audio_dir)
     stft = dict(sample_rate=int(sample_rate), clip_seconds=float(clip_seconds), n_fft=int(n_fft),
                 hop_length=int(hop_length), pad_mode=str(pad_mode))
-    recipe = {"audio": {"recipe": "stft_log", **stft} if found.kinds["audio"] != "array"
-              else {"recipe": "stored array"}, "visual": {"fps": fps}}
-    summary = prepare_clips(ctx, "vggsound", found.clips, found.kinds, found.classes, summary=found.notes(),
-                            problems=found.problems(), recipe=recipe, shard=shard, size=size, max_frames=max_frames,
-                            cache_readers=(lambda kinds, clips: av_readers(
-                                kinds, clips, lambda kind: stft_reader(kind, **stft), image_size=int(size),
-                                video_fps=fps)) if cache else None,
-                            params=(int(sample_rate), float(fps), int(short_side or 0)))
+    summary = prepare_discovered(ctx, "vggsound", found, shard=shard, size=size, max_frames=max_frames,
+                                 cache_readers=(lambda kinds, clips: av_readers(
+                                     kinds, clips, lambda kind: stft_reader(kind, **stft), image_size=int(size),
+                                     video_fps=fps)) if cache else None,
+                                 **wav_and_frames(found.kinds, {"recipe": "stft_log", **stft}, sample_rate, fps,
+                                                  short_side))
     return {**summary, "num_classes": len(found.classes)}

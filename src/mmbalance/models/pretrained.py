@@ -20,17 +20,14 @@ config validator can resolve ``_target_`` paths cheaply.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
 from mmbalance.errors import UserError
 from mmbalance.models.encoder_utils import (check_batch, check_input, check_positive, check_token_ids,
                                             mean_over_frames, output_projection, token_mask)
-from mmbalance.models.weights import find_timm_weights, load_state_file
-from mmbalance.paths import OFFLINE_MINILM_HINT, hf_hub_cache, local_text_model
+from mmbalance.models.weights import find_timm_weights
+from mmbalance.paths import from_pretrained_offline, text_model_source
 
 __all__ = ["TextTransformerEncoder", "ViTEncoder"]
 
@@ -126,42 +123,19 @@ def _load_text_model(model: str, with_pooler: bool, attn_implementation: str | N
         from transformers import AutoModel
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise UserError(f"TextTransformerEncoder needs the transformers package ({exc})") from exc
-    model = local_text_model(model)
-    local = Path(os.path.expanduser(model))
-    looks_like_path = local.is_absolute() or model.startswith((".", "~")) or local.exists()
-    cache = str(hf_hub_cache())
-    if looks_like_path and not local.is_dir():
-        raise UserError(
-            f"TextTransformerEncoder: model {model!r} is not a folder; point it at a local model folder "
-            "(config.json plus model.safetensors or pytorch_model.bin) or give a hub name present in the "
-            f"Hugging Face cache {cache}"
-        )
-    kwargs = {"local_files_only": True, "cache_dir": cache}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        net = AutoModel.from_pretrained(str(local) if looks_like_path else model, **kwargs)
-    except (OSError, ValueError) as exc:
-        why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
-        if "couldn't connect" in why or "cached files" in why:  # transformers' offline wording; nothing was fetched
-            why = "no cached copy"
-        if looks_like_path:
-            raise UserError(
-                f"TextTransformerEncoder: cannot load a pretrained text model from the folder {local}: {why}. "
-                "The folder must hold a transformers config.json (with model_type) and the weights "
-                "(model.safetensors or pytorch_model.bin)."
-            ) from None
-        raise UserError(
-            f"TextTransformerEncoder: the pretrained text model {model!r} is not available offline in the "
-            f"Hugging Face cache {cache} (no download is attempted): {why}. Download it once on a machine "
-            f"with internet (`hf download {model}`) and copy the cache into {cache} (or set HF_HOME / "
-            "HF_HUB_CACHE), or set the encoder's model to a local folder holding config.json and the weights; "
-            f"{OFFLINE_MINILM_HINT}."
-        ) from None
+    source = text_model_source(model)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    weights = "model.safetensors or pytorch_model.bin"
+    net = from_pretrained_offline(
+        source, AutoModel.from_pretrained, options,
+        who="TextTransformerEncoder", what="pretrained text model",
+        folder_holds=f"a transformers config.json (with model_type) and the weights ({weights})",
+        local_forms=f"a local model folder (config.json plus {weights})",
+    )
     if with_pooler:
         if getattr(net, "pooler", None) is None:
             raise UserError(
-                f"TextTransformerEncoder: pooling='pooler' but {model!r} has no pooler; use 'cls' or 'mean'"
+                f"TextTransformerEncoder: pooling='pooler' but {source.name!r} has no pooler; use 'cls' or 'mean'"
             )
     elif getattr(net, "pooler", None) is not None:
         # the pooler is unused here; a parameter without gradients would confuse methods that read them
