@@ -52,7 +52,8 @@ class Batch:
             {m: x.to(device, non_blocking=non_blocking) for m, x in self.inputs.items()},
             self.label.to(device, non_blocking=non_blocking),
             self.index.to(device, non_blocking=non_blocking),
-            None if self.absent is None else {m: a.to(device, non_blocking=non_blocking) for m, a in self.absent.items()},
+            None if self.absent is None
+            else {m: a.to(device, non_blocking=non_blocking) for m, a in self.absent.items()},
         )
 
     def __len__(self) -> int:

@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Clip:
-    """One sample: `sources[modality]` is a file or folder path (or, for an .npy/.h5 container, a path)."""
+    """One sample: `sources[modality]` is the path of its file or folder."""
 
     id: str
     label: int
@@ -51,8 +51,7 @@ class FrameReader:
     source: 'jpgdir' (a folder of frame images, sorted naturally), 'hdf5' (jpeg bytes in dataset `video`),
     'video' (decoded with PyAV at `fps`). `streams` {source key: file-name prefix}: several folders read as the
     channels of one frame (default: the modality's own source); with `flow` they are the grey u and v planes of
-    optical flow, scaled to [-1, 1], u negated on a flip (UCF-101: tvl1_flow u/ and v/, or mmaction's flow_x_ and
-    flow_y_ files of one folder).
+    optical flow, scaled to [-1, 1], u negated on a flip.
     """
 
     kind = "frames"
@@ -90,11 +89,6 @@ class FrameReader:
         mode = "L" if self.flow else "RGB"
         return [x[j] if not isinstance(x[j], (str, Path, bytes)) else media.read_image(x[j], mode) for x in items]
 
-    def sample(self, clip: Clip, modality: str, train: bool, generator: torch.Generator | None = None) -> list:
-        items = self.items(clip, modality)
-        idx = media.segment_indices(min(map(len, items)), self.frames, train, generator)
-        return [image for j in idx for image in self.images(items, j)]
-
     def cache_rows(self, clip: Clip, modality: str, size: int, max_frames: int) -> tuple[np.ndarray, int]:
         """The clip's frames as the cache keeps them: every frame up to `max_frames` (evenly spread over the clip
         when it has more), each resized to size x size; uint8 (max_frames, C, size, size) and the count kept."""
@@ -114,15 +108,12 @@ class AudioReader:
     """Audio reader: a waveform (wav via soundfile, any container via PyAV) turned into a spectrogram by `recipe`,
     or a stored spectrogram array (.npy/.pkl/.pt) used as it is.
 
-    recipes (docs/datasets.md): 'stft_log' (OGM-GE CREMA-D: `sr` 22050, `seconds` 3, tiled, n_fft 512, hop 353,
-    log|S|; VGGSound: sr 16000, n_fft 256, hop 128), 'stft_magnitude' (AV_preprocess_tool's BalancedAV: |S|, not
-    logged, of `seconds` 10 at `sr` 44100, a short clip completed by repeating its last second, n_fft 512, hop 440,
-    reflect padding), 'kaldi_fbank' (OGM-GE Kinetics-Sounds: sr 16000, 128 mel bins, 1024 frames). Arrays are
-    returned as (1, F, T) float32 (`spectrogram_from_array`); `shape` pins them: a clip of another shape is a
-    DataError naming it, not a collate crash.
-
-    `frames` (STFT recipes; 'stft_magnitude' always, by default to its own width): every spectrogram, stored ones
-    too, cut or zero-padded (silence) on the right to that many columns, so arrays of any width batch together.
+    recipes (each dataset's parameters: docs/datasets.md): 'stft_log' (log|STFT| of the clip tiled to `seconds`),
+    'stft_magnitude' (AV_preprocess_tool's plain |STFT|: a short clip completed by repeating its last second),
+    'kaldi_fbank' (OGM-GE's fbank). Arrays are returned as (1, F, T) float32; `shape` pins them: a clip of another
+    shape is a DataError naming it, not a collate crash. `frames` (STFT recipes; 'stft_magnitude' always, by
+    default to its own width): every spectrogram, stored ones too, cut or zero-padded (silence) on the right to
+    that many columns, so arrays of any width batch together.
     """
 
     kind = "spectrogram"
@@ -193,12 +184,9 @@ MEL_BIN_COUNTS = (40, 64, 80, 96, 128)
 
 
 def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
-    """A stored spectrogram as (1, F, T) float32 (mmbalance keeps frequency first).
-
-    (F, T) gains a channel. The one stored time-first format in the reference repos is OGM-GE's Kaldi fbank,
-    (frames, mel bins) = (1024, 128): a 2-D array whose second axis is a mel-bin count and whose first axis is
-    longer is taken to be (T, F) and transposed. A linear |STFT| such as (257, 188) is never transposed.
-    """
+    """A stored spectrogram as (1, F, T) float32 (mmbalance keeps frequency first). The one time-first format in
+    the reference repos is OGM-GE's Kaldi fbank, (1024 frames, 128 mel bins): a 2-D array whose second axis is a
+    mel-bin count and whose first is longer is transposed; a linear |STFT| such as (257, 188) never is."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
@@ -265,8 +253,13 @@ class ClipDataset(Dataset):
         clip, inputs, drawn = self.clips[i], {}, {}
         for m, reader in self.readers.items():
             try:
-                inputs[m] = reader(clip.sources[m], self.train) if reader.kind != "frames" else \
-                    _frames_input(reader, reader.sample(clip, m, self.train, generator), self.train, drawn, generator)
+                if reader.kind == "frames":  # sampled segment-wise over the clip's frames
+                    items = reader.items(clip, m)
+                    idx = media.segment_indices(min(map(len, items)), reader.frames, self.train, generator)
+                    frames = [image for j in idx for image in reader.images(items, j)]
+                    inputs[m] = _frames_input(reader, frames, self.train, drawn, generator)
+                else:
+                    inputs[m] = reader(clip.sources[m], self.train)
             except DataError as exc:
                 raise DataError(f"clip {clip.id!r} ({m}): {exc}") from None
         return {"inputs": inputs, "label": clip.label, "index": i}
@@ -289,13 +282,6 @@ class CachedClipDataset(Dataset):
             self._arrays["_columns"] = list(PreparedFolder(self.cache_dir).json(CACHE_META)["modalities"])
         return self._arrays
 
-    def frames(self, i: int, m: str, generator: torch.Generator | None = None) -> Tensor:
-        """Modality m's frames of item i, uint8 (k, C, S, S), sampled segment-wise like the raw path."""
-        arrays, row = self.arrays(), int(self.rows[i])
-        n = int(arrays["_n_frames"][row, arrays["_columns"].index(m)])
-        idx = media.segment_indices(max(n, 1), self.readers[m].frames, self.train, generator)
-        return torch.from_numpy(np.ascontiguousarray(arrays[m][row, idx]))
-
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -308,8 +294,11 @@ class CachedClipDataset(Dataset):
     def item(self, i: int, generator: torch.Generator | None = None) -> dict:
         row, arrays, inputs, drawn = int(self.rows[i]), self.arrays(), {}, {}
         for m, reader in self.readers.items():
-            if reader.kind == "frames":
-                inputs[m] = _frames_input(reader, list(self.frames(i, m, generator)), self.train, drawn, generator)
+            if reader.kind == "frames":  # uint8 (k, C, S, S), sampled segment-wise like the raw path
+                n = int(arrays["_n_frames"][row, arrays["_columns"].index(m)])
+                idx = media.segment_indices(max(n, 1), reader.frames, self.train, generator)
+                frames = torch.from_numpy(np.ascontiguousarray(arrays[m][row, idx]))
+                inputs[m] = _frames_input(reader, list(frames), self.train, drawn, generator)
             else:  # copy the float16 row out of the memmap, then widen with torch (4x faster than numpy's cast)
                 inputs[m] = torch.from_numpy(np.array(arrays[m][row])).float()
         return {"inputs": inputs, "label": int(self.labels[i]), "index": i}
@@ -373,11 +362,10 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
                      max_frames: int = 10) -> dict:
     """Decode every clip once into memory-mapped arrays in ctx.out (resumable: rows already done are skipped).
 
-    Frames: `FrameReader.cache_rows`, uint8 (N, max_frames, C, S, S) in `<modality>.npy`, with the true count in
-    `n_frames.npy`; training then samples and augments them exactly like the raw path. Spectrograms: the reader's
-    evaluation output (deterministic), float16 (N, 1, F, T). Clips that fail to decode, or whose spectrogram is
-    not finite, are recorded with ctx.problem and stay not-done in done.npy (the loaders skip them, with a count;
-    the next prepare retries them). Each array's non-finite scan is recorded next to it, so runs do not scan it.
+    Frames: `FrameReader.cache_rows`, uint8 (N, max_frames, C, S, S) in `<modality>.npy`, the true counts in
+    `n_frames.npy`; spectrograms: the reader's evaluation output (deterministic), float16 (N, 1, F, T). Clips that
+    fail to decode, or whose spectrogram is not finite, are reported with ctx.problem and stay not-done in
+    done.npy: the loaders skip them, with a count, and the next prepare retries them.
     """
     from numpy.lib.format import open_memmap
 

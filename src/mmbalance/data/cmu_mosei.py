@@ -159,7 +159,8 @@ def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligne
     datasets, dropped = {}, {}
     for split, s in src.splits.items():
         datasets[split], dropped[split] = _make_split(s, label_mode)
-    if prepared:  # prepare wrote these arrays cleaned (sentiment_pickles.read_source), so a NaN/Inf here means they were changed
+    # prepare wrote these arrays cleaned (sentiment_pickles.read_source): a NaN/Inf here means they were changed
+    if prepared:
         parts = [(m, s, d.sources[m], d.rows) for m in mods for s, d in datasets.items()]
         parts += [("y_reg", s, prepared / s / "y_reg.npy", None) for s in SPLITS]
         finite.check_cached(f"prepared CMU-MOSEI cache {str(prepared)!r} (<split>/<key>.npy)", parts,

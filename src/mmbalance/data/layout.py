@@ -1,28 +1,17 @@
 """The clip-dataset skeleton: what every audio-visual loader does that is not its own.
 
-A dataset module (cremad, kinetics_sounds, vggsound, balanced_av, ucf101) keeps what is truly its own: its layout
-table, its clip list (split files, csv, json) with its label parsing and split rules, and its recipes (readers).
-The rest is here:
+A dataset module (cremad, kinetics_sounds, vggsound, balanced_av, ucf101) keeps its layout table, its clip list
+(split files, csv, json) with its label parsing and split rules, and its recipes (readers). The rest is here: the
+root and path options; `find_media`, which resolves the layout tables for a listed clip set into a `Discovery`;
+the builder `build_clips` (a prepared folder or the raw tree); the one `prepare()` skeleton, `prepare_clips`.
 
-* `option_path` -- the one resolver of path options (``visual_dir``, ``train_split``, ...: relative to the root
-  or absolute, optionally required to exist); `dataset_root` checks the root; `walk_dirs` lists the folders
-  below it (hidden and mmbalance-prepared folders left out);
-* a **layout table** per modality: ``((kind, (folder, ...)), ...)`` in priority order, `{split}` in a folder
-  standing for the clip's split, e.g. ``(("jpgdir", ("visual", "frames")), ("video", ("{split}",)))``; kinds and
-  their file suffixes are `KIND_SUFFIXES`. `find_media` resolves the tables for a listed clip set (per modality,
-  the kind that finds most clips wins; a clip lacking a modality is counted and left out, never fatal) into a
-  `Discovery` (dropping clips listed twice, with a count, where asked); `first_present` serves trees whose clip
-  list comes from the media themselves (CREMA-D);
-* `build_clips` -- the builder: a prepared folder (`prepared_clips` + `prepared_splits`: its memory-mapped clip
-  cache, or the files prepare extracted, decoded) or the raw tree (`clips.clip_splits`);
-* `prepare_clips` -- the one `prepare()` skeleton and its report: missing media -> prepare_report.txt, decoding
-  from video once (`extract_media`, resumable, `shard=i/n`), classes.json, manifest.csv, recipe.json, and the
-  clip cache (clips.write_clip_cache); `prepare_discovered` runs it on a `Discovery`, `wav_and_frames` gives the
-  options of the datasets decoded into wav + frames.
+A layout table lists per modality ``((kind, (folder, ...)), ...)`` in priority order, `{split}` in a folder
+standing for the clip's split, e.g. ``(("jpgdir", ("visual", "frames")), ("video", ("{split}",)))``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -121,8 +110,11 @@ class Candidate:
         return path if path.is_absolute() else root / path
 
 
-def candidate_list(table: Table, override: str | Path | None = None) -> list[tuple[str, list[Candidate]]]:
-    """[(kind, candidates)] in priority order; `override` (a user's visual_dir/audio_dir) replaces the folders."""
+Candidates = list[tuple[str, list[Candidate]]]  # [(kind, candidates)] in priority order
+
+
+def candidate_list(table: Table, override: str | Path | None = None) -> Candidates:
+    """A layout table's candidates; `override` (a user's visual_dir/audio_dir) replaces its folders."""
     return [(kind, [Candidate(str(f), s, kind) for f in ([override] if override else folders)
                     for s in KIND_SUFFIXES[kind]]) for kind, folders in table]
 
@@ -138,15 +130,10 @@ class DirIndex:
     def listing(self, folder: Path) -> dict[str, bool]:
         if folder not in self._listing:
             entries: dict[str, bool] = {}
-            try:
-                with os.scandir(folder) as it:
-                    for entry in it:
-                        try:
-                            entries[entry.name] = entry.is_dir()
-                        except OSError:
-                            continue
-            except OSError:
-                pass
+            with contextlib.suppress(OSError), os.scandir(folder) as it:  # a missing folder lists nothing
+                for entry in it:
+                    with contextlib.suppress(OSError):
+                        entries[entry.name] = entry.is_dir()
             self._listing[folder] = entries
         return self._listing[folder]
 
@@ -172,7 +159,7 @@ def describe(cand: Candidate, root: Path) -> str:
     return f"{shown(cand.folder_for(root, '{split}'), root)}/<id>{cand.suffix}" + ("/" if cand.is_dir else "")
 
 
-def first_present(root: Path, table: list[tuple[str, list[Candidate]]], index: DirIndex) -> Candidate | None:
+def first_present(root: Path, table: Candidates, index: DirIndex) -> Candidate | None:
     """The first candidate folder that holds any media of its kind (for trees whose clips come from the media)."""
     return next((c for _, cands in table for c in cands
                  if index.stems(c.folder_for(root, ""), c.suffix, c.is_dir)), None)
@@ -180,21 +167,20 @@ def first_present(root: Path, table: list[tuple[str, list[Candidate]]], index: D
 
 @dataclass
 class Resolved:
-    """Where one modality's media were found: the kind, a path per clip (None = missing), the folders used."""
+    """Where one modality's media were found: the kind, a path per clip (None = missing), and each (candidate,
+    folder) that held any, in the order found."""
 
     kind: str
     paths: list[str | None]
-    folders: list[str]
-    first: Candidate
-    dirs: list[Path] = field(default_factory=list)
+    hits: list[tuple[Candidate, Path]] = field(default_factory=list)
 
     @property
     def found(self) -> int:
         return sum(p is not None for p in self.paths)
 
 
-def resolve_modality(root: Path, clips: Sequence[Clip], names: Sequence[Sequence[str]],
-                     priority: list[tuple[str, list[Candidate]]], index: DirIndex) -> Resolved:
+def resolve_modality(root: Path, clips: Sequence[Clip], names: Sequence[Sequence[str]], priority: Candidates,
+                     index: DirIndex) -> Resolved:
     """For each kind, union its candidate folders (first hit per clip wins); keep the kind that finds the most
     clips (on a tie the earlier kind). `names[i]` are clip i's accepted file names (VGGSound: plain and
     zero-padded start)."""
@@ -203,10 +189,9 @@ def resolve_modality(root: Path, clips: Sequence[Clip], names: Sequence[Sequence
         wanted = by_split.setdefault(clip.split, {})
         for name in clip_names:
             wanted.setdefault(name, []).append(i)
-    best: Resolved | None = None
+    results = []
     for kind, cands in priority:
-        found = Resolved(kind, [None] * len(clips), [], cands[0])
-        first = None
+        found = Resolved(kind, [None] * len(clips))
         for cand in cands:
             for split, wanted in by_split.items():
                 folder = cand.folder_for(root, split)
@@ -217,16 +202,9 @@ def resolve_modality(root: Path, clips: Sequence[Clip], names: Sequence[Sequence
                         if found.paths[i] is None:
                             found.paths[i], hit = prefix + name + cand.suffix, True
                 if hit:
-                    first = first or cand
-                    if describe(cand, root) not in found.folders:
-                        found.folders.append(describe(cand, root))
-                    if folder not in found.dirs:
-                        found.dirs.append(folder)
-        found.first = first or cands[0]
-        if best is None or found.found > best.found:
-            best = found
-    assert best is not None
-    return best
+                    found.hits.append((cand, folder))
+        results.append(found)
+    return max(results, key=lambda r: r.found)  # on a tie, the earlier kind
 
 
 @dataclass
@@ -245,19 +223,15 @@ class Discovery:
     extra_notes: dict = field(default_factory=dict)
     dirs: dict[str, list[Path]] = field(default_factory=dict)  # modality -> folders that held its media
 
-    def counts(self) -> dict:
+    def notes(self) -> dict:
         found = {s: sum(c.split == s for c in self.clips) for s in SPLITS}
         lost = {s: sum(c.split == s for c, _ in self.missing) for s in SPLITS}
-        by_modality = {m: sum(any(mm == m for mm, _ in lack) for _, lack in self.missing) for m in self.kinds}
-        return {"clips_listed": self.total, "clips": {s: n for s, n in found.items() if n},
-                "missing_clips": len(self.missing), "missing_by_split": {s: n for s, n in lost.items() if n},
-                "missing_by_modality": by_modality}
-
-    def notes(self) -> dict:
-        examples = [path for _, lack in self.missing[:10] for _, path in lack[:1]]
         return {"layout": self.layout, "split_source": self.split_source,
-                "sources": {m: f"{k}: {self.where[m]}" for m, k in self.kinds.items()}, **self.counts(),
-                "missing_examples": examples, **self.extra_notes}
+                "sources": {m: f"{k}: {self.where[m]}" for m, k in self.kinds.items()}, "clips_listed": self.total,
+                "clips": {s: n for s, n in found.items() if n}, "missing_clips": len(self.missing),
+                "missing_by_split": {s: n for s, n in lost.items() if n},
+                "missing_by_modality": {m: sum(m in dict(lack) for _, lack in self.missing) for m in self.kinds},
+                "missing_examples": [lack[0][1] for _, lack in self.missing[:10]], **self.extra_notes}
 
     def problems(self) -> list[tuple[str, str]]:
         """One (path, why) per clip left out, naming its first missing file (prepare_report.txt)."""
@@ -273,8 +247,8 @@ class Discovery:
 
 
 def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str]] | None,
-               tables: dict[str, list[tuple[str, list[Candidate]]]], *, layout: str | Callable[[dict], str],
-               split_source: str, dataset: str, classes: list[str], drop_duplicates: bool = False) -> Discovery:
+               tables: dict[str, Candidates], *, layout: str | Callable[[dict], str], split_source: str, dataset: str,
+               classes: list[str], drop_duplicates: bool = False) -> Discovery:
     """Resolve every modality (`tables`, in the fusion order) of every listed clip; clips lacking a modality are
     counted as missing. `names`: each clip's accepted file names (default: its id). `layout`: the layout's name,
     or a function of the media kinds found that names it. `drop_duplicates` (split lists that may repeat a clip):
@@ -283,50 +257,38 @@ def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str
     names = names or [[e.id] for e in entries]
     listed = len(entries)
     if drop_duplicates:
-        first: dict[str, int] = {}
+        first_at: dict[str, int] = {}
         for i, entry in enumerate(entries):
-            first.setdefault(entry.id, i)
-        entries, names = [entries[i] for i in first.values()], [names[i] for i in first.values()]
+            first_at.setdefault(entry.id, i)
+        entries, names = [entries[i] for i in first_at.values()], [names[i] for i in first_at.values()]
     index = DirIndex()
     resolved = {m: resolve_modality(root, entries, names, table, index) for m, table in tables.items()}
     empty = [m for m, r in resolved.items() if r.found == 0]
     if empty:
         looked = "; ".join(f"{m} {k}: " + ", ".join(dict.fromkeys(describe(c, root) for c in cands))
                            for m in empty for k, cands in tables[m])
+        named = f" ({layout} layout)" if isinstance(layout, str) else ""  # a function names it from the media found
         raise DataError(f"{root}: no {dataset} media: no {' or '.join(empty)} file for any of the {len(entries)} "
-                        f"clips listed in {split_source} ({layout} layout); looked for {looked}")
+                        f"clips listed in {split_source}{named}; looked for {looked}")
+    first = {m: r.hits[0][0] for m, r in resolved.items()}  # a missing file is named after the first folder used
     clips, missing = [], []
     for i, entry in enumerate(entries):
-        lack = [(m, str(r.first.folder_for(root, entry.split) / (names[i][0] + r.first.suffix)))
+        lack = [(m, str(first[m].folder_for(root, entry.split) / (names[i][0] + first[m].suffix)))
                 for m, r in resolved.items() if r.paths[i] is None]
         if lack:
             missing.append((entry, lack))
         else:
             clips.append(Clip(entry.id, entry.label, entry.split, {m: r.paths[i] for m, r in resolved.items()}))
     kinds = {m: r.kind for m, r in resolved.items()}
+    where = {m: ", ".join(dict.fromkeys(describe(c, root) for c, _ in r.hits)) for m, r in resolved.items()}
     return Discovery(dataset, layout if isinstance(layout, str) else layout(kinds), split_source, classes, clips,
-                     kinds, {m: ", ".join(r.folders) or "-" for m, r in resolved.items()}, missing, len(entries),
+                     kinds, where, missing, len(entries),
                      extra_notes={"duplicates_dropped": listed - len(entries)} if drop_duplicates else {},
-                     dirs={m: r.dirs for m, r in resolved.items()})
+                     dirs={m: list(dict.fromkeys(folder for _, folder in r.hits)) for m, r in resolved.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the prepared folder -> DataSplits
-
-
-def prepared_clips(folder: PreparedFolder, modalities: Sequence[str]) -> tuple[list[Clip], list[str], dict[str, str]]:
-    """(clips with absolute sources, class names, modality -> kind) from manifest.csv + classes.json."""
-    rows = folder.rows(["id", "label", "split", *modalities, *[f"{m}_kind" for m in modalities]])
-    classes = folder.classes()
-    clips = []
-    for row in rows:
-        label = int(row["label"])
-        if not 0 <= label < len(classes):
-            raise DataError(f"{folder.path / MANIFEST}: clip {row['id']!r} has label {label}, but classes.json "
-                            f"lists {len(classes)} classes")
-        sources = {m: str(p if (p := Path(row[m])).is_absolute() else folder.path / p) for m in modalities}
-        clips.append(Clip(row["id"], label, row["split"], sources))
-    return clips, classes, {m: rows[0][f"{m}_kind"] for m in modalities}
 
 
 def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str], *, val_fraction: float,
@@ -342,11 +304,11 @@ def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str
              "clips": {s: sum(c.split == s for c in clips) for s in SPLITS}, "cache": meta is not None,
              **(notes or {})}
     if meta is not None:
-        lacking = [m for m in modalities if m not in meta["modalities"]]
+        specs = meta["modalities"]
+        lacking = [m for m in modalities if m not in specs]
         if lacking:
             raise DataError(f"dataset.prepared {str(folder.path)!r} has no {lacking} cache (it holds "
-                            f"{sorted(meta['modalities'])}); prepare again with those modalities")
-        specs = meta["modalities"]
+                            f"{sorted(specs)}); prepare again with those modalities")
         readers = readers or {m: FrameReader(frames=frames, size=image_size, augment=augment)
                               if specs[m]["kind"] == "frames" else AudioReader(source="array", shape=specs[m]["shape"])
                               for m in modalities}
@@ -371,7 +333,16 @@ def build_clips(dataset: str, root, prepared, discover: Callable[[], Discovery],
     folder = resolve_prepared(root, prepared)
     if folder is not None:
         folder = PreparedFolder(folder, dataset).require()
-        clips, classes, kinds = prepared_clips(folder, ("audio", "visual"))
+        rows = folder.rows(["id", "label", "split", "audio", "visual", "audio_kind", "visual_kind"])
+        classes, kinds = folder.classes(), {m: rows[0][f"{m}_kind"] for m in ("audio", "visual")}
+        clips = []
+        for row in rows:  # a relative source is inside the prepared folder
+            label = int(row["label"])
+            if not 0 <= label < len(classes):
+                raise DataError(f"{folder.path / MANIFEST}: clip {row['id']!r} has label {label}, but classes.json "
+                                f"lists {len(classes)} classes")
+            sources = {m: str(p if (p := Path(row[m])).is_absolute() else folder.path / p) for m in kinds}
+            clips.append(Clip(row["id"], label, row["split"], sources))
         return prepared_splits(folder, clips, classes, val_fraction=val_fraction, split_seed=split_seed,
                                frames=frames, image_size=image_size, augment=augment, notes={"sources": kinds},
                                decode=(lambda: readers(kinds, clips)) if decode_prepared else None), kinds
@@ -481,10 +452,8 @@ def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], c
     out = Path(ctx.out).resolve()
 
     def rel(path: str) -> str:  # inside the prepared folder: relative, so the folder can be moved
-        try:
-            return str(Path(path).resolve().relative_to(out))
-        except ValueError:
-            return str(Path(path).resolve())
+        full = Path(path).resolve()
+        return str(full.relative_to(out) if full.is_relative_to(out) else full)
 
     mods = list(kinds)
     rows = [{"id": c.id, "label": c.label, "split": c.split, "label_name": classes[c.label],

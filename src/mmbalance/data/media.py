@@ -1,16 +1,9 @@
 """Media decoding, frame sampling, clip transforms and audio recipes shared by every benchmark dataset.
 
-soundfile reads wav, PyAV decodes video and other audio containers, PIL decodes jpeg, torchvision.transforms.v2
-augments, torchaudio computes fbank (docs/architecture.md, "Settled choices"). Every reader raises a `DataError`
-naming the file, so loaders and `prepare` can report and skip bad media.
-
-Pitfalls of the reference loaders that this module exists to avoid (docs/datasets.md, "Common to the
-audio-visual datasets"):
-* frame lists are sorted naturally (`frame_2` before `frame_10`), never taken from unsorted `os.listdir`;
-* frames are sampled segment-wise: a random frame per segment in training, the centre frame at evaluation;
-* one augmentation is drawn per clip and applied to all its frames; optical flow is flipped with its RGB
-  clip and u negated; evaluation transforms are deterministic;
-* the STFT `pad_mode` is explicit (librosa changed its default in 0.10).
+Every reader raises a `DataError` naming the file, so loaders and `prepare` can report and skip bad media. The
+module exists to avoid the reference loaders' pitfalls (unsorted frame lists, per-frame augmentation, flow not
+flipped with its RGB clip, librosa's changed STFT padding); docs/datasets.md, "Common to the audio-visual
+datasets", states the rules it follows.
 """
 
 from __future__ import annotations
@@ -41,10 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGENET_SCALE = 1.0 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
 _IMAGENET_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-# ---------------------------------------------------------------------------------------------------------------
-# files and frames
 
-
+# -- files and frames
 def natural_key(name: str) -> list:
     """Sort key that orders embedded numbers numerically: frame_2.jpg < frame_10.jpg."""
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(name))]
@@ -111,10 +102,7 @@ def load_array(path: str | Path) -> np.ndarray:
     return np.asarray(value)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# audio and video decoding
-
-
+# -- audio and video decoding
 @functools.lru_cache(maxsize=16)
 def _resampler(sr: int, target: int):
     """torchaudio's sinc resampler with its kernel built once per rate pair (the functional form rebuilds it on
@@ -136,8 +124,7 @@ def read_wav(path: str | Path, sr: int | None = None) -> tuple[np.ndarray, int]:
     if sr is None or rate == sr:
         return wave, rate
     with torch.no_grad():
-        out = _resampler(rate, int(sr))(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
-    return out.numpy().astype(np.float32, copy=False), sr
+        return _resampler(rate, int(sr))(torch.from_numpy(wave)).numpy(), sr
 
 
 def decode_audio(path: str | Path, sr: int = 16000) -> np.ndarray:
@@ -171,7 +158,7 @@ def decode_video_frames(path: str | Path, fps: float = 1.0) -> list:
             stream = container.streams.video[0]
             next_t = 0.5 / fps
             for frame in container.decode(stream):
-                if (frame.time if frame.time is not None else 0.0) + 1e-6 >= next_t:
+                if (frame.time or 0.0) + 1e-6 >= next_t:
                     frames.append(frame.to_image())
                     next_t += 1.0 / fps
             if not frames:  # clip shorter than half an interval: keep its first frame
@@ -224,10 +211,7 @@ def extract_wav(video: str | Path, wav: str | Path, sr: int = 16000, force: bool
     return True
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# audio recipes
-
-
+# -- audio recipes
 def fit_length(wave: np.ndarray, length: int, tail: int | None = None) -> np.ndarray:
     """Exactly `length` samples: a short clip is completed by repeating it (OGM-GE's tiling), or only its last
     `tail` samples (AV_preprocess_tool repeats the last second); a long one is cut."""
@@ -249,9 +233,8 @@ def stft_magnitude(wave: np.ndarray, n_fft: int = 512, hop_length: int = 440, pa
 
 def stft_log_spectrogram(wave: np.ndarray, n_fft: int = 512, hop_length: int = 353, pad_mode: str = "constant",
                          eps: float = 1e-7) -> Tensor:
-    """log(|STFT| + eps) of the wave clipped to [-1, 1], shape (1, n_fft // 2 + 1, frames). OGM-GE's CREMA-D
-    recipe is 3 s at 22,050 Hz, n_fft 512, hop 353 -> (1, 257, 188); its VGGSound recipe 5 s at 16 kHz, n_fft 256,
-    hop 128 -> (1, 129, 626)."""
+    """log(|STFT| + eps) of the wave clipped to [-1, 1], shape (1, n_fft // 2 + 1, frames): OGM-GE's CREMA-D and
+    VGGSound recipe (docs/datasets.md gives their parameters)."""
     return torch.log(stft_magnitude(np.clip(wave, -1.0, 1.0), n_fft, hop_length, pad_mode) + eps).unsqueeze(0)
 
 
@@ -260,10 +243,9 @@ FBANK_MEAN, FBANK_STD = -4.503877, 5.141276
 
 
 def kaldi_fbank(wave: np.ndarray, sr: int, num_mel_bins: int = 128, target_frames: int = 1024) -> Tensor:
-    """Kaldi-compatible log-mel fbank (torchaudio.compliance.kaldi; OGM-GE's Kinetics-Sounds recipe): DC removed,
-    htk_compat, Hanning window, 25 ms / 10 ms, no dither, zero-padded or cut to `target_frames`, normalised as
-    (x - mean) / (2 std). Returned as (1, num_mel_bins, target_frames): frequency first, like every
-    spectrogram in mmbalance (OGM-GE stores (frames, bins))."""
+    """OGM-GE's Kinetics-Sounds Kaldi log-mel fbank, zero-padded or cut to `target_frames` and normalised as
+    (x - mean) / (2 std); (1, num_mel_bins, target_frames), frequency first like every spectrogram in mmbalance
+    (OGM-GE stores (frames, bins))."""
     from torchaudio.compliance import kaldi
 
     x = torch.as_tensor(wave, dtype=torch.float32)
@@ -273,21 +255,16 @@ def kaldi_fbank(wave: np.ndarray, sr: int, num_mel_bins: int = 128, target_frame
     return ((fb - FBANK_MEAN) / (FBANK_STD * 2)).T.unsqueeze(0).contiguous()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# sampling and transforms
-
-
+# -- sampling and transforms
 def segment_indices(n: int, k: int, train: bool, generator: torch.Generator | None = None) -> list[int]:
     """k frame indices out of n: split [0, n) into k equal segments and take a random frame of each in
     training, its centre frame at evaluation (deterministic). With n < k, frames repeat in order."""
     if n <= 0:
         raise ValueError("segment_indices: a clip needs at least one frame")
-    edges = np.linspace(0, n, k + 1)
+    edges = np.floor(np.linspace(0, n, k + 1)).astype(int).tolist()  # ends with n exactly
     out = []
-    for s in range(k):
-        lo, hi = int(math.floor(edges[s])), max(int(math.floor(edges[s])) + 1, int(math.floor(edges[s + 1])))
-        hi = min(hi, n)
-        lo = min(lo, hi - 1)
+    for lo, hi in zip(edges, edges[1:]):
+        hi = max(hi, lo + 1)  # a segment shorter than a frame (n < k) takes the frame it starts in
         out.append(lo + int(torch.randint(hi - lo, (1,), generator=generator)) if train else (lo + hi - 1) // 2)
     return out
 
@@ -340,7 +317,7 @@ class ClipTransform:
             return p
         p["flip"] = bool(torch.rand(1, generator=generator) < 0.5)
         if self.augment == "crop_flip":
-            p["crop"] = _random_resized_crop_box(height, width, (0.08, 1.0), generator)
+            p["crop"] = _random_resized_crop_box(height, width, generator)
         elif self.augment == "rotate_flip":
             p["angle"] = float(torch.empty(1).uniform_(-30.0, 30.0, generator=generator))
         return p
@@ -377,13 +354,13 @@ class ClipTransform:
         return x
 
 
-def _random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
-                             generator: torch.Generator | None, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box rule, drawn from `generator` so a clip's frames share it."""
+def _random_resized_crop_box(height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box rule with its defaults (scale 0.08-1, ratio 3/4-4/3), drawn from
+    `generator` so a clip's frames share it."""
     area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
     for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=generator))
+        target = area * float(torch.empty(1).uniform_(0.08, 1.0, generator=generator))
         aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=generator)))
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
@@ -395,9 +372,7 @@ def _random_resized_crop_box(height: int, width: int, scale: tuple[float, float]
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# split files
-
+# -- split files
 _HEADER_WORDS = {"label", "labels", "class", "emotion", "emo", "category", "target", "y", "id", "name", "path"}
 
 
@@ -411,9 +386,10 @@ def read_split_file(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise DataError(f"split file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8-sig")
-    comma = "," in text.splitlines()[0] if text.strip() else False
+    lines = text.splitlines()
+    comma = bool(lines) and "," in lines[0]
     rows = []
-    for n, fields in enumerate(csv.reader(io.StringIO(text)) if comma else map(str.split, text.splitlines())):
+    for n, fields in enumerate(csv.reader(io.StringIO(text)) if comma else map(str.split, lines)):
         fields = [f.strip() for f in fields if f.strip() != ""]
         if fields and not (n == 0 and {fields[0].lower(), fields[-1].lower()} & _HEADER_WORDS):
             rows.append((fields[0], fields[-1] if len(fields) > 1 else ""))
@@ -429,8 +405,7 @@ SUBSETS = {"train": "train", "training": "train", "val": "val", "valid": "val", 
 def read_annotation(path: str | Path) -> tuple[list[tuple[str, str, str]], list | None]:
     """(id, label name, split) of every clip of an ActivityNet-style annotation json (BML's KS_train_val.json,
     BalancedAV's: ``{"labels": [...], "database": {id: {"subset", "label"}}}``), and its `labels` list if any.
-    Subsets are training/validation/testing (or train/val/valid/test); the label is `label`, or, in ActivityNet
-    proper, `annotations[0].label`."""
+    The subset is one of `SUBSETS`; the label is `label`, or, in ActivityNet proper, `annotations[0].label`."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())

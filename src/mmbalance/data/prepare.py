@@ -1,16 +1,12 @@
 """`mmbalance prepare <dataset> --root RAW [--out PREPARED] [--workers N] [--set key=value ...]`.
 
 One command per benchmark dataset turns the raw tree a user downloaded into the prepared cache its loader reads
-fast. Every preparer validates the raw tree and says which known layout matched (a `DataError` naming the path
-when none does); writes manifest.csv and classes.json into --out, and extracts what its recipe needs there, in
-parallel with a progress bar (`PrepareContext.map`); is idempotent and resumable (--force redoes finished
-outputs); and lists corrupt or missing media in prepare_report.txt, skipped with a count, never silently -- so are
-clips whose cached spectrogram is not finite, and each float array's non-finite scan is recorded next to it
-(data/finite.py) so that runs check the cache without reading it again.
-
-A preparer is `mmbalance.data.<key>.prepare(ctx: PrepareContext, **options) -> dict` with its key in
-`PREPARERS`; the summary it returns is printed and saved as prepare_summary.json. Preparers read and write their
-output through `PreparedFolder`, which the loaders read back.
+fast; docs/datasets.md ("The prepared folder") lists what it writes. A preparer is
+`mmbalance.data.<key>.prepare(ctx: PrepareContext, **options) -> dict` with its key in `PREPARERS`. It validates
+the raw tree (a `DataError` naming the path when no known layout matches), writes through `ctx.folder` (a
+`PreparedFolder`, which the loaders read back), extracts in parallel with `ctx.map`, keeps finished outputs
+unless `ctx.force`, and records corrupt, missing or non-finite media with `ctx.problem`: skipped with a count and
+listed in prepare_report.txt, never silently. Its summary is printed and saved as prepare_summary.json.
 """
 
 from __future__ import annotations
@@ -72,24 +68,12 @@ class PrepareContext:
         may meet bad media return an error marker instead and let the caller record it with `problem()`."""
         from tqdm import tqdm
 
-        with contextlib.ExitStack() as stack:
-            serial = self.workers <= 1 or len(items) <= 1
-            pool = None if serial else stack.enter_context(ProcessPoolExecutor(max_workers=self.workers))
+        serial = self.workers <= 1 or len(items) <= 1
+        with contextlib.nullcontext() if serial else ProcessPoolExecutor(max_workers=self.workers) as pool:
             results = map(fn, items) if serial else \
                 pool.map(fn, items, chunksize=max(1, len(items) // (self.workers * 16)))
-            bar = stack.enter_context(tqdm(total=len(items), desc=desc, disable=not self.progress, leave=False,
-                                           file=sys.stderr))
-            out = []
-            for result in results:
-                out.append(result)
-                bar.update()
-            return out
-
-    def write_report(self) -> Path:
-        """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none."""
-        lines = [f"{p}\t{why}" for p, why in self.problems] or ["# no missing or unreadable media"]
-        self.folder.write_text(REPORT, "\n".join(lines) + "\n")
-        return self.out / REPORT
+            return list(tqdm(results, total=len(items), desc=desc, disable=not self.progress, leave=False,
+                             file=sys.stderr))
 
 
 class PreparedFolder:
@@ -112,8 +96,7 @@ class PreparedFolder:
     # -- reading
 
     def json(self, name: str, optional: bool = False) -> Any:
-        """A json file of the folder; DataError naming it when it is missing (unless `optional`: then {}) or not
-        valid json."""
+        """A json file of the folder ({} when `optional` and missing); DataError naming it when missing or invalid."""
         path = self.path / name
         try:
             return json.loads(path.read_text())
@@ -163,8 +146,7 @@ class PreparedFolder:
         return self.json(CACHE_META)
 
     def has(self, *names: str) -> bool:
-        """Whether each of `names` is a file of the folder: what an idempotent preparer checks before keeping its
-        outputs."""
+        """Whether each of `names` is a file of the folder (an idempotent preparer's check before keeping them)."""
         return all((self.path / name).is_file() for name in names)
 
     def array(self, name: str, mmap_mode: str | None = "r"):
@@ -172,14 +154,20 @@ class PreparedFolder:
 
         return open_npy(self.path / name, mmap_mode=mmap_mode)
 
-    # -- writing
+    # -- writing: to a temporary name, then renamed, so an interrupted prepare never leaves a half-written file
 
-    def write_text(self, name: str, text: str) -> None:
+    @contextlib.contextmanager
+    def _replacing(self, name: str, suffix: str = ".tmp"):
+        """The temporary path to write `name` to; renamed over `name` when the block ends without an error."""
         path = self.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
+        tmp = path.with_name(path.name + suffix)
+        yield tmp
         os.replace(tmp, path)
+
+    def write_text(self, name: str, text: str) -> None:
+        with self._replacing(name) as tmp:
+            tmp.write_text(text)
 
     def write_json(self, name: str, value: Any) -> None:
         self.write_text(name, json.dumps(value, indent=1, default=str) + "\n")
@@ -189,28 +177,20 @@ class PreparedFolder:
 
     def write_manifest(self, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
         """manifest.csv with a header; `columns` starts with id, label, split."""
-        path = self.path / MANIFEST
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
+        with self._replacing(MANIFEST) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
 
     def write_array(self, name: str, array, finite_checked: bool = False) -> Path:
-        """np.save to a temporary name, then rename: an interrupted prepare never leaves a half-written array.
-        `finite_checked`: the caller made every value finite, which the sidecar records instead of a re-read."""
+        """`finite_checked`: the caller made every value finite, which the sidecar records instead of a re-read."""
         import numpy as np
 
         from mmbalance.data import finite
 
-        path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        with open(tmp, "wb") as f:
+        with self._replacing(name, ".tmp.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
+        path = self.path / name
         if finite_checked and finite.can_hold_nonfinite(np.asarray(array).dtype):
             finite.record_row_counts(path, {})
         return path
@@ -261,9 +241,11 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     summary = dict(fn(ctx, **options) or {})
-    report = ctx.write_report()
-    summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems), report=str(report),
-                   seconds=round(time.time() - started, 2))
+    # prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none
+    report = [f"{p}\t{why}" for p, why in ctx.problems] or ["# no missing or unreadable media"]
+    ctx.folder.write_text(REPORT, "\n".join(report) + "\n")
+    summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems),
+                   report=str(out / REPORT), seconds=round(time.time() - started, 2))
     ctx.folder.write_json(SUMMARY, summary)
     return summary
 
