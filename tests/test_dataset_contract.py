@@ -20,6 +20,7 @@ dataset tests, and fixtures_contract (layouts the dataset tests build inline).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader
 from conftest import compose_cfg
 from mmbalance.config import build
 from mmbalance.data.batch import MODALITY_KINDS, collate_batch
-from mmbalance.data.prepare import main as prepare_main
+from mmbalance.data.prepare import PREPARERS, main as prepare_main
 from mmbalance.errors import DataError, UserError
 
 CONF_DATASETS = Path(__file__).resolve().parents[1] / "conf" / "dataset"
@@ -537,6 +538,29 @@ def test_every_dataset_config_has_contract_cases():
         kinds = {f.kind for f in case.faults}
         assert kinds == {"missing", "corrupt"} or (not kinds and case.no_files), case.id
         assert not (kinds and case.no_files), case.id
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation but `-` and `_` dropped, spaces -> `-`."""
+    return "".join(ch for ch in heading.strip().lower() if ch.isalnum() or ch in " -_").replace(" ", "-")
+
+
+def test_every_benchmark_dataset_has_a_docs_section_and_its_module_links_to_it():
+    """docs/datasets.md is the user reference: every dataset module with a `prepare` (the benchmarks) has its own
+    section, and every `docs/datasets.md#anchor` a module cites is a heading there (renaming one breaks no link)."""
+    repo = CONF_DATASETS.parents[1]
+    text = (repo / "docs" / "datasets.md").read_text()
+    headings = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    anchors = {github_anchor(h) for h in headings}
+    for name in PREPARERS:
+        assert any(f"(`{name}`)" in h for h in headings), f"docs/datasets.md has no section for {name}"
+    cited = {}
+    for path in (repo / "src" / "mmbalance" / "data").glob("*.py"):
+        for link in re.findall(r"docs/datasets\.md#([\w-]+)", path.read_text()):
+            cited[link] = path.name
+    assert cited, "no module links to docs/datasets.md"
+    broken = {link: where for link, where in cited.items() if link not in anchors}
+    assert not broken, f"links to headings that docs/datasets.md does not have: {broken}"
 
 
 def test_every_preparer_is_a_dataset_config_with_a_prepared_key(capsys):
