@@ -33,7 +33,8 @@ def train_main(cfg: DictConfig) -> float | None:
     quiet_other_ranks(cfg)
     # OMP_WAIT_POLICY counts only if set before torch loads its OpenMP runtime: here, before the imports below
     threads.prepare_process(cfg.get("hardware"), hc.launcher if hc.mode == RunMode.MULTIRUN else None)
-    from mmbalance.errors import SweepJobFailed, UserError  # torch and friends load here, not at import time
+    # torch and friends load here, not at import time
+    from mmbalance.errors import SweepJobFailed, UserError, log_traceback_to_files
     from mmbalance.train import train
 
     choices = OmegaConf.to_container(hc.runtime.choices)
@@ -47,7 +48,7 @@ def train_main(cfg: DictConfig) -> float | None:
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = ("interrupted: the run stops here; re-run the same command to resume from its last checkpoint"
                    if interrupted else f"error: {exc}")
-        log_to_file_only(message, exc)
+        log_traceback_to_files(message, exc)
         print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)
         if multirun and not interrupted:
             # Hydra records this job as failed and goes on with the sweep's other jobs; a fresh exception
@@ -84,14 +85,6 @@ def quiet_other_ranks(cfg: DictConfig) -> None:
         if not isinstance(handler.formatter, _RankFormatter):
             handler.setFormatter(_RankFormatter(handler.formatter, rank))
 
-
-def log_to_file_only(message: str, exc: BaseException) -> None:
-    """Write message and traceback to the run's log files (train.log), not to the console."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,),
-                            (type(exc), exc, exc.__traceback__))
-    for handler in logging.getLogger().handlers + log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
 
 
 def console_main() -> None:

@@ -1,5 +1,7 @@
 """Errors that mean "the user asked for something we cannot do": the CLI prints them as one clear message."""
 
+import logging
+
 
 class UserError(Exception):
     """Bad input: a config key, an option, a file. The message names it and says what was expected."""
@@ -36,3 +38,13 @@ class NonFiniteError(UserError):
 
 class SweepJobFailed(UserError):
     """A sweep job ended with an expected error, already printed and recorded in its metrics.json and train.log."""
+
+
+def log_traceback_to_files(message: str, exc: BaseException, level: int = logging.ERROR) -> None:
+    """`message` with the traceback of `exc` written to the run's log files (train.log) only: the console gets the
+    one-line message from the caller, the file keeps what a bug report needs."""
+    log = logging.getLogger("mmbalance")
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (message,), (type(exc), exc, exc.__traceback__))
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

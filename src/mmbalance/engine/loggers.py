@@ -31,7 +31,7 @@ from typing import Any
 
 from mmbalance.engine.checkpoint import write_json
 from mmbalance.engine.identity import flatten
-from mmbalance.errors import UserError
+from mmbalance.errors import UserError, log_traceback_to_files
 
 log = logging.getLogger("mmbalance")
 
@@ -237,7 +237,7 @@ class Loggers:
             message = message[:500] + "..."
         log.warning("logger %s failed at %s (%s); it is off for the rest of this run. The run goes on: "
                     "history.csv and metrics.json are its record", lg.name, stage, message.splitlines()[0])
-        _traceback_to_files(f"logger {lg.name} failed at {stage}", exc)
+        log_traceback_to_files(f"logger {lg.name} failed at {stage}", exc, logging.WARNING)
         with contextlib.suppress(Exception):
             lg.abort()
         self.loggers.remove(lg)
@@ -656,11 +656,3 @@ def _store_lock(uri: str):
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-def _traceback_to_files(message: str, exc: BaseException) -> None:
-    """The traceback of a logger's failure goes to the run's log files (train.log), not to the console."""
-    record = log.makeRecord(log.name, logging.WARNING, __file__, 0, "%s", (message,),
-                            (type(exc), exc, exc.__traceback__))
-    for handler in logging.getLogger().handlers + log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)

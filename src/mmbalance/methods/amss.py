@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeInt, PositiveFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 from mmbalance.methods.ogm_ge import SCOPES, Scope, select_parameters
 
 #: the official clamp on every modality's kept fraction
@@ -230,8 +230,7 @@ class AMSS(Method):
                                      ("plus_scale", plus_scale, PLUS_SCALES), ("importance", importance, IMPORTANCES),
                                      ("granularity", granularity, GRANULARITIES), ("scope", scope, SCOPES),
                                      ("label_entropy", label_entropy, LABEL_ENTROPIES)]:
-            if value not in choices:
-                raise UserError(f"method.{name}={value!r}; expected one of {list(choices)}")
+            require_choice(name, value, list(choices))
         if not temperature > 0:
             raise UserError(f"method.temperature={temperature}; expected > 0")
         self.variant = variant

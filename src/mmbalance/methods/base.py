@@ -38,6 +38,13 @@ if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
 FAMILIES = ("reference", "data", "feed-forward", "objective", "optimization", "hybrid")
 
 
+def require_choice(option: str, value: Any, choices) -> None:
+    """A method option with a fixed set of values: anything else is refused before training, naming the option
+    (`method.<option>`) and the values it takes (as `choices` prints)."""
+    if value not in choices:
+        raise UserError(f"method.{option}={value!r}; expected one of {choices}")
+
+
 def registry_key(cls: type) -> str | None:
     """The registry key of a method class: the module name of the nearest class in its MRO that declares its own
     `family` (methods/<key>.py, conf/method/<key>.yaml); None for a class that declares none."""

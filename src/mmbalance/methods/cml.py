@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 from mmbalance.models.multimodal import mask_modalities
 
 HINGES = ("sample", "batch")
@@ -97,10 +97,8 @@ class CML(Method):
         hinge: Literal["sample", "batch"] = "sample",
         removal: Literal["feature", "model"] = "feature",
     ):
-        if hinge not in HINGES:
-            raise UserError(f"method.hinge={hinge!r}; expected one of {HINGES}")
-        if removal not in REMOVALS:
-            raise UserError(f"method.removal={removal!r}; expected one of {REMOVALS}")
+        require_choice("hinge", hinge, HINGES)
+        require_choice("removal", removal, REMOVALS)
         self.lam = lam
         self.epsilon = epsilon
         self.hinge = hinge

@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 from mmbalance.constraints import PositiveFloat, PositiveInt, Range
 from mmbalance.data.batch import stratified_split
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 
 log = logging.getLogger("mmbalance")
 
@@ -133,10 +133,8 @@ class GBlending(Method):
         gain_floor: PositiveFloat = 1e-4,
         overfit_floor: PositiveFloat = 1e-3,
     ):
-        if estimator not in ESTIMATORS:
-            raise UserError(f"method.estimator={estimator!r}; expected one of {ESTIMATORS}")
-        if unimodal_heads not in HEAD_KINDS:
-            raise UserError(f"method.unimodal_heads={unimodal_heads!r}; expected one of {HEAD_KINDS}")
+        require_choice("estimator", estimator, ESTIMATORS)
+        require_choice("unimodal_heads", unimodal_heads, HEAD_KINDS)
         if super_epoch < 1:
             raise UserError(f"method.super_epoch={super_epoch}; expected >= 1")
         if not 0.0 < holdout_fraction < 1.0:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 from mmbalance.models.greedy import GreedyModel
 from mmbalance.models.multimodal import MultimodalModel
 
@@ -167,8 +167,7 @@ class Greedy(Method):
         mmtm_from_stage: NonNegativeInt = 1,
         loss: Literal["unimodal", "fused"] = "unimodal",
     ):
-        if loss not in LOSSES:
-            raise UserError(f"method.loss={loss!r}; expected one of {LOSSES}")
+        require_choice("loss", loss, LOSSES)
         if window < 1:
             raise UserError(f"method.window must be >= 1, got {window}")
         if epsilon < 0:

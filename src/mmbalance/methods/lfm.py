@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from mmbalance.data.batch import collate_batch
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 
 log = logging.getLogger("mmbalance")
 
@@ -116,10 +116,8 @@ class LFM(Method):
         holdout_size: PositiveInt = 16,
         hyper_batch_size: PositiveInt = 8,
     ):
-        if weighting not in WEIGHTINGS:
-            raise UserError(f"method.weighting={weighting!r}; expected one of {WEIGHTINGS}")
-        if fused_logits not in FUSED_LOGITS:
-            raise UserError(f"method.fused_logits={fused_logits!r}; expected one of {FUSED_LOGITS}")
+        require_choice("weighting", weighting, WEIGHTINGS)
+        require_choice("fused_logits", fused_logits, FUSED_LOGITS)
         if not 0 < hyper_batch_size <= holdout_size:
             raise UserError(f"method.hyper_batch_size={hyper_batch_size} must be in 1..holdout_size={holdout_size}")
         self.weighting = weighting

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 
 log = logging.getLogger("mmbalance")
 
@@ -108,10 +108,8 @@ class MLA(Method):
         projection: Literal["paper", "off"] = "paper",
         projection_alpha: PositiveFloat = 0.1,
     ):
-        if fusion not in FUSIONS:
-            raise UserError(f"method.fusion={fusion!r}; expected one of {FUSIONS}")
-        if projection not in PROJECTIONS:
-            raise UserError(f"method.projection={projection!r}; expected one of {PROJECTIONS}")
+        require_choice("fusion", fusion, FUSIONS)
+        require_choice("projection", projection, PROJECTIONS)
         self.fusion = fusion
         self.weights_arg = dict(weights) if weights is not None else None
         self.projection = projection

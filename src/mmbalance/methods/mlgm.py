@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Range
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 
 log = logging.getLogger("mmbalance")
 
@@ -125,8 +125,7 @@ class MLGM(Method):
         modulation_starts: NonNegativeInt = 0,
         modulation_ends: NonNegativeInt | None = None,
     ):
-        if unimodal_heads not in HEAD_KINDS:
-            raise UserError(f"method.unimodal_heads={unimodal_heads!r}; expected one of {HEAD_KINDS}")
+        require_choice("unimodal_heads", unimodal_heads, HEAD_KINDS)
         if max_boost < 1.0:
             raise UserError(f"method.max_boost={max_boost}; expected a value >= 1 (the ceiling of a speed-up)")
         self.alpha = alpha

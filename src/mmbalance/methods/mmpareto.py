@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.constraints import PositiveFloat
-from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 
 UNIMODAL_HEADS = ("aux", "slice")
 
@@ -90,8 +89,7 @@ class MMPareto(Method):
     tasks = ("classification", "regression")
 
     def __init__(self, gamma: PositiveFloat = 1.5, unimodal_head: Literal["aux", "slice"] = "aux"):
-        if unimodal_head not in UNIMODAL_HEADS:
-            raise UserError(f"method.unimodal_head={unimodal_head!r}; expected one of {UNIMODAL_HEADS}")
+        require_choice("unimodal_head", unimodal_head, UNIMODAL_HEADS)
         self.gamma = gamma
         self.unimodal_head = unimodal_head
         self.needs_unimodal_logits = unimodal_head == "slice"

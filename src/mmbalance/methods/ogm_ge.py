@@ -9,7 +9,7 @@ import torch
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, true_class_scores
+from mmbalance.methods.base import Method, require_choice, true_class_scores
 
 Scope = Literal["weights", "conv_kernels", "all"]  # config validation reads the choices from this hint
 SCOPES = get_args(Scope)
@@ -79,8 +79,7 @@ class OGMGE(Method):
     ):
         if variant not in ("ogm_ge", "ogm"):
             raise UserError(f"method.variant={variant!r}; expected 'ogm_ge' or 'ogm'")
-        if scope not in SCOPES:
-            raise UserError(f"method.scope={scope!r}; expected one of {SCOPES}")
+        require_choice("scope", scope, SCOPES)
         self.alpha = alpha
         self.variant = variant
         self.modulation_starts = modulation_starts

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 
 from mmbalance.constraints import NonNegativeInt, PositiveFloat, Range
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 from mmbalance.methods.gblending import split_holdout
 
 log = logging.getLogger("mmbalance")
@@ -149,12 +149,9 @@ class OLM(Method):
         target: Literal["total", "mean"] = "total",
         unimodal_heads: Literal["aux", "slice"] = "aux",
     ):
-        if variant not in VARIANTS:
-            raise UserError(f"method.variant={variant!r}; expected one of {VARIANTS}")
-        if target not in TARGETS:
-            raise UserError(f"method.target={target!r}; expected one of {TARGETS}")
-        if unimodal_heads not in HEAD_KINDS:
-            raise UserError(f"method.unimodal_heads={unimodal_heads!r}; expected one of {HEAD_KINDS}")
+        require_choice("variant", variant, VARIANTS)
+        require_choice("target", target, TARGETS)
+        require_choice("unimodal_heads", unimodal_heads, HEAD_KINDS)
         if not 0.0 < holdout_fraction < 1.0:
             raise UserError(f"method.holdout_fraction={holdout_fraction}; expected a fraction in (0, 1)")
         if weight_lr <= 0:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 
 log = logging.getLogger("mmbalance")
 
@@ -118,8 +118,7 @@ class UMT(Method):
         teacher_weight_decay: NonNegativeFloat | None = None,
         cache: bool = True,
     ):
-        if teacher_optimizer not in OPTIMIZERS:
-            raise UserError(f"method.teacher_optimizer={teacher_optimizer!r}; expected one of {OPTIMIZERS}")
+        require_choice("teacher_optimizer", teacher_optimizer, OPTIMIZERS)
         if teacher_epochs is not None and teacher_epochs < 1:
             raise UserError(f"method.teacher_epochs={teacher_epochs}; expected at least 1 (or null for trainer.epochs)")
         if scaling < 0:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, Range
 from mmbalance.engine.evaluation import eval_mode
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, require_choice
 from mmbalance.metrics.shapley import coalitions
 from mmbalance.models.multimodal import Output, mask_modalities
 
@@ -180,8 +180,7 @@ class Valuation(Method):
         alpha: NonNegativeFloat = 1.0,
         part_ratio: Annotated[float, Range(gt=0, le=1)] = 0.2,
     ):
-        if variant not in VARIANTS:
-            raise UserError(f"method.variant={variant!r}; expected one of {VARIANTS}")
+        require_choice("variant", variant, VARIANTS)
         if warmup < 0:
             raise UserError(f"method.warmup={warmup}; expected >= 0")
         thresholds = tuple(float(t) for t in thresholds)
