@@ -96,12 +96,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(x)
-    return x
-
-
 @torch.no_grad()
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Replace every parameter's gradient by its mean over the ranks (one flat all-reduce).

@@ -4,7 +4,7 @@ conventions, acc-7/acc-5 (regression), the per-modality scores, exact Shapley, i
 from __future__ import annotations
 
 import contextlib
-
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,70 +71,84 @@ def evaluate(run: "Run", loader, split: str, shapley: bool = True) -> dict[str, 
     Raises NonFiniteError when any fused, per-modality or coalition logit is NaN/Inf: the argmax of NaN is an
     arbitrary class, so every metric would be computed on noise without saying so.
     """
-    if task_of(run) == "regression":
-        return _evaluate_regression(run, loader, split, shapley)
     model, method = run.model, run.method
+    regression = task_of(run) == "regression"
+    predict = _predicted_score if regression else _predicted_class
     mods = list(model.modalities)
-    subsets = coalitions(mods) if shapley else [frozenset(mods)]
     full = frozenset(mods)
-    was_training = model.training
-    model.eval()
-    preds, targets = [], []
-    unimodal_preds: dict[str, list] = {m: [] for m in mods}
-    correct = {s: 0 for s in subsets}
-    have_unimodal = True
+    subsets = coalitions(mods) if shapley else [full]
+    # per sample and on the CPU: the predicted class or score of the full model, of each coalition the masked
+    # passes cover (keyed by coalition) and of each modality's own output (when the method gives them)
+    preds: dict[frozenset, list] = {full: []}
+    own_preds: dict[str, list] | None = {m: [] for m in mods}
+    targets = []
     absent_cache: dict = {}  # the absent modalities' feature rows, computed once (late fusion)
     n = 0
     # samples with NaN/Inf in the fused logits, and in any logits (fused, per-modality, coalition): counted on the
     # device and read once after the loop, so this check adds no host sync per batch
     nonfinite = None
-    for batch in loader:
-        batch = batch.to(run.device, non_blocking=True)
-        y = batch.label
-        with run.autocast():
-            features = model.encode(batch.inputs)
-            logits, unimodal = method.eval_fuse(run, features)
-        pred = logits.argmax(1)
-        bad_fused = ~torch.isfinite(logits).all(1)
-        bad_any = bad_fused.clone()
-        preds.append(pred.cpu())
-        targets.append(y.cpu())
-        n += len(y)
-        correct[full] += int((pred == y).sum())
-        if unimodal is None:
-            have_unimodal = False
-        else:
-            for m in mods:
-                unimodal_preds[m].append(unimodal[m].argmax(1).cpu())
-                bad_any |= ~torch.isfinite(unimodal[m]).all(1)
-        for s, coalition_logits in _coalition_logits(run, batch, features, subsets, unimodal is None and not shapley,
-                                                     absent_cache):
-            correct[s] = correct.get(s, 0) + int((coalition_logits.argmax(1) == y).sum())
-            bad_any |= ~torch.isfinite(coalition_logits).all(1)
-        nonfinite = _add_nonfinite(nonfinite, bad_fused, bad_any)
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        for batch in loader:
+            batch = batch.to(run.device, non_blocking=True)
+            y = batch.label
+            if regression and not y.is_floating_point():
+                raise UserError(f"evaluation on {split}: dataset.task=regression but the labels are integer "
+                                "classes; the dataset gives its labels as integers (collate_batch keeps float labels "
+                                "float)")
+            with run.autocast():
+                features = model.encode(batch.inputs)
+                logits, unimodal = method.eval_fuse(run, features)
+            if regression:
+                _check_one_output(logits)
+            bad_fused = ~torch.isfinite(logits).all(1)
+            bad_any = bad_fused.clone()
+            targets.append(y.float().cpu() if regression else y.cpu())
+            preds[full].append(predict(logits))
+            n += len(y)
+            if unimodal is None:
+                own_preds = None
+            elif own_preds is not None:
+                for m in mods:
+                    own_preds[m].append(predict(unimodal[m]))
+                    bad_any |= ~torch.isfinite(unimodal[m]).all(1)
+            for s, coalition_logits in _coalition_logits(run, batch, features, subsets,
+                                                         unimodal is None and not shapley, absent_cache):
+                preds.setdefault(s, []).append(predict(coalition_logits))
+                bad_any |= ~torch.isfinite(coalition_logits).all(1)
+            nonfinite = _add_nonfinite(nonfinite, bad_fused, bad_any)
     _check_finite(nonfinite, n, split)
 
-    preds_t, targets_t = torch.cat(preds), torch.cat(targets)
-    k = run.num_classes
-    out: dict[str, float | None] = {
-        f"{split}/acc": accuracy(preds_t, targets_t, k),
-        f"{split}/macro_f1": macro_f1(preds_t, targets_t, k),
-    }
-    for m in mods:
-        if have_unimodal:
-            out[f"{split}/acc/{m}"] = accuracy(torch.cat(unimodal_preds[m]), targets_t, k)
-        else:  # no per-modality head: the modality alone, the others masked
-            out[f"{split}/acc/{m}"] = correct[frozenset([m])] / n
+    y_all = torch.cat(targets)
+    scores = {s: torch.cat(p) for s, p in preds.items()}
+    # no per-modality output: the modality alone, the others masked
+    own = {m: torch.cat(own_preds[m]) if own_preds is not None else scores[frozenset([m])] for m in mods}
+    if regression:
+        out = {f"{split}/{k}": v for k, v in regression_metrics(scores[full], y_all).items()}
+        for m, p in own.items():
+            out.update({f"{split}/mae/{m}": mae(p, y_all), f"{split}/corr/{m}": pearson(p, y_all),
+                        f"{split}/acc/{m}": float(((p >= 0) == (y_all >= 0)).double().mean())})
+        value = regression_value
+    else:
+        k = run.num_classes
+        out = {f"{split}/acc": accuracy(scores[full], y_all, k), f"{split}/macro_f1": macro_f1(scores[full], y_all, k)}
+        out.update({f"{split}/acc/{m}": accuracy(p, y_all, k) for m, p in own.items()})
+        value = functools.partial(accuracy, num_classes=k)
     if shapley:
-        values = {s: correct[s] / n for s in subsets}
+        values = {s: value(scores[s], y_all) for s in subsets}
         phi = shapley_values(values, mods)
-        for m in mods:
-            out[f"{split}/shapley/{m}"] = phi[m]
+        out.update({f"{split}/shapley/{m}": phi[m] for m in mods})
         out[f"{split}/value/empty"] = values[frozenset()]
         out[f"{split}/imbalance"] = imbalance_score(phi)
     return out
+
+
+def _predicted_class(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(1).cpu()
+
+
+def _predicted_score(logits: torch.Tensor) -> torch.Tensor:
+    """A regression head's one output per sample."""
+    return logits[:, 0].float().cpu()
 
 
 def _add_nonfinite(counts: torch.Tensor | None, bad_fused: torch.Tensor, bad_any: torch.Tensor) -> torch.Tensor:
@@ -177,69 +191,6 @@ def _coalition_logits(run: "Run", batch, features: dict, subsets: list[frozenset
                 masked = model.encode(batch.inputs, absent=[m for m in mods if m not in s])
             logits, _ = method.eval_fuse(run, masked)
         yield s, logits
-
-
-def _evaluate_regression(run: "Run", loader, split: str, shapley: bool) -> dict[str, float | None]:
-    """`evaluate` for a one-output regression head: the same passes, predictions kept as scores."""
-    model, method = run.model, run.method
-    mods = list(model.modalities)
-    full = frozenset(mods)
-    subsets = coalitions(mods) if shapley else [full]
-    was_training = model.training
-    model.eval()
-    targets = []
-    preds: dict[frozenset, list] = {}  # coalition -> predicted scores (CPU)
-    unimodal_preds: dict[str, list] = {m: [] for m in mods}
-    have_unimodal = True
-    absent_cache: dict = {}  # the absent modalities' feature rows, computed once (late fusion)
-    n = 0
-    nonfinite = None
-    for batch in loader:
-        batch = batch.to(run.device, non_blocking=True)
-        y = batch.label
-        if not y.is_floating_point():
-            raise UserError(f"evaluation on {split}: dataset.task=regression but the labels are integer classes; "
-                            "the dataset gives its labels as integers (collate_batch keeps float labels float)")
-        with run.autocast():
-            features = model.encode(batch.inputs)
-            logits, unimodal = method.eval_fuse(run, features)
-        _check_one_output(logits)
-        bad_fused = ~torch.isfinite(logits).all(1)
-        bad_any = bad_fused.clone()
-        targets.append(y.float().cpu())
-        preds.setdefault(full, []).append(logits[:, 0].float().cpu())
-        n += len(y)
-        if unimodal is None:
-            have_unimodal = False
-        else:
-            for m in mods:
-                unimodal_preds[m].append(unimodal[m][:, 0].float().cpu())
-                bad_any |= ~torch.isfinite(unimodal[m]).all(1)
-        for s, coalition_logits in _coalition_logits(run, batch, features, subsets, unimodal is None and not shapley,
-                                                     absent_cache):
-            preds.setdefault(s, []).append(coalition_logits[:, 0].float().cpu())
-            bad_any |= ~torch.isfinite(coalition_logits).all(1)
-        nonfinite = _add_nonfinite(nonfinite, bad_fused, bad_any)
-    if was_training:
-        model.train()
-    _check_finite(nonfinite, n, split)
-
-    y_all = torch.cat(targets)
-    scores = {s: torch.cat(p) for s, p in preds.items()}
-    out: dict[str, float | None] = {f"{split}/{k}": v for k, v in regression_metrics(scores[full], y_all).items()}
-    for m in mods:
-        p = torch.cat(unimodal_preds[m]) if have_unimodal else scores[frozenset([m])]
-        out[f"{split}/mae/{m}"] = mae(p, y_all)
-        out[f"{split}/corr/{m}"] = pearson(p, y_all)
-        out[f"{split}/acc/{m}"] = float(((p >= 0) == (y_all >= 0)).double().mean())
-    if shapley:
-        values = {s: regression_value(scores[s], y_all) for s in subsets}
-        phi = shapley_values(values, mods)
-        for m in mods:
-            out[f"{split}/shapley/{m}"] = phi[m]
-        out[f"{split}/value/empty"] = values[frozenset()]
-        out[f"{split}/imbalance"] = imbalance_score(phi)
-    return out
 
 
 def _check_one_output(logits: torch.Tensor) -> None:

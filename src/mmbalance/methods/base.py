@@ -197,10 +197,6 @@ class Method:
                 owned[name].load_state_dict(module_state)
 
 
-def detached_float(x: Tensor) -> float:
-    return float(x.detach())
-
-
 def true_class_scores(logits: dict[str, Tensor], label: Tensor) -> dict[str, Tensor]:
     """s_m = sum_i softmax(o_m)_i[y_i], the per-modality confidence of OGM/PMR/OPM (a batch sum, detached)."""
     return {
