@@ -1,6 +1,7 @@
 """The method registry contract (every method on 2 and 3 modalities) and OGM-GE's exact formulas."""
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,42 @@ def test_ogm_scopes_select_weights_conv_kernels_or_everything():
     assert [p.dim() for p in select_parameters(conv.parameters(), "weights")] == [4, 2]
     assert [p.dim() for p in select_parameters(conv.parameters(), "conv_kernels")] == [4]
     assert len(select_parameters(conv.parameters(), "all")) == 6
+
+
+def _refused_values(hint):
+    """Values a parameter hinted `hint` must refuse: one beyond each bound of its Ranges, a string outside its
+    Literal choices (None when the hint declares neither)."""
+    import typing
+
+    from mmbalance.constraints import Range
+
+    bad = []
+    for member in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType)
+                   else (hint,)):
+        if typing.get_origin(member) is typing.Annotated:
+            for r in member.__metadata__:
+                if isinstance(r, Range):
+                    bad += [v for v in (None if r.ge is None else r.ge - 1, r.gt, None if r.le is None else r.le + 1,
+                                        r.lt) if v is not None]
+        elif typing.get_origin(member) is typing.Literal:
+            bad.append("not-a-choice")
+    return bad
+
+
+def test_every_method_constructor_refuses_what_its_signature_refuses():
+    """The constructor checks its arguments against its hints (Method.__init_subclass__), as config validation
+    does: out of range or outside the choices, it raises the same 'method.<option>=<value>: expected ...'."""
+    import typing
+
+    from mmbalance.errors import ConfigError
+
+    required = {"unimodal": {"modality": "visual"}}  # the constructor arguments without a default
+    checked = 0
+    for key, cls in METHODS.items():
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+        for name, hint in hints.items():
+            for value in _refused_values(hint):
+                with pytest.raises(ConfigError, match=re.escape(f"method.{name}={value!r}: expected")):
+                    cls(**{**required.get(key, {}), name: value})
+                checked += 1
+    assert checked > 100, checked  # 133 today: every method declares its ranges and choices

@@ -8,18 +8,16 @@ once, so a user fixes a config in one go instead of one traceback (or a silently
 from __future__ import annotations
 
 import inspect
-import types
 import typing
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mmbalance.constraints import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability,
-                                   Range)
+                                   Range, value_problems)
 from mmbalance.errors import ConfigError, UserError
 
 # Arguments the code supplies at build time, per config section (not expected in the YAML).
@@ -210,11 +208,6 @@ def validate(cfg: DictConfig) -> None:
 
 # ---- values against type hints ----
 
-_NONE = type(None)
-_PLAIN = {float: "a number (float)", int: "an integer (int)", bool: "true or false (bool)", str: "a string (str)",
-          _NONE: "null"}
-_PLURAL = {float: "numbers", int: "integers", bool: "booleans", str: "strings"}
-
 
 def _parameter_hints(target: Any) -> dict[str, Any]:
     """The target's parameter hints with their `Annotated` ranges; TORCH_ARGUMENTS for torch's own targets."""
@@ -236,130 +229,4 @@ def _check_key(node: DictConfig, key: str, where: str, hint: Any) -> list[str]:
             value = OmegaConf.to_container(value, resolve=True)
     except Exception as exc:
         return [f"{where}: cannot resolve its value ({exc})"]
-    return _value_problems(where, value, hint)
-
-
-def _value_problems(where: str, value: Any, hint: Any) -> list[str]:
-    """What is wrong with `value` for a parameter hinted `hint` (empty when nothing is).
-
-    Only what the hint states is judged: a class the checker does not know (a Path, a module) accepts any value.
-    """
-    base, ranges = _unwrap(hint)
-    if _is_union(base):
-        if value is None and _NONE in typing.get_args(base):
-            return []
-        fitting = [m for m in typing.get_args(base) if _fits(value, m)]
-        if not fitting:
-            return [f"{where}={value!r}: expected {_describe(base)}"]
-        checked = [_value_problems(where, value, member) for member in fitting]
-        if all(checked):
-            return checked[0]
-    elif not _fits(value, base):
-        return [f"{where}={value!r}: expected {_describe(base)}"]
-    else:
-        problems: list[str] = []
-        for item_where, item, item_hint in _items(where, value, base):
-            problems.extend(_value_problems(item_where, item, item_hint))
-        if problems:
-            return problems
-    if _is_number(value):
-        return [f"{where}={value!r}: expected {bound}" for bound in ranges if not bound.admits(value)]
-    return []
-
-
-def _unwrap(hint: Any) -> tuple[Any, list[Range]]:
-    ranges: list[Range] = []
-    while typing.get_origin(hint) is Annotated:
-        ranges.extend(m for m in hint.__metadata__ if isinstance(m, Range))
-        hint = typing.get_args(hint)[0]
-    return hint, ranges
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (Union, types.UnionType)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_sequence(hint: Any) -> bool:
-    origin = typing.get_origin(hint) or hint
-    return isinstance(origin, type) and issubclass(origin, Sequence) and not issubclass(origin, str)
-
-
-def _is_mapping(hint: Any) -> bool:
-    origin = typing.get_origin(hint) or hint
-    return isinstance(origin, type) and issubclass(origin, Mapping)
-
-
-def _fixed_length(hint: Any) -> int | None:
-    args = typing.get_args(hint)
-    if (typing.get_origin(hint) or hint) is tuple and args and args[-1] is not Ellipsis:
-        return len(args)
-    return None
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether the value has the hint's type (ranges and items aside)."""
-    hint, _ = _unwrap(hint)
-    if hint is None or hint is _NONE:
-        return value is None
-    if hint is bool or hint is str:
-        return isinstance(value, hint)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return _is_number(value)
-    if typing.get_origin(hint) is Literal:
-        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(hint))
-    if _is_union(hint):
-        return any(_fits(value, member) for member in typing.get_args(hint))
-    if _is_sequence(hint):
-        length = _fixed_length(hint)
-        return isinstance(value, (list, tuple)) and (length is None or len(value) == length)
-    if _is_mapping(hint):
-        return isinstance(value, dict)
-    if hint is typing.Any or not isinstance(hint, type):
-        return True
-    # a config holds plain values only, so a tensor can never be one; other classes are built from plain values
-    return isinstance(value, hint) or not _is_tensor_type(hint)
-
-
-def _is_tensor_type(hint: type) -> bool:
-    return hint.__module__.split(".")[0] == "torch" and hint.__name__ == "Tensor"
-
-
-def _items(where: str, value: Any, hint: Any) -> list[tuple[str, Any, Any]]:
-    """(where, item, item hint) of each element of a list or mapping value."""
-    args = typing.get_args(hint)
-    if _is_sequence(hint) and args:
-        item_hints = args if _fixed_length(hint) else [args[0]] * len(value)
-        return [(f"{where}[{i}]", item, h) for i, (item, h) in enumerate(zip(value, item_hints))]
-    if _is_mapping(hint) and len(args) == 2:
-        return [(f"{where}.{k}", v, args[1]) for k, v in value.items()]
-    return []
-
-
-def _describe(hint: Any) -> str:
-    hint, ranges = _unwrap(hint)
-    if hint in _PLAIN:
-        return _PLAIN[hint]
-    if typing.get_origin(hint) is Literal:
-        return f"one of {list(typing.get_args(hint))}"
-    if _is_union(hint):
-        return " or ".join(_describe(member) for member in typing.get_args(hint))
-    args = typing.get_args(hint)
-    if _is_sequence(hint):
-        length = _fixed_length(hint)
-        if length is not None:
-            return f"a list of {length} {_plural(args[0]) if len(set(args)) == 1 else 'items'}"
-        return f"a list of {_plural(args[0])}" if args else "a list"
-    if _is_mapping(hint):
-        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}" if len(args) == 2 else "a mapping"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _plural(hint: Any) -> str:
-    base, _ = _unwrap(hint)
-    return _PLURAL.get(base, f"values of type {_describe(base)}")
+    return value_problems(where, value, hint)

@@ -125,10 +125,6 @@ class AMCo(Method):
         modulation_starts: NonNegativeInt = 0,
         modulation_ends: NonNegativeInt = 80,
     ):
-        if not 0 <= max_ratio < 1:
-            raise UserError(f"method.max_ratio={max_ratio}; expected a fraction in [0, 1)")
-        if co_weight < 0:
-            raise UserError(f"method.co_weight={co_weight}; expected >= 0")
         self.max_ratio = max_ratio
         self.ramp_epochs = ramp_epochs
         self.margin = margin

@@ -12,20 +12,13 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeInt, PositiveFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
-from mmbalance.methods.ogm_ge import SCOPES, Scope, select_parameters
+from mmbalance.methods.base import Method
+from mmbalance.methods.ogm_ge import Scope, select_parameters
 
 #: the official clamp on every modality's kept fraction
 MIN_KEEP, MAX_KEEP = 0.1, 0.9
 #: the official fraction for every modality when an information estimate is not positive (or is NaN)
 FALLBACK_KEEP = 0.5
-
-VARIANTS = ("amss", "amss_plus")
-SAMPLINGS = ("bernoulli", "multinomial")
-PLUS_SCALES = ("inverse_probability", "official")
-IMPORTANCES = ("gn", "sqrt_gn")
-GRANULARITIES = ("filter", "element")
-LABEL_ENTROPIES = ("entropy", "official")
 
 
 def label_entropy(counts: Tensor, mode: str = "entropy") -> float:
@@ -226,13 +219,6 @@ class AMSS(Method):
         label_entropy: Literal["entropy", "official"] = "entropy",
         warmup_epochs: NonNegativeInt = 0,
     ):
-        for name, value, choices in [("variant", variant, VARIANTS), ("sampling", sampling, SAMPLINGS),
-                                     ("plus_scale", plus_scale, PLUS_SCALES), ("importance", importance, IMPORTANCES),
-                                     ("granularity", granularity, GRANULARITIES), ("scope", scope, SCOPES),
-                                     ("label_entropy", label_entropy, LABEL_ENTROPIES)]:
-            require_choice(name, value, list(choices))
-        if not temperature > 0:
-            raise UserError(f"method.temperature={temperature}; expected > 0")
         self.variant = variant
         self.temperature = temperature
         self.offset = offset

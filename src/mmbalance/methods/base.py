@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmbalance.constraints import checked_arguments
 from mmbalance.data.batch import Batch
 from mmbalance.errors import UserError
 from mmbalance.metrics.regression import LOSS_KEYS, regression_loss, resolve_loss
@@ -36,13 +37,6 @@ if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
 # The BalanceBenchmark taxonomy: the stage a method acts at, in the order the registry and reports list them;
 # "hybrid" after it: `compose`, registered methods combined (a built hybrid records its parts' families).
 FAMILIES = ("reference", "data", "feed-forward", "objective", "optimization", "hybrid")
-
-
-def require_choice(option: str, value: Any, choices) -> None:
-    """A method option with a fixed set of values: anything else is refused before training, naming the option
-    (`method.<option>`) and the values it takes (as `choices` prints)."""
-    if value not in choices:
-        raise UserError(f"method.{option}={value!r}; expected one of {choices}")
 
 
 def registry_key(cls: type) -> str | None:
@@ -75,6 +69,14 @@ class Method:
     #: set by `set_task`: the run's task and its training loss (cross_entropy | l1 | mse)
     task: str = "classification"
     loss_name: str = "cross_entropy"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A method's options are declared once, in its constructor's signature (types, `Range`s, `Literal`
+        # choices): config validation checks them before a run, and this makes the constructor check them too,
+        # so a method built from Python refuses what the command line refuses, with the same message.
+        if "__init__" in cls.__dict__:
+            cls.__init__ = checked_arguments(cls.__init__, "method.")
 
     # ---- before the model exists ----
     def set_task(self, task: str, loss: str = "auto") -> None:

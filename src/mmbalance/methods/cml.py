@@ -10,11 +10,8 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 from mmbalance.models.multimodal import mask_modalities
-
-HINGES = ("sample", "batch")
-REMOVALS = ("feature", "model")
 
 
 def removal_levels(batch_size: int, modalities: list[str], generator: torch.Generator | None = None,
@@ -97,8 +94,6 @@ class CML(Method):
         hinge: Literal["sample", "batch"] = "sample",
         removal: Literal["feature", "model"] = "feature",
     ):
-        require_choice("hinge", hinge, HINGES)
-        require_choice("removal", removal, REMOVALS)
         self.lam = lam
         self.epsilon = epsilon
         self.hinge = hinge

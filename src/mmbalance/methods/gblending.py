@@ -17,13 +17,11 @@ from torch.utils.data import Subset
 from mmbalance.constraints import PositiveFloat, PositiveInt, Range
 from mmbalance.data.batch import stratified_split
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
 
 FUSED = "fused"  # the key of the fused head among the blended heads
-ESTIMATORS = ("trajectory", "trial")
-HEAD_KINDS = ("aux", "slice")
 
 
 def blend_weights(
@@ -133,12 +131,6 @@ class GBlending(Method):
         gain_floor: PositiveFloat = 1e-4,
         overfit_floor: PositiveFloat = 1e-3,
     ):
-        require_choice("estimator", estimator, ESTIMATORS)
-        require_choice("unimodal_heads", unimodal_heads, HEAD_KINDS)
-        if super_epoch < 1:
-            raise UserError(f"method.super_epoch={super_epoch}; expected >= 1")
-        if not 0.0 < holdout_fraction < 1.0:
-            raise UserError(f"method.holdout_fraction={holdout_fraction}; expected a fraction in (0, 1)")
         self.super_epoch = super_epoch
         self.holdout_fraction = holdout_fraction
         self.estimator = estimator

@@ -12,11 +12,9 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 from mmbalance.models.greedy import GreedyModel
 from mmbalance.models.multimodal import MultimodalModel
-
-LOSSES = ("unimodal", "fused")
 
 
 class MMTM(nn.Module):
@@ -167,13 +165,6 @@ class Greedy(Method):
         mmtm_from_stage: NonNegativeInt = 1,
         loss: Literal["unimodal", "fused"] = "unimodal",
     ):
-        require_choice("loss", loss, LOSSES)
-        if window < 1:
-            raise UserError(f"method.window must be >= 1, got {window}")
-        if epsilon < 0:
-            raise UserError(f"method.epsilon must be >= 0, got {epsilon}")
-        if ratio <= 0:
-            raise UserError(f"method.ratio must be > 0, got {ratio}")
         self.epsilon = float(epsilon)
         self.window = int(window)
         self.unlock_epoch = int(unlock_epoch)

@@ -131,12 +131,6 @@ class InfoReg(Method):
         score: Literal["sum", "mean"] = "sum",
         fisher_gradients: Literal["loss", "final"] = "loss",
     ):
-        if score not in ("sum", "mean"):
-            raise UserError(f"method.score={score!r}; expected 'sum' or 'mean'")
-        if fisher_gradients not in ("loss", "final"):
-            raise UserError(f"method.fisher_gradients={fisher_gradients!r}; expected 'loss' or 'final'")
-        if window_epochs < 1:
-            raise UserError(f"method.window_epochs={window_epochs}; expected >= 1")
         self.beta = beta
         self.beta_per_modality = dict(beta_per_modality or {})
         self.threshold = threshold

@@ -17,15 +17,13 @@ from torch.utils.data import Subset
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from mmbalance.data.batch import collate_batch
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
 
 #: the official heuristic (`Crema_epoch.py`): CE weight alpha_1(e) = sum_i c_i e^i, fitted to a 200-epoch CREMA-D run
 FITTED_COEFFICIENTS = (0.204623704, 3.35472727e-3, 1.22989557e-4, -2.92947416e-6, 2.23835486e-8, -5.39717505e-11)
 FITTED_SPAN = 200
-WEIGHTINGS = ("scheduled", "learnable")
-FUSED_LOGITS = ("mean", "head")
 
 
 def scheduled_ce_weight(epoch: float, schedule_epochs: int = FITTED_SPAN) -> float:
@@ -116,8 +114,6 @@ class LFM(Method):
         holdout_size: PositiveInt = 16,
         hyper_batch_size: PositiveInt = 8,
     ):
-        require_choice("weighting", weighting, WEIGHTINGS)
-        require_choice("fused_logits", fused_logits, FUSED_LOGITS)
         if not 0 < hyper_batch_size <= holdout_size:
             raise UserError(f"method.hyper_batch_size={hyper_batch_size} must be in 1..holdout_size={holdout_size}")
         self.weighting = weighting

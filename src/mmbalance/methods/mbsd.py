@@ -81,8 +81,6 @@ class MBSD(Method):
     needs_unimodal_logits = True
 
     def __init__(self, kl_weight: NonNegativeFloat = 1.0, rs_weight: NonNegativeFloat = 1.0):
-        if kl_weight < 0 or rs_weight < 0:
-            raise UserError(f"method.kl_weight={kl_weight}, method.rs_weight={rs_weight}; expected >= 0")
         self.kl_weight = float(kl_weight)
         self.rs_weight = float(rs_weight)
 

@@ -12,12 +12,9 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
-
-PROJECTIONS = ("paper", "off")
-FUSIONS = ("entropy", "fixed")
 
 
 def owm_update(P: Tensor, r: Tensor, alpha: float) -> Tensor:
@@ -108,8 +105,6 @@ class MLA(Method):
         projection: Literal["paper", "off"] = "paper",
         projection_alpha: PositiveFloat = 0.1,
     ):
-        require_choice("fusion", fusion, FUSIONS)
-        require_choice("projection", projection, PROJECTIONS)
         self.fusion = fusion
         self.weights_arg = dict(weights) if weights is not None else None
         self.projection = projection

@@ -14,11 +14,9 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Range
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
-
-HEAD_KINDS = ("aux", "slice")
 
 
 def mlgm_ratios(scores: dict[str, float]) -> dict[str, float]:
@@ -125,9 +123,6 @@ class MLGM(Method):
         modulation_starts: NonNegativeInt = 0,
         modulation_ends: NonNegativeInt | None = None,
     ):
-        require_choice("unimodal_heads", unimodal_heads, HEAD_KINDS)
-        if max_boost < 1.0:
-            raise UserError(f"method.max_boost={max_boost}; expected a value >= 1 (the ceiling of a speed-up)")
         self.alpha = alpha
         self.max_boost = max_boost
         self.fused_weight = fused_weight

@@ -56,8 +56,6 @@ class MMCosine(Method):
                           "trained with cross-entropy: a classifier by construction")
 
     def __init__(self, scaling: PositiveFloat = 10.0):
-        if scaling <= 0:
-            raise UserError(f"method.scaling={scaling}; expected a positive logit scale")
         self.scaling = float(scaling)
 
     def setup(self, run):

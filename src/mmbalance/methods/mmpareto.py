@@ -8,9 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.constraints import PositiveFloat
-from mmbalance.methods.base import Method, require_choice
-
-UNIMODAL_HEADS = ("aux", "slice")
+from mmbalance.methods.base import Method
 
 
 def min_norm_weight(aa: Tensor, ab: Tensor, bb: Tensor) -> Tensor:
@@ -89,7 +87,6 @@ class MMPareto(Method):
     tasks = ("classification", "regression")
 
     def __init__(self, gamma: PositiveFloat = 1.5, unimodal_head: Literal["aux", "slice"] = "aux"):
-        require_choice("unimodal_head", unimodal_head, UNIMODAL_HEADS)
         self.gamma = gamma
         self.unimodal_head = unimodal_head
         self.needs_unimodal_logits = unimodal_head == "slice"

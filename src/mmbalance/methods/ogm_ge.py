@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice, true_class_scores
+from mmbalance.methods.base import Method, true_class_scores
 
-Scope = Literal["weights", "conv_kernels", "all"]  # config validation reads the choices from this hint
-SCOPES = get_args(Scope)
+Scope = Literal["weights", "conv_kernels", "all"]  # the choices config validation and the constructor check
 
 
 def ogm_coefficients(scores: dict[str, float], alpha: float) -> dict[str, float]:
@@ -77,9 +76,6 @@ class OGMGE(Method):
         scope: Scope = "weights",
         warmup_epochs: NonNegativeInt = 0,
     ):
-        if variant not in ("ogm_ge", "ogm"):
-            raise UserError(f"method.variant={variant!r}; expected 'ogm_ge' or 'ogm'")
-        require_choice("scope", scope, SCOPES)
         self.alpha = alpha
         self.variant = variant
         self.modulation_starts = modulation_starts

@@ -13,16 +13,13 @@ from torch.utils.data import Subset
 
 from mmbalance.constraints import NonNegativeInt, PositiveFloat, Range
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 from mmbalance.methods.gblending import split_holdout
 
 log = logging.getLogger("mmbalance")
 
 FUSED = "fused"  # the key of the fused branch among the modulated branches
 EPS = 1e-6  # the official clamp floor of the generalisation and convergence rates
-VARIANTS = ("heldout", "train")
-TARGETS = ("total", "mean")
-HEAD_KINDS = ("aux", "slice")
 # the held-out stream's shuffles, far from the training sampler's epochs (0, 1, ...): (epoch, pass) -> sampler epoch
 _STREAM_OFFSET = 1 << 20
 _PASSES_PER_EPOCH = 1 << 12
@@ -149,13 +146,6 @@ class OLM(Method):
         target: Literal["total", "mean"] = "total",
         unimodal_heads: Literal["aux", "slice"] = "aux",
     ):
-        require_choice("variant", variant, VARIANTS)
-        require_choice("target", target, TARGETS)
-        require_choice("unimodal_heads", unimodal_heads, HEAD_KINDS)
-        if not 0.0 < holdout_fraction < 1.0:
-            raise UserError(f"method.holdout_fraction={holdout_fraction}; expected a fraction in (0, 1)")
-        if weight_lr <= 0:
-            raise UserError(f"method.weight_lr={weight_lr}; expected a positive learning rate")
         self.variant = variant
         self.holdout_fraction = holdout_fraction
         self.weight_lr = weight_lr

@@ -116,10 +116,6 @@ class PMR(Method):
         modulation_ends: NonNegativeInt = 100,
         prototype_fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
     ):
-        if not 0 < prototype_fraction <= 1:
-            raise UserError(f"method.prototype_fraction={prototype_fraction}; expected a value in (0, 1]")
-        if not 0 <= momentum <= 1:
-            raise UserError(f"method.momentum={momentum}; expected a value in [0, 1]")
         self.alpha = alpha
         self.momentum = momentum
         self.modulation_starts = modulation_starts

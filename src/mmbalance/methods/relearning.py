@@ -11,7 +11,6 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveInt
 from mmbalance.engine.evaluation import collect_features
-from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
@@ -111,12 +110,6 @@ class Relearning(Method):
         kmeans_seed: NonNegativeInt = 0,
         reset_momentum: bool = False,
     ):
-        if reinit_epoch < 1:
-            raise UserError(f"method.reinit_epoch={reinit_epoch}; expected a positive number of epochs")
-        if reinit_num < 0:
-            raise UserError(f"method.reinit_num={reinit_num}; expected >= 0")
-        if kmeans_n_init < 1:
-            raise UserError(f"method.kmeans_n_init={kmeans_n_init}; expected >= 1")
         self.move_lambda = move_lambda
         self.reinit_epoch = reinit_epoch
         self.reinit_num = reinit_num

@@ -19,12 +19,11 @@ from torch import Tensor, nn
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
 
 CACHE_FORMAT = 1
-OPTIMIZERS = ("same", "sgd", "adam", "adamw")
 _SIMPLE = (bool, int, float, str, tuple, type(None))
 
 
@@ -118,11 +117,6 @@ class UMT(Method):
         teacher_weight_decay: NonNegativeFloat | None = None,
         cache: bool = True,
     ):
-        require_choice("teacher_optimizer", teacher_optimizer, OPTIMIZERS)
-        if teacher_epochs is not None and teacher_epochs < 1:
-            raise UserError(f"method.teacher_epochs={teacher_epochs}; expected at least 1 (or null for trainer.epochs)")
-        if scaling < 0:
-            raise UserError(f"method.scaling={scaling}; expected >= 0")
         self.scaling = float(scaling)
         self.teacher_epochs = teacher_epochs
         self.teacher_optimizer = teacher_optimizer

@@ -14,13 +14,11 @@ from torch.utils.data import Dataset
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, Range
 from mmbalance.engine.evaluation import eval_mode
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, require_choice
+from mmbalance.methods.base import Method
 from mmbalance.metrics.shapley import coalitions
 from mmbalance.models.multimodal import Output, mask_modalities
 
 log = logging.getLogger("mmbalance")
-
-VARIANTS = ("sample", "modality")
 
 
 def shapley_matrix(modalities: list[str]) -> tuple[list[frozenset[str]], Tensor]:
@@ -180,14 +178,9 @@ class Valuation(Method):
         alpha: NonNegativeFloat = 1.0,
         part_ratio: Annotated[float, Range(gt=0, le=1)] = 0.2,
     ):
-        require_choice("variant", variant, VARIANTS)
-        if warmup < 0:
-            raise UserError(f"method.warmup={warmup}; expected >= 0")
         thresholds = tuple(float(t) for t in thresholds)
         if len(thresholds) != 3 or not thresholds[0] >= thresholds[1] >= thresholds[2]:
             raise UserError(f"method.thresholds={list(thresholds)}; expected three decreasing numbers (t0, t1, t2)")
-        if not 0 < part_ratio <= 1:
-            raise UserError(f"method.part_ratio={part_ratio}; expected a fraction in (0, 1]")
         self.variant = variant
         self.warmup = warmup
         self.full_value = full_value
