@@ -9,9 +9,11 @@ and is rewritten whole, with a provenance line (the command, the date, torch, th
     methods  every registered method and the hybrid configs on the demo, 3 seeds: accuracy, per-modality accuracy,
              imbalance, training FLOPs and time per epoch relative to the baseline (Re-learning with a schedule
              that fits in 15 epochs)
+    gap      the modality-gap study exactly as the README's command runs it (`sweep=modality_gap`, then
+             `mmbalance gap`), and its plot docs/modality_gap.png
 
 Usage:
-    python benchmarks/readme_tables.py [--only demo,curve,methods] [--out DIR] [--reuse DIR] [--methods a,b]
+    python benchmarks/readme_tables.py [--only demo,curve,methods,gap] [--out DIR] [--reuse DIR] [--methods a,b]
 
 --out DIR is where the sweeps go (default multirun/readme_tables/<date>_<time>, a new folder each time: nothing
 earlier is removed); --reuse DIR re-reads the sweeps already in DIR and trains only what is missing (a sweep re-run
@@ -33,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 CURVE_PNG = REPO / "docs" / "balance_curve_ogm_ge.png"
-SECTIONS = ("demo", "curve", "methods")
+GAP_PNG = REPO / "docs" / "modality_gap.png"
+SECTIONS = ("demo", "curve", "methods", "gap")
 # every sweep runs as `make run` does (conf/sweep/demo.yaml): two runs at a time, one thread each, so the three
 # tables share their numbers (the demo's rows = the method table's rows) and a run's digits do not depend on the
 # section it was made for; time per epoch is then measured beside one other run, on its own core
@@ -85,15 +88,31 @@ def sweep(out: Path, overrides: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------ tables
 
 
+def first_table(markdown: str) -> str:
+    """The first markdown table of a text."""
+    lines = markdown.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[first:end])
+
+
 def demo_table(demo: Path) -> str:
     """The table `mmbalance report DEMO` writes first into summary.md (the one `make run` prints)."""
     from mmbalance.analysis.report import write_report
 
     write_report([demo], out_dir=demo / "report")
-    lines = (demo / "report" / "summary.md").read_text(encoding="utf-8").splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return "\n".join(lines[first:end])
+    return first_table((demo / "report" / "summary.md").read_text(encoding="utf-8"))
+
+
+def gap_table(gap: Path) -> str:
+    """The table `mmbalance gap GAP` writes into modality_gap.md; its plot becomes docs/modality_gap.png."""
+    import shutil
+
+    from mmbalance.analysis.modality_gap import write_gap_report
+
+    result = write_gap_report([gap], out_dir=gap / "report")
+    shutil.copyfile(result["png"], GAP_PNG)
+    return first_table(result["markdown"])
 
 
 def curve_table(curve: Path, demo: Path) -> str:
@@ -177,7 +196,7 @@ def table_methods(selected: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(SECTIONS), help="sections to regenerate: demo,curve,methods")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="sections to regenerate: demo,curve,methods,gap")
     parser.add_argument("--out", type=Path, help="a new folder for the sweeps (default multirun/readme_tables/<time>)")
     parser.add_argument("--reuse", type=Path, metavar="DIR", help="complete and re-read the sweeps of an earlier run")
     parser.add_argument("--methods", help="only these methods in the method table (a quick look; not for the README)")
@@ -218,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             print(body)
             return 0
         text = replace_section(text, "methods", body + "\n\n" + provenance(command))
+    if "gap" in only:
+        sweep(out / "modality_gap", ["sweep=modality_gap", f"seed={args.seeds}"])
+        text = replace_section(text, "gap", gap_table(out / "modality_gap") + "\n\n" + provenance(command))
     README.write_text(text, encoding="utf-8")
     for name in only:
         print(f"## {name}\n{section(text, name).strip()}\n")
