@@ -571,6 +571,28 @@ def test_every_preparer_is_a_dataset_config_with_a_prepared_key(capsys):
     assert set(choices) == {c.dataset for c in PREPARED}
 
 
+@pytest.mark.parametrize("dataset, overrides, problems", [
+    ("synthetic", ["dataset.test_fraction=1.5", "dataset.val_fraction=0", "dataset.num_samples=0",
+                   "dataset.num_classes=1", "dataset.seed=-1", "dataset.shapes={audio:[1,0,16]}"],
+     ["dataset.num_classes=1: expected >= 2", "dataset.num_samples=0: expected >= 1",
+      "dataset.shapes.audio[1]=0: expected >= 1", "dataset.test_fraction=1.5: expected a value in (0, 1)",
+      "dataset.val_fraction=0: expected a value in (0, 1)", "dataset.seed=-1: expected >= 0"]),
+    ("features", ["dataset.path=f.npz", "dataset.test_fraction=1", "dataset.val_fraction=-0.1",
+                  "dataset.split_seed=-2"],
+     ["dataset.test_fraction=1: expected a value in (0, 1)", "dataset.val_fraction=-0.1: expected a value in (0, 1)",
+      "dataset.split_seed=-2: expected >= 0"]),
+])
+def test_an_out_of_range_builder_option_is_refused_by_the_config_check_naming_it(dataset, overrides, problems):
+    """The in-memory builders declare their ranges in their signature, so the check before a run refuses a split
+    fraction outside (0, 1) by name, instead of an empty split or a numpy error later."""
+    from mmbalance.config import validate
+    from mmbalance.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([f"dataset={dataset}", *overrides], fast=False))
+    assert err.value.problems == problems
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the contract
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from mmbalance.data.features import build_features
 from mmbalance.errors import DataError
@@ -47,3 +48,56 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path):
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
         build_features(str(tmp_path / "junk.npz"))
+
+
+@pytest.mark.parametrize("key, array, message", [
+    ("m", np.full((40, 3), "abc"), r"`m` has dtype <U3 \(strings\); expected a modality of numbers"),
+    ("m", np.full((40, 3), b"ab"), r"`m` has dtype \|S2 \(byte strings\)"),
+    ("m", np.ones((40, 2), complex), r"`m` has dtype complex128 \(complex numbers; store the real and imaginary"),
+    ("m", np.zeros((40, 2), "datetime64[s]"), r"`m` has dtype datetime64\[s\] \(dates\)"),
+    ("m", np.array([[1.0, None]] * 40, dtype=object), r"is not a readable .npz \(`m`: an array of dtype object, "
+                                                       r"which needs pickle \(np.load\(allow_pickle=True\)\), and "
+                                                       r"mmbalance never unpickles a data file"),
+    ("label", np.array(["cat", "dog"] * 20), r"`label` must be a 1-D integer array, got shape \(40,\) dtype <U3; "
+                                            r"class names\? encode them as 0..C-1"),
+    ("split", np.arange(40, dtype=np.int64) % 3, r"`split` must be \(40,\) strings of 'train'/'val'/'test', got shape \(40,\) "
+                                 r"dtype int64 \(unexpected values \['0', '1', '2'\]\)"),
+])
+def test_a_non_numeric_array_is_named_with_its_key_and_dtype(tmp_path, key, array, message):
+    arrays = {"label": np.arange(40) % 2, "a": np.zeros((40, 2)), key: array}
+    f = str(tmp_path / "f.npz")
+    np.savez(f, **arrays)
+    with pytest.raises(DataError, match=message) as err:
+        build_features(f)
+    assert f in str(err.value)
+
+
+def test_bool_and_integer_modalities_are_read_as_float32(tmp_path):
+    f = write(tmp_path / "f.npz", label=np.arange(40) % 2, flags=np.arange(80).reshape(40, 2) % 3 == 0,
+              counts=np.arange(80, dtype=np.uint8).reshape(40, 2))
+    s = build_features(f, standardize=False)
+    assert s.train[0]["inputs"]["flags"].dtype == s.train[0]["inputs"]["counts"].dtype == torch.float32
+
+
+def test_classes_without_samples_are_warned_about_and_a_classes_key_declares_them(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    label, x = np.array([5, 6, 7] * 20), rng.normal(size=(60, 2))
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        s = build_features(write(tmp_path / "f.npz", label=label, a=x))
+    assert s.num_classes == 8 and s.notes["empty_classes"] == [0, 1, 2, 3, 4]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "classes 0-4 of 0..7 have no sample in any split (the classes are 0..max(label))" in warning
+    assert "macro-F1 averages over all 8 classes with F1 = 0 for each empty one, so it cannot exceed 0.38" in warning
+    assert "np.unique(label, return_inverse=True)" in warning and "save their names as `classes`" in warning
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmbalance"):  # re-encoded: no gap, no warning
+        s = build_features(write(tmp_path / "g.npz", label=label - 5, a=x, classes=np.array(["fear", "joy", "sad"])))
+    assert s.num_classes == 3 and s.class_names == ["fear", "joy", "sad"] and "empty_classes" not in s.notes
+    assert not caplog.records
+    s = build_features(write(tmp_path / "h.npz", label=label, a=x, classes=np.array(list("abcdefghij"))))
+    assert s.num_classes == 10 and s.notes["empty_classes"] == [0, 1, 2, 3, 4, 8, 9]
+    with pytest.raises(DataError, match=r"`label` goes up to 7, but `classes` lists 3 classes; expected labels 0..2"):
+        build_features(write(tmp_path / "i.npz", label=label, a=x, classes=np.array(list("abc"))))
+    with pytest.raises(DataError, match=r"`classes` must be a 1-D array of distinct class names"):
+        build_features(write(tmp_path / "j.npz", label=label - 5, a=x, classes=np.array(list("aab"))))

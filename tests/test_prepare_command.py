@@ -68,3 +68,30 @@ def test_prepared_folder_round_trip_and_errors_name_the_file(tmp_path):
     assert option_path(tmp_path, None) is None and option_path(tmp_path, "a/b") == tmp_path / "a" / "b"
     with pytest.raises(DataError, match=r"dataset.train_split: split file '.*nope.csv' does not exist"):
         option_path(tmp_path, "nope.csv", "train_split", "split file")
+
+
+def test_a_prepare_that_stops_with_an_error_still_writes_the_report_its_message_cites(tmp_path):
+    """Every clip's video is junk: prepare stops ("no usable clip"), and the report it points to exists and lists
+    each file with its reason, so the reasons are not lost with the run."""
+    import re
+
+    import pytest
+
+    from mmbalance.data.prepare import run_prepare
+    from mmbalance.errors import DataError
+
+    names = ["1001_DFA_ANG_XX", "1002_IEO_HAP_HI", "1003_ITS_SAD_LO"]
+    for folder, suffix in (("AudioWAV", ".wav"), ("VideoFlash", ".flv")):
+        (tmp_path / "raw" / folder).mkdir(parents=True)
+        for name in names:
+            (tmp_path / "raw" / folder / f"{name}{suffix}").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"cremad: no usable clip .*\(3 clips listed, 3 missing or unreadable files "
+                                        r"skipped\); the reasons are listed in ") as err:
+        run_prepare("cremad", tmp_path / "raw", tmp_path / "out", progress=False)
+    report = re.search(r"listed in (\S+)$", str(err.value)).group(1)
+    lines = open(report).read().splitlines()
+    assert [line.split("\t")[0] for line in lines[:-1]] == [str(tmp_path / "raw" / "VideoFlash" / f"{n}.flv")
+                                                          for n in names]
+    assert all("cannot decode video" in line for line in lines[:-1])
+    assert lines[-1].startswith("# prepare cremad stopped with an error before finishing")
+    assert not (tmp_path / "out" / "prepare_summary.json").exists()  # nothing claims success

@@ -55,6 +55,7 @@ NonNegativeFloat = Annotated[float, Range(ge=0)]         # strengths and loss we
 Probability = Annotated[float, Range(ge=0, le=1)]        # probabilities, shares, mixing weights
 PositiveInt = Annotated[int, Range(ge=1)]                # counts and periods
 NonNegativeInt = Annotated[int, Range(ge=0)]             # 0-based epochs, epoch counts (0 = none)
+Fraction = Annotated[float, Range(gt=0, lt=1)]           # a held-out share of a split (neither none nor all)
 
 
 # ---- values against type hints (config validation and method constructors) ----

@@ -1,21 +1,29 @@
-"""Bring your own features: one .npz file with `label`, optional `split`, and one array per modality."""
+"""Bring your own features: one .npz file with `label`, optional `split` and `classes`, and one numeric array per
+modality (docs/datasets.md#your-own-features-features)."""
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmbalance.constraints import Fraction, NonNegativeInt
 from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
 from mmbalance.data.finite import check_arrays
 from mmbalance.errors import DataError
 
+log = logging.getLogger("mmbalance")
+
 FORMAT = (
-    "an .npz with `label` (N,) integer classes, optional `split` (N,) of 'train'/'val'/'test', "
-    "and every other key a modality of shape (N, D) or (N, T, D)"
+    "an .npz with `label` (N,) integer classes, optional `split` (N,) of 'train'/'val'/'test', optional "
+    "`classes` (C,) class names, and every other key a numeric modality of shape (N, D) or (N, T, D)"
 )
+# what a modality array of another dtype kind holds (numpy's dtype.kind); bool, int and float are read as float32
+NOT_NUMBERS = {"U": "strings", "S": "byte strings", "c": "complex numbers; store the real and imaginary parts as "
+               "separate features", "M": "dates", "m": "time spans", "V": "structured records"}
 
 
 def read_npz(file: Path) -> dict[str, np.ndarray]:
@@ -35,23 +43,35 @@ def read_npz(file: Path) -> dict[str, np.ndarray]:
     else:
         try:
             with np.load(file, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
+                arrays, pickled = {}, []
+                for key in data.files:
+                    try:
+                        arrays[key] = data[key]
+                    except ValueError as exc:
+                        if "Object arrays" not in str(exc):
+                            raise
+                        pickled.append(key)
+            if not pickled:
+                return arrays
+            # object arrays load only through pickle, which can run code from the file: never enabled here
+            found = (f"{', '.join(f'`{k}`' for k in pickled)}: an array of dtype object, which needs pickle "
+                     "(np.load(allow_pickle=True)), and mmbalance never unpickles a data file, since pickle can run "
+                     "code from it; save numbers as a numeric array (np.asarray(x, dtype=np.float32)), `split` and "
+                     "`classes` as strings (dtype '<U')")
         except EOFError:
             found = "a truncated file"
         except zipfile.BadZipFile as exc:
             found = f"a truncated or damaged zip archive ({exc})"
         except (OSError, ValueError, KeyError, zipfile.LargeZipFile, NotImplementedError) as exc:
             found = str(exc)  # numpy's own words
-            if "Object arrays" in found:  # object arrays load only through pickle, which runs code from the file
-                found = "an array of dtype object, which needs pickle; save strings as a '<U' array, numbers as numbers"
     raise DataError(f"dataset.path: features file {str(file)!r} is not a readable .npz ({found}); expected {FORMAT}")
 
 
 def build_features(
     path: str,
-    test_fraction: float = 0.2,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
+    test_fraction: Fraction = 0.2,
+    val_fraction: Fraction = 0.1,
+    split_seed: NonNegativeInt = 0,
     modalities: list[str] | None = None,
     standardize: bool = True,
 ) -> DataSplits:
@@ -74,20 +94,38 @@ def build_features(
         raise DataError(f"{file}: no `label` array (found {sorted(arrays)}); expected {FORMAT}")
     labels = arrays.pop("label")
     split = arrays.pop("split", None)
+    class_names = arrays.pop("classes", None)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{file}: `label` must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
-    if labels.min() < 0:
-        raise DataError(f"{file}: `label` has negative values; expected classes 0..C-1")
+        hint = ("; class names? encode them as 0..C-1, e.g. `names, label = np.unique(label, return_inverse=True)`, "
+                "and save the names as `classes`" if labels.dtype.kind in "USO" else "")
+        raise DataError(f"{file}: `label` must be a 1-D integer array, got shape {labels.shape} dtype "
+                        f"{labels.dtype}{hint}")
+    if not len(labels) or labels.min() < 0:
+        raise DataError(f"{file}: `label` {'is empty' if not len(labels) else 'has negative values'}; expected "
+                        "classes 0..C-1, one per sample")
+    num_classes = int(labels.max()) + 1
+    if class_names is not None:  # the file's own class list: its length is C, its entries the names
+        if class_names.ndim != 1 or len(set(class_names.tolist())) != len(class_names):
+            raise DataError(f"{file}: `classes` must be a 1-D array of distinct class names, got shape "
+                            f"{class_names.shape} dtype {class_names.dtype} with "
+                            f"{len(set(class_names.ravel().tolist()))} distinct values")
+        if len(class_names) < num_classes:
+            raise DataError(f"{file}: `label` goes up to {num_classes - 1}, but `classes` lists {len(class_names)} "
+                            f"classes; expected labels 0..{len(class_names) - 1}")
+        num_classes = len(class_names)
     n = len(labels)
     names = list(modalities) if modalities else list(arrays)
     if not names:
-        raise DataError(f"{file}: no modality arrays besides `label`/`split`; expected {FORMAT}")
+        raise DataError(f"{file}: no modality arrays besides `label`/`split`/`classes`; expected {FORMAT}")
     specs = {}
     for name in names:
         if name not in arrays:
             raise DataError(f"dataset.modalities: {name!r} is not in {file} (found {sorted(arrays)})")
         x = arrays[name]
-        if x.shape[0] != n or x.ndim not in (2, 3):
+        if x.dtype.kind not in "biuf":
+            raise DataError(f"{file}: `{name}` has dtype {x.dtype} ({NOT_NUMBERS.get(x.dtype.kind, 'not numbers')}); "
+                            "expected a modality of numbers (float, int or bool, read as float32)")
+        if x.ndim not in (2, 3) or x.shape[0] != n:
             raise DataError(f"{file}: `{name}` has shape {x.shape}; expected ({n}, D) or ({n}, T, D)")
         if x.dtype not in (np.float16, np.float32):
             # what the model sees (samples are read as float32): a float64 value past 3.4e38 is Inf there, so the
@@ -100,10 +138,12 @@ def build_features(
         train_val, test = stratified_split(labels, test_fraction, split_seed)
         val_source = f"carved from the file (stratified: test {test_fraction:.0%}, val {val_fraction:.0%})"
     else:
+        found = split.dtype
         split = split.astype(str)
-        unknown = sorted(set(split) - {"train", "val", "test"})
-        if len(split) != n or unknown:
-            raise DataError(f"{file}: `split` must be (N,) of 'train'/'val'/'test' (unexpected {unknown})")
+        unknown = sorted(set(split.ravel().tolist()) - {"train", "val", "test"})
+        if split.shape != (n,) or unknown:
+            raise DataError(f"{file}: `split` must be ({n},) strings of 'train'/'val'/'test', got shape {split.shape} "
+                            f"dtype {found} (unexpected values {unknown[:5]})")
         train_val = np.flatnonzero(split != "test")
         test = np.flatnonzero(split == "test")
         if not len(test):
@@ -125,9 +165,30 @@ def build_features(
             mean, std = rows.mean(0), rows.std(0)
             std[std == 0] = 1.0
             full.inputs[m] = torch.as_tensor(((x - mean) / std).astype(np.float32))
-    num_classes = int(labels.max()) + 1
+    notes = {"standardize": "per feature, train-split mean and std" if standardize else "off"}
+    empty = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if empty:  # usually an off label encoding (1-based, a subset's original ids); macro-F1 pays for it
+        notes["empty_classes"] = empty
+        declared = class_names is not None
+        log.warning("%s: classes %s of 0..%d have no sample in any split (the classes are %s); macro-F1 averages "
+                    "over all %d classes with F1 = 0 for each empty one, so it cannot exceed %.2f. If the labels "
+                    "are not 0..C-1, re-encode them (np.unique(label, return_inverse=True))%s", file, _ranges(empty),
+                    num_classes - 1, "the file's `classes`" if declared else "0..max(label)", num_classes,
+                    1 - len(empty) / num_classes, "" if declared else "; to declare the classes, save their names "
+                    "as `classes`")
+    label_names = [str(c) for c in (class_names if class_names is not None else range(num_classes))]
     return DataSplits(
-        full.subset(train), full.subset(val), full.subset(test), specs, num_classes,
-        [str(c) for c in range(num_classes)], val_source=val_source,
-        notes={"standardize": "per feature, train-split mean and std" if standardize else "off"},
+        full.subset(train), full.subset(val), full.subset(test), specs, num_classes, label_names,
+        val_source=val_source, notes=notes,
     )
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 4] -> '0-2, 4': a long list of empty classes stays one readable line."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

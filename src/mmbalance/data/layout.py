@@ -22,7 +22,7 @@ from pathlib import Path
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import SPLITS, AudioReader, Clip, FrameReader, clip_splits, write_clip_cache
-from mmbalance.data.prepare import CACHE_META, MANIFEST, SUMMARY, PreparedFolder, resolve_prepared
+from mmbalance.data.prepare import CACHE_META, MANIFEST, REPORT, SUMMARY, PreparedFolder, resolve_prepared
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -446,9 +446,12 @@ def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], c
         return {**summary, **stats, "shard": f"{i}/{n}", "shard_clips": len(clips[i::n]),
                 "next_step": f"when every shard is done, run `mmbalance prepare {dataset}` again without shard: it "
                              "skips what was extracted and writes manifest.csv and the cache"}
+    listed = len(clips)
     clips, kinds, stats = extract_media(ctx, clips, kinds, **extraction)
-    if not clips:
-        raise DataError(f"{dataset}: no usable clip under {str(ctx.root)!r}; see {ctx.out / 'prepare_report.txt'}")
+    if not clips:  # run_prepare writes the report also when this stops it
+        raise DataError(f"{dataset}: no usable clip under {str(ctx.root)!r} ({listed} clips listed, "
+                        f"{len(ctx.problems)} missing or unreadable files skipped); the reasons are listed in "
+                        f"{ctx.out / REPORT}")
     out = Path(ctx.out).resolve()
 
     def rel(path: str) -> str:  # inside the prepared folder: relative, so the folder can be moved

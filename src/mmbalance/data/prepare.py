@@ -228,6 +228,16 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def write_report(ctx: PrepareContext, stopped: bool = False) -> None:
+    """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none; when the
+    preparer `stopped` with an error, the problems recorded until then and a last line saying so."""
+    report = [f"{p}\t{why}" for p, why in ctx.problems] or ["# no missing or unreadable media"]
+    if stopped:
+        report.append(f"# prepare {ctx.dataset} stopped with an error before finishing; this lists the problems "
+                      "recorded until then")
+    ctx.folder.write_text(REPORT, "\n".join(report) + "\n")
+
+
 def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, workers: int = 1,
                 force: bool = False, progress: bool = True, **options) -> dict:
     """Programmatic `mmbalance prepare`: returns the summary (also saved as prepare_summary.json)."""
@@ -240,10 +250,12 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
         raise DataError(f"--root {str(root)!r} is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    summary = dict(fn(ctx, **options) or {})
-    # prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none
-    report = [f"{p}\t{why}" for p, why in ctx.problems] or ["# no missing or unreadable media"]
-    ctx.folder.write_text(REPORT, "\n".join(report) + "\n")
+    try:
+        summary = dict(fn(ctx, **options) or {})
+    except BaseException:  # an error (or Ctrl-C) may cite the report ("no usable clip"): keep what was found
+        write_report(ctx, stopped=True)
+        raise
+    write_report(ctx)
     summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems),
                    report=str(out / REPORT), seconds=round(time.time() - started, 2))
     ctx.folder.write_json(SUMMARY, summary)

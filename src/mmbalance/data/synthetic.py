@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
 import numpy as np
 
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveInt, Range
 from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
 from mmbalance.data.finite import check_arrays
 from mmbalance.errors import UserError
@@ -21,13 +23,13 @@ DEFAULT_SHAPES = {
 
 def build_synthetic(
     modalities: Mapping[str, str] | None = None,
-    num_classes: int = 4,
-    num_samples: int = 240,
+    num_classes: Annotated[int, Range(ge=2)] = 4,
+    num_samples: PositiveInt = 240,
     signal: Mapping[str, float] | None = None,
-    shapes: Mapping[str, list[int]] | None = None,
-    test_fraction: float = 0.25,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    shapes: Mapping[str, list[PositiveInt]] | None = None,
+    test_fraction: Fraction = 0.25,
+    val_fraction: Fraction = 0.1,
+    seed: NonNegativeInt = 0,
 ) -> DataSplits:
     """x_m = signal_m * prototype_m[y] + N(0, 1), one fixed random prototype per class and modality.
 

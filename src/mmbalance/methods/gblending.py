@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from mmbalance.constraints import PositiveFloat, PositiveInt, Range
+from mmbalance.constraints import Fraction, PositiveFloat, PositiveInt
 from mmbalance.data.batch import stratified_split
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
@@ -125,7 +125,7 @@ class GBlending(Method):
     def __init__(
         self,
         super_epoch: PositiveInt = 10,
-        holdout_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.08,
+        holdout_fraction: Fraction = 0.08,
         estimator: Literal["trajectory", "trial"] = "trajectory",
         unimodal_heads: Literal["aux", "slice"] = "aux",
         gain_floor: PositiveFloat = 1e-4,

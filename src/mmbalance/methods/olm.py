@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from mmbalance.constraints import NonNegativeInt, PositiveFloat, Range
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.methods.gblending import split_holdout
@@ -140,7 +140,7 @@ class OLM(Method):
     def __init__(
         self,
         variant: Literal["heldout", "train"] = "heldout",
-        holdout_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.2,
+        holdout_fraction: Fraction = 0.2,
         weight_lr: PositiveFloat = 1e-3,
         reference_epochs: NonNegativeInt = 1,
         target: Literal["total", "mean"] = "total",
