@@ -54,7 +54,7 @@ def test_probe_is_seeded_and_scale_free():
 
 
 def make_run(root, name, method, seed, modality=None, dataset="synthetic", num_samples=96, status="completed",
-             modalities=("audio", "visual")):
+             modalities=("audio", "visual"), **recipe):
     run_dir = root / name
     run_dir.mkdir(parents=True)
     method_cfg = {"_target_": f"mmbalance.methods.{method}.X"}
@@ -64,7 +64,7 @@ def make_run(root, name, method, seed, modality=None, dataset="synthetic", num_s
         "status": status,
         "choices": {"dataset": dataset, "method": method, "backbone": "small"},
         "config": {"seed": seed, "dataset": {"num_samples": num_samples, "seed": 0}, "method": method_cfg,
-                   "backbone": {"fusion": "concat"}, "masking": "input"},
+                   "backbone": {"fusion": "concat"}, "masking": "input", **recipe},
         "seed": seed,
         "modalities": [modality] if modality else list(modalities),
         "metrics": {"test/acc": 0.5},
@@ -127,6 +127,31 @@ def test_ambiguous_unimodal_runs_are_refused(tmp_path):
         _pairs(tmp_path)
 
 
+def test_pairs_trained_with_different_recipes_are_kept_and_named(tmp_path, caplog):
+    sgd = {"optimizer": {"name": "sgd", "lr": 0.01}, "trainer": {"epochs": 2, "batch_size": 64}}
+    adam = {"optimizer": {"name": "adam", "lr": 0.01}, "trainer": {"epochs": 1, "batch_size": 64}}
+    make_run(tmp_path, "b0", "baseline", 0, **sgd)
+    make_run(tmp_path, "a0", "unimodal", 0, "audio", **adam)
+    make_run(tmp_path, "v0", "unimodal", 0, "visual", **sgd)
+    with caplog.at_level("WARNING"):
+        pairs, _ = _pairs(tmp_path)
+    differ = {p.modality: p.recipe_differences for p in pairs}
+    # still paired (the rule is the dataset config and the seed), but the differing keys are named
+    assert differ == {"audio": ["optimizer.name", "trainer.epochs"], "visual": []}
+    assert "differ in optimizer.name, trainer.epochs" in caplog.text and "a0" in caplog.text
+
+
+def test_out_naming_an_existing_file_is_a_clear_error_before_probing(tmp_path, capsys):
+    for name, method, modality in [("b0", "baseline", None), ("a0", "unimodal", "audio"), ("v0", "unimodal", "visual")]:
+        run = make_run(tmp_path / "runs", name, method, 0, modality)
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "best.pt").write_bytes(b"")  # never read: the output folder is checked first
+    (tmp_path / "out.txt").write_text("")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "out.txt") in err and "not a folder" in err
+
+
 def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     make_run(tmp_path, "b0", "baseline", 0)
     make_run(tmp_path, "a0", "unimodal", 0, "audio")
@@ -187,3 +212,19 @@ def test_intermediate_fusion_method_is_refused(tiny_sweep, tmp_path):
     torch.save(state, ckpt)
     with pytest.raises(UserError, match="replaces the model in its setup.*late_fusion=False"):
         write_gap_report([root], tmp_path / "out")
+
+
+def test_gap_output_names_pairs_with_different_recipes(tiny_sweep, tmp_path):
+    import shutil
+
+    root = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, root)
+    record = root / "1" / "metrics.json"  # the audio-alone run, as if trained for another number of epochs
+    data = json.loads(record.read_text())
+    data["config"]["trainer"]["epochs"] += 1
+    record.write_text(json.dumps(data))
+    result = write_gap_report([root], tmp_path / "out", ProbeSettings(steps=5))
+    rows = result["rows"].set_index("modality")
+    assert rows.at["audio", "recipe_differences"] == "trainer.epochs" and rows.at["visual", "recipe_differences"] == ""
+    assert "**Warning:** 1 pair(s)" in result["markdown"]
+    assert f"- `{root / '0'}` and `{root / '1'}` (audio): trainer.epochs" in result["markdown"]

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from mmbalance.analysis.report import format_runs_table, load_runs, main, summarize, write_report
@@ -259,3 +260,125 @@ def test_runs_listing_groups_the_not_completed_runs_by_status(mixed_statuses):
     assert "5 run(s) not completed (1 failed, 1 interrupted, 2 running, 1 unreadable):" in text
     listed = [line.split(":")[0].strip() for line in text.split("not completed")[1].splitlines()[1:]]
     assert listed == ["failed", "interrupted", "running", "running", "unreadable"]
+
+
+# ------------------------------------------------------------------------------ what separates and counts runs
+
+
+def _features_config(run_dir, path, seed=0, **dataset):
+    return {"seed": seed, "dataset": {"_target_": "mmbalance.data.features.build_features", "path": path,
+                                      "split_seed": 0, **dataset},
+            "method": {"_target_": "mmbalance.methods.baseline"}, "paths": {"output_dir": str(run_dir)}}
+
+
+def test_runs_on_different_data_files_are_different_variants(tmp_path):
+    for name, acc in [("good", 0.9), ("const", 0.3), ("singleton", 0.57)]:
+        make_run(tmp_path, name, dataset="features", metrics=m(acc),
+                 config=_features_config(tmp_path / name, f"/tmp/x/{name}.npz"))
+    s = summarize(load_runs([tmp_path]))
+    assert list(s["variant"]) == ["path=/tmp/x/const.npz", "path=/tmp/x/good.npz", "path=/tmp/x/singleton.npz"]
+    assert list(s["n"]) == [1, 1, 1]
+    # where a run writes (its folder, a cache) is bookkeeping: the same data elsewhere is the same experiment
+    for seed in (0, 1):
+        run = tmp_path / "same" / str(seed)
+        make_run(tmp_path / "same", str(seed), seed=seed, dataset="features", metrics=m(0.9),
+                 config=_features_config(run, "/data/f.npz", seed, cache_dir=f"/cache/{seed}"))
+    s = summarize(load_runs([tmp_path / "same"]))
+    assert list(zip(s["variant"], s["n"])) == [("", 2)]
+
+
+def test_nearby_hyper_parameter_values_stay_apart(tmp_path):
+    for i, alpha in enumerate([0.1000001, 0.1000002, 0.5, 0.3]):
+        make_run(tmp_path, str(i), method="ogm_ge", alpha=alpha, metrics=m(0.9))
+    s = summarize(load_runs([tmp_path]))
+    assert list(zip(s["variant"], s["n"])) == [("alpha=0.1000001", 1), ("alpha=0.1000002", 1), ("alpha=0.3", 1),
+                                               ("alpha=0.5", 1)]
+
+
+def test_repeated_runs_count_once_and_are_listed(tmp_path, caplog):
+    import shutil
+
+    first = make_run(tmp_path / "a", "ref6", metrics=m(0.944))
+    shutil.copytree(first, tmp_path / "a" / "k6")
+    shutil.copytree(first, tmp_path / "a" / "c1")
+    with caplog.at_level("WARNING"):
+        result = write_report([tmp_path / "a"], out_dir=tmp_path / "out")
+    assert "2 completed run(s) repeat" in caplog.text
+    row = result["summary"].iloc[0]
+    assert (row["n"], row["n_repeated"], row["seeds"]) == (1, 2, "0")
+    assert math.isnan(row["test/acc.std"])  # one sample: no spread of 0.0 from copies
+    runs = result["runs"].set_index("run_dir")
+    c1 = str(tmp_path / "a" / "c1")  # the first by path counts
+    assert runs["repeat_of"].isna().sum() == 1 and pd.isna(runs.at[c1, "repeat_of"])
+    assert runs.at[str(first), "repeat_of"] == c1
+    md = result["markdown"]
+    assert "3 run(s): 3 completed (2 of them repeats, not counted)." in md and "**Warning:**" in md
+    assert "| baseline | – | 1 (+2 repeated) | 94.4 ± – |" in md
+    assert f"## Repeated runs (not counted)\n\n- `{tmp_path / 'a' / 'k6'}` (baseline seed=0): repeats `{c1}`" in md
+    text = format_runs_table(result["runs"])
+    assert sum(line.startswith("baseline") for line in text.splitlines()) == 1 and "repeats " + c1 in text
+
+    # the same 2-seed sweep run twice counts 2 seeds; another split seed is a sample of its own
+    for sweep in ("sw1", "sw2"):
+        for seed in (0, 1):
+            make_run(tmp_path / "b" / sweep, str(seed), seed=seed, metrics=m(0.9 + seed / 100))
+    cfg = _config("baseline", 0, tmp_path / "b" / "split")
+    cfg["dataset"]["split_seed"] = 7
+    make_run(tmp_path / "b", "split", config=cfg, metrics=m(0.95))
+    row = summarize(load_runs([tmp_path / "b" / "sw1", tmp_path / "b" / "sw2", tmp_path / "b" / "split"])).iloc[0]
+    assert (row["n"], row["n_repeated"], row["seeds"]) == (3, 2, "0 1")
+
+
+def test_unknown_statuses_and_completed_runs_without_metrics(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.json").write_text("{}")
+    make_run(tmp_path, "no_metrics", seed=1)  # "completed" without a metrics field
+    run = make_run(tmp_path, "null_metrics", seed=2)
+    data = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**data, "metrics": None}))
+    make_run(tmp_path, "ok", metrics=m(0.9))
+    df = load_runs([tmp_path])
+    assert sorted(df["status"]) == ["completed", "unknown", "unknown", "unknown"]
+    s = summarize(df)
+    assert len(s) == 1 and (s["n"].iloc[0], s["n_unknown"].iloc[0], s["n_failed"].iloc[0]) == (1, 2, 0)
+    md = write_report([tmp_path])["markdown"]
+    assert "4 run(s): 1 completed, 3 unknown." in md and "+1 failed" not in md
+    assert "| baseline | – | 1 (+2 unknown) |" in md and "## ?" not in md  # `{}` names no group
+    assert f"- unknown: `{run}` (baseline seed=2): recorded as completed, but without metrics" in md
+    assert f"- unknown: `{tmp_path / 'empty'}` (?): no status recorded" in md
+
+
+def test_out_naming_an_existing_file_is_one_clear_error(sweep, tmp_path, capsys):
+    file = tmp_path / "report.txt"
+    file.write_text("keep me")
+    assert main([str(sweep), "--out", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(file) in err and "not a folder" in err and "Traceback" not in err
+    assert file.read_text() == "keep me"
+
+
+def test_flops_not_measured_show_a_dash_and_are_left_out_of_means(tmp_path):
+    make_run(tmp_path, "b0", metrics=m(0.9, flops=None))
+    make_run(tmp_path, "b1", seed=1, metrics=m(0.9, flops=None))
+    for seed, flops in enumerate([2e12, None, 0.0]):  # seed 2: eval.flops=false, recorded as 0.0 by today's trainer
+        cfg = _config("ogm_ge", seed, tmp_path / f"o{seed}")
+        cfg["eval"] = {"flops": seed != 2}
+        make_run(tmp_path, f"o{seed}", method="ogm_ge", seed=seed, config=cfg, metrics=m(0.9, flops=flops))
+    result = write_report([tmp_path])
+    s = result["summary"].set_index("method")
+    assert math.isnan(s.at["baseline", "flops/train_total.mean"])
+    assert list(s["variant"]) == ["", ""]  # measuring FLOPs or not is no variant
+    assert (s.at["ogm_ge", "n"], s.at["ogm_ge", "flops/train_total.n"]) == (3, 1)
+    assert s.at["ogm_ge", "flops/train_total.mean"] == 2e12  # not (2e12 + 0) / 2
+
+    def flops_cell(md, start):
+        return md.split(start)[1].split("\n")[0].rsplit("|", 2)[1].strip()
+
+    md = result["markdown"]
+    assert flops_cell(md, "| baseline | – | 2 |") == "–"
+    assert flops_cell(md, "| ogm_ge | – | 3 |") == "2.00 ± – (n=1)"
+    lines = format_runs_table(result["runs"]).splitlines()
+    flops_column = [line.split()[-1] for line in lines if line.startswith(("baseline", "ogm_ge"))]
+    assert flops_column == ["–", "–", "2.00", "–", "–"]
+    bench = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
+    assert "0.00×" not in bench and flops_cell(bench, "| baseline | baseline |") == "–"

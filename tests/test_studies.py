@@ -22,11 +22,11 @@ FAMILY = {"baseline": "reference", "unimodal": "reference", "valuation": "data",
 
 
 def make_run(root, name, *, method, seed, acc, f1=None, imb=0.2, flops=1e12, dataset="dsA", history=None,
-             trainer=None, **method_params):
+             trainer=None, status="completed", epochs=None, **method_params):
     run_dir = root / name
     run_dir.mkdir(parents=True)
     data = {
-        "status": "completed",
+        "status": status,
         "choices": {"dataset": dataset, "method": method, "backbone": "small"},
         "config": {"seed": seed, "dataset": {"name": dataset}, "trainer": trainer or {},
                    "method": {"_target_": f"mmbalance.methods.{method}", **method_params}},
@@ -35,6 +35,8 @@ def make_run(root, name, *, method, seed, acc, f1=None, imb=0.2, flops=1e12, dat
         "metrics": {"test/acc": acc, "test/macro_f1": acc if f1 is None else f1, "test/imbalance": imb,
                     "test/shapley/audio": 0.5, "test/shapley/image": 0.5 - (imb or 0), "flops/train_total": flops},
     }
+    if epochs is not None:
+        data["metrics"]["epochs"] = epochs
     (run_dir / "metrics.json").write_text(json.dumps(data))
     if history is not None:
         (run_dir / "history.csv").write_text(history)
@@ -148,6 +150,21 @@ def test_no_benchmark_without_a_baseline_and_a_balancing_method(tmp_path):
     assert result["benchmark"] is None and not (tmp_path / "benchmark.md").exists()
     make_run(tmp_path / "more", "2", method="opm", seed=0, acc=0.9)
     assert write_report([tmp_path / "more"])["benchmark"] is None  # no baseline
+
+
+def test_methods_without_a_completed_run_are_left_out_and_named(tmp_path):
+    make_run(tmp_path, "b", method="baseline", seed=0, acc=0.8)
+    make_run(tmp_path, "o", method="ogm_ge", seed=0, acc=0.9, status="failed", alpha=0.3)
+    result = write_report([tmp_path])
+    assert result["benchmark"] is None and not (tmp_path / "benchmark.md").exists()
+    assert "without a completed run: ogm_ge on dsA." in result["markdown"]
+
+    make_run(tmp_path, "p", method="opm", seed=0, acc=0.85)
+    make_run(tmp_path, "o2", method="ogm_ge", seed=0, acc=0.9, status="failed", alpha=0.8)
+    result = write_report([tmp_path])
+    assert "without a completed run: ogm_ge (alpha=0.3) on dsA; ogm_ge (alpha=0.8) on dsA." in result["markdown"]
+    md = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
+    assert "| opm |" in md and "ogm_ge" not in md and "other" not in md
 
 
 # ------------------------------------------------------------------------------------------ balance curves
@@ -338,3 +355,20 @@ def test_balance_curve_sweep_sets_its_method_and_sweeps_its_knob(method):
     assert cfg.method._target_.split(".")[-2] == method and knob in cfg.method
     for value in (values[0], values[-1]):  # the weakest and the strongest setting validate
         validate(compose_cfg([f"sweep=balance_curve_{method}", f"method.{knob}={value}"], fast=False))
+
+
+def test_dynamics_leave_out_history_rows_beyond_the_completed_epochs(tmp_path):
+    # metrics.json records 3 completed epochs (0, 1, 2 in history.csv); the row of epoch 3 is an unfinished
+    # `resume=force` extension, and a copied run repeats seed 0: neither may enter the curve
+    extended = HISTORY[0] + "3,0.7,0.8,0.90,0.00,0.90\n"
+    run = make_run(tmp_path, "0", method="ogm_ge", seed=0, acc=0.8, history=extended, epochs=3, alpha=0.3)
+    make_run(tmp_path, "1", method="ogm_ge", seed=1, acc=0.8, history=HISTORY[1], epochs=3, alpha=0.3)
+    make_run(tmp_path, "2", method="ogm_ge", seed=0, acc=0.8, history=extended, epochs=3, alpha=0.3)  # a repeat
+    from mmbalance.analysis.studies import _history_means
+
+    stats = _history_means([str(run)], [3])
+    assert stats["epoch"].tolist() == [0, 2] and stats.attrs["n_ignored"] == 1
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    assert result["dynamics"] == [tmp_path / "out" / "dynamics_dsA_ogm_ge.png"]
+    assert ("Note: dsA ogm_ge: 1 history.csv row(s) beyond the completed epochs of metrics.json "
+            "(an unfinished extension) left out.") in result["markdown"]

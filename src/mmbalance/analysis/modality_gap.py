@@ -1,9 +1,10 @@
 """`mmbalance gap DIR...`: the modality-gap analysis (the BalanceBenchmark paper's Figure 2).
 
 For every modality: how good is its encoder *inside* a jointly trained model, against the same encoder
-trained *alone* (the `unimodal` run of that modality, same dataset and seed)? Both are measured the same
-way: a linear probe (a fresh `nn.Linear` on the frozen, standardised pooled features, fitted with
-full-batch L-BFGS and a small L2 penalty on the training split, seeded) evaluated on the test split.
+trained *alone* (the `unimodal` run of that modality, same dataset and seed; a pair whose training recipes differ
+in optimizer, schedule, epochs, batch size, backbone or masking is warned about and named in the output)? Both
+are measured the same way: a linear probe (a fresh `nn.Linear` on the frozen, standardised pooled features,
+fitted with full-batch L-BFGS and a small L2 penalty on the training split, seeded) evaluated on the test split.
 The unimodal run's own test accuracy (its trained head) is reported beside it.
 
 The runs come from metrics.json (config, seed, status) and checkpoints/best.pt (last.pt when there is no
@@ -18,17 +19,16 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from mmbalance.analysis.runs import DASH, METHOD_ORDER, load_runs
+from mmbalance.analysis.runs import DASH, METHOD_ORDER, flatten_config, load_runs, natural_key, output_folder
 from mmbalance.errors import UserError
 
 __all__ = ["ProbeSettings", "ProbeResult", "linear_probe", "pair_runs", "probe_run", "write_gap_report", "main"]
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 UNIMODAL = "unimodal"
 CHECKPOINTS = ("best.pt", "last.pt")
+# The training recipe: pairing does not require it to match (the documented rule is dataset config and seed), but
+# a gap between encoders trained differently (2 epochs of SGD against 1 of Adam) is not the modality's alone.
+RECIPE_KEYS = ("optimizer", "scheduler", "trainer.epochs", "trainer.batch_size", "backbone", "masking")
 
 
 # ----------------------------------------------------------------------------------------------- probe
@@ -127,12 +130,6 @@ class RunInfo:
         return f"{self.method} ({self.variant})" if self.variant else self.method
 
 
-def _natural_key(text: str) -> tuple:
-    """Sort `alpha=0.3` before `alpha=1` before `alpha=10`."""
-    tokens = re.split(r"(-?\d+(?:\.\d+)?)", text)
-    return tuple((0, float(t), "") if i % 2 else (1, 0.0, t) for i, t in enumerate(tokens) if t)
-
-
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
@@ -166,13 +163,22 @@ class Pair:
     joint: RunInfo
     modality: str
     alone: RunInfo
+    recipe_differences: list[str] = field(default_factory=list)  # the keys under RECIPE_KEYS whose values differ
+
+
+def _recipe_differences(joint: dict, alone: dict) -> list[str]:
+    flat = [{k: v for k, v in flatten_config(c).items() if any(k == r or k.startswith(r + ".") for r in RECIPE_KEYS)}
+            for c in (joint, alone)]
+    keys = dict.fromkeys([*flat[0], *flat[1]])
+    return [k for k in keys if _canonical(flat[0].get(k, "<absent>")) != _canonical(flat[1].get(k, "<absent>"))]
 
 
 def pair_runs(runs: list[RunInfo], methods: Iterable[str] | None = None) -> list[Pair]:
     """Pair every joint run's modalities with the unimodal run of that modality, same dataset and seed.
 
     Among several matching unimodal runs, the one with the joint run's backbone and masking wins; a
-    remaining tie is an error (the pairing would be a guess). Every problem is reported together.
+    remaining tie is an error (the pairing would be a guess). Every problem is reported together. A pair
+    whose training recipes differ (RECIPE_KEYS) is kept, warned about and names the keys (`recipe_differences`).
     """
     wanted = set(methods) if methods else None
     joint = [r for r in runs if r.method != UNIMODAL and (wanted is None or r.method in wanted)]
@@ -184,7 +190,7 @@ def pair_runs(runs: list[RunInfo], methods: Iterable[str] | None = None) -> list
                         "modality-gap analysis needs a joint run (any method) and a unimodal run per modality")
     pairs, problems = [], []
     for j in sorted(joint, key=lambda r: (r.dataset, METHOD_ORDER.get(r.method, 9), r.method,
-                                          _natural_key(r.variant), -1 if r.seed is None else r.seed)):
+                                          natural_key(r.variant), -1 if r.seed is None else r.seed)):
         mods = j.modalities or list((j.config.get("dataset") or {}).get("modalities") or [])
         for m in mods:
             cands = [a for a in alone if a.unimodal_modality == m and a.dataset == j.dataset
@@ -197,18 +203,17 @@ def pair_runs(runs: list[RunInfo], methods: Iterable[str] | None = None) -> list
                     f"{j.dataset}: {', '.join(have) or 'none'}); train one with "
                     f"`python -m mmbalance dataset={j.dataset} method=unimodal method.modality={m} seed={j.seed}`")
                 continue
-            same_backbone = [a for a in cands if a.backbone_key == j.backbone_key]
-            if same_backbone:
-                cands = same_backbone
-            else:
-                log.warning("%s: the unimodal run of %r uses another backbone or masking than the joint run",
-                            j.run_dir, m)
+            cands = [a for a in cands if a.backbone_key == j.backbone_key] or cands
             if len(cands) > 1:
                 problems.append(f"{j.run_dir} ({j.label}, seed {j.seed}): {len(cands)} unimodal runs of modality "
                                 f"{m!r} match ({', '.join(str(a.run_dir) for a in cands)}); give DIRs that hold one "
                                 f"per modality and seed")
                 continue
-            pairs.append(Pair(j, m, cands[0]))
+            differ = _recipe_differences(j.config, cands[0].config)
+            if differ:
+                log.warning("%s (%s) and its unimodal run of %r, %s, differ in %s: the gap compares different "
+                            "training recipes", j.run_dir, j.label, m, cands[0].run_dir, ", ".join(differ))
+            pairs.append(Pair(j, m, cands[0], differ))
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"cannot pair the joint runs with unimodal runs ({len(problems)} problem(s)):\n{lines}")
@@ -327,6 +332,7 @@ def _rows(pairs: list[Pair], probing: _Probing) -> pd.DataFrame:
             "joint_test_acc": _num(j.metrics.get("test/acc")),
             "probe_joint_train": pj.train_acc, "probe_alone_train": pa.train_acc,
             "joint_run": str(j.run_dir), "alone_run": str(a.run_dir),
+            "recipe_differences": " ".join(p.recipe_differences),
         })
     return pd.DataFrame(rows)
 
@@ -362,7 +368,7 @@ def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± " + (f"{100 * std:.1f}" if np.isfinite(std) else DASH)
 
 
-def _markdown(summary: pd.DataFrame, settings: ProbeSettings, skipped: list[str]) -> str:
+def _markdown(summary: pd.DataFrame, settings: ProbeSettings, skipped: list[str], rows: pd.DataFrame) -> str:
     lines = ["# Modality gap", "",
              "Each modality's encoder inside the jointly trained model against the same encoder trained alone "
              "(the `unimodal` run, same dataset and seed), both measured by a linear probe on the frozen pooled "
@@ -381,6 +387,12 @@ def _markdown(summary: pd.DataFrame, settings: ProbeSettings, skipped: list[str]
             cells += [_pm(r[f"{c}.mean"], r[f"{c}.std"]) for c in STAT_COLS]
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
         lines.append("")
+    differ = rows[rows["recipe_differences"] != ""].drop_duplicates(["joint_run", "alone_run"])
+    if len(differ):
+        lines += [f"**Warning:** {len(differ)} pair(s) of a joint and a unimodal run were trained with different "
+                  "recipes, so their gap is not the modality's alone:", ""]
+        lines += [f"- `{r['joint_run']}` and `{r['alone_run']}` ({r['modality']}): "
+                  + ", ".join(r["recipe_differences"].split()) for _, r in differ.iterrows()] + [""]
     if skipped:
         lines += [f"{len(skipped)} run(s) left out:", ""] + [f"- {s}" for s in skipped] + [""]
     return "\n".join(lines)
@@ -446,14 +458,13 @@ def write_gap_report(paths: Iterable[str | Path], out_dir: str | Path | None = N
     if missing:  # before any probing: say every missing checkpoint at once
         raise UserError(f"{len(missing)} run(s) have no checkpoint (expected checkpoints/best.pt or last.pt); "
                         f"the probe needs the trained encoders: {', '.join(missing)}")
+    out = output_folder(paths, out_dir)  # before the probing: a bad --out fails at once
     probing = _Probing(settings)
     rows = _rows(pairs, probing)
     summary = _summary(rows)
-    out = Path(out_dir) if out_dir is not None else (paths[0] if paths[0].is_dir() else Path.cwd())
-    out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "modality_gap.csv", "md": out / "modality_gap.md", "png": out / "modality_gap.png"}
     rows.to_csv(files["csv"], index=False)
-    markdown = _markdown(summary, settings, skipped)
+    markdown = _markdown(summary, settings, skipped, rows)
     files["md"].write_text(markdown, encoding="utf-8")
     _plot(summary, rows, files["png"])
     return {**files, "rows": rows, "summary": summary, "markdown": markdown}

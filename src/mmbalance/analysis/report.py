@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmbalance.analysis.runs import DASH, GROUP_KEYS, format_pm, load_runs, order_key
+from mmbalance.analysis.runs import (
+    DASH, GROUP_KEYS, STATUSES, counted, format_pm, load_runs, order_key, output_folder,
+)
 from mmbalance.analysis.studies import write_studies
 from mmbalance.errors import UserError
 
@@ -28,14 +30,14 @@ log = logging.getLogger(__name__)
 
 # train.py writes "running" at start, then "completed", "failed" or "interrupted" (Ctrl-C); a run left "running"
 # is in progress or was killed without a trace (out of memory, a lost node). Each is counted on its own because
-# a crash, a deliberate stop and a run still going call for different reactions. Any other status (unknown, a
-# missing field) counts as failed; "unreadable" is the report's own, for a metrics.json it cannot read.
-NOT_COMPLETED_STATUSES = ("failed", "interrupted", "running", "unreadable")
-NOT_COMPLETED_IN_GROUPS = ("failed", "interrupted", "running")  # an unreadable run has no group
+# a crash, a deliberate stop and a run still going call for different reactions. "unknown" is any other status (or
+# none, or "completed" without metrics: load_runs reads them so), "unreadable" a metrics.json the report cannot read.
+NOT_COMPLETED_STATUSES = ("failed", "interrupted", "running", "unknown", "unreadable")
+NOT_COMPLETED_IN_GROUPS = ("failed", "interrupted", "running", "unknown")  # an unreadable run has no group
 
 
 def _status_class(status: str) -> str:
-    return status if status in NOT_COMPLETED_STATUSES or status == "completed" else "failed"
+    return status if status in STATUSES or status in NOT_COMPLETED_STATUSES else "unknown"
 
 
 def _status_counts(statuses: Iterable[str]) -> dict[str, int]:
@@ -75,15 +77,16 @@ def _metric_columns(df: pd.DataFrame) -> list[str]:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method, variant): n completed, n_failed, n_interrupted, n_running, seeds and
-    `<metric>.mean/.std/.n`.
+    """Per (dataset, method, variant): n completed, n_failed, n_interrupted, n_running, n_unknown, n_repeated,
+    seeds and `<metric>.mean/.std/.n`.
 
-    Statistics use completed runs only; std is the sample std (ddof=1), NaN when n < 2.
-    Unreadable runs belong to no group.
+    Statistics use completed runs only, each (variant, seed) once: `n_repeated` counts the completed runs left
+    out as repeats; std is the sample std (ddof=1), NaN when n < 2. Runs without a method (unreadable ones, a
+    metrics.json without choices) belong to no group.
     """
     metrics = _metric_columns(df)
-    runs = df[df["status"] != "unreadable"]
-    completed = runs[runs["status"] == "completed"]
+    runs = df[df["method"].notna() & (df["method"] != "")]
+    completed = runs[counted(runs)]
     rows = []
     for (dataset, method, variant), group in runs.groupby(GROUP_KEYS, sort=False, dropna=False):
         done = completed.loc[completed.index.intersection(group.index)]
@@ -92,6 +95,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {
             "dataset": dataset, "method": method, "variant": variant, "n": len(done),
             **{f"n_{s}": counts[s] for s in NOT_COMPLETED_IN_GROUPS},
+            "n_repeated": counts["completed"] - len(done),
             "seeds": " ".join(map(str, seeds)),
         }
         for m in metrics:
@@ -100,7 +104,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}.std"] = values.std(ddof=1) if len(values) > 1 else math.nan
             row[f"{m}.n"] = len(values)
         rows.append(row)
-    base = ["dataset", "method", "variant", "n", *(f"n_{s}" for s in NOT_COMPLETED_IN_GROUPS), "seeds"]
+    base = ["dataset", "method", "variant", "n", *(f"n_{s}" for s in NOT_COMPLETED_IN_GROUPS), "n_repeated", "seeds"]
     cols = base + [f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")]
     out = pd.DataFrame(rows, columns=cols)
     if len(out):
@@ -132,11 +136,19 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     lines = ["# mmbalance report", ""]
     counts = _status_counts(df["status"])
     others = _not_completed_phrase(counts)
-    lines.append(f"{len(df)} run(s): {counts['completed']} completed" + (f", {others}" if others else "") + ".")
+    repeats = _repeats(df)
+    repeated = f" ({len(repeats)} of them repeats, not counted)" if len(repeats) else ""
+    lines.append(f"{len(df)} run(s): {counts['completed']} completed{repeated}" + (f", {others}" if others else "")
+                 + ".")
+    if len(repeats):
+        lines += ["", f"**Warning:** {len(repeats)} completed run(s) repeat the variant and seed of another run (a "
+                  "copied folder, the same config run twice): they are not independent samples, so each variant "
+                  "and seed counts once, the first by path; see \"Repeated runs\" below."]
     lines.append("")
-    lines.append("Values are mean ± sample std (ddof=1) over completed runs; n counts completed runs "
-                 f"(failed, interrupted and running ones in brackets). Accuracy, macro-F1, φ (Shapley share) "
-                 f"and imbalance in %; {DASH} = not available (std needs n ≥ 2).")
+    lines.append("Values are mean ± sample std (ddof=1) over completed runs, each seed once; n counts them "
+                 f"(failed, interrupted, running, unknown and repeated runs in brackets). Accuracy, macro-F1, φ "
+                 f"(Shapley share) and imbalance in %; {DASH} = not available (not measured; std needs n ≥ 2); "
+                 "(n=k) after a value: only k of the n runs recorded it.")
     if "test/mae.mean" in summary and summary["test/mae.mean"].notna().any():
         lines.append("")
         lines.append(REGRESSION_NOTE)
@@ -161,10 +173,13 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
         def cell(row, metric, factor=100.0, digits=1):
             if f"{metric}.mean" not in row:
                 return DASH
-            return format_pm(row[f"{metric}.mean"], row[f"{metric}.std"], factor, digits)
+            text = format_pm(row[f"{metric}.mean"], row[f"{metric}.std"], factor, digits)
+            k = row[f"{metric}.n"]  # a mean over fewer runs than n (a FLOP count not measured) says so
+            return f"{text} (n={k})" if 0 < k < row["n"] else text
 
         for _, row in table.iterrows():
-            others = ", ".join(f"+{row[f'n_{s}']} {s}" for s in NOT_COMPLETED_IN_GROUPS if row[f"n_{s}"])
+            others = ", ".join(f"+{row[f'n_{s}']} {s}" for s in (*NOT_COMPLETED_IN_GROUPS, "repeated")
+                               if row[f"n_{s}"])
             n = str(row["n"]) + (f" ({others})" if others else "")
             cells = [str(row["method"]), str(row["variant"]) or DASH, n,
                      cell(row, "test/acc"), cell(row, "test/macro_f1")]
@@ -186,11 +201,21 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
             what = f"{r['method']} {r['variant']}".strip() or "?"
             seed = "" if pd.isna(r["seed"]) else f" seed={r['seed']}"
             lines.append(f"- {r['status']}: `{r['run_dir']}` ({what}{seed}): {_problem_reason(r)}")
+    if len(repeats):
+        lines += ["", "## Repeated runs (not counted)", ""]
+        for _, r in repeats.iterrows():
+            what = f"{r['method']} {r['variant']}".strip()
+            lines.append(f"- `{r['run_dir']}` ({what} seed={r['seed']}): repeats `{r['repeat_of']}`")
     return "\n".join(lines) + "\n"
 
 
+def _repeats(df: pd.DataFrame) -> pd.DataFrame:
+    """The completed runs left out of the statistics as repeats of another run's variant and seed."""
+    return df[(df["status"] == "completed") & ~counted(df)]
+
+
 def _not_completed(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs that did not complete, grouped by status (failed, interrupted, running, unreadable)."""
+    """The runs that did not complete, grouped by status (failed, interrupted, running, unknown, unreadable)."""
     problems = df[df["status"] != "completed"]
     order = {s: i for i, s in enumerate(NOT_COMPLETED_STATUSES)}
     rank = problems["status"].map(lambda s: order[_status_class(str(s))])
@@ -272,10 +297,7 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
         raise UserError("no run folders given")
     df = load_runs(paths)
     summary = summarize(df)
-    if out_dir is None:
-        out_dir = paths[0] if paths[0].is_dir() else Path.cwd()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(paths, out_dir)
 
     files = {"runs_csv": out / "runs.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}
     df.to_csv(files["runs_csv"], index=False)
@@ -301,9 +323,9 @@ def _text_table(header: list[str], rows: list[list[str]], n_left: int) -> str:
 
 
 def format_runs_table(df: pd.DataFrame) -> str:
-    """Plain-text table of completed runs (one line each), then the others by status: failed, interrupted,
-    running, unreadable."""
-    done = df[df["status"] == "completed"].copy()
+    """Plain-text table of the counted completed runs (one line each), then the others by status: failed,
+    interrupted, running, unknown, unreadable; then the repeats the statistics leave out."""
+    done = df[counted(df)].copy()
     if len(done):
         order = sorted(done.index, key=lambda i: (
             *order_key(done.at[i, "dataset"], done.at[i, "method"], done.at[i, "variant"]),
@@ -356,6 +378,12 @@ def format_runs_table(df: pd.DataFrame) -> str:
             what = " ".join(str(x) for x in (r["method"], r["variant"]) if x) or "?"
             seed = "" if pd.isna(r["seed"]) else f" seed={r['seed']}"
             text += f"\n  {r['status']}: {r['run_dir']} ({what}{seed}): {_problem_reason(r)}"
+    repeats = _repeats(df)
+    if len(repeats):
+        text += f"\n\n{len(repeats)} completed run(s) repeat the variant and seed of a run above (not counted):"
+        for _, r in repeats.iterrows():
+            what = " ".join(str(x) for x in (r["method"], r["variant"]) if x)
+            text += f"\n  {r['run_dir']} ({what} seed={r['seed']}): repeats {r['repeat_of']}"
     return text
 
 

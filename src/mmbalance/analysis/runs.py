@@ -23,21 +23,31 @@ import pandas as pd
 from mmbalance.engine.run_folder import SUPERSEDED
 from mmbalance.errors import UserError
 
-__all__ = ["DASH", "GROUP_KEYS", "METHOD_ORDER", "format_pm", "load_runs", "natural_key", "order_key"]
+__all__ = ["DASH", "GROUP_KEYS", "METHOD_ORDER", "STATUSES", "counted", "format_pm", "load_runs", "natural_key",
+           "order_key", "output_folder"]
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 GROUP_KEYS = ["dataset", "method", "variant"]
+# The statuses train.py writes; any other (or none) is read as "unknown", and "unreadable" is the report's own.
+STATUSES = ("completed", "failed", "interrupted", "running")
 
-# Config keys that never define a variant: they change per run or per machine, not per experiment.
+# Config keys that never define a variant: they change per run or per machine, not per experiment. Paths are
+# bookkeeping only where they say where a run writes (outputs, logs, caches, `paths.*`); a path that says what data
+# or weights a run reads (dataset.path, dataset.root, dataset.prepared, dataset.visual_dir, weights_path) is part
+# of the experiment, so it is no exception here and runs on different files never merge.
 NON_VARIANT_PREFIXES = ("paths", "hydra", "hardware", "logger", "loggers", "callbacks")
 NON_VARIANT_NAMES = frozenset({
-    "seed", "tags", "task_name", "run_dir", "output_dir", "log_dir", "ckpt_path", "resume",
+    "seed", "tags", "task_name", "run_dir", "output_dir", "log_dir", "ckpt_path", "cache_dir", "resume",
     "git_sha", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
     "device", "devices", "accelerator",
 })
-NON_VARIANT_SUFFIXES = ("_seed", "_dir", "_path", "_file")
+# Switches of what a run reports, not of what it computes: a run without FLOP counts (eval.flops=false) belongs
+# with its measured peers, its missing count shown as not measured.
+NON_VARIANT_KEYS = frozenset({"eval.flops", "trainer.progress_bar"})
+# Seeds (dataset.split_seed, method.kmeans_seed) are not variants but replicates: with `seed` they tell repeats apart.
+SEED_SUFFIX = "_seed"
 # Choices that are not part of the experiment's identity (its config values still count).
 NON_VARIANT_CHOICES = frozenset({"dataset", "method", "hardware", "sweep", "experiment"})
 
@@ -86,12 +96,12 @@ def _as_number(value: Any) -> float:
         return math.nan
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key))
+            out.update(flatten_config(v, key))
         else:
             out[key] = v
     return out
@@ -110,8 +120,9 @@ def _format_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # short where that is exact: the label is the group key, 0.1000001 is not 0.1
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"), default=str)
     return str(value)
@@ -124,8 +135,9 @@ def _is_non_variant_key(key: str) -> bool:
         parts[0] in NON_VARIANT_PREFIXES
         # a hybrid's computed copy of its parts' settings: `parts` and `method.<part>.<key>` name what differs
         or key.startswith("method.resolved.")
+        or key in NON_VARIANT_KEYS
         or last in NON_VARIANT_NAMES
-        or last.endswith(NON_VARIANT_SUFFIXES)
+        or last.endswith(SEED_SUFFIX)
     )
 
 
@@ -173,12 +185,8 @@ def _variants(records: list[dict[str, Any]]) -> list[str]:
         if _is_non_variant_key(k) or k.startswith(covered):
             continue
         values = [r["_config"].get(k, _MISSING) for r in with_config]
-        if len({_canonical(v) for v in values}) < 2:
-            continue
-        present = [v for v in values if v is not _MISSING]
-        if present and all(isinstance(v, str) and os.path.isabs(v) for v in present):
-            continue  # per-run paths (output folders) are bookkeeping
-        varying_keys.append(k)
+        if len({_canonical(v) for v in values}) > 1:
+            varying_keys.append(k)
     short = _short_names(varying_keys, config_keys)
 
     out = []
@@ -206,26 +214,56 @@ def _record(file: Path) -> dict[str, Any]:
         seed = config.get("seed")
     metrics = {k: _as_number(v) for k, v in (data.get("metrics") or {}).items()
                if v is None or isinstance(v, (int, float, str))}
+    if isinstance(config, dict) and (config.get("eval") or {}).get("flops") is False:
+        # not measured (eval.flops=false): whatever number the record holds (older trainers wrote 0.0) is no FLOP count
+        metrics.update({k: math.nan for k in metrics if k.startswith("flops/")})
+    status, error = data.get("status"), data.get("error")
+    if status not in STATUSES:
+        status, error = "unknown", error or (f"status {status!r} is not one train.py writes" if status
+                                             else "no status recorded")
+    elif status == "completed" and not metrics:
+        status, error = "unknown", "recorded as completed, but without metrics"
     return {
         "run_dir": run_dir,  # where it lies now, not where it was written (results get copied)
-        "status": str(data.get("status") or "unknown"),
-        "error": data.get("error"),
+        "status": status,
+        "error": error,
         "method_family": data.get("method_family"),
         "seed": seed,
         "wall_time_s": data.get("wall_time_s"),
         "git_sha": data.get("git_sha"),
         "overrides": " ".join(map(str, data.get("overrides") or [])),
         "_choices": {k: v for k, v in choices.items() if not str(k).startswith("hydra/")},
-        "_config": _flatten(config) if isinstance(config, dict) else None,
+        "_config": flatten_config(config) if isinstance(config, dict) else None,
         "_metrics": metrics,
     }
 
 
+def _mark_repeats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set `repeat_of` on every completed run whose (dataset, method, variant, seeds) an earlier run by path already
+    has: a copied folder or the same config re-run elsewhere is not an independent sample. Returns the repeats."""
+    first: dict[tuple, str] = {}
+    repeats = []
+    for r in sorted(records, key=lambda r: r["run_dir"]):
+        r["repeat_of"] = None
+        if r["status"] != "completed" or r["seed"] is None:  # without a seed a repeat cannot be told apart
+            continue
+        seeds = {k: v for k, v in (r["_config"] or {}).items() if k.split(".")[-1].endswith(SEED_SUFFIX)}
+        key = (r["dataset"], r["method"], r["variant"], _canonical(r["seed"]), _canonical(seeds))
+        if key in first:
+            r["repeat_of"] = first[key]
+            repeats.append(r)
+        else:
+            first[key] = r["run_dir"]
+    return repeats
+
+
 def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run found in or below `paths`: run_dir, status, error, choices, seed, variant, metrics.
+    """One row per run found in or below `paths`: run_dir, status, error, choices, seed, variant, repeat_of, metrics.
 
     Failed runs are included; a metrics.json that cannot be read becomes a row with status
-    "unreadable" and the reason in `error`. The metric column names are in `df.attrs["metrics"]`.
+    "unreadable" and the reason in `error`; one with a status train.py does not write, or completed without
+    metrics, has status "unknown". A completed run with the variant and seed(s) of another (the first by path)
+    names it in `repeat_of`: statistics count it once. The metric column names are in `df.attrs["metrics"]`.
     Raises UserError for a path that holds no runs.
     """
     files: list[Path] = []
@@ -243,25 +281,32 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
         log.warning("%d of %d metrics.json file(s) could not be read; listed with status 'unreadable'",
                     n_unreadable, len(records))
 
-    for r in records:
-        r["dataset"] = str(r["_choices"].get("dataset") or "?") if r["status"] != "unreadable" else ""
-        r["method"] = str(r["_choices"].get("method") or "?") if r["status"] != "unreadable" else ""
+    for r in records:  # a run without any choice (unreadable, `{}`) names no group
+        grouped = r["status"] != "unreadable" and bool(r["_choices"])
+        r["dataset"] = str(r["_choices"].get("dataset") or "?") if grouped else ""
+        r["method"] = str(r["_choices"].get("method") or "?") if grouped else ""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        if r["status"] != "unreadable":
+        if r["method"]:
             groups.setdefault((r["dataset"], r["method"]), []).append(r)
     for r in records:
         r["variant"] = ""
     for group in groups.values():
         for r, v in zip(group, _variants(group)):
             r["variant"] = v
+    repeats = _mark_repeats(records)
+    if repeats:
+        log.warning("%d completed run(s) repeat the variant and seed of another run and are not counted again "
+                    "(each counts once, the first by path): %s", len(repeats),
+                    "; ".join(f"{r['run_dir']} repeats {r['repeat_of']}" for r in repeats))
 
     choice_cols: list[str] = []
     metric_cols: list[str] = []
     for r in records:
         choice_cols += [k for k in r["_choices"] if k not in ("dataset", "method") and k not in choice_cols]
         metric_cols += [k for k in r["_metrics"] if k not in metric_cols]
-    base_cols = ["run_dir", "status", "error", "dataset", "method", "method_family", *choice_cols, "seed", "variant"]
+    base_cols = ["run_dir", "status", "error", "dataset", "method", "method_family", *choice_cols, "seed", "variant",
+                 "repeat_of"]
     tail_cols = ["wall_time_s", "git_sha", "overrides"]
     rows = []
     for r in records:
@@ -275,7 +320,28 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
     df.attrs["metrics"] = metric_cols
     df.attrs["n_unreadable"] = n_unreadable
+    df.attrs["n_repeats"] = len(repeats)
     return df
+
+
+def counted(df: pd.DataFrame) -> pd.Series:
+    """The runs statistics count: completed, and not a repeat of another run's variant and seed (`repeat_of`)."""
+    if "repeat_of" not in df:  # a frame read back from an older runs.csv
+        return df["status"] == "completed"
+    return (df["status"] == "completed") & df["repeat_of"].isna()
+
+
+def output_folder(paths: Sequence[Path], out_dir: str | Path | None) -> Path:
+    """The folder a command writes into (`out_dir`, else the first path when it is a folder, else the current
+    one), created; UserError naming it when it cannot be (a file of that name, no permission)."""
+    out = Path(out_dir) if out_dir is not None else (paths[0] if paths[0].is_dir() else Path.cwd())
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; give another output folder (--out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------- ordering and format

@@ -19,12 +19,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from mmbalance.analysis.runs import DASH, format_pm, natural_key, order_key
+from mmbalance.analysis.runs import DASH, counted, format_pm, natural_key, order_key
 
 __all__ = [
     "FAMILY_ORDER", "method_families", "benchmark_table", "write_benchmark", "BalancePoints",
-    "balance_points", "BalanceCurve", "find_balance_curves", "plot_balance_curves", "write_dynamics",
-    "write_studies",
+    "balance_points", "BalanceCurve", "find_balance_curves", "plot_balance_curves", "studies_left_out",
+    "write_dynamics", "write_studies",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,11 +99,13 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
 
     Rows: the baseline first, then the methods grouped by family (data, feed-forward, objective,
     optimization, then any other), each family closed by its average row (`kind == "average"`: the
-    unweighted mean of its rows' means, per column). Unimodal runs are not rows. Columns per dataset
+    unweighted mean of its rows' means, per column). Unimodal runs are not rows, nor groups without a completed
+    run (`studies_left_out` names them). Columns per dataset
     `<ds>`: `<ds>/n` (seeds), `<ds>/{acc,macro_f1,imbalance}.{mean,std}`, `<ds>/flops_rel` (mean training
     FLOPs over the baseline's) and `<ds>/{acc,macro_f1}.mark` ("best", "second" or "" among the method
     rows, the baseline included). None unless there is a baseline and at least one non-reference method.
     """
+    summary = summary[summary["n"] > 0]  # a group of failed runs has no number to show
     if summary.empty:
         return None
     keyed = summary.assign(family=[BASELINE if m == BASELINE else families.get(m, "other") for m in summary["method"]])
@@ -438,13 +440,26 @@ def _balance_markdown(curves: Sequence[BalanceCurve], files: dict[str, Path]) ->
     return lines
 
 
+def studies_left_out(summary: pd.DataFrame, families: dict[str, str]) -> list[str]:
+    """"method (variant) on dataset" of every group but the references that has no completed run: the studies
+    skip them."""
+    empty = summary[(summary["n"] == 0) & (summary["method"].map(lambda m: families.get(m) != REFERENCE))]
+    return [f"{m} ({v}) on {d}" if v else f"{m} on {d}" for d, m, v in zip(empty["dataset"], empty["method"],
+                                                                         empty["variant"])]
+
+
 # ------------------------------------------------------------------------------------- training dynamics
 
 
-def _history_means(run_dirs: Sequence[str]) -> pd.DataFrame | None:
-    """Per-epoch mean and std over runs of `val/shapley/<m>` and `val/imbalance` (epochs without them dropped)."""
+def _history_means(run_dirs: Sequence[str], epochs: Sequence[float] | None = None) -> pd.DataFrame | None:
+    """Per-epoch mean and std over runs of `val/shapley/<m>` and `val/imbalance` (epochs without them dropped).
+
+    `epochs`: each run's completed epoch count (metrics.json `epochs`); history.csv numbers epochs from 0, so a
+    row with epoch >= that count belongs to a later, unfinished extension (resume=force) and is left out
+    (counted in `attrs["n_ignored"]`)."""
     frames = []
-    for run_dir in run_dirs:
+    ignored = 0
+    for run_dir, n_epochs in zip(run_dirs, epochs if epochs is not None else [math.nan] * len(run_dirs)):
         file = Path(run_dir) / "history.csv"
         if not file.exists():
             continue
@@ -458,6 +473,10 @@ def _history_means(run_dirs: Sequence[str]) -> pd.DataFrame | None:
             continue
         cols += ["val/imbalance"] if "val/imbalance" in h else []
         h = h[["epoch", *cols]].apply(pd.to_numeric, errors="coerce")
+        if np.isfinite(n_epochs):
+            keep = h["epoch"] < n_epochs
+            ignored += int((~keep).sum())
+            h = h[keep]
         frames.append(h.dropna(subset=cols, how="all"))
     frames = [f for f in frames if len(f)]
     if not frames:
@@ -465,19 +484,29 @@ def _history_means(run_dirs: Sequence[str]) -> pd.DataFrame | None:
     stats = pd.concat(frames).groupby("epoch").agg(["mean", "std"])
     stats.columns = [f"{c}.{s}" for c, s in stats.columns]
     stats.attrs["n_runs"] = len(frames)
+    stats.attrs["n_ignored"] = ignored
     return stats.reset_index()
 
 
-def write_dynamics(df: pd.DataFrame, out: Path) -> list[Path]:
+def write_dynamics(df: pd.DataFrame, out: Path, notes: list[str] | None = None) -> list[Path]:
     """`dynamics_<dataset>_<method>[_<variant>].png` per group of completed runs whose history.csv has
-    `val/shapley/<m>`: per-epoch φ per modality and the imbalance, mean (± std band) over the runs."""
+    `val/shapley/<m>`: per-epoch φ per modality and the imbalance, mean (± std band) over the runs (each variant
+    and seed once), up to each run's completed epochs; `notes` gets a line per group with rows left out."""
     written = []
-    done = df[df["status"] == "completed"]
+    done = df[counted(df)]
     groups = sorted(done.groupby(["dataset", "method", "variant"], sort=False), key=lambda g: order_key(*g[0]))
     for (dataset, method, variant), group in groups:
-        stats = _history_means(list(group["run_dir"]))
+        epochs = group["epochs"] if "epochs" in group else None
+        stats = _history_means(list(group["run_dir"]), None if epochs is None else list(epochs))
         if stats is None:
             continue
+        what = " ".join(p for p in (dataset, method, variant) if p)
+        if stats.attrs["n_ignored"]:
+            note = (f"{what}: {stats.attrs['n_ignored']} history.csv row(s) beyond the completed epochs of "
+                    "metrics.json (an unfinished extension) left out")
+            log.warning("training dynamics of %s", note)
+            if notes is not None:
+                notes.append(note)
         from matplotlib.ticker import MaxNLocator
 
         # a unimodal run has one φ and no imbalance: it gets the φ panel only, not an empty second one
@@ -503,7 +532,6 @@ def write_dynamics(df: pd.DataFrame, out: Path) -> list[Path]:
         ax_phi.set_ylabel("validation Shapley value φ (%)")
         if has_imbalance:
             ax_imb.set_ylabel("validation imbalance (%)")
-        what = " ".join(p for p in (dataset, method, variant) if p)
         fig.suptitle(f"Training dynamics: {what} (mean ± std over {stats.attrs['n_runs']} run(s))")
         name = "_".join(_safe_name(p) for p in (dataset, method, variant) if p)
         file = out / f"dynamics_{name}.png"
@@ -521,6 +549,11 @@ def write_studies(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> dict[st
     families = method_families(df)
     lines: list[str] = []
 
+    left_out = studies_left_out(summary, families)
+    if left_out:
+        log.info("left out of the studies, without a completed run: %s", "; ".join(left_out))
+        lines += ["", "## Studies", "", "Left out of the benchmark, the balance curves and the training dynamics, "
+                  "without a completed run: " + "; ".join(left_out) + "."]
     table = benchmark_table(summary, families)
     benchmark = write_benchmark(table, out) if table is not None else None
     if benchmark:
@@ -536,10 +569,12 @@ def write_studies(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> dict[st
     if curves:
         lines += _balance_markdown(curves, curve_files)
 
-    dynamics = write_dynamics(df, out)
+    notes: list[str] = []
+    dynamics = write_dynamics(df, out, notes)
     if dynamics:
         lines += ["", "## Training dynamics", "",
                   "Per-epoch validation φ per modality and imbalance (mean ± std over seeds):", ""]
         lines += [f"- `{f.name}`" for f in dynamics]
+        lines += ["", *(f"Note: {n}." for n in notes)] if notes else []
     return {"benchmark": benchmark, "balance_curves": curve_files, "dynamics": dynamics,
             "markdown": "\n".join(lines) + "\n" if lines else ""}
