@@ -60,6 +60,24 @@ def test_all_wrong_keys_and_arguments_are_reported_together():
     assert "backbone.encoders.image.widht" in text
 
 
+@pytest.mark.parametrize("override, problem", [
+    ("+trainer.epocs=3", "trainer.epocs: unknown key, no code reads it; did you mean trainer.epochs?"),
+    ("+eval.select_metrc=macro_f1",
+     "eval.select_metrc: unknown key, no code reads it; did you mean eval.select_metric or eval.select_on?"),
+    ("+trainer.select_metric=acc",
+     "trainer.select_metric: unknown key, no code reads it; did you mean eval.select_metric or eval.select_on?"),
+    ("+hardware.thread=2", "hardware.thread: unknown key, no code reads it; did you mean hardware.threads?"),
+    ("+sed=1", "sed: unknown key, no code reads it; did you mean seed?"),
+    ("+trainer.zzz=1", "trainer.zzz: unknown key, no code reads it; the known keys here: trainer.batch_size, "
+                       "trainer.drop_last, trainer.epochs, trainer.grad_clip, trainer.progress_bar"),
+])
+def test_a_key_no_code_reads_is_refused_naming_the_closest_known_keys(override, problem):
+    # `+key=value` is the form Hydra's own error suggests for a key the config lacks: it adds any key
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([override]))
+    assert err.value.problems == [problem]
+
+
 def test_a_required_method_argument_is_named():
     cfg = compose_cfg(["method=unimodal"])
     with pytest.raises(ConfigError, match=r"method.modality is required"):

@@ -49,6 +49,13 @@ def problems_of(overrides: list[str]) -> list[str]:
     (["eval.shapley_every=-1"], "eval.shapley_every=-1: expected >= 0"),
     (["hardware.num_workers=-2"], "hardware.num_workers=-2: expected >= 0"),
     (["seed=-1"], "seed=-1: expected >= 0"),
+    (["trainer.drop_last=maybe"], "trainer.drop_last='maybe': expected true or false (bool)"),
+    (["trainer.drop_last=0"], "trainer.drop_last=0: expected true or false (bool)"),
+    (["trainer.progress_bar=sometimes"], "trainer.progress_bar='sometimes': expected true or false (bool) or one of "
+                                         "['auto']"),
+    (["resume=sometimes"], "resume='sometimes': expected one of ['auto', 'never', 'force', 'reevaluate']"),
+    (["tags=baseline"], "tags='baseline': expected a list"),
+    (["optimized_metric=1"], "optimized_metric=1: expected a string (str) or null"),
     (["optimizer.lr=${seed}"], "optimizer.lr=0: expected > 0"),  # an interpolation is checked as it resolves
 ])
 def test_a_bad_value_is_one_clear_problem_naming_the_key_the_value_and_what_was_expected(overrides, problem):
@@ -118,3 +125,9 @@ def test_a_bad_value_fails_the_run_before_training(tmp_path):
     metrics = read_metrics(tmp_path)
     assert metrics["status"] == "failed" and "method.alpha" in metrics["error"]
     assert not (tmp_path / "history.csv").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_bad_drop_last_fails_the_run_before_training_not_in_torch(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.drop_last='maybe': expected true or false"):
+        train_in_process(tmp_path, ["trainer.drop_last=maybe", "trainer.epochs=1"])
+    assert read_metrics(tmp_path)["status"] == "failed" and not (tmp_path / "checkpoints").exists()

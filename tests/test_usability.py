@@ -1,13 +1,15 @@
 """What a new user trips on first: the help lists every subcommand, the ViT backbone on the 8x8 demo images
-says which option to set and then works, and the offline text model has a name a user can find."""
+says which option to set and then works, the offline text model has a name a user can find, and the CLI's
+endings (Ctrl-C, an output folder it cannot write, a failed sweep job) name the folder and what to do."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import FAST, compose_cfg, read_metrics, run_cli
 from mmbalance.errors import UserError
 
 
@@ -61,3 +63,94 @@ def test_readme_says_where_commands_run_and_what_make_installs():
     assert f'pip install -e "{extras}"' in readme  # the README names what make really installs
     assert "source .venv/bin/activate" in readme and "No module named mmbalance" in readme
     assert "DECISIONS.md" not in readme  # a file users do not have
+
+
+# ---------------------------------------------------------------- the CLI's endings name the folder to use
+
+# `python -m mmbalance ...` with a Ctrl-C at the start of each run's second epoch (as a user presses it mid-run)
+CTRL_C_AT_EPOCH_1 = """from mmbalance.engine.trainer import Trainer
+train_epoch = Trainer.train_epoch
+def interrupted(self, epoch):
+    if epoch == 1:
+        raise KeyboardInterrupt
+    return train_epoch(self, epoch)
+Trainer.train_epoch = interrupted
+from mmbalance.cli import console_main
+console_main()
+"""
+
+
+def run_with_ctrl_c(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", CTRL_C_AT_EPOCH_1, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+SMALL = [*FAST, "trainer.epochs=2"]
+
+
+def test_ctrl_c_in_a_run_names_its_default_folder_and_the_named_command_resumes_it(tmp_path):
+    stopped = run_with_ctrl_c(SMALL, tmp_path)
+    [run_dir] = (tmp_path / "outputs").glob("*/*")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert (f"interrupted: the run stops here; re-run the same command with hydra.run.dir={run_dir} to resume it "
+            "from its last checkpoint") in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr
+    resumed = run_cli([*SMALL, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    record = read_metrics(run_dir)
+    assert record["status"] == "completed" and record["resumed_from"]["epoch"] == 0
+    assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]
+
+
+def test_ctrl_c_in_a_sweep_names_its_default_folder_and_the_named_command_resumes_it(tmp_path):
+    stopped = run_with_ctrl_c(["-m", "seed=0,1", *SMALL], tmp_path)
+    [sweep] = (tmp_path / "multirun").glob("*/*")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert stopped.stderr.count("interrupted") == 2 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert "interrupted: this sweep job stops here" in stopped.stderr
+    assert (f"interrupted: the sweep stops here; re-run the same command with hydra.sweep.dir={sweep} to skip its "
+            "finished jobs and resume the others") in stopped.stderr
+    [job] = sweep.glob("*/metrics.json")
+    assert read_metrics(job.parent)["status"] == "interrupted"
+    again = run_cli(["-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [read_metrics(path.parent) for path in sweep.glob("*/metrics.json")]
+    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+    assert read_metrics(job.parent)["resumed_from"]["epoch"] == 0
+
+
+def test_the_rerun_advice_names_the_folder_only_when_the_command_does_not_and_quotes_it_for_hydra():
+    from pathlib import Path
+
+    from mmbalance.cli import _rerun_with
+
+    assert _rerun_with("hydra.run.dir", Path("/runs/a"), given=True) == "re-run the same command"
+    # a comma would make Hydra sweep over two folders, a space split the shell word
+    assert _rerun_with("hydra.sweep.dir", Path("/runs/a b,c"), given=False) == \
+        """re-run the same command with 'hydra.sweep.dir="/runs/a b,c"'"""
+
+
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_an_output_folder_under_a_file_is_one_message_naming_it(tmp_path, mode):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    key = f"hydra.{mode}.dir"
+    done = run_cli([*(["-m", "seed=0,1"] if mode == "sweep" else []), *SMALL, f"{key}={afile / 'sub'}"], tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"error: {key}={afile / 'sub'}: cannot create or write the {mode} folder ({afile} "
+                                   f"is a file, not a folder); choose another with {key}=<folder>"), done.stderr
+
+
+def test_a_failed_sweep_job_is_its_message_then_a_summary_and_the_other_jobs_results(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", "optimizer.lr=-1,0.1", *SMALL, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "HYDRA_FULL_ERROR" not in done.stderr, done.stderr
+    failed = next(sweep.glob("*optimizer.lr=-1,*"))
+    assert "error: invalid configuration (1 problem(s)):\n  - optimizer.lr=-1: expected > 0\n" \
+           f"(log: {failed / 'train.log'})" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: 1 of the 2 runs in the sweep folder {sweep} failed: {failed.name} (each one's message is above, its "
+        "traceback in its train.log); the other runs' results are intact")
+    assert read_metrics(failed)["status"] == "failed"
+    assert read_metrics(next(sweep.glob("*optimizer.lr=0.1,*")))["status"] == "completed"

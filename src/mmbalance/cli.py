@@ -3,19 +3,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import mmbalance.config  # noqa: F401  (registers ${mmbalance_compose_parts:}, which hybrid method configs resolve)
 from mmbalance.engine import threads
 from mmbalance.engine.identity import job_dir_name
+from mmbalance.errors import SweepJobFailed
 
 # conf/ sits at the repository root next to src/ (an editable install, as `make` does)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -26,6 +32,69 @@ log = logging.getLogger("mmbalance")
 # import, so a job pickled to another process (submitit) resolves it too
 OmegaConf.register_new_resolver("mmbalance_job_dir", lambda overrides: job_dir_name(list(overrides)), replace=True)
 
+# the sweep's folder, set in the sweep's main process when Hydra starts it (OutputFolders), for the Ctrl-C advice
+_sweep_dir: Path | None = None
+_sweep_dir_given = False
+
+
+class OutputFolders(Callback):
+    """Registered in conf/hydra/default.yaml (hydra.callbacks). Checks the run or sweep folder before Hydra
+    creates it, where a failure would be Hydra's traceback, and keeps the sweep's folder, which only the sweep's
+    jobs know otherwise (the default one is named by the time it starts)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check_output_folder("hydra.run.dir", config.hydra.run.dir, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        global _sweep_dir, _sweep_dir_given
+        _sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        _sweep_dir_given = _given("hydra.sweep.dir", config.hydra.overrides.hydra)
+        _check_output_folder("hydra.sweep.dir", _sweep_dir, "sweep")
+        # Hydra raises a failed job's error again once the sweep's jobs have ended: passed on to console_main,
+        # which sums the sweep up, instead of printed with a traceback
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+
+
+def _check_output_folder(key: str, folder, what: str) -> None:
+    """Create `folder` and write a file in it, or exit with one message naming `key`, the folder and why not."""
+    folder = Path(folder).absolute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # False, not an error, if unreadable
+        reason = f"{existing} is a file, not a folder" if not os.path.isdir(existing) else exc.strerror or str(exc)
+        # SystemExit: Hydra turns a callback's exception into a warning
+        raise SystemExit(f"error: {key}={folder}: cannot create or write the {what} folder ({reason}); "
+                         f"choose another with {key}=<folder>") from None
+
+
+def _given(key: str, overrides) -> bool:
+    return any(str(o).lstrip("+").partition("=")[0] == key for o in overrides)
+
+
+def _rerun_with(key: str, folder: Path, given: bool) -> str:
+    """How to re-run into `folder`: the same command, naming the folder unless the command already does (a default
+    folder is a new one each time). A path Hydra would split (commas, spaces) is quoted for Hydra and the shell."""
+    if given:
+        return "re-run the same command"
+    value = str(folder) if re.fullmatch(r"[\w./-]+", str(folder)) else f'"{folder}"'
+    return f"re-run the same command with {shlex.quote(f'{key}={value}')}"
+
+
+def _sweep_summary(sweep: Path) -> str:
+    statuses = {path.parent.name: _status(path) for path in sorted(sweep.glob("*/metrics.json"))}
+    failed = [name for name, status in statuses.items() if status == "failed"]
+    return (f"error: {len(failed)} of the {len(statuses)} runs in the sweep folder {sweep} failed: {'; '.join(failed)} "
+            "(each one's message is above, its traceback in its train.log); the other runs' results are intact")
+
+
+def _status(metrics_json: Path) -> str | None:
+    try:
+        return json.loads(metrics_json.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
@@ -34,7 +103,7 @@ def train_main(cfg: DictConfig) -> float | None:
     # OMP_WAIT_POLICY counts only if set before torch loads its OpenMP runtime: here, before the imports below
     threads.prepare_process(cfg.get("hardware"), hc.launcher if hc.mode == RunMode.MULTIRUN else None)
     # torch and friends load here, not at import time
-    from mmbalance.errors import SweepJobFailed, UserError, log_traceback_to_files
+    from mmbalance.errors import UserError, log_traceback_to_files
     from mmbalance.train import train
 
     choices = OmegaConf.to_container(hc.runtime.choices)
@@ -46,13 +115,19 @@ def train_main(cfg: DictConfig) -> float | None:
     except (UserError, KeyboardInterrupt) as exc:
         # an expected ending (bad input, divergence, Ctrl-C): the traceback goes to train.log only
         interrupted = isinstance(exc, KeyboardInterrupt)
-        message = ("interrupted: the run stops here; re-run the same command to resume from its last checkpoint"
-                   if interrupted else f"error: {exc}")
+        if not interrupted:
+            message = f"error: {exc}"
+        elif multirun:  # console_main says how to resume the sweep
+            message = "interrupted: this sweep job stops here"
+        else:
+            rerun = _rerun_with("hydra.run.dir", run_dir, _given("hydra.run.dir", hc.overrides.hydra))
+            message = f"interrupted: the run stops here; {rerun} to resume it from its last checkpoint"
         log_traceback_to_files(message, exc)
         print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)
-        if multirun and not interrupted:
-            # Hydra records this job as failed and goes on with the sweep's other jobs; a fresh exception
-            # keeps the traceback it prints at the end of the sweep to this one frame
+        if multirun and interrupted:
+            raise  # stops the sweep: console_main names its folder
+        if multirun:
+            # Hydra records this job as failed and goes on with the sweep's other jobs; console_main sums up
             raise SweepJobFailed(f"{run_dir}: {exc}") from None
         raise SystemExit(130 if interrupted else 1) from None
     m = results["metrics"]
@@ -105,10 +180,16 @@ def console_main() -> None:
                  "with `pip install -e .`")
     try:
         train_main()
-    except KeyboardInterrupt:  # Ctrl-C in a sweep: each job's metrics.json already says "interrupted"
-        print("interrupted: re-run the same command with hydra.sweep.dir=<its folder> to skip the finished jobs "
-              "and resume the others", file=sys.stderr)
+    except KeyboardInterrupt:  # in a sweep, or before a run started training (then it ends in train_main)
+        if _sweep_dir is None:
+            print("interrupted", file=sys.stderr)
+        else:  # its jobs' records already say "interrupted"
+            print(f"interrupted: the sweep stops here; {_rerun_with('hydra.sweep.dir', _sweep_dir, _sweep_dir_given)}"
+                  " to skip its finished jobs and resume the others", file=sys.stderr)
         raise SystemExit(130) from None
+    except SweepJobFailed:  # the jobs' messages are printed; a bug's exception goes on to its traceback
+        print(_sweep_summary(_sweep_dir), file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

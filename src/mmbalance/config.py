@@ -7,6 +7,7 @@ once, so a user fixes a config in one go instead of one traceback (or a silently
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mmbalance.constraints import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability,
                                    Range, value_problems)
+from mmbalance.engine.identity import RESUME_MODES
 from mmbalance.errors import ConfigError, UserError
 
 # Arguments the code supplies at build time, per config section (not expected in the YAML).
@@ -47,13 +49,24 @@ ROOT_SCHEMA = {
     "hardware.num_workers": NonNegativeInt,
     "hardware.pin_memory": bool,
 }
-OPTIONAL_SCHEMA = {  # checked only when present (hardware=ddp sets them)
+OPTIONAL_SCHEMA = {  # checked only when present: the code has a default for each (hardware=ddp sets the first two)
     "hardware.distributed": bool,
     "hardware.backend": Literal["nccl", "gloo"],
     # the thread policy (engine/threads.py); absent means auto
     "hardware.threads": PositiveInt | Literal["auto"],
     "hardware.wait_policy": Literal["passive", "active", "auto"],
+    "trainer.drop_last": bool,
+    "trainer.progress_bar": bool | Literal["auto"],
+    "resume": Literal[RESUME_MODES],
+    "tags": list,
+    "optimized_metric": str | None,
 }
+# Root sections checked elsewhere: `_target_` nodes against their signatures, the logger group by engine/loggers.py;
+# paths are free-form folders; `hydra` is Hydra's own node (present when a config is composed with it)
+OTHER_ROOT_KEYS = ("backbone", "dataset", "method", "optimizer", "scheduler", "logger", "paths", "hydra")
+# Sections whose every key is in the schemas above: a key they do not list is one no code reads (a typo added
+# with `+`, which Hydra's struct mode lets through)
+CLOSED_SECTIONS = ("", "trainer", "eval", "hardware")
 
 # Ranges of torch optimizer and scheduler arguments, by name: torch's own hints carry types but no ranges
 # (and accept tensors a config cannot hold). They replace torch's hint for the arguments listed here.
@@ -202,8 +215,32 @@ def validate(cfg: DictConfig) -> None:
                 problems.append(f"{key}: missing from the run config")
             continue
         problems.extend(_check_key(node, name, key, hint))
+    problems.extend(_unknown_keys(cfg, [*required, *OPTIONAL_SCHEMA]))
     if problems:
         raise ConfigError(problems)
+
+
+def _unknown_keys(cfg: DictConfig, schema: list[str]) -> list[str]:
+    """A problem for each key of CLOSED_SECTIONS that the schema lacks, naming the closest known keys: by the
+    key's own name, in any section (`trainer.select_metric` means eval.select_metric)."""
+    known = {*schema, *(key.split(".")[0] for key in schema), *OTHER_ROOT_KEYS}
+    problems = []
+    for section in CLOSED_SECTIONS:
+        node = cfg.get(section) if section else cfg
+        if not isinstance(node, DictConfig):
+            continue
+        by_name: dict[str, list[str]] = {}
+        for full in sorted(known if not section else schema):  # a root typo may be a section's name
+            by_name.setdefault(full.rpartition(".")[2], []).append(full)
+        for key in map(str, node.keys()):
+            where = f"{section}.{key}" if section else key
+            if where in known:
+                continue
+            close = [full for name in difflib.get_close_matches(key, by_name, n=3) for full in by_name[name]]
+            problems.append(f"{where}: unknown key, no code reads it; " + (
+                f"did you mean {' or '.join(close)}?" if close else
+                f"the known keys here: {', '.join(sorted(k for k in known if k.rpartition('.')[0] == section))}"))
+    return problems
 
 
 # ---- values against type hints ----
