@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
 import struct
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -344,15 +349,76 @@ def test_a_logger_failing_mid_run_is_switched_off_and_the_record_is_intact(tmp_p
     assert_mirrors(tb_scalars(out / "tensorboard"), history(out))  # the other logger went on
 
 
-def test_an_unreachable_tracker_at_start_does_not_stop_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    out = tmp_path / "run"
-    results = train_in_process(out, ["logger=mlflow", "logger.mlflow.tracking_uri=http://127.0.0.1:9"])
-    assert results["status"] == "completed" and len(history(out)) == 2
+MLFLOW_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def _mlflow_defaults(monkeypatch):
+    """MLflow's own HTTP settings, as a user's environment has them (7 retries, 120 s per request)."""
+    for key in MLFLOW_HTTP_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_an_unreachable_tracker_at_start_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    _mlflow_defaults(monkeypatch)
+    out, uri = tmp_path / "run", f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    results = train_in_process(out, ["logger=mlflow", f"logger.mlflow.tracking_uri={uri}", "trainer.epochs=1"])
+    assert time.monotonic() - started < 30  # MLflow's own retries alone took 4 minutes
+    assert results["status"] == "completed" and len(history(out)) == 1
     mlflow = read_metrics(out)["loggers"]["mlflow"]
     assert mlflow["status"] == "failed" and mlflow["error"].startswith("at start:")
-    assert mlflow["where"] == "http://127.0.0.1:9"
+    assert "cannot reach the MLflow tracking server" in mlflow["error"] and mlflow["where"] == uri
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "logger mlflow failed at start" in warnings[0].getMessage(), warnings
+
+
+def test_a_tracking_server_that_fails_every_request_costs_seconds_not_minutes(tmp_path, monkeypatch, caplog):
+    """Reachable but failing (503, as a server restarting): MLflow's retries, bounded for the logger's calls."""
+    from mmbalance.engine.loggers import Loggers, MLflowLogger, RunInfo
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    _mlflow_defaults(monkeypatch)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status: dict = {}
+        loggers = Loggers([MLflowLogger({"tracking_uri": f"http://127.0.0.1:{server.server_port}"})],
+                          RunInfo(run_dir=tmp_path), status)
+        import mlflow.tracking  # noqa: F401 - imported before the clock starts
+
+        started = time.monotonic()
+        loggers.start([], 0)
+        assert time.monotonic() - started < 20
+    finally:
+        server.shutdown()
+    assert status["mlflow"]["status"] == "failed" and "503" in status["mlflow"]["error"]
+    assert not any(k in os.environ for k in MLFLOW_HTTP_ENV)  # set for the logger's calls only
+    assert [r.name for r in caplog.records if r.levelname == "WARNING"] == ["mmbalance"]
+
+
+def test_a_users_own_mlflow_http_settings_win(monkeypatch):
+    from mmbalance.engine.loggers import _mlflow_http
+
+    _mlflow_defaults(monkeypatch)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    with _mlflow_http():
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300" and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 @pytest.mark.slow

@@ -85,6 +85,9 @@ def _rerun_with(key: str, folder: Path, given: bool) -> str:
 def _sweep_summary(sweep: Path) -> str:
     statuses = {path.parent.name: _status(path) for path in sorted(sweep.glob("*/metrics.json"))}
     failed = [name for name, status in statuses.items() if status == "failed"]
+    if not failed:  # a job refused before it wrote anything (its folder holds another run): nothing recorded
+        return (f"error: a job of the sweep in {sweep} ended with an error before it recorded a run (its message is "
+                "above); the other runs' results are intact")
     return (f"error: {len(failed)} of the {len(statuses)} runs in the sweep folder {sweep} failed: {'; '.join(failed)} "
             "(each one's message is above, its traceback in its train.log); the other runs' results are intact")
 

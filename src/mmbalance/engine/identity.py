@@ -2,6 +2,9 @@
 
 A run's identity is its resolved config minus the settings that only say *where* or *how visibly* it runs
 (output paths, progress bars, data-loading workers, the resume policy itself), plus the package version.
+A value that lies under one of the `paths.*` folders counts by its place below that folder
+(`${paths.data_dir}/cremad`), so moving the data or the cache elsewhere keeps the run the same; cache and output
+folders never count.
 The dataset's own identity (classes, modalities, split sizes, a digest of the labels) is recorded beside it
 and compared when a checkpoint is resumed, since it is only known once the data is built.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 # Settings that do not change what a run computes. Everything else in the resolved config is identity.
@@ -52,13 +56,44 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Folders that hold only what a run can rebuild or what it writes: a key so named (`dataset.cache_dir`), or a value
+# under a `paths.*` folder so named (`paths.cache_dir`), is never identity.
+BOOKKEEPING_DIRS = ("cache_dir", "output_dir")
+_DROP = object()
+
+
 def _excluded(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in NON_IDENTITY_KEYS)
+    return key.endswith(BOOKKEEPING_DIRS) or any(key == k or key.startswith(k + ".") for k in NON_IDENTITY_KEYS)
+
+
+def _path_roots(config: dict) -> list[tuple[str, str]]:
+    """[(resolved folder, its `paths` key)] of the config's `paths` node, longest first (a cache inside the data
+    folder is the cache). A resolved config no longer shows its `${paths.*}` interpolations, and a recorded one
+    (metrics.json) never did, but its `paths` values are what they resolved to, so they name them back."""
+    paths = config.get("paths") if isinstance(config, dict) else None
+    roots = [(value.rstrip("/"), key) for key, value in flatten(paths or {}).items()
+             if isinstance(value, str) and value.strip("./")]  # "", ".", "/" would match every path
+    return sorted(roots, key=lambda r: -len(r[0]))
+
+
+def _relocated(value: Any, roots: list[tuple[str, str]]) -> Any:
+    """A string under a `paths.*` folder as `${paths.<key>}/<rest>` (its place below the folder, not the folder's
+    place), _DROP under a cache or output folder, anything else as it is."""
+    if isinstance(value, str):
+        for root, key in roots:
+            if value == root or value.startswith(root + "/"):
+                return _DROP if key.endswith(BOOKKEEPING_DIRS) else f"${{paths.{key}}}{value[len(root):]}"
+    return value
 
 
 def run_identity(config: dict, version: str) -> dict[str, Any]:
-    """{"digest": short hash, "config": {flat key: value}} of a resolved run config (a plain dict)."""
-    items = {k: v for k, v in flatten(config).items() if not _excluded(k)}
+    """{"digest": short hash, "config": {flat key: value}} of a resolved run config (a plain dict).
+
+    A data location counts only below its `paths.*` folder: moving the data folder keeps the run, and what was
+    read there is checked by the dataset's identity (`data_identity`), compared when the run resumes."""
+    roots = _path_roots(config)
+    items = {k: _relocated(v, roots) for k, v in flatten(config).items() if not _excluded(k)}
+    items = {k: v for k, v in items.items() if v is not _DROP}
     items["mmbalance.version"] = version
     return {"digest": _digest(items), "config": items}
 
@@ -80,16 +115,26 @@ def data_identity(splits) -> dict[str, Any]:
 
 
 def differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 12) -> list[str]:
-    """Human-readable "key: old -> new" lines for the keys whose values differ."""
-    keys = sorted(set(recorded) | set(current))
+    """Human-readable "key: old -> new" lines for the keys whose values differ.
+
+    A record written before locations counted below their `paths.*` folder (and cache folders not at all) holds
+    cache keys and absolute locations: such a key is not a difference, and an absolute location matches the
+    current `${paths.<key>}/<rest>` when it ends with the same rest (the data read there are compared by the
+    dataset's identity when the run resumes)."""
+    keys = sorted(k for k in set(recorded) | set(current) if not _excluded(k))
     lines = []
     for key in keys:
         old, new = recorded.get(key, "<absent>"), current.get(key, "<absent>")
-        if _canonical(old) != _canonical(new):
+        if _canonical(old) != _canonical(new) and not _located_alike(old, new):
             lines.append(f"{key}: {old!r} -> {new!r}")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
+
+
+def _located_alike(old: Any, new: Any) -> bool:
+    relocated = re.fullmatch(r"\$\{paths\.[\w.]+\}(/.*)?", new) if isinstance(new, str) else None
+    return bool(relocated) and isinstance(old, str) and old.startswith("/") and old.endswith(relocated[1] or "")
 
 
 def describe(record: dict | None) -> str:
@@ -126,6 +171,8 @@ def _digest(items: dict[str, Any]) -> str:
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
 MAX_JOB_DIR = 96
+# `group=option/sub`: a top-level key choosing a config of a nested group (experiment=demo/baseline)
+_GROUP_CHOICE = re.compile(r"\+?[A-Za-z_][\w-]*=[\w-]+(/[\w-]+)+")
 
 
 def _names_no_folder(override: str) -> bool:
@@ -133,21 +180,51 @@ def _names_no_folder(override: str) -> bool:
     return key == "logger" or key.startswith("logger.")
 
 
+def _job_parts(overrides) -> list[str]:
+    return sorted((str(o) for o in overrides if not _names_no_folder(str(o))),
+                  key=lambda o: (o.split("=", 1)[0].count("."), o))
+
+
 def job_dir_name(overrides: list[str] | tuple[str, ...]) -> str:
     """The folder of one sweep job, from its overrides: sorted, so the same job lands in the same folder
-    whatever the order of the sweep's arguments; filesystem-safe (`/`, spaces, quotes become `_`); kept
-    short (a long name keeps its start and gains a digest of the whole). No overrides: "default".
+    whatever the order of the sweep's arguments; filesystem-safe (`/`, spaces, quotes become `_`); unique: a
+    name that making it safe changed (`dataset.path=/a/b.npz` and `dataset.path=/a_b.npz` both read
+    `dataset.path=_a_b.npz`) or that is too long (it keeps its start) gains a digest of the whole. No overrides:
+    "default".
+
+    The folders of sweeps named before names were unique are found again: a top-level `key=a/b`, how a nested
+    config-group choice reads (`experiment=demo/baseline`), becomes `key=a_b` without a digest, as it always did
+    (it could only meet a choice named `a_b` of the same group); a job whose name without the digest already
+    holds its run (its metrics.json) keeps that folder, and a job whose plain name holds the run of another
+    job, named into it that way, takes the name with the digest.
 
     Top-level keys (method=, seed=, dataset=) sort before nested ones (method.alpha=, trainer.epochs=), so a
     shortened name still starts with what usually tells the jobs of a sweep apart. Overrides of keys outside the
     run identity that only say where results are mirrored (`logger`) name no folder: a sweep re-run with other
     loggers finds its finished jobs."""
-    parts = sorted((str(o) for o in overrides if not _names_no_folder(str(o))),
-                   key=lambda o: (o.split("=", 1)[0].count("."), o))
+    parts = _job_parts(overrides)
     if not parts:
         return "default"
-    name = _UNSAFE.sub("_", ",".join(parts)).strip("._") or "job"
+    whole = ",".join(parts)
+    name = _UNSAFE.sub("_", whole).strip("._") or "job"
+    readable = ",".join(p.replace("/", "_") if _GROUP_CHOICE.fullmatch(p) else p for p in parts)
     if len(name) > MAX_JOB_DIR:
-        digest = hashlib.sha256(",".join(parts).encode()).hexdigest()[:10]
+        unique = False
+    else:
+        held = _held_job(name)
+        unique = held == parts if name != readable else held in (None, parts)
+    if not unique:
+        digest = hashlib.sha256(whole.encode()).hexdigest()[:10]
         name = f"{name[:MAX_JOB_DIR - 11].rstrip('._,')}-{digest}"
     return name
+
+
+def _held_job(name: str) -> list[str] | None:
+    """The overrides of the run in folder `name` of the running sweep (its metrics.json); None: no such run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        record = json.loads((Path(HydraConfig.get().sweep.dir) / name / "metrics.json").read_text())
+        return _job_parts(record["overrides"])
+    except Exception:  # noqa: BLE001 - not a sweep, no such folder, an unreadable record: nothing known
+        return None

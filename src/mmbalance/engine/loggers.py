@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,12 @@ PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"} 
 WANDB_MODES = ("offline", "online", "disabled")
 RECORD_ARTIFACT = "mmbalance_metrics.json"  # metrics.json in MLflow's artifacts
 FINAL = "final/"  # prefix of the run's final metrics (metrics.json "metrics") in every tracker
+# MLflow's HTTP defaults (7 retries with a doubling backoff, 120 s per request) hold a run for about 4 minutes
+# when the tracking server is down; a mirror fails fast instead. Set around the MLflow logger's calls only, and
+# only where the environment does not set them (docs/loggers.md).
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+REACH_TIMEOUT_S = 3.0  # an http(s) tracking server must accept a connection this fast at start
 
 
 @dataclass
@@ -368,6 +375,41 @@ class TensorBoardLogger(Logger):
             writer.close()
 
 
+@contextlib.contextmanager
+def _mlflow_http():
+    """MLFLOW_HTTP in the environment during one call (MLflow reads it per request; a decorator of the MLflow
+    logger's methods), and urllib3's warning per retry kept off the console: Loggers._fail reports the failure."""
+    added = {k: v for k, v in MLFLOW_HTTP.items() if k not in os.environ}
+    os.environ.update(added)
+    pool = logging.getLogger("urllib3.connectionpool")
+    level = pool.level
+    pool.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pool.setLevel(level)
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _reachable(uri: str) -> None:
+    """Raise ConnectionError when an http(s) tracking server accepts no connection within REACH_TIMEOUT_S (one
+    clear error in seconds, also for a host that drops packets); other URIs and proxied hosts pass."""
+    from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
+
+    url = urlparse(uri)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return
+    if url.scheme in getproxies() and not proxy_bypass(url.hostname):
+        return  # reached through a proxy: the bounded retries decide
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the MLflow tracking server {url.hostname}:{port}: {exc}") from None
+
+
 class MLflowLogger(Logger):
     """An MLflow run: the config as params, choices and tags as tags, per-epoch metrics (step = epoch), the final
     metrics as final/<name> (names as history.csv's, later `/` as `.`: val/acc.audio), metrics.json (as
@@ -377,6 +419,9 @@ class MLflowLogger(Logger):
     jobs, one experiment per sweep): a folder per run, safe for concurrent jobs, no server. MLflow 3 keeps
     that backend in maintenance mode and refuses it unless MLFLOW_ALLOW_FILE_STORE=true; this process sets that
     for a file store it was given (the viewer needs it too: docs/loggers.md).
+
+    A server is checked at start (REACH_TIMEOUT_S) and every call runs with bounded retries (MLFLOW_HTTP): an
+    unreachable tracker costs a run seconds, not minutes.
     """
 
     name = "mlflow"
@@ -399,6 +444,7 @@ class MLflowLogger(Logger):
     def _experiment_name(self, info: RunInfo) -> str:
         return str(self.options.get("experiment") or info.sweep_name or "mmbalance")
 
+    @_mlflow_http()
     def start(self, info, previous, history, logged_through):
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
@@ -406,6 +452,7 @@ class MLflowLogger(Logger):
 
         self.info = info
         uri = self._uri(info)
+        _reachable(uri)
         if _local_store(uri):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
@@ -455,6 +502,7 @@ class MLflowLogger(Logger):
                     raise
                 return found.experiment_id
 
+    @_mlflow_http()
     def log_rows(self, rows):
         from mlflow.entities import Metric
 
@@ -465,6 +513,7 @@ class MLflowLogger(Logger):
         for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
+    @_mlflow_http()
     def finish(self, results, step):
         from mlflow.entities import Metric, RunTag
 
@@ -482,6 +531,7 @@ class MLflowLogger(Logger):
         state = {"completed": "FINISHED", "interrupted": "KILLED"}.get(str(results.get("status")), "FAILED")
         self.client.set_terminated(self.run_id, state)
 
+    @_mlflow_http()
     def abort(self):
         if getattr(self, "run_id", None):
             self.client.set_terminated(self.run_id, "FAILED")
