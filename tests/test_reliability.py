@@ -5,7 +5,9 @@ In-process cases inject faults by wrapping functions; the subprocess cases kill 
 """
 
 import csv
+import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,9 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import FAST, REPO, read_metrics, run_cli, train_in_process, without_times
+from mmbalance.engine.checkpoint import WriteError, load_checkpoint, save_checkpoint
 from mmbalance.engine.identity import job_dir_name, run_identity
 from mmbalance.engine.run_folder import RunFolder
-from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged, UserError
+from mmbalance.errors import CheckpointError, ConfigError, RunFolderError, TrainingDiverged, UserError
 
 OGM = ["method=ogm_ge", "trainer.epochs=3"]  # random noise in every step: resume must restore the RNG too
 
@@ -47,6 +50,18 @@ def interrupt_at_epoch(monkeypatch, epoch: int):
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+def select_epoch(monkeypatch, epoch: int | None):
+    """Make `epoch` the selected one (None: always the latest), whatever the validation scores."""
+    from mmbalance.engine.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "_improves", lambda self, score: epoch is None or self.history[-1]["epoch"] <= epoch)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (the lock aside) with its bytes: what a refusal must leave as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +169,66 @@ def test_a_folder_in_use_by_another_process_is_refused(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_run_is_never_shortened_and_the_refusal_changes_nothing(tmp_path, monkeypatch):
+    done = tmp_path / "done"
+    train_in_process(done, ["trainer.epochs=2"])
+    before = files(done)
+    with pytest.raises(RunFolderError) as err:
+        train_in_process(done, ["trainer.epochs=1", "resume=force"])
+    message = str(err.value)
+    assert "metrics.json holds a run trained for 2 epochs; trainer.epochs=1 cannot shorten it" in message
+    assert "resume=never" in message and "another folder" in message
+    assert files(done) == before
+    # an unfinished run: its checkpoint says how far it got
+    part = tmp_path / "part"
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(part, ["trainer.epochs=3"])
+    before = files(part / "checkpoints"), (part / "history.csv").read_bytes()
+    with pytest.raises(RunFolderError, match=r"last.pt holds a run trained for 2 epochs; trainer.epochs=1 cannot"):
+        train_in_process(part, ["trainer.epochs=1", "resume=force"])
+    assert (files(part / "checkpoints"), (part / "history.csv").read_bytes()) == before
+
+
+@pytest.mark.parametrize("bad", [["optimizer.lr=-1"], ["dataset.num_samples=4"]], ids=["config", "data"])
+def test_resume_never_checks_the_new_run_before_moving_the_old_one_aside(tmp_path, bad):
+    out = tmp_path / "run"
+    train_in_process(out, ["trainer.epochs=1"])
+    before = files(out)
+    with pytest.raises(ConfigError if "lr" in bad[0] else UserError):
+        train_in_process(out, ["trainer.epochs=1", "resume=never", *bad])
+    assert files(out) == before and not (out / "superseded").exists()
+
+
+def test_an_interrupted_extension_keeps_the_completed_record_and_says_so(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    done = train_in_process(out, ["trainer.epochs=2"])
+    from mmbalance.engine.trainer import Trainer
+
+    original, seen = Trainer.train_epoch, {}
+
+    def train_epoch(self, epoch):  # Ctrl-C as epoch 3 starts; the record as it was while epoch 2 trained
+        if epoch == 2:
+            seen["during"] = read_metrics(out)
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_epoch", train_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(out, ["trainer.epochs=5", "resume=force"])
+    assert seen["during"]["status"] == "completed" and seen["during"]["extension"]["status"] == "running"
+    record = read_metrics(out)
+    assert record["status"] == "completed" and record["metrics"] == done["metrics"] and record["metrics"]["epochs"] == 2
+    assert record["extension"] == {"epochs": 5, "status": "interrupted", "error": "KeyboardInterrupt: "}
+    assert len(history(out)) == 3  # the rows beyond `epochs` belong to the extension the record names
+    assert "extension to 5 epochs interrupted" in caplog.text and "re-evaluation" not in caplog.text
+    finished = train_in_process(out, ["trainer.epochs=5", "resume=force"])
+    assert finished["metrics"]["epochs"] == 5 and "extension" not in read_metrics(out)
+
+
 # ---------------------------------------------------------------- interruptions and damaged files
 
 def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, straight):
@@ -203,22 +278,103 @@ def test_no_readable_checkpoint_is_one_message_naming_the_files_and_nothing_is_d
 
 def test_a_failed_or_interrupted_reevaluation_keeps_the_completed_results(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    train_in_process(out, ["trainer.epochs=1"])
+    select_epoch(monkeypatch, 0)  # the selected epoch 0 is not the last: best.pt alone holds its weights
+    train_in_process(out, ["trainer.epochs=2"])
     before = (out / "metrics.json").read_bytes()
     import mmbalance.engine.trainer as trainer
 
     def interrupted_test(run, loader, split, shapley=True):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "evaluate", interrupted_test)
-    with pytest.raises(KeyboardInterrupt):
-        train_in_process(out, ["trainer.epochs=1", "resume=reevaluate"])
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "evaluate", interrupted_test)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(out, ["trainer.epochs=2", "resume=reevaluate"])
     assert (out / "metrics.json").read_bytes() == before
     truncate(out / "checkpoints" / "best.pt")
     with pytest.raises(CheckpointError, match=r"best.pt(.|\n)*selected epoch 0(.|\n)*resume=never"):
-        train_in_process(out, ["trainer.epochs=1", "resume=reevaluate"])
+        train_in_process(out, ["trainer.epochs=2", "resume=reevaluate"])
     assert (out / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "another-epoch"])
+def test_without_the_selected_epochs_weights_no_test_result_is_reported(tmp_path, monkeypatch, damage):
+    """Killed after the selected epoch 0; best.pt then lost (or holding another epoch): testing the weights in
+    memory (epoch 1's) would report them as epoch 0's. One error instead, naming the file and the way out."""
+    out = tmp_path / "run"
+    select_epoch(monkeypatch, 0)
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(out, ["trainer.epochs=3"])
+    best = out / "checkpoints" / "best.pt"
+    if damage == "missing":
+        best.unlink()
+    else:
+        save_checkpoint({**load_checkpoint(best), "epoch": 1}, best)
+    with pytest.raises(CheckpointError) as err:
+        train_in_process(out, ["trainer.epochs=3"])
+    message = str(err.value)
+    assert "checkpoints/best.pt" in message and "selected epoch 0" in message and "resume=never" in message
+    assert "the last checkpoint holds epoch 2" in message
+    assert read_metrics(out)["status"] == "failed" and read_metrics(out)["metrics"] == {}
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "another-epoch"])
+def test_a_lost_best_pt_is_written_again_from_the_checkpoint_that_holds_the_selected_epoch(
+        tmp_path, monkeypatch, caplog, damage):
+    """Killed after the selected epoch 1, best.pt then lost: the re-run resumes from last.pt, which holds epoch 1,
+    so best.pt is written again from it before epoch 2 replaces last.pt; the result equals the straight run's."""
+    select_epoch(monkeypatch, 1)
+    expected = train_in_process(tmp_path / "straight", ["trainer.epochs=3"])
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(out, ["trainer.epochs=3"])
+    best = out / "checkpoints" / "best.pt"
+    if damage == "missing":
+        best.unlink()
+    elif damage == "truncated":
+        truncate(best)
+    else:
+        save_checkpoint({**load_checkpoint(best), "epoch": 0}, best)
+    resumed = train_in_process(out, ["trainer.epochs=3"])
+    assert resumed["metrics"]["best_epoch"] == 1 and load_checkpoint(best)["epoch"] == 1
+    assert without_times(resumed["metrics"]) == without_times(expected["metrics"])
+    assert "last.pt holds the selected epoch 1, so best.pt is written again from it" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_reevaluation_without_best_pt_uses_last_pt_when_it_holds_the_selected_epoch(tmp_path, monkeypatch, caplog,
+                                                                                      damage):
+    out = tmp_path / "run"
+    select_epoch(monkeypatch, None)  # the selected epoch is the last: last.pt holds its weights too
+    done = train_in_process(out, ["trainer.epochs=2"])
+    best = out / "checkpoints" / "best.pt"
+    best.unlink() if damage == "missing" else truncate(best)
+    redone = train_in_process(out, ["trainer.epochs=2", "resume=reevaluate"])
+    assert redone["status"] == "completed" and without_times(redone["metrics"]) == without_times(done["metrics"])
+    assert "best.pt" in caplog.text and "last.pt holds the selected epoch 1, so best.pt is written again" in caplog.text
+    assert "no other file" not in caplog.text.lower()
+
+
+def test_a_best_pt_behind_the_selected_last_epoch_is_not_tested_the_weights_in_memory_are(tmp_path, monkeypatch,
+                                                                                         caplog):
+    select_epoch(monkeypatch, None)
+    expected = train_in_process(tmp_path / "straight", ["trainer.epochs=2"])
+    import mmbalance.engine.trainer as trainer
+
+    original = trainer.save_checkpoint
+
+    def save_checkpoint(state, path, keep_previous=False):  # best.pt's write of epoch 1 is lost: it keeps epoch 0
+        if path.name != "best.pt" or state["epoch"] == 0:
+            original(state, path, keep_previous)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+    done = train_in_process(tmp_path / "run", ["trainer.epochs=2"])
+    assert without_times(done["metrics"]) == without_times(expected["metrics"])
+    assert "holds epoch 0, not the selected epoch 1" in caplog.text and "last.pt holds its weights too" in caplog.text
 
 
 def test_stale_temporaries_of_a_killed_write_are_removed_at_the_next_start(tmp_path):
@@ -236,6 +392,71 @@ def test_divergence_is_an_expected_ending_that_names_the_remedy(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"training diverged(.|\n)*optimizer.lr"):
         train_in_process(tmp_path, ["optimizer.lr=1e12", "trainer.epochs=1"])
     assert read_metrics(tmp_path)["status"] == "failed"
+
+
+def test_divergence_names_the_checkpoint_that_holds_the_epoch_before_or_says_there_is_none(tmp_path, monkeypatch):
+    with pytest.raises(TrainingDiverged) as err:
+        train_in_process(tmp_path / "first", ["optimizer.lr=1e12", "trainer.epochs=1"])
+    assert "no checkpoint was written" in str(err.value) and "last.pt" not in str(err.value)
+    assert not (tmp_path / "first" / "checkpoints").exists()
+    from mmbalance.methods.base import Method
+
+    original = Method.training_step
+
+    def training_step(self, run, batch):  # the loss becomes NaN in epoch 1 only
+        stats = original(self, run, batch)
+        return {**stats, "loss": stats["loss"] * math.nan} if run.epoch == 1 else stats
+
+    monkeypatch.setattr(Method, "training_step", training_step)
+    with pytest.raises(TrainingDiverged, match=r"checkpoints/last.pt holds epoch 0"):
+        train_in_process(tmp_path / "second", ["trainer.epochs=2"])
+
+
+def test_flops_not_measured_are_recorded_as_none_never_as_zero(tmp_path):
+    done = train_in_process(tmp_path, ["eval.flops=false"])
+    assert {k: v for k, v in done["metrics"].items() if k.startswith("flops/")} == {"flops/train_total": None}
+    assert read_metrics(tmp_path)["metrics"]["flops/train_total"] is None
+    assert [row["flops/train_so_far"] for row in history(tmp_path)] == ["", ""]  # empty: not measured
+
+
+@pytest.mark.parametrize("failure", ["torch", "oserror"])
+def test_a_full_disk_during_a_checkpoint_write_is_one_message_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, straight, failure):
+    import shutil
+
+    import torch
+
+    import mmbalance.engine.checkpoint as checkpoint
+
+    expected, _ = straight
+    out = tmp_path / "run"
+    original, writes = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # the second last.pt runs out of space part-way
+        if "optimizer" in obj:
+            writes.append(obj["epoch"])
+            if len(writes) == 2:
+                f.write(b"half a checkpoint")
+                if failure == "torch":  # what torch raises on a full disk
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1988992 vs 1988880")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save)
+        if failure == "torch":
+            full = shutil.disk_usage(tmp_path)._replace(free=4096)
+            patch.setattr(checkpoint.shutil, "disk_usage", lambda path: full)
+        with pytest.raises(WriteError) as err:
+            train_in_process(out, OGM)
+    message = str(err.value)
+    assert isinstance(err.value, UserError) and isinstance(err.value, OSError)  # one message; still a failed write
+    assert f"could not write {out / 'checkpoints' / 'last.pt'}: the disk is full" in message
+    assert "the previous last.pt is unchanged" in message and "free space" in message
+    assert read_metrics(out)["status"] == "failed" and "the disk is full" in read_metrics(out)["error"]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 0 and not list(out.rglob("*.tmp"))
+    resumed = train_in_process(out, OGM)  # once there is space again
+    assert without_times(resumed["metrics"]) == without_times(expected["metrics"])
 
 
 # ---------------------------------------------------------------- the CLI: clean endings, kills, sweeps

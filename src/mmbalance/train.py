@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import mmbalance
 from mmbalance.config import build, validate
 from mmbalance.engine import distributed, threads
-from mmbalance.engine.checkpoint import write_json
+from mmbalance.engine.checkpoint import WriteError, write_json
 from mmbalance.engine.identity import data_identity, run_identity
 from mmbalance.engine.loggers import build_loggers, supersede_logger_files
 from mmbalance.engine.run import LoaderSettings, Run
@@ -58,8 +58,9 @@ def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overri
     """Run one training job into output_dir; return the results written to output_dir/metrics.json.
 
     The folder is a record (engine/run_folder.py): one process writes it at a time, a completed run of the
-    same identity is left as it is, another run's record is never resumed or overwritten, and a completed
-    metrics.json is replaced only by a complete one. Otherwise metrics.json is written at start ("running"),
+    same identity is left as it is, another run's record is never resumed or overwritten, a run is never
+    shortened, and a completed metrics.json is replaced only by a complete one (while resume=force trains it for
+    more epochs, it gains an `extension` field saying so). Otherwise metrics.json is written at start ("running"),
     and at the end "completed" or, before the exception is re-raised, "failed"/"interrupted" with the error:
     a results file never claims success for a failed run. Under hardware=ddp every rank runs this; only rank
     0 writes.
@@ -85,6 +86,9 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
     identity = run_identity(config, mmbalance.__version__)
     mode = str(cfg.get("resume", "auto"))
     plan = folder.plan(identity, mode)  # every rank reads the same folder before rank 0 changes it
+    # resume=never checks the config, data and loggers before the previous files move: an error leaves them as
+    # they were (decided on every rank, so all build at the same point)
+    check_first = mode == "never" and folder.holds_results()
     distributed.barrier()
     if plan.action == "skip":
         previous = plan.previous
@@ -92,14 +96,6 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
                  "best checkpoint, resume=never trains it again (its files move to superseded/)", output_dir,
                  previous.get("metrics", {}).get("test/acc"))
         return previous
-    if write:
-        if mode == "never":
-            moved = folder.supersede()
-            if moved is not None:
-                log.info("resume=never: the previous files of %s moved to %s", output_dir, moved)
-            supersede_logger_files(output_dir, moved, cfg)
-        folder.clean_temporaries()
-    distributed.barrier()
     results: dict[str, Any] = {
         "status": "running",
         "error": None,
@@ -119,14 +115,35 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
     }
     if plan.forced_over:
         results["forced_resume"] = {"previous": (plan.previous or {}).get("overrides"), "differences": plan.forced_over}
+    trainer = _make_trainer(cfg, output_dir, results, device, identity, overrides, mode) if check_first else None
+    if write:
+        if mode == "never":
+            moved = folder.supersede()
+            if moved is not None:
+                log.info("resume=never: the previous files of %s moved to %s", output_dir, moved)
+            supersede_logger_files(output_dir, moved, cfg)
+        folder.clean_temporaries()
+    distributed.barrier()
     # a completed record stays on disk until its replacement is complete (resume=reevaluate / force)
     keep_completed = plan.action == "reevaluate"
+    record = output_dir / "metrics.json"
     if write and not keep_completed:
-        write_json(results, output_dir / "metrics.json")
-    trainer = None
+        write_json(results, record)
+    # resume=force with more epochs trains a completed run further: until it completes, its record says so (the
+    # checkpoints and history.csv then run ahead of the record's `epochs`)
+    extension: dict[str, Any] = {}
+
+    def start_extension(first_epoch: int) -> None:
+        if keep_completed and first_epoch < trainer.epochs:
+            extension.update(epochs=trainer.epochs, status="running", error=None)
+            if write:
+                write_json({**plan.previous, "extension": extension}, record)
+
     try:
-        trainer = _make_trainer(cfg, output_dir, results, device, identity, overrides, mode)
+        if trainer is None:
+            trainer = _make_trainer(cfg, output_dir, results, device, identity, overrides, mode)
         trainer.started = started  # this process's wall time includes building the data and the model
+        trainer.on_start = start_extension
         results["metrics"] = _fit(cfg, trainer, output_dir, require_checkpoint=keep_completed)
         results["status"] = "completed"
     except BaseException as exc:
@@ -141,11 +158,20 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
             results["processes"] = trainer.processes
             if trainer.resumed_from is not None:
                 results["resumed_from"] = trainer.resumed_from
-        if write and (results["status"] == "completed" or not keep_completed):
-            write_json(results, output_dir / "metrics.json")
-        elif write:
-            log.error("re-evaluation %s; %s/metrics.json still holds the completed run's results",
-                      results["status"], output_dir)
+        try:
+            if write and (results["status"] == "completed" or not keep_completed):
+                write_json(results, record)
+            elif write:
+                what = f"extension to {extension['epochs']} epochs" if extension else "re-evaluation"
+                if extension:
+                    extension.update(status=results["status"], error=results["error"])
+                    write_json({**plan.previous, "extension": extension}, record)
+                log.error("%s %s; %s still holds the completed run's results (%s epochs)", what, results["status"],
+                          record, (plan.previous.get("metrics") or {}).get("epochs"))
+        except WriteError as exc:  # a full disk: the error that ended the run is the one to report
+            if results["status"] == "completed":
+                raise
+            log.error("%s; %s does not record this ending", exc, record)
         if trainer is not None and trainer.loggers is not None:
             trainer.loggers.finish(results)  # after the record is on disk: a tracker never delays or breaks it
     return results
@@ -169,8 +195,10 @@ def _make_trainer(cfg: DictConfig, output_dir: Path, results: dict, device, iden
 
 
 def _fit(cfg: DictConfig, trainer: Trainer, output_dir: Path, require_checkpoint: bool = False) -> dict[str, Any]:
-    if require_checkpoint and not (output_dir / "checkpoints" / "best.pt").exists():
-        raise CheckpointError(f"{output_dir}/checkpoints/best.pt is missing: there is nothing to re-evaluate; "
+    # a completed run is re-tested from its checkpoints (Trainer._load_best decides about best.pt): without one,
+    # fit would train it from scratch under the completed record
+    if require_checkpoint and not RunFolder(output_dir).has_checkpoint():
+        raise CheckpointError(f"{output_dir}/checkpoints/last.pt is missing: there is nothing to re-evaluate; "
                               "resume=never trains the run again")
     metrics = trainer.fit()
     if cfg.eval.flops and distributed.is_main():

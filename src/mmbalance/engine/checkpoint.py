@@ -3,24 +3,33 @@
 Every file is written to a hidden temporary beside it (`.<name>.<random>.tmp`), fsynced and renamed over
 the target. A process killed mid-write leaves only such a temporary; `remove_stale_temporaries` cleans
 them at the next start. `last.pt` keeps its predecessor as `last.prev.pt`, so one unreadable checkpoint
-(a bad disk block, a copy cut short) costs one epoch instead of the run.
+(a bad disk block, a copy cut short) costs one epoch instead of the run. A write that fails (a full disk) is
+one `WriteError` naming the file; the file it would have replaced is unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
-from mmbalance.errors import CheckpointError
+from mmbalance.errors import CheckpointError, UserError
 
 log = logging.getLogger("mmbalance")
 
 TMP_SUFFIX = ".tmp"
+LOW_SPACE = 64 * 2**20  # bytes: less left when a write fails means the write filled the disk
+
+
+class WriteError(UserError, OSError):
+    """A run file could not be written (a full disk, an I/O error): one message naming it. Still an OSError, so
+    callers that tolerate a failed write (engine/loggers.py) keep doing so."""
 
 
 def _atomic(path: Path, write) -> None:
@@ -34,10 +43,33 @@ def _atomic(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read by others
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        # measured before the partial temporary goes: it holds the space the write took
+        failed = _write_failure(path, exc) if isinstance(exc, (OSError, RuntimeError)) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if failed is not None:
+            raise failed from exc
         raise
+
+
+def _write_failure(path: Path, exc: BaseException) -> WriteError | None:
+    """The message for a write that failed: torch reports a full disk as a bare RuntimeError (`unexpected pos`),
+    so the free space decides. None for a RuntimeError with space left: that is a bug and keeps its traceback."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < LOW_SPACE)
+    if not full and not isinstance(exc, OSError):
+        return None
+    space = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+    return WriteError(
+        f"could not write {path}: {'the disk is full' if full else 'the write failed'} (free space on its "
+        f"filesystem: {space}; {type(exc).__name__}: {detail}); {kept}. Free some space and re-run the same "
+        "command (a run resumes from its last complete checkpoint)")
 
 
 def previous_path(path: Path) -> Path:

@@ -10,6 +10,9 @@ new start may do there, following `resume`:
   only once the new one is complete.
 * ``never``: whatever the folder holds moves to `superseded/<time>/` and the run starts fresh.
 * ``force``: resume whatever the folder holds, even another identity's checkpoint (recorded in metrics.json).
+
+No mode shortens a run: a folder trained for more epochs than `trainer.epochs` is refused (its results are those
+of the longer run).
 """
 
 from __future__ import annotations
@@ -120,6 +123,10 @@ class RunFolder:
             owner = f"it records {describe(previous)}, status {previous.get('status')!r}"
             raise RunFolderError(refusal(self.path / "metrics.json", owner, diff))
         completed = previous.get("status") == "completed"
+        trained = (previous.get("metrics") or {}).get("epochs")
+        requested = identity["config"].get("trainer.epochs")
+        if completed and isinstance(trained, int) and isinstance(requested, int) and trained > requested:
+            raise shortening_refused(self.path / "metrics.json", trained, requested)
         if completed and mode == "auto" and not diff:
             return Plan("skip", previous)
         if completed:  # reevaluate, or force
@@ -127,6 +134,10 @@ class RunFolder:
         return Plan("resume" if self.has_checkpoint() else "fresh", previous, forced_over=diff)
 
     # ---- acting on the plan (rank 0 only) ----
+    def holds_results(self) -> bool:
+        """Whether the folder holds files a resume=never start moves aside."""
+        return any((self.path / name).exists() for name in RESULT_FILES)
+
     def supersede(self) -> Path | None:
         """Move the previous run's files into superseded/<time>/ (resume=never); None when there were none."""
         present = [self.path / name for name in RESULT_FILES if (self.path / name).exists()]
@@ -147,6 +158,16 @@ class RunFolder:
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted write: %s", len(removed),
                      ", ".join(p.name for p in removed))
+
+
+def shortening_refused(where, trained: int, requested: int) -> RunFolderError:
+    """The refusal of a start that would shorten a run: training never goes back, so a run of `trained` epochs
+    re-tested or recorded as one of `requested` epochs would claim results it does not have."""
+    return RunFolderError(
+        f"{where} holds a run trained for {trained} epochs; trainer.epochs={requested} cannot shorten it (a run "
+        "only continues). Its checkpoints and results are left as they are. Re-run with resume=never to train "
+        f"{requested} epochs from the start here (the existing files move to {SUPERSEDED}/), or choose another "
+        "folder (hydra.run.dir=... / hydra.sweep.dir=...)")
 
 
 def recorded_identity(record: dict) -> dict | None:

@@ -21,6 +21,7 @@ from mmbalance.engine.checkpoint import load_checkpoint, previous_path, save_che
 from mmbalance.engine.evaluation import evaluate
 from mmbalance.engine.identity import describe, differences, refusal
 from mmbalance.engine.run import Run
+from mmbalance.engine.run_folder import shortening_refused
 from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged
 from mmbalance.metrics.flops import count_flops
 from mmbalance.metrics.regression import LOWER_IS_BETTER
@@ -71,6 +72,7 @@ class Trainer:
         self.processes = 1
         self.resumed_from: dict | None = None
         self.first_epoch_here = 0
+        self.on_start = None  # called with the first epoch to train, once the checkpoint (if any) is loaded
 
     @property
     def wall_time_s(self) -> float:
@@ -144,12 +146,37 @@ class Trainer:
             return
         raise RunFolderError(refusal(path, f"it was written by {describe(theirs)}", diff))
 
+    def _read_best(self) -> tuple[dict | None, str | None]:
+        """(best.pt's state, None) when it holds the selected epoch, else (None, what is wrong with it)."""
+        best = self.ckpt_dir / "best.pt"
+        try:
+            state = load_checkpoint(best)
+        except CheckpointError as exc:
+            return None, str(exc)
+        if state.get("epoch") != self.best_epoch:  # e.g. written by an epoch the resumed checkpoint does not hold
+            return None, (f"checkpoint {str(best)!r} holds epoch {state.get('epoch')}, not the selected epoch "
+                          f"{self.best_epoch}")
+        return state, None
+
+    def _restore_best(self, state: dict, path: Path) -> None:
+        """The checkpoint resumed from holds the selected epoch: when best.pt does not (missing, unreadable, another
+        epoch), write it again from that checkpoint, before later epochs replace it."""
+        _, problem = self._read_best()
+        if problem is None:
+            return
+        log.warning("%s; %s holds the selected epoch %d, so best.pt is written again from it", problem, path,
+                    self.best_epoch)
+        save_checkpoint({"epoch": state["epoch"], "model": state["model"], "method": state["method"],
+                         "identity": state.get("identity")}, self.ckpt_dir / "best.pt")
+
     def _resume(self) -> int:
         found = self._load_last()
         if found is None:
             return 0
         state, path = found
         self._check_identity(state, path)
+        if state["epoch"] + 1 > self.epochs:  # before anything is rewritten: its results are those of more epochs
+            raise shortening_refused(path, state["epoch"] + 1, self.epochs)
         run = self.run
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -160,6 +187,8 @@ class Trainer:
         run.step = state["step"]
         self.history = state["history"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        if self.best_epoch == state["epoch"] and distributed.is_main():
+            self._restore_best(state, path)
         self.wall_time_before = float(state.get("wall_time_s", 0.0))
         self.processes = int(state.get("processes", 1)) + 1
         rng = state["rng"]
@@ -199,7 +228,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.float() * len(batch)
             samples += len(batch)
             run.step += 1
-        run.flops.add("train_steps", step_flops_per_sample * samples)
+        if run.flops.enabled:  # not measured is no part at all, never a count of 0
+            run.flops.add("train_steps", step_flops_per_sample * samples)
         if run.world_size > 1:  # the epoch means over every rank's shard
             # BatchNorm statistics followed each rank's shard: one model again before the epoch-end hook, validation
             # and the checkpoint (engine/distributed.py)
@@ -210,17 +240,23 @@ class Trainer:
             sums = totals
         means = {f"train/{k}": float(v) / max(samples, 1) for k, v in sums.items()}
         if not math.isfinite(means.get("train/loss", 0.0)):
-            raise TrainingDiverged(
-                f"training diverged: the epoch-mean loss is {means['train/loss']} at epoch {epoch}; lower "
-                "optimizer.lr or set trainer.grad_clip (checkpoints/last.pt holds the epoch before)")
+            raise self._diverged(f"the epoch-mean loss is {means['train/loss']} at epoch {epoch}", epoch)
         params = [p for p in run.model.parameters()]
         if params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
             # a last step can blow the weights up after a finite loss: say so here, not as NaN predictions later
-            raise TrainingDiverged(
-                f"training diverged: the model's parameters hold NaN/Inf after epoch {epoch}; lower optimizer.lr "
-                "or set trainer.grad_clip (checkpoints/last.pt holds the epoch before)")
+            raise self._diverged(f"the model's parameters hold NaN/Inf after epoch {epoch}", epoch)
         means["train/samples"] = samples
         return means
+
+    def _diverged(self, what: str, epoch: int) -> TrainingDiverged:
+        """The divergence message, naming the checkpoint that holds the epoch before, or saying there is none."""
+        if epoch > self.first_epoch_here:  # this process wrote last.pt after the previous epoch
+            held = f"checkpoints/last.pt holds epoch {epoch - 1}"
+        elif self.resumed_from is not None:  # last.pt, or last.prev.pt when last.pt was unreadable
+            held = f"checkpoints/{Path(self.resumed_from['checkpoint']).name} holds epoch {epoch - 1}"
+        else:
+            held = "no checkpoint was written: it diverged in its first epoch"
+        return TrainingDiverged(f"training diverged: {what}; lower optimizer.lr or set trainer.grad_clip ({held})")
 
     def fit(self) -> dict[str, Any]:
         run = self.run
@@ -230,6 +266,8 @@ class Trainer:
             with run.flops.measure("method_setup"):
                 run.method.setup(run)
         start = self.first_epoch_here = self._resume()
+        if self.on_start is not None:
+            self.on_start(start)
         if self.loggers is not None:  # continues the tracker runs of a resumed run, with the checkpoint's history
             self.loggers.start(self.history, start)
         for epoch in range(start, self.epochs):
@@ -248,7 +286,7 @@ class Trainer:
             row.update(evaluate(run, run.val_loader, "val", shapley=due))
             if self.select_on == "test":  # the peer's protocol, only when asked for (recorded in metrics.json)
                 row.update(evaluate(run, run.test_loader, "test", shapley=False))
-            row["flops/train_so_far"] = run.flops.total
+            row["flops/train_so_far"] = run.flops.total if run.flops.enabled else None  # None: not measured
             row["time_s"] = time.perf_counter() - t0
             self.history.append(row)
             score = row[self.select_key]
@@ -294,34 +332,36 @@ class Trainer:
         if run.world_size > 1:  # every rank counted its own work: the run's cost is the sum
             summed = run.reduce({k: torch.tensor(float(v), device=run.device) for k, v in parts.items()}) if parts else {}
             parts = {k: float(v) for k, v in summed.items()}
-        metrics["flops/train_total"] = sum(parts.values()) if run.world_size > 1 else run.flops.total
+        metrics["flops/train_total"] = ((sum(parts.values()) if run.world_size > 1 else run.flops.total)
+                                        if run.flops.enabled else None)  # eval.flops=false: not measured, never 0
         for part, value in parts.items():
             metrics[f"flops/train/{part}"] = value
         return metrics
 
     def _load_best(self) -> None:
-        """Load the selected epoch's weights from best.pt. When best.pt is unreadable but the selected epoch is the
-        last one trained in this process, the weights in memory are those weights; otherwise they are lost."""
+        """Load the selected epoch's weights from best.pt. The model in memory holds the last epoch's weights (trained
+        here, or loaded from last.pt when nothing was left to train), which last.pt holds too: when best.pt does
+        not hold the selected epoch and that epoch is the last one, those are its weights; otherwise they are lost
+        (a resume already restored best.pt when it could), and testing other weights would report another
+        epoch's results under the selected one."""
         run = self.run
-        best = self.ckpt_dir / "best.pt"
-        if not best.exists():
-            return
-        try:
-            state = load_checkpoint(best)
-        except CheckpointError as exc:
-            trained_here = (self.history and self.history[-1]["epoch"] == self.best_epoch
-                            and self.best_epoch >= self.first_epoch_here)
-            if trained_here:
-                log.warning("%s; the selected epoch %d is the last one trained, so its weights are still in memory",
-                            exc, self.best_epoch)
+        if self.best_epoch < 0:
+            return  # no epoch had a defined validation score: none was selected and best.pt was never written
+        state, problem = self._read_best()
+        if problem is not None:
+            last_epoch = self.history[-1]["epoch"] if self.history else None
+            if last_epoch == self.best_epoch:
+                log.warning("%s; the selected epoch %d is the last one, so %s holds its weights too: testing those",
+                            problem, self.best_epoch, self.ckpt_dir / "last.pt")
                 return
             raise CheckpointError(
-                f"{exc}\n  It holds the weights of the selected epoch {self.best_epoch}, which no other file has. "
-                "Re-run with resume=never to train this run again (the folder's files move to superseded/)") from None
+                f"{problem}\n  No other file holds the weights of the selected epoch {self.best_epoch} (the last "
+                f"checkpoint holds epoch {last_epoch}), so this run cannot be tested. Restore best.pt from a backup, "
+                "or re-run with resume=never to train this run again (the folder's files move to superseded/)")
         mine, theirs = run.identity, state.get("identity")
         if mine is not None and not self.force_resume and (theirs or {}).get("digest") != mine.get("digest"):
-            raise RunFolderError(f"{best} was written by another run ({describe(theirs)}); re-run with resume=never "
-                                 "to train this run again here, or choose another folder")
+            raise RunFolderError(f"{self.ckpt_dir / 'best.pt'} was written by another run ({describe(theirs)}); "
+                                 "re-run with resume=never to train this run again here, or choose another folder")
         run.model.load_state_dict(state["model"])
         run.method.load_state_dict(state["method"])
 
