@@ -214,6 +214,22 @@ def test_intermediate_fusion_method_is_refused(tiny_sweep, tmp_path):
         write_gap_report([root], tmp_path / "out")
 
 
+def test_a_checkpoint_of_another_epoch_than_the_record_is_refused(tiny_sweep, tmp_path):
+    """The probe uses the weights the record tested: a best.pt of another epoch (an unfinished resume=force
+    extension rewrites it) is refused, naming both files."""
+    import shutil
+
+    root = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, root)
+    ckpt = root / "0" / "checkpoints" / "best.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["epoch"] += 1
+    torch.save(state, ckpt)
+    with pytest.raises(UserError, match=f"best.pt holds the weights of epoch {state['epoch']}, but .*metrics.json "
+                                        f"records the results of epoch {state['epoch'] - 1}"):
+        write_gap_report([root], tmp_path / "out", ProbeSettings(steps=5))
+
+
 def test_gap_output_names_pairs_with_different_recipes(tiny_sweep, tmp_path):
     import shutil
 

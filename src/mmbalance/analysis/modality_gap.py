@@ -294,7 +294,14 @@ def probe_run(run: RunInfo, settings: ProbeSettings = ProbeSettings(), probing: 
                             cfg.masking)
     except UserError as e:
         raise UserError(f"{run.run_dir}: cannot rebuild the model from its config: {e}") from None
-    state = load_checkpoint(ckpt)["model"]
+    checkpoint = load_checkpoint(ckpt)
+    recorded = run.metrics.get("best_epoch")
+    if isinstance(recorded, int) and recorded >= 0 and checkpoint.get("epoch") != recorded:
+        # e.g. an unfinished resume=force extension wrote it: its weights are not the ones the record tested
+        raise UserError(f"{ckpt} holds the weights of epoch {checkpoint.get('epoch')}, but "
+                        f"{run.run_dir / 'metrics.json'} records the results of epoch {recorded}; finish the run "
+                        "(re-run its command) or leave it out of the folders given to gap")
+    state = checkpoint["model"]
     expected = set(model.state_dict())
     extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if extra or missing:
