@@ -47,6 +47,14 @@ def interrupt_at_epoch(monkeypatch, epoch: int):
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
 
 
+def interrupted_at_epoch_2_of_3(monkeypatch, out: Path) -> None:
+    """A 3-epoch run in `out`, Ctrl-C as its epoch 2 starts: checkpoints of epochs 0 and 1 on disk."""
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(out, ["trainer.epochs=3"])
+
+
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -181,10 +189,7 @@ def test_a_run_is_never_shortened_and_the_refusal_changes_nothing(tmp_path, monk
     assert files(done) == before
     # an unfinished run: its checkpoint says how far it got
     part = tmp_path / "part"
-    with monkeypatch.context() as patch:
-        interrupt_at_epoch(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            train_in_process(part, ["trainer.epochs=3"])
+    interrupted_at_epoch_2_of_3(monkeypatch, part)
     before = files(part / "checkpoints"), (part / "history.csv").read_bytes()
     with pytest.raises(RunFolderError, match=r"last.pt holds a run trained for 2 epochs; trainer.epochs=1 cannot"):
         train_in_process(part, ["trainer.epochs=1", "resume=force"])
@@ -303,10 +308,7 @@ def test_without_the_selected_epochs_weights_no_test_result_is_reported(tmp_path
     memory (epoch 1's) would report them as epoch 0's. One error instead, naming the file and the way out."""
     out = tmp_path / "run"
     select_epoch(monkeypatch, 0)
-    with monkeypatch.context() as patch:
-        interrupt_at_epoch(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            train_in_process(out, ["trainer.epochs=3"])
+    interrupted_at_epoch_2_of_3(monkeypatch, out)
     best = out / "checkpoints" / "best.pt"
     if damage == "missing":
         best.unlink()
@@ -328,10 +330,7 @@ def test_a_lost_best_pt_is_written_again_from_the_checkpoint_that_holds_the_sele
     select_epoch(monkeypatch, 1)
     expected = train_in_process(tmp_path / "straight", ["trainer.epochs=3"])
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        interrupt_at_epoch(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            train_in_process(out, ["trainer.epochs=3"])
+    interrupted_at_epoch_2_of_3(monkeypatch, out)
     best = out / "checkpoints" / "best.pt"
     if damage == "missing":
         best.unlink()

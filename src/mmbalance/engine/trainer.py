@@ -228,8 +228,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.float() * len(batch)
             samples += len(batch)
             run.step += 1
-        if run.flops.enabled:  # not measured is no part at all, never a count of 0
-            run.flops.add("train_steps", step_flops_per_sample * samples)
+        run.flops.add("train_steps", step_flops_per_sample * samples)
         if run.world_size > 1:  # the epoch means over every rank's shard
             # BatchNorm statistics followed each rank's shard: one model again before the epoch-end hook, validation
             # and the checkpoint (engine/distributed.py)
@@ -286,7 +285,7 @@ class Trainer:
             row.update(evaluate(run, run.val_loader, "val", shapley=due))
             if self.select_on == "test":  # the peer's protocol, only when asked for (recorded in metrics.json)
                 row.update(evaluate(run, run.test_loader, "test", shapley=False))
-            row["flops/train_so_far"] = run.flops.total if run.flops.enabled else None  # None: not measured
+            row["flops/train_so_far"] = run.flops.measured_total
             row["time_s"] = time.perf_counter() - t0
             self.history.append(row)
             score = row[self.select_key]
@@ -332,8 +331,8 @@ class Trainer:
         if run.world_size > 1:  # every rank counted its own work: the run's cost is the sum
             summed = run.reduce({k: torch.tensor(float(v), device=run.device) for k, v in parts.items()}) if parts else {}
             parts = {k: float(v) for k, v in summed.items()}
-        metrics["flops/train_total"] = ((sum(parts.values()) if run.world_size > 1 else run.flops.total)
-                                        if run.flops.enabled else None)  # eval.flops=false: not measured, never 0
+        metrics["flops/train_total"] = (sum(parts.values()) if run.world_size > 1 and run.flops.enabled
+                                        else run.flops.measured_total)
         for part, value in parts.items():
             metrics[f"flops/train/{part}"] = value
         return metrics
@@ -359,7 +358,9 @@ class Trainer:
                 f"checkpoint holds epoch {last_epoch}), so this run cannot be tested. Restore best.pt from a backup, "
                 "or re-run with resume=never to train this run again (the folder's files move to superseded/)")
         mine, theirs = run.identity, state.get("identity")
-        if mine is not None and not self.force_resume and (theirs or {}).get("digest") != mine.get("digest"):
+        # compared key by key, as a resume compares last.pt: a record of an earlier version matches where it should
+        if mine is not None and not self.force_resume and (theirs is None or differences(theirs.get("config", {}),
+                                                                                          mine["config"])):
             raise RunFolderError(f"{self.ckpt_dir / 'best.pt'} was written by another run ({describe(theirs)}); "
                                  "re-run with resume=never to train this run again here, or choose another folder")
         run.model.load_state_dict(state["model"])

@@ -212,15 +212,14 @@ class UMT(Method):
                 head.load_state_dict(entry["head"])
                 info = dict(entry["info"])
                 flops = info.get("train_flops")
-                if run.flops.enabled and flops is not None:
+                if flops is not None:
                     run.flops.add("umt_teachers_cached", float(flops))
                 log.info("umt: teacher %s loaded from %s (trained earlier: %s FLOPs, not spent in this run; added "
                          "to flops/train/umt_teachers_cached)", m, path, f"{flops:.4g}" if flops else "unknown")
             else:
                 info = self._train(run, m, encoder, head, seed=seed)
                 self.trained_teachers += 1
-                if run.flops.enabled:
-                    run.flops.add("umt_teachers", float(info["train_flops"]))
+                run.flops.add("umt_teachers", float(info["train_flops"]))
                 if path is not None:
                     save_checkpoint({"key": key_json, "encoder": encoder.state_dict(), "head": head.state_dict(),
                                      "info": info}, path)

@@ -153,8 +153,15 @@ class FlopMeter:
             segment.start()
 
     def add(self, part: str, flops: float) -> None:
+        if not self.enabled:  # not measured is no part at all, never a count of 0
+            return
         self.total += flops
         self.by_part[part] = self.by_part.get(part, 0.0) + flops
+
+    @property
+    def measured_total(self) -> float | None:
+        """The total, or None when counting is off (eval.flops=false): not measured, never 0."""
+        return self.total if self.enabled else None
 
     def state_dict(self) -> dict:
         return {"total": self.total, "by_part": dict(self.by_part)}
