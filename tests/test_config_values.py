@@ -56,6 +56,11 @@ def problems_of(overrides: list[str]) -> list[str]:
     (["resume=sometimes"], "resume='sometimes': expected one of ['auto', 'never', 'force', 'reevaluate']"),
     (["tags=baseline"], "tags='baseline': expected a list"),
     (["optimized_metric=1"], "optimized_metric=1: expected a string (str) or null"),
+    (["optimized_metric=test/acc"], "optimized_metric: 'test/acc' is a test metric; a sweeper must tune on "
+                                    "validation, never on test (use val/acc)"),
+    (["optimized_metric=val/accuracy"], "optimized_metric: expected val/<metric> with a metric among mae, corr, "
+                                        "acc2_nonneg, f1_nonneg, acc2_nonzero, f1_nonzero, acc7, acc5, acc, macro_f1, "
+                                        "imbalance, shapley, value (e.g. val/acc, val/mae/audio), got 'val/accuracy'"),
     (["optimizer.lr=${seed}"], "optimizer.lr=0: expected > 0"),  # an interpolation is checked as it resolves
 ])
 def test_a_bad_value_is_one_clear_problem_naming_the_key_the_value_and_what_was_expected(overrides, problem):
@@ -78,6 +83,8 @@ def test_every_bad_value_is_listed_in_one_error():
 def test_good_values_of_every_accepted_type_pass():
     validate(compose_cfg(["method=ogm_ge", "method.alpha=1", "optimizer.lr=1", "optimizer.momentum=0",
                           "trainer.grad_clip=5", "method.variant=ogm"]))
+    for key in ("val/acc", "val/macro_f1", "val/mae", "val/acc/audio", "val/imbalance", "val/shapley/image"):
+        validate(compose_cfg([f"optimized_metric={key}"]))
     validate(compose_cfg(["method=mla", "method.fusion=fixed", "method.weights={audio:0.4,visual:0.6}"]))
     validate(compose_cfg(["method=umt", "method.teacher_lr=0.5", "method.teacher_epochs=1"]))
 

@@ -198,6 +198,15 @@ def test_ddp_and_optuna_configs_compose():
     assert ddp.hardware.distributed is True and ddp.hardware.backend == "gloo"
 
 
+def test_every_ddp_rank_agrees_on_the_run_and_the_sweep_folder(monkeypatch):
+    """Each rank composes its own config: a folder named by the time would differ between ranks (a sweep's rank 1
+    then found no best.pt of its own and failed); torchrun's rendezvous id is the same on every rank."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "rdzv42")
+    ddp = _compose_with_hydra(DDP_CPU)
+    assert ddp.hydra.run.dir == "outputs/ddp/rdzv42"
+    assert ddp.hydra.sweep.dir == "multirun/ddp/rdzv42"
+
+
 def test_optuna_sweep_tunes_on_the_validation_metric(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep_dir = tmp_path / "optuna"

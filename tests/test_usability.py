@@ -102,6 +102,19 @@ def test_ctrl_c_in_a_run_names_its_default_folder_and_the_named_command_resumes_
     assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]
 
 
+def test_ctrl_c_in_an_optuna_study_says_what_a_re_run_does_with_its_storage(tmp_path):
+    """An Optuna re-run does not resume the stopped trial (it stays RUNNING in the storage) but adds n_trials new
+    ones: the advice says so instead of promising a grid sweep's skip-and-resume."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    stopped = run_with_ctrl_c(["sweep=optuna_ogm_ge", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+                               f"hydra.sweep.dir={tmp_path / 'study'}", *SMALL], tmp_path)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert (f"interrupted: the study stops here; re-run the same command to continue it from its storage {storage}: "
+            "the finished trials count, the interrupted one stays RUNNING there") in stopped.stderr, stopped.stderr
+    assert "resume the others" not in stopped.stderr
+
+
 def test_ctrl_c_in_a_sweep_names_its_default_folder_and_the_named_command_resumes_it(tmp_path):
     stopped = run_with_ctrl_c(["-m", "seed=0,1", *SMALL], tmp_path)
     [sweep] = (tmp_path / "multirun").glob("*/*")

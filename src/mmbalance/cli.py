@@ -35,6 +35,8 @@ OmegaConf.register_new_resolver("mmbalance_job_dir", lambda overrides: job_dir_n
 # the sweep's folder, set in the sweep's main process when Hydra starts it (OutputFolders), for the Ctrl-C advice
 _sweep_dir: Path | None = None
 _sweep_dir_given = False
+# an Optuna sweep's study ("optuna", its storage or None), whose re-run adds trials instead of resuming jobs
+_study: tuple[str, str | None] | None = None
 
 
 class OutputFolders(Callback):
@@ -46,9 +48,12 @@ class OutputFolders(Callback):
         _check_output_folder("hydra.run.dir", config.hydra.run.dir, "run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        global _sweep_dir, _sweep_dir_given
+        global _sweep_dir, _sweep_dir_given, _study
         _sweep_dir = Path(config.hydra.sweep.dir).absolute()
         _sweep_dir_given = _given("hydra.sweep.dir", config.hydra.overrides.hydra)
+        sweeper = config.hydra.get("sweeper") or {}
+        if "optuna" in str(sweeper.get("_target_", "")).lower():
+            _study = ("optuna", sweeper.get("storage"))
         _check_output_folder("hydra.sweep.dir", _sweep_dir, "sweep")
         # Hydra raises a failed job's error again once the sweep's jobs have ended: passed on to console_main,
         # which sums the sweep up, instead of printed with a traceback
@@ -80,6 +85,23 @@ def _rerun_with(key: str, folder: Path, given: bool) -> str:
         return "re-run the same command"
     value = str(folder) if re.fullmatch(r"[\w./-]+", str(folder)) else f'"{folder}"'
     return f"re-run the same command with {shlex.quote(f'{key}={value}')}"
+
+
+def _sweep_interrupted() -> str:
+    """What a re-run of the interrupted sweep does. A grid sweep's jobs are fixed: the re-run skips the finished
+    ones and resumes the others. An Optuna study's trials are drawn as it goes: its storage keeps the finished
+    trials, the interrupted one stays RUNNING there (Optuna never resumes a trial), and a re-run asks for
+    hydra.sweeper.n_trials new ones; without a storage a re-run is a new study."""
+    rerun = _rerun_with("hydra.sweep.dir", _sweep_dir, _sweep_dir_given)
+    if _study is None:
+        return f"interrupted: the sweep stops here; {rerun} to skip its finished jobs and resume the others"
+    storage = _study[1]
+    if not storage:
+        return ("interrupted: the study stops here; it has no storage (hydra.sweeper.storage), so a re-run starts a "
+                "new study; the finished trials' runs stay in their folders")
+    return (f"interrupted: the study stops here; {rerun} to continue it from its storage {storage}: the finished "
+            "trials count, the interrupted one stays RUNNING there, and the re-run runs hydra.sweeper.n_trials more "
+            "trials (lower it to the number left)")
 
 
 def _sweep_summary(sweep: Path) -> str:
@@ -187,8 +209,7 @@ def console_main() -> None:
         if _sweep_dir is None:
             print("interrupted", file=sys.stderr)
         else:  # its jobs' records already say "interrupted"
-            print(f"interrupted: the sweep stops here; {_rerun_with('hydra.sweep.dir', _sweep_dir, _sweep_dir_given)}"
-                  " to skip its finished jobs and resume the others", file=sys.stderr)
+            print(_sweep_interrupted(), file=sys.stderr)
         raise SystemExit(130) from None
     except SweepJobFailed:  # the jobs' messages are printed; a bug's exception goes on to its traceback
         print(_sweep_summary(_sweep_dir), file=sys.stderr)

@@ -216,8 +216,29 @@ def validate(cfg: DictConfig) -> None:
             continue
         problems.extend(_check_key(node, name, key, hint))
     problems.extend(_unknown_keys(cfg, [*required, *OPTIONAL_SCHEMA]))
+    problems.extend(_optimized_metric_problems(cfg.get("optimized_metric")))
     if problems:
         raise ConfigError(problems)
+
+
+def _optimized_metric_problems(key: Any) -> list[str]:
+    """What a sweeper reads back must be a validation metric (tuning on test would leak it into the tables) of a
+    name some run can have: checked before training, not after the trial spent its time."""
+    from mmbalance.metrics.regression import METRICS  # every split metric: the classification ones included
+
+    if not isinstance(key, str):
+        return []  # None means val/acc; a non-string is reported by the schema check
+    split, _, rest = key.partition("/")
+    name = rest.split("/")[0]
+    # per-modality keys: val/acc/<modality>, val/mae/<modality>, val/shapley/<modality>, val/value/<coalition>
+    known = (*METRICS, "imbalance", "shapley", "value")
+    if split == "val" and name in known:
+        return []
+    if split == "test":
+        return [f"optimized_metric: {key!r} is a test metric; a sweeper must tune on validation, never on test "
+                f"(use val/{rest})"]
+    return [f"optimized_metric: expected val/<metric> with a metric among {', '.join(known)} "
+            f"(e.g. val/acc, val/mae/audio), got {key!r}"]
 
 
 def _unknown_keys(cfg: DictConfig, schema: list[str]) -> list[str]:
