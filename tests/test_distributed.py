@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import os
 import subprocess
 import sys
@@ -151,13 +152,17 @@ def test_other_ranks_log_only_warnings_marked_with_their_rank(tmp_path, monkeypa
             quiet_other_ranks(OmegaConf.create({"hardware": {"distributed": distributed}}))
             logging.getLogger("mmbalance").info("progress %s %s", rank, distributed)
             logging.getLogger("mmbalance").warning("odd %s %s", rank, distributed)
+        warnings.warn("a library's warning")  # Python warnings of another rank are marked too
     finally:
+        logging.captureWarnings(False)
         handler.close()
         root.handlers = saved[1]
         root.setLevel(saved[0])  # setLevel, not .level: it also clears the loggers' cached levels
-    assert (tmp_path / "train.log").read_text().splitlines() == [
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert lines[:5] == [
         "[INFO] progress 0 True", "[WARNING] odd 0 True", "[INFO] progress 1 False", "[WARNING] odd 1 False",
         "[rank 1] [WARNING] odd 1 True"]
+    assert lines[5].startswith("[rank 1] [WARNING] ") and "UserWarning: a library's warning" in lines[5]
 
 
 def test_ddp_outside_torchrun_says_how_to_launch(tmp_path):

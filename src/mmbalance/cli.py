@@ -148,7 +148,11 @@ def train_main(cfg: DictConfig) -> float | None:
             rerun = _rerun_with("hydra.run.dir", run_dir, _given("hydra.run.dir", hc.overrides.hydra))
             message = f"interrupted: the run stops here; {rerun} to resume it from its last checkpoint"
         log_traceback_to_files(message, exc)
-        print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)
+        rank = _other_rank(cfg)
+        if rank is None:
+            print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)
+        elif not interrupted:  # rank 0 gives the Ctrl-C advice once; an error is this rank's own, marked as such
+            print(f"[rank {rank}] {message}", file=sys.stderr)
         if multirun and interrupted:
             raise  # stops the sweep: console_main names its folder
         if multirun:
@@ -173,14 +177,21 @@ class _RankFormatter(logging.Formatter):
         return self.prefix + self.inner.format(record)
 
 
+def _other_rank(cfg: DictConfig) -> int | None:
+    """This process's rank under hardware=ddp when it is not rank 0; None otherwise."""
+    rank = int(os.environ.get("RANK") or 0)
+    return rank if rank and (cfg.get("hardware") or {}).get("distributed", False) else None
+
+
 def quiet_other_ranks(cfg: DictConfig) -> None:
     """Under hardware=ddp only rank 0 logs progress: the other ranks log warnings and errors only, marked with
     their rank, to the console and to the run's train.log (which rank 0 writes)."""
-    rank = int(os.environ.get("RANK") or 0)
-    if rank == 0 or not (cfg.get("hardware") or {}).get("distributed", False):
+    rank = _other_rank(cfg)
+    if rank is None:
         return
     root = logging.getLogger()
     root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # Python warnings too go through the handlers below, marked with the rank
     for handler in root.handlers:
         if not isinstance(handler.formatter, _RankFormatter):
             handler.setFormatter(_RankFormatter(handler.formatter, rank))
@@ -206,6 +217,8 @@ def console_main() -> None:
     try:
         train_main()
     except KeyboardInterrupt:  # in a sweep, or before a run started training (then it ends in train_main)
+        if int(os.environ.get("RANK") or 0):  # a torchrun rank other than 0: rank 0 gives the advice once
+            raise SystemExit(130) from None
         if _sweep_dir is None:
             print("interrupted", file=sys.stderr)
         else:  # its jobs' records already say "interrupted"
