@@ -7,10 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from mmbalance.analysis.modality_gap import ProbeSettings, _load, linear_probe, main, pair_runs, write_gap_report
+from mmbalance.analysis.modality_gap import (
+    ProbeSettings, _load, linear_probe, linear_regression_probe, main, pair_runs, write_gap_report,
+)
 from mmbalance.errors import UserError
 
 from conftest import compose_cfg
+from fixtures_cmu_mosei import write_mult
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -29,15 +32,15 @@ def test_probe_separates_linearly_separable_features():
     tx, ty = _blobs(200, 6, 4, seed=0)
     vx, vy = _blobs(100, 6, 4, seed=1)
     result = linear_probe(tx, ty, vx, vy, 4, ProbeSettings(steps=50))
-    assert result.train_acc == 1.0
-    assert result.test_acc == 1.0
+    assert result.train == 1.0 and result.metric == "acc"
+    assert result.test == 1.0
 
 
 def test_probe_is_near_chance_on_label_independent_features():
     tx, ty = _blobs(400, 8, 4, seed=0, separable=False)
     vx, vy = _blobs(2000, 8, 4, seed=1, separable=False)
     result = linear_probe(tx, ty, vx, vy, 4)
-    assert abs(result.test_acc - 0.25) < 0.05
+    assert abs(result.test - 0.25) < 0.05
 
 
 def test_probe_is_seeded_and_scale_free():
@@ -47,14 +50,36 @@ def test_probe_is_seeded_and_scale_free():
     b = linear_probe(tx, ty, vx, vy, 3, ProbeSettings(steps=30, seed=7))
     assert a == b
     c = linear_probe(tx * 1000 - 3, ty, vx * 1000 - 3, vy, 3, ProbeSettings(steps=30, seed=7))
-    assert abs(c.test_acc - a.test_acc) <= 1 / 60 + 1e-9  # standardised: the feature scale does not matter
+    assert abs(c.test - a.test) <= 1 / 60 + 1e-9  # standardised: the feature scale does not matter
+
+
+def test_regression_probe_fits_a_linear_score_and_reports_its_mae():
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([1.5, -2.0, 0.5, 0.0])
+    tx, vx = torch.randn(300, 4, generator=g), torch.randn(100, 4, generator=g)
+    ty, vy = tx @ w + 0.3, vx @ w + 0.3  # float scores, as a regression run's labels
+    result = linear_regression_probe(tx, ty, vx, vy, ProbeSettings(steps=50))
+    assert result.metric == "mae" and result.test < 0.01 and result.train < 0.01
+    # label-independent features: no better than predicting the training mean
+    noise = linear_regression_probe(tx, torch.randn(300, generator=g), vx, vy, ProbeSettings(steps=50))
+    assert noise.test > 0.8 * (vy - vy.mean()).abs().mean().item()
+    assert linear_regression_probe(tx, ty, vx, vy, ProbeSettings(steps=20, seed=3)) == \
+        linear_regression_probe(tx, ty, vx, vy, ProbeSettings(steps=20, seed=3))
+
+
+def test_help_shows_the_probe_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "L-BFGS iterations of the probe (default: 100)" in text
+    assert "(default: 0.0001)" in text and "seed (default: 0)" in text and "cpu or cuda (default: cpu)" in text
 
 
 # ---------------------------------------------------------------------------------------------- pairing
 
 
 def make_run(root, name, method, seed, modality=None, dataset="synthetic", num_samples=96, status="completed",
-             modalities=("audio", "visual"), **recipe):
+             modalities=("audio", "visual"), overrides=(), **recipe):
     run_dir = root / name
     run_dir.mkdir(parents=True)
     method_cfg = {"_target_": f"mmbalance.methods.{method}.X"}
@@ -68,6 +93,7 @@ def make_run(root, name, method, seed, modality=None, dataset="synthetic", num_s
         "seed": seed,
         "modalities": [modality] if modality else list(modalities),
         "metrics": {"test/acc": 0.5},
+        "overrides": list(overrides),
     }
     (run_dir / "metrics.json").write_text(json.dumps(data))
     return run_dir
@@ -107,6 +133,25 @@ def test_missing_unimodal_run_is_a_clear_error(tmp_path):
     make_run(tmp_path, "a1", "unimodal", 1, "audio")
     with pytest.raises(UserError, match=r"(?s)1 problem.*modality 'visual'.*seed 1.*method.modality=visual seed=1"):
         _pairs(tmp_path)
+
+
+def test_the_command_for_a_missing_unimodal_run_carries_the_joint_runs_overrides(tmp_path):
+    # a CMU-MOSEI regression run on data outside paths.data_dir: the unimodal run that pairs with it needs the same
+    # dataset.root, dataset.prepared and dataset.task (and recipe); its own method and seed, no logger, no sweep
+    joint = ["dataset=cmu_mosei", "dataset.root=/data/my mosei", "dataset.prepared=null", "dataset.task=regression",
+             "trainer.epochs=1", "logger=[tensorboard,mlflow]", "seed=1", "resume=never", "sweep=modality_gap"]
+    make_run(tmp_path, "b1", "baseline", 1, dataset="cmu_mosei", overrides=joint)
+    make_run(tmp_path, "v1", "unimodal", 1, "visual", dataset="cmu_mosei")
+    with pytest.raises(UserError) as e:
+        _pairs(tmp_path)
+    assert ("train one with `python -m mmbalance dataset=cmu_mosei 'dataset.root=/data/my mosei' "
+            "dataset.prepared=null dataset.task=regression trainer.epochs=1 method=unimodal method.modality=audio "
+            "seed=1`") in str(e.value)
+    # a run chosen by an experiment keeps it, and names its dataset
+    make_run(tmp_path / "x", "b0", "baseline", 0, overrides=["experiment=demo/baseline", "seed=0"])
+    with pytest.raises(UserError, match=r"`python -m mmbalance dataset=synthetic experiment=demo/baseline "
+                                        r"method=unimodal method.modality=audio seed=0`"):
+        _pairs(tmp_path / "x")
 
 
 def test_no_joint_run_and_no_runs_are_clear_errors(tmp_path):
@@ -191,7 +236,8 @@ def test_gap_command_end_to_end(tiny_sweep, tmp_path, capsys):
     rows = pd.read_csv(out / "modality_gap.csv")
     assert sorted(rows["modality"]) == ["audio", "visual"]
     assert set(rows["method"]) == {"baseline"}
-    for c in ("probe_joint", "probe_alone", "alone_test_acc", "branch_joint_test_acc", "probe_joint_train"):
+    assert set(rows["metric"]) == {"acc"}
+    for c in ("probe_joint", "probe_alone", "alone_test", "branch_joint_test", "probe_joint_train"):
         assert rows[c].between(0, 1).all(), c
     assert ((rows["gap"] - (rows["probe_alone"] - rows["probe_joint"])).abs() < 1e-12).all()
     md = (out / "modality_gap.md").read_text()
@@ -244,3 +290,37 @@ def test_gap_output_names_pairs_with_different_recipes(tiny_sweep, tmp_path):
     assert rows.at["audio", "recipe_differences"] == "trainer.epochs" and rows.at["visual", "recipe_differences"] == ""
     assert "**Warning:** 1 pair(s)" in result["markdown"]
     assert f"- `{root / '0'}` and `{root / '1'}` (audio): trainer.epochs" in result["markdown"]
+
+
+# a tiny regression run on the CMU-MOSEI fixture (20 samples), two modalities, one small transformer layer each
+REGRESSION = ["dataset=cmu_mosei", "dataset.prepared=null", "dataset.task=regression", "dataset.modalities=[audio,text]",
+              "trainer.epochs=1", "trainer.batch_size=4", "trainer.progress_bar=false", "hardware=cpu",
+              "eval.flops=false", "logger=csv", "backbone.encoders.sequence.d_model=8",
+              "backbone.encoders.sequence.layers=1"]
+
+
+def test_gap_of_regression_runs_probes_by_mae(tmp_path):
+    """dataset.task=regression: a linear regression probe scored by the MAE (the run's own value), never a
+    classifier on float scores; numbers in MAE points, in their own section."""
+    from mmbalance.train import train
+
+    write_mult(tmp_path / "data" / "cmu_mosei", aligned=False)
+    for name, extra in [("joint", ["method=baseline"]),
+                        ("audio", ["method=unimodal", "method.modality=audio"]),
+                        ("text", ["method=unimodal", "method.modality=text"])]:
+        args = [f"paths.data_dir={tmp_path / 'data'}", *REGRESSION, *extra]
+        train(compose_cfg(args, fast=False), tmp_path / "runs" / name,
+              {"dataset": "cmu_mosei", "method": extra[0].split("=")[1]}, args)
+    result = write_gap_report([tmp_path / "runs"], tmp_path / "out", ProbeSettings(steps=10))
+    rows = result["rows"].set_index("modality")
+    assert sorted(rows.index) == ["audio", "text"] and set(rows["metric"]) == {"mae"}
+    records = {n: json.loads((tmp_path / "runs" / n / "metrics.json").read_text())["metrics"]
+               for n in ("joint", "audio")}
+    assert rows.at["audio", "alone_test"] == pytest.approx(records["audio"]["test/mae"])
+    assert rows.at["audio", "branch_joint_test"] == pytest.approx(records["joint"]["test/mae/audio"])
+    assert (rows["probe_joint"] >= 0).all() and (rows["probe_alone"] >= 0).all()
+    assert ((rows["gap"] - (rows["probe_joint"] - rows["probe_alone"])).abs() < 1e-12).all()  # lower is better
+    md = result["markdown"]
+    assert "## cmu_mosei (regression: MAE, lower is better)" in md
+    line = next(x for x in md.splitlines() if x.startswith("| baseline | – | audio |"))
+    assert f"| {rows.at['audio', 'probe_joint']:.3f} ± – |" in line  # MAE points, not ×100

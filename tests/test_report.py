@@ -382,3 +382,92 @@ def test_flops_not_measured_show_a_dash_and_are_left_out_of_means(tmp_path):
     assert flops_column == ["–", "–", "2.00", "–", "–"]
     bench = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
     assert "0.00×" not in bench and flops_cell(bench, "| baseline | baseline |") == "–"
+
+
+# -------------------------------------------------------------- what is a variant: the run identity, nothing else
+
+
+def _hardware_run(root, name, *, seed=0, hardware="cpu", world_size=None, acc=0.9, logger="csv", **settings):
+    """A run whose record carries the hardware and logger groups as train.py writes them (`settings`: dotted
+    config keys to set, e.g. hardware__precision="bf16")."""
+    cfg = _config("baseline", seed, root / name)
+    cfg["hardware"] = {"device": "cpu", "precision": "fp32", "num_workers": 0, "pin_memory": False,
+                       "threads": "auto", "wait_policy": "auto"}
+    if hardware == "ddp":
+        cfg["hardware"].update(pin_memory=True, distributed=True, backend="gloo")
+    cfg["logger"] = {"tensorboard": {"dir": "tensorboard"}} if logger != "csv" else {}
+    for key, value in settings.items():
+        node = cfg
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    run = make_run(root, name, seed=seed, config=cfg, metrics=m(acc))
+    data = json.loads((run / "metrics.json").read_text())
+    data["choices"].update(hardware=hardware, logger=logger)
+    if world_size is not None:
+        data["world_size"] = world_size
+    (run / "metrics.json").write_text(json.dumps(data))
+    return run
+
+
+def test_runs_that_compute_differently_are_variants_never_repeats(tmp_path, caplog):
+    # the probe's case: the same config and seed on one CPU process and under DDP on 2 ranks (another global
+    # batch, another sampler): two results, not one run and its repeat
+    _hardware_run(tmp_path / "a", "cpu", acc=0.8496)
+    _hardware_run(tmp_path / "a", "ddp", hardware="ddp", world_size=2, acc=0.7326)
+    with caplog.at_level("WARNING"):
+        s = summarize(load_runs([tmp_path / "a"]))
+    assert "repeat" not in caplog.text
+    assert list(zip(s["variant"], s["n"], s["n_repeated"])) == [
+        ("hardware=cpu, world_size=1", 1, 0), ("hardware=ddp, world_size=2", 1, 0)]
+    assert list(s["test/acc.mean"]) == [pytest.approx(0.8496), pytest.approx(0.7326)]
+
+    # within one hardware choice: the precision, the device, the world size each name the variant
+    _hardware_run(tmp_path / "b", "fp32")
+    _hardware_run(tmp_path / "b", "bf16", hardware__precision="bf16")
+    _hardware_run(tmp_path / "b", "cuda", hardware__device="cuda")
+    s = summarize(load_runs([tmp_path / "b"]))
+    assert sorted(s["variant"]) == ["hardware.device=cpu, precision=bf16", "hardware.device=cpu, precision=fp32",
+                                    "hardware.device=cuda, precision=fp32"]  # _config has a trainer.device too
+    for world in (2, 4):
+        _hardware_run(tmp_path / "c", f"w{world}", hardware="ddp", world_size=world)
+    s = summarize(load_runs([tmp_path / "c"]))
+    assert list(zip(s["variant"], s["n"])) == [("world_size=2", 1), ("world_size=4", 1)]
+
+
+def test_settings_that_change_no_result_are_no_variants(tmp_path, caplog):
+    # what the run identity leaves out (loggers, workers, pinned memory, thread counts, progress bar, resume
+    # policy, a hardware choice overridden to the same computation) neither splits runs nor hides a repeat
+    _hardware_run(tmp_path, "csv", seed=0, logger="csv")
+    _hardware_run(tmp_path, "tb", seed=1, logger="tensorboard", hardware__num_workers=4, hardware__pin_memory=True)
+    _hardware_run(tmp_path, "auto", seed=2, logger="auto", hardware__threads=2, hardware__wait_policy="active",
+                  trainer__progress_bar=False, resume="never")
+    run = _hardware_run(tmp_path, "list", seed=3, hardware="gpu")  # hardware=gpu hardware.device=cpu ... precision=fp32
+    data = json.loads((run / "metrics.json").read_text())
+    data["choices"]["logger"] = ["tensorboard", "mlflow"]  # logger=[tensorboard,mlflow]
+    (run / "metrics.json").write_text(json.dumps(data))
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    s = result["summary"]
+    assert list(zip(s["variant"], s["n"], s["seeds"])) == [("", 4, "0 1 2 3")]
+    assert "logger" not in result["markdown"] and result["balance_curves"] == {}
+
+    _hardware_run(tmp_path / "again", "x", seed=0, logger="tensorboard", hardware__num_workers=8)
+    with caplog.at_level("WARNING"):
+        s = summarize(load_runs([tmp_path, tmp_path / "again"]))
+    assert list(zip(s["n"], s["n_repeated"])) == [(4, 1)] and "1 completed run(s) repeat" in caplog.text
+
+
+def test_a_setting_that_differs_under_one_choice_still_names_the_variant(tmp_path):
+    # backbone=resnet18 twice with different widths beside backbone=small: three variants, not two
+    for name, choice, width in [("s", "small", 8), ("r1", "resnet18", 64), ("r2", "resnet18", 32)]:
+        cfg = _config("baseline", 0, tmp_path / name)
+        cfg["backbone"] = {"name": choice, "width": width}
+        run = make_run(tmp_path, name, config=cfg, metrics=m(0.9))
+        data = json.loads((run / "metrics.json").read_text())
+        data["choices"]["backbone"] = choice
+        (run / "metrics.json").write_text(json.dumps(data))
+    s = summarize(load_runs([tmp_path]))
+    assert sorted(s["variant"]) == ["backbone=resnet18, width=32", "backbone=resnet18, width=64",
+                                    "backbone=small, width=8"]
+    assert list(s["n"]) == [1, 1, 1]

@@ -22,7 +22,9 @@ FAMILY = {"baseline": "reference", "unimodal": "reference", "valuation": "data",
 
 
 def make_run(root, name, *, method, seed, acc, f1=None, imb=0.2, flops=1e12, dataset="dsA", history=None,
-             trainer=None, status="completed", epochs=None, **method_params):
+             trainer=None, status="completed", epochs=None, mae=None, task=None, **method_params):
+    """A run of `method`; with `mae` a regression run (dataset.task=regression: it records test/mae, and its φ
+    and imbalance are MAE points); `task` sets dataset.task of a classification run."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     data = {
@@ -37,6 +39,11 @@ def make_run(root, name, *, method, seed, acc, f1=None, imb=0.2, flops=1e12, dat
     }
     if epochs is not None:
         data["metrics"]["epochs"] = epochs
+    if mae is not None:
+        task = "regression"
+        data["metrics"]["test/mae"] = mae
+    if task is not None:
+        data["config"]["dataset"]["task"] = data["task"] = task
     (run_dir / "metrics.json").write_text(json.dumps(data))
     if history is not None:
         (run_dir / "history.csv").write_text(history)
@@ -372,3 +379,65 @@ def test_dynamics_leave_out_history_rows_beyond_the_completed_epochs(tmp_path):
     assert result["dynamics"] == [tmp_path / "out" / "dynamics_dsA_ogm_ge.png"]
     assert ("Note: dsA ogm_ge: 1 history.csv row(s) beyond the completed epochs of metrics.json "
             "(an unfinished extension) left out.") in result["markdown"]
+
+
+# ------------------------------------------------------------------------- regression runs: their own units
+
+
+def test_regression_imbalance_is_in_mae_points_in_its_own_benchmark_columns(tmp_path):
+    # cmu_mosei's classification and regression runs side by side: one percentage column must not hold both
+    for seed in (0, 1):
+        make_run(tmp_path, f"bc{seed}", method="baseline", seed=seed, acc=0.95, imb=0.183, dataset="mosei",
+                 task="classification")
+        make_run(tmp_path, f"oc{seed}", method="opm", seed=seed, acc=0.96, imb=0.15, dataset="mosei",
+                 task="classification")
+        make_run(tmp_path, f"br{seed}", method="baseline", seed=seed, acc=0.975, imb=0.444, mae=0.8, dataset="mosei")
+        make_run(tmp_path, f"or{seed}", method="opm", seed=seed, acc=0.97, imb=0.3, mae=0.7, dataset="mosei")
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    md = result["benchmark"]["md"].read_text(encoding="utf-8")
+    assert ("| mosei acc | mosei macro-F1 | mosei imbalance | mosei train FLOPs | mosei (regression) acc "
+            "| mosei (regression) macro-F1 | mosei (regression) imbalance (MAE) |") in md
+    assert "imbalance is in MAE points" in md
+    row = next(line for line in md.splitlines() if "baseline (task=regression)" in line)
+    assert "| 0.444 ± 0.000 |" in row and "44.4" not in row  # MAE points, not ×100
+    row = next(line for line in md.splitlines() if "baseline (task=classification)" in line)
+    assert "| 18.3 ± 0.0 |" in row
+    average = next(line for line in md.splitlines() if "_feed-forward average_" in line)
+    assert "| 0.300 |" in average and "| 15.0 |" in average
+    tex = result["benchmark"]["tex"].read_text(encoding="utf-8")
+    assert "Acc & F1 & Imb. & FLOPs & Acc & F1 & Imb. (MAE) & FLOPs" in tex and "0.444$\\pm$0.000" in tex
+
+
+def test_regression_balance_curve_and_dynamics_in_mae_points(tmp_path, monkeypatch):
+    from mmbalance.analysis import studies
+
+    figures = []
+    figure = studies._figure
+    monkeypatch.setattr(studies, "_figure", lambda *a: figures.append(figure(*a)) or figures[-1])
+    history = ("epoch,val/shapley/audio,val/shapley/text,val/imbalance\n"
+               "0,0.30,0.10,0.20\n1,0.50,0.05,0.45\n")
+    for seed in (0, 1):
+        make_run(tmp_path, f"b{seed}", method="baseline", seed=seed, acc=0.8, imb=0.5, mae=0.9, history=history)
+        make_run(tmp_path, f"c{seed}", method="baseline", seed=seed, acc=0.8, imb=0.1, dataset="dsB")
+        for alpha, imb in [(0.1, 0.4), (1.0, 0.2)]:
+            make_run(tmp_path, f"p{alpha}_{seed}", method="pmr", seed=seed, acc=0.85, imb=imb, mae=0.8, alpha=alpha)
+        # a knob that switches the task would put % and MAE points on one axis: no curve over it
+        for task_mae in (None, 0.8):
+            make_run(tmp_path, f"m{task_mae}_{seed}", method="mla", seed=seed, acc=0.8, imb=0.3, mae=task_mae,
+                     task="classification")
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    md = result["markdown"]
+    assert "| alpha | n | test acc-2 ≥0 | imbalance (MAE) |" in md
+    assert "| 0.1 | 2 | 85.0 ± 0.0 | 0.400 ± 0.000 |" in md
+    assert "| baseline | 2 | 80.0 ± 0.0 | 0.500 ± 0.000 |" in md  # the regression baseline, not dsB's
+    assert "imbalance 0.200 ± 0.000 MAE points." in md
+    assert "over task" not in md and set(result["balance_curves"]) == {"pmr"}
+
+    curve_ax = next(ax for f in figures for ax in f.axes if ax.get_xlabel().startswith("test imbalance"))
+    assert curve_ax.get_xlabel() == "test imbalance (MAE points)"
+    assert sorted(curve_ax.lines[0].get_xdata()) == pytest.approx([0.2, 0.4])
+    [dyn] = [f for f in figures if f.axes[0].get_ylabel().startswith("validation")]  # the one history.csv group
+    phi, imb = dyn.axes
+    assert phi.get_ylabel() == "validation Shapley value φ (MAE points)"
+    assert imb.get_ylabel() == "validation imbalance (MAE points)"
+    assert list(imb.lines[0].get_ydata()) == pytest.approx([0.20, 0.45])  # not ×100

@@ -7,6 +7,12 @@ are measured the same way: a linear probe (a fresh `nn.Linear` on the frozen, st
 fitted with full-batch L-BFGS and a small L2 penalty on the training split, seeded) evaluated on the test split.
 The unimodal run's own test accuracy (its trained head) is reported beside it.
 
+Regression runs (CMU-MOSEI's `dataset.task=regression`) get a linear *regression* probe: least squares with the same
+L2 penalty and optimiser, scored by the test MAE, the value the run itself is selected on and the one its Shapley
+values use (v = -MAE, metrics/shapley.py). Their numbers are MAE in score points (lower is better) and their gap is
+joint - alone, so a positive gap means the encoder does worse inside the joint model, as with accuracy. A joint run
+pairs only with unimodal runs of the same dataset config, so the two tasks never meet in one pair.
+
 The runs come from metrics.json (config, seed, status) and checkpoints/best.pt (last.pt when there is no
 best.pt); each model is rebuilt from its resolved config exactly as `mmbalance.train` builds it.
 Methods that replace the model in `setup` (Greedy's MMTM blocks: intermediate fusion, so one modality's
@@ -31,7 +37,8 @@ import pandas as pd
 from mmbalance.analysis.runs import DASH, METHOD_ORDER, flatten_config, load_runs, natural_key, output_folder
 from mmbalance.errors import UserError
 
-__all__ = ["ProbeSettings", "ProbeResult", "linear_probe", "pair_runs", "probe_run", "write_gap_report", "main"]
+__all__ = ["ProbeSettings", "ProbeResult", "linear_probe", "linear_regression_probe", "pair_runs", "probe_run",
+           "write_gap_report", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +63,29 @@ class ProbeSettings:
     device: str = "cpu"
 
 
+# What a probe's score is, per task (the run's `task` in metrics.json); regression's MAE: lower is better.
+PROBE_METRICS = {"classification": "acc", "regression": "mae"}
+
+
 @dataclass(frozen=True)
 class ProbeResult:
-    train_acc: float
-    test_acc: float
+    train: float  # the probe's score on the training split
+    test: float  # ... and on the test split
+    metric: str = "acc"  # "acc" (accuracy) or "mae" (a regression run's mean absolute error, lower is better)
 
 
-def linear_probe(train_x, train_y, test_x, test_y, num_classes: int,
-                 settings: ProbeSettings = ProbeSettings()) -> ProbeResult:
-    """Fit a fresh linear classifier on frozen features (cross-entropy, full-batch L-BFGS) and test it.
+def _fit_linear(train_x, test_x, out_dim: int, loss_fn, settings: ProbeSettings):
+    """A fresh linear map fitted on frozen features by full-batch L-BFGS (loss_fn(outputs) + L2 on the weights),
+    seeded; returns its outputs on the training and the test features.
 
     Features are standardised with the training split's mean and std (a linear probe stays linear; it only
     makes the optimisation independent of each encoder's feature scale).
     """
     import torch
-    import torch.nn.functional as F
 
     device = torch.device(settings.device)
     tx = torch.as_tensor(train_x, dtype=torch.float32, device=device).flatten(1)
     vx = torch.as_tensor(test_x, dtype=torch.float32, device=device).flatten(1)
-    ty = torch.as_tensor(train_y, dtype=torch.long, device=device)
-    vy = torch.as_tensor(test_y, dtype=torch.long, device=device)
     if len(tx) == 0 or len(vx) == 0:
         raise UserError("linear probe: the training or test split is empty")
     mean, std = tx.mean(0, keepdim=True), tx.std(0, keepdim=True, unbiased=False).clamp_min(1e-6)
@@ -84,23 +93,49 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int,
 
     g = torch.Generator().manual_seed(settings.seed)
     bound = 1.0 / math.sqrt(tx.shape[1])
-    weight = ((torch.rand(num_classes, tx.shape[1], generator=g) * 2 - 1) * bound).to(device).requires_grad_()
-    bias = torch.zeros(num_classes, device=device, requires_grad=True)
+    weight = ((torch.rand(out_dim, tx.shape[1], generator=g) * 2 - 1) * bound).to(device).requires_grad_()
+    bias = torch.zeros(out_dim, device=device, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=settings.steps, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(tx @ weight.T + bias, ty) + settings.weight_decay * weight.pow(2).sum()
+        loss = loss_fn(tx @ weight.T + bias) + settings.weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
-        train_acc = (tx @ weight.T + bias).argmax(1).eq(ty).float().mean().item()
-        test_acc = (vx @ weight.T + bias).argmax(1).eq(vy).float().mean().item()
-    return ProbeResult(train_acc, test_acc)
+        return tx @ weight.T + bias, vx @ weight.T + bias
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes: int,
+                 settings: ProbeSettings = ProbeSettings()) -> ProbeResult:
+    """Fit a fresh linear classifier on frozen features (cross-entropy, full-batch L-BFGS) and test its accuracy."""
+    import torch
+    import torch.nn.functional as F
+
+    ty = torch.as_tensor(train_y, dtype=torch.long, device=settings.device)
+    vy = torch.as_tensor(test_y, dtype=torch.long, device=settings.device)
+    train_out, test_out = _fit_linear(train_x, test_x, num_classes, lambda out: F.cross_entropy(out, ty), settings)
+    return ProbeResult(train_out.argmax(1).eq(ty).float().mean().item(),
+                       test_out.argmax(1).eq(vy).float().mean().item(), "acc")
+
+
+def linear_regression_probe(train_x, train_y, test_x, test_y,
+                            settings: ProbeSettings = ProbeSettings()) -> ProbeResult:
+    """Fit a fresh linear regression on frozen features to float scores and test its MAE (lower is better).
+
+    Least squares (with the classifier probe's L2 penalty and optimiser): smooth and convex, so L-BFGS finds its
+    one minimum; scored by the MAE, the regression run's own selection value and Shapley value (v = -MAE).
+    """
+    import torch
+
+    ty = torch.as_tensor(train_y, dtype=torch.float32, device=settings.device).reshape(-1)
+    vy = torch.as_tensor(test_y, dtype=torch.float32, device=settings.device).reshape(-1)
+    train_out, test_out = _fit_linear(train_x, test_x, 1, lambda out: (out[:, 0] - ty).pow(2).mean(), settings)
+    return ProbeResult((train_out[:, 0] - ty).abs().mean().item(), (test_out[:, 0] - vy).abs().mean().item(), "mae")
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -118,6 +153,8 @@ class RunInfo:
     metrics: dict
     modalities: list[str]
     backbone_key: str
+    task: str = "classification"  # or "regression" (dataset.task): which probe, scored how (PROBE_METRICS)
+    overrides: list[str] = field(default_factory=list)  # its command line, for the command that trains a partner
 
     @property
     def unimodal_modality(self) -> str | None:
@@ -149,11 +186,17 @@ def _load(paths: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
             skipped.append(f"no resolved config: {run_dir}")
             continue
         seed = None if pd.isna(row["seed"]) else int(row["seed"])
+        # the task train.py recorded (a record without one: the dataset config's, else classification)
+        task = data.get("task") or config["dataset"].get("task") or "classification"
+        if task not in PROBE_METRICS:
+            skipped.append(f"task {task!r} (no probe for it; expected one of {sorted(PROBE_METRICS)}): {run_dir}")
+            continue
         runs.append(RunInfo(
             run_dir=run_dir, dataset=str(row["dataset"]), dataset_key=_canonical(config["dataset"]),
             method=str(row["method"]), variant=str(row["variant"] or ""), seed=seed, config=config,
             metrics=data.get("metrics") or {}, modalities=list(data.get("modalities") or []),
             backbone_key=_canonical([config.get("backbone"), config.get("masking")]),
+            task=task, overrides=[str(o) for o in data.get("overrides") or []],
         ))
     return runs, skipped
 
@@ -171,6 +214,24 @@ def _recipe_differences(joint: dict, alone: dict) -> list[str]:
             for c in (joint, alone)]
     keys = dict.fromkeys([*flat[0], *flat[1]])
     return [k for k in keys if _canonical(flat[0].get(k, "<absent>")) != _canonical(flat[1].get(k, "<absent>"))]
+
+
+# Overrides of a joint run that the command training its unimodal partner leaves out: the method and the seed (it
+# sets its own), the sweep (a multirun of other jobs) and what only says where or how visibly a run runs.
+_NOT_CARRIED = ("method", "seed", "sweep", "resume", "logger", "hydra")
+
+
+def _partner_command(joint: RunInfo, modality: str) -> str:
+    """The command that trains the unimodal run of `modality` a joint run pairs with: the joint run's own overrides
+    (its dataset location, task, recipe: everything the pairing compares), with the unimodal method and its seed."""
+    import shlex
+
+    carried = [o for o in joint.overrides
+               if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in _NOT_CARRIED]
+    if not any(o.lstrip("+").startswith("dataset=") for o in carried):
+        carried.insert(0, f"dataset={joint.dataset}")  # the default dataset, or one an experiment chose: named anyway
+    args = [*carried, "method=unimodal", f"method.modality={modality}", f"seed={joint.seed}"]
+    return "python -m mmbalance " + " ".join(shlex.quote(a) for a in args)
 
 
 def pair_runs(runs: list[RunInfo], methods: Iterable[str] | None = None) -> list[Pair]:
@@ -200,8 +261,7 @@ def pair_runs(runs: list[RunInfo], methods: Iterable[str] | None = None) -> list
                 problems.append(
                     f"{j.run_dir} ({j.label}, dataset {j.dataset}, seed {j.seed}): no completed unimodal run of "
                     f"modality {m!r} with the same dataset config and seed {j.seed} (unimodal runs found for "
-                    f"{j.dataset}: {', '.join(have) or 'none'}); train one with "
-                    f"`python -m mmbalance dataset={j.dataset} method=unimodal method.modality={m} seed={j.seed}`")
+                    f"{j.dataset}: {', '.join(have) or 'none'}); train one with `{_partner_command(j, m)}`")
                 continue
             cands = [a for a in cands if a.backbone_key == j.backbone_key] or cands
             if len(cands) > 1:
@@ -275,7 +335,8 @@ def _features(model, dataset, batch_size: int, device):
 
 def probe_run(run: RunInfo, settings: ProbeSettings = ProbeSettings(), probing: _Probing | None = None
               ) -> dict[str, ProbeResult]:
-    """Linear-probe accuracy of each modality's encoder of one trained run: {modality: ProbeResult}."""
+    """Linear-probe score of each modality's encoder of one trained run: {modality: ProbeResult} (accuracy, or the
+    MAE of a regression probe for a regression run)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -319,6 +380,8 @@ def probe_run(run: RunInfo, settings: ProbeSettings = ProbeSettings(), probing: 
     model.to(device).eval()
     train_f, train_y = _features(model, splits.train, settings.batch_size, device)
     test_f, test_y = _features(model, splits.test, settings.batch_size, device)
+    if run.task == "regression":
+        return {m: linear_regression_probe(train_f[m], train_y, test_f[m], test_y, settings) for m in modalities}
     return {m: linear_probe(train_f[m], train_y, test_f[m], test_y, splits.num_classes, settings)
             for m in modalities}
 
@@ -327,17 +390,25 @@ def probe_run(run: RunInfo, settings: ProbeSettings = ProbeSettings(), probing: 
 
 
 def _rows(pairs: list[Pair], probing: _Probing) -> pd.DataFrame:
+    """One row per pair. `metric` says what the numbers are: accuracy, or MAE for regression runs; `gap` is how much
+    worse the encoder does inside the joint model (alone - joint accuracy, joint - alone MAE)."""
+    from mmbalance.metrics.regression import LOWER_IS_BETTER
+
     rows = []
     for p in pairs:
         j, a = p.joint, p.alone
         pj, pa = probing.probe(j)[p.modality], probing.probe(a)[p.modality]
+        metric = pj.metric
         rows.append({
             "dataset": j.dataset, "method": j.method, "variant": j.variant, "seed": j.seed, "modality": p.modality,
-            "probe_joint": pj.test_acc, "probe_alone": pa.test_acc, "gap": pa.test_acc - pj.test_acc,
-            "alone_test_acc": _num(a.metrics.get("test/acc")),
-            "branch_joint_test_acc": _num(j.metrics.get(f"test/acc/{p.modality}")),
-            "joint_test_acc": _num(j.metrics.get("test/acc")),
-            "probe_joint_train": pj.train_acc, "probe_alone_train": pa.train_acc,
+            "metric": metric,
+            "probe_joint": pj.test, "probe_alone": pa.test,
+            "gap": pj.test - pa.test if metric in LOWER_IS_BETTER else pa.test - pj.test,
+            # the runs' own heads, in the same metric (a regression run records test/mae and test/mae/<m>)
+            "alone_test": _num(a.metrics.get(f"test/{metric}")),
+            "branch_joint_test": _num(j.metrics.get(f"test/{metric}/{p.modality}")),
+            "joint_test": _num(j.metrics.get(f"test/{metric}")),
+            "probe_joint_train": pj.train, "probe_alone_train": pa.train,
             "joint_run": str(j.run_dir), "alone_run": str(a.run_dir),
             "recipe_differences": " ".join(p.recipe_differences),
         })
@@ -351,16 +422,18 @@ def _num(v) -> float:
         return math.nan
 
 
-STAT_COLS = ["probe_joint", "probe_alone", "gap", "alone_test_acc", "branch_joint_test_acc"]
+STAT_COLS = ["probe_joint", "probe_alone", "gap", "alone_test", "branch_joint_test"]
+# How each metric is shown, as (factor, digits): accuracy in %, a regression run's MAE in score points.
+METRIC_FORMAT = {"acc": (100.0, 1), "mae": (1.0, 3)}
 
 
 def _summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method, variant, modality): n, seeds, mean and sample std of each number."""
+    """Per (dataset, metric, method, variant, modality): n, seeds, mean and sample std of each number."""
     out = []
-    for (dataset, method, variant, modality), g in df.groupby(["dataset", "method", "variant", "modality"],
-                                                               sort=False):
-        row = {"dataset": dataset, "method": method, "variant": variant, "modality": modality, "n": len(g),
-               "seeds": " ".join(str(s) for s in sorted(g["seed"].dropna().astype(int)))}
+    for (dataset, metric, method, variant, modality), g in df.groupby(
+            ["dataset", "metric", "method", "variant", "modality"], sort=False):
+        row = {"dataset": dataset, "metric": metric, "method": method, "variant": variant, "modality": modality,
+               "n": len(g), "seeds": " ".join(str(s) for s in sorted(g["seed"].dropna().astype(int)))}
         for c in STAT_COLS:
             v = g[c].dropna()
             row[f"{c}.mean"] = v.mean() if len(v) else math.nan
@@ -369,10 +442,11 @@ def _summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _pm(mean: float, std: float) -> str:
+def _pm(mean: float, std: float, metric: str = "acc") -> str:
+    factor, digits = METRIC_FORMAT[metric]
     if not np.isfinite(mean):
         return DASH
-    return f"{100 * mean:.1f} ± " + (f"{100 * std:.1f}" if np.isfinite(std) else DASH)
+    return f"{factor * mean:.{digits}f} ± " + (f"{factor * std:.{digits}f}" if np.isfinite(std) else DASH)
 
 
 def _markdown(summary: pd.DataFrame, settings: ProbeSettings, skipped: list[str], rows: pd.DataFrame) -> str:
@@ -384,14 +458,21 @@ def _markdown(summary: pd.DataFrame, settings: ProbeSettings, skipped: list[str]
              "per seed. *alone, own head* is the unimodal run's test accuracy; *branch in joint* is the joint "
              "model's own per-modality logits (`test/acc/<m>`). Accuracies in %, mean ± sample std over seeds.",
              ""]
-    for dataset, table in summary.groupby("dataset", sort=False):
-        lines += [f"## {dataset}", "",
+    if (summary["metric"] == "mae").any():
+        lines += ["Regression runs (dataset.task=regression, the sections marked so): the probe is a linear "
+                  "regression (least squares, the same L2 and L-BFGS) scored by its test MAE, the value the runs are "
+                  "selected on and their Shapley values use (v = −MAE); *alone, own head* and *branch in joint* are "
+                  "`test/mae` and `test/mae/<m>`. MAE in score points, lower is better; gap = joint − alone, so a "
+                  "positive gap is an encoder that does worse inside the joint model, as for accuracy.", ""]
+    for (dataset, metric), table in summary.groupby(["dataset", "metric"], sort=False):
+        title = f"{dataset} (regression: MAE, lower is better)" if metric == "mae" else dataset
+        lines += [f"## {title}", "",
                   "| method | variant | modality | n | probe in joint | probe alone | gap | alone, own head "
                   "| branch in joint |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for _, r in table.iterrows():
             cells = [r["method"], r["variant"] or DASH, r["modality"], str(r["n"])]
-            cells += [_pm(r[f"{c}.mean"], r[f"{c}.std"]) for c in STAT_COLS]
+            cells += [_pm(r[f"{c}.mean"], r[f"{c}.std"], metric) for c in STAT_COLS]
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     differ = rows[rows["recipe_differences"] != ""].drop_duplicates(["joint_run", "alone_run"])
@@ -409,33 +490,41 @@ def _plot(summary: pd.DataFrame, rows: pd.DataFrame, file: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    datasets = list(dict.fromkeys(summary["dataset"]))
-    fig = Figure(figsize=(max(7.0, 2.6 * summary["modality"].nunique() + 4), 4.2 * len(datasets)),
+    panels = list(dict.fromkeys(zip(summary["dataset"], summary["metric"])))  # a panel per dataset and unit
+    fig = Figure(figsize=(max(7.0, 2.6 * summary["modality"].nunique() + 4), 4.2 * len(panels)),
                  layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
-    for ax, dataset in zip(axes, datasets):
-        table = summary[summary["dataset"] == dataset]
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (dataset, metric) in zip(axes, panels):
+        factor = METRIC_FORMAT[metric][0]
+        table = summary[(summary["dataset"] == dataset) & (summary["metric"] == metric)]
         modalities = list(dict.fromkeys(table["modality"]))
         groups = list(dict.fromkeys(zip(table["method"], table["variant"])))
         width = 0.8 / (len(groups) + 1)
         x = np.arange(len(modalities))
         # alone: one bar per modality over every unimodal run any joint group was paired with (each once)
-        unique = rows[rows["dataset"] == dataset].drop_duplicates("alone_run").groupby("modality")
-        alone = unique[["probe_alone", "alone_test_acc"]].agg(["mean", "std"]).reindex(modalities)
-        ax.bar(x, 100 * alone[("probe_alone", "mean")], width,
-               yerr=100 * np.nan_to_num(alone[("probe_alone", "std")]), capsize=3, color="0.6", label="alone (probe)")
-        ax.plot(x, 100 * alone[("alone_test_acc", "mean")], "k_", markersize=14, mew=2, label="alone (own head)")
+        mine = rows[(rows["dataset"] == dataset) & (rows["metric"] == metric)]
+        unique = mine.drop_duplicates("alone_run").groupby("modality")
+        alone = unique[["probe_alone", "alone_test"]].agg(["mean", "std"]).reindex(modalities)
+        ax.bar(x, factor * alone[("probe_alone", "mean")], width,
+               yerr=factor * np.nan_to_num(alone[("probe_alone", "std")]), capsize=3, color="0.6",
+               label="alone (probe)")
+        ax.plot(x, factor * alone[("alone_test", "mean")], "k_", markersize=14, mew=2, label="alone (own head)")
         for i, (method, variant) in enumerate(groups, start=1):
             g = table[(table["method"] == method) & (table["variant"] == variant)].set_index("modality")
             g = g.reindex(modalities)
             label = f"in {method}" + (f" ({variant})" if variant else "") + " (probe)"
-            ax.bar(x + i * width, 100 * g["probe_joint.mean"], width,
-                   yerr=100 * np.nan_to_num(g["probe_joint.std"]), capsize=3, label=label)
+            ax.bar(x + i * width, factor * g["probe_joint.mean"], width,
+                   yerr=factor * np.nan_to_num(g["probe_joint.std"]), capsize=3, label=label)
         ax.set_xticks(x + width * len(groups) / 2, modalities)
-        ax.set_ylabel("test accuracy of a linear probe (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title(f"Modality gap on {dataset}: each encoder alone vs inside the joint model")
+        if metric == "mae":  # a regression run's probe: its test MAE in score points, lower is better
+            ax.set_ylabel("test MAE of a linear regression probe (lower is better)")
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_ylabel("test accuracy of a linear probe (%)")
+            ax.set_ylim(0, 105)
+        task = " (regression)" if metric == "mae" else ""
+        ax.set_title(f"Modality gap on {dataset}{task}: each encoder alone vs inside the joint model")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(file, dpi=150)
@@ -486,17 +575,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mmbalance gap",
         description="Modality-gap analysis: linear-probe accuracy of each modality's encoder inside the joint "
-                    "runs against the unimodal runs of the same dataset and seed. Writes modality_gap.csv, "
-                    "modality_gap.md and modality_gap.png.",
+                    "runs against the unimodal runs of the same dataset and seed (regression runs: a linear "
+                    "regression probe's test MAE). Writes modality_gap.csv, modality_gap.md and modality_gap.png.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a sweep folder or run folders (joint + unimodal)")
     parser.add_argument("--out", metavar="OUT", help="where to write the results (default: the first DIR)")
     parser.add_argument("--methods", metavar="M,...", help="only these joint methods (default: every one found)")
-    parser.add_argument("--probe-steps", type=int, default=defaults.steps, help="L-BFGS iterations of the probe")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 on the probe")
-    parser.add_argument("--probe-seed", type=int, default=defaults.seed, help="the probe's initialisation seed")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="feature-extraction batch")
-    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    # the probe's settings are part of its result (the markdown names them): --help shows what a plain run uses
+    parser.add_argument("--probe-steps", type=int, default=defaults.steps,
+                        help="L-BFGS iterations of the probe (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="L2 penalty on the probe's weights (default: %(default)g)")
+    parser.add_argument("--probe-seed", type=int, default=defaults.seed,
+                        help="the probe's initialisation seed (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="feature-extraction batch (default: %(default)s)")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if args.probe_steps < 1:

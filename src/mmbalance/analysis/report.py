@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mmbalance.analysis.runs import (
-    DASH, GROUP_KEYS, STATUSES, counted, format_pm, load_runs, order_key, output_folder,
+    DASH, GROUP_KEYS, STATUSES, counted, format_pm, is_regression, load_runs, order_key, output_folder, value_scale,
 )
 from mmbalance.analysis.studies import write_studies
 from mmbalance.errors import UserError
@@ -186,8 +186,7 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
             cells += [cell(row, metric, *REGRESSION_SCALE.get(metric, (100.0, 1))) for _, metric in regression]
             cells += [cell(row, f"test/acc/{m}") for m in acc_mods]
             cells += [cell(row, f"test/mae/{m}", 1.0, 3) for m in mae_mods]
-            # a regression run's φ and imbalance are MAE points (v = -MAE), not a share of accuracy
-            phi_scale = (1.0, 3) if pd.notna(row.get("test/mae.mean", math.nan)) else (100.0, 1)
+            phi_scale = value_scale(row)  # a regression run's φ and imbalance are MAE points (v = -MAE), not %
             cells += [cell(row, f"test/shapley/{m}", *phi_scale) for m in phi_mods]
             cells.append(cell(row, "test/imbalance", *phi_scale))
             if has_flops:
@@ -237,8 +236,8 @@ def _plot(summary: pd.DataFrame, file: Path) -> Path | None:
     if "test/imbalance.mean" not in summary or "test/acc.mean" not in summary:
         return None
     points = summary[summary["test/imbalance.mean"].notna() & summary["test/acc.mean"].notna()]
-    if "test/mae.mean" in points:  # a regression run's imbalance is in MAE points: not on the accuracy-share axis
-        points = points[points["test/mae.mean"].isna()]
+    # a regression run's imbalance is in MAE points: not on the accuracy-share axis
+    points = points[[not is_regression(row) for _, row in points.iterrows()]]
     if points.empty:
         return None
     acc_vs_imbalance_figure(points).savefig(file, dpi=150)
@@ -343,9 +342,8 @@ def format_runs_table(df: pd.DataFrame) -> str:
     regression = "test/mae" in cols  # regression runs: MAE and corr; their φ and imbalance in MAE points
 
     def phi(row, c):
-        if regression and pd.notna(row.get("test/mae")):
-            return f"{row[c]:.3f}" if c in row and pd.notna(row[c]) else DASH
-        return pct(row, c)
+        factor, digits = value_scale(row)
+        return f"{factor * row[c]:.{digits}f}" if c in row and pd.notna(row[c]) else DASH
 
     def num(row, c):
         return f"{row[c]:.3f}" if c in row and pd.notna(row[c]) else DASH

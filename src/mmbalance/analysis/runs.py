@@ -1,9 +1,11 @@
 """Run folders read back into one table (`load_runs`), and the order and number format every table shares.
 
 Reads only each run's `metrics.json` (see DESIGN.md, "Results contract"). Runs group by (dataset, method,
-variant), where the variant names the config values that differ between runs of the same dataset and method
-(an alpha sweep, a unimodal run per modality) without any knowledge of the methods. Free of torch, so
-`mmbalance report` starts fast.
+variant), where the variant names the settings that differ between runs of the same dataset and method (an alpha
+sweep, a unimodal run per modality, another precision or world size) without any knowledge of the methods. What
+counts as a setting is the run's identity (`engine/identity.py`, the one list of what determines a result), so a
+run the report counts as a repeat of another (same settings and seed) is one that training would take for the
+same run. Free of torch, so `mmbalance report` starts fast.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmbalance.engine.identity import run_identity
 from mmbalance.engine.run_folder import SUPERSEDED
 from mmbalance.errors import UserError
 
-__all__ = ["DASH", "GROUP_KEYS", "METHOD_ORDER", "STATUSES", "counted", "format_pm", "load_runs", "natural_key",
-           "order_key", "output_folder"]
+__all__ = ["DASH", "GROUP_KEYS", "METHOD_ORDER", "MAE_POINTS", "PERCENT", "STATUSES", "counted", "format_pm",
+           "is_regression", "load_runs", "natural_key", "order_key", "output_folder", "value_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +36,21 @@ GROUP_KEYS = ["dataset", "method", "variant"]
 # The statuses train.py writes; any other (or none) is read as "unknown", and "unreadable" is the report's own.
 STATUSES = ("completed", "failed", "interrupted", "running")
 
-# Config keys that never define a variant: they change per run or per machine, not per experiment. Paths are
-# bookkeeping only where they say where a run writes (outputs, logs, caches, `paths.*`); a path that says what data
-# or weights a run reads (dataset.path, dataset.root, dataset.prepared, dataset.visual_dir, weights_path) is part
-# of the experiment, so it is no exception here and runs on different files never merge.
-NON_VARIANT_PREFIXES = ("paths", "hydra", "hardware", "logger", "loggers", "callbacks")
-NON_VARIANT_NAMES = frozenset({
-    "seed", "tags", "task_name", "run_dir", "output_dir", "log_dir", "ckpt_path", "cache_dir", "resume",
-    "git_sha", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
-    "device", "devices", "accelerator",
-})
-# Switches of what a run reports, not of what it computes: a run without FLOP counts (eval.flops=false) belongs
-# with its measured peers, its missing count shown as not measured.
-NON_VARIANT_KEYS = frozenset({"eval.flops", "trainer.progress_bar"})
-# Seeds (dataset.split_seed, method.kmeans_seed) are not variants but replicates: with `seed` they tell repeats apart.
+# What separates runs is the run identity (`engine/identity.run_identity`: the resolved config minus where and how
+# visibly a run runs -- paths, loggers, progress bar, data-loading workers, thread counts -- with data locations
+# counted below their `paths.*` folder), plus the world size, which the config does not hold (`hardware=ddp` takes it
+# from torchrun; trainer.batch_size is per rank, so it sets the global batch). Nothing here adds a second list of
+# what changes a result. On top of the identity the report only decides how runs are *counted* and *labelled*:
+# Seeds (seed, dataset.seed, dataset.split_seed, method.kmeans_seed) are not variants but replicates: they tell
+# repeats apart.
 SEED_SUFFIX = "_seed"
-# Choices that are not part of the experiment's identity (its config values still count).
-NON_VARIANT_CHOICES = frozenset({"dataset", "method", "hardware", "sweep", "experiment"})
+# A switch of what a run reports, not of what it computes: a run without FLOP counts (eval.flops=false) belongs with
+# its measured peers, its missing count shown as not measured (the identity keeps it: a record with and without
+# counts are different records).
+REPORT_ONLY_KEYS = frozenset({"eval.flops"})
+# A hybrid's computed copy of its parts' settings: `parts` and `method.<part>.<key>` name what differs.
+DERIVED_PREFIX = "method.resolved."
+WORLD_SIZE = "world_size"  # top level of metrics.json; absent before hardware=ddp existed, i.e. one process
 
 # Method order in tables: the references first, then everything else alphabetically.
 METHOD_ORDER = {"baseline": 0, "unimodal": 1}
@@ -128,17 +129,31 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _is_non_variant_key(key: str) -> bool:
-    parts = key.split(".")
-    last = parts[-1]
-    return (
-        parts[0] in NON_VARIANT_PREFIXES
-        # a hybrid's computed copy of its parts' settings: `parts` and `method.<part>.<key>` name what differs
-        or key.startswith("method.resolved.")
-        or key in NON_VARIANT_KEYS
-        or last in NON_VARIANT_NAMES
-        or last.endswith(SEED_SUFFIX)
-    )
+def _result_settings(config: dict, world_size: Any = None) -> dict[str, Any]:
+    """{flat config key: value} of the settings that determine a run's result, as its identity has them
+    (`engine/identity.run_identity`: locations below their `paths.*` folder, bookkeeping left out; a list is one
+    value, as `flatten_config` keeps it), without the report-only switches (REPORT_ONLY_KEYS), plus `world_size`
+    (None: one process)."""
+    identity = run_identity(config, version="")["config"]
+    identity.pop("mmbalance.version", None)  # the code's version is no setting of the experiment (nor is git_sha)
+    # the identity indexes list items ("method.parts.0"): a list counts when any of its items does
+    listed = {key.rsplit(".", n)[0] for key in identity for n in range(1, key.count(".") + 1)}
+    out: dict[str, Any] = {}
+    for key, value in flatten_config(config).items():
+        if key in REPORT_ONLY_KEYS:
+            continue
+        if key in identity:
+            out[key] = identity[key]  # a location as `${paths.data_dir}/cremad`: moving the data keeps the run
+        elif key in listed:
+            out[key] = value
+    out[WORLD_SIZE] = 1 if world_size is None else world_size
+    return out
+
+
+def _labels_a_variant(key: str) -> bool:
+    """A setting that may name a variant: not a replicate's seed, not a derived copy of other settings."""
+    last = key.split(".")[-1]
+    return not (last == "seed" or last.endswith(SEED_SUFFIX) or key.startswith(DERIVED_PREFIX))
 
 
 def _short_names(keys: Sequence[str], all_keys: Iterable[str]) -> dict[str, str]:
@@ -157,45 +172,60 @@ def _short_names(keys: Sequence[str], all_keys: Iterable[str]) -> dict[str, str]
 
 
 def _variants(records: list[dict[str, Any]]) -> list[str]:
-    """One variant string per record of the same (dataset, method): the config values that differ."""
-    with_config = [r for r in records if r["_config"] is not None]
+    """One variant string per record of the same (dataset, method): the settings (`_result_settings`) that differ.
+
+    A config-group choice (backbone=resnet18, hardware=ddp) names the settings of its node that differ, when they
+    do; a choice whose settings are all the same (logger=csv vs tensorboard, hardware=cpu vs gpu overridden to the
+    same device and precision) names nothing. A setting under a named choice that differs between runs of the same
+    choice is named too, so two runs share a variant only when their settings are the same."""
+    with_config = [r for r in records if r["_settings"] is not None]
     if len(with_config) < 2:
         return ["" for _ in records]
+
+    keys: list[str] = []
+    seen = set()
+    for r in with_config:
+        for k in r["_settings"]:
+            if k not in seen:
+                seen.add(k)
+                keys.append(k)
+    keys.sort(key=lambda k: k == WORLD_SIZE)  # config order, the world size last
+    varying = [k for k in keys if _labels_a_variant(k)
+               and len({_canonical(r["_settings"].get(k, _MISSING)) for r in with_config}) > 1]
 
     choice_keys: list[str] = []
     for r in with_config:
         choice_keys += [k for k in r["_choices"] if k not in choice_keys]
-    varying_choices = [
-        k for k in choice_keys
-        if k not in NON_VARIANT_CHOICES and not k.startswith("hydra/")
-        and len({_canonical(r["_choices"].get(k, _MISSING)) for r in with_config}) > 1
-    ]
-    # A swapped config group (another backbone) is named by its choice, not by its every key.
-    covered = tuple(k.replace("/", ".") + "." for k in varying_choices)
 
-    config_keys: list[str] = []
-    seen = set()
-    for r in with_config:
-        for k in r["_config"]:
-            if k not in seen:
-                seen.add(k)
-                config_keys.append(k)
-    varying_keys = []
-    for k in config_keys:
-        if _is_non_variant_key(k) or k.startswith(covered):
-            continue
-        values = [r["_config"].get(k, _MISSING) for r in with_config]
-        if len({_canonical(v) for v in values}) > 1:
-            varying_keys.append(k)
-    short = _short_names(varying_keys, config_keys)
+    def node(choice: str) -> str:
+        return choice.replace("/", ".") + "."
+
+    varying_choices = [
+        c for c in choice_keys
+        if len({_canonical(r["_choices"].get(c, _MISSING)) for r in with_config}) > 1
+        and any(k.startswith(node(c)) for k in varying)
+    ]
+
+    def differs_within_choice(key: str, choice: str) -> bool:
+        by_choice: dict[str, set[str]] = {}
+        for r in with_config:
+            by_choice.setdefault(_canonical(r["_choices"].get(choice, _MISSING)), set()).add(
+                _canonical(r["_settings"].get(key, _MISSING)))
+        return any(len(values) > 1 for values in by_choice.values())
+
+    # A swapped config group (another backbone) is named by its choice, not by its every key.
+    varying = [k for k in varying
+               if all(differs_within_choice(k, c) for c in varying_choices if k.startswith(node(c)))]
+    short = _short_names([k for k in varying if k != WORLD_SIZE], [k for r in with_config for k in r["_config"]])
+    short[WORLD_SIZE] = WORLD_SIZE
 
     out = []
     for r in records:
-        if r["_config"] is None:
+        if r["_settings"] is None:
             out.append("")
             continue
         parts = [f"{k.split('/')[-1]}={_format_value(r['_choices'].get(k, _MISSING))}" for k in varying_choices]
-        parts += [f"{short[k]}={_format_value(r['_config'].get(k, _MISSING))}" for k in varying_keys]
+        parts += [f"{short[k]}={_format_value(r['_settings'].get(k, _MISSING))}" for k in varying]
         out.append(", ".join(parts))
     return out
 
@@ -206,7 +236,7 @@ def _record(file: Path) -> dict[str, Any]:
         data = _read_metrics(file)
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         return {"run_dir": run_dir, "status": "unreadable", "error": f"{type(e).__name__}: {e}",
-                "method_family": None, "_choices": {}, "_config": None, "_metrics": {}}
+                "method_family": None, "_choices": {}, "_config": None, "_settings": None, "_metrics": {}}
     choices = data.get("choices") or {}
     config = data.get("config")
     seed = data.get("seed")
@@ -234,21 +264,23 @@ def _record(file: Path) -> dict[str, Any]:
         "overrides": " ".join(map(str, data.get("overrides") or [])),
         "_choices": {k: v for k, v in choices.items() if not str(k).startswith("hydra/")},
         "_config": flatten_config(config) if isinstance(config, dict) else None,
+        "_settings": _result_settings(config, data.get(WORLD_SIZE)) if isinstance(config, dict) else None,
         "_metrics": metrics,
     }
 
 
 def _mark_repeats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Set `repeat_of` on every completed run whose (dataset, method, variant, seeds) an earlier run by path already
-    has: a copied folder or the same config re-run elsewhere is not an independent sample. Returns the repeats."""
+    """Set `repeat_of` on every completed run whose (dataset, method, settings, seed) an earlier run by path already
+    has: a copied folder or the same config re-run elsewhere is not an independent sample. The settings are the
+    run's identity with its seeds (`_result_settings`), so runs that differ in anything that changes a result
+    (precision, device, world size, ...) are never repeats. Returns the repeats."""
     first: dict[tuple, str] = {}
     repeats = []
     for r in sorted(records, key=lambda r: r["run_dir"]):
         r["repeat_of"] = None
         if r["status"] != "completed" or r["seed"] is None:  # without a seed a repeat cannot be told apart
             continue
-        seeds = {k: v for k, v in (r["_config"] or {}).items() if k.split(".")[-1].endswith(SEED_SUFFIX)}
-        key = (r["dataset"], r["method"], r["variant"], _canonical(r["seed"]), _canonical(seeds))
+        key = (r["dataset"], r["method"], _canonical(r["seed"]), _canonical(r["_settings"]))
         if key in first:
             r["repeat_of"] = first[key]
             repeats.append(r)
@@ -356,6 +388,24 @@ def natural_key(text: str) -> tuple:
 def order_key(dataset: str, method: str, variant: str) -> tuple:
     """Table order: by dataset, the references first, then methods alphabetically, variants naturally."""
     return (dataset, METHOD_ORDER.get(method, len(METHOD_ORDER)), method, natural_key(variant))
+
+
+# How a value of the Shapley family (φ, imbalance) is shown, as (factor, digits): a classification run's are shares of
+# accuracy, in %; a regression run's (dataset.task=regression) are MAE points, since its Shapley value is v = -MAE
+# (metrics/shapley.py), so they are numbers in the score's own unit and never share a percentage column or axis.
+PERCENT = (100.0, 1)
+MAE_POINTS = (1.0, 3)
+
+
+def is_regression(row: Any) -> bool:
+    """Whether a summary row (`test/mae.mean`) or a run (`test/mae`) is of a regression run: it has a test MAE."""
+    value = row.get("test/mae.mean", row.get("test/mae", math.nan))
+    return value is not None and bool(pd.notna(value))
+
+
+def value_scale(row: Any) -> tuple[float, int]:
+    """(factor, digits) of the row's φ and imbalance: PERCENT, or MAE_POINTS for a regression run."""
+    return MAE_POINTS if is_regression(row) else PERCENT
 
 
 def format_pm(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:

@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from mmbalance.analysis.runs import DASH, counted, format_pm, natural_key, order_key
+from mmbalance.analysis.runs import (
+    DASH, MAE_POINTS, PERCENT, counted, format_pm, is_regression, natural_key, order_key,
+)
 
 __all__ = [
     "FAMILY_ORDER", "method_families", "benchmark_table", "write_benchmark", "BalancePoints",
@@ -34,6 +36,9 @@ REFERENCE = "reference"
 # The BalanceBenchmark taxonomy in the paper's order; families it does not know come after, alphabetically.
 FAMILY_ORDER = ["data", "feed-forward", "objective", "optimization", "hybrid"]
 BENCHMARK_METRICS = [("acc", "test/acc"), ("macro_f1", "test/macro_f1")]
+# A regression run's imbalance is in MAE points (its Shapley value is v = -MAE; runs.value_scale), its accuracy the
+# acc-2 (non-negative) in %: its columns are their own group, named so, never shared with classification runs.
+REGRESSION_SUFFIX = " (regression)"
 
 
 def _figure(width: float, height: float):
@@ -97,6 +102,9 @@ def _marks(values: pd.Series) -> pd.Series:
 def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataFrame | None:
     """The BalanceBenchmark Table 2 shape (with Table 3's complexity view), one row per (method, variant).
 
+    A dataset's regression runs (dataset.task=regression) form their own column group `<ds> (regression)`, listed
+    in `attrs["regression"]`: their imbalance is in MAE points, not in %.
+
     Rows: the baseline first, then the methods grouped by family (data, feed-forward, objective,
     optimization, then any other), each family closed by its average row (`kind == "average"`: the
     unweighted mean of its rows' means, per column). Unimodal runs are not rows, nor groups without a completed
@@ -108,11 +116,16 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
     summary = summary[summary["n"] > 0]  # a group of failed runs has no number to show
     if summary.empty:
         return None
+    regression = [is_regression(row) for _, row in summary.iterrows()]
+    summary = summary.assign(dataset=[ds + REGRESSION_SUFFIX if r else ds
+                                      for ds, r in zip(summary["dataset"], regression)])
     keyed = summary.assign(family=[BASELINE if m == BASELINE else families.get(m, "other") for m in summary["method"]])
     keyed = keyed[keyed["family"] != REFERENCE]
     if not (keyed["family"] == BASELINE).any() or not (keyed["family"] != BASELINE).any():
         return None
-    datasets = list(dict.fromkeys(keyed["dataset"]))
+    # a dataset's regression columns right after its classification ones
+    datasets = sorted(dict.fromkeys(keyed["dataset"]),
+                      key=lambda ds: (ds.removesuffix(REGRESSION_SUFFIX), ds.endswith(REGRESSION_SUFFIX)))
     rows_keys = sorted(
         dict.fromkeys(zip(keyed["family"], keyed["method"], keyed["variant"])),
         key=lambda k: (_family_rank(k[0]), k[1], natural_key(k[2])),
@@ -169,6 +182,7 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
         "imbalance.mean", "imbalance.std", "flops_rel")]
     out = out[["kind", "family", "method", "variant", *per_dataset]]
     out.attrs["datasets"] = datasets
+    out.attrs["regression"] = sorted({ds for ds, r in zip(summary["dataset"], regression) if r})
     return out
 
 
@@ -176,8 +190,14 @@ def _row_label(row) -> str:
     return f"{row['method']} ({row['variant']})" if row["variant"] else str(row["method"])
 
 
-def _cells(row, ds: str, pm: str, mark) -> list[str]:
-    """[acc, F1, imbalance, FLOPs ×] of one row for one dataset, percentages with one decimal."""
+def _imbalance_scale(table: pd.DataFrame, ds: str) -> tuple[float, int]:
+    """(factor, digits) of a column group's imbalance: MAE points for a regression group, else %."""
+    return MAE_POINTS if ds in table.attrs.get("regression", ()) else PERCENT
+
+
+def _cells(row, ds: str, pm: str, mark, imbalance_scale: tuple[float, int] = PERCENT) -> list[str]:
+    """[acc, F1, imbalance, FLOPs ×] of one row for one dataset: percentages with one decimal, the imbalance in
+    `imbalance_scale` (MAE points for a regression group)."""
     cells = []
     average = row["kind"] == "average"
     for short in ("acc", "macro_f1", "imbalance"):
@@ -185,7 +205,8 @@ def _cells(row, ds: str, pm: str, mark) -> list[str]:
         if not np.isfinite(mean):
             cells.append(DASH)
             continue
-        text = f"{100 * mean:.1f}" if average else format_pm(mean, std, 100.0).replace(" ± ", pm)
+        factor, digits = imbalance_scale if short == "imbalance" else PERCENT
+        text = f"{factor * mean:.{digits}f}" if average else format_pm(mean, std, factor, digits).replace(" ± ", pm)
         cells.append(mark(text, row.get(f"{ds}/{short}.mark", "")))
     rel = row[f"{ds}/flops_rel"]
     cells.append(f"{rel:.2f}×" if np.isfinite(rel) else DASH)
@@ -194,9 +215,11 @@ def _cells(row, ds: str, pm: str, mark) -> list[str]:
 
 def _benchmark_markdown(table: pd.DataFrame) -> str:
     datasets = table.attrs["datasets"]
+    regression = table.attrs.get("regression", [])
     header = ["family", "method"]
     for ds in datasets:
-        header += [f"{ds} acc", f"{ds} macro-F1", f"{ds} imbalance", f"{ds} train FLOPs"]
+        imbalance = f"{ds} imbalance (MAE)" if ds in regression else f"{ds} imbalance"
+        header += [f"{ds} acc", f"{ds} macro-F1", imbalance, f"{ds} train FLOPs"]
 
     def mark(text, how):
         return f"**{text}**" if how == "best" else f"_{text}_" if how == "second" else text
@@ -206,7 +229,10 @@ def _benchmark_markdown(table: pd.DataFrame) -> str:
         "BalanceBenchmark's Table 2 shape with Table 3's complexity view. Accuracy, macro-F1 and imbalance in %, "
         "mean ± sample std over seeds; per column the best accuracy / macro-F1 in **bold**, the second best in "
         "_italics_ (underlined in the LaTeX table). A family's average row is the unweighted mean of its rows' "
-        "means. Train FLOPs are relative to the baseline's on the same dataset.", "",
+        "means. Train FLOPs are relative to the baseline's on the same dataset."
+        + (" Regression runs (dataset.task=regression) have their own columns, `<dataset> (regression)`: acc is "
+           "acc-2 (non-negative vs negative) in %, and the imbalance is in MAE points (the Shapley value is "
+           "v = −MAE), not in %." if regression else ""), "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]
@@ -217,7 +243,7 @@ def _benchmark_markdown(table: pd.DataFrame) -> str:
         label = f"_{row['family']} average_" if row["kind"] == "average" else _row_label(row)
         cells = [family, label]
         for ds in datasets:
-            cells += _cells(row, ds, " ± ", mark)
+            cells += _cells(row, ds, " ± ", mark, _imbalance_scale(table, ds))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -232,18 +258,21 @@ def _tex(text: str) -> str:
 
 def _benchmark_latex(table: pd.DataFrame) -> str:
     datasets = table.attrs["datasets"]
+    regression = table.attrs.get("regression", [])
 
     def mark(text, how):
         return rf"\textbf{{{text}}}" if how == "best" else rf"\underline{{{text}}}" if how == "second" else text
 
     lines = [
         "% mmbalance benchmark table (BalanceBenchmark Table 2 shape); needs \\usepackage{booktabs}",
-        "% acc, macro-F1, imbalance in %: mean $\\pm$ std over seeds; FLOPs relative to the baseline",
+        "% acc, macro-F1, imbalance in %: mean $\\pm$ std over seeds; FLOPs relative to the baseline"
+        + ("; a (regression) group's imbalance in MAE points (v = -MAE), not %" if regression else ""),
         r"\begin{tabular}{ll" + "rrrr" * len(datasets) + "}",
         r"\toprule",
         " & & " + " & ".join(rf"\multicolumn{{4}}{{c}}{{{_tex(ds)}}}" for ds in datasets) + r" \\",
         " ".join(rf"\cmidrule(lr){{{3 + 4 * i}-{6 + 4 * i}}}" for i in range(len(datasets))),
-        "Family & Method & " + " & ".join(["Acc & F1 & Imb. & FLOPs"] * len(datasets)) + r" \\",
+        "Family & Method & " + " & ".join("Acc & F1 & Imb. (MAE) & FLOPs" if ds in regression
+                                          else "Acc & F1 & Imb. & FLOPs" for ds in datasets) + r" \\",
         r"\midrule",
     ]
     last_family = None
@@ -256,7 +285,7 @@ def _benchmark_latex(table: pd.DataFrame) -> str:
         cells = [family, label]
         for ds in datasets:
             cells += [c.replace(DASH, "--").replace("×", r"$\times$")
-                      for c in _cells(row, ds, r"$\pm$", mark)]
+                      for c in _cells(row, ds, r"$\pm$", mark, _imbalance_scale(table, ds))]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -303,6 +332,11 @@ class BalanceCurve:
     baseline: pd.Series | None  # the baseline's summary row on the same dataset (and the same fixed knobs), if any
     balance: BalancePoints
     fixed: str = ""  # the other knobs, held at these values along the curve ("" when only one knob varies)
+    regression: bool = False  # regression runs: the imbalance in MAE points (runs.value_scale), not in %
+
+    @property
+    def imbalance_scale(self) -> tuple[float, int]:
+        return MAE_POINTS if self.regression else PERCENT
 
     @property
     def title(self) -> str:
@@ -324,10 +358,13 @@ def _value(text: str) -> Any:
         return text
 
 
-def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str]) -> pd.Series | None:
-    """The baseline row to compare a curve with: the only baseline on the dataset, or the one whose own knobs
-    equal the curve's fixed knobs (a sweep that varies e.g. the epochs for every method); None when ambiguous."""
+def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str],
+                       regression: bool = False) -> pd.Series | None:
+    """The baseline row to compare a curve with: the only baseline on the dataset of the curve's task
+    (classification or regression: their imbalances are in different units), or the one whose own knobs equal the
+    curve's fixed knobs (a sweep that varies e.g. the epochs for every method); None when ambiguous."""
     base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
+    base = base[[is_regression(row) == regression for _, row in base.iterrows()]]
     if len(base) == 1:
         return base.iloc[0]
     hits = [row for _, row in base.iterrows()
@@ -339,7 +376,8 @@ def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list
     """The relative-balance curves of every (dataset, method) but the references: for each knob that takes at
     least two settings, one curve per combination of the other knobs' values (a grid alpha x epochs gives a
     curve over alpha at each epochs and one over epochs at each alpha); a curve needs at least two settings
-    with both a test accuracy and an imbalance. Knobs that only ever change together give no curve."""
+    with both a test accuracy and an imbalance, all of one task (a knob that switches dataset.task would put
+    percentages and MAE points on one axis). Knobs that only ever change together give no curve."""
     curves = []
     for (dataset, method), group in summary.groupby(["dataset", "method"], sort=False):
         if families.get(method, "other") == REFERENCE:
@@ -362,20 +400,24 @@ def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list
                 points = pd.DataFrame({
                     "setting": [knobs[i][knob] for i in rows],
                     "value": [_value(knobs[i][knob]) for i in rows],
+                    "regression": [is_regression(row) for _, row in sub.iterrows()],
                     "n": sub["n"].to_numpy(),
                     **{f"{short}.{s}": sub[f"{metric}.{s}"].to_numpy() if f"{metric}.{s}" in sub else math.nan
                        for short, metric in [("acc", "test/acc"), ("imbalance", "test/imbalance")]
                        for s in ("mean", "std")},
                 })
                 points = points[points["acc.mean"].notna() & points["imbalance.mean"].notna()]
-                if len(points) < 2:
+                if len(points) < 2 or points["regression"].nunique() > 1:
                     continue
+                regression = bool(points["regression"].iloc[0])
+                points = points.drop(columns="regression")
                 points = points.iloc[sorted(range(len(points)), key=lambda i: natural_key(points["setting"].iloc[i]))]
                 points = points.reset_index(drop=True)
                 fixed = {n: v for n, v in zip(rest, rest_values) if v is not None}
                 balance = balance_points(points["setting"], points["acc.mean"], points["imbalance.mean"])
-                curves.append(BalanceCurve(dataset, method, knob, points, _matching_baseline(summary, dataset, fixed),
-                                           balance, ", ".join(f"{n}={v}" for n, v in fixed.items())))
+                curves.append(BalanceCurve(dataset, method, knob, points,
+                                           _matching_baseline(summary, dataset, fixed, regression), balance,
+                                           ", ".join(f"{n}={v}" for n, v in fixed.items()), regression))
     return curves
 
 
@@ -389,9 +431,10 @@ def plot_balance_curves(curves: Sequence[BalanceCurve], file: Path) -> Path:
         ax.set_visible(False)
     for ax, c in zip(axes, curves):
         p = c.points
-        x, y = 100 * p["imbalance.mean"], 100 * p["acc.mean"]
+        fx = c.imbalance_scale[0]  # % of accuracy, or MAE points for regression runs
+        x, y = fx * p["imbalance.mean"], 100 * p["acc.mean"]
         ax.plot(x, y, "-", color="0.7", zorder=1)
-        ax.errorbar(x, y, xerr=100 * p["imbalance.std"].fillna(0), yerr=100 * p["acc.std"].fillna(0),
+        ax.errorbar(x, y, xerr=fx * p["imbalance.std"].fillna(0), yerr=100 * p["acc.std"].fillna(0),
                     fmt="o", capsize=3, color="C0", zorder=2, label=f"{c.method} ({c.knob})")
         for setting, xi, yi in zip(p["setting"], x, y):
             ax.annotate(f"{c.knob}={setting}", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8)
@@ -399,16 +442,16 @@ def plot_balance_curves(curves: Sequence[BalanceCurve], file: Path) -> Path:
                                       ("absolute", c.balance.absolute, dict(marker="s", ms=14, mfc="none", mec="C2"))]:
             hit = p[p["setting"] == setting]
             if len(hit):
-                ax.plot(100 * hit["imbalance.mean"], 100 * hit["acc.mean"], ls="none", mew=1.5,
+                ax.plot(fx * hit["imbalance.mean"], 100 * hit["acc.mean"], ls="none", mew=1.5,
                         label=f"{which} balance point ({c.knob}={setting})", **style)
         b = c.baseline
         if b is not None and np.isfinite(b.get("test/imbalance.mean", math.nan)) \
                 and np.isfinite(b.get("test/acc.mean", math.nan)):
-            ax.errorbar(100 * b["test/imbalance.mean"], 100 * b["test/acc.mean"],
-                        xerr=100 * np.nan_to_num(b["test/imbalance.std"]), yerr=100 * np.nan_to_num(b["test/acc.std"]),
+            ax.errorbar(fx * b["test/imbalance.mean"], 100 * b["test/acc.mean"],
+                        xerr=fx * np.nan_to_num(b["test/imbalance.std"]), yerr=100 * np.nan_to_num(b["test/acc.std"]),
                         fmt="*", ms=12, capsize=3, color="k", label="baseline")
-        ax.set_xlabel("test imbalance (%)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_xlabel("test imbalance (MAE points)" if c.regression else "test imbalance (%)")
+        ax.set_ylabel("test acc-2 ≥0 (%)" if c.regression else "test accuracy (%)")
         ax.set_title(f"{c.title}: accuracy vs. imbalance", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -422,21 +465,25 @@ def _balance_markdown(curves: Sequence[BalanceCurve], files: dict[str, Path]) ->
              "point* the setting with the lowest mean imbalance (BalanceBenchmark)."]
     for c in curves:
         p = c.points
+        imb = c.imbalance_scale
+        # a regression curve: acc is acc-2 (non-negative) in %, the imbalance in MAE points
+        header = "| test acc-2 ≥0 | imbalance (MAE) |" if c.regression else "| test acc | imbalance |"
         lines += ["", f"### {c.title} (`{files[c.method].name}`)", "",
-                  f"| {c.knob} | n | test acc | imbalance |", "|---:|---:|---:|---:|"]
+                  f"| {c.knob} | n {header}", "|---:|---:|---:|---:|"]
         for _, r in p.iterrows():
             lines.append(f"| {r['setting']} | {r['n']} | {format_pm(r['acc.mean'], r['acc.std'], 100.0)} "
-                         f"| {format_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)} |")
+                         f"| {format_pm(r['imbalance.mean'], r['imbalance.std'], *imb)} |")
         if c.baseline is not None:
             b = c.baseline
             lines.append(f"| baseline | {b['n']} | {format_pm(b.get('test/acc.mean'), b.get('test/acc.std'), 100.0)} "
-                         f"| {format_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), 100.0)} |")
+                         f"| {format_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), *imb)} |")
         lines.append("")
         for name, setting in [("Relative balance point (best accuracy)", c.balance.relative),
                               ("Absolute balance point (lowest imbalance)", c.balance.absolute)]:
             r = p[p["setting"] == setting].iloc[0]
             lines.append(f"- {name}: **{c.knob}={setting}**: accuracy {format_pm(r['acc.mean'], r['acc.std'], 100.0)}, "
-                         f"imbalance {format_pm(r['imbalance.mean'], r['imbalance.std'], 100.0)}.")
+                         f"imbalance {format_pm(r['imbalance.mean'], r['imbalance.std'], *imb)}"
+                         + (" MAE points." if c.regression else "."))
     return lines
 
 
@@ -511,6 +558,9 @@ def write_dynamics(df: pd.DataFrame, out: Path, notes: list[str] | None = None) 
 
         # a unimodal run has one φ and no imbalance: it gets the φ panel only, not an empty second one
         has_imbalance = "val/imbalance.mean" in stats and stats["val/imbalance.mean"].notna().any()
+        # a regression run's φ and imbalance are MAE points (v = -MAE), not shares of accuracy
+        regression = is_regression(group.iloc[0])
+        factor, unit = (MAE_POINTS[0], "MAE points") if regression else (PERCENT[0], "%")
         fig = _figure(11 if has_imbalance else 5.5, 4.2)
         ax_phi, ax_imb = fig.subplots(1, 2) if has_imbalance else (fig.subplots(1, 1), None)
         epochs = stats["epoch"]  # as in history.csv (0-based)
@@ -522,16 +572,16 @@ def write_dynamics(df: pd.DataFrame, out: Path, notes: list[str] | None = None) 
             for col, label in names:
                 if f"{col}.mean" not in stats:
                     continue
-                mean, std = 100 * stats[f"{col}.mean"], 100 * stats[f"{col}.std"].fillna(0)
+                mean, std = factor * stats[f"{col}.mean"], factor * stats[f"{col}.std"].fillna(0)
                 line, = ax.plot(epochs, mean, "o-", ms=3, label=label)
                 ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        ax_phi.set_ylabel("validation Shapley value φ (%)")
+        ax_phi.set_ylabel(f"validation Shapley value φ ({unit})")
         if has_imbalance:
-            ax_imb.set_ylabel("validation imbalance (%)")
+            ax_imb.set_ylabel(f"validation imbalance ({unit})")
         fig.suptitle(f"Training dynamics: {what} (mean ± std over {stats.attrs['n_runs']} run(s))")
         name = "_".join(_safe_name(p) for p in (dataset, method, variant) if p)
         file = out / f"dynamics_{name}.png"
