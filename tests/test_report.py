@@ -471,3 +471,15 @@ def test_a_setting_that_differs_under_one_choice_still_names_the_variant(tmp_pat
     assert sorted(s["variant"]) == ["backbone=resnet18, width=32", "backbone=resnet18, width=64",
                                     "backbone=small, width=8"]
     assert list(s["n"]) == [1, 1, 1]
+
+
+def test_hybrids_composed_on_the_command_line_are_methods_named_by_their_parts(tmp_path):
+    """Two hybrids are two methods (rows of their own, never a 'parts' knob of one balance curve); the runs of one
+    hybrid still vary by their parts' settings."""
+    for seed in (0, 1):
+        make_run(tmp_path, f"a{seed}", method="compose", seed=seed, metrics=m(0.8 + seed / 100), parts=["ogm_ge", "mbsd"])
+        make_run(tmp_path, f"b{seed}", method="compose", seed=seed, metrics=m(0.7 + seed / 100), parts=["mlgm"])
+    make_run(tmp_path, "c0", method="compose", metrics=m(0.6), parts=["ogm_ge", "mbsd"], ogm_ge={"alpha": 0.3})
+    df = load_runs([tmp_path]).sort_values("run_dir")
+    assert list(df["method"]) == ["compose[ogm_ge+mbsd]"] * 2 + ["compose[mlgm]"] * 2 + ["compose[ogm_ge+mbsd]"]
+    assert list(df["variant"]) == ["alpha=unset", "alpha=unset", "", "", "alpha=0.3"]

@@ -41,6 +41,27 @@ def test_train_flops_are_the_measured_step_scaled_to_every_sample(tmp_path):
     assert 2.0 < per_sample / m["flops/forward_per_sample"] < 3.5
 
 
+def test_a_stat_logged_on_some_steps_is_averaged_over_those_steps_only(tmp_path, monkeypatch):
+    """CGGM's coefficients need a previous step: the epoch mean of such a stat must not count the steps that did
+    not log it as zeros."""
+    import torch
+
+    from mmbalance.methods.baseline import Baseline
+
+    plain_step = Baseline.training_step
+
+    def step_logging_late(self, run, batch):
+        stats = plain_step(self, run, batch)
+        if run.step % 3:  # not on the first step of the epoch (3 steps of 32 per epoch)
+            stats["late"] = torch.tensor(2.0)
+        return stats
+
+    monkeypatch.setattr(Baseline, "training_step", step_logging_late)
+    train_in_process(tmp_path, ["dataset.num_samples=120", "eval.flops=false"])
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [float(r["train/late"]) for r in rows] == [2.0, 2.0]
+
+
 def test_same_seed_same_metrics_and_another_seed_differs(tmp_path):
     a = train_in_process(tmp_path / "a", ["method=ogm_ge"])["metrics"]
     b = train_in_process(tmp_path / "b", ["method=ogm_ge"])["metrics"]

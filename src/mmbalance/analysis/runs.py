@@ -269,6 +269,17 @@ def _record(file: Path) -> dict[str, Any]:
     }
 
 
+def _method_name(record: dict[str, Any]) -> str:
+    """The method's config choice; a hybrid composed on the command line (method=compose method.parts=[a,b]) is
+    named by its parts, `compose[a+b]`: different parts are different methods, never a knob of one method's
+    balance curve."""
+    choice = str(record["_choices"].get("method") or "?")
+    parts = (record["_config"] or {}).get("method.parts")
+    if choice == "compose" and isinstance(parts, list) and parts:
+        return f"compose[{'+'.join(map(str, parts))}]"
+    return choice
+
+
 def _mark_repeats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Set `repeat_of` on every completed run whose (dataset, method, settings, seed) an earlier run by path already
     has: a copied folder or the same config re-run elsewhere is not an independent sample. The settings are the
@@ -316,7 +327,7 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     for r in records:  # a run without any choice (unreadable, `{}`) names no group
         grouped = r["status"] != "unreadable" and bool(r["_choices"])
         r["dataset"] = str(r["_choices"].get("dataset") or "?") if grouped else ""
-        r["method"] = str(r["_choices"].get("method") or "?") if grouped else ""
+        r["method"] = _method_name(r) if grouped else ""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         if r["method"]:

@@ -212,7 +212,10 @@ class Trainer:
         sampler = getattr(run.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        # per key: a stat a method logs on some steps only (CGGM's coefficients need a previous step) is the mean
+        # over the samples of the steps that logged it, not diluted by the others
         sums: dict[str, torch.Tensor] = {}
+        counted: dict[str, int] = {}
         samples = 0
         step_flops_per_sample = 0.0
         bar = tqdm(run.train_loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress_bar)
@@ -226,6 +229,7 @@ class Trainer:
                 stats = run.method.training_step(run, batch)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.float() * len(batch)
+                counted[k] = counted.get(k, 0) + len(batch)
             samples += len(batch)
             run.step += 1
         run.flops.add("train_steps", step_flops_per_sample * samples)
@@ -233,11 +237,14 @@ class Trainer:
             # BatchNorm statistics followed each rank's shard: one model again before the epoch-end hook, validation
             # and the checkpoint (engine/distributed.py)
             distributed.sync_buffers([run.model, *run.method.owned_modules().values()])
-            totals = run.reduce({**{k: torch.as_tensor(v, dtype=torch.float32, device=run.device) for k, v in sums.items()},
-                                 "_samples": torch.tensor(float(samples), device=run.device)})
+            as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=run.device)  # noqa: E731
+            totals = run.reduce({**{k: as_tensor(v) for k, v in sums.items()},
+                                 **{f"_n/{k}": as_tensor(float(n)) for k, n in counted.items()},
+                                 "_samples": as_tensor(float(samples))})
             samples = int(totals.pop("_samples"))
+            counted = {k: int(totals.pop(f"_n/{k}")) for k in counted}
             sums = totals
-        means = {f"train/{k}": float(v) / max(samples, 1) for k, v in sums.items()}
+        means = {f"train/{k}": float(v) / max(counted[k], 1) for k, v in sums.items()}
         if not math.isfinite(means.get("train/loss", 0.0)):
             raise self._diverged(f"the epoch-mean loss is {means['train/loss']} at epoch {epoch}", epoch)
         params = [p for p in run.model.parameters()]
