@@ -147,8 +147,9 @@ def test_several_loggers_at_once_mirror_the_history_and_the_final_metrics(tmp_pa
     rows = history(out)
     assert results["status"] == "completed" and len(rows) == 2
     status = read_metrics(out)["loggers"]
-    assert {k: v["status"] for k, v in status.items()} == {"csv": "on", "tensorboard": "on", "mlflow": "on",
-                                                           "wandb": "on"}
+    # each tracker closed its run: metrics.json records how every logger ended
+    assert {k: v["status"] for k, v in status.items()} == {"csv": "on", "tensorboard": "done", "mlflow": "done",
+                                                           "wandb": "done"}
     final = results["metrics"]
 
     # TensorBoard: every history column per epoch (the Shapley and imbalance curves among them), the final
@@ -303,7 +304,7 @@ def test_a_missing_package_is_one_clear_error_naming_the_extra(tmp_path, monkeyp
 
 def test_auto_is_tensorboard_when_installed_and_says_so_when_it_is_not(tmp_path, monkeypatch):
     on = train_in_process(tmp_path / "on", ["logger=auto"])  # the default (the tests' FAST overrides choose csv)
-    assert read_metrics(tmp_path / "on")["loggers"]["tensorboard"]["status"] == "on"
+    assert read_metrics(tmp_path / "on")["loggers"]["tensorboard"]["status"] == "done"
     assert_mirrors(tb_scalars(tmp_path / "on" / "tensorboard"), history(tmp_path / "on"))
     assert on["status"] == "completed"
 
@@ -458,8 +459,161 @@ def test_under_ddp_only_rank_0_logs(tmp_path):
             *DDP_CPU, f"hydra.run.dir={run_dir}"]
     proc = torchrun(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_metrics(run_dir)["loggers"]["mlflow"]["status"] == "on"
+    assert read_metrics(run_dir)["loggers"]["mlflow"]["status"] == "done"
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert_mirrors(tb_scalars(run_dir / "tensorboard"), history(run_dir))
     client, (run,) = mlflow_runs((run_dir / "mlruns").resolve().as_uri(), "mmbalance")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0]
+
+
+# ---------------------------------------------------------------- a run never loses another's or its own tracker data
+
+
+def test_runs_sharing_a_tensorboard_folder_each_keep_their_own_sub_folder(tmp_path):
+    """A folder outside the run folder is shared (a sweep's jobs, separate runs): each run writes into its own
+    sub-folder, named after its run folder, so no run deletes another's event files and TensorBoard lists them
+    as separate runs. A name another run holds gains a digest; resume=never moves the run's sub-folder aside."""
+    shared = tmp_path / "tb"
+    runs = {seed: tmp_path / "study" / f"seed={seed}" for seed in (0, 1)}
+    for seed, out in runs.items():
+        train_in_process(out, ["logger=tensorboard", f"logger.tensorboard.dir={shared}", "trainer.epochs=1",
+                               f"seed={seed}"])
+    for out in runs.values():
+        own = shared / "study" / out.name
+        assert read_metrics(out)["loggers"]["tensorboard"]["where"] == str(own.resolve())
+        assert len(list(own.glob("events.out.tfevents.*"))) == 1
+        assert_mirrors(tb_scalars(own), history(out))
+    assert history(runs[0]) != history(runs[1])  # two different runs, each on its own curves
+
+    # another run whose folder ends the same way (another sweep's study/seed=0) never takes that sub-folder
+    other = tmp_path / "elsewhere" / "study" / "seed=0"
+    train_in_process(other, ["logger=tensorboard", f"logger.tensorboard.dir={shared}", "trainer.epochs=1"])
+    where = Path(read_metrics(other)["loggers"]["tensorboard"]["where"])
+    assert where.parent == (shared / "study").resolve() and where.name.startswith("seed=0-")
+    assert_mirrors(tb_scalars(where), history(other))
+    assert_mirrors(tb_scalars(shared / "study" / "seed=0"), history(runs[0]))
+
+    # resume=never: the run's own sub-folder moves into its superseded/ with its other files, nothing else does
+    train_in_process(runs[1], ["logger=tensorboard", f"logger.tensorboard.dir={shared}", "trainer.epochs=1",
+                               "seed=1", "resume=never"])
+    (moved,) = (runs[1] / "superseded").iterdir()
+    assert len(list((moved / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert_mirrors(tb_scalars(shared / "study" / "seed=1"), history(runs[1]))
+    assert_mirrors(tb_scalars(shared / "study" / "seed=0"), history(runs[0]))
+
+
+def test_a_sweep_resumed_from_another_working_folder_keeps_its_experiment_and_group(tmp_path, monkeypatch):
+    """The sweep's tracker name is the one chosen when its first job started (kept in <sweep dir>/loggers.json),
+    not the sweep folder as seen from wherever the re-run is typed."""
+    from mmbalance.engine.loggers import Loggers, MLflowLogger, RunInfo, WandbLogger
+
+    (tmp_path / "home" / "sweeps" / "study").mkdir(parents=True)
+    rows = [{"epoch": 0, "val/acc": 0.5}, {"epoch": 1, "val/acc": 0.75}]
+
+    def job(sweep: Path, done: list[dict], status: str) -> Loggers:
+        info = RunInfo(run_dir=sweep / "seed=0", sweep_dir=sweep)
+        loggers = Loggers([MLflowLogger({}), WandbLogger({"mode": "offline", "project": "mmbalance"})], info, {})
+        loggers.start(done, len(done))
+        loggers.finish({"status": status, "metrics": {}})
+        return loggers
+
+    monkeypatch.chdir(tmp_path / "home")
+    job(Path("sweeps/study"), rows[:1], "interrupted")  # as typed there: hydra.sweep.dir=sweeps/study
+    monkeypatch.chdir(tmp_path)
+    time.sleep(1.05 - time.time() % 1)  # W&B names an offline folder by the second: one folder per start
+    job(Path("home/sweeps/study"), rows, "completed")  # the same folder, typed from its parent
+    sweep = tmp_path / "home" / "sweeps" / "study"
+    client, (run,) = mlflow_runs((sweep / "mlruns").resolve().as_uri(), "sweeps/study")
+    assert {e.name for e in client.search_experiments()} - {"Default"} == {"sweeps/study"}  # (MLflow's own)
+    assert run.info.status == "FINISHED" and run.data.tags["mmbalance.sweep"] == "sweeps/study"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
+    assert [wandb_run(f)["run"].run_group for f in wandb_files(sweep / "seed=0")] == ["sweeps/study"] * 2
+
+
+def test_ctrl_c_inside_a_trackers_call_loses_no_epoch_in_that_tracker(tmp_path, monkeypatch):
+    """Each tracker's mark in loggers.json moves only once its own call returned: an epoch a Ctrl-C kept from W&B
+    is logged at the resume, and the trackers that had it are not given it twice."""
+    from mmbalance.engine.loggers import WandbLogger
+
+    out = tmp_path / "run"
+    args = ["logger=[mlflow,wandb]"]
+    original = WandbLogger.log_rows
+
+    def ctrl_c_at_epoch_1(self, rows):
+        if any(int(r["epoch"]) == 1 for r in rows):
+            raise KeyboardInterrupt  # inside W&B's call, before it took the row
+        return original(self, rows)
+
+    monkeypatch.setattr(WandbLogger, "log_rows", ctrl_c_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(out, args)
+    monkeypatch.undo()
+    marks = json.loads((out / "loggers.json").read_text())
+    assert marks["wandb"]["logged_through"] == 0 and marks["mlflow"]["logged_through"] == 1
+    assert train_in_process(out, args)["status"] == "completed"
+    first, second = wandb_files(out)
+    assert [h["epoch"] for h in wandb_run(first)["history"]] == [0]
+    assert [h["epoch"] for h in wandb_run(second)["history"]] == [1] and wandb_run(second)["exit"] == 0
+    client, (run,) = mlflow_runs((out / "mlruns").resolve().as_uri(), "mmbalance")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
+
+
+def test_ctrl_c_inside_a_trackers_start_ends_the_run_as_interrupted(tmp_path, monkeypatch):
+    from mmbalance.engine.loggers import TensorBoardLogger
+
+    out = tmp_path / "run"
+    original = TensorBoardLogger.start
+
+    def ctrl_c_once_open(self, *args):
+        original(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TensorBoardLogger, "start", ctrl_c_once_open)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(out, ["logger=tensorboard"])
+    monkeypatch.undo()
+    assert read_metrics(out)["status"] == "interrupted"
+    assert train_in_process(out, ["logger=tensorboard"])["status"] == "completed"
+    assert_mirrors(tb_scalars(out / "tensorboard"), history(out))
+
+
+def test_a_logger_failing_at_the_end_is_recorded_and_the_run_stays_completed(tmp_path, monkeypatch):
+    from mmbalance.engine.trainer import Trainer
+
+    out = tmp_path / "run"
+    original = Trainer.test_best
+
+    def store_lost_before_the_end(self):
+        shutil.rmtree(out / "mlruns")  # after the last epoch was logged: MLflow fails at its final calls
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "test_best", store_lost_before_the_end)
+    results = train_in_process(out, ["logger=[tensorboard,mlflow]", "trainer.epochs=1"])
+    recorded = read_metrics(out)
+    assert recorded["status"] == "completed" and recorded["metrics"] == pytest.approx(results["metrics"])
+    assert recorded["loggers"]["mlflow"]["status"] == "failed"
+    assert recorded["loggers"]["mlflow"]["error"].startswith("at the end: ")
+    assert recorded["loggers"]["tensorboard"]["status"] == "done"
+    assert tb_scalars(out / "tensorboard")["final/test/acc"] == [(0, pytest.approx(results["metrics"]["test/acc"]))]
+
+
+def test_a_run_trained_further_gets_a_new_mlflow_run_with_its_own_params(tmp_path):
+    """MLflow params are immutable: a run extended with resume=force (another identity: more epochs) is logged
+    into a new MLflow run with the whole history and the current params, linked both ways to the old one."""
+    out = tmp_path / "run"
+    train_in_process(out, ["logger=mlflow", "trainer.epochs=1"])
+    old_id = json.loads((out / "loggers.json").read_text())["mlflow"]["run_id"]
+    train_in_process(out, ["logger=mlflow", "trainer.epochs=2", "resume=force"])
+    new_id = json.loads((out / "loggers.json").read_text())["mlflow"]["run_id"]
+    client, runs = mlflow_runs((out / "mlruns").resolve().as_uri(), "mmbalance")
+    by_id = {r.info.run_id: r for r in runs}
+    assert set(by_id) == {old_id, new_id} and old_id != new_id
+    old, new = by_id[old_id], by_id[new_id]
+    assert old.data.params["trainer.epochs"] == "1" and new.data.params["trainer.epochs"] == "2"
+    assert new.data.tags["mmbalance.continues"] == old_id and old.data.tags["mmbalance.continued_by"] == new_id
+    assert old.info.status == new.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(old_id, "val/acc")] == [0]
+    rows = history(out)
+    assert [(m.step, m.value) for m in client.get_metric_history(new_id, "val/acc")] == [
+        (int(r["epoch"]), pytest.approx(r["val/acc"])) for r in rows]
+    assert new.data.metrics["final/test.acc"] == pytest.approx(read_metrics(out)["metrics"]["test/acc"])

@@ -158,9 +158,11 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
             results["processes"] = trainer.processes
             if trainer.resumed_from is not None:
                 results["resumed_from"] = trainer.resumed_from
+        recorded = False  # whether the record on disk is this `results`
         try:
             if write and (results["status"] == "completed" or not keep_completed):
                 write_json(results, record)
+                recorded = True
             elif write:
                 what = f"extension to {extension['epochs']} epochs" if extension else "re-evaluation"
                 if extension:
@@ -174,6 +176,14 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
             log.error("%s; %s does not record this ending", exc, record)
         if trainer is not None and trainer.loggers is not None:
             trainer.loggers.finish(results)  # after the record is on disk: a tracker never delays or breaks it
+            if recorded:
+                # the loggers' ending (done, or failed at the end: docs/loggers.md "Failures") belongs in the record
+                # too; finish changed only results["loggers"], so this write can change nothing else, and a failed
+                # write leaves the complete record just written
+                try:
+                    write_json(results, record)
+                except OSError as exc:  # WriteError (a full disk) among them
+                    log.warning("%s; %s does not record how the loggers ended", exc, record)
     return results
 
 

@@ -18,6 +18,7 @@ Every tracker package is imported inside the functions that need it: they are op
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
@@ -37,7 +38,8 @@ from mmbalance.errors import UserError, log_traceback_to_files
 log = logging.getLogger("mmbalance")
 
 INSTALL = "pip install 'mmbalance[loggers]'"
-STATE_FILE = "loggers.json"
+STATE_FILE = "loggers.json"  # in a run folder: its tracker runs; in a sweep folder: the sweep's tracker name
+TB_OWNER = ".mmbalance_run.json"  # in a run's own sub-folder of a shared TensorBoard folder: the run that owns it
 OPTIONS = ("auto", "csv", "tensorboard", "mlflow", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> module it needs
 WANDB_MODES = ("offline", "online", "disabled")
@@ -61,6 +63,7 @@ class RunInfo:
     choices: dict = field(default_factory=dict)  # hydra.runtime.choices: dataset, method, ...
     tags: list = field(default_factory=list)
     identity: str | None = None
+    sweep_label: str | None = None  # the sweep's recorded name (Loggers.start reads or records it: _sweep_name)
 
     @property
     def name(self) -> str:
@@ -69,7 +72,10 @@ class RunInfo:
 
     @property
     def sweep_name(self) -> str | None:
-        return None if self.sweep_dir is None else _shown(self.sweep_dir)
+        """The MLflow experiment and W&B group of a sweep's jobs."""
+        if self.sweep_dir is None:
+            return None
+        return self.sweep_label or _shown(self.sweep_dir)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -148,15 +154,22 @@ def supersede_logger_files(run_dir: Path, target: Path | None, cfg=None) -> None
     if target is None:
         return
     run_dir = Path(run_dir)
-    names = [STATE_FILE]
+    moves = [(run_dir / STATE_FILE, Path(target) / STATE_FILE)]
     node = cfg.get("logger") if cfg is not None else None
     tb_dir = (node.get("tensorboard") or {}).get("dir", "tensorboard") if node is not None else "tensorboard"
-    if tb_dir and not Path(str(tb_dir)).is_absolute():
-        names.append(str(tb_dir))
-    for name in names:
-        path = run_dir / name
+    # only a folder inside the run folder is the run's: `dir=../tb` names a folder other runs share
+    if tb_dir and not Path(str(tb_dir)).is_absolute() and _inside(run_dir / str(tb_dir), run_dir):
+        moves.append((run_dir / str(tb_dir), Path(target) / str(tb_dir)))
+    # the run's own sub-folder of a shared TensorBoard folder (recorded in its loggers.json) goes with it
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        own = json.loads((run_dir / STATE_FILE).read_text()).get("tensorboard", {}).get("dir")
+        if own and not _inside(Path(own), run_dir):
+            dest = Path(target) / "tensorboard"
+            if dest.exists() or any(d == dest and p.exists() for p, d in moves):
+                dest = Path(target) / "tensorboard-shared"
+            moves.append((Path(own), dest))
+    for path, dest in moves:
         if path.exists():
-            dest = Path(target) / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path), str(dest))
 
@@ -173,7 +186,10 @@ class Loggers:
         self.status = status
         self.state_path = info.run_dir / STATE_FILE
         self.state: dict[str, dict] = {}
-        self.last_epoch = -1
+        self.last_epoch = -1  # the last epoch of the record (the checkpoint's history and the epochs logged since)
+        # per logger, the last epoch its calls returned for; a Ctrl-C inside a call leaves it below last_epoch,
+        # so that epoch is logged at the resume rather than recorded as held (loggers.json "logged_through")
+        self.sent: dict[str, int] = {}
         self.started = False
 
     def start(self, history: list[dict], first_epoch: int) -> None:
@@ -183,6 +199,8 @@ class Loggers:
         self.started = True
         previous = self._read_state()
         self.last_epoch = max((int(r["epoch"]) for r in history), default=-1)
+        if self.info.sweep_dir is not None and self.loggers:  # before the destinations, which name the sweep
+            self.info.sweep_label = _sweep_name(self.info.sweep_dir)
         for lg in list(self.loggers):
             before = previous.get(lg.name)
             destination = lg.destination(self.info)
@@ -199,7 +217,8 @@ class Loggers:
                 self._fail(lg, "start", exc)
                 continue
             resumed = bool(ids.pop("resumed", before is not None))
-            held = max(logged_through, self.last_epoch) if lg.durable else logged_through
+            self.sent[lg.name] = max(logged_through, self.last_epoch)  # start logged the history it lacked
+            held = self.sent[lg.name] if lg.durable else logged_through
             self.state[lg.name] = {"destination": destination, **ids, "logged_through": held}
             self.status[lg.name] = {"status": "on", "where": lg.where(self.info),
                                     **({"resumed": True} if resumed else {}), **lg.describe()}
@@ -216,8 +235,9 @@ class Loggers:
             except Exception as exc:  # noqa: BLE001
                 self._fail(lg, f"epoch {epoch}", exc)
                 continue
+            self.sent[lg.name] = max(self.sent[lg.name], epoch)
             if lg.durable:
-                self.state[lg.name]["logged_through"] = max(self.state[lg.name].get("logged_through", -1), epoch)
+                self.state[lg.name]["logged_through"] = self.sent[lg.name]
         self._write_state()
 
     def finish(self, results: dict) -> None:
@@ -226,13 +246,21 @@ class Loggers:
         if not self.started:
             return
         for lg in list(self.loggers):
+            if lg.name not in self.state:
+                # the run ended (Ctrl-C) inside the loggers' start, before this one's start returned: nothing of
+                # it is recorded, so it is only closed; the resume starts it again with the whole history
+                with contextlib.suppress(Exception):
+                    lg.abort()
+                continue
             try:
                 lg.finish(results, max(self.last_epoch, 0))
             except Exception as exc:  # noqa: BLE001
                 self._fail(lg, "the end", exc)
                 continue
             self.state[lg.name]["finished"] = results.get("status")
-            self.state[lg.name]["logged_through"] = self.last_epoch
+            # what this logger's own calls returned for, now on disk (finish flushed it): not the record's last
+            # epoch, which a Ctrl-C inside its call for that epoch kept from it
+            self.state[lg.name]["logged_through"] = self.sent[lg.name]
             self.status[lg.name]["status"] = "done"
         self.loggers = []
         self._write_state()
@@ -314,23 +342,60 @@ class TensorBoardLogger(Logger):
     (CUSTOM SCALARS), the config as text, and the config as hparams beside the final metrics (HPARAMS).
 
     Its folder mirrors the checkpoint's history: every start rewrites it from that history (as history.csv is),
-    so a resumed run shows one curve with each epoch once.
+    so a resumed run shows one curve with each epoch once. That folder is the run's own: `dir` inside the run
+    folder (the default), or, when `dir` is outside it and so shared with other runs, a sub-folder of it for
+    this run alone (_own_folder): a run never deletes another run's event files.
     """
 
     name = "tensorboard"
 
     def where(self, info: RunInfo) -> str:
-        return str(self._dir(info))
+        log_dir = getattr(self, "log_dir", None)  # once started: the folder it writes (a shared dir's sub-folder)
+        return str(log_dir if log_dir is not None else self._dir(info))
+
+    def destination(self, info):
+        return {"where": str(self._dir(info))}  # the configured folder: a resume finds its sub-folder in `dir`
 
     def _dir(self, info: RunInfo) -> Path:
         path = Path(str(self.options.get("dir") or "tensorboard"))
         return path if path.is_absolute() else info.run_dir / path
 
+    def _own_folder(self, info: RunInfo, previous: dict | None) -> Path:
+        """This run's sub-folder of a shared folder: `<dir>/<run folder's parent>/<run folder>` (a sweep job's
+        `<sweep>/<job>`, a single run's `<date>/<time>`), which TensorBoard lists as a run of its own. The
+        sub-folder's TB_OWNER file names the run folder it belongs to: one that another run owns (or that holds
+        event files of unknown origin) is never taken, and the name gains a digest of this run folder's path
+        instead. A resumed run continues the sub-folder its loggers.json records."""
+        root = self._dir(info)
+        me = str(info.run_dir.resolve())
+        run = Path(me)
+        label = Path(run.parent.name, run.name)
+        digest = hashlib.sha256(me.encode()).hexdigest()[:8]
+        candidates = [root / label, root / label.parent / f"{label.name}-{digest}"]
+        if (previous or {}).get("dir"):
+            candidates.insert(0, Path(previous["dir"]))
+
+        def owner(folder: Path) -> str | None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                return json.loads((folder / TB_OWNER).read_text()).get("run_dir")
+            return None
+
+        with _folder_lock(root):  # jobs of a sweep may start together
+            for folder in candidates:
+                held = owner(folder)
+                if held == me or held is None and not any(folder.glob("events.out.tfevents.*")):
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_json({"run_dir": me}, folder / TB_OWNER)
+                    return folder.resolve()
+        raise RuntimeError(f"{candidates[-1]} belongs to another run ({owner(candidates[-1])})")
+
     def start(self, info, previous, history, logged_through):
         from torch.utils.tensorboard import SummaryWriter
 
         self.info = info
-        log_dir = self._dir(info)
+        shared = not _inside(self._dir(info), info.run_dir)
+        log_dir = self.log_dir = self._own_folder(info, previous) if shared else self._dir(info)
+        # the folder is this run's alone (above): every event file in it is an earlier start's of this run
         old = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
         for path in old:
             path.unlink()
@@ -343,7 +408,7 @@ class TensorBoardLogger(Logger):
         }})
         self.writer.add_text("config", "```\n" + json.dumps(info.config, indent=2, default=str) + "\n```", 0)
         self.log_rows(history)
-        return {}
+        return {"dir": str(log_dir)} if shared else {}
 
     def log_rows(self, rows):
         for row in rows:
@@ -433,7 +498,10 @@ class MLflowLogger(Logger):
         return {"tracking_uri": self._uri(info), "experiment": self._experiment_name(info)}
 
     def describe(self):
-        return {"run_id": getattr(self, "run_id", None), "experiment": getattr(self, "experiment", None)}
+        out = {"run_id": getattr(self, "run_id", None), "experiment": getattr(self, "experiment", None)}
+        if getattr(self, "continues", None):
+            out["continues"] = self.continues
+        return out
 
     def _uri(self, info: RunInfo) -> str:
         uri = self.options.get("tracking_uri")
@@ -458,13 +526,22 @@ class MLflowLogger(Logger):
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment = self._experiment_name(info)
         resumed = False
+        self.continues = None
         if previous is not None and previous.get("run_id"):
             try:
-                self.client.get_run(previous["run_id"])
+                held = self.client.get_run(previous["run_id"]).data.tags.get("mmbalance.identity")
                 resumed = True
             except MlflowException:
                 log.warning("logger mlflow: run %s recorded in %s is not in %s any more; starting a new run",
                             previous["run_id"], STATE_FILE, uri)
+            if resumed and held is not None and held != str(info.identity):
+                # resume=force went on with another config (more epochs, another run's folder): MLflow's params
+                # cannot change, and params of the old config would misdescribe the result. So the current
+                # config gets a new MLflow run with the whole history, linked both ways to the old one, which
+                # stays as it was: the record of the shorter run (or of the run forced over)
+                resumed, self.continues = False, previous["run_id"]
+                log.info("logger mlflow: the config differs from the one of MLflow run %s (params cannot change); "
+                         "a new run with the whole history continues it (tag mmbalance.continues)", self.continues)
         if resumed:
             self.run_id = previous["run_id"]
             self.experiment_id = previous.get("experiment_id")
@@ -477,14 +554,19 @@ class MLflowLogger(Logger):
             tags.update({f"mmbalance.tag.{t}": "true" for t in info.tags})
             if info.sweep_name:
                 tags["mmbalance.sweep"] = info.sweep_name
+            if self.continues:
+                tags["mmbalance.continues"] = self.continues
             name = str(self.options.get("run_name") or info.name)
             self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             params = [Param(_key(k), _param_value(v)) for k, v in _flat_config(info).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
+            if self.continues:
+                self.client.set_tag(self.continues, "mmbalance.continued_by", self.run_id)
             rows = list(history)
         self.log_rows(rows)
-        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "resumed": resumed}
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "resumed": resumed,
+                **({"continues": self.continues} if self.continues else {})}
 
     def _experiment_id(self, uri: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -580,7 +662,8 @@ class WandbLogger(Logger):
         self.run = wandb.init(
             project=self.options.get("project") or "mmbalance", entity=self.options.get("entity"),
             group=self.options.get("group") or info.sweep_name, name=str(self.options.get("name") or info.name),
-            id=run_id, resume="allow", dir=str(info.run_dir), mode=str(self.options.get("mode") or "offline"),
+            # dir absolute: W&B's service process writes the files and need not share this process's working folder
+            id=run_id, resume="allow", dir=str(info.run_dir.resolve()), mode=str(self.options.get("mode") or "offline"),
             config={**info.config, "choices": info.choices}, tags=info.tags or None, job_type="train",
             reinit="create_new", settings=wandb.Settings(console="off", silent=True))
         self.run.define_metric("epoch")
@@ -677,6 +760,33 @@ def _shown(path: Path) -> str:
     return str(path)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or below it (both resolved: `dir=../tb` is outside the run folder)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def _sweep_name(sweep_dir: Path) -> str:
+    """The sweep's name in the trackers (MLflow experiment, W&B group, the `mmbalance.sweep` tag): the sweep
+    folder as shown (_shown) when the first of its jobs started loggers, kept in `<sweep dir>/loggers.json`. Shown
+    relative to the working folder, it would change with the folder a re-run is typed in (`sweeps/study` there,
+    `home/sweeps/study` from its parent) and split the sweep into two experiments and groups."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / STATE_FILE
+    try:
+        with _folder_lock(sweep_dir):  # the sweep's jobs may start together: the first one names it
+            with contextlib.suppress(OSError, ValueError):
+                recorded = json.loads(path.read_text()).get("sweep", {}).get("name")
+                if isinstance(recorded, str) and recorded:
+                    return recorded
+            name = _shown(sweep_dir)
+            write_json({"sweep": {"name": name}}, path)
+            return name
+    except OSError as exc:  # the trackers still log, under the name as seen from here
+        log.warning("could not record the sweep's tracker name in %s (%s)", path, exc)
+        return _shown(sweep_dir)
+
+
 def _local_store(uri: str) -> bool:
     """A file store: a file: URI or a plain path (not "databricks", which names a workspace)."""
     from urllib.parse import urlparse
@@ -690,14 +800,22 @@ def _store_lock(uri: str):
     if not _local_store(uri):
         yield
         return
+    from urllib.parse import unquote, urlparse
+
+    with _folder_lock(Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)):
+        yield
+
+
+@contextlib.contextmanager
+def _folder_lock(root: Path):
+    """An exclusive lock on `<root>/.mmbalance.lock` (created with its folder): one process at a time between
+    processes that share the folder (a sweep's jobs)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    from urllib.parse import unquote, urlparse
-
-    root = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".mmbalance.lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
