@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -239,3 +239,57 @@ def test_a_multirun_runs_as_submitit_jobs(tmp_path):
     assert [Path(r["run_dir"]).name.split(",")[:2] for r in runs] == [["dataset=synthetic", "seed=0"],
                                                                      ["dataset=synthetic", "seed=1"]]
     assert (sweep_dir / ".submitit").is_dir()
+
+
+# ---- a failure on one rank is recorded as that rank's, and SIGTERM ends a run as interrupted ----
+
+FAIL_AT_EPOCH_1 = """
+import os, signal, sys
+import mmbalance.engine.trainer as T
+from mmbalance.engine import distributed
+from mmbalance.errors import DataError
+plain_epoch = T.Trainer.train_epoch
+def train_epoch(self, epoch):
+    if epoch == 1 and distributed.rank() == int(os.environ["FAIL_RANK"]):
+        if os.environ["FAIL_HOW"] == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise DataError("a shard file is unreadable")
+    return plain_epoch(self, epoch)
+T.Trainer.train_epoch = train_epoch
+sys.argv = ["mmbalance", *sys.argv[1:]]
+from mmbalance.cli import console_main
+console_main()
+"""
+
+
+def test_a_failure_on_another_rank_is_recorded_as_that_ranks_error(tmp_path):
+    """Rank 0 only sees the symptom (its peer gone, or torchrun's SIGTERM): metrics.json must carry rank 1's error."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_AT_EPOCH_1)
+    run_dir = tmp_path / "ddp_run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "FAIL_RANK": "1", "FAIL_HOW": "raise"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *FAST, "trainer.epochs=3", *DDP_CPU, f"hydra.run.dir={run_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    record = read_metrics(run_dir)
+    assert record["status"] == "failed", record
+    assert record["error"].startswith("rank 1: DataError: a shard file is unreadable (rank 0 then stopped: "), record
+    assert "[rank 1] error: a shard file is unreadable" in proc.stderr
+    assert "rank 1 failed" in (run_dir / "train.log").read_text()  # with its traceback
+
+
+def test_sigterm_ends_a_run_as_interrupted_and_it_resumes(tmp_path):
+    script = tmp_path / "term.py"
+    script.write_text(FAIL_AT_EPOCH_1)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FAIL_RANK": "0", "FAIL_HOW": "sigterm"}
+    args = [*FAST, "trainer.epochs=3", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    record = read_metrics(run_dir)
+    assert (record["status"], record["error"]) == ("interrupted", "Terminated: terminated by SIGTERM")
+    assert "re-run the same command to resume it from its last checkpoint" in proc.stderr
+    resumed = run_cli(args, cwd=tmp_path)
+    assert resumed.returncode == 0 and read_metrics(run_dir)["resumed_from"]["epoch"] == 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from mmbalance.engine.run import LoaderSettings, Run
 from mmbalance.engine.run_folder import RunFolder
 from mmbalance.engine.seeding import seed_everything
 from mmbalance.engine.trainer import Trainer
-from mmbalance.errors import CheckpointError, UserError
+from mmbalance.errors import CheckpointError, UserError, log_traceback_to_files
 from mmbalance.metrics.flops import count_flops, write_fvcore_table
 from mmbalance.metrics.regression import selection_metric
 from mmbalance.models.build import build_model
@@ -72,10 +74,39 @@ def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overri
         device = distributed.init_from_env(cfg.hardware.get("backend", "nccl"), str(cfg.hardware.device))
     try:
         folder = RunFolder(output_dir)
-        with folder.locked() if distributed.is_main() else contextlib.nullcontext():
+        with folder.locked() if distributed.is_main() else contextlib.nullcontext(), _sigterm_as_interrupt():
             return _train(cfg, folder, choices, overrides, device)
     finally:
         distributed.shutdown()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stopping the other ranks after one failed, `kill`, a scheduler): the run ends as
+    interrupted, its record saying so and its checkpoints intact, instead of dying with metrics.json 'running'."""
+
+
+def _terminate(signum, frame):
+    raise Terminated("terminated by SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    # only where nobody else handles SIGTERM (submitit's requeue on preemption installs its own handler)
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _hold_sigterm() -> None:
+    """The run is recording how it ended: a SIGTERM now (torchrun stopping this rank after another failed) must not
+    cut metrics.json short; the process ends right after anyway."""
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> dict[str, Any]:
@@ -123,6 +154,7 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
                 log.info("resume=never: the previous files of %s moved to %s", output_dir, moved)
             supersede_logger_files(output_dir, moved, cfg)
         folder.clean_temporaries()
+        distributed.clear_failure_notes(output_dir)
     distributed.barrier()
     # a completed record stays on disk until its replacement is complete (resume=reevaluate / force)
     keep_completed = plan.action == "reevaluate"
@@ -147,8 +179,17 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
         results["metrics"] = _fit(cfg, trainer, output_dir, require_checkpoint=keep_completed)
         results["status"] = "completed"
     except BaseException as exc:
+        _hold_sigterm()
         results["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         results["error"] = f"{type(exc).__name__}: {exc}"
+        if not write and results["status"] == "failed":  # rank 0 records it (engine/distributed.py)
+            distributed.note_failure(output_dir, results["error"])
+            log_traceback_to_files(f"rank {distributed.rank()} failed", exc)
+        elif write and distributed.world_size() > 1:
+            others = distributed.failures_of_other_ranks(output_dir)
+            if others:  # what ended the run; rank 0's own error is the symptom (a closed peer, SIGTERM)
+                results["status"] = "failed"
+                results["error"] = f"{'; '.join(others)} (rank 0 then stopped: {results['error']})"
         raise
     finally:
         results["wall_time_s"] = trainer.wall_time_s if trainer is not None else time.time() - started

@@ -34,9 +34,11 @@ every evaluation, and eval-mode epoch hooks would still see different statistics
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -177,3 +179,34 @@ def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
+
+
+# ---- a failure on another rank, told to rank 0 through the run folder ----
+# When a rank other than 0 fails, torchrun stops the others (SIGTERM) or they fail in their next collective
+# ("Connection closed by peer"): rank 0, which writes metrics.json, would record that symptom. The failing rank
+# leaves its own error in the run folder first, and rank 0 records it.
+
+FAILURE_NOTE = ".rank{rank}.failed"
+
+
+def note_failure(folder: Path, error: str) -> None:
+    """On a rank other than 0: leave `error` for rank 0 to record (best effort: the error itself is what matters)."""
+    with contextlib.suppress(OSError):
+        (Path(folder) / FAILURE_NOTE.format(rank=rank())).write_text(error)
+
+
+def failures_of_other_ranks(folder: Path) -> list[str]:
+    """The errors other ranks left in `folder`, as 'rank N: <error>', by rank."""
+    notes = sorted(Path(folder).glob(FAILURE_NOTE.format(rank="*")), key=lambda p: p.name)
+    out = []
+    for note in notes:
+        with contextlib.suppress(OSError):
+            out.append(f"rank {note.name.split('.')[1].removeprefix('rank')}: {note.read_text().strip()}")
+    return out
+
+
+def clear_failure_notes(folder: Path) -> None:
+    """Rank 0, at the start: notes of an earlier attempt are not this attempt's."""
+    for note in Path(folder).glob(FAILURE_NOTE.format(rank="*")):
+        with contextlib.suppress(OSError):
+            note.unlink()
