@@ -269,6 +269,26 @@ def test_bad_choices_are_clear_errors():
         make_run(compose_cfg(["method=amss", "backbone.fusion=gated"]))
 
 
+def test_regression_is_refused_saying_what_needs_class_labels():
+    with pytest.raises(UserError, match=r"^method amss does not support dataset.task=regression: its kept fractions "
+                                        r"come from each modality's information estimate -CE\(z_m, y\) \+ H\(Y\)"):
+        AMSS().set_task("regression")
+
+
+def test_a_warm_up_covering_the_run_is_warned_about(caplog):
+    def warnings(warmup):
+        run = make_run(compose_cfg(["method=amss", f"method.warmup_epochs={warmup}"]))
+        run.config = {"trainer": {"epochs": 2}}
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mmbalance"):
+            run.method.setup(run)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warnings(2) == ["amss: method.warmup_epochs=2 >= trainer.epochs=2, so no gradient is ever masked (this "
+                           "run is the baseline)"]
+    assert warnings(1) == []
+
+
 # ---------------------------------------------------------------- FLOPs, reproducibility, resume
 
 def test_a_step_costs_the_baseline_plus_the_per_modality_head_products():

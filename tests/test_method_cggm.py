@@ -1,5 +1,6 @@
 """CGGM: the balancing terms B, the direction term L_gm, one full step with controlled auxiliary accuracies (2 and 3
-modalities), warm-up, clipping, FLOPs and resume, against numbers worked out by hand."""
+modalities), B outside [0, 1] (logged, warned about), warm-up, clipping, regression refusal, FLOPs and resume, against
+numbers worked out by hand."""
 
 import copy
 
@@ -12,7 +13,7 @@ from helpers import inputs, tiny_model
 from mmbalance.data.batch import Batch
 from mmbalance.engine.run import Run
 from mmbalance.errors import UserError
-from mmbalance.methods.cggm import CGGM, cggm_coefficients, direction_loss
+from mmbalance.methods.cggm import CGGM, b_out_of_range, cggm_coefficients, direction_loss
 from mmbalance.metrics.flops import count_flops
 from test_methods import assert_one_step_trains, assert_same_state, make_run
 
@@ -53,6 +54,21 @@ def test_opposite_changes_flip_or_explode_b_unless_clamped():
     b = cggm_coefficients({"a": 0.75, "b": 0.25}, {"a": 0.5, "b": 0.5})
     assert b == pytest.approx({"a": -24999999.0, "b": 25000001.0}, rel=1e-6)
     assert cggm_coefficients({"a": 0.75, "b": 0.25}, {"a": 0.5, "b": 0.5}, clamp=True) == {"a": 0.0, "b": 1.0}
+
+
+def test_b_leaves_the_unit_range_exactly_when_the_changes_have_opposite_signs():
+    # one sign: Delta = (0.25, 0.05) -> B = (1/6, 5/6); Delta = (-0.125, -0.25), S = -0.375 -> B = (2/3, 1/3)
+    assert not b_out_of_range(cggm_coefficients({"a": 0.5, "b": 0.3}, {"a": 0.25, "b": 0.25}))
+    assert not b_out_of_range(cggm_coefficients({"a": 0.375, "b": 0.25}, {"a": 0.5, "b": 0.5}))
+    # opposite signs: B = (-1, 2); S = 1e-8: B = (-24999999, 25000001)
+    assert b_out_of_range(cggm_coefficients({"a": 0.75, "b": 0.375}, {"a": 0.5, "b": 0.5}))
+    assert b_out_of_range(cggm_coefficients({"a": 0.75, "b": 0.25}, {"a": 0.5, "b": 0.5}))
+    # three modalities, Delta = (0.5, 0.5, -0.125), S = 0.875: B = 1 - Delta / S = (3/7, 3/7, 8/7), none negative
+    b = cggm_coefficients({"a": 0.75, "b": 0.75, "c": 0.125}, {"a": 0.25, "b": 0.25, "c": 0.25})
+    assert b == pytest.approx({"a": 3 / 7, "b": 3 / 7, "c": 8 / 7}, rel=1e-6) and b_out_of_range(b)
+    # only the guard: Delta = (-0.25, 0), S = -0.25 + 1e-8: B_a = 1e-8 / (-0.25 + 1e-8) = -4e-8, B_b = 1: not counted
+    b = cggm_coefficients({"a": 0.25, "b": 0.5}, {"a": 0.5, "b": 0.5})
+    assert b["a"] == pytest.approx(-4e-8, rel=1e-6) and b["b"] == 1.0 and not b_out_of_range(b)
 
 
 def test_direction_loss_by_hand():
@@ -152,7 +168,9 @@ def test_the_direction_term_uses_the_previous_b_and_the_current_weights():
     # L_gm = (0.25 + 0.75 - (0.25 * 1 + 0.75 * -1)) / 2 = 1.5 / 2 = 0.75; loss = CE + 0.2 * 0.75
     assert float(losses["cggm_l_gm"]) == pytest.approx(0.75, abs=1e-6)
     torch.testing.assert_close(losses["loss"], F.cross_entropy(out.logits, Y) + 0.15)
-    assert float(losses["cggm_B_a"]) == 0.25 and float(losses["cggm_B_b"]) == 0.75
+    # the B logged is this step's, the one that will scale its gradients (the previous one drove L_gm)
+    assert float(losses["cggm_B_a"]) == pytest.approx(run.method.B["a"])
+    assert run.method.B != {"a": 0.25, "b": 0.75}  # recomputed from this batch's auxiliary accuracies
     # the term reaches only the head: the classifiers' out-layers are detached in it
     losses["loss"].backward()
     assert all(p.grad is None for p in cls.parameters())
@@ -183,6 +201,78 @@ def test_warm_up_trains_the_classifiers_but_modulates_only_after_it():
     assert "cggm_l_gm" in losses
     # Delta = (0, 0): S = 1e-8, B = 1 for both -> x 1.3
     assert _scales(run, raw) == pytest.approx({"a": 1.3, "b": 1.3, "head": 1.0}, abs=1e-6)
+
+
+def test_b_outside_the_unit_range_is_logged_and_warned_about_once_per_epoch(caplog):
+    run = _run(rho=1.0, lam=0.0)
+    _constant_predictions(run, {"a": 0, "b": 2})  # acc = (3/8, 2/8) every step
+    # Delta = (0.375 - 0.25, 0.25 - 0.375) = (0.125, -0.125), S = 1e-8: B_a = -12499999, B_b = 12500001
+    run.method.prev_acc = {"a": 0.25, "b": 0.375}
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        losses, raw, _ = _step(run)
+        assert float(losses["cggm_B_out_of_range"]) == 1.0
+        assert float(losses["cggm_B_a"]) == -12499999.0 and float(losses["cggm_B_b"]) == 12500001.0
+        # the B logged is the B applied: encoder a's gradient reversed and x 1.25e7, b's x 1.25e7
+        for n, p in run.model.named_parameters():
+            factor = {"encoders.a.": -12499999.0, "encoders.b.": 12500001.0}.get(n[:11], 1.0)
+            torch.testing.assert_close(p.grad, raw[n] * factor, rtol=1e-5, atol=0.0)
+        _constant_predictions(run, {"a": 0, "b": 2})  # the same accuracies: Delta = 0, B = (1, 1)
+        losses, _, _ = _step(run)
+        assert float(losses["cggm_B_out_of_range"]) == 0.0 and run.method.B == {"a": 1.0, "b": 1.0}
+        assert not caplog.records  # nothing before the epoch ends
+        run.method.on_epoch_end(run, 0)
+        run.method.on_epoch_end(run, 0)  # the count was reported: no second warning
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("cggm epoch 0: B left [0, 1] in 1 of 2 steps (largest |B| 1.25e+07)")
+    assert "reverses that encoder's gradient" in warning and "method.clamp_B=true" in warning
+    assert "method.clip_norm=null" in warning
+
+
+@pytest.mark.parametrize("settings", [{"clamp_B": True}, {"warmup_epochs": 1}], ids=["clamped", "warm-up"])
+def test_b_outside_the_unit_range_is_still_counted_but_not_warned_about_when_clamped_or_in_warm_up(caplog, settings):
+    run = _run(lam=0.0, **settings)
+    _constant_predictions(run, {"a": 0, "b": 2})
+    run.method.prev_acc = {"a": 0.25, "b": 0.375}  # as above: the official B = (-12499999, 12500001)
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        losses, _, _ = _step(run)
+        run.method.on_epoch_end(run, 0)
+    assert float(losses["cggm_B_out_of_range"]) == 1.0  # counted before the clamp
+    if settings.get("clamp_B"):  # the logged (and applied) B is the clamped one
+        assert float(losses["cggm_B_a"]) == 0.0 and float(losses["cggm_B_b"]) == 1.0
+    assert not caplog.records
+
+
+def test_warm_up_epochs_are_still_clipped_to_clip_norm():
+    # the official loop clips every step, with or without modulation: warm-up = plain training with the clip
+    run = _run(clip_norm=1e-3, warmup_epochs=1)
+    _constant_predictions(run, {"a": 0, "b": 2})
+    _, raw, _ = _step(run, epoch=0)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters() if p.grad is not None]))
+    assert float(norm) == pytest.approx(1e-3, rel=1e-4)
+    raw_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()])))
+    factor = round(1e-3 / raw_norm, 6)  # one factor for every group: clipped, not modulated
+    assert _scales(run, raw) == pytest.approx({"a": factor, "b": factor, "head": factor}, rel=1e-4)
+
+
+def test_a_warm_up_covering_the_run_is_warned_about(caplog):
+    def warnings(warmup):
+        run = _run(warmup_epochs=warmup)
+        run.config = {"trainer": {"epochs": 2}}
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mmbalance"):
+            run.method.setup(run)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warnings(2) == ["cggm: method.warmup_epochs=2 >= trainer.epochs=2, so no step is modulated (this run is "
+                           "plain training with the gradient clip to method.clip_norm, plus the auxiliary "
+                           "classifiers)"]
+    assert warnings(1) == []
+
+
+def test_regression_is_refused_saying_what_needs_class_labels():
+    with pytest.raises(UserError, match=r"^method cggm does not support dataset.task=regression: its balancing "
+                                        r"terms B come from the batch accuracy"):
+        CGGM().set_task("regression")
 
 
 def test_the_clip_bounds_the_model_gradient_after_the_scaling():
@@ -243,3 +333,10 @@ def test_resume_restores_the_classifiers_their_optimiser_and_the_accuracies():
     for a, b in zip(run.model.parameters(), fresh.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert_same_state(fresh.method.state_dict(), run.method.state_dict())
+
+
+def test_the_run_logs_the_share_of_steps_with_b_outside_the_unit_range(tmp_path):
+    train_in_process(tmp_path, ["method=cggm", "trainer.epochs=1", "dataset.num_samples=64", "eval.shapley_every=0"])
+    header, row = (tmp_path / "history.csv").read_text().splitlines()[:2]
+    share = float(dict(zip(header.split(","), row.split(",")))["train/cggm_B_out_of_range"])
+    assert 0.0 <= share <= 1.0

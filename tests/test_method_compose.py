@@ -250,3 +250,105 @@ def test_a_hybrid_trains_the_tasks_every_part_trains():
     assert refusing.tasks == ("classification",)
     with pytest.raises(UserError, match="^method ogm_ge does not support dataset.task=regression: its modulation"):
         refusing.set_task("regression")
+
+
+# ---------------------------------------------------------------- held-out training data, in any order
+
+@pytest.mark.parametrize("parts, extra", [
+    ("valuation,olm", []), ("olm,valuation", []), ("valuation,gblending", []),
+    ("valuation,lfm", ["+method.lfm.weighting=learnable"]),
+])
+def test_no_part_sees_another_parts_held_out_samples_whatever_the_order(parts, extra):
+    # valuation keeps the training set at setup and re-samples it every epoch: listed before the part that holds
+    # out data, it used to keep the whole set and so train on the held-out samples from its first re-sampling
+    run = make_run(compose_cfg(["method=compose", f"method.parts=[{parts}]", *extra]))
+    valuation = next(p for p in run.method.parts if p.name == "valuation")
+    holder = next(p for p in run.method.parts if p.name != "valuation")
+    kept = valuation.train_dataset
+    assert kept is run.train_loader.dataset
+    assert len(kept) == len(holder.train_indices) and not set(kept.indices) & set(holder.holdout_indices.tolist())
+
+
+def test_every_parts_setup_sees_the_training_set_without_held_out_data():
+    class Reads(Method):  # a part that reads the training set at setup (as UMT's teachers and PMR's prototypes)
+        def setup(self, run):
+            self.seen = len(run.train_loader.dataset)
+
+    method = hybrid("baseline,olm")
+    reader, olm = Reads(), method.parts[1]
+    method.parts = [reader, olm]
+    run = make_run(compose_cfg(["method=baseline"]))
+    method.setup(run)
+    assert reader.seen == len(olm.train_indices) == len(run.train_loader.dataset)
+    assert len(olm.holdout_indices) > 0
+
+
+def test_a_part_whose_setup_rebuilds_the_training_loader_is_refused_before_training():
+    class Splits(Method):  # holds out data in setup rather than in hold_out: a part before it may have read the set
+        def setup(self, run):
+            run.train_loader = run.make_loader(run.train_loader.dataset, train=True)
+
+    method = hybrid("baseline,ogm_ge")
+    method.parts = [method.parts[1], Splits()]
+    run = make_run(compose_cfg(["method=baseline"]))
+    with pytest.raises(UserError, match="Splits rebuilds the training loader in its setup.*`hold_out`"):
+        method.setup(run)
+
+
+# ---------------------------------------------------------------- logged names
+
+def test_a_key_that_already_carries_the_parts_name_keeps_it_and_the_others_get_it():
+    run = make_run(compose_cfg(["method=compose", "method.parts=[mlgm,olm]"]))
+    stats = run.method.training_step(run, next(iter(run.train_loader)))
+    assert {"mlgm/k/audio", "mlgm/score/audio", "mlgm/ce/audio", "olm/w/fused", "olm/ce/audio"} <= set(stats)
+    assert not [k for k in stats if k.startswith(("mlgm/mlgm/", "olm/olm/"))]
+
+
+# ---------------------------------------------------------------- `resolved` is computed
+
+def test_the_resolved_parts_can_be_resolved_in_place_as_the_cli_resolves_them():
+    # `--cfg job --resolve` calls OmegaConf.resolve, which takes a resolver's config node but not a plain dict
+    for chosen in (["method=hybrid_ogm_ge_mbsd"], ["method=compose", "method.parts=[valuation,olm]"]):
+        cfg = compose_cfg(chosen)
+        before = OmegaConf.to_container(cfg, resolve=True)
+        OmegaConf.resolve(cfg)
+        assert OmegaConf.to_container(cfg) == before
+
+
+@pytest.mark.parametrize("chosen, instead", [
+    (["method=hybrid_ogm_ge_mbsd"], "set method.ogm_ge.alpha=0.1 instead"),
+    (["method=compose", "method.parts=[ogm_ge,mbsd]"], "set +method.ogm_ge.alpha=0.1 instead"),
+])
+def test_a_hand_set_resolved_is_refused_naming_the_setting_to_use(chosen, instead):
+    # the parts are built from `resolved`, but the record shows method.<part>.*: alpha 0.1 trained, 0.8 recorded
+    hand = ("method.resolved={ogm_ge:{_target_:mmbalance.methods.ogm_ge.OGMGE,alpha:0.1},"
+            "mbsd:{_target_:mmbalance.methods.mbsd.MBSD}}")
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([*chosen, hand]))
+    assert "method.resolved is computed from method.parts and method.<part>.<key>, do not set it" in str(err.value)
+    assert instead in str(err.value)
+    validate(compose_cfg(["method=hybrid_ogm_ge_mbsd", "method.ogm_ge.alpha=0.1"]))  # the way to set it
+
+
+def test_a_hybrid_needs_as_many_modalities_as_its_most_demanding_part():
+    assert hybrid("baseline,ogm_ge").min_modalities == 2
+    picked = hybrid("unimodal,baseline", "+method.unimodal.modality=visual")
+    assert picked.min_modalities == 1
+    picked.check_modalities(picked.select_modalities(["audio", "visual"]))
+    with pytest.raises(UserError, match="method ogm_ge balances modalities against each other, so it needs at least"):
+        hybrid("unimodal,ogm_ge", "+method.unimodal.modality=visual").check_modalities(["visual"])
+
+
+def test_umts_cached_teacher_is_keyed_by_which_samples_the_training_part_holds():
+    # before UMT's setup a part may hold out data: two held-out splits of the same size (here G-Blending's and
+    # OLM's 20 %) leave different training parts, and a teacher cached for one has trained on the other's held out
+    from mmbalance.methods.umt import UMT, subset_fingerprint
+
+    runs = [make_run(compose_cfg([f"method={name}", "method.holdout_fraction=0.2"])) for name in ("gblending", "olm")]
+    assert len(runs[0].train_loader.dataset) == len(runs[1].train_loader.dataset)
+    keys = [UMT(teacher_epochs=1).teacher_key(run, "audio") for run in runs]
+    assert keys[0]["train_size"] == keys[1]["train_size"] and keys[0] != keys[1]
+    whole = make_run(compose_cfg(["method=baseline"]))
+    assert "train_subset" not in UMT(teacher_epochs=1).teacher_key(whole, "audio")  # earlier cache entries still match
+    nested = torch.utils.data.Subset(torch.utils.data.Subset(list(range(10)), [9, 7, 5, 3]), [3, 0])
+    assert subset_fingerprint(nested) == subset_fingerprint(torch.utils.data.Subset(list(range(10)), [3, 9]))

@@ -44,6 +44,18 @@ def test_threshold_boundary_is_strict():
     assert set(run.method.anchor) == {"b"}  # only an open window keeps an anchor
 
 
+def test_a_threshold_no_indicator_can_pass_is_refused():
+    # k = 1 - (earlier mean / recent mean) of non-negative traces is at most 1 (exactly 1 at epoch 0), so with a
+    # threshold >= 1 no window would ever open: silently plain multi-loss training
+    assert window_indicator([]) == 1.0 and window_indicator([0.0, 5.0], window_epochs=2) == 1.0
+    for bad in (1.0, 2.5, float("nan")):
+        with pytest.raises(UserError, match=rf"method.threshold={bad}: expected < 1"):
+            InfoReg(threshold=bad)
+    with pytest.raises(UserError, match="method.threshold=1.0: expected < 1"):  # before anything is built
+        validate(compose_cfg(["method=inforeg", "method.threshold=1.0"]))
+    assert InfoReg(threshold=0.999).threshold == 0.999 and InfoReg(threshold=-0.5).threshold == -0.5
+
+
 # ---------------------------------------------------------------- regulation strengths by hand
 
 def test_two_modalities_the_official_rule():

@@ -141,6 +141,33 @@ def test_window_boundaries():
     assert MLGM().in_window(10_000)  # no end by default (official: always)
 
 
+def test_an_empty_window_is_refused_before_training_naming_both_keys():
+    message = (r"method.modulation_starts=5 is after method.modulation_ends=2: the modulation window \(0-based "
+               r"epochs, both inclusive\) would be empty")
+    with pytest.raises(UserError, match=message):
+        MLGM(modulation_starts=5, modulation_ends=2)
+    from mmbalance.config import build  # the command line's path: refused when the method is built
+    with pytest.raises(UserError, match=message):
+        build(compose_cfg(["method=mlgm", "method.modulation_starts=5", "method.modulation_ends=2"]).method)
+    # a one-epoch window and an open end are fine
+    assert MLGM(modulation_starts=2, modulation_ends=2).in_window(2)
+    assert MLGM(modulation_starts=5, modulation_ends=None).in_window(5)
+
+
+def test_a_window_that_opens_after_the_last_epoch_is_warned_about(caplog):
+    def warnings(starts):
+        caplog.clear()
+        run = _run(("a", "b"), modulation_starts=starts)
+        run.config = {"trainer": {"epochs": 3}}
+        with caplog.at_level("WARNING", logger="mmbalance"):
+            run.method.setup(run)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warnings(3) == ["mlgm: method.modulation_starts=3 >= trainer.epochs=3, so no step is modulated (this run "
+                           "is unmodulated multi-loss training)"]
+    assert warnings(2) == []
+
+
 def test_sum_fusion_scales_each_head_weight_not_its_bias():
     run = _run(("a", "b"), fusion="sum")
     _, _, raw = _step(run)

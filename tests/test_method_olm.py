@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from conftest import THREE, compose_cfg, read_metrics, train_in_process
+from mmbalance.config import build
+from mmbalance.errors import UserError
 from mmbalance.methods.olm import (FUSED, OLM, OLMWeights, heldout_ratios, norm_loss, norm_targets,
                                    scratch_buffers, train_ratios)
 from mmbalance.metrics.flops import count_flops
@@ -255,7 +257,8 @@ def test_weights_have_their_own_optimizer_saved_and_restored():
 
 def test_the_held_out_forward_is_counted_in_the_step_flops():
     def step_flops(variant):
-        run = make_run(compose_cfg(["method=olm", f"method.variant={variant}", "method.holdout_fraction=0.5"]))
+        fraction = ["method.holdout_fraction=0.5"] if variant == "heldout" else []  # variant=train holds none out
+        run = make_run(compose_cfg(["method=olm", f"method.variant={variant}", *fraction]))
         batch = next(iter(run.train_loader))
         _, flops = count_flops(run.method.training_step, run, batch)
         return run, flops
@@ -297,3 +300,13 @@ def test_a_resumed_run_gives_the_uninterrupted_result(tmp_path):
 
     assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
     assert resumed["metrics"]["test/acc"] == straight["metrics"]["test/acc"]
+
+
+def test_a_holdout_fraction_is_refused_where_nothing_is_held_out():
+    # variant=train holds out no data: a non-default fraction used to be ignored without a word
+    with pytest.raises(UserError, match="method.holdout_fraction=0.5 is used only by method.variant=heldout"):
+        OLM(variant="train", holdout_fraction=0.5)
+    OLM(variant="heldout", holdout_fraction=0.5)
+    cfg = compose_cfg(["method=olm", "method.variant=train"])  # the config's (default) fraction is fine
+    run = make_run(cfg)
+    assert run.method.holdout_loader is None and len(run.train_loader.dataset) == len(build(cfg.dataset).train)

@@ -138,6 +138,7 @@ def _check_target(where: str, node: Any, runtime: set[str], problems: list[str])
             problems.append(f"{where}: {target_path} needs argument {name!r} (set {where}.{name}=...)")
     nested = getattr(target, "nested_configs", None)  # a hybrid method's parts (methods/compose.py)
     if callable(nested):
+        problems.extend(_resolved_problems(where, node))
         try:
             children = nested(where, node)
         except Exception:  # an unresolvable part list is reported by the key check above
@@ -152,11 +153,14 @@ def _check_target(where: str, node: Any, runtime: set[str], problems: list[str])
 _METHOD_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "method"
 
 
-def compose_parts(*, _parent_: DictConfig) -> dict[str, dict[str, Any]]:
+def compose_parts(*, _parent_: DictConfig) -> DictConfig:
     """{part: its full config} for the hybrid method node `_parent_`: conf/method/<part>.yaml for each name in
     its `parts`, with the node's `<part>` settings (`method.<part>.<key>=...`) merged on top. The hybrid's
     resolved config (and so the run identity) holds every part's hyper-parameters this way. A name without a
-    config file is left out here and refused, with the registered names, when the method is built."""
+    config file is left out here and refused, with the registered names, when the method is built.
+
+    A DictConfig, not a dict: `OmegaConf.resolve` (`--cfg job --resolve`) writes a resolver's value back into the
+    node, which takes a config node but not a plain dict; read as a container it is the same plain dict."""
     out: dict[str, dict[str, Any]] = {}
     for name in _parent_.get("parts") or []:
         if not isinstance(name, str) or not (_METHOD_CONFIGS / f"{name}.yaml").is_file():
@@ -167,7 +171,45 @@ def compose_parts(*, _parent_: DictConfig) -> dict[str, dict[str, Any]]:
         if isinstance(own, DictConfig):
             node = OmegaConf.merge(node, own)
         out[name] = OmegaConf.to_container(node, resolve=True)
-    return out
+    return OmegaConf.create(out)
+
+
+def _resolved_problems(where: str, node: DictConfig) -> list[str]:
+    """A hybrid's `resolved` must be what `compose_parts` computes from its parts and their settings: the hybrid
+    builds its parts from `resolved`, while metrics.json and the run identity also record `<part>.<key>`, so a
+    `resolved` set by hand would train with settings the record does not show. An override equal to the computed
+    value is harmless and passes."""
+    if "resolved" not in node or OmegaConf.is_interpolation(node, "resolved"):
+        return []  # the usual case: computed by the resolver, nothing set by hand
+    try:
+        given = OmegaConf.to_container(node.resolved, resolve=True) if isinstance(node.resolved, DictConfig) \
+            else node.resolved
+        computed = OmegaConf.to_container(compose_parts(_parent_=node), resolve=True)
+    except Exception:  # an unresolvable part list or setting is reported by the key checks
+        return []
+    if given == computed or not (isinstance(given, dict) and all(isinstance(v, dict) for v in given.values())):
+        return []  # the same, or not a map of maps: the type check names that one
+    settings = []  # the part settings that would give the hand-set values
+    for part, values in (given if isinstance(given, dict) else {}).items():
+        own = node.get(part)
+        for key, value in (values if isinstance(values, dict) else {}).items():
+            if part in computed and computed[part].get(key) != value:
+                plus = "" if isinstance(own, DictConfig) and key in own else "+"  # a key the node lacks is added
+                settings.append(f"{plus}{where}.{part}.{key}={_override_value(value)}")
+    instead = f"; set {' '.join(settings)} instead" if settings else \
+        f"; set {where}.parts=[...] and {where}.<part>.<key>=... instead"
+    return [f"{where}.resolved is computed from {where}.parts and {where}.<part>.<key>, do not set it{instead}"]
+
+
+def _override_value(value: Any) -> str:
+    """`value` as a Hydra command-line override writes it."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 OmegaConf.register_new_resolver("mmbalance_compose_parts", compose_parts, replace=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -14,6 +15,8 @@ from mmbalance.constraints import NonNegativeInt, PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.methods.ogm_ge import Scope, select_parameters
+
+log = logging.getLogger("mmbalance")
 
 #: the official clamp on every modality's kept fraction
 MIN_KEEP, MAX_KEEP = 0.1, 0.9
@@ -190,7 +193,8 @@ class AMSS(Method):
             `label_entropy`).
         warmup_epochs: epochs at the start with plain training (no masks); 0 = the official behaviour.
 
-    Hooks used: `loss` (fused CE; the fractions, logged as amss_keep_<modality>), `on_after_backward` (masks).
+    Hooks used: `setup` (the masked parameters per encoder, by `scope`), `loss` (fused CE; the fractions, logged
+    as amss_keep_<modality>), `on_after_backward` (masks).
     Needs per-modality logits (concat or sum fusion). No state across steps besides the run's noise generator.
     Choices: the official code masks only ResNet residual-block convs (names with "layer" and "conv"); we mask
     by `scope`, stems and linear layers included. The official AV script computes a mask for the fused head
@@ -203,6 +207,9 @@ class AMSS(Method):
     """
 
     family = "optimization"
+    regression_refusal = ("its kept fractions come from each modality's information estimate -CE(z_m, y) + H(Y), "
+                          "the cross-entropy of the modality's class logits against the class label plus the "
+                          "entropy of the batch's class frequencies")
     needs_unimodal_logits = True
 
     def __init__(
@@ -241,6 +248,10 @@ class AMSS(Method):
         for m, ps in self.params.items():
             if not ps:
                 raise UserError(f"method.scope={self.scope!r} selects no parameters of the {m!r} encoder")
+        epochs = ((run.config or {}).get("trainer") or {}).get("epochs")
+        if epochs is not None and self.warmup_epochs >= epochs:
+            log.warning("amss: method.warmup_epochs=%d >= trainer.epochs=%d, so no gradient is ever masked (this "
+                        "run is the baseline)", self.warmup_epochs, epochs)
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs

@@ -7,7 +7,13 @@ A method overrides only what its paper changes. The trainer calls, per epoch:
         forward -> loss -> run.zero_grad -> backward -> on_after_backward -> run.optimizer_step (sync, clip, step)
     on_epoch_end(run, epoch)
 
-and `eval_fuse(run, features)` whenever it predicts (validation, test, the Shapley metric).
+and `eval_fuse(run, features)` whenever it predicts (validation, test, the Shapley metric). Before the first epoch
+`setup(run)` runs once; a method that holds out part of the training split does that in `hold_out(run)`, which
+`setup` runs first (and a hybrid runs for every part before any part's `setup`).
+
+Modalities: a method declares the fewest (`min_modalities`: two for a method that balances modalities, one for the
+reference family) and the most (`max_modalities`) it trains on; `check_modalities` refuses the others before the
+model is built.
 
 Tasks: a method declares the dataset tasks it trains (`tasks`); the run calls `set_task` before it builds the
 model, and a method refuses a task it does not declare, saying why (`regression_refusal`). Losses go through
@@ -37,6 +43,9 @@ if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
 # The BalanceBenchmark taxonomy: the stage a method acts at, in the order the registry and reports list them;
 # "hybrid" after it: `compose`, registered methods combined (a built hybrid records its parts' families).
 FAMILIES = ("reference", "data", "feed-forward", "objective", "optimization", "hybrid")
+# The families that balance nothing (baseline, unimodal): the only ones that train on a single modality
+UNBALANCED_FAMILIES = ("reference",)
+_COUNT_WORDS = ("no", "one", "two", "three", "four", "five")
 
 
 def registry_key(cls: type) -> str | None:
@@ -55,6 +64,11 @@ class Method:
     family: str = "unregistered"
     #: most modalities this method supports (None = any); the run refuses more with a clear error
     max_modalities: int | None = None
+    #: fewest modalities this method trains on; the run refuses fewer with a clear error. A method that balances
+    #: modalities has nothing to balance on one: it would train as a baseline with its own noise, held-out data or
+    #: extra heads on top, silently. So a class that declares a family gets 2, the reference family (nothing to
+    #: balance) 1, unless it declares its own (`__init_subclass__`); Method itself is exactly baseline
+    min_modalities: int = 1
     #: whether the method needs per-modality logits from the fusion head (concat/sum fusion)
     needs_unimodal_logits: bool = False
     #: True when `setup` adds its own FLOPs to `run.flops` (e.g. UMT's teacher training, counted like the trainer
@@ -77,6 +91,10 @@ class Method:
         # so a method built from Python refuses what the command line refuses, with the same message.
         if "__init__" in cls.__dict__:
             cls.__init__ = checked_arguments(cls.__init__, "method.")
+        # One rule for every method, present and future: declaring a family is declaring a balancing method (two
+        # modalities at least) unless the family balances nothing; a hybrid takes its parts' (methods/compose.py)
+        if "family" in cls.__dict__ and "min_modalities" not in cls.__dict__:
+            cls.min_modalities = 1 if cls.family in UNBALANCED_FAMILIES else 2
 
     # ---- before the model exists ----
     def set_task(self, task: str, loss: str = "auto") -> None:
@@ -111,6 +129,16 @@ class Method:
                 f"method {self.name} supports at most {self.max_modalities} modalities, but the dataset gives "
                 f"{len(modalities)} ({', '.join(modalities)}); choose a dataset with fewer modalities"
             )
+        if len(modalities) < self.min_modalities:
+            need = self.min_modalities
+            advice = ("with one modality there is nothing to balance: train it with method=baseline, or choose a "
+                      "dataset with more modalities" if len(modalities) <= 1 else
+                      "choose a dataset with more modalities")
+            raise UserError(
+                f"method {self.name} balances modalities against each other, so it needs at least "
+                f"{_COUNT_WORDS[need] if need < len(_COUNT_WORDS) else need}, but the run has {len(modalities)} "
+                f"({', '.join(modalities) or 'none'}); {advice}"
+            )
 
     @property
     def name(self) -> str:
@@ -118,7 +146,24 @@ class Method:
         return registry_key(type(self)) or type(self).__name__
 
     # ---- once ----
+    def hold_out(self, run: Run) -> None:
+        """Data stage, once, before any `setup`: a method that trains without part of the training split (data it
+        holds out to measure generalisation) removes that part here, rebuilding `run.train_loader` on the rest.
+
+        It is a hook of its own, not part of `setup`, because other methods read the training set in their
+        `setup` (valuation keeps it to re-sample every epoch, UMT trains its teachers on it, PMR draws its first
+        prototypes from it): a hybrid runs every part's `hold_out` before any part's `setup`, so no part sees
+        another part's held-out samples, whatever the order of the parts. Not called directly: `setup` (and a
+        hybrid) run it through `hold_out_once`."""
+
+    def hold_out_once(self, run: Run) -> None:
+        """`hold_out`, the first time it is asked for: by `setup`, and before that by a hybrid holding this part."""
+        if not self.__dict__.get("_held_out", False):
+            self._held_out = True
+            self.hold_out(run)
+
     def setup(self, run: Run) -> None:
+        self.hold_out_once(run)  # a no-op when a hybrid ran it before every part's setup
         if self.needs_unimodal_logits and not run.model.fusion.has_unimodal_logits:
             raise UserError(
                 f"method {self.name} needs per-modality logits, which backbone.fusion="

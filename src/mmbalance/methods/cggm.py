@@ -3,6 +3,8 @@ Enhanced Multimodal Learning", NeurIPS 2024)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,7 +15,9 @@ from mmbalance.methods.base import Method
 from mmbalance.methods.gblending import fresh_optimizer
 from mmbalance.models.fusion import fusion_choices
 
-#: the official guard added to the sum of the accuracy changes
+log = logging.getLogger("mmbalance")
+
+#: the official guard added to the sum of the accuracy changes (zrguo/CGGM: `diff_sum = sum(diff) + 1e-8`)
 EPS = 1e-8
 
 
@@ -29,6 +33,18 @@ def cggm_coefficients(acc: dict[str, float], prev_acc: dict[str, float], clamp: 
     s = sum(delta.values()) + EPS
     b = {m: (s - d) / s for m, d in delta.items()}
     return {m: min(1.0, max(0.0, v)) for m, v in b.items()} if clamp else b
+
+
+def b_out_of_range(b: dict[str, float]) -> bool:
+    """Whether the (unclamped) B of `cggm_coefficients` left [0, 1].
+
+    That happens exactly when the accuracy changes have opposite signs: with changes of one sign every
+    B_m = 1 - Delta_m / S lies in [0, 1]; with opposite signs the modality whose change has the sign opposite to S
+    gets B_m > 1 (and, with two modalities, the other one B < 0, since they sum to 1). So the test is max B > 1:
+    when every change is <= 0 the guard alone moves S a hair towards 0 and can give B_m = -4e-8, which is not a
+    reversal worth reporting (a 1e-8-scale artefact of the official guard, not of the accuracies).
+    """
+    return max(b.values()) > 1.0
 
 
 def direction_loss(b: dict[str, float], cosines: dict[str, Tensor]) -> Tensor:
@@ -58,14 +74,22 @@ class CGGM(Method):
       1. forward; loss = CE(fused) + lam * L_gm, L_gm = `direction_loss`(B^(t-1), cos), cos_m = cosine between
          the flattened fused-head block W_m (C x d_m; concat/sum fusion) and the flattened weight of auxiliary
          classifier m's `out_layer` (detached), from the current parameters. Absent at the first step (no B yet).
-      2. backward; then each auxiliary classifier f_m runs on the detached pooled feature h_m, sum_m CE(f_m(h_m), y)
-         is backpropagated into the classifiers only, and acc_m^t = f_m's accuracy on this batch (before its
-         update; correct counts summed over ranks).
-      3. B^(t) = `cggm_coefficients`(acc^t, acc^(t-1)) (acc^0 = 0, the previous *batch*, across epochs); every
-         gradient of encoder m is multiplied by rho * B_m^(t).
+      2. each auxiliary classifier f_m runs on the detached pooled feature h_m; acc_m^t = f_m's accuracy on this
+         batch (before its update; correct counts summed over ranks) and B^(t) = `cggm_coefficients`(acc^t,
+         acc^(t-1)) (acc^0 = 0, the previous *batch*, across epochs). This runs in `loss` too, so the B logged
+         with a step is the one that scales it; the official code runs it after step 3's backward, which gives
+         the same numbers (the classifiers' input is detached and they have not changed in between).
+      3. backward; sum_m CE(f_m(h_m), y) is backpropagated into the classifiers only, and every gradient of
+         encoder m is multiplied by rho * B_m^(t).
       4. the auxiliary optimizer steps (the run's optimizer type and settings, at `cls_lr`; averaged over ranks;
          trainer.grad_clip applies to it too), the model's gradients are clipped to `clip_norm`, and the trainer
          takes the main step.
+    B is the official one and unbounded: when the accuracy changes have opposite signs (common, as batch
+    accuracies are multiples of 1/batch) S is small or has the other sign, so B leaves [0, 1]: a negative B
+    reverses that encoder's gradient, and with S = 0 + 1e-8 |B| reaches ~1e7 (then only the clip bounds the step,
+    and lam * L_gm, which grows with |B|, dominates the loss). Each epoch logs the share of its steps whose B left
+    [0, 1] (`cggm_B_out_of_range`, counted before `clamp_B`; the trainer's epoch mean, so steps weigh by their
+    batch size) and, unless `clamp_B`, warns once at the epoch's end with the number of steps and the largest |B|.
     The auxiliary classifiers are discarded at inference (predictions and per-modality accuracies come from the
     fusion head, `eval_fuse`). Their forward and backward run inside the training step, so the trainer's measured
     training FLOPs include them (the optimiser arithmetic and the cosine count zero, as every elementwise op).
@@ -77,16 +101,21 @@ class CGGM(Method):
         cls_lr: learning rate of the auxiliary classifiers (official 5e-4; 6e-3 on BraTS).
         cls_layers: hidden Linear+ReLU layers of each auxiliary classifier (official: 2 transformer layers over the
             token sequence; on pooled features a layer is a Linear+ReLU).
-        clip_norm: the model's gradient norm is clipped to this after the modulation, every step (official 0.8);
-            null = off (trainer.grad_clip still applies).
-        clamp_B: bound every B_m to [0, 1] (default false = the official, unbounded B; see `cggm_coefficients`).
+        clip_norm: the model's gradient norm is clipped to this after the modulation, every step, warm-up
+            included (official 0.8: the official loop clips every step, also with `--modulation none`, so the clip
+            belongs to its training recipe, not to the modulation); null = off (trainer.grad_clip still applies).
+        clamp_B: bound every B_m to [0, 1] (default false = the official, unbounded B; see `cggm_coefficients`
+            and `b_out_of_range`).
         warmup_epochs: epochs at the start without modulation (no L_gm, no scaling); the auxiliary classifiers,
-            accuracies and B are still updated so the first modulated step has real values. 0 = official.
+            accuracies and B are still updated so the first modulated step has real values, and the clip to
+            `clip_norm` still applies (see above), so a warm-up epoch equals plain training with
+            trainer.grad_clip=clip_norm, not the baseline. 0 = official (the official code has no warm-up).
 
     Hooks used: `setup` (auxiliary classifiers via `register_module(optimize=False)` and their own optimiser),
-    `loss` (fused CE + lam L_gm; L_gm logged as cggm_l_gm, B as cggm_B_<modality>), `on_after_backward`
-    (auxiliary pass and step, scaling, clip). State for resume: the classifiers, their optimiser's state, the
-    previous accuracies and B.
+    `loss` (fused CE + lam L_gm, the auxiliary forward, accuracies and B; L_gm logged as cggm_l_gm, this step's
+    B as cggm_B_<modality>, whether it left [0, 1] as cggm_B_out_of_range), `on_after_backward` (the auxiliary
+    backward and step, scaling, clip), `on_epoch_end` (the out-of-range warning). State for resume: the
+    classifiers, their optimiser's state, the previous accuracies and B.
     Choices: the paper describes the direction term with the cosine between *gradients*; the official code (and
     the reference notes) use the two out-layers' *parameters*, which we follow: a gradient cosine would need
     second-order gradients to train anything. The official code keeps the previous step's L_gm graph (parameters
@@ -99,6 +128,10 @@ class CGGM(Method):
     """
 
     family = "optimization"
+    regression_refusal = ("its balancing terms B come from the batch accuracy (the arg-max class against the label) "
+                          "of auxiliary classifiers trained with cross-entropy; the official code's MOSI variant "
+                          "(one-output auxiliary heads trained with L1, scored by the sign of the prediction) is not "
+                          "implemented")
 
     def __init__(
         self,
@@ -118,9 +151,13 @@ class CGGM(Method):
         self.clamp_B = clamp_B
         self.warmup_epochs = warmup_epochs
         self.prev_acc: dict[str, float] = {}
-        self.B: dict[str, float] | None = None  # from the last step: drives the next step's L_gm
+        self.B: dict[str, float] | None = None  # this step's (set in `loss`): scales it, drives the next L_gm
+        # this epoch's count of steps whose B left [0, 1]: {"epoch", "steps", "out", "max_abs"} (not saved: a
+        # resume starts at an epoch boundary)
+        self.tally: dict[str, float] | None = None
         self.last_acc: dict[str, float] = {}
         self.classifiers: nn.ModuleDict | None = None
+        self.cls_loss: Tensor | None = None  # the auxiliary classifiers' loss, from `loss` to `on_after_backward`
         self.cls_optimizer: torch.optim.Optimizer | None = None
 
     def setup(self, run):
@@ -139,6 +176,11 @@ class CGGM(Method):
         self.classifiers = self.register_module(run, "classifiers", classifiers, optimize=False)
         self.cls_optimizer = fresh_optimizer(run.optimizer, list(self.classifiers.parameters()), self.cls_lr)
         self.params = model.modality_parameters()
+        epochs = ((run.config or {}).get("trainer") or {}).get("epochs")
+        if epochs is not None and self.warmup_epochs >= epochs:
+            log.warning("cggm: method.warmup_epochs=%d >= trainer.epochs=%d, so no step is modulated (this run is "
+                        "plain training with the gradient clip to method.clip_norm, plus the auxiliary "
+                        "classifiers)", self.warmup_epochs, epochs)
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs
@@ -151,47 +193,83 @@ class CGGM(Method):
             cosines = {m: F.cosine_similarity(fusion.weight_block(m).float().flatten(),
                                               self.classifiers[m].out_layer.weight.detach().float().flatten(), dim=0)
                        for m in self.B}
-            l_gm = direction_loss(self.B, cosines)
+            l_gm = direction_loss(self.B, cosines)  # the previous step's B (official)
             losses["loss"] = losses["loss"] + self.lam * l_gm
             losses["cggm_l_gm"] = l_gm.detach()
-        if self.B is not None:
-            dev = out.logits.device
-            for m, b in self.B.items():
-                losses[f"cggm_B_{m}"] = torch.tensor(b, device=dev)
+        # This step's B, from the auxiliary classifiers' accuracy on this batch before their update (which
+        # `on_after_backward` makes, as the official code does after the main backward; their input is detached,
+        # so measuring it here changes nothing). Measured here, the B logged with the step is the one that scales
+        # its gradients, and the out-of-range count covers exactly the epoch's steps.
+        acc = self.classifier_forward(run, batch, out)
+        raw = cggm_coefficients(acc, self.prev_acc)
+        b = cggm_coefficients(acc, self.prev_acc, clamp=True) if self.clamp_B else raw
+        self.prev_acc, self.last_acc, self.B = acc, acc, b
+        dev = out.logits.device
+        for m, v in b.items():
+            losses[f"cggm_B_{m}"] = torch.tensor(v, device=dev)
+        outside = b_out_of_range(raw)  # before the clamp: with clamp_B, how often it acted
+        # its epoch mean is the share of the epoch's steps whose B left [0, 1]; the count goes to the warning
+        losses["cggm_B_out_of_range"] = torch.tensor(float(outside), device=dev)
+        self.count_out_of_range(run.epoch, outside, max(abs(v) for v in raw.values()))
         return losses
 
-    # ---- gradient stage ----
-    def classifier_step(self, run, batch, out) -> dict[str, float]:
-        """Train the auxiliary classifiers one step on the detached features; return their batch accuracies
-        (measured before the update, summed over ranks)."""
+    def count_out_of_range(self, epoch: int, outside: bool, max_abs: float) -> None:
+        if self.tally is None or self.tally["epoch"] != epoch:  # a new epoch (or steps driven by hand)
+            self.tally = {"epoch": epoch, "steps": 0, "out": 0, "max_abs": 0.0}
+        self.tally["steps"] += 1
+        if outside:
+            self.tally["out"] += 1
+            self.tally["max_abs"] = max(self.tally["max_abs"], max_abs)
+
+    def classifier_forward(self, run, batch, out) -> dict[str, float]:
+        """Run the auxiliary classifiers on the detached features, keep their loss for `classifier_step`, and
+        return their batch accuracies (correct counts summed over ranks)."""
         label = batch.label
-        run.zero_grad(self.cls_optimizer)
         with torch.enable_grad():
             with run.autocast():
                 logits = {m: self.classifiers[m](out.features[m].detach()) for m in self.classifiers}
-            cls_loss = sum(F.cross_entropy(z.float(), label) for z in logits.values())
-            cls_loss.backward()
+            self.cls_loss = sum(F.cross_entropy(z.float(), label) for z in logits.values())
         stats = torch.stack([(z.detach().argmax(1) == label).sum().float() for z in logits.values()]
                             + [label.new_tensor(label.shape[0]).float()])
         stats = run.reduce({"cggm": stats})["cggm"].double().cpu()
         n = float(stats[-1])
-        acc = {m: float(stats[i]) / n for i, m in enumerate(logits)}
+        return {m: float(stats[i]) / n for i, m in enumerate(logits)}
+
+    # ---- gradient stage ----
+    def classifier_step(self, run) -> None:
+        """Train the auxiliary classifiers one step on the loss `classifier_forward` kept."""
+        run.zero_grad(self.cls_optimizer)
+        cls_loss, self.cls_loss = self.cls_loss, None
+        cls_loss.backward()
         run.optimizer_step(self.cls_optimizer, params=self.classifiers.parameters())
-        return acc
 
     def on_after_backward(self, run, batch, out):
-        acc = self.classifier_step(run, batch, out)
-        b = cggm_coefficients(acc, self.prev_acc, self.clamp_B)
-        self.prev_acc, self.last_acc, self.B = acc, acc, b
+        self.classifier_step(run)
+        b = self.B
         with torch.no_grad():
             if self.active(run.epoch):
                 for m, params in self.params.items():
                     for p in params:
                         if p.grad is not None:
                             p.grad.mul_(self.rho * b[m])
+            # outside the `active` check on purpose: the official loop clips every step, with or without
+            # modulation, so warm-up epochs are clipped too (see `warmup_epochs`)
             if self.clip_norm is not None:
                 run.sync_gradients()  # hardware=ddp: clip the whole batch's gradient, identically on every rank
                 nn.utils.clip_grad_norm_(run.model.parameters(), self.clip_norm)
+
+    def on_epoch_end(self, run, epoch):
+        tally, self.tally = self.tally, None
+        if tally is None or tally["epoch"] != epoch or not tally["out"] or self.clamp_B or not self.active(epoch):
+            return
+        clip = (f"before the clip to method.clip_norm={self.clip_norm}" if self.clip_norm is not None
+                else "unclipped (method.clip_norm=null)")
+        log.warning(
+            "cggm epoch %d: B left [0, 1] in %d of %d steps (largest |B| %.3g): the auxiliary classifiers' "
+            "accuracy changes had opposite signs, so S = their sum + 1e-8 was near 0 or of the other sign. A "
+            "negative B reverses that encoder's gradient and a B above 1 multiplies it by rho*B, %s, and lam*L_gm "
+            "grows with |B|. This is the official, unbounded B; method.clamp_B=true bounds B to [0, 1] (a "
+            "deviation from the official code)", epoch, tally["out"], tally["steps"], tally["max_abs"], clip)
 
     # ---- resume ----
     def state_dict(self):

@@ -28,6 +28,13 @@ def overrides(part: Method, hook: str) -> bool:
     return getattr(type(part), hook) is not getattr(Method, hook)
 
 
+def logged_key(part: Method, key: str) -> str:
+    """The name a hybrid logs `part`'s `key` under: `<part>/<key>`, so two parts' keys never collide, except a key
+    that already carries the part's name (MLGM's `mlgm/k/audio`), which keeps the name it has when the method runs
+    alone."""
+    return key if key.startswith(f"{part.name}/") else f"{part.name}/{key}"
+
+
 def composition_problems(parts: list[Method]) -> list[str]:
     """Every reason these parts cannot be composed, one line each (empty when they can)."""
     problems = []
@@ -64,11 +71,15 @@ class Compose(Method):
 
     How the hooks combine (the strictest part wins where they constrain the run):
     - `select_modalities` chains in order; `check_modalities` and `set_task` ask every part (the tasks are those
-      every part trains); `max_modalities` is the smallest and `needs_unimodal_logits` holds if any part needs them.
-    - `setup`, `on_epoch_start`, `on_epoch_end` (data stage) run every part's, in order; a part that rebuilds
-      `run.train_loader` (a held-out split) hands the next part the rebuilt one.
+      every part trains); `max_modalities` is the smallest, `min_modalities` the largest, and
+      `needs_unimodal_logits` holds if any part needs them.
+    - `hold_out` (a part's held-out part of the training split) runs for every part, in order, before any part's
+      `setup`, so whatever the order no part's `setup` (valuation keeping the training set, UMT's teachers) sees
+      another part's held-out samples; a part's `setup` may not rebuild `run.train_loader` itself (refused).
+    - `setup`, `on_epoch_start`, `on_epoch_end` (data stage) run every part's, in order.
     - `loss`: every part that brings its own computes it on the same forward output; "loss" (what is minimised)
-      is the sum of their "loss" terms and each part's keys are logged as `<part>/<key>`. Without such a part
+      is the sum of their "loss" terms and each part's keys are logged as `<part>/<key>` (a key that already
+      carries the part's name keeps the name it has alone: `logged_key`). Without such a part
       it is the plain fused cross-entropy. Each part's objective counts its own fused CE (summing two objective
       methods counts it twice, on purpose: each part's objective is kept whole).
     - `on_after_backward` (gradient edits) runs every part's, in order.
@@ -76,8 +87,8 @@ class Compose(Method):
       A part that predicts internally (valuation's Shapley pass) predicts the hybrid's way.
     Refused before training, in one UserError naming the parts and the stage: two owners of one of those hooks;
     a `training_step` takeover next to a part whose step hooks it would skip; a backward replacement next to
-    another part's loss; unknown, repeated or nested (compose) parts. Two parts replacing the model are
-    refused in `setup`, before the first step.
+    another part's loss; unknown, repeated or nested (compose) parts. Two parts replacing the model, and a part
+    whose `setup` rebuilds the training loader, are refused in `setup`, before the first step.
 
     The parts keep their own names (errors, logged keys); the hybrid's `family` records them, e.g.
     "hybrid: ogm_ge (optimization) + mbsd (objective)", and lands in metrics.json as `method_family`.
@@ -128,6 +139,7 @@ class Compose(Method):
         self.family = "hybrid: " + " + ".join(f"{p.name} ({p.family})" for p in self.parts)
         limits = [p.max_modalities for p in self.parts if p.max_modalities is not None]
         self.max_modalities = min(limits) if limits else None
+        self.min_modalities = max(p.min_modalities for p in self.parts)
         self.needs_unimodal_logits = any(p.needs_unimodal_logits for p in self.parts)
         self.counts_own_setup_flops = any(p.counts_own_setup_flops for p in self.parts)
         self.tasks = tuple(t for t in Compose.tasks if all(t in p.tasks for p in self.parts))
@@ -171,6 +183,11 @@ class Compose(Method):
 
     # ---- once ----
     def setup(self, run):
+        # every part's held-out data first: a part's setup may read the training set (valuation keeps it and
+        # re-samples it every epoch, UMT trains its teachers on it), and must see it without any held-out sample
+        for p in self.parts:
+            p.hold_out_once(run)
+        train_loader = run.train_loader
         replaced = []
         for p in self.parts:
             before = run.model
@@ -179,6 +196,11 @@ class Compose(Method):
                     p.setup(run)
             else:
                 p.setup(run)
+            if run.train_loader is not train_loader:
+                raise UserError(
+                    f"method=compose cannot combine {' + '.join(self.part_names)}: {p.name} rebuilds the training "
+                    f"loader in its setup, after the parts before it may have read the training set; a method that "
+                    f"holds out training data does it in `hold_out`, which a hybrid runs for every part first")
             if run.model is not before:
                 replaced.append(p.name)
                 if len(replaced) > 1:
@@ -210,7 +232,7 @@ class Compose(Method):
             own = p.loss(run, batch, out)
             self._part_losses[p.name] = own
             total = own["loss"] if total is None else total + own["loss"]
-            named.update({f"{p.name}/{k}": v for k, v in own.items()})
+            named.update({logged_key(p, k): v for k, v in own.items()})
         return {"loss": total, **named}
 
     # ---- gradient stage ----
@@ -221,7 +243,7 @@ class Compose(Method):
         own = self._part_losses.get(owner.name, losses)
         owner.backward(run, own)
         if own is not losses:  # keys the owner logs from its backward (MMPareto's pareto/...)
-            losses.update({f"{owner.name}/{k}": v for k, v in own.items() if f"{owner.name}/{k}" not in losses})
+            losses.update({logged_key(owner, k): v for k, v in own.items() if logged_key(owner, k) not in losses})
 
     def on_after_backward(self, run, batch, out):
         for p in self.parts:
@@ -232,7 +254,7 @@ class Compose(Method):
         if owner is None:
             return super().training_step(run, batch)
         stats = owner.training_step(run, batch)
-        return {"loss": stats["loss"], **{f"{owner.name}/{k}": v for k, v in stats.items()}}
+        return {"loss": stats["loss"], **{logged_key(owner, k): v for k, v in stats.items()}}
 
     # ---- prediction ----
     def eval_fuse(self, run, features):

@@ -103,10 +103,10 @@ class GBlending(Method):
             losses then also train the fused head).
         gain_floor, overfit_floor: see `blend_weights` (our guards; neither reference code has them).
 
-    Hooks: `setup` (carve the held-out part, rebuild the train loader, own the aux heads), `on_epoch_start`
-    (estimate at boundaries; counted in the FLOPs, each pass and each branch's trial training on its first batch
-    scaled by the samples, `FlopMeter.sampled_pass`), `loss` (blended CE), `eval_fuse` (fused logits from the
-    fusion head; per-modality accuracy from the aux heads in "aux" mode).
+    Hooks: `hold_out` (carve the held-out part, rebuild the train loader), `setup` (own the aux heads),
+    `on_epoch_start` (estimate at boundaries; counted in the FLOPs, each pass and each branch's trial training on
+    its first batch scaled by the samples, `FlopMeter.sampled_pass`), `loss` (blended CE), `eval_fuse` (fused
+    logits from the fusion head; per-modality accuracy from the aux heads in "aux" mode).
 
     Choices: the official code (facebookresearch/VMZ) released only the blended loss with static weights, no
     estimator. Against the peer (BalanceMM): we never estimate on the test set; unimodal branches are
@@ -142,17 +142,19 @@ class GBlending(Method):
         self.last_measure: dict[str, tuple[float, float]] | None = None  # trajectory: (L^T, L^V) at the last boundary
         self.heads: nn.ModuleDict | None = None
 
-    # ---- setup: held-out part and heads ----
-    def setup(self, run):
-        super().setup(run)
-        if FUSED in run.modalities:
-            raise UserError(f"gblending names its fused head {FUSED!r}, which is also a modality name")
+    # ---- held-out part, and setup: heads ----
+    def hold_out(self, run):
         dataset = run.train_loader.dataset
         kept, held = split_holdout(dataset, self.holdout_fraction, seed=run.seed + 7919)
         self.train_indices, self.holdout_indices = kept, held
         run.train_loader = run.make_loader(Subset(dataset, kept.tolist()), train=True)
         self.holdout_loader = run.make_loader(Subset(dataset, held.tolist()), train=False)
         log.info("gblending: %d training samples, %d held out for the blend weights", len(kept), len(held))
+
+    def setup(self, run):
+        super().setup(run)  # holds out first (`hold_out`)
+        if FUSED in run.modalities:
+            raise UserError(f"gblending names its fused head {FUSED!r}, which is also a modality name")
         if self.unimodal_heads == "aux":
             dims = run.model.fusion.dims
             self.heads = self.register_module(

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmbalance.constraints import NonNegativeFloat, PositiveInt
+from mmbalance.constraints import NonNegativeFloat, PositiveInt, Range
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
@@ -82,7 +82,10 @@ class InfoReg(Method):
         beta_per_modality: per-modality constants overriding `beta`, e.g. {audio: 0.95, visual: 0.1} = the official
             asymmetric pair (fitted to audio-dominant data; a modality not listed uses `beta`).
         threshold: the window is open while k > threshold (official 0.05; an earlier revision of the code has 0.04,
-            and its visual branch can never fire: `elif score_v < score_a` repeats the audio condition).
+            and its visual branch can never fire: `elif score_v < score_a` repeats the audio condition). Must be
+            below 1: k = 1 - (earlier mean / recent mean) of non-negative traces is at most 1, so a threshold >= 1
+            would keep every window shut from the first epoch on (silently plain multi-loss training; beta=0 is
+            the way to ask for that).
         window_epochs: W, the moving-window length of the trace means (official 10, with 10 zeros in front).
         window_source: which Fisher traces decide the windows. "own" (default, symmetric): each modality's own
             encoder trace decides its own window. "sum": one window for all, from the sum of every encoder's trace.
@@ -125,7 +128,7 @@ class InfoReg(Method):
         self,
         beta: NonNegativeFloat = 0.95,
         beta_per_modality: dict[str, NonNegativeFloat] | None = None,
-        threshold: float = 0.05,
+        threshold: Annotated[float, Range(lt=1)] = 0.05,  # k <= 1: a threshold >= 1 never opens a window
         window_epochs: PositiveInt = 10,
         window_source: str = "own",
         score: Literal["sum", "mean"] = "sum",

@@ -83,8 +83,9 @@ class LFM(Method):
         holdout_size: learnable only: training samples removed from training as the held-out set (official 16).
         hyper_batch_size: how many of them the hypergradient uses each epoch (official 8; a fixed batch).
 
-    Hooks: `loss`; for "learnable" also `setup` (carve the held-out samples from the training split, never val
-    or test; rebuild the train loader) and `on_epoch_start` (the hyper-step; counted in the FLOPs).
+    Hooks: `loss`; for "learnable" also `hold_out` (carve the held-out samples from the training split, never val
+    or test; rebuild the train loader), `setup` (the learnable weight) and `on_epoch_start` (the hyper-step;
+    counted in the FLOPs).
     Per-modality logits come from the fusion's linear blocks (concat slices with b/M, or sum heads): the
     official code's aux heads are exactly `backbone.fusion=sum`; concat differs only by sharing one bias.
 
@@ -130,14 +131,9 @@ class LFM(Method):
         self.alpha: LFMWeights | None = None
         self.last_hypergradient = float("nan")
 
-    def setup(self, run):
-        super().setup(run)
-        if len(run.modalities) < 2:
-            raise UserError("method=lfm needs at least two modalities (its second term compares them)")
+    def hold_out(self, run):
         if self.weighting != "learnable":
             return
-        # not optimised by the run's optimizer: the hyper-step moves it
-        self.alpha = self.register_module(run, "alpha", LFMWeights(self.initial_align_weight), optimize=False)
         dataset = run.train_loader.dataset
         n = len(dataset)
         if self.holdout_size >= n:
@@ -148,6 +144,12 @@ class LFM(Method):
         run.train_loader = run.make_loader(Subset(dataset, kept.tolist()), train=True)
         # one fixed batch for the whole run: the first `hyper_batch_size` held-out samples
         self.hyper_batch = collate_batch([dataset[int(i)] for i in held[: self.hyper_batch_size]])
+
+    def setup(self, run):
+        super().setup(run)  # holds out first (`hold_out`); fewer than two modalities are refused before
+        if self.weighting == "learnable":
+            # not optimised by the run's optimizer: the hyper-step moves it
+            self.alpha = self.register_module(run, "alpha", LFMWeights(self.initial_align_weight), optimize=False)
 
     # ---- weights ----
     def weights(self, epoch: int) -> tuple[float, float]:

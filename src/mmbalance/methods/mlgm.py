@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Range
-from mmbalance.errors import UserError
+from mmbalance.errors import ConfigError, UserError
 from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
@@ -94,6 +94,7 @@ class MLGM(Method):
             are scaled, and setup says so in the log.
         modulation_starts, modulation_ends: 0-based inclusive epoch window (official `starting_epoch` 0,
             `ending_epoch` 1500: always); null = no end. Outside it the loss is the same multi-loss, unmodulated.
+            An empty window (starts > ends) is refused; one that opens after the last epoch is warned about.
 
     Hooks used: `setup` (aux heads, the parameter map), `loss` (multi-loss, scores, coefficients),
     `on_after_backward` (the scaling). It keeps the base `eval_fuse`, so it composes with a method that owns it.
@@ -123,6 +124,12 @@ class MLGM(Method):
         modulation_starts: NonNegativeInt = 0,
         modulation_ends: NonNegativeInt | None = None,
     ):
+        if modulation_ends is not None and modulation_starts > modulation_ends:
+            # the window would be empty: the run would silently be unmodulated multi-loss training (k = 1 always)
+            raise ConfigError([f"method.modulation_starts={modulation_starts} is after method.modulation_ends="
+                               f"{modulation_ends}: the modulation window (0-based epochs, both inclusive) would be "
+                               f"empty; use modulation_starts <= modulation_ends, or modulation_ends=null for no "
+                               f"end"])
         self.alpha = alpha
         self.max_boost = max_boost
         self.fused_weight = fused_weight
@@ -144,6 +151,10 @@ class MLGM(Method):
         model = run.model
         if len(model.modalities) < 2:
             raise UserError("method mlgm needs at least two modalities (its ratios compare them)")
+        epochs = ((run.config or {}).get("trainer") or {}).get("epochs")
+        if epochs is not None and self.modulation_starts >= epochs:
+            log.warning("mlgm: method.modulation_starts=%d >= trainer.epochs=%d, so no step is modulated (this run "
+                        "is unmodulated multi-loss training)", self.modulation_starts, epochs)
         if self.unimodal_heads == "aux":
             dims = model.fusion.dims
             heads = nn.ModuleDict({m: nn.Linear(dims[m], run.num_classes) for m in model.modalities})

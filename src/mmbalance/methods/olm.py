@@ -20,6 +20,7 @@ log = logging.getLogger("mmbalance")
 
 FUSED = "fused"  # the key of the fused branch among the modulated branches
 EPS = 1e-6  # the official clamp floor of the generalisation and convergence rates
+DEFAULT_HOLDOUT_FRACTION = 0.2  # official: one fold of a 5-fold split
 # the held-out stream's shuffles, far from the training sampler's epochs (0, 1, ...): (epoch, pass) -> sampler epoch
 _STREAM_OFFSET = 1 << 20
 _PASSES_PER_EPOCH = 1 << 12
@@ -104,7 +105,8 @@ class OLM(Method):
     Args:
         variant: "heldout" (official com engine) or "train" (the held-out-free engine).
         holdout_fraction: share of the training split held out (stratified, seeded by the run seed; official: one
-            fold of a 5-fold split, 0.2). Removed from training.
+            fold of a 5-fold split, 0.2). Removed from training. Variant "heldout" only: with "train" nothing is
+            held out, so another value is refused rather than ignored.
         weight_lr: Adam learning rate of w (official 1e-3).
         reference_epochs: epochs whose every step overwrites the reference losses (official: the first epoch,
             1); 0 = the first step's losses.
@@ -116,9 +118,13 @@ class OLM(Method):
             method (optimised by the run's optimiser, saved), so the unimodal losses never touch the fusion
             head; any fusion works. "slice": the fusion head's per-modality logits (concat/sum fusion).
 
-    Hooks used: `setup` (held-out part, aux heads, w and its optimiser), `on_epoch_start` (restarts the held-out
-    stream, so a resumed run draws the same held-out batches), `loss` (scaled CEs, held-out pass, L_norm),
-    `on_after_backward` (w's step). Prediction is the fused head's (w never changes a branch's argmax).
+    Hooks used: `hold_out` (the held-out part), `setup` (aux heads, w and its optimiser), `on_epoch_start`
+    (restarts the held-out stream, so a resumed run draws the same held-out batches), `loss` (scaled CEs,
+    held-out pass, L_norm), `on_after_backward` (w's step). Prediction is the fused head's raw logits z, without
+    w: w scales logits only inside the training losses. While w_fused > 0 the argmax is that of w_fused z too, but
+    w is unconstrained: once w_k < 0, CE(w_k z_k, y) trains branch k's *lowest* logit towards the label, so the
+    raw argmax of that branch (the prediction, for the fused one) turns wrong (`target: mean` pulls every w
+    towards 0; `w/<branch>` in the history shows it).
     FLOPs: the held-out forward runs inside the training step, so the trainer counts it with every step; w's
     Adam update is elementwise arithmetic, which counts zero by the project's convention (as every optimiser).
 
@@ -140,12 +146,16 @@ class OLM(Method):
     def __init__(
         self,
         variant: Literal["heldout", "train"] = "heldout",
-        holdout_fraction: Fraction = 0.2,
+        holdout_fraction: Fraction = DEFAULT_HOLDOUT_FRACTION,
         weight_lr: PositiveFloat = 1e-3,
         reference_epochs: NonNegativeInt = 1,
         target: Literal["total", "mean"] = "total",
         unimodal_heads: Literal["aux", "slice"] = "aux",
     ):
+        if variant == "train" and holdout_fraction != DEFAULT_HOLDOUT_FRACTION:
+            raise UserError(f"method.holdout_fraction={holdout_fraction} is used only by method.variant=heldout; "
+                            "variant=train holds out no data, so it would be ignored: drop method.holdout_fraction "
+                            "or set method.variant=heldout")
         self.variant = variant
         self.holdout_fraction = holdout_fraction
         self.weight_lr = weight_lr
@@ -163,9 +173,22 @@ class OLM(Method):
         self._stream = None  # (epoch, pass, iterator) of the held-out batches
         self._pending: Tensor | None = None  # this step's L_norm, for on_after_backward
 
-    # ---- setup ----
+    # ---- held-out part and setup ----
+    def hold_out(self, run):
+        if self.variant != "heldout":
+            return
+        dataset = run.train_loader.dataset
+        kept, held = split_holdout(dataset, self.holdout_fraction, seed=run.seed + 6421)
+        if len(held) < 2:
+            raise UserError(f"method.holdout_fraction={self.holdout_fraction} holds out {len(held)} sample(s); "
+                            "olm needs at least 2 (a held-out batch is normalised in train mode)")
+        self.train_indices, self.holdout_indices = kept, held
+        run.train_loader = run.make_loader(Subset(dataset, kept.tolist()), train=True)
+        self.holdout_loader = run.make_loader(Subset(dataset, held.tolist()), train=True)
+        log.info("olm: %d training samples, %d held out for the logit modulation", len(kept), len(held))
+
     def setup(self, run):
-        super().setup(run)
+        super().setup(run)  # holds out first (`hold_out`)
         mods = list(run.model.modalities)
         if FUSED in mods:
             raise UserError(f"olm names its fused branch {FUSED!r}, which is also a modality name")
@@ -177,16 +200,6 @@ class OLM(Method):
         # w is not in the run's optimiser: it has its own Adam, as officially
         self.weights = self.register_module(run, "weights", OLMWeights(len(self.branches)), optimize=False)
         self.weight_optimizer = torch.optim.Adam(self.weights.parameters(), lr=self.weight_lr)
-        if self.variant == "heldout":
-            dataset = run.train_loader.dataset
-            kept, held = split_holdout(dataset, self.holdout_fraction, seed=run.seed + 6421)
-            if len(held) < 2:
-                raise UserError(f"method.holdout_fraction={self.holdout_fraction} holds out {len(held)} sample(s); "
-                                "olm needs at least 2 (a held-out batch is normalised in train mode)")
-            self.train_indices, self.holdout_indices = kept, held
-            run.train_loader = run.make_loader(Subset(dataset, kept.tolist()), train=True)
-            self.holdout_loader = run.make_loader(Subset(dataset, held.tolist()), train=True)
-            log.info("olm: %d training samples, %d held out for the logit modulation", len(kept), len(held))
 
     # ---- the held-out stream ----
     def on_epoch_start(self, run, epoch):

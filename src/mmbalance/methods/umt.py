@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from mmbalance.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -41,6 +43,23 @@ def module_fingerprint(module: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def subset_fingerprint(dataset) -> str | None:
+    """sha256 of which samples of the underlying dataset a (nested) `Subset` holds, e.g. the training part left by
+    a method that holds out data (G-Blending, OLM in a hybrid); None for a whole dataset. The size alone does not
+    identify such a part: two held-out splits of one size (another method, another seed offset) would share a
+    cached teacher trained on samples that one of them holds out."""
+    if not isinstance(dataset, Subset):
+        return None
+    chain = []
+    while isinstance(dataset, Subset):
+        chain.append(np.asarray(dataset.indices, dtype=np.int64))
+        dataset = dataset.dataset
+    positions = chain.pop()  # the innermost indices point into the underlying dataset; each outer level into it
+    for indices in reversed(chain):
+        positions = positions[indices]
+    return hashlib.sha256(positions.tobytes()).hexdigest()
 
 
 def _cuda_devices(run) -> list:
@@ -73,10 +92,11 @@ class UMT(Method):
     drop_last, gradient clipping and precision also apply. For quick studies lower `teacher_epochs`.
 
     Teacher cache: each teacher is stored as `<cache_dir>/umt_teachers/<modality>-<sha256>.pt` (written
-    atomically) keyed by everything that determines it: the dataset config and training-split size, the
-    modality, the run seed, the number of classes, the encoder's fingerprint (class, structure, attributes and
-    initial weights, which stand for its backbone config node and capture the seed's effect on the
-    initialisation), and every teacher-training setting above. A sweep trains each teacher once. The cache is
+    atomically) keyed by everything that determines it: the dataset config and training-split size (and which
+    samples, when a hybrid's part holds some out: `subset_fingerprint`), the modality, the run seed, the number
+    of classes, the encoder's fingerprint (class, structure, attributes and initial weights, which stand for its
+    backbone config node and capture the seed's effect on the initialisation), and every teacher-training setting
+    above. A sweep trains each teacher once. The cache is
     off (teachers trained in memory) when `cache=false` or the run has no `cache_dir` or config. Teacher
     training runs in a forked RNG seeded from the key, so a run's student training is identical whether the
     teachers came from the cache or were trained.
@@ -166,6 +186,8 @@ class UMT(Method):
         """Everything that determines modality m's teacher (hashed into its cache file name)."""
         cls, settings = self._optimizer_spec(run)
         s = run.loader_settings
+        # which samples, when the training set is part of the split (no entry otherwise: earlier keys still match)
+        subset = subset_fingerprint(run.train_loader.dataset)
         return {
             "format": CACHE_FORMAT,
             "modality": modality,
@@ -173,6 +195,7 @@ class UMT(Method):
             "num_classes": run.num_classes,
             "dataset": (run.config or {}).get("dataset"),
             "train_size": len(run.train_loader.dataset),
+            **({"train_subset": subset} if subset is not None else {}),
             "encoder": module_fingerprint(run.model.encoders[modality]),
             "teacher": {
                 "epochs": self._epochs(run),

@@ -158,7 +158,8 @@ class Valuation(Method):
         alpha: modality-level scale (official 1; the 'linear' variant).
         part_ratio: modality-level share of samples valued (official 0.2).
 
-    Hooks used: `setup` (keeps the original training set), `on_epoch_start` (valuation, rebuild), `forward`.
+    Hooks used: `setup` (keeps the original training set; in a hybrid, without any part's held-out samples,
+    which every part's `hold_out` removes before any `setup`), `on_epoch_start` (valuation, rebuild), `forward`.
     Choices: feature-level zeroing in the valuation and the copies (official; the peer zeroes inputs, which
     costs 2^M - 1 encoder passes); every sample is valued (the peer drops the last N mod 64); the rebuilt
     loader uses the run's batch settings (the peer hard-codes 64); modality-level copies keep only the weak
@@ -189,12 +190,6 @@ class Valuation(Method):
         self.part_ratio = part_ratio
         self.train_dataset: Dataset | None = None
         self.history: list[dict] = []
-
-    def check_modalities(self, modalities):
-        super().check_modalities(modalities)
-        if len(modalities) < 2:
-            raise UserError(f"method {self.name} values modalities against each other, so it needs at least two; "
-                            f"got {modalities}")
 
     def setup(self, run):
         super().setup(run)
