@@ -120,6 +120,14 @@ def test_cli_unknown_method_lists_the_options(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_cli_null_for_a_config_group_is_one_message_with_its_options(tmp_path):
+    proc = run_cli(["logger=null", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: logger=null: a config group takes one of its options (auto, csv, mlflow, "
+                                   "tensorboard, wandb) or a list of them ([] for none); `~logger` drops the group")
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_cli_sweep_then_report_gives_one_row_per_method_with_n_2(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "method=baseline,ogm_ge", "seed=0,1", *FAST, "trainer.epochs=1",

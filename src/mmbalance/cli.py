@@ -87,6 +87,19 @@ def _rerun_with(key: str, folder: Path, given: bool) -> str:
     return f"re-run the same command with {shlex.quote(f'{key}={value}')}"
 
 
+def _refuse_null_groups(args: list[str]) -> None:
+    """`<group>=null` (logger=null, method=null) is Hydra's ValueError with a traceback, raised before any run code:
+    one message instead, with the group's options and how Hydra drops a group."""
+    for arg in args:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep and value.strip().lower() in ("null", "none", "~") and (CONF_DIR / key).is_dir() and key != "hydra":
+            options = sorted(p.relative_to(CONF_DIR / key).with_suffix("").as_posix()
+                             for p in (CONF_DIR / key).rglob("*.yaml"))
+            sys.exit(f"error: {arg}: a config group takes one of its options ({', '.join(options)})"
+                     + (" or a list of them ([] for none)" if key == "logger" else "")
+                     + f"; `~{key}` drops the group")
+
+
 def _sweep_interrupted() -> str:
     """What a re-run of the interrupted sweep does. A grid sweep's jobs are fixed: the re-run skips the finished
     ones and resumes the others. An Optuna study's trials are drawn as it goes: its storage keeps the finished
@@ -214,6 +227,7 @@ def console_main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"error: the config folder {CONF_DIR} is missing; install mmbalance from its repository "
                  "with `pip install -e .`")
+    _refuse_null_groups(sys.argv[1:])
     try:
         train_main()
     except KeyboardInterrupt:  # in a sweep, or before a run started training (then it ends in train_main)
