@@ -138,3 +138,38 @@ def test_a_bad_drop_last_fails_the_run_before_training_not_in_torch(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.drop_last='maybe': expected true or false"):
         train_in_process(tmp_path, ["trainer.drop_last=maybe", "trainer.epochs=1"])
     assert read_metrics(tmp_path)["status"] == "failed" and not (tmp_path / "checkpoints").exists()
+
+
+# every dataset builder declares its ranges and choices: a recipe value that would fail in the first epoch (a zero
+# rate, an unknown pad mode) or be blamed on the model (a zero frame count or image size) is refused up front
+@pytest.mark.parametrize("dataset, overrides, problems", [
+    ("cremad", ["dataset.video_fps=0", "dataset.pad_mode=foo", "dataset.split_seed=-1", "dataset.frames=0",
+                "dataset.image_size=0", "dataset.split=random"],
+     ["dataset.split='random': expected one of ['auto', 'files', 'stratified', 'speaker']",
+      "dataset.split_seed=-1: expected >= 0", "dataset.frames=0: expected >= 1", "dataset.image_size=0: expected >= 1",
+      "dataset.video_fps=0: expected > 0",
+      "dataset.pad_mode='foo': expected one of ['reflect', 'constant', 'replicate', 'circular']"]),
+    ("kinetics_sounds", ["dataset.sample_rate=0", "dataset.num_mel_bins=2", "dataset.augment=flip"],
+     ["dataset.augment='flip': expected one of ['crop_flip', 'resize_flip', 'rotate_flip', 'none']",
+      "dataset.sample_rate=0: expected >= 100", "dataset.num_mel_bins=2: expected >= 3"]),
+    ("vggsound", ["dataset.n_fft=0", "dataset.hop_length=0", "dataset.audio_seconds=-1"],
+     ["dataset.audio_seconds=-1: expected > 0", "dataset.n_fft=0: expected >= 1",
+      "dataset.hop_length=0: expected >= 1"]),
+    ("balanced_av", ["dataset.sr=0", "dataset.audio_frames=0"],
+     ["dataset.sr=0: expected >= 1", "dataset.audio_frames=0: expected >= 1"]),
+    ("ucf101", ["dataset.split=4", "dataset.modalities=[visual,depth]", "dataset.flow_frames=0"],
+     ["dataset.split=4: expected one of [1, 2, 3]", "dataset.modalities[1]='depth': expected one of ['visual', 'flow']",
+      "dataset.flow_frames=0: expected >= 1"]),
+    ("food101", ["dataset.image_size=4", "dataset.max_length=1"],
+     ["dataset.image_size=4: expected >= 8", "dataset.max_length=1: expected >= 2"]),
+    ("cmu_mosei", ["dataset.label_mode=3class", "dataset.text_key=bert"],
+     ["dataset.label_mode='3class': expected one of ['binary_nonneg', 'binary_drop_zero', '7class']",
+      "dataset.text_key='bert': expected one of ['auto', 'text', 'text_bert']"]),
+    ("digits_av", ["dataset.split_seed=-1", "+dataset.text_noise=1.5"],
+     ["dataset.split_seed=-1: expected >= 0", "dataset.text_noise=1.5: expected a value in [0, 1]"]),
+])
+def test_a_bad_dataset_recipe_value_is_refused_before_anything_is_read(dataset, overrides, problems):
+    with pytest.raises(ConfigError) as err:  # not the fast test overrides: they are synthetic's keys
+        validate(compose_cfg([f"dataset={dataset}", *overrides], fast=False))
+    assert err.value.problems == problems
+

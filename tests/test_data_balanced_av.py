@@ -276,3 +276,17 @@ def test_cli_paper_preset_runs_end_to_end(data_dir, tmp_path):
     assert metrics["split_sizes"] == {"train": 9, "val": 3, "test": 3}
     assert metrics["dataset_notes"]["layout"] == "av_preprocess_tool"
     assert metrics["config"]["optimizer"]["lr"] == pytest.approx(5e-3)
+
+
+def test_a_relative_root_finds_the_media(data_dir, raw, monkeypatch, tmp_path):
+    """`dataset.root=balanced_av` / `prepare --root balanced_av`, relative to the working folder, with the media
+    found in its sub-folders or pinned by a folder option (relative to the root); and a root path with braces."""
+    monkeypatch.chdir(data_dir)
+    assert ids_by_split(build_balanced_av("balanced_av", prepared=None, image_size=32)) == ids_by_split(raw)
+    pinned = build_balanced_av("balanced_av", prepared=None, image_size=32, visual_dir="all_frame",
+                               audio_dir="all_spec")
+    assert ids_by_split(pinned) == ids_by_split(raw)
+    summary = run_prepare("balanced_av", "balanced_av", tmp_path / "prep", workers=1, progress=False, cache=False)
+    assert summary["clips"] == len(raw.train) + len(raw.val) + len(raw.test)
+    braces = shutil.copytree(data_dir / "balanced_av", tmp_path / "{split}" / "balanced_av")  # any folder name
+    assert ids_by_split(build_balanced_av(str(braces), prepared=None, image_size=32)) == ids_by_split(raw)

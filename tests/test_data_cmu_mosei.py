@@ -249,3 +249,75 @@ def test_cli_paper_preset_trains_all_three_modalities(tmp_path):
     assert cfg["optimizer"]["lr"] == 0.01 and cfg["optimizer"]["momentum"] == 0.9
     assert cfg["scheduler"]["step_size"] == 30 and cfg["dataset"]["label_mode"] == "binary_nonneg"
     assert "test/acc" in results["metrics"]
+
+
+def rewrite(path, change) -> None:
+    """`change(data)` applied to the pickle at `path`, and its mtime moved on (as a real edit would)."""
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    change(data)
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_a_cache_whose_pickle_changed_is_refused_not_used(tmp_path):
+    """cache.json's stamp (size, mtime) is compared with the pickle dataset.root names, else the recorded one."""
+    import shutil
+
+    def negate(data):
+        for split in ("train", "test"):
+            data[split]["labels"] = -data[split]["labels"]
+
+    path = write_mult(tmp_path / "mult", aligned=False)
+    run_prepare("cmu_mosei", tmp_path / "mult", None, progress=False)  # ROOT/mmbalance_prepared
+    shutil.copytree(tmp_path / "mult", tmp_path / "stale")  # a copy keeps the mtimes: still up to date
+    assert build_cmu_mosei(root=str(tmp_path / "stale"), prepared="auto").notes["source"].startswith("prepared")
+    rewrite(tmp_path / "stale" / path.name, negate)
+    with pytest.raises(DataError, match=r"mmbalance_prepared' is out of date: it was prepared from .*mult/mosei_senti_"
+                                        r"data_noalign.pkl .*, but the pickle .*stale/mosei_senti_data_noalign.pkl is "
+                                        r".*set dataset.prepared=null"):
+        build_cmu_mosei(root=str(tmp_path / "stale"), prepared="auto", task="regression")
+    scores = build_cmu_mosei(root=str(tmp_path / "stale"), prepared=None, task="regression").train.labels
+    np.testing.assert_array_equal(scores.numpy(), -np.asarray(Y["train"], dtype=np.float32))
+    # the pickle changed in place, the cache used on its own (no dataset.root): the recorded path is compared
+    rewrite(path, negate)
+    with pytest.raises(DataError, match="is out of date"):
+        build_cmu_mosei(prepared=str(tmp_path / "mult" / "mmbalance_prepared"))
+    run_prepare("cmu_mosei", tmp_path / "mult", None, progress=False)  # prepare again: used
+    assert build_cmu_mosei(prepared=str(tmp_path / "mult" / "mmbalance_prepared")).train.labels.tolist() == [
+        int(-y >= 0) for y in Y["train"]]
+    # an aligned build beside an unaligned cache is told it can read the pickle itself
+    write_mult(tmp_path / "mult", aligned=True)
+    with pytest.raises(DataError, match=r"holds the unaligned features but dataset.aligned=true; set "
+                                        r"dataset.aligned=false, set dataset.prepared=null to read the pickle itself"):
+        build_cmu_mosei(root=str(tmp_path / "mult"), prepared="auto", aligned=True)
+
+
+def test_scores_off_the_scale_and_an_empty_split_are_named(tmp_path):
+    path = write_mult(tmp_path / "x10", aligned=False)
+    rewrite(path, lambda data: data["valid"].update(labels=data["valid"]["labels"] * 10))
+    message = rf"{path} \['valid'\]: `labels` holds scores in \[-10, 10\], 2 of them outside the dataset's \[-3, 3\]"
+    with pytest.raises(DataError, match=message):
+        build_cmu_mosei(root=str(tmp_path / "x10"), task="regression")
+    with pytest.raises(DataError, match=message):  # prepare never caches them
+        run_prepare("cmu_mosei", tmp_path / "x10", tmp_path / "prep", progress=False)
+    path = write_mult(tmp_path / "empty", aligned=False)
+    rewrite(path, lambda data: data["test"].update({k: v[:0] for k, v in data["test"].items()}))
+    with pytest.raises(DataError, match=rf"{path} \['test'\]: the split has no samples \(`labels` is empty\)"):
+        build_cmu_mosei(root=str(tmp_path / "empty"))
+
+
+def test_prepare_report_lists_the_non_finite_values_it_replaced(tmp_path):
+    path = write_mult(tmp_path / "raw", aligned=False)
+    summary = run_prepare("cmu_mosei", tmp_path / "raw", tmp_path / "prep", progress=False)
+    assert summary["skipped"] == 0  # replaced, not skipped
+    report = (tmp_path / "prep" / "prepare_report.txt").read_text().splitlines()
+    assert report == ["# no missing or unreadable media",
+                      f"{path} ['train'] `audio`\t3 non-finite values (NaN, +-Inf) replaced by 0",
+                      f"{path} ['valid'] `vision`\t1 non-finite values (NaN, +-Inf) replaced by 0",
+                      f"{path} ['test'] `text`\t1 non-finite values (NaN, +-Inf) replaced by 0"]
+    again = run_prepare("cmu_mosei", tmp_path / "raw", tmp_path / "prep", progress=False)  # the cache is kept
+    assert again["cache"].startswith("up to date")
+    assert (tmp_path / "prep" / "prepare_report.txt").read_text().splitlines() == report

@@ -258,3 +258,31 @@ def test_prepared_auto_reads_the_default_prepare_folder_once_it_is_complete(tmp_
     assert ids_and_labels(after.test) == ids_and_labels(before.test)
     # null still decodes the raw tree
     assert isinstance(build_cremad(str(root), prepared=None, image_size=SIZE).test, ClipDataset)
+
+
+def test_a_generated_split_is_the_same_on_the_raw_tree_and_its_prepared_folder(tmp_path):
+    """Clips with a missing or undecodable video: split=stratified (and speaker) draws over the complete clips on
+    both paths, and the prepared folder keeps prepare's own draw of the same rule, so every path agrees."""
+    ids = clip_ids()
+    root = raw_tree(tmp_path / "raw", ids)
+    for cid in (ids[0], ids[7]):  # two clips lose their video: they are in no split
+        (root / "VideoFlash" / f"{cid}.flv").unlink()
+    write_corrupt(root / "VideoFlash" / f"{ids[5]}.flv")  # complete on disk, fails to decode at prepare
+    run_prepare("cremad", root, None, workers=1, progress=False, image_size=SIZE)
+
+    def split_ids(**options):  # the raw path still lists the undecodable clip (it fails when read): left aside
+        s = build_cremad(str(root), image_size=SIZE, split_seed=0, **options)
+        return {name: sorted(c.id for d in parts for c in d.clips if c.id != ids[5])
+                for name, parts in (("train+val", (s.train, s.val)), ("test", (s.test,)))}
+
+    raw = split_ids(prepared=None, split="stratified")
+    assert ids[0] not in raw["train+val"] + raw["test"]
+    assert split_ids(prepared="auto", split="stratified") == raw == split_ids(prepared="auto", split="auto")
+    assert split_ids(prepared="auto", split="speaker") == split_ids(prepared=None, split="speaker")
+
+
+def test_a_relative_root_with_pinned_folders(raw_root, monkeypatch):
+    """`dataset.root=raw dataset.visual_dir=VideoFlash`: the pinned folder is relative to the root, once."""
+    monkeypatch.chdir(raw_root.parent)
+    s = build_cremad(raw_root.name, image_size=SIZE, visual_dir="VideoFlash", audio_dir="AudioWAV")
+    assert s.notes["clips"] == 12 and s.notes["layout"] == "raw"

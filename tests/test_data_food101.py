@@ -226,3 +226,19 @@ def test_paper_preset_composes_with_the_small_backbone(kaggle, minilm):
         out = model(batch.inputs)
         absent = model(batch.inputs, absent=["text"])
     assert out.logits.shape == (4, 3) and torch.isfinite(absent.logits).all()
+
+
+def test_prepare_rebuilds_the_cache_when_an_image_is_replaced_under_the_same_name(tmp_path):
+    from PIL import Image
+
+    root = make_food101(tmp_path / "raw", n_train=3, n_test=1)
+    out = tmp_path / "prep"
+    run_prepare("food101", root, out, workers=1, progress=False, image_size=S)
+    row = next(int(r["cache_row"]) for r in PreparedFolder(out).rows(["id", "cache_row"])
+               if r["id"] == "train/sushi/sushi_0.jpg")
+    Image.new("RGB", (48, 40), (0, 0, 255)).save(root / "images" / "train" / "sushi" / "sushi_0.jpg")  # new content
+    run_prepare("food101", root, out, workers=1, progress=False, image_size=S)
+    cache = np.memmap(out / f"images_{S}.u8", dtype=np.uint8, mode="r", shape=(12, S, S, 3))
+    assert (np.abs(cache[row].astype(int) - [0, 0, 255]) <= 2).all()  # the new photo, not the old one
+    key = json.loads((out / "food101_prepared.json").read_text())["candidates_sha1"]  # what the loader checks
+    assert json.loads((out / f"images_{S}.u8.json").read_text())["candidates_sha1"] == key

@@ -163,7 +163,7 @@ def test_cvdf_raw_mp4_prepare_cache_gives_the_same_clips(cvdf, tmp_path):
     assert sorted(p.name for p in (out / "frames" / clip).iterdir()) == ["frame_00001.jpg", "frame_00002.jpg"]
     assert json.loads((out / "classes.json").read_text())["classes"] == KS_CLASSES
 
-    prepared = build_kinetics_sounds(None, prepared=str(out), image_size=32)
+    prepared = build_kinetics_sounds(None, prepared=str(out), image_size=32, **TINY_FBANK)
     assert prepared.notes["layout"] == "prepared" and prepared.notes["cache"] is True
     for split in ("train", "val", "test"):
         assert _ids_labels(getattr(prepared, split)) == _ids_labels(getattr(raw, split))

@@ -257,3 +257,19 @@ def test_a_crop_drawn_on_rgb_moves_to_a_differently_sized_flow_frame():
     assert media.move_crop(p, (256, 340), (128, 170)) == {"flip": True, "crop": (5, 10, 50, 100), "angle": 0.0}
     assert media.move_crop(p, (256, 340), (256, 340)) is p
     assert media.move_crop({"flip": False, "crop": None, "angle": 0.0}, (256, 340), (64, 64))["crop"] is None
+
+
+def test_a_video_in_both_the_train_and_the_test_list_is_refused(tmp_path):
+    """A video listed in trainlist and testlist would be trained and tested on: refused by the loader and by
+    prepare (which reads every split's lists for its split1..3 columns), naming both files."""
+    root = tmp_path / "ucf"
+    make_tree(root)
+    lists = root / "ucfTrainTestlist"
+    with (lists / "testlist02.txt").open("a") as f:  # a split-2 training video (group 2), in other case
+        f.write(f"{CLASSES[0]}/{video_name(0, 2).upper()}.avi\n")
+    with pytest.raises(DataError, match=rf"{video_name(0, 2).upper()}' is listed twice, in .*trainlist02\.txt and "
+                                        rf".*testlist02\.txt"):
+        build_ucf101(str(root), split=2)
+    assert len(build_ucf101(str(root), split=1, image_size=32).test) == 3  # split 1 is sound
+    with pytest.raises(DataError, match="listed twice"):
+        run_prepare("ucf101", root, tmp_path / "prep", workers=1, progress=False, cache=False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmbalance.data.features import build_features
-from mmbalance.errors import DataError
+from mmbalance.errors import DataError, UserError
 
 
 def write(path, **arrays):
@@ -101,3 +101,35 @@ def test_classes_without_samples_are_warned_about_and_a_classes_key_declares_the
         build_features(write(tmp_path / "i.npz", label=label, a=x, classes=np.array(list("abc"))))
     with pytest.raises(DataError, match=r"`classes` must be a 1-D array of distinct class names"):
         build_features(write(tmp_path / "j.npz", label=label - 5, a=x, classes=np.array(list("aab"))))
+
+
+def test_an_empty_modality_a_split_without_train_rows_and_a_modality_named_twice_are_refused(tmp_path):
+    label = np.arange(40) % 2
+    with pytest.raises(DataError, match=r"`b` has shape \(40, 0\); expected \(40, D\) or \(40, T, D\) with D and T "
+                                        r"at least 1"):
+        build_features(write(tmp_path / "empty.npz", label=label, a=np.zeros((40, 2)), b=np.zeros((40, 0))))
+    split = np.array(["val"] * 30 + ["test"] * 10)
+    with pytest.raises(DataError, match=r"notrain\.npz: `split` has no 'train' samples \(it has \{'val': 30, "
+                                        r"'test': 10\}\)"):
+        build_features(write(tmp_path / "notrain.npz", label=label, split=split, a=np.zeros((40, 2))))
+    f = write(tmp_path / "f.npz", label=label, a=np.zeros((40, 2)), b=np.ones((40, 3)))
+    with pytest.raises(UserError, match=r"dataset.modalities=\['a', 'a'\]: \['a'\] named more than once"):
+        build_features(f, modalities=["a", "a"])
+
+
+def test_macro_f1_of_a_huge_class_count_needs_no_class_by_class_matrix():
+    """Labels {0, 1, 200000}: 200,001 classes. The per-class counts take O(C) memory (a C x C confusion matrix
+    would be 320 GB), with the values the matrix gave."""
+    from mmbalance.metrics.classification import macro_f1, per_class_f1
+
+    k = 200_001
+    target, preds = torch.tensor([0, 1, k - 1, k - 1]), torch.tensor([0, k - 1, k - 1, 1])
+    f1 = per_class_f1(preds, target, k)
+    # class 0: TP 1 -> 1; class 1: FP 1, FN 1 -> 0; class k-1: TP 1, FP 1, FN 1 -> 2/4; the empty classes 0
+    assert f1.shape == (k,) and f1[[0, 1, k - 1]].tolist() == [1.0, 0.0, 0.5] and f1.sum() == 1.5
+    assert macro_f1(preds, target, k) == 1.5 / k
+    g = torch.Generator().manual_seed(0)  # the same values as the confusion matrix, exactly
+    target, preds = torch.randint(0, 7, (500,), generator=g), torch.randint(0, 7, (500,), generator=g)
+    confusion = torch.bincount(target * 7 + preds, minlength=49).reshape(7, 7).to(torch.float64)
+    denom = confusion.sum(0) + confusion.sum(1)
+    assert torch.equal(per_class_f1(preds, target, 7), 2 * confusion.diagonal() / denom)

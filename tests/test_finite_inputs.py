@@ -200,7 +200,7 @@ def test_prepare_records_the_scan_and_a_nan_written_into_the_cache_later_is_refu
     root = cremad_prepared[0]
     summary = run_prepare("cremad", root, out, workers=1, progress=False, image_size=SIZE, max_frames=2)
     assert summary["cache_nonfinite"] == 1 and summary["cached"] == len(CLIPS) - 1
-    assert "audio: its cached row holds 4 NaN and 0 Inf values" in (out / "prepare_report.txt").read_text()
+    assert "(audio): its cached row holds 4 NaN and 0 Inf values" in (out / "prepare_report.txt").read_text()
     assert build_cremad("/nonexistent", prepared=str(out), image_size=SIZE).notes["uncached_clips"] == 1
     # ... and the next prepare decodes it again from the raw file
     summary = run_prepare("cremad", root, out, workers=1, progress=False, image_size=SIZE, max_frames=2)
@@ -260,7 +260,7 @@ def test_corrupt_and_truncated_wav_are_named_at_prepare_counted_and_logged_by_th
     with caplog.at_level(logging.WARNING, logger="mmbalance"):
         s = build_cremad("/nonexistent", prepared=str(out), image_size=SIZE)
     assert s.notes["uncached_clips"] == 2 and len(s.train) + len(s.val) + len(s.test) == 4
-    warning = next(r.getMessage() for r in caplog.records if "not in its cache" in r.getMessage())
+    warning = next(r.getMessage() for r in caplog.records if "are left out" in r.getMessage())
     assert "2 clips" in warning and CLIPS[1] in warning and CLIPS[4] in warning
     # the raw loader: the clip's read is one DataError naming the clip and the file
     raw = build_cremad(str(root), image_size=SIZE)

@@ -289,9 +289,12 @@ def test_bad_media_recorded_via_problem_and_skipped(tmp_path):
     ctx = PrepareContext(tmp_path, tmp_path / "prep", progress=False)
     summary = write_clip_cache(ctx, clips, readers, size=24, max_frames=4)
     assert summary["cached"] == 4 and summary["cache_failed"] == 3
-    problems = dict(ctx.problems)
-    assert set(problems) == {"clip1", "clip2", "gone"}
-    assert "clip1.wav" in problems["clip1"] and "frame_00001.jpg" in problems["clip2"]
+    # the report's path column names the failing file or frame folder; the text names the clip and modality
+    problems = {Path(p).name: why for p, why in ctx.problems}
+    assert set(problems) == {"clip1.wav", "clip2", "gone.wav"}
+    assert problems["clip1.wav"].startswith("clip clip1 (audio): ")
+    assert problems["clip2"].startswith("clip clip2 (visual): ") and "frame_00001.jpg" in problems["clip2"]
+    assert problems["gone.wav"].startswith("clip gone (audio): ")
     rows, kept = load_clip_cache(ctx.out, clips)
     assert [c.id for c in kept] == ["clip0", "clip3", "clip4", "clip5"]
     # the raw path names the file

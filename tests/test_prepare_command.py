@@ -16,7 +16,7 @@ def test_prepare_errors_name_the_option_and_what_was_expected(tmp_path):
 
 
 def test_preparers_are_found_by_their_dataset_config_and_imported_only_when_run():
-    """One registry style: a key of PREPARERS is a dataset config whose `_target_` lives in mmbalance.data.<key>,
+    """One registry style: a key of PREPARERS is a dataset config whose `_target_` is mmbalance.data.<key>.build_<key>,
     and that module's `prepare` is the preparer; no other dataset module defines one. Listing them (the CLI's
     `prepare --help`) imports no dataset module."""
     import ast
@@ -34,6 +34,8 @@ def test_preparers_are_found_by_their_dataset_config_and_imported_only_when_run(
         target = yaml.safe_load((conf / f"{name}.yaml").read_text())["_target_"]
         assert target.rsplit(".", 1)[0] == f"mmbalance.data.{name}", target
         assert callable(prepare.resolve(name))
+        # prepare checks its --set options against this builder's hints (prepare.check_options)
+        assert prepare.builder(name).__name__ == target.rsplit(".", 1)[1], target
     defines = {p.stem for p in data.glob("*.py") if any(
         isinstance(n, ast.FunctionDef) and n.name == "prepare" for n in ast.parse(p.read_text()).body)}
     assert defines == set(prepare.PREPARERS)

@@ -12,10 +12,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import AudioReader, Clip, FrameReader, ModalityMap
@@ -101,12 +103,15 @@ def find_clips(root: str | Path, annotation: str | None = None, visual_dir: str 
                audio_dir: str | None = None, video_dir: str | None = None, exclude: tuple[Path, ...] = ()
                ) -> Discovery:
     """The annotated clips with their media: the layout, the complete clips, the ones left out, the classes."""
-    root = dataset_root(root, "BalancedAV")
+    # absolute: a pinned folder option is resolved against the root here, and a layout Candidate joins a relative
+    # folder to the root again (`--root raw --set video_dir=videos` looked in raw/raw/videos)
+    root = dataset_root(root, "BalancedAV").absolute()
     folders = walk_dirs(root, 2, exclude)
     ann = find_annotation(root, annotation, folders)
     classes, entries = read_annotation(ann)
     label_of = {c: i for i, c in enumerate(classes)}
-    dirs = [folder for folder, _ in folders]
+    # relative to the root, as Candidate folders are: the root's own path never goes through their {split} format
+    dirs = [folder.relative_to(root) for folder, _ in folders]
     pinned = {k: option_path(root, v, k) for k, v in (("visual_dir", visual_dir), ("audio_dir", audio_dir),
                                                       ("video_dir", video_dir))}
     if pinned["video_dir"] is not None and not (visual_dir or audio_dir):  # the user pinned the raw videos
@@ -129,9 +134,11 @@ def bav_readers(kinds: dict[str, str], frames: int, image_size: int, augment: st
 
 def build_balanced_av(root: str | None = None, prepared: str | None = None, annotation: str | None = None,
                       visual_dir: str | None = None, audio_dir: str | None = None, video_dir: str | None = None,
-                      frames: int = 3, image_size: int = 224, augment: str = "crop_flip", audio_log: bool = False,
-                      sr: int = 44100, seconds: float = 10.0, n_fft: int = 512, hop_length: int = 440,
-                      audio_frames: int | None = 1003, val_fraction: float = 0.1, split_seed: int = 0) -> DataSplits:
+                      frames: PositiveInt = 3, image_size: PositiveInt = 224,
+                      augment: Literal[media.ClipTransform.AUGMENTS] = "crop_flip", audio_log: bool = False,
+                      sr: PositiveInt = 44100, seconds: PositiveFloat = 10.0, n_fft: PositiveInt = 512,
+                      hop_length: PositiveInt = 440, audio_frames: PositiveInt | None = 1003,
+                      val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0) -> DataSplits:
     """BalancedAV as DataSplits with modalities audio (spectrogram (1, 257, audio_frames)) and visual (frames
     (frames, 3, S, S)), from the raw tree under `root` or the `mmbalance prepare balanced_av` folder `prepared`."""
     splits, _ = build_clips(

@@ -10,8 +10,10 @@ jpeg/video decoding. `clip_splits` turns a clip list into DataSplits over either
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,12 @@ class FrameReader:
     def shape(self) -> tuple[int, ...]:
         return (self.frames, 2 if self.flow else 3, self.size, self.size)
 
+    def cache_recipe(self) -> dict:
+        """What the cached frames depend on besides the cache's frame size (attribute name -> value): recorded in
+        cache.json, so a changed recipe rebuilds the cache and a config that asks for another one is refused. The
+        frame count, augmentation and file-name prefixes shape sampling, not the stored frames."""
+        return {"flow": self.flow, **({"fps": self.fps} if self.source == "video" else {})}
+
     def transform(self, train: bool) -> media.ClipTransform:
         return media.ClipTransform(self.size, train, self.augment if train else "none",
                                    "flow" if self.flow else "imagenet", flow_pairs=self.flow)
@@ -120,7 +128,8 @@ class AudioReader:
 
     def __init__(self, source: str = "wav", recipe: str = "stft_log", sr: int = 22050, seconds: float = 3.0,
                  n_fft: int = 512, hop_length: int = 353, pad_mode: str = "constant", num_mel_bins: int = 128,
-                 target_frames: int = 1024, shape: Sequence[int] | None = None, frames: int | None = None):
+                 target_frames: int = 1024, shape: Sequence[int] | None = None, frames: int | None = None,
+                 shape_from: Sequence[str | None] = ()):
         if source not in ("wav", "video", "array"):
             raise ValueError(f"AudioReader source={source!r}; expected wav, video or array")
         if recipe not in ("stft_log", "stft_magnitude", "kaldi_fbank"):
@@ -131,6 +140,9 @@ class AudioReader:
         self.n_fft, self.hop_length, self.pad_mode = int(n_fft), int(hop_length), pad_mode
         self.num_mel_bins, self.target_frames = int(num_mel_bins), int(target_frames)
         self._shape = tuple(shape) if shape is not None else None
+        # stored arrays whose first readable one gives `shape`, read when the shape is first needed: building the
+        # reader only to compare its recipe (a prepared folder whose raw tree is gone) reads no file
+        self._shape_from = tuple(shape_from) if shape is None else ()
         # the width every spectrogram is fitted to (None: as the recipe makes it, or as stored)
         self.frames = int(frames) if frames else None
         if self.frames is None and recipe == "stft_magnitude":  # AV_preprocess_tool's |STFT| has a fixed width
@@ -143,19 +155,33 @@ class AudioReader:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self._shape is None and self._shape_from:
+            self._shape, self._shape_from = _stored_shape(self._shape_from), ()
         if self._shape is not None:
             return self._shape
         if self.recipe == "kaldi_fbank":
             return (1, self.num_mel_bins, self.target_frames)
         return (1, self.n_fft // 2 + 1, self.frames or self.stft_frames)
 
+    def cache_recipe(self) -> dict:
+        """What the cached spectrograms depend on (attribute name -> value), as `FrameReader.cache_recipe`: a stored
+        array only on the width it is fitted to; a computed one on every parameter of its recipe."""
+        if self.source == "array":
+            return {"source": "array", "frames": self.frames, **({"n_fft": self.n_fft} if self.frames else {})}
+        if self.recipe == "kaldi_fbank":
+            return {"source": self.source, "recipe": self.recipe, "sr": self.sr, "num_mel_bins": self.num_mel_bins,
+                    "target_frames": self.target_frames}
+        return {"source": self.source, "recipe": self.recipe, "sr": self.sr, "seconds": self.seconds,
+                "n_fft": self.n_fft, "hop_length": self.hop_length, "pad_mode": self.pad_mode, "frames": self.frames}
+
     def __call__(self, path: str, train: bool = False) -> Tensor:
         if self.source == "array":
             x = spectrogram_from_array(media.load_array(path), path)
             if self.frames is not None:
                 return self.fit(x, path)
-            if self._shape is not None and tuple(x.shape) != self._shape:
-                raise DataError(f"{path}: spectrogram of shape {tuple(x.shape)}, expected {self._shape} like the "
+            shape = self.shape if self._shape is not None or self._shape_from else None
+            if shape is not None and tuple(x.shape) != shape:
+                raise DataError(f"{path}: spectrogram of shape {tuple(x.shape)}, expected {shape} like the "
                                 "other clips")
             return x
         wave = media.read_wav(path, self.sr)[0] if self.source == "wav" else media.decode_audio(path, self.sr)
@@ -200,23 +226,30 @@ def spectrogram_from_array(x: np.ndarray, path: str = "") -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0)
 
 
-def stored_audio(paths: Sequence[str]) -> AudioReader:
-    """Stored spectrograms used as they are, pinned to the (1, F, T) shape of the first readable one among the first
-    few clips' files: every clip must have that shape."""
+def _stored_shape(paths: Sequence[str | None]) -> tuple[int, ...]:
+    """The (1, F, T) shape of the first readable stored spectrogram among `paths` (None: a clip without a file)."""
     first_error = None
-    for path in list(paths)[:8]:
+    for path in paths:
+        if path is None:
+            continue
         try:
-            return AudioReader(source="array", shape=spectrogram_from_array(media.load_array(path), path).shape)
+            return tuple(spectrogram_from_array(media.load_array(path), path).shape)
         except DataError as exc:
             first_error = first_error or exc
     raise first_error or DataError("no clip to read a stored spectrogram's shape from")
+
+
+def stored_audio(paths: Sequence[str | None]) -> AudioReader:
+    """Stored spectrograms used as they are, pinned to the (1, F, T) shape of the first readable one among the first
+    few clips' files (read when the shape is first needed): every clip must have that shape."""
+    return AudioReader(source="array", shape_from=list(paths)[:8])
 
 
 def av_readers(kinds: dict[str, str], clips: Sequence[Clip], audio: Callable[[str], AudioReader], *,
                frames: int = 3, image_size: int = 224, augment: str = "none", video_fps: float = 1.0) -> dict:
     """Audio, then visual (the fusion order of OGM-GE and BalanceBenchmark): stored spectrogram arrays used as they
     are, else `audio(kind)`, the dataset's recipe; frames of `kinds['visual']`, videos decoded at `video_fps`."""
-    return {"audio": stored_audio([c.sources["audio"] for c in clips]) if kinds["audio"] == "array" else
+    return {"audio": stored_audio([c.sources.get("audio") for c in clips[:8]]) if kinds["audio"] == "array" else
             audio(kinds["audio"]), "visual": FrameReader(kinds["visual"], frames, image_size, augment, video_fps)}
 
 
@@ -332,11 +365,20 @@ class ModalityMap(Dataset):
 # the prepared cache
 
 
-def _cache_one(task: tuple) -> tuple[int, str | None]:
-    """Worker: decode one clip and write its rows into the cache memmaps. Returns (row, error or None)."""
+def _source_path(clip: Clip, modality: str, reader: Reader, error: str = "") -> str:
+    """The file or folder of `modality` that prepare_report.txt names for a clip it leaves out (its `path` column):
+    of a modality read from several streams (optical flow's u and v), the one the error names."""
+    keys = list(getattr(reader, "streams", None) or {modality: ""})
+    paths = [clip.sources[k] for k in keys if k in clip.sources]
+    return next((p for p in paths if p in error), paths[0] if paths else clip.id)
+
+
+def _cache_one(task: tuple) -> tuple[int, str | None, str | None]:
+    """Worker: decode one clip and write its rows into the cache memmaps. Returns (row, failing path or None, error
+    or None)."""
     row, clip, readers, cache_dir, size, max_frames, shapes = task
-    try:
-        for j, (m, reader) in enumerate(readers.items()):
+    for j, (m, reader) in enumerate(readers.items()):
+        try:
             if reader.kind == "frames":
                 value, n = reader.cache_rows(clip, m, size, max_frames)
                 counts = np.load(Path(cache_dir) / "n_frames.npy", mmap_mode="r+")
@@ -345,17 +387,43 @@ def _cache_one(task: tuple) -> tuple[int, str | None]:
             else:
                 value = reader(clip.sources[m], train=False).numpy()
                 if value.shape != shapes[m]:
-                    return row, f"{m}: spectrogram shape {value.shape}, expected {shapes[m]} like the other clips"
+                    return row, clip.sources[m], (f"clip {clip.id} ({m}): spectrogram shape {value.shape}, expected "
+                                                  f"{shapes[m]} like the other clips")
                 value = value.astype(np.float16)
                 if not np.isfinite(value).all():  # float16 ends at 65504: a loud magnitude overflows to Inf
-                    return row, (f"{m}: the spectrogram of {clip.sources[m]!r} holds {int(np.isnan(value).sum())} "
-                                 f"NaN and {int(np.isinf(value).sum())} Inf values in float16")
-            array = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
-            array[row] = value
-            array.flush()
-    except DataError as exc:
-        return row, str(exc)
-    return row, None
+                    return row, clip.sources[m], (f"clip {clip.id} ({m}): its spectrogram holds "
+                                                  f"{int(np.isnan(value).sum())} NaN and {int(np.isinf(value).sum())} "
+                                                  "Inf values in float16")
+        except DataError as exc:
+            return row, _source_path(clip, m, reader, str(exc)), f"clip {clip.id} ({m}): {exc}"
+        array = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
+        array[row] = value
+        array.flush()
+    return row, None, None
+
+
+def sources_digest(clips: Sequence[Clip]) -> str:
+    """A digest of every clip's media: its id, each modality's path, and that file's (or frame folder's) size and
+    modification time. cache.json keeps it, so a cache is rebuilt when the clips come from another tree, another
+    media kind or files changed since (a re-extraction, a replaced download), never mixed with the new media."""
+    digest = hashlib.sha1()
+    for clip in clips:
+        digest.update(clip.id.encode() + b"\0")
+        for key, path in sorted(clip.sources.items()):
+            try:
+                st = os.stat(path)
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:  # a file gone since the clips were listed: its clip fails to decode and is reported
+                stamp = "missing"
+            digest.update(f"{key}={os.path.abspath(path)}|{stamp}\0".encode())  # the same file however rooted
+    return digest.hexdigest()
+
+
+def cache_files(meta: dict | None) -> list[str]:
+    """The files of a clip cache (those `write_clip_cache` writes), by the modalities its cache.json names."""
+    mods = list((meta or {}).get("modalities", {}))
+    return [CACHE_META, "done.npy", "n_frames.npy", *(f"{m}.npy" for m in mods),
+            *(finite.sidecar_path(Path(f"{m}.npy")).name for m in mods)]
 
 
 def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], size: int = 224,
@@ -366,57 +434,71 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
     `n_frames.npy`; spectrograms: the reader's evaluation output (deterministic), float16 (N, 1, F, T). Clips that
     fail to decode, or whose spectrogram is not finite, are reported with ctx.problem and stay not-done in
     done.npy: the loaders skip them, with a count, and the next prepare retries them.
+
+    cache.json records what the rows were made from: the clip ids, their media (`sources_digest`), the frame
+    size, `max_frames` and each reader's `cache_recipe`. Rows are resumed only when all of it is unchanged; any
+    change starts the cache afresh, so one cache never holds rows of two builds.
     """
     from numpy.lib.format import open_memmap
 
     out = Path(ctx.out)
     out.mkdir(parents=True, exist_ok=True)
+    folder = PreparedFolder(out)
     n = len(clips)
     shapes = {m: (max_frames, r.shape[1], size, size) if r.kind == "frames" else tuple(r.shape)
               for m, r in readers.items()}
     meta = {"ids": [c.id for c in clips], "size": size, "max_frames": max_frames,
-            "modalities": {m: {"kind": r.kind, "shape": list(shapes[m])} for m, r in readers.items()}}
+            "modalities": {m: {"kind": r.kind, "shape": list(shapes[m])} for m, r in readers.items()},
+            "recipe": {m: r.cache_recipe() for m, r in readers.items()}, "sources": sources_digest(clips)}
     meta_path, done_path = out / CACHE_META, out / "done.npy"
     try:  # an unreadable cache.json means the cache is rebuilt, not trusted
-        fresh = ctx.force or json.loads(meta_path.read_text()) != meta
+        fresh = ctx.force or json.loads(meta_path.read_text()) != meta or not done_path.is_file()
     except (OSError, ValueError):
         fresh = True
     if fresh:
+        # cache.json goes first and comes back last: a prepare stopped in between leaves no cache.json, so neither
+        # a loader nor the next prepare takes the blank rows for the old build's
+        meta_path.unlink(missing_ok=True)
         for m, shape in shapes.items():
             open_memmap(out / f"{m}.npy", mode="w+", dtype=np.uint8 if len(shape) == 4 else np.float16,
                         shape=(n, *shape)).flush()
-        np.save(out / "n_frames.npy", np.zeros((n, len(readers)), dtype=np.int16))
-        np.save(done_path, np.zeros(n, dtype=bool))
-        meta_path.write_text(json.dumps(meta))
+        folder.write_array("n_frames.npy", np.zeros((n, len(readers)), dtype=np.int16))
+        folder.write_array("done.npy", np.zeros(n, dtype=bool))
+        folder.write_text(CACHE_META, json.dumps(meta))
     done = np.load(done_path)
     todo = [i for i in range(n) if not done[i]]
     failed = 0
     for start in range(0, len(todo), 256):  # done.npy is saved after every chunk: an interrupted prepare resumes
         tasks = [(i, clips[i], readers, str(out), size, max_frames, shapes) for i in todo[start:start + 256]]
-        for row, error in ctx.map(_cache_one, tasks, desc="caching clips"):
+        for row, path, error in ctx.map(_cache_one, tasks, desc="caching clips"):
             if error is None:
                 done[row] = True
             else:
                 failed += 1
-                ctx.problem(clips[row].id, error)
-        np.save(done_path, done)
+                ctx.problem(path, error)
+        folder.write_array("done.npy", done)
     # Scan each array once here (it is fresh in the page cache) and record the result next to it. Rows that hold
     # NaN/Inf although done (cached before this check, or changed since) are reported and marked not-done.
     dropped: set[int] = set()
-    for m in readers:
+    for m, reader in readers.items():
         for row, (nan, inf) in sorted(finite.cached_row_counts(out / f"{m}.npy").items()):
             if done[row]:
-                ctx.problem(clips[row].id, f"{m}: its cached row holds {nan} NaN and {inf} Inf values; left out")
+                ctx.problem(_source_path(clips[row], m, reader), f"clip {clips[row].id} ({m}): its cached row "
+                            f"holds {nan} NaN and {inf} Inf values; left out")
                 dropped.add(row)
     if dropped:
         done[sorted(dropped)] = False
-        np.save(done_path, done)
+        folder.write_array("done.npy", done)
+    usable = {s: int(sum(bool(done[i]) for i, c in enumerate(clips) if c.split == s)) for s in SPLITS}
     return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": n - len(todo),
-            "cache_nonfinite": len(dropped), "cache_frame_size": size, "cache_max_frames": max_frames}
+            "cache_nonfinite": len(dropped), "cache_frame_size": size, "cache_max_frames": max_frames,
+            "usable_clips": usable}
 
 
 def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.ndarray, list[Clip]]:
-    """Map clips to cache rows by id; clips that are not cached (failed or missing) are dropped."""
+    """Map clips to cache rows by id; clips whose row is not done (they failed to decode at prepare, and are listed
+    in its prepare_report.txt) are dropped. A clip the cache does not hold at all is a DataError: the cache was
+    written for another clip list than the one given, and leaving such clips out would shrink the splits silently."""
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / CACHE_META
     if not meta_path.is_file():
@@ -426,8 +508,13 @@ def load_clip_cache(cache_dir: str | Path, clips: Sequence[Clip]) -> tuple[np.nd
     if not isinstance(meta, dict) or len(meta.get("ids", ())) != len(done):
         raise DataError(f"{meta_path}: its `ids` do not match {cache_dir / 'done.npy'}; run `mmbalance prepare` "
                         "again with --force")
-    row_of = {i: r for r, i in enumerate(meta["ids"]) if done[r]}
-    kept = [c for c in clips if c.id in row_of]
+    row_of = {i: r for r, i in enumerate(meta["ids"])}
+    absent = [c.id for c in clips if c.id not in row_of]
+    if absent:
+        raise DataError(f"{meta_path}: the cache holds no row for {len(absent)} of the clips listed (e.g. "
+                        f"{', '.join(absent[:3])}): it was written for another clip list than manifest.csv; run "
+                        "`mmbalance prepare` again")
+    kept = [c for c in clips if done[row_of[c.id]]]
     return np.array([row_of[c.id] for c in kept], dtype=np.int64), kept
 
 
@@ -464,9 +551,10 @@ def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: 
             uncached += [c.id for c in by_split[s] if c.id not in kept_ids]
             datasets[s] = CachedClipDataset(cache_dir, rows, kept, readers, s == "train")
         if uncached:
-            log.warning("%s: %d clips of manifest.csv are not in its cache (they failed to decode at prepare; see "
-                        "prepare_report.txt) and are left out: %s%s", cache_dir, len(uncached),
-                        ", ".join(uncached[:5]), " ..." if len(uncached) > 5 else "")
+            log.warning("%s: %d clips of manifest.csv are left out: prepare could not cache them (they failed to "
+                        "decode or were not finite; each is listed in %s): %s%s", cache_dir, len(uncached),
+                        Path(cache_dir) / "prepare_report.txt", ", ".join(uncached[:5]),
+                        " ..." if len(uncached) > 5 else "")
         notes.update(uncached_clips=len(uncached), cached_clips=sum(len(d) for d in datasets.values()))
         # uint8 frames hold no NaN and are not read, but this opens every array: a broken one fails here
         used = [(m, s, Path(cache_dir) / f"{m}.npy", d.rows) for m in readers for s, d in datasets.items()]

@@ -8,8 +8,10 @@ Reference (layouts, labels, tasks, the prepared cache): docs/datasets.md#cmu-mos
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +48,7 @@ LABEL_COLUMNS = {"binary_nonneg": "y2_nonneg", "binary_drop_zero": "y2_nonzero",
 # the internal label mode of dataset.task=regression: the float scores themselves, one model output
 REGRESSION = "regression"
 CACHE_VERSION = 1
+SCORE_RANGE = (-3.0, 3.0)  # CMU-MOSEI's sentiment scale: annotators rate -3 (very negative) .. +3 (very positive)
 VAL_SOURCE = "CMU-MOSEI's own validation split ('valid' in the pickle)"
 
 
@@ -133,8 +136,10 @@ def _make_split(s: SplitData, label_mode: str) -> tuple[ArrayDataset, int]:
     return ArrayDataset(s.arrays, rows, labels, [s.ids[r] for r in rows]), int((~keep).sum())
 
 
-def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligned: bool = False, layout: str = "auto",
-                    label_mode: str = "binary_nonneg", modalities: list[str] | None = None, text_key: str = "auto",
+def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligned: bool = False,
+                    layout: Literal[LAYOUTS] = "auto",
+                    label_mode: Literal["binary_nonneg", "binary_drop_zero", "7class"] = "binary_nonneg",
+                    modalities: list[Literal[MODALITIES]] | None = None, text_key: Literal[TEXT_KEYS] = "auto",
                     task: Literal["classification", "regression"] = "classification",
                     loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto") -> DataSplits:
     """CMU-MOSEI as DataSplits of (T, D) `sequence` modalities audio, vision, text (in `modalities` order).
@@ -149,12 +154,12 @@ def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligne
     if task == "regression":
         label_mode = REGRESSION  # from here on the "label mode" of float scores
     if prepared:
-        src = _read_prepared(PreparedFolder(prepared, "cmu_mosei"), aligned, mods, text_key)
+        src = _read_prepared(PreparedFolder(prepared, "cmu_mosei"), aligned, mods, text_key, root, layout)
     elif not root:
         raise UserError("dataset.root is not set: point it at the CMU-MOSEI folder or .pkl, or set dataset.prepared")
     else:
         path, found_layout, file_aligned = find_source(root, aligned, layout)
-        src = read_source(path, mods, text_key, layout, file_aligned)
+        src = read_source(path, mods, text_key, layout, file_aligned, score_range=SCORE_RANGE)
         src.layout = src.layout if found_layout == "file" else found_layout
     datasets, dropped = {}, {}
     for split, s in src.splits.items():
@@ -210,8 +215,32 @@ def _prepared_labels(folder: PreparedFolder) -> dict[str, SplitData]:
     return {s: SplitData({}, folder.array(f"{s}/y_reg.npy", mmap_mode=None), ids[s]) for s in SPLITS}
 
 
-def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_key: str) -> Source:
-    """The cache as a Source whose arrays are its .npy files, once it is checked to fit the options."""
+def _stale_source(meta: dict, root, aligned: bool, layout: str) -> str | None:
+    """What shows that the cache is not made from the pickle a raw build would read (None when nothing does): that
+    pickle (the one `root` names, else the one prepare recorded) has another size or mtime than cache.json records.
+    Neither there: the cache stands alone (copied elsewhere without its source)."""
+    stamp, path = meta["source"], Path(meta["source"]["path"])
+    if root:
+        with contextlib.suppress(DataError):  # root holds no such pickle: compare with the recorded one
+            path = find_source(root, aligned, layout)[0]
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+
+    def described(size: int, mtime_ns: int) -> str:
+        return f"{size} bytes, modified {datetime.fromtimestamp(mtime_ns / 1e9).isoformat(timespec='seconds')}"
+
+    if (st.st_size, st.st_mtime_ns) == (stamp["size"], stamp["mtime_ns"]):
+        return None
+    return (f"it was prepared from {stamp['path']} ({described(stamp['size'], stamp['mtime_ns'])}), but the pickle "
+            f"{path} is {described(st.st_size, st.st_mtime_ns)}")
+
+
+def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_key: str, root=None,
+                   layout: str = "auto") -> Source:
+    """The cache as a Source whose arrays are its .npy files, once it is checked to fit the options and to be
+    made from the pickle `root` names (or the one it recorded)."""
     folder, meta = prep.path, _read_meta(prep)
     where = f"dataset.prepared {str(folder)!r}"
     if meta is None:
@@ -219,8 +248,14 @@ def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_ke
                         f"run `mmbalance prepare cmu_mosei --root RAW --out {folder}` first")
     if meta.get("aligned") is not None and bool(meta["aligned"]) != bool(aligned):
         raise DataError(f"{where} holds the {_alignment(meta['aligned'])} features but dataset.aligned="
-                        f"{str(bool(aligned)).lower()}; set dataset.aligned={str(bool(meta['aligned'])).lower()} or "
-                        "prepare the other file into another folder (--set aligned=...)")
+                        f"{str(bool(aligned)).lower()}; set dataset.aligned={str(bool(meta['aligned'])).lower()}, "
+                        "set dataset.prepared=null to read the pickle itself, or prepare the other file into another "
+                        "folder (--set aligned=...) and point dataset.prepared at it")
+    stale = _stale_source(meta, root, aligned, layout)
+    if stale:  # a cache silently used for a changed pickle would train on the old data
+        raise DataError(f"{where} is out of date: {stale}. Prepare again (`mmbalance prepare cmu_mosei --root "
+                        f"{root or meta['source']['path']} --out {folder}`, with the options it was prepared with: it "
+                        "rebuilds the cache), or set dataset.prepared=null to read the pickle itself")
     if text_key != "auto" and "text" in mods and meta.get("text_key") not in ("auto", text_key):
         raise DataError(f"{where} was prepared with text_key={meta.get('text_key')}; dataset.text_key={text_key} "
                         "needs another prepare run")
@@ -283,10 +318,12 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
             and meta["options"] == options
             and out.has(MANIFEST, CLASSES, *(f"{s}/{m}.npy" for s in SPLITS for m in [*meta["shapes"], "y_reg"]))):
         _write_labels(out, _prepared_labels(out), label_mode)
+        _note_replaced(ctx, meta.get("nonfinite_where", []))
         return _summary(meta, label_mode, cache="up to date (kept; labels rewritten)")
 
-    src = read_source(path, mods, text_key, layout, file_aligned)
+    src = read_source(path, mods, text_key, layout, file_aligned, score_range=SCORE_RANGE)
     src.layout = src.layout if found_layout == "file" else found_layout
+    _note_replaced(ctx, src.replaced_in)
     (out.path / CACHE_META).unlink(missing_ok=True)  # written last: its presence marks a complete cache
     from tqdm import tqdm
 
@@ -305,11 +342,19 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
             "layout": src.layout, "aligned": src.aligned, "text_key": text_key, "text": src.text_source,
             "kinds": {m: src.specs[m].kind for m in mods}, "shapes": {m: list(src.specs[m].shape) for m in mods},
             "counts": {s: len(d.y) for s, d in src.splits.items()}, "nonfinite_replaced": src.replaced,
+            "nonfinite_where": src.replaced_in,
             "notes": src.notes, "classes": LABEL_MODES}
     out.write_json(CACHE_META, meta)
     log.info("cmu_mosei prepare: %s (%s layout), %d samples, non-finite replaced %s", path, src.layout,
              sum(meta["counts"].values()), src.replaced)
     return _summary(meta, label_mode, cache="written")
+
+
+def _note_replaced(ctx: PrepareContext, replaced_in) -> None:
+    """Each array whose non-finite values the cache holds as 0: kept, but changed, so prepare_report.txt lists it
+    (on a run that keeps the cache too, from cache.json)."""
+    for where, count in replaced_in:
+        ctx.note(where, f"{count} non-finite values (NaN, +-Inf) replaced by 0")
 
 
 def _summary(meta: dict, label_mode: str, cache: str) -> dict:

@@ -12,9 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, stratified_split
 from mmbalance.data.clips import AudioReader, Clip, av_readers, clip_splits
@@ -41,6 +43,9 @@ LAYOUTS = {"raw": ("VideoFlash", "AudioWAV"), "ogmge": ("Image-01-FPS", "AudioWA
 KIND_NAMES = {"jpgdir": "frame folders", "video": "videos", "wav": "wav files", "array": "spectrogram arrays"}
 # folders that hold media, never split files: not searched for train.csv/test.csv
 MEDIA_DIRS = {"AudioWAV", "AudioMP3", "VideoFlash", "Image-01-FPS", "visual", "audio", "frames"}
+# the builder's choices, as config validation checks them before anything is read
+Augment = Literal[media.ClipTransform.AUGMENTS]
+PadMode = Literal["reflect", "constant", "replicate", "circular"]  # torch.stft's centre padding modes
 
 
 def parse_clip_name(name: str) -> tuple[str, str] | None:
@@ -82,7 +87,9 @@ def detect_layout(root: str | Path, layout: str = "auto", audio: str = "auto", v
     """Find the CREMA-D media under `root` (or one folder below it) in the order of the layout table and say which
     known layout matched. `audio` (wav | pt | video) forces one kind; `visual_dir` / `audio_dir` (relative to root
     or absolute) override the folders, and their content decides the kind."""
-    root = dataset_root(root, "CREMA-D")
+    # absolute: a pinned visual_dir/audio_dir is resolved against the root here, and a layout Candidate joins a
+    # relative folder to the root again (`dataset.root=raw dataset.visual_dir=frames` looked in raw/raw/frames)
+    root = dataset_root(root, "CREMA-D").absolute()
     if layout not in ("auto", *LAYOUTS):
         raise DataError(f"dataset.layout={layout!r}; expected auto or one of {sorted(LAYOUTS)}")
     if audio not in AUDIO_KINDS:
@@ -186,22 +193,20 @@ def generated_split(ids: list[str], mode: str, test_fraction: float, val_fractio
     return out, desc
 
 
-def assign_splits(root: Path, ids: list[str], split: str, train_split, test_split, val_split,
-                  test_fraction: float, val_fraction: float, seed: int) -> tuple[dict[str, str], str]:
+def split_files_for(root: Path, split: str, train_split, test_split, val_split) -> dict[str, Path] | None:
+    """The split files `split` uses, or None when it generates the split (`generated_split`)."""
     if split not in SPLIT_MODES:
         raise DataError(f"dataset.split={split!r}; expected one of {SPLIT_MODES}")
-    files = None
-    if split in ("auto", "files"):
-        files = find_split_files(root, train_split, test_split, val_split)
-        if files is None and split == "files":
-            raise DataError(f"split=files: no split files given and no train.csv + test.csv found under "
-                            f"{str(root)!r}; set dataset.train_split / dataset.test_split or use split=stratified")
-    elif any(v not in (None, "") for v in (train_split, test_split, val_split)):
-        raise DataError(f"dataset.split={split!r} generates the split; remove train_split/test_split/val_split "
-                        "or use split=files")
-    if files is not None:
-        return read_split_files(files), "split files " + ", ".join(f"{k}={v}" for k, v in files.items())
-    return generated_split(ids, "speaker" if split == "speaker" else "stratified", test_fraction, val_fraction, seed)
+    if split in ("stratified", "speaker"):
+        if any(v not in (None, "") for v in (train_split, test_split, val_split)):
+            raise DataError(f"dataset.split={split!r} generates the split; remove train_split/test_split/val_split "
+                            "or use split=files")
+        return None
+    files = find_split_files(root, train_split, test_split, val_split)
+    if files is None and split == "files":
+        raise DataError(f"split=files: no split files given and no train.csv + test.csv found under "
+                        f"{str(root)!r}; set dataset.train_split / dataset.test_split or use split=stratified")
+    return files
 
 
 def make_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 2, image_size: int = 224,
@@ -226,10 +231,13 @@ def discover(root, layout: str, audio: str, visual_dir, audio_dir, class_names: 
     used. Empty files and frame folders count as unreadable; full decoding is checked by `prepare`."""
     lay = detect_layout(root, layout, audio, visual_dir, audio_dir)
     on_disk = lay.names()
-    split_of, split_desc = assign_splits(Path(str(root)).expanduser(), [i for i in on_disk if parse_clip_name(i)],
-                                         split, *split_files, test_fraction, val_fraction, split_seed)
-    from_files = split_desc.startswith("split files")
-    ignored = sorted(n for n in (set(split_of) if from_files else on_disk) if parse_clip_name(n) is None)
+    files = split_files_for(Path(str(root)).expanduser(), split, *split_files)
+    if files is not None:
+        split_of = read_split_files(files)
+        split_desc = "split files " + ", ".join(f"{k}={v}" for k, v in files.items())
+    else:  # drawn below, once the complete clips are known
+        split_of, split_desc = dict.fromkeys(on_disk, "train"), "generated"
+    ignored = sorted(n for n in split_of if parse_clip_name(n) is None)
     entries = [Clip(i, class_names.index(parse_clip_name(i)[1]), split_of[i]) for i in
                sorted(set(split_of) - set(ignored), key=media.natural_key)]
     cands = {"audio": lay.audio, "visual": lay.visual}
@@ -241,22 +249,32 @@ def discover(root, layout: str, audio: str, visual_dir, audio_dir, class_names: 
     unreadable = [(c.sources[m], f"unreadable {m}: empty " + ("folder" if cands[m].is_dir else "file"))
                   for c in found.clips for m in empty[c.id]]
     clips = [c for c in found.clips if not empty[c.id]]
+    if files is None and clips:
+        # A generated split is drawn over the complete clips only (both modalities there and non-empty), never
+        # over every name on disk: these are exactly the clips prepare writes into manifest.csv, so the raw tree
+        # and its prepared folder split the same clips the same way (a clip missing a file cannot shift the draw)
+        drawn, split_desc = generated_split([c.id for c in clips], split if split == "speaker" else "stratified",
+                                            test_fraction, val_fraction, split_seed)
+        clips = [Clip(c.id, c.label, drawn[c.id], c.sources) for c in clips]
     notes = {"layout": lay.name, "base": str(lay.base), "visual": lay.describe("visual"),
              "audio": lay.describe("audio"), "clips": len(clips), "missing_files": len(missing),
              "unreadable_files": len(unreadable), "ignored_names": len(ignored),
-             "not_in_split_files": len(on_disk - set(split_of) - set(ignored)) if from_files else 0,
+             "not_in_split_files": len(on_disk - set(split_of) - set(ignored)) if files is not None else 0,
              "split": split_desc}
     problems = missing + unreadable + [(n, "not a CREMA-D clip name (<actor>_<sentence>_<EMO>_<level>); ignored")
                                        for n in ignored[:20]]
     return lay, clips, notes, problems
 
 
-def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", audio: str = "auto",
-                 visual_dir: str | None = None, audio_dir: str | None = None, label_map: str = "ogmge",
-                 split: str = "auto", train_split: str | None = None, test_split: str | None = None,
-                 val_split: str | None = None, test_fraction: float = 0.1, val_fraction: float = 0.1,
-                 split_seed: int = 0, frames: int = 2, image_size: int = 224, augment: str = "crop_flip",
-                 video_fps: float = 1.0, pad_mode: str = "reflect") -> DataSplits:
+def build_cremad(root: str, prepared: str | None = None,
+                 layout: Literal["auto", "raw", "ogmge", "balancebenchmark"] = "auto",
+                 audio: Literal["auto", "wav", "pt", "video"] = "auto", visual_dir: str | None = None,
+                 audio_dir: str | None = None, label_map: Literal["ogmge", "sorted"] = "ogmge",
+                 split: Literal[SPLIT_MODES] = "auto", train_split: str | None = None, test_split: str | None = None,
+                 val_split: str | None = None, test_fraction: Fraction = 0.1, val_fraction: Fraction = 0.1,
+                 split_seed: NonNegativeInt = 0, frames: PositiveInt = 2, image_size: PositiveInt = 224,
+                 augment: Augment = "crop_flip", video_fps: PositiveFloat = 1.0,
+                 pad_mode: PadMode = "reflect") -> DataSplits:
     """CREMA-D as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S): the raw tree under
     `root`, or the `mmbalance prepare cremad` folder `prepared`, whose media options (layout, audio, pad_mode,
     video_fps) are the ones given to prepare; there ``split=auto`` keeps the prepared split and
@@ -279,6 +297,10 @@ def build_cremad(root: str, prepared: str | None = None, layout: str = "auto", a
         else:
             split_of, split_desc = generated_split([r["id"] for r in rows], split, test_fraction, val_fraction,
                                                    split_seed)
+            if split_desc == folder.summary.get("split"):
+                # prepare drew this very split (same rule, fractions and seed) over the complete clips, before a
+                # video that failed to decode left the manifest: its draw is the raw tree's, keep it
+                split_of = {r["id"]: r["split"] for r in rows}
         clips = [Clip(r["id"], class_names.index(r["emotion"]), split_of[r["id"]], {}) for r in rows]
         notes = {"split": split_desc, "label_map": label_map, "classes": class_names,
                  "classes_json": folder.classes(), "audio_recipe": folder.summary.get("audio_recipe")}

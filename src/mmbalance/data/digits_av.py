@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from mmbalance.constraints import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Probability
 from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
 from mmbalance.data.finite import check_arrays
 from mmbalance.data.spoken_digits import (ACCENTS, DIGIT_WORDS, PITCH_RANGE, RATES, SAMPLE_RATE, VARIANTS,
@@ -78,10 +79,11 @@ def _text_cue(labels: np.ndarray, noise: float, rng: np.random.Generator) -> np.
 # public builder
 
 
-def build_digits_av(*, image_noise: float = 0.55, audio_snr_db: float = 20.0, text: bool = False,
-                    text_noise: float = 0.1, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                    split_seed: int = 0, cache_dir: str | os.PathLike | None = None, clips_per_digit: int = 180,
-                    synth_seed: int = 0) -> DataSplits:
+def build_digits_av(*, image_noise: NonNegativeFloat = 0.55, audio_snr_db: float = 20.0, text: bool = False,
+                    text_noise: Probability = 0.1, test_fraction: Fraction = 0.2,
+                    val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
+                    cache_dir: str | os.PathLike | None = None, clips_per_digit: PositiveInt = 180,
+                    synth_seed: NonNegativeInt = 0) -> DataSplits:
     """Build the digits_av demo dataset (see the module docstring).
 
     image_noise: std of the fixed Gaussian noise added to the [0, 1] images (imbalance knob 1).
@@ -104,7 +106,7 @@ def build_digits_av(*, image_noise: float = 0.55, audio_snr_db: float = 20.0, te
     from sklearn.datasets import load_digits
 
     for ok, rule in ((0.0 < test_fraction < 1.0, f"test_fraction must be in (0, 1), got {test_fraction}"),
-                     (0.0 <= val_fraction < 1.0, f"val_fraction must be in [0, 1), got {val_fraction}"),
+                     (0.0 < val_fraction < 1.0, f"val_fraction must be in (0, 1), got {val_fraction}"),
                      (image_noise >= 0, f"image_noise must be >= 0, got {image_noise}"),
                      (0.0 <= text_noise <= 1.0, f"text_noise must be in [0, 1], got {text_noise}"),
                      (clips_per_digit >= 1, f"clips_per_digit must be >= 1, got {clips_per_digit}")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from mmbalance.constraints import Fraction, NonNegativeInt
 from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
 from mmbalance.data.finite import check_arrays
-from mmbalance.errors import DataError
+from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
 
@@ -117,6 +118,9 @@ def build_features(
     names = list(modalities) if modalities else list(arrays)
     if not names:
         raise DataError(f"{file}: no modality arrays besides `label`/`split`/`classes`; expected {FORMAT}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:  # one array cannot be two modalities: the run would silently have one modality fewer
+        raise UserError(f"dataset.modalities={names}: {twice} named more than once; name each modality once")
     specs = {}
     for name in names:
         if name not in arrays:
@@ -125,8 +129,9 @@ def build_features(
         if x.dtype.kind not in "biuf":
             raise DataError(f"{file}: `{name}` has dtype {x.dtype} ({NOT_NUMBERS.get(x.dtype.kind, 'not numbers')}); "
                             "expected a modality of numbers (float, int or bool, read as float32)")
-        if x.ndim not in (2, 3) or x.shape[0] != n:
-            raise DataError(f"{file}: `{name}` has shape {x.shape}; expected ({n}, D) or ({n}, T, D)")
+        if x.ndim not in (2, 3) or x.shape[0] != n or 0 in x.shape[1:]:
+            raise DataError(f"{file}: `{name}` has shape {x.shape}; expected ({n}, D) or ({n}, T, D) with D and T "
+                            "at least 1")
         if x.dtype not in (np.float16, np.float32):
             # what the model sees (samples are read as float32): a float64 value past 3.4e38 is Inf there, so the
             # finite check below must see it as Inf too
@@ -146,8 +151,10 @@ def build_features(
                             f"dtype {found} (unexpected values {unknown[:5]})")
         train_val = np.flatnonzero(split != "test")
         test = np.flatnonzero(split == "test")
-        if not len(test):
-            raise DataError(f"{file}: `split` has no 'test' samples")
+        for part in ("train", "test"):  # the model trains and is tested on the file's own split: both needed
+            if not (split == part).any():
+                raise DataError(f"{file}: `split` has no {part!r} samples (it has {dict(Counter(split.tolist()))}); "
+                                "expected train, test and optionally val rows")
         val_source = "the file's `split`"
     if split is not None and (split == "val").any():
         train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")

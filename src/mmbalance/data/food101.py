@@ -15,11 +15,13 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmbalance.constraints import Fraction, NonNegativeInt, Range
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
 from mmbalance.data.images import Images, cached_images, decode_images
@@ -198,8 +200,10 @@ class Food101Dataset(Dataset):
 # --------------------------------------------------------------------------------------------------- builder
 
 
-def build_food101(root: str, prepared: str | None = None, image_size: int = 224, tokenizer: str = "bert-base-uncased",
-                  max_length: int = 40, clean_text: bool = True, val_fraction: float = 0.1, split_seed: int = 0,
+def build_food101(root: str, prepared: str | None = None, image_size: Annotated[int, Range(ge=8)] = 224,
+                  tokenizer: str = "bert-base-uncased",
+                  max_length: Annotated[int, Range(ge=2)] = 40,  # room for [CLS] and [SEP] (text.Tokenizer)
+                  clean_text: bool = True, val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
                   use_cache: bool = True) -> DataSplits:
     """UPMC Food-101 as DataSplits (text tokens + visual image), BalanceBenchmark's FOOD-101 recipe: from the
     folder `mmbalance prepare food101` wrote (``prepared``; 'auto' = ROOT/mmbalance_prepared once prepare finished
@@ -309,8 +313,11 @@ def prepare(ctx: PrepareContext, image_size: int | None = None, tokenizer: str |
     found = scan(ctx.root)
     for path in found.missing:
         ctx.problem(path, "named in the titles csv but not on disk (csv row without an image)")
-    # the key of the image list: a cache made for another list is not reused
-    candidates_sha1 = hashlib.sha1("\n".join(r.id for r in found.records).encode()).hexdigest()
+    # the key of the image list and of each image's size and mtime (what `make` trusts too; one stat per image,
+    # no read): a cache made for another list, or before an image was replaced under the same name, is not reused
+    stamps = (os.stat(ctx.root / r.image) for r in found.records)
+    candidates_sha1 = hashlib.sha1("\n".join(f"{r.id}\t{st.st_size}\t{st.st_mtime_ns}" for r, st in
+                                             zip(found.records, stamps)).encode()).hexdigest()
     checked = bool(check_images or size)
     bad, cache_file = {}, None
     if checked:

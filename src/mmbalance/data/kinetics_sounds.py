@@ -11,7 +11,9 @@ import csv
 import os
 import re
 from pathlib import Path
+from typing import Annotated, Literal
 
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import AudioReader, Clip, av_readers
@@ -29,6 +31,9 @@ KS_CLASSES = [
     "tapping_guitar", "tapping_pen", "tickling",
 ]
 KS_INDEX = {name: i for i, name in enumerate(KS_CLASSES)}
+Augment = Literal[media.ClipTransform.AUGMENTS]
+# Kaldi's fbank frames audio in 25 ms windows shifted by 10 ms: the shift must hold a sample (torchaudio asserts)
+KaldiSampleRate = Annotated[int, Range(ge=100)]
 
 # a split file's first field may name the clip's media file: these extensions are stripped from the id
 MEDIA_EXTENSIONS = {suffix for suffixes in KIND_SUFFIXES.values() for suffix in suffixes if suffix}
@@ -209,10 +214,12 @@ def ks_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 3, ima
 
 def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_list: str | None = None,
                           val_list: str | None = None, test_list: str | None = None, annotations: str | None = None,
-                          visual_dir: str | None = None, audio_dir: str | None = None, frames: int = 3,
-                          image_size: int = 224, augment: str = "crop_flip", video_fps: float = 1.0,
-                          sample_rate: int = 16000, num_mel_bins: int = 128, audio_target_frames: int = 1024,
-                          val_fraction: float = 0.1, split_seed: int = 0) -> DataSplits:
+                          visual_dir: str | None = None, audio_dir: str | None = None, frames: PositiveInt = 3,
+                          image_size: PositiveInt = 224, augment: Augment = "crop_flip",
+                          video_fps: PositiveFloat = 1.0, sample_rate: KaldiSampleRate = 16000,
+                          num_mel_bins: Annotated[int, Range(ge=3)] = 128,  # Kaldi's mel filterbank needs 3 or more
+                          audio_target_frames: PositiveInt = 1024, val_fraction: Fraction = 0.1,
+                          split_seed: NonNegativeInt = 0) -> DataSplits:
     """Kinetics-Sounds as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S), from the
     ``mmbalance prepare kinetics_sounds`` folder `prepared` or the raw tree under `root`."""
     recipe = dict(frames=frames, image_size=image_size, augment=augment, video_fps=video_fps,

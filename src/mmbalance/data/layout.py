@@ -12,6 +12,8 @@ standing for the clip's split, e.g. ``(("jpgdir", ("visual", "frames")), ("video
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import logging
 import os
 import re
@@ -21,8 +23,10 @@ from pathlib import Path
 
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
-from mmbalance.data.clips import SPLITS, AudioReader, Clip, FrameReader, clip_splits, write_clip_cache
-from mmbalance.data.prepare import CACHE_META, MANIFEST, REPORT, SUMMARY, PreparedFolder, resolve_prepared
+from mmbalance.data.clips import (SPLITS, AudioReader, Clip, FrameReader, cache_files, clip_splits, sources_digest,
+                                  write_clip_cache)
+from mmbalance.data.prepare import (CACHE_META, MANIFEST, PREPARERS, REPORT, STATUS, SUMMARY, PreparedFolder,
+                                    builder, resolve, resolve_prepared)
 from mmbalance.errors import DataError, UserError
 
 log = logging.getLogger("mmbalance")
@@ -32,8 +36,11 @@ KIND_SUFFIXES = {"jpgdir": ("", ".mp4"), "hdf5": (".hdf5", ".h5"), "video": (".m
                  "array": (".npy", ".pkl", ".pt"), "wav": (".wav",)}
 # where raw downloads keep their videos (`{split}` = the clip's split)
 VIDEO_FOLDERS = ("{split}", "train", "val", "validate", "test", "videos", "video", "mp4")
-# files that mark a folder as mmbalance output (a prepared folder), never raw data to detect
-PREPARED_MARKERS = (MANIFEST, CACHE_META, SUMMARY)
+# files that mark a folder as mmbalance output (a prepared folder), never raw data to detect; prepare writes
+# STATUS before anything else, so a folder it is still writing (or that it stopped writing) is one too
+PREPARED_MARKERS = (STATUS, MANIFEST, CACHE_META, SUMMARY)
+# what extract_media decoded the videos with, per modality: other options extract them again
+EXTRACTED = "extract.json"
 
 Table = Sequence[tuple[str, Sequence[str]]]  # ((kind, folders), ...) in priority order
 
@@ -252,14 +259,23 @@ def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str
     """Resolve every modality (`tables`, in the fusion order) of every listed clip; clips lacking a modality are
     counted as missing. `names`: each clip's accepted file names (default: its id). `layout`: the layout's name,
     or a function of the media kinds found that names it. `drop_duplicates` (split lists that may repeat a clip):
-    a clip listed twice (e.g. in train and test) is kept once, where it first appears, and the notes count the
-    others (`duplicates_dropped`)."""
+    a clip listed again with the same split and label is kept once and the notes count the repeats
+    (`duplicates_dropped`); one listed with another split or label is a DataError naming it and both listings,
+    since keeping either would put a test clip into training or train on a wrong label."""
     names = names or [[e.id] for e in entries]
     listed = len(entries)
     if drop_duplicates:
         first_at: dict[str, int] = {}
         for i, entry in enumerate(entries):
-            first_at.setdefault(entry.id, i)
+            j = first_at.setdefault(entry.id, i)
+            a = entries[j]
+            if (a.split, a.label) != (entry.split, entry.label):
+                differ = " and ".join(w for w, d in (("splits", a.split != entry.split),
+                                                     ("labels", a.label != entry.label)) if d)
+                raise DataError(f"{dataset}: clip {entry.id!r} is listed twice in {split_source} with different "
+                                f"{differ}: as {a.split} {classes[a.label]!r} and as {entry.split} "
+                                f"{classes[entry.label]!r}; a clip belongs to one split with one label (a test clip "
+                                "listed for training would leak into it): fix the lists")
         entries, names = [entries[i] for i in first_at.values()], [names[i] for i in first_at.values()]
     index = DirIndex()
     resolved = {m: resolve_modality(root, entries, names, table, index) for m, table in tables.items()}
@@ -291,18 +307,89 @@ def find_media(root: Path, entries: Sequence[Clip], names: Sequence[Sequence[str
 # the prepared folder -> DataSplits
 
 
+# recipe attributes (FrameReader / AudioReader `cache_recipe`, extract.json): what a refusal calls them, and the
+# options that set them, tried in order against the dataset builder's (dataset.X) and the preparer's (--set X)
+# signatures
+RECIPE_OPTIONS = {"size": ("frame size", ("image_size", "size")),
+                  "fps": ("frame rate of the videos", ("video_fps", "fps", "extract_fps")),
+                  "flow": ("optical flow", ()), "source": ("media kind", ()), "recipe": ("audio recipe", ()),
+                  "sr": ("sample rate", ("sample_rate", "sr")), "seconds": ("seconds", ("clip_seconds", "seconds")),
+                  "n_fft": ("STFT size", ("n_fft",)), "hop_length": ("STFT hop", ("hop_length",)),
+                  "pad_mode": ("STFT padding", ("pad_mode",)), "num_mel_bins": ("mel bins", ("num_mel_bins",)),
+                  "target_frames": ("fbank frames", ("audio_target_frames",)),
+                  "frames": ("spectrogram width", ("audio_frames",))}
+
+
+def _same(a, b) -> bool:
+    """Recipe values equal as json keeps them (3 == 3.0; a tuple is a list)."""
+    numbers = [isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)]
+    if all(numbers):
+        return float(a) == float(b)
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def recipe_differences(folder: PreparedFolder, meta: dict | None, used: dict, config: dict | None
+                       ) -> list[tuple[str, str, object, object]]:
+    """(modality, recipe attribute, prepared value, this config's value) wherever the prepared data were made with
+    another recipe than this config computes: the cache's frame size against the frame readers `used`; with
+    `config` (the readers the config decodes the raw media with), every attribute of the cache's recorded recipe
+    and the frame rate videos were extracted at (extract.json)."""
+    out = []
+    if meta is not None:
+        out += [(m, "size", meta.get("size"), r.size) for m, r in used.items()
+                if r.kind == "frames" and not _same(meta.get("size"), r.size)]
+    if not config:
+        return out
+    recorded = dict(((meta or {}).get("recipe") or {}))
+    extracted = folder.json(EXTRACTED, optional=True)
+    for m, reader in config.items():
+        if m in extracted and "fps" in extracted[m] and reader.kind == "frames":
+            recorded[m] = {**recorded.get(m, {}), "fps": extracted[m]["fps"]}
+        out += [(m, k, v, getattr(reader, k, None)) for k, v in recorded.get(m, {}).items()
+                if not _same(v, getattr(reader, k, None))]
+    return out
+
+
+def refuse_other_recipe(folder: PreparedFolder, differences: list) -> None:
+    """One DataError naming every option in which the prepared folder differs from the config, and what to do."""
+    def parameters(fn: Callable | None) -> list[str]:
+        return list(inspect.signature(fn).parameters) if fn is not None else []
+
+    known = folder.dataset in PREPARERS
+    built, options = (parameters(builder(folder.dataset)), parameters(resolve(folder.dataset))) if known else ([], [])
+    lines, sets = [], {}
+    for m, k, prepared, wanted in differences:
+        what, names = RECIPE_OPTIONS.get(k, (k, ()))
+        option = next((f"dataset.{n}" for n in names if n in built), k)
+        lines.append(f"  {m}: {option} ({what}) {json.dumps(prepared)} there, {json.dumps(wanted)} in this config")
+        name = next((n for n in names if n in options), None)
+        if name is not None and wanted is not None:
+            sets[name] = wanted
+    redo = (f"`mmbalance prepare {folder.dataset or 'DATASET'} --root RAW --out NEW_FOLDER"
+            + "".join(f" --set {k}={v}" for k, v in sets.items()) + "` and set dataset.prepared=NEW_FOLDER")
+    raise DataError(f"dataset.prepared {str(folder.path)!r} was prepared with another recipe than this config asks "
+                    "for, so it would train on other inputs than the config records:\n" + "\n".join(lines)
+                    + f"\nPrepare a folder for this config ({redo}), set these dataset options to the prepared "
+                    "values, or set dataset.prepared=null to decode the raw tree")
+
+
 def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str], *, val_fraction: float,
                     split_seed: int, modalities: Sequence[str] = ("audio", "visual"), frames: int = 3,
                     image_size: int = 224, augment: str = "none", notes: dict | None = None,
-                    decode: Callable[[], dict] | None = None, readers: dict | None = None) -> DataSplits:
+                    decode: Callable[[], dict] | None = None, readers: dict | None = None,
+                    recipe: Callable[[], dict] | None = None) -> DataSplits:
     """DataSplits over a prepared folder: its memory-mapped clip cache (no decoding) when it has one, else
     `decode()` readers on the files prepare extracted (DataError when there is neither). `readers`: a dataset's
-    own readers of the cache."""
+    own readers of the cache. `recipe()`: the readers this config decodes the raw media with (by the manifest's
+    media kinds), compared with the recipe the folder was prepared with (`recipe_differences`); without it only the
+    cache's frame size is compared. A folder prepared with another recipe is refused, never used as if it were
+    this config's (`refuse_other_recipe`)."""
     meta = folder.cache_meta(required=decode is None)
     notes = {"layout": "prepared", "source": "prepared", "prepared": str(folder.path),
              "source_layout": folder.summary.get("layout"), "missing_clips": folder.summary.get("missing_clips"),
              "clips": {s: sum(c.split == s for c in clips) for s in SPLITS}, "cache": meta is not None,
              **(notes or {})}
+    config = recipe() if recipe is not None else readers
     if meta is not None:
         specs = meta["modalities"]
         lacking = [m for m in modalities if m not in specs]
@@ -312,10 +399,18 @@ def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str
         readers = readers or {m: FrameReader(frames=frames, size=image_size, augment=augment)
                               if specs[m]["kind"] == "frames" else AudioReader(source="array", shape=specs[m]["shape"])
                               for m in modalities}
+        if "recipe" not in meta:  # written before cache.json recorded it: only the frame size can be checked
+            log.warning("%s: %s does not record the recipe its cache was made with (an earlier mmbalance wrote it); "
+                        "prepare it again to have it checked against the config", folder.path, CACHE_META)
         # clips the cache lacks are counted (notes["uncached_clips"]) and logged by clip_splits
-        notes.update(cache_frame_size=meta.get("size"), cache_max_frames=meta.get("max_frames"))
+        notes.update(cache_frame_size=meta.get("size"), cache_max_frames=meta.get("max_frames"),
+                     cache_recipe=meta.get("recipe"))
     else:
         readers = decode()
+    differences = recipe_differences(folder, meta, readers, {m: r for m, r in (config or {}).items()
+                                                             if m in readers})
+    if differences:
+        refuse_other_recipe(folder, differences)
     log.info("%s: prepared folder %s (%s), %d clips", folder.dataset, folder.path,
              "cache" if meta else "decoded on access", len(clips))
     return clip_splits(clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
@@ -345,7 +440,8 @@ def build_clips(dataset: str, root, prepared, discover: Callable[[], Discovery],
             clips.append(Clip(row["id"], label, row["split"], sources))
         return prepared_splits(folder, clips, classes, val_fraction=val_fraction, split_seed=split_seed,
                                frames=frames, image_size=image_size, augment=augment, notes={"sources": kinds},
-                               decode=(lambda: readers(kinds, clips)) if decode_prepared else None), kinds
+                               decode=(lambda: readers(kinds, clips)) if decode_prepared else None,
+                               recipe=lambda: readers(kinds, clips)), kinds
     found = discover()
     found.log()
     return clip_splits(found.clips, readers(found.kinds, found.clips), found.classes, val_fraction=val_fraction,
@@ -370,9 +466,9 @@ def _extract_one(task: tuple) -> tuple[int, str | None, str | None, list[str]]:
     """Worker: one clip's video decoded into each target by its writer, which writes to a temporary name and
     renames, so an output that exists is complete (kept, False returned, unless force). Returns (index, failing
     path or None, error or None, names of the outputs written)."""
-    i, jobs, force, params = task
+    i, jobs, params = task
     wrote = []
-    for name, write, video, dest in jobs:
+    for name, write, video, dest, force in jobs:
         try:
             if write(video, dest, force, *params):
                 wrote.append(name)
@@ -395,17 +491,41 @@ WAV_AND_FRAMES = {"audio": ("audio", write_wav, "wav", "audio/{id}.wav"),
                   "visual": ("frames", write_frames, "jpgdir", "frames/{id}")}
 
 
+def extraction_recipe(target: tuple, params: tuple) -> dict:
+    """What one `targets` entry decodes a modality's videos with, as extract.json records it: the default writers'
+    parameters by name (`WAV_AND_FRAMES`' order: sample rate, fps, short side), a dataset's own writer's as given."""
+    name, write = target[0], target[1]
+    if write is write_wav:
+        return {"writer": name, "sample_rate": params[0]}
+    if write is write_frames:
+        return {"writer": name, "fps": params[1], "short_side": params[2]}
+    return {"writer": name, "params": list(params)}
+
+
 def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, targets: dict = WAV_AND_FRAMES,
-                  params: tuple = ()) -> tuple[list[Clip], dict[str, str], dict]:
+                  params: tuple = (), complete: bool = True) -> tuple[list[Clip], dict[str, str], dict]:
     """For every modality read from video (kind 'video'): decode each clip once into `targets[modality]` under
     ctx.out (in parallel). Existing outputs are skipped (resumable); a video that fails to decode is recorded
-    with ctx.problem and its clip dropped."""
+    with ctx.problem and its clip dropped.
+
+    extract.json records the parameters of the last complete extraction (`complete`: not a shard). Outputs of a
+    modality extracted with other parameters are all extracted again (as with --force), so the folder never mixes
+    frames or audio of two recipes; until such a run completes, extract.json keeps the old parameters, so a
+    stopped one (or a shard) is redone in full by the next run."""
     todo = {m: t for m, t in targets.items() if kinds.get(m) == "video"}
     if not todo:
         return clips, kinds, {}
+    folder = PreparedFolder(ctx.out)
+    before = folder.json(EXTRACTED, optional=True)
+    recipe = {m: extraction_recipe(t, params) for m, t in todo.items()}
+    changed = {m for m in todo if m in before and before[m] != recipe[m]}
+    redo = set(todo) if ctx.force else changed
+    for m in sorted(changed):
+        log.warning("%s: %s was extracted with %s; this prepare asks for %s: every clip's %s is extracted again",
+                    ctx.out, m, before[m], recipe[m], m)
     dests = [{m: str(Path(ctx.out) / path.format(id=c.id)) for m, (_, _, _, path) in todo.items()} for c in clips]
-    tasks = [(i, [(name, write, c.sources[m], dests[i][m]) for m, (name, write, _, _) in todo.items()],
-              bool(ctx.force), params) for i, c in enumerate(clips)]
+    tasks = [(i, [(name, write, c.sources[m], dests[i][m], m in redo) for m, (name, write, _, _) in todo.items()],
+              params) for i, c in enumerate(clips)]
     stats = {**{f"{t[0]}_extracted": 0 for t in todo.values()}, "extracted": 0, "extract_skipped_existing": 0,
              "extract_failed": 0}
     kept = []
@@ -418,6 +538,8 @@ def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, targets: dic
             stats[f"{name}_extracted"] += 1
         stats["extracted" if wrote else "extract_skipped_existing"] += 1
         kept.append(Clip(clips[i].id, clips[i].label, clips[i].split, {**clips[i].sources, **dests[i]}))
+    if complete:
+        folder.write_json(EXTRACTED, {**before, **recipe})
     return kept, {**kinds, **{m: t[2] for m, t in todo.items()}}, stats
 
 
@@ -433,7 +555,8 @@ def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], c
        from the i-th and stops there: run the shards anywhere, then once without shard);
     3. classes.json, manifest.csv (id, label, split, label_name, one path and kind per modality, `columns`
        extras) and recipe.json;
-    4. with `cache_readers`, the memory-mapped clip cache (`size` px frames, up to `max_frames` per clip).
+    4. with `cache_readers`, the memory-mapped clip cache (`size` px frames, up to `max_frames` per clip);
+       without, a cache an earlier prepare left is kept only while it holds exactly these clips' media.
     Returns the summary (printed and saved as prepare_summary.json by the command).
     """
     for path, why in problems:
@@ -442,7 +565,7 @@ def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], c
     part = parse_shard(shard)
     if part is not None:
         i, n = part
-        _, _, stats = extract_media(ctx, clips[i::n], kinds, **extraction)
+        _, _, stats = extract_media(ctx, clips[i::n], kinds, complete=False, **extraction)
         return {**summary, **stats, "shard": f"{i}/{n}", "shard_clips": len(clips[i::n]),
                 "next_step": f"when every shard is done, run `mmbalance prepare {dataset}` again without shard: it "
                              "skips what was extracted and writes manifest.csv and the cache"}
@@ -470,7 +593,25 @@ def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], c
     if cache_readers is not None:
         summary.update(write_clip_cache(ctx, clips, cache_readers(kinds, clips), size=int(size),
                                         max_frames=int(max_frames)))
+    elif (kept := drop_stale_cache(ctx.folder, clips)) is not None:
+        summary["cache"] = kept
     return summary
+
+
+def drop_stale_cache(folder: PreparedFolder, clips: list[Clip]) -> str | None:
+    """A prepare without a cache leaves the clip cache an earlier one wrote only when it holds exactly these clips
+    and media (its recipe is in its cache.json, which loaders check); otherwise the cache belongs to a manifest
+    that is gone, and a loader would read it for the new one: its files are removed, with a warning."""
+    meta = folder.cache_meta(required=False)
+    if meta is None:
+        return None
+    if meta.get("ids") == [c.id for c in clips] and meta.get("sources") == sources_digest(clips):
+        return "kept: the cache an earlier prepare wrote holds these clips' media"
+    for name in cache_files(meta):
+        (folder.path / name).unlink(missing_ok=True)
+    log.warning("%s: removed the clip cache an earlier prepare wrote (it holds other clips or media than this "
+                "manifest lists); prepare with --set cache=true to write one", folder.path)
+    return "removed: it held other clips or media than this manifest"
 
 
 def prepare_discovered(ctx, dataset: str, found: Discovery, *, summary: dict | None = None, **options) -> dict:

@@ -150,6 +150,8 @@ def decode_video_frames(path: str | Path, fps: float = 1.0) -> list:
     i.e. the centre of each 1/fps interval (AV_preprocess_tool's convention)."""
     import av
 
+    if not fps > 0:  # the sampling times are multiples of 1 / fps (prepare's --set options are checked before)
+        raise DataError(f"cannot sample frames of {str(path)!r} at fps={fps}; expected a rate > 0")
     frames = []
     try:
         with av.open(str(path)) as container:

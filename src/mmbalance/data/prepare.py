@@ -7,6 +7,10 @@ the raw tree (a `DataError` naming the path when no known layout matches), write
 `PreparedFolder`, which the loaders read back), extracts in parallel with `ctx.map`, keeps finished outputs
 unless `ctx.force`, and records corrupt, missing or non-finite media with `ctx.problem`: skipped with a count and
 listed in prepare_report.txt, never silently. Its summary is printed and saved as prepare_summary.json.
+
+A prepared folder is a record of one prepare: prepare_status.json, written before anything else, says which dataset
+it belongs to, the command that writes it and whether that command finished; a loader reads only a folder whose
+last prepare finished (`resolve_prepared`), and a prepare refuses a folder that holds another dataset's output.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import argparse
 import contextlib
 import csv
 import importlib
+import inspect
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +46,12 @@ CLASSES = "classes.json"
 REPORT = "prepare_report.txt"
 SUMMARY = "prepare_summary.json"
 CACHE_META = "cache.json"  # a prepared folder's array cache: what it holds and how it was made
+# written first by every prepare and last when it finishes: the dataset, the command and whether it finished
+STATUS = "prepare_status.json"
+# files by which a folder is recognised as prepare's output (also one an earlier mmbalance wrote, without STATUS)
+OUTPUT_FILES = (STATUS, SUMMARY, MANIFEST, CACHE_META, CLASSES, REPORT, "recipe.json")
+# a --set option named differently from the dataset builder's parameter it sets: checked against that hint
+BUILDER_NAMES = {"size": "image_size", "fps": "video_fps", "extract_fps": "video_fps"}
 
 
 @dataclass
@@ -53,6 +65,7 @@ class PrepareContext:
     progress: bool = True
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what is wrong)
     dataset: str = ""
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, what was changed)
 
     @property
     def folder(self) -> PreparedFolder:
@@ -61,6 +74,11 @@ class PrepareContext:
     def problem(self, path: str | Path, why: str) -> None:
         """Record a missing or unreadable media file; it is skipped and listed in prepare_report.txt."""
         self.problems.append((str(path), why))
+
+    def note(self, path: str | Path, what: str) -> None:
+        """Record an item that is kept but was changed (non-finite values replaced, say): listed in
+        prepare_report.txt after the skipped ones, not counted as skipped. `what` says what was changed."""
+        self.notes.append((str(path), what))
 
     def map(self, fn: Callable, items: Sequence, desc: str) -> list:
         """fn(item) for every item, on `workers` processes, in order, with a progress bar. `fn` must be a
@@ -196,19 +214,58 @@ class PreparedFolder:
         return path
 
 
+def prepare_state(folder: str | Path) -> dict | None:
+    """What the last prepare into `folder` left: its prepare_status.json (`status` running, stopped, interrupted,
+    shard or completed, the dataset, the command); for a folder an earlier mmbalance wrote, which has no status,
+    {"status": "completed"} and its summary's dataset when it has prepare_summary.json; None when it holds neither."""
+    folder = Path(folder)
+    for name in (STATUS, SUMMARY):
+        try:
+            state = json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):  # a damaged record is no proof that prepare finished
+            return {"status": "unreadable", "file": name}
+        if not isinstance(state, dict):
+            return {"status": "unreadable", "file": name}
+        return state if name == STATUS else {"status": "completed", "dataset": state.get("dataset")}
+    return None
+
+
+def unfinished(folder: Path, state: dict) -> str:
+    """Why a loader cannot read `folder`, whose last prepare did not finish, and what finishes it."""
+    status, again = state.get("status"), state.get("complete_with") or state.get("command")
+    why = {"running": "it was stopped (killed), or is still running",
+           "interrupted": "it was interrupted (Ctrl-C)",
+           "stopped": f"it stopped with an error: {state.get('error')}",
+           "shard": f"only shard runs wrote it (the last one: shard {state.get('shard')}), which extract media but "
+                    "write no manifest or cache",
+           "unreadable": f"{folder / str(state.get('file'))} is not readable json"}.get(status, f"status {status!r}")
+    todo = f"Run `{again}` to complete it (what was finished is kept)" if again else \
+        "Run `mmbalance prepare` into it again"
+    return (f"the prepare into {folder} did not finish: {why}. {todo}, or set dataset.prepared=null to read the "
+            "raw tree")
+
+
 def resolve_prepared(root: str | Path | None, prepared: str | Path | None) -> Path | None:
     """The prepared folder a builder reads: `prepared` itself; None = decode the raw tree under `root`;
-    'auto' (every dataset config's default) = ROOT/mmbalance_prepared when `mmbalance prepare` finished writing
-    it there (its prepare_summary.json exists), else None. So after a default `prepare`, the preset plus
-    `paths.data_dir=...` is the whole command."""
+    'auto' (every dataset config's default) = ROOT/mmbalance_prepared when `mmbalance prepare` wrote it there,
+    else None. So after a default `prepare`, the preset plus `paths.data_dir=...` is the whole command.
+
+    A folder whose last prepare did not finish (killed, stopped, only its shards run) is a DataError saying so and
+    what completes it: its manifest, cache and summary may belong to two builds, or to none."""
     if prepared is None or str(prepared) == "":
         return None
-    if str(prepared) != "auto":
-        return Path(prepared).expanduser()
-    if root is None:
+    auto = str(prepared) == "auto"
+    if auto and root is None:
         return None
-    folder = Path(root).expanduser() / DEFAULT_OUT
-    return folder if (folder / SUMMARY).is_file() else None
+    folder = Path(root).expanduser() / DEFAULT_OUT if auto else Path(prepared).expanduser()
+    state = prepare_state(folder) if folder.is_dir() else None
+    if state is not None and state.get("status") != "completed":
+        raise DataError(unfinished(folder, state))
+    if auto and state is None:  # nothing prepared there (yet): the raw tree
+        return None
+    return folder  # an explicit folder that does not exist is PreparedFolder.require()'s error
 
 
 def resolve(name: str) -> Callable:
@@ -229,36 +286,123 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def write_report(ctx: PrepareContext, stopped: bool = False) -> None:
-    """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none; when the
-    preparer `stopped` with an error, the problems recorded until then and a last line saying so."""
+    """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none, then one
+    per item kept but changed (`ctx.note`); when the preparer `stopped` with an error, the problems recorded until
+    then and a last line saying so."""
     report = [f"{p}\t{why}" for p, why in ctx.problems] or ["# no missing or unreadable media"]
+    report += [f"{p}\t{what}" for p, what in ctx.notes]
     if stopped:
         report.append(f"# prepare {ctx.dataset} stopped with an error before finishing; this lists the problems "
                       "recorded until then")
     ctx.folder.write_text(REPORT, "\n".join(report) + "\n")
 
 
+def builder(dataset: str) -> Callable | None:
+    """The dataset's builder, `mmbalance.data.<key>.build_<key>` (its config's `_target_`)."""
+    return getattr(importlib.import_module(f"mmbalance.data.{dataset}"), f"build_{dataset}", None)
+
+
+def check_options(dataset: str, fn: Callable, options: dict[str, Any]) -> None:
+    """Refuse, before anything is written, an option the preparer does not take and a value that its type hint or
+    the dataset builder's hint of the same option (`BUILDER_NAMES`) refuses: the ranges config validation checks
+    (mmbalance.constraints), so `--set extract_fps=0` is refused like `dataset.video_fps=0`."""
+    import typing
+
+    from mmbalance.constraints import value_problems
+
+    params = {k: p for k, p in inspect.signature(fn).parameters.items() if k != "ctx"}
+    unknown = [k for k in options if k not in params]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise UserError(f"prepare {dataset}: unknown --set option {', '.join(map(repr, unknown))}; its --set "
+                        f"options are: {', '.join(params)}")
+    own = typing.get_type_hints(fn, include_extras=True)
+    build = builder(dataset)
+    built = typing.get_type_hints(build, include_extras=True) if build is not None else {}
+    problems = []
+    for key, value in options.items():
+        found = value_problems(f"--set {key}", value, own[key]) if key in own else []
+        name = key if key in built else BUILDER_NAMES.get(key)
+        if not found and value is not None and name in built:
+            found = value_problems(f"--set {key}", value, built[name])
+        problems += found
+    if problems:
+        raise UserError(f"prepare {dataset}: " + "; ".join(problems))
+
+
+def claim(out: Path, dataset: str) -> None:
+    """Refuse an --out that prepare must not write into: a file, another dataset's prepared folder, or a folder of
+    other files (a raw tree, say), whose manifest.csv or arrays would be overwritten. Nothing is written."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; expected a folder for the prepared dataset")
+    state = prepare_state(out)
+    other = (state or {}).get("dataset")
+    if other and other != dataset:
+        raise UserError(f"--out {str(out)!r} holds the prepared {other} folder; `mmbalance prepare {dataset}` there "
+                        f"would replace its manifest and cache. Choose another --out for {dataset}, or remove that "
+                        "folder first")
+    if state is None and not any((out / name).exists() for name in OUTPUT_FILES) and \
+            any(not entry.name.startswith(".") for entry in os.scandir(out)):
+        raise UserError(f"--out {str(out)!r} is not empty and was not written by `mmbalance prepare` (it has no "
+                        f"{STATUS}); prepare writes {MANIFEST}, {CLASSES} and its cache there, which would "
+                        "overwrite files of the same name. Choose a new or empty folder")
+
+
+def command_line(dataset: str, root: Path, out: Path, options: dict[str, Any]) -> str:
+    """The `mmbalance prepare` command with these options, as a user would type it (values as YAML scalars)."""
+    def value(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v, default=str)
+
+    sets = [f"--set {shlex.quote(f'{k}={value(v)}')}" for k, v in options.items()]
+    return " ".join([f"mmbalance prepare {dataset} --root {shlex.quote(str(root))} --out {shlex.quote(str(out))}",
+                     *sets])
+
+
 def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, workers: int = 1,
                 force: bool = False, progress: bool = True, **options) -> dict:
-    """Programmatic `mmbalance prepare`: returns the summary (also saved as prepare_summary.json)."""
+    """Programmatic `mmbalance prepare`: returns the summary (also saved as prepare_summary.json).
+
+    The options are checked and the folder claimed before anything is written. prepare_status.json then marks the
+    folder as this dataset's, with the command, and status `running`; the previous summary goes (it described the
+    folder before this prepare). At the end the summary is written and the status becomes `completed` (`shard`
+    after a shard run, which writes no manifest or cache); an error or Ctrl-C records `stopped` / `interrupted`."""
     fn = resolve(dataset)
     root = Path(root).expanduser()
     out = Path(out).expanduser() if out else root / DEFAULT_OUT
-    ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress,
-                         dataset=dataset)
     if not root.is_dir():
         raise DataError(f"--root {str(root)!r} is not a folder")
+    check_options(dataset, fn, options)
+    claim(out, dataset)
+    ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress,
+                         dataset=dataset)
     out.mkdir(parents=True, exist_ok=True)
+    shard = options.get("shard") not in (None, "", False)
+    # absolute: the command is shown by loaders, which run from anywhere
+    where = (root.absolute(), out.absolute())
+    status = {"dataset": dataset, "status": "running", "command": command_line(dataset, *where, options),
+              "complete_with": command_line(dataset, *where, {k: v for k, v in options.items() if k != "shard"}),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ctx.folder.write_json(STATUS, status)
+    (out / SUMMARY).unlink(missing_ok=True)
     started = time.time()
     try:
         summary = dict(fn(ctx, **options) or {})
-    except BaseException:  # an error (or Ctrl-C) may cite the report ("no usable clip"): keep what was found
+    except BaseException as exc:  # an error (or Ctrl-C) may cite the report ("no usable clip"): keep what was found
         write_report(ctx, stopped=True)
+        ctx.folder.write_json(STATUS, {**status, "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else
+                                       "stopped", "error": str(exc) or type(exc).__name__})
         raise
     write_report(ctx)
     summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems),
                    report=str(out / REPORT), seconds=round(time.time() - started, 2))
-    ctx.folder.write_json(SUMMARY, summary)
+    finished = {"finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if shard:  # its summary is kept in the status: the folder is not complete until the run without shard
+        ctx.folder.write_json(STATUS, {**status, **finished, "status": "shard", "shard": summary.get("shard"),
+                                       "summary": summary})
+    else:
+        ctx.folder.write_json(SUMMARY, summary)
+        ctx.folder.write_json(STATUS, {**status, **finished, "status": "completed"})
     return summary
 
 
@@ -283,14 +427,6 @@ def main(argv: Sequence[str]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TypeError as exc:  # an unknown --set option reaches the preparer's signature
-        if "unexpected keyword argument" in str(exc):
-            import inspect
-
-            known = [p for p in inspect.signature(resolve(args.dataset)).parameters if p != "ctx"]
-            print(f"error: prepare {args.dataset}: {exc}; its --set options are: {', '.join(known)}", file=sys.stderr)
-            return 2
-        raise
     for key, value in summary.items():
         print(f"{key}: {value}")
     if summary["skipped"]:

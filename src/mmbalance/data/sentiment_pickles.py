@@ -94,6 +94,7 @@ class Source:
     replaced: dict[str, int] = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
     origin: str = "raw pickle"
+    replaced_in: list[tuple[str, int]] = field(default_factory=list)  # ("<file> ['<split>'] `<key>`", count) > 0
 
 
 def _key(split_data: dict, keys: tuple[str, ...], what: str, where: str) -> str:
@@ -142,16 +143,25 @@ def _text_key(split_data: dict, text_key: str, where: str) -> str:
     return "text"
 
 
-def _scores(split_data: dict, layout: str, where: str) -> np.ndarray:
-    """The split's sentiment scores, (N,) float32: MulT stores them (N, 1, 1), MMSA (N,)."""
+def _scores(split_data: dict, layout: str, where: str, score_range: tuple[float, float] | None) -> np.ndarray:
+    """The split's sentiment scores, (N,) float32: MulT stores them (N, 1, 1), MMSA (N,); N >= 1, each finite and
+    within `score_range` (the dataset's scale) when one is given."""
     key = _key(split_data, LABEL_KEYS[layout], "sentiment", where)
     y = np.asarray(split_data[key], dtype=np.float64)
     n = int(y.shape[0]) if y.ndim else 0
     if y.size != n:
         raise DataError(f"{where}: `{key}` has shape {y.shape}; expected one sentiment score per sample, "
                         "(N,), (N, 1) or (N, 1, 1)")
+    if n == 0:
+        raise DataError(f"{where}: the split has no samples (`{key}` is empty); every split needs some")
     if not np.isfinite(y).all():
         raise DataError(f"{where}: `{key}` has {int((~np.isfinite(y)).sum())} non-finite scores")
+    low, high = score_range or (-np.inf, np.inf)
+    if y.min() < low or y.max() > high:
+        # another scale (a rescaled or different dataset's file) would make every label and metric wrong quietly
+        raise DataError(f"{where}: `{key}` holds scores in [{y.min():g}, {y.max():g}], "
+                        f"{int(((y < low) | (y > high)).sum())} of them outside the dataset's [{low:g}, {high:g}]; "
+                        "the file is not on the dataset's scale (rescaled, or another dataset's scores)")
     return y.reshape(n).astype(np.float32)
 
 
@@ -175,9 +185,11 @@ def _features(split_data: dict, key: str, n: int, where: str) -> tuple[np.ndarra
 
 
 def read_source(path: Path, modalities: list[str], text_key: str = "auto", layout_hint: str = "auto",
-                aligned: bool | None = None, dataset: str = "CMU-MOSEI") -> Source:
+                aligned: bool | None = None, dataset: str = "CMU-MOSEI",
+                score_range: tuple[float, float] | None = None) -> Source:
     """Load, validate and clean one MulT/MMSA pickle. Its arrays are consumed (cast in place where possible) so
-    peak memory stays near the file's size."""
+    peak memory stays near the file's size. `score_range`: the dataset's score scale; a score outside it is an
+    error."""
     table, layout = _split_table(load_pickle(path, dataset), path)
     if layout_hint in ("mult", "mmsa") and layout != layout_hint:
         log.warning("%s: dataset.layout=%s but its keys look like %s; reading it as %s", path, layout_hint,
@@ -185,12 +197,14 @@ def read_source(path: Path, modalities: list[str], text_key: str = "auto", layou
     src = Source(path, layout, aligned, replaced=dict.fromkeys(modalities, 0))
     for split, (name, d) in table.items():
         where = f"{path} [{name!r}]"
-        y = _scores(d, layout, where)
+        y = _scores(d, layout, where, score_range)
         arrays = {}
         for m in modalities:
             key = _text_key(d, text_key, where) if m == "text" else _key(d, MODALITY_KEYS[m], m, where)
             arrays[m], spec, count = _features(d, key, len(y), where)
             src.replaced[m] += count
+            if count:
+                src.replaced_in.append((f"{where} `{key}`", count))
             if src.specs.setdefault(m, spec) != spec:
                 raise DataError(f"{where}: `{key}` per-sample shape {spec.shape} differs from the train split's "
                                 f"{src.specs[m].shape}; every split must share one shape")

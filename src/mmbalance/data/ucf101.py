@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveInt
 from mmbalance.data import media
 from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import Clip, FrameReader, clip_splits
@@ -91,7 +94,16 @@ def read_splits(split_dir: Path, split: int) -> tuple[list[str], list[tuple[str,
         if not path.is_file():
             raise DataError(f"UCF-101 split file {str(path)!r} does not exist (split {split}; expected "
                             "ucfTrainTestlist/{trainlist,testlist}0N.txt)")
-    return classes, [(n, y, part) for part, path in lists.items() for n, y in read_split_list(path, classes)]
+    videos, listed_in = [], {}
+    for part, path in lists.items():
+        for name, y in read_split_list(path, classes):
+            # a video in both lists would be trained and tested on; one listed twice would count twice
+            if name.lower() in listed_in:
+                raise DataError(f"UCF-101 video {name!r} is listed twice, in {listed_in[name.lower()]} and {path} "
+                                f"(split {split}): a video belongs to one list, once; fix the split files")
+            listed_in[name.lower()] = path
+            videos.append((name, y, part))
+    return classes, videos
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,11 +261,12 @@ def ucf_readers(mods: tuple[str, ...], frames: int, flow_frames: int, size: int,
                            streams={k: (prefixes or {}).get(k, "") for k in STREAMS[m]}) for m in mods}
 
 
-def build_ucf101(root: str | None = None, prepared: str | None = None, split: int = 1,
-                 modalities: list[str] | tuple[str, ...] = MODALITIES, splits_dir: str | None = None,
-                 rgb_dir: str | None = None, flow_dir: str | None = None, frames: int = 3, flow_frames: int = 3,
-                 image_size: int = 224, augment: str = "resize_flip", val_fraction: float = 0.1,
-                 split_seed: int = 0) -> DataSplits:
+def build_ucf101(root: str | None = None, prepared: str | None = None, split: Literal[1, 2, 3] = 1,
+                 modalities: Sequence[Literal[MODALITIES]] = MODALITIES, splits_dir: str | None = None,
+                 rgb_dir: str | None = None, flow_dir: str | None = None, frames: PositiveInt = 3,
+                 flow_frames: PositiveInt = 3, image_size: PositiveInt = 224,
+                 augment: Literal[media.ClipTransform.AUGMENTS] = "resize_flip", val_fraction: Fraction = 0.1,
+                 split_seed: NonNegativeInt = 0) -> DataSplits:
     """UCF-101 as DataSplits with modalities visual (frames (frames, 3, S, S)) and flow (frames (flow_frames, 2,
     S, S)), in the order of `modalities`; the raw tree under `root` (`splits_dir`/`rgb_dir`/`flow_dir` pin its
     layout) or the `mmbalance prepare ucf101` folder `prepared`. split: official split 1-3. augment: shared by RGB

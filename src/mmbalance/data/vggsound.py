@@ -10,9 +10,12 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
+from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec
 from mmbalance.data.clips import AudioReader, Clip, ModalityMap, av_readers
 from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root, find_media,
@@ -35,6 +38,8 @@ VGG_AUDIO = (
     ("video", VIDEO_OR_SPLIT),
 )
 LAYOUTS = {("jpgdir", "wav"): "ogmge", ("jpgdir", "array"): "balancebenchmark"}  # (visual, audio) kinds -> layout
+Augment = Literal[media.ClipTransform.AUGMENTS]
+PadMode = Literal["reflect", "constant", "replicate", "circular"]  # torch.stft's centre padding modes
 
 
 def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
@@ -114,11 +119,12 @@ def stft_reader(kind: str, *, sample_rate: int, clip_seconds: float, n_fft: int,
 
 
 def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str | None = None,
-                   visual_dir: str | None = None, audio_dir: str | None = None, frames: int = 3,
-                   image_size: int = 224, augment: str = "crop_flip", video_fps: float = 1.0,
-                   sample_rate: int = 16000, audio_seconds: float = 5.0, clip_seconds: float = 10.0,
-                   n_fft: int = 256, hop_length: int = 128, pad_mode: str = "reflect", val_fraction: float = 0.1,
-                   split_seed: int = 0) -> DataSplits:
+                   visual_dir: str | None = None, audio_dir: str | None = None, frames: PositiveInt = 3,
+                   image_size: PositiveInt = 224, augment: Augment = "crop_flip", video_fps: PositiveFloat = 1.0,
+                   sample_rate: PositiveInt = 16000, audio_seconds: PositiveFloat = 5.0,
+                   clip_seconds: PositiveFloat = 10.0, n_fft: PositiveInt = 256, hop_length: PositiveInt = 128,
+                   pad_mode: PadMode = "reflect", val_fraction: Fraction = 0.1,
+                   split_seed: NonNegativeInt = 0) -> DataSplits:
     """VGGSound as DataSplits with modalities audio (1, n_fft/2+1, T) and visual (frames, 3, S, S), from the
     ``mmbalance prepare vggsound`` folder `prepared` (its cache, or its extracted wav + frames decoded on access)
     or the raw tree under `root`."""
