@@ -116,7 +116,7 @@ def test_cli_missing_data_path_is_one_clear_message_and_no_success(tmp_path):
 def test_cli_unknown_method_lists_the_options(tmp_path):
     proc = run_cli(["method=no_such_method", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert proc.returncode != 0
-    assert "method/no_such_method" in proc.stderr and "ogm_ge" in proc.stderr
+    assert "method has no option 'no_such_method'" in proc.stderr and "ogm_ge" in proc.stderr
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -126,6 +126,17 @@ def test_cli_null_for_a_config_group_is_one_message_with_its_options(tmp_path):
     assert proc.stderr.strip() == ("error: logger=null: a config group takes one of its options (auto, csv, mlflow, "
                                    "tensorboard, wandb) or a list of them ([] for none); `~logger` drops the group")
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_cli_unknown_group_option_is_one_message_with_the_closest_name_or_the_variant(tmp_path):
+    proc = run_cli(["method=amss_plus", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "Config search path" not in proc.stderr
+    assert proc.stderr.startswith("error: method=amss_plus: method has no option 'amss_plus' (did you mean "
+                                  "`method=amss method.variant=amss_plus`?); its options are: agm, amco, amss,")
+    proc = run_cli(["-m", "logger=[csv,tensorbord]", f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    assert proc.stderr.strip() == ("error: logger=[csv,tensorbord]: logger has no option 'tensorbord' (did you mean "
+                                   "tensorboard?); its options are: auto, csv, mlflow, tensorboard, wandb")
+    assert not list(tmp_path.iterdir())  # refused before Hydra made any folder
 
 
 def test_cli_sweep_then_report_gives_one_row_per_method_with_n_2(tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -87,17 +88,46 @@ def _rerun_with(key: str, folder: Path, given: bool) -> str:
     return f"re-run the same command with {shlex.quote(f'{key}={value}')}"
 
 
-def _refuse_null_groups(args: list[str]) -> None:
-    """`<group>=null` (logger=null, method=null) is Hydra's ValueError with a traceback, raised before any run code:
-    one message instead, with the group's options and how Hydra drops a group."""
+def _group_options(group: str) -> list[str]:
+    """The options of config group `group` (conf/<group>/**.yaml, nested ones as `sub/name`)."""
+    return sorted(p.relative_to(CONF_DIR / group).with_suffix("").as_posix() for p in (CONF_DIR / group).rglob("*.yaml"))
+
+
+def _variant_of(group: str, name: str) -> str | None:
+    """`group=option group.variant=name` when `name` is a variant an option of the group declares on its `variant:`
+    line (method=amss_plus is method=amss method.variant=amss_plus), else None."""
+    for option in _group_options(group):
+        for line in (CONF_DIR / group / f"{option}.yaml").read_text().splitlines():
+            if line.startswith("variant:") and re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", line):
+                return f"{group}={option} {group}.variant={name}"
+    return None
+
+
+def _refuse_bad_group_choices(args: list[str]) -> None:
+    """A config-group choice that is not one of the group's options, checked before Hydra starts: `<group>=null`
+    (logger=null, method=null) is Hydra's ValueError with a traceback; an unknown name (method=amss_plus,
+    method=ogm_gee) is Hydra's "Could not find" followed by its config search path. One message instead, with the
+    group's options, the closest names and, for a method variant, the option that has it. Sweep lists
+    (`a,b`, `[a,b]`) are checked item by item; Hydra's sweep functions (choice(...), glob(...)) are left to Hydra."""
     for arg in args:
         key, sep, value = arg.lstrip("+").partition("=")
-        if sep and value.strip().lower() in ("null", "none", "~") and (CONF_DIR / key).is_dir() and key != "hydra":
-            options = sorted(p.relative_to(CONF_DIR / key).with_suffix("").as_posix()
-                             for p in (CONF_DIR / key).rglob("*.yaml"))
+        if not sep or key == "hydra" or "/" in key or not (CONF_DIR / key).is_dir():
+            continue
+        options = _group_options(key)
+        if value.strip().lower() in ("null", "none", "~"):
             sys.exit(f"error: {arg}: a config group takes one of its options ({', '.join(options)})"
                      + (" or a list of them ([] for none)" if key == "logger" else "")
                      + f"; `~{key}` drops the group")
+        if "(" in value or "$" in value:  # choice(...), glob(...), range(...), an interpolation: Hydra's to read
+            continue
+        for name in (v.strip() for v in value.strip().strip("[]").split(",")):
+            if not name or name in options:
+                continue
+            variant = _variant_of(key, name)
+            close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+            hint = (f" (did you mean `{variant}`?)" if variant else
+                    f" (did you mean {' or '.join(close)}?)" if close else "")
+            sys.exit(f"error: {arg}: {key} has no option {name!r}{hint}; its options are: {', '.join(options)}")
 
 
 def _sweep_interrupted() -> str:
@@ -227,7 +257,7 @@ def console_main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"error: the config folder {CONF_DIR} is missing; install mmbalance from its repository "
                  "with `pip install -e .`")
-    _refuse_null_groups(sys.argv[1:])
+    _refuse_bad_group_choices(sys.argv[1:])
     try:
         train_main()
     except KeyboardInterrupt:  # in a sweep, or before a run started training (then it ends in train_main)
