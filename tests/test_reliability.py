@@ -139,6 +139,18 @@ def test_a_checkpoint_of_another_run_is_refused_even_without_its_metrics_json(tm
         train_in_process(out, ["trainer.epochs=1"])
 
 
+def test_a_checkpoint_trained_on_another_number_of_processes_is_refused_at_resume(tmp_path, monkeypatch):
+    """Two ranks' epochs then one rank's would mix two effective batch sizes in one record."""
+    out = tmp_path / "run"
+    interrupted_at_epoch_2_of_3(monkeypatch, out)
+    last = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["world_size"] == 1
+    save_checkpoint({**state, "world_size": 2}, last)
+    with pytest.raises(RunFolderError, match=r"last.pt belongs to another run(.|\n)*processes \(world size\): 2 -> 1"):
+        train_in_process(out, ["trainer.epochs=3"])
+
+
 def test_a_changed_dataset_is_refused_at_resume(tmp_path, monkeypatch):
     path = tmp_path / "feats.npz"
     rng = np.random.default_rng(0)

@@ -93,6 +93,8 @@ class Trainer:
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "identity": run.identity,
+            # how many processes trained it (hardware=ddp): each step's batch is world_size x dataset.batch_size
+            "world_size": run.world_size,
             "wall_time_s": self.wall_time_s,
             "processes": self.processes,
             "rng": {
@@ -138,6 +140,12 @@ class Trainer:
         else:
             diff = differences(theirs.get("config", {}), mine["config"])
             diff += [f"dataset {d}" for d in differences(theirs.get("data") or {}, mine.get("data") or {})]
+        # not part of the identity (a completed run is the same run whatever trained it) but part of the training:
+        # epochs on another number of processes would mix two effective batch sizes and data shardings in one run
+        trained_on = int(state.get("world_size", 1))
+        if trained_on != self.run.world_size:
+            diff.append(f"processes (world size): {trained_on} -> {self.run.world_size} (each step's batch is "
+                        "world size x dataset.batch_size; continue it with as many processes as trained it)")
         if not diff:
             return
         if self.force_resume:
