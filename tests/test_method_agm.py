@@ -314,3 +314,17 @@ def test_train_features_variant_needs_late_fusion():
               train_loader=None, val_loader=None, test_loader=None, device=torch.device("cpu"), num_classes=3)
     with pytest.raises(UserError, match="late-fusion"):
         method.setup(run)
+
+
+def test_an_empty_window_is_refused_before_training_naming_both_keys():
+    from conftest import compose_cfg
+    from mmbalance.config import build
+    from mmbalance.errors import UserError
+
+    message = (r"method.modulation_starts=5 is after method.modulation_ends=2: the modulation window \(0-based "
+               r"epochs, both inclusive\) would be empty; use modulation_starts <= modulation_ends$")
+    with pytest.raises(UserError, match=message):
+        AGM(modulation_starts=5, modulation_ends=2)
+    with pytest.raises(UserError, match=message):  # the command line's path: refused when the method is built
+        build(compose_cfg(["method=agm", "method.modulation_starts=5", "method.modulation_ends=2"]).method)
+    assert AGM(modulation_starts=2, modulation_ends=2).in_window(2)  # a one-epoch window is fine

@@ -113,8 +113,11 @@ def test_model_removal_goes_through_the_models_own_masking():
 
 
 def test_cml_refuses_one_modality_and_unknown_options():
-    with pytest.raises(UserError, match="at least two"):
-        CML().check_modalities(["audio"])
+    from conftest import compose_cfg
+    from mmbalance.train import build_run
+
+    with pytest.raises(UserError, match="^method cml balances modalities against each other, so it needs at least two"):
+        build_run(compose_cfg(["method=cml", "~dataset.modalities.visual"]), torch.device("cpu"))
     with pytest.raises(UserError, match="method.hinge"):
         CML(hinge="mean")
     with pytest.raises(UserError, match="method.removal"):

@@ -177,6 +177,22 @@ def test_a_bad_part_setting_is_reported_under_the_parts_path():
     assert "method.mbsd.kl_wieght: mmbalance.methods.mbsd.MBSD has no argument 'kl_wieght'" in text
 
 
+def test_a_parts_constructor_error_names_the_part_and_the_path_of_its_settings():
+    # a check only the part's constructor makes (no single value is wrong): refused when the hybrid is built
+    with pytest.raises(ConfigError) as err:
+        hybrid("ogm_ge,mlgm", "+method.mlgm.modulation_starts=5", "+method.mlgm.modulation_ends=2")
+    assert err.value.problems == [
+        "method.parts[1] (mlgm): method.mlgm.modulation_starts=5 is after method.mlgm.modulation_ends=2: the "
+        "modulation window (0-based epochs, both inclusive) would be empty; use modulation_starts <= "
+        "modulation_ends, or modulation_ends=null for no end"]
+    with pytest.raises(UserError, match=r"^method.parts\[1\] \(reconboost\): method.reconboost.boost_epochs=0, "
+                                        r"method.reconboost.correct_epochs=0; expected"):
+        hybrid("ogm_ge,reconboost", "+method.reconboost.boost_epochs=0", "+method.reconboost.correct_epochs=0")
+    with pytest.raises(ConfigError) as err:  # built from Python, with a value the part's signature refuses
+        Compose(["ogm_ge", "mbsd"], ogm_ge={"alpha": -1})
+    assert err.value.problems == ["method.parts[0] (ogm_ge): method.ogm_ge.alpha=-1: expected >= 0"]
+
+
 def test_the_resolved_config_holds_every_parts_full_settings_and_the_identity_covers_them():
     cfg = compose_cfg(["method=compose", "method.parts=[agm,mbsd]", "+method.agm.alpha=0.5"])
     resolved = OmegaConf.to_container(cfg, resolve=True)

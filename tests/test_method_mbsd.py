@@ -12,6 +12,7 @@ from mmbalance.data.batch import Batch
 from mmbalance.errors import UserError
 from mmbalance.methods.mbsd import MBSD, pair_terms
 from mmbalance.models.multimodal import Output
+from mmbalance.train import build_run
 from test_methods import make_run
 
 L3, L15, L4 = math.log(3.0), math.log(1.5), math.log(4.0)
@@ -79,7 +80,7 @@ def test_three_modalities_average_the_three_pairs():
 
 
 def test_needs_two_modalities_and_per_modality_logits():
-    with pytest.raises(UserError, match="at least two"):
-        MBSD().check_modalities(["audio"])
+    with pytest.raises(UserError, match="^method mbsd balances modalities against each other, so it needs at least"):
+        build_run(compose_cfg(["method=mbsd", "~dataset.modalities.visual"]), torch.device("cpu"))
     with pytest.raises(UserError, match="per-modality logits"):
         make_run(compose_cfg(["method=mbsd", "backbone.fusion=film"]))

@@ -170,6 +170,32 @@ def test_a_single_modality_dataset_is_refused_before_training(tmp_path):
     train_in_process(tmp_path / "baseline", ["method=baseline", "~dataset.modalities.visual", "trainer.epochs=1"])
 
 
+@pytest.mark.parametrize("name", ["agm", "amco", "amss", "cggm", "cml", "inforeg", "mbsd", "mlgm", "pmr",
+                                  "reconboost"])
+def test_methods_that_compare_modalities_are_refused_one_by_the_run_before_their_setup(name):
+    """These methods used to check for two modalities themselves (in `setup` or `check_modalities`); the run's
+    `check_modalities` refuses one before the model exists, so it is base's one message that a user sees."""
+    from mmbalance.train import build_run
+
+    with pytest.raises(UserError, match=f"^method {name} balances modalities against each other, so it needs at "
+                                        "least two, but the run has 1 \\(audio\\)"):
+        build_run(compose_cfg([f"method={name}", "~dataset.modalities.visual"]), torch.device("cpu"))
+
+
+def test_the_default_regression_refusal_says_why_and_names_the_methods_that_train_regression():
+    class ClassificationOnly(Method):
+        tasks = ("classification",)
+
+    with pytest.raises(UserError) as err:
+        ClassificationOnly().set_task("regression")
+    trains = [k for k, c in METHODS.items() if "regression" in c.tasks]
+    assert {"baseline", "mmpareto"} <= set(trains) and "ogm_ge" not in trains
+    assert str(err.value) == (
+        "method ClassificationOnly does not support dataset.task=regression: it is declared for classification only "
+        "(a balancing rule may read class probabilities or labels, which a regression score lacks). Use a method "
+        "that trains it: " + ", ".join(f"{k} (when every part does)" if k == "compose" else k for k in trains))
+
+
 def test_method_owned_modules_join_the_optimizer_and_the_state():
     cfg = compose_cfg([])
     run = make_run(cfg)

@@ -142,8 +142,8 @@ class Trainer:
             diff += [f"dataset {d}" for d in differences(theirs.get("data") or {}, mine.get("data") or {})]
         # not part of the identity (a completed run is the same run whatever trained it) but part of the training:
         # epochs on another number of processes would mix two effective batch sizes and data shardings in one run
-        trained_on = int(state.get("world_size", 1))
-        if trained_on != self.run.world_size:
+        trained_on = state.get("world_size")  # None: written before checkpoints recorded it
+        if trained_on is not None and int(trained_on) != self.run.world_size:
             diff.append(f"processes (world size): {trained_on} -> {self.run.world_size} (each step's batch is "
                         "world size x dataset.batch_size; continue it with as many processes as trained it)")
         if not diff:

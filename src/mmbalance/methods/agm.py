@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_empty_window
 from mmbalance.metrics.shapley import coalitions, shapley_values
 from mmbalance.models.multimodal import Output, mask_modalities
 
@@ -186,6 +186,8 @@ class AGM(Method):
         clip_norm: PositiveFloat = 1.0,
         coalition_features: Literal["eval", "train"] = "eval",
     ):
+        # an empty window would silently never modulate (and with the stale scales, keep the initial ones)
+        refuse_empty_window(modulation_starts, modulation_ends)
         self.alpha = alpha
         self.clamp = clamp
         self.modulation_starts = modulation_starts
@@ -203,8 +205,6 @@ class AGM(Method):
     def setup(self, run):
         super().setup(run)
         mods = run.model.modalities
-        if len(mods) < 2:
-            raise UserError(f"method agm needs at least two modalities; the model has {len(mods)} ({', '.join(mods)})")
         if self.coalition_features == "train" and not run.model.late_fusion:
             raise UserError("method agm: coalition_features=train reuses the training pass's per-modality features, "
                             "which needs a late-fusion model; use coalition_features=eval (the official passes)")

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Probability, Range
-from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_empty_window
 from mmbalance.models.multimodal import Output
 
 
@@ -125,6 +124,7 @@ class AMCo(Method):
         modulation_starts: NonNegativeInt = 0,
         modulation_ends: NonNegativeInt = 80,
     ):
+        refuse_empty_window(modulation_starts, modulation_ends)  # empty: silently the fused CE only (baseline)
         self.max_ratio = max_ratio
         self.ramp_epochs = ramp_epochs
         self.margin = margin
@@ -135,12 +135,6 @@ class AMCo(Method):
         self._epoch_first_step: int | None = None
         self._steps_per_epoch = 0
         self.last: dict[str, float | str | None] = {}
-
-    def check_modalities(self, modalities):
-        super().check_modalities(modalities)
-        if len(modalities) < 2:
-            raise UserError(f"method {self.name} masks a dependent modality, so it needs at least two; "
-                            f"got {modalities}")
 
     def in_window(self, epoch: int) -> bool:
         return self.modulation_starts <= epoch <= self.modulation_ends

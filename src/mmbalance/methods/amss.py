@@ -241,9 +241,6 @@ class AMSS(Method):
 
     def setup(self, run):
         super().setup(run)
-        mods = run.model.modalities
-        if len(mods) < 2:
-            raise UserError(f"method amss needs at least two modalities; the model has {len(mods)} ({', '.join(mods)})")
         self.params = {m: select_parameters(ps, self.scope) for m, ps in run.model.modality_parameters().items()}
         for m, ps in self.params.items():
             if not ps:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import checked_arguments
 from mmbalance.data.batch import Batch
-from mmbalance.errors import UserError
+from mmbalance.errors import ConfigError, UserError
 from mmbalance.metrics.regression import LOSS_KEYS, regression_loss, resolve_loss
 from mmbalance.models.fusion import fusion_choices
 from mmbalance.models.multimodal import Output
@@ -77,9 +77,9 @@ class Method:
     #: the dataset tasks (`dataset.task`) the method trains; `set_task` refuses the others before training
     tasks: tuple[str, ...] = ("classification",)
     #: why a classification-only method refuses dataset.task=regression, completing "method X does not support
-    #: dataset.task=regression: ..." (what it needs class probabilities or class labels for)
-    regression_refusal: str = ("it has not been checked for regression (a method that needs no class "
-                               "probabilities and trains its heads with `task_loss` declares the task in `tasks`)")
+    #: dataset.task=regression: ..." (what it needs class probabilities or class labels for). None: the general
+    #: reason, which names the registered methods that do train regression (`regression_advice`)
+    regression_refusal: str | None = None
     #: set by `set_task`: the run's task and its training loss (cross_entropy | l1 | mse)
     task: str = "classification"
     loss_name: str = "cross_entropy"
@@ -102,6 +102,10 @@ class Method:
         declare the task. The run calls it once, before it builds the model."""
         loss = resolve_loss(task, loss)
         if task not in self.tasks:
+            if task == "regression" and self.regression_refusal is None:
+                raise UserError(f"method {self.name} does not support dataset.task=regression: it is declared for "
+                                f"{', '.join(self.tasks)} only (a balancing rule may read class probabilities or "
+                                f"labels, which a regression score lacks). {regression_advice()}")
             why = self.regression_refusal if task == "regression" else f"it trains only {', '.join(self.tasks)}"
             raise UserError(f"method {self.name} does not support dataset.task={task}: {why}. method=baseline "
                             f"supports every task")
@@ -242,6 +246,25 @@ class Method:
             owned = self.owned_modules()
             if name in owned:
                 owned[name].load_state_dict(module_state)
+
+
+def regression_advice() -> str:
+    """What to use instead for dataset.task=regression: the registered methods whose `tasks` include it."""
+    from mmbalance.methods import registered_methods  # the registry imports this module
+
+    names = [f"{key} (when every part does)" if cls.family == "hybrid" else key
+             for key, cls in registered_methods().items() if "regression" in cls.tasks]
+    return f"Use a method that trains it: {', '.join(names)}"
+
+
+def refuse_empty_window(starts: int, ends: int | None, open_end: bool = False) -> None:
+    """A ConfigError, naming both options, when the 0-based inclusive epoch window `method.modulation_starts` ..
+    `method.modulation_ends` is empty (starts > ends): the run would silently never modulate. `open_end`: the
+    method takes modulation_ends=null for a window without an end (MLGM), which the message offers."""
+    if ends is not None and starts > ends:
+        raise ConfigError([f"method.modulation_starts={starts} is after method.modulation_ends={ends}: the "
+                           f"modulation window (0-based epochs, both inclusive) would be empty; use modulation_starts "
+                           f"<= modulation_ends" + (", or modulation_ends=null for no end" if open_end else "")])
 
 
 def true_class_scores(logits: dict[str, Tensor], label: Tensor) -> dict[str, Tensor]:

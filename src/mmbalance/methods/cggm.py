@@ -164,8 +164,6 @@ class CGGM(Method):
         super().setup(run)
         model = run.model
         mods = model.modalities
-        if len(mods) < 2:
-            raise UserError(f"method cggm needs at least two modalities; the model has {len(mods)} ({', '.join(mods)})")
         if self.lam > 0 and not model.fusion.has_linear_blocks:
             raise UserError(
                 f"method cggm's direction term (method.lam={self.lam}) compares each modality's block of the fusion "

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat
-from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.models.multimodal import mask_modalities
 
@@ -74,7 +73,8 @@ class CML(Method):
             inputs, as the Shapley metric): M-1 extra encoder forwards and backwards per step, and
             train-mode BatchNorm sees the partly zeroed batches (its running statistics with them).
 
-    Hooks used: `loss` (levels from the features of the default forward), `check_modalities` (needs >= 2).
+    Hooks used: `loss` (levels from the features of the default forward). Two modalities at least, as every
+    balancing method (`min_modalities`).
     Choices: per-sample random orders, per-sample hinge and both correctness tricks follow the official code
     (QingyangZhang/CML, miwae/train.py); the peer shuffles one order per epoch for all samples and uses the
     batch hinge without the masks (option `hinge=batch`). The official code removes views by mean
@@ -98,11 +98,6 @@ class CML(Method):
         self.epsilon = epsilon
         self.hinge = hinge
         self.removal = removal
-
-    def check_modalities(self, modalities):
-        super().check_modalities(modalities)
-        if len(modalities) < 2:
-            raise UserError(f"method {self.name} removes modalities, so it needs at least two; got {modalities}")
 
     def level_logits(self, run, batch, out) -> list[Tensor]:
         """Fused logits at every removal level, level 0 (nothing removed) first."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from mmbalance.errors import UserError
+from mmbalance.errors import ConfigError, UserError
 from mmbalance.methods.base import Method
 
 #: hooks of which at most one part may bring its own version (the hybrid uses that part's)
@@ -62,6 +63,18 @@ def composition_problems(parts: list[Method]) -> list[str]:
     return problems
 
 
+def part_error(error: UserError, index: int, name: str) -> UserError:
+    """`error`, raised by building part `name` (method.parts[index]), as the hybrid reports it: each problem
+    prefixed with the part, and the part's options named by the path a user sets them by, `method.<part>.<key>`
+    (the part itself names them `method.<key>`, as when it runs alone)."""
+    def placed(text: str) -> str:
+        return f"method.parts[{index}] ({name}): " + re.sub(r"\bmethod\.(?=[A-Za-z_])", f"method.{name}.", text)
+
+    if isinstance(error, ConfigError):
+        return ConfigError([placed(p) for p in error.problems])
+    return UserError(placed(str(error)))
+
+
 class Compose(Method):
     """A hybrid strategy: registered methods (the parts) composed into one.
 
@@ -87,8 +100,10 @@ class Compose(Method):
       A part that predicts internally (valuation's Shapley pass) predicts the hybrid's way.
     Refused before training, in one UserError naming the parts and the stage: two owners of one of those hooks;
     a `training_step` takeover next to a part whose step hooks it would skip; a backward replacement next to
-    another part's loss; unknown, repeated or nested (compose) parts. Two parts replacing the model, and a part
-    whose `setup` rebuilds the training loader, are refused in `setup`, before the first step.
+    another part's loss; unknown, repeated or nested (compose) parts; a part whose constructor refuses its
+    settings (the part's error, prefixed `method.parts[i] (<part>): ` with its options named `method.<part>.<key>`).
+    Two parts replacing the model, and a part whose `setup` rebuilds the training loader, are refused in `setup`,
+    before the first step.
 
     The parts keep their own names (errors, logged keys); the hybrid's `family` records them, e.g.
     "hybrid: ogm_ge (optimization) + mbsd (objective)", and lands in metrics.json as `method_family`.
@@ -124,12 +139,15 @@ class Compose(Method):
             raise UserError("method=compose: " + "; ".join(problems))
         resolved = _plain(resolved) or {}
         self.parts: list[Method] = []
-        for name in names:
+        for index, name in enumerate(names):
             node = resolved.get(name)
             if node is None:  # built by hand (tests): the part's own defaults plus any settings given
                 node = {"_target_": f"{registry[name].__module__}.{registry[name].__qualname__}",
                         **(_plain(settings.get(name)) or {})}
-            part = build(OmegaConf.create(node))
+            try:
+                part = build(OmegaConf.create(node))
+            except UserError as e:  # a part's own check (e.g. MLGM's window): name the part and its settings' path
+                raise part_error(e, index, name) from e
             if type(part) is not registry[name]:
                 raise UserError(f"method.resolved.{name}._target_ builds {type(part).__name__}, not method {name}")
             self.parts.append(part)

@@ -154,8 +154,6 @@ class InfoReg(Method):
     def setup(self, run):
         super().setup(run)
         mods = list(run.model.modalities)
-        if len(mods) < 2:
-            raise UserError("method inforeg needs at least two modalities (it regulates one against the others)")
         if self.window_source not in WINDOW_SOURCES and self.window_source not in mods:
             raise UserError(f"method.window_source={self.window_source!r}; expected 'own', 'sum' or one of the "
                             f"modalities {mods}")

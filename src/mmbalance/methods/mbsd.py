@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat
-from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
 
@@ -83,11 +82,6 @@ class MBSD(Method):
     def __init__(self, kl_weight: NonNegativeFloat = 1.0, rs_weight: NonNegativeFloat = 1.0):
         self.kl_weight = float(kl_weight)
         self.rs_weight = float(rs_weight)
-
-    def check_modalities(self, modalities):
-        super().check_modalities(modalities)
-        if len(modalities) < 2:
-            raise UserError("method mbsd distils between modalities and needs at least two")
 
     def loss(self, run, batch, out):
         y = batch.label

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Range
-from mmbalance.errors import ConfigError, UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_empty_window
 
 log = logging.getLogger("mmbalance")
 
@@ -124,12 +123,8 @@ class MLGM(Method):
         modulation_starts: NonNegativeInt = 0,
         modulation_ends: NonNegativeInt | None = None,
     ):
-        if modulation_ends is not None and modulation_starts > modulation_ends:
-            # the window would be empty: the run would silently be unmodulated multi-loss training (k = 1 always)
-            raise ConfigError([f"method.modulation_starts={modulation_starts} is after method.modulation_ends="
-                               f"{modulation_ends}: the modulation window (0-based epochs, both inclusive) would be "
-                               f"empty; use modulation_starts <= modulation_ends, or modulation_ends=null for no "
-                               f"end"])
+        # an empty window would silently be unmodulated multi-loss training (k = 1 always)
+        refuse_empty_window(modulation_starts, modulation_ends, open_end=True)
         self.alpha = alpha
         self.max_boost = max_boost
         self.fused_weight = fused_weight
@@ -149,8 +144,6 @@ class MLGM(Method):
     def setup(self, run):
         super().setup(run)
         model = run.model
-        if len(model.modalities) < 2:
-            raise UserError("method mlgm needs at least two modalities (its ratios compare them)")
         epochs = ((run.config or {}).get("trainer") or {}).get("epochs")
         if epochs is not None and self.modulation_starts >= epochs:
             log.warning("mlgm: method.modulation_starts=%d >= trainer.epochs=%d, so no step is modulated (this run "

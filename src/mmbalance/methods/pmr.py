@@ -12,7 +12,6 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Probability, Range
 from mmbalance.engine.evaluation import collect_features
-from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 
 log = logging.getLogger("mmbalance")
@@ -130,8 +129,6 @@ class PMR(Method):
     # ---- prototypes ----
     def setup(self, run):
         super().setup(run)
-        if len(run.model.modalities) < 2:
-            raise UserError("method pmr needs at least two modalities")
         if self.prototypes is None and self.modulation_ends >= 0:
             self.prototypes = self.compute_prototypes(run, draw=0)[0]
 

@@ -165,8 +165,6 @@ class ReconBoost(Method):
 
     def setup(self, run):
         super().setup(run)
-        if len(run.model.modalities) < 2:
-            raise UserError("method reconboost alternates between modalities and needs at least two")
         for m in run.model.modalities:
             learner_head(run.model.fusion, m)  # refuse a fusion without per-modality blocks now
         self.scale = self.register_module(run, "ensemble_scale", EnsembleScale(self.boost_rate), optimize=False)
