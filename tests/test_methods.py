@@ -356,3 +356,18 @@ def test_every_method_constructor_refuses_what_its_signature_refuses():
                     cls(**{**required.get(key, {}), name: value})
                 checked += 1
     assert checked > 100, checked  # 133 today: every method declares its ranges and choices
+
+
+WINDOWED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml")
+                  if {"modulation_starts", "modulation_ends"} <= set(OmegaConf.load(p)))
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_every_method_with_a_modulation_window_refuses_an_empty_one(name):
+    """modulation_starts > modulation_ends would train the baseline under the method's name."""
+    with pytest.raises(UserError, match=r"method.modulation_starts=5 is after method.modulation_ends=2"):
+        build(compose_cfg([f"method={name}", "method.modulation_starts=5", "method.modulation_ends=2"]).method)
+
+
+def test_the_windowed_methods_are_found():
+    assert {"agm", "amco", "mlgm", "ogm_ge", "pmr"} <= set(WINDOWED)

@@ -9,7 +9,7 @@ import torch
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method, true_class_scores
+from mmbalance.methods.base import Method, refuse_empty_window, true_class_scores
 
 Scope = Literal["weights", "conv_kernels", "all"]  # the choices config validation and the constructor check
 
@@ -76,6 +76,7 @@ class OGMGE(Method):
         scope: Scope = "weights",
         warmup_epochs: NonNegativeInt = 0,
     ):
+        refuse_empty_window(modulation_starts, modulation_ends)  # empty: silently the baseline
         self.alpha = alpha
         self.variant = variant
         self.modulation_starts = modulation_starts

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Probability, Range
 from mmbalance.engine.evaluation import collect_features
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_empty_window
 
 log = logging.getLogger("mmbalance")
 
@@ -115,6 +115,7 @@ class PMR(Method):
         modulation_ends: NonNegativeInt = 100,
         prototype_fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
     ):
+        refuse_empty_window(modulation_starts, modulation_ends)  # empty: silently the baseline
         self.alpha = alpha
         self.momentum = momentum
         self.modulation_starts = modulation_starts
