@@ -182,7 +182,7 @@ def main() -> None:
         results[key] = r
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results, indent=1))
-    distributed.shutdown()
+    distributed.shutdown(finished=True)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,15 @@ def train(cfg: DictConfig, output_dir: Path, choices: dict | None = None, overri
     device = None
     if cfg.get("hardware", {}).get("distributed", False):
         device = distributed.init_from_env(cfg.hardware.get("backend", "nccl"), str(cfg.hardware.device))
+    finished = False
     try:
         folder = RunFolder(output_dir)
         with folder.locked() if distributed.is_main() else contextlib.nullcontext(), _sigterm_as_interrupt():
-            return _train(cfg, folder, choices, overrides, device)
+            results = _train(cfg, folder, choices, overrides, device)
+        finished = True
+        return results
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
 
 
 class Terminated(KeyboardInterrupt):

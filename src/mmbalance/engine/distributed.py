@@ -93,8 +93,14 @@ def init_from_env(backend: str, device: str) -> torch.device:
     return target
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group. `finished`: every rank got here normally, so they first meet at a barrier: with
+    gloo, a rank that tears its connections down while a peer still flushes the last collective's data can make
+    that peer abort (SIGABRT, "Connection closed by peer") after a run that succeeded. After an error there is
+    no barrier: a rank that failed never reaches it, and the others would wait for the timeout."""
     if is_distributed():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
