@@ -371,3 +371,20 @@ def test_every_method_with_a_modulation_window_refuses_an_empty_one(name):
 
 def test_the_windowed_methods_are_found():
     assert {"agm", "amco", "mlgm", "ogm_ge", "pmr"} <= set(WINDOWED)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=lfm", "method.alpha_lr=0.001"],
+     r"method.alpha_lr=0.001: only used with method.weighting=learnable, and this run has method.weighting=scheduled"),
+    (["method=lfm", "method.weighting=learnable", "method.schedule_epochs=50"],
+     r"method.schedule_epochs=50: only used with method.weighting=scheduled"),
+    (["method=amss", "method.plus_scale=official"],
+     r"method.plus_scale=official: only used with method.variant=amss_plus, and this run has method.variant=amss"),
+])
+def test_an_option_the_chosen_variant_ignores_is_refused(overrides, message):
+    """A sweep over an option the run ignores would record one result under several settings."""
+    with pytest.raises(UserError, match=message):
+        build(compose_cfg(overrides).method)
+    variant = {"lfm": "method.weighting=learnable", "amss": "method.variant=amss_plus"}[overrides[0][7:]]
+    if "schedule_epochs" not in overrides[-1]:  # with the variant that uses it, it is a setting like any other
+        build(compose_cfg([*overrides, variant]).method)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from mmbalance.constraints import NonNegativeInt, PositiveFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_inactive_options
 from mmbalance.methods.ogm_ge import Scope, select_parameters
 
 log = logging.getLogger("mmbalance")
@@ -226,6 +226,7 @@ class AMSS(Method):
         label_entropy: Literal["entropy", "official"] = "entropy",
         warmup_epochs: NonNegativeInt = 0,
     ):
+        refuse_inactive_options(AMSS, {"plus_scale": plus_scale}, "variant", variant, "amss_plus")
         self.variant = variant
         self.temperature = temperature
         self.offset = offset

@@ -23,6 +23,7 @@ against the float score.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -255,6 +256,21 @@ def regression_advice() -> str:
     names = [f"{key} (when every part does)" if cls.family == "hybrid" else key
              for key, cls in registered_methods().items() if "regression" in cls.tasks]
     return f"Use a method that trains it: {', '.join(names)}"
+
+
+def refuse_inactive_options(cls: type, given: dict[str, Any], switch: str, value: str, active: str) -> None:
+    """A ConfigError when options that act only with `method.<switch>=<active>` are set away from their defaults
+    while `method.<switch>=<value>`: the run would ignore them, and runs that differ only in them (a sweep over
+    method.alpha_lr with the scheduled LFM, say) would be one result recorded under several settings. `given`:
+    the options that act only then, with the values the method was built with."""
+    if value == active:
+        return
+    defaults = inspect.signature(cls.__init__).parameters
+    changed = [f"method.{k}={v}" for k, v in given.items() if v != defaults[k].default]
+    if changed:
+        raise ConfigError([f"{', '.join(changed)}: only used with method.{switch}={active}, and this run has "
+                           f"method.{switch}={value}, which would ignore {'them' if len(changed) > 1 else 'it'}; set "
+                           f"method.{switch}={active}, or leave {'them' if len(changed) > 1 else 'it'} at the default"])
 
 
 def refuse_empty_window(starts: int, ends: int | None, open_end: bool = False) -> None:

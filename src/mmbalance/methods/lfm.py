@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat, PositiveInt, Probability
 from mmbalance.data.batch import collate_batch
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_inactive_options
 
 log = logging.getLogger("mmbalance")
 
@@ -115,6 +115,11 @@ class LFM(Method):
         holdout_size: PositiveInt = 16,
         hyper_batch_size: PositiveInt = 8,
     ):
+        refuse_inactive_options(LFM, {"initial_align_weight": initial_align_weight, "alpha_lr": alpha_lr,
+                                      "alpha_lr_halve_every": alpha_lr_halve_every, "alpha_min": alpha_min,
+                                      "alpha_max": alpha_max, "holdout_size": holdout_size,
+                                      "hyper_batch_size": hyper_batch_size}, "weighting", weighting, "learnable")
+        refuse_inactive_options(LFM, {"schedule_epochs": schedule_epochs}, "weighting", weighting, "scheduled")
         if not 0 < hyper_batch_size <= holdout_size:
             raise UserError(f"method.hyper_batch_size={hyper_batch_size} must be in 1..holdout_size={holdout_size}")
         self.weighting = weighting
