@@ -380,11 +380,20 @@ def test_the_windowed_methods_are_found():
      r"method.schedule_epochs=50: only used with method.weighting=scheduled"),
     (["method=amss", "method.plus_scale=official"],
      r"method.plus_scale=official: only used with method.variant=amss_plus, and this run has method.variant=amss"),
+    (["method=valuation", "method.alpha=2.0", "method.part_ratio=0.5"],
+     r"method.alpha=2.0, method.part_ratio=0.5: only used with method.variant=modality, .* ignore them"),
+    (["method=valuation", "method.variant=modality", "method.thresholds=[1.0,0.5,0.0]"],
+     r"method.thresholds=\[1.0, 0.5, 0.0\]: only used with method.variant=sample"),
+    (["method=mla", "method.projection=off", "method.projection_alpha=0.5"],
+     r"method.projection_alpha=0.5: only used with method.projection=paper"),
 ])
 def test_an_option_the_chosen_variant_ignores_is_refused(overrides, message):
     """A sweep over an option the run ignores would record one result under several settings."""
     with pytest.raises(UserError, match=message):
         build(compose_cfg(overrides).method)
-    variant = {"lfm": "method.weighting=learnable", "amss": "method.variant=amss_plus"}[overrides[0][7:]]
-    if "schedule_epochs" not in overrides[-1]:  # with the variant that uses it, it is a setting like any other
-        build(compose_cfg([*overrides, variant]).method)
+    # with the variant that uses it, it is a setting like any other
+    enabling = {"method.alpha_lr=0.001": "method.weighting=learnable", "method.plus_scale=official":
+                "method.variant=amss_plus", "method.part_ratio=0.5": "method.variant=modality",
+                "method.projection_alpha=0.5": "method.projection=paper"}.get(overrides[-1])
+    if enabling:
+        build(compose_cfg([*overrides, enabling]).method)

@@ -266,7 +266,8 @@ def refuse_inactive_options(cls: type, given: dict[str, Any], switch: str, value
     if value == active:
         return
     defaults = inspect.signature(cls.__init__).parameters
-    changed = [f"method.{k}={v}" for k, v in given.items() if v != defaults[k].default]
+    changed = [f"method.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in given.items()
+               if v != defaults[k].default]
     if changed:
         raise ConfigError([f"{', '.join(changed)}: only used with method.{switch}={active}, and this run has "
                            f"method.{switch}={value}, which would ignore {'them' if len(changed) > 1 else 'it'}; set "

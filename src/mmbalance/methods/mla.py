@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_inactive_options
 
 log = logging.getLogger("mmbalance")
 
@@ -105,6 +105,7 @@ class MLA(Method):
         projection: Literal["paper", "off"] = "paper",
         projection_alpha: PositiveFloat = 0.1,
     ):
+        refuse_inactive_options(MLA, {"projection_alpha": projection_alpha}, "projection", projection, "paper")
         self.fusion = fusion
         self.weights_arg = dict(weights) if weights is not None else None
         self.projection = projection

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, Range
 from mmbalance.engine.evaluation import eval_mode
 from mmbalance.errors import UserError
-from mmbalance.methods.base import Method
+from mmbalance.methods.base import Method, refuse_inactive_options
 from mmbalance.metrics.shapley import coalitions
 from mmbalance.models.multimodal import Output, mask_modalities
 
@@ -182,6 +182,8 @@ class Valuation(Method):
         thresholds = tuple(float(t) for t in thresholds)
         if len(thresholds) != 3 or not thresholds[0] >= thresholds[1] >= thresholds[2]:
             raise UserError(f"method.thresholds={list(thresholds)}; expected three decreasing numbers (t0, t1, t2)")
+        refuse_inactive_options(Valuation, {"alpha": alpha, "part_ratio": part_ratio}, "variant", variant, "modality")
+        refuse_inactive_options(Valuation, {"thresholds": thresholds}, "variant", variant, "sample")
         self.variant = variant
         self.warmup = warmup
         self.full_value = full_value
