@@ -133,3 +133,100 @@ def test_macro_f1_of_a_huge_class_count_needs_no_class_by_class_matrix():
     confusion = torch.bincount(target * 7 + preds, minlength=49).reshape(7, 7).to(torch.float64)
     denom = confusion.sum(0) + confusion.sum(1)
     assert torch.equal(per_class_f1(preds, target, 7), 2 * confusion.diagonal() / denom)
+
+
+# ------------------------------------------------------------------------------------------------ label kinds, extra keys
+
+
+def test_an_extra_1d_key_suggests_dataset_modalities_listing_the_real_modality_keys(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = dict(label=np.arange(400) % 2, audio=rng.normal(size=(400, 4)), video=rng.normal(size=(400, 2, 3)),
+                  junk=np.arange(400))
+    f = write(tmp_path / "f.npz", **arrays)
+    with pytest.raises(DataError) as err:
+        build_features(f)
+    assert str(err.value) == (
+        f"{f}: `junk` has shape (400,); expected (400, D) or (400, T, D) with D and T at least 1; if it is not a "
+        "modality (a sample id, a per-row value), leave it out by naming the modalities: "
+        "dataset.modalities=[audio,video]")
+    assert list(build_features(f, modalities=["audio", "video"]).modalities) == ["audio", "video"]  # as suggested
+    ids = write(tmp_path / "g.npz", **{**arrays, "junk": np.array([f"id{i}" for i in range(400)])})
+    with pytest.raises(DataError, match=r"`junk` has dtype <U5 \(strings\).*dataset\.modalities=\[audio,video\]$"):
+        build_features(ids)
+    # modalities named explicitly: a bad one is the user's choice, no suggestion
+    with pytest.raises(DataError) as err:
+        build_features(f, modalities=["audio", "junk"])
+    assert "dataset.modalities=[" not in str(err.value)
+
+
+def test_whole_number_float_labels_are_read_as_classes_and_fractional_ones_are_refused_with_a_hint(tmp_path):
+    rng = np.random.default_rng(0)
+    label, x = np.arange(60) % 3, rng.normal(size=(60, 4))
+    as_int = build_features(write(tmp_path / "i.npz", label=label, a=x))
+    as_float = build_features(write(tmp_path / "f.npz", label=label.astype(float), a=x))
+    assert as_float.num_classes == 3 and as_float.train.labels.dtype == torch.int64
+    for part in ("train", "val", "test"):  # the same classes, the same splits: cast without loss
+        assert torch.equal(getattr(as_int, part).labels, getattr(as_float, part).labels)
+        assert torch.equal(getattr(as_int, part).inputs["a"], getattr(as_float, part).inputs["a"])
+    half = label.astype(float)
+    half[7] = 1.5
+    with pytest.raises(DataError, match=r"`label` has 1 value\(s\) that are not whole numbers \(row 7: 1\.5\); "
+                                        r"expected whole-number classes 0..C-1; float scores to regress on need "
+                                        r"dataset.task=regression"):
+        build_features(write(tmp_path / "h.npz", label=half, a=x))
+    nan = label.astype(float)
+    nan[2] = np.nan
+    with pytest.raises(DataError, match=r"not whole numbers \(row 2: nan\)"):
+        build_features(write(tmp_path / "n.npz", label=nan, a=x))
+
+
+def regression_file(path, n=60, seed=0, **extra):
+    rng = np.random.default_rng(seed)
+    audio, video = rng.normal(size=(n, 4)).astype(np.float32), rng.normal(size=(n, 3)).astype(np.float32)
+    score = (audio[:, 0] + 0.3 * video[:, 0]).astype(np.float32)
+    return write(path, label=score, audio=audio, video=video, **extra), score
+
+
+def test_regression_scores_are_float_labels_of_one_output_with_a_random_split(tmp_path):
+    f, score = regression_file(tmp_path / "r.npz", n=100)
+    s = build_features(f, task="regression")
+    assert s.num_classes == 1 and s.class_names == ["score"] and s.notes["task"] == "regression"
+    assert (len(s.train), len(s.val), len(s.test)) == (72, 8, 20)  # test 20 %, val 10 % of the rest
+    assert s.val_source == "carved from the file (random: test 20%, val 10%)"
+    rows = np.concatenate([s.train.rows, s.val.rows, s.test.rows])
+    assert sorted(rows.tolist()) == list(range(100))  # each row in one split
+    sample = s.test[0]
+    assert isinstance(sample["label"], float) and sample["label"] == pytest.approx(float(score[s.test.rows[0]]))
+    assert s.train.labels.dtype == torch.float32
+    assert sample["inputs"]["audio"].dtype == torch.float32 and sample["inputs"]["audio"].shape == (4,)
+    # the file's own split, and the errors
+    split = np.array(["train"] * 70 + ["val"] * 10 + ["test"] * 20)
+    g, _ = regression_file(tmp_path / "s.npz", n=100, split=split)
+    own = build_features(g, task="regression")
+    assert (len(own.train), len(own.val), len(own.test)) == (70, 10, 20) and own.val_source == "the file's `split`"
+    with pytest.raises(DataError, match=r"dataset.task=regression, but the file has `classes`"):
+        build_features(regression_file(tmp_path / "c.npz", classes=np.array(["a", "b"]))[0], task="regression")
+    bad = score.copy()
+    bad[[4, 9]] = np.nan
+    with pytest.raises(DataError, match=r"`label` has 2 non-finite score\(s\) .* at rows 4, 9 \(counting from 0\)"):
+        build_features(write(tmp_path / "n.npz", label=bad, a=np.zeros((60, 2))), task="regression")
+    with pytest.raises(DataError, match=r"not whole numbers .*need dataset.task=regression"):
+        build_features(f)  # the same scores as classes: refused, pointing at the task
+    with pytest.raises(UserError, match=r"dataset.loss='l1' does not train dataset.task=classification"):
+        build_features(f, loss="l1")
+
+
+def test_a_regression_features_file_trains_one_epoch_of_baseline(tmp_path):
+    from conftest import train_in_process
+
+    f, _ = regression_file(tmp_path / "r.npz")
+    results = train_in_process(tmp_path / "run", [
+        "dataset=features", f"dataset.path={f}", "++dataset.task=regression", "trainer.epochs=1",
+        "trainer.batch_size=16", "trainer.progress_bar=false", "hardware=cpu", "eval.flops=false", "logger=csv"],
+        fast=False)
+    assert results["status"] == "completed"
+    assert (results["task"], results["loss"], results["select_metric"]) == ("regression", "l1", "mae")
+    assert results["dataset_notes"]["task"] == "regression" and results["modalities"] == ["audio", "video"]
+    m = results["metrics"]
+    assert np.isfinite(m["test/mae"]) and "test/corr" in m and "test/acc2_nonneg" in m
+    assert np.isfinite(m["test/mae/audio"]) and m["test/imbalance"] is not None and m["test/value/empty"] <= 0

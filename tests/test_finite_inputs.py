@@ -52,7 +52,8 @@ def test_nan_in_train_rows_and_inf_in_test_rows_are_one_error_naming_file_key_an
         build_features(f)
     msg = str(err.value)
     assert msg.startswith(f"features file {f!r}: non-finite values in `audio`: 3 NaN in train, 1 Inf in test")
-    assert "`video`: 1 Inf in test" in msg and msg.endswith("clean or drop those rows")
+    assert "`video`: 1 Inf in test (row 44 of test)" in msg and msg.endswith("clean or drop those rows")
+    assert "`audio`: 3 NaN in train, 1 Inf in test (row 0 of train; row 45 of test)" in msg
     assert " in val" not in msg  # a split without non-finite rows is not listed
 
 
@@ -239,7 +240,8 @@ def test_mosei_prepared_cache_with_nan_is_refused_while_raw_nan_is_still_replace
     np.save(out / "val" / "vision.npy", vision)
     st = (out / "val" / "vision.npy").stat()
     os.utime(out / "val" / "vision.npy", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    with pytest.raises(DataError, match=r"prepared CMU-MOSEI cache .*: non-finite values in `vision`: 1 NaN in val"):
+    with pytest.raises(DataError, match=r"prepared CMU-MOSEI cache .*: non-finite values in `vision`: 1 NaN in val "
+                                        r"\(row 1 of val\); row indices count from 0 in the arrays"):
         build_cmu_mosei(prepared=str(out))
 
 
@@ -341,3 +343,19 @@ def test_evaluation_counts_a_coalition_whose_logits_alone_are_not_finite():
     run.method.eval_fuse = eval_fuse
     with pytest.raises(NonFiniteError, match=r"6 of 6 samples .*\(0 in the fused"):
         evaluate(run, _loader(x), "test")
+
+
+def test_the_message_names_the_first_offending_rows_of_each_split_capped(tmp_path):
+    rng = np.random.default_rng(0)
+    top, side = rng.normal(size=(60, 3)), rng.normal(size=(60, 2))
+    top[[3, 17], 1] = np.inf  # train rows (0-39)
+    top[41, 0] = np.nan  # a val row (40-49)
+    side[[0, 1, 2, 5, 8, 13, 21, 34], 0] = np.nan  # 8 train rows: the first 5 named, the rest counted
+    split = np.array(["train"] * 40 + ["val"] * 10 + ["test"] * 10)
+    np.savez(tmp_path / "r.npz", label=np.arange(60) % 2, split=split, top=top, side=side)
+    with pytest.raises(DataError) as err:
+        build_features(str(tmp_path / "r.npz"))
+    assert str(err.value) == (
+        f"features file {str(tmp_path / 'r.npz')!r}: non-finite values in `top`: 2 Inf in train, 1 NaN in val "
+        "(rows 3, 17 of train; row 41 of val); in `side`: 8 NaN in train (rows 0, 1, 2, 5, 8 and 3 more of train); "
+        "row indices count from 0 in the arrays; clean or drop those rows")

@@ -1,5 +1,7 @@
 """Bring your own features: one .npz file with `label`, optional `split` and `classes`, and one numeric array per
-modality (docs/datasets.md#your-own-features-features)."""
+modality (docs/datasets.md#your-own-features-features). `label` holds classes (dataset.task=classification, the
+default) or, with dataset.task=regression, a float score per row (one model output, the regression metrics and
+losses of CMU-MOSEI's regression task)."""
 
 from __future__ import annotations
 
@@ -7,21 +9,24 @@ import logging
 import zipfile
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import torch
 
 from mmbalance.constraints import Fraction, NonNegativeInt
-from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
+from mmbalance.data.batch import ArrayDataset, DataSplits, ModalitySpec, MultimodalDataset, stratified_split
 from mmbalance.data.finite import check_arrays
 from mmbalance.errors import DataError, UserError
+from mmbalance.metrics.regression import resolve_loss
 
 log = logging.getLogger("mmbalance")
 
 FORMAT = (
-    "an .npz with `label` (N,) integer classes, optional `split` (N,) of 'train'/'val'/'test', optional "
-    "`classes` (C,) class names, and every other key a numeric modality of shape (N, D) or (N, T, D)"
+    "an .npz with `label` (N,) integer classes (float scores with dataset.task=regression), optional `split` (N,) "
+    "of 'train'/'val'/'test', optional `classes` (C,) class names, and every other key a numeric modality of shape "
+    "(N, D) or (N, T, D)"
 )
+SCORE_NAME = "score"  # the one output of a regression run (class_names)
 # what a modality array of another dtype kind holds (numpy's dtype.kind); bool, int and float are read as float32
 NOT_NUMBERS = {"U": "strings", "S": "byte strings", "c": "complex numbers; store the real and imaginary parts as "
                "separate features", "M": "dates", "m": "time spans", "V": "structured records"}
@@ -75,18 +80,27 @@ def build_features(
     split_seed: NonNegativeInt = 0,
     modalities: list[str] | None = None,
     standardize: bool = True,
+    task: Literal["classification", "regression"] = "classification",
+    loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto",
 ) -> DataSplits:
     """Load a features file (see FORMAT).
 
     Without `split`, a stratified test split (`test_fraction`) and validation split (`val_fraction` of
-    the rest) are carved with `split_seed`; with a `split` that has no 'val', validation is carved from
-    'train'. `modalities` picks and orders the modality keys (default: file order).
+    the rest) are carved with `split_seed` (a random one for regression scores); with a `split` that has no
+    'val', validation is carved from 'train'. `modalities` picks and orders the modality keys (default: file
+    order).
+
+    `task`: classification (integer classes; float labels that are all whole numbers, e.g. `label.astype(float)`,
+    are read as those classes) or regression (`label` float scores, any real value; one model output; `loss` is
+    the training loss, read by the run, as for CMU-MOSEI).
 
     `standardize` (default) scales every feature to zero mean and unit variance with the *train* split's
     statistics (per feature; a sequence's over samples and steps; a constant feature is only centred): real
     feature files mix scales (areas in the thousands beside ratios below one), which an SGD-trained MLP does
     not survive, while a logistic regression on standardised features does. False feeds the values as stored.
     """
+    resolve_loss(task, loss)  # an unknown task, or a loss that does not fit it, is refused before any file is read
+    regression = task == "regression"
     file = Path(path)
     if not file.is_file():
         raise DataError(f"dataset.path: features file {str(file)!r} does not exist (expected {FORMAT})")
@@ -96,16 +110,14 @@ def build_features(
     labels = arrays.pop("label")
     split = arrays.pop("split", None)
     class_names = arrays.pop("classes", None)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        hint = ("; class names? encode them as 0..C-1, e.g. `names, label = np.unique(label, return_inverse=True)`, "
-                "and save the names as `classes`" if labels.dtype.kind in "USO" else "")
-        raise DataError(f"{file}: `label` must be a 1-D integer array, got shape {labels.shape} dtype "
-                        f"{labels.dtype}{hint}")
-    if not len(labels) or labels.min() < 0:
-        raise DataError(f"{file}: `label` {'is empty' if not len(labels) else 'has negative values'}; expected "
-                        "classes 0..C-1, one per sample")
-    num_classes = int(labels.max()) + 1
-    if class_names is not None:  # the file's own class list: its length is C, its entries the names
+    if regression:
+        labels = _scores(file, labels, class_names)
+        num_classes = 1
+    else:
+        labels = _classes(file, labels)
+        num_classes = int(labels.max()) + 1
+    # the file's own class list: its length is C, its entries the names
+    if class_names is not None and not regression:
         if class_names.ndim != 1 or len(set(class_names.tolist())) != len(class_names):
             raise DataError(f"{file}: `classes` must be a 1-D array of distinct class names, got shape "
                             f"{class_names.shape} dtype {class_names.dtype} with "
@@ -116,6 +128,8 @@ def build_features(
         num_classes = len(class_names)
     n = len(labels)
     names = list(modalities) if modalities else list(arrays)
+    # a key that is not a modality (sample ids, a per-row value) fails the file: name the ones that would work
+    leave_out = "" if modalities else _leave_out_hint(arrays, n)
     if not names:
         raise DataError(f"{file}: no modality arrays besides `label`/`split`/`classes`; expected {FORMAT}")
     twice = sorted({m for m in names if names.count(m) > 1})
@@ -128,20 +142,21 @@ def build_features(
         x = arrays[name]
         if x.dtype.kind not in "biuf":
             raise DataError(f"{file}: `{name}` has dtype {x.dtype} ({NOT_NUMBERS.get(x.dtype.kind, 'not numbers')}); "
-                            "expected a modality of numbers (float, int or bool, read as float32)")
-        if x.ndim not in (2, 3) or x.shape[0] != n or 0 in x.shape[1:]:
+                            f"expected a modality of numbers (float, int or bool, read as float32){leave_out}")
+        if not _modality_shaped(x, n):
             raise DataError(f"{file}: `{name}` has shape {x.shape}; expected ({n}, D) or ({n}, T, D) with D and T "
-                            "at least 1")
+                            f"at least 1{leave_out}")
         if x.dtype not in (np.float16, np.float32):
             # what the model sees (samples are read as float32): a float64 value past 3.4e38 is Inf there, so the
             # finite check below must see it as Inf too
             with np.errstate(over="ignore"):
                 arrays[name] = x.astype(np.float32)
         specs[name] = ModalitySpec("vector" if x.ndim == 2 else "sequence", tuple(x.shape[1:]))
-    full = MultimodalDataset({m: arrays[m] for m in names}, labels)
+    carve = _random_split if regression else stratified_split
+    how = "random" if regression else "stratified"
     if split is None:
-        train_val, test = stratified_split(labels, test_fraction, split_seed)
-        val_source = f"carved from the file (stratified: test {test_fraction:.0%}, val {val_fraction:.0%})"
+        train_val, test = carve(labels, test_fraction, split_seed)
+        val_source = f"carved from the file ({how}: test {test_fraction:.0%}, val {val_fraction:.0%})"
     else:
         found = split.dtype
         split = split.astype(str)
@@ -159,20 +174,27 @@ def build_features(
     if split is not None and (split == "val").any():
         train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
     else:
-        keep, held = stratified_split(labels[train_val], val_fraction, split_seed + 1)
+        keep, held = carve(labels[train_val], val_fraction, split_seed + 1)
         train, val = train_val[keep], train_val[held]
         if split is not None:
-            val_source = f"carved from the file's train split (stratified, {val_fraction:.0%})"
+            val_source = f"carved from the file's train split ({how}, {val_fraction:.0%})"
     check_arrays(f"features file {str(file)!r}", {m: arrays[m] for m in names},
                  {"train": train, "val": val, "test": test}, "clean or drop those rows")
+    inputs = {m: arrays[m] for m in names}
     if standardize:
         for m in names:
             x = arrays[m]
             rows = x[train].astype(np.float64).reshape(-1, x.shape[-1])
             mean, std = rows.mean(0), rows.std(0)
             std[std == 0] = 1.0
-            full.inputs[m] = torch.as_tensor(((x - mean) / std).astype(np.float32))
+            inputs[m] = ((x - mean) / std).astype(np.float32)
     notes = {"standardize": "per feature, train-split mean and std" if standardize else "off"}
+    if regression:  # float scores: ArrayDataset keeps them float (MultimodalDataset's labels are classes)
+        notes.update(task="regression", score_range=[float(labels.min()), float(labels.max())])
+        parts = [ArrayDataset(inputs, rows, labels[rows], [str(r) for r in rows.tolist()], regression=True)
+                 for rows in (train, val, test)]
+        return DataSplits(*parts, specs, 1, [SCORE_NAME], val_source=val_source, notes=notes)
+    full = MultimodalDataset(inputs, labels)
     empty = sorted(set(range(num_classes)) - set(labels.tolist()))
     if empty:  # usually an off label encoding (1-based, a subset's original ids); macro-F1 pays for it
         notes["empty_classes"] = empty
@@ -188,6 +210,71 @@ def build_features(
         full.subset(train), full.subset(val), full.subset(test), specs, num_classes, label_names,
         val_source=val_source, notes=notes,
     )
+
+
+def _classes(file: Path, labels: np.ndarray) -> np.ndarray:
+    """`label` as int64 classes 0..C-1: integers, or floats that are all whole numbers (`label.astype(float)`,
+    read without loss); a DataError saying what is wrong otherwise."""
+    if labels.ndim == 1 and labels.dtype.kind == "f" and len(labels):
+        bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+        if len(bad):
+            r = int(bad[0])
+            raise DataError(f"{file}: `label` has {len(bad)} value(s) that are not whole numbers (row {r}: "
+                            f"{float(labels[r])}); expected whole-number classes 0..C-1; float scores to regress on "
+                            "need dataset.task=regression")
+        labels = labels.astype(np.int64)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        hint = ("; class names? encode them as 0..C-1, e.g. `names, label = np.unique(label, return_inverse=True)`, "
+                "and save the names as `classes`" if labels.dtype.kind in "USO" else "")
+        raise DataError(f"{file}: `label` must be a 1-D integer array, got shape {labels.shape} dtype "
+                        f"{labels.dtype}{hint}")
+    if not len(labels) or labels.min() < 0:
+        raise DataError(f"{file}: `label` {'is empty' if not len(labels) else 'has negative values'}; expected "
+                        "classes 0..C-1, one per sample")
+    return labels
+
+
+def _scores(file: Path, labels: np.ndarray, class_names: np.ndarray | None) -> np.ndarray:
+    """`label` as float32 regression scores (dataset.task=regression): 1-D numbers, every one finite."""
+    if class_names is not None:
+        raise DataError(f"{file}: dataset.task=regression, but the file has `classes`: regression scores have no "
+                        "classes; drop `classes`, or train the classes with dataset.task=classification")
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf" or not len(labels):
+        raise DataError(f"{file}: dataset.task=regression: `label` must be a non-empty 1-D array of numbers (one "
+                        f"score per row), got shape {labels.shape} dtype {labels.dtype}")
+    with np.errstate(over="ignore"):
+        scores = labels.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        rows = ", ".join(str(r) for r in bad[:5].tolist()) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{file}: `label` has {len(bad)} non-finite score(s) (NaN/Inf, or beyond float32) at rows "
+                        f"{rows} (counting from 0); clean or drop those rows")
+    return scores
+
+
+def _random_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) indices with `fraction` of the rows held out at random (at least one when there are two
+    or more rows): regression scores have no classes to stratify on. Deterministic for a given seed."""
+    n = len(labels)
+    k = int(round(fraction * n))
+    if k == 0 and n >= 2 and fraction > 0:
+        k = 1
+    held_out = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    return np.setdiff1d(np.arange(n), held_out), held_out
+
+
+def _modality_shaped(x: np.ndarray, n: int) -> bool:
+    return x.ndim in (2, 3) and x.shape[0] == n and 0 not in x.shape[1:]
+
+
+def _leave_out_hint(arrays: dict[str, np.ndarray], n: int) -> str:
+    """For a file whose every key is read as a modality (no dataset.modalities): the override that keeps only the
+    keys shaped and typed as modalities, leaving out the others (sample ids, per-row values); "" when none is."""
+    good = [k for k, x in arrays.items() if x.dtype.kind in "biuf" and _modality_shaped(x, n)]
+    if not good or len(good) == len(arrays):
+        return ""
+    return (f"; if it is not a modality (a sample id, a per-row value), leave it out by naming the modalities: "
+            f"dataset.modalities=[{','.join(good)}]")
 
 
 def _ranges(values: list[int]) -> str:

@@ -1,5 +1,6 @@
 """The one non-finite input check every loader's build runs: NaN/Inf counted per modality key and split, raised
-as one DataError that names the file and lists every offending (key, split, count).
+as one DataError that names the file and lists every offending (key, split, count) with the first few offending
+row indices of each split (`ROWS_SHOWN`), so the rows can be found and cleaned.
 
 Without it a NaN in training rows surfaces as "training diverged" (blaming the optimiser) and one in test rows
 as a completed run at chance accuracy.
@@ -30,6 +31,7 @@ SPLIT_ORDER = ("train", "val", "test")
 SCAN_CHUNK_BYTES = 64 << 20
 SIDECAR_SUFFIX = ".finite.json"
 SIDECAR_VERSION = 1
+ROWS_SHOWN = 5  # offending row indices named per (key, split); the rest are counted
 
 # {row: (NaN count, Inf count)} for the rows that hold any; clean rows are not listed
 RowCounts = dict[int, tuple[int, int]]
@@ -66,27 +68,47 @@ def split_totals(bad: RowCounts, rows: Iterable[int] | None) -> tuple[int, int]:
     return sum(h[0] for h in hits), sum(h[1] for h in hits)
 
 
-def raise_if_nonfinite(source: str, counts: Mapping[str, Mapping[str, tuple[int, int]]], advice: str) -> None:
-    """One DataError listing every non-zero {key: {split: (NaN, Inf)}} count, e.g. "features file 'x.npz':
-    non-finite values in `audio`: 3 NaN in train, 1 Inf in test; clean or drop those rows"."""
+def split_bad_rows(bad: RowCounts, rows: Iterable[int] | None) -> list[int]:
+    """The rows of `rows` (None: every row) that hold NaN/Inf, as sorted row indices of the array."""
+    if not bad:
+        return []
+    return sorted(bad) if rows is None else sorted(r for r in set(np.asarray(rows).tolist()) if r in bad)
+
+
+def _row_list(rows: list[int]) -> str:
+    """[3, 17] -> 'rows 3, 17'; past ROWS_SHOWN: 'rows 0, 1, 2, 3, 4 and 19 more'."""
+    shown = ", ".join(str(r) for r in rows[:ROWS_SHOWN])
+    more = f" and {len(rows) - ROWS_SHOWN} more" if len(rows) > ROWS_SHOWN else ""
+    return f"{'row' if len(rows) == 1 else 'rows'} {shown}{more}"
+
+
+def raise_if_nonfinite(source: str, counts: Mapping[str, Mapping[str, tuple[int, int]]], advice: str,
+                       rows: Mapping[str, Mapping[str, list[int]]] | None = None) -> None:
+    """One DataError listing every non-zero {key: {split: (NaN, Inf)}} count and, from `rows` {key: {split: sorted
+    row indices}}, the first offending rows of each split, e.g. "features file 'x.npz': non-finite values in
+    `audio`: 3 NaN in train, 1 Inf in test (row 0 of train; row 45 of test); row indices count from 0 in the
+    arrays; clean or drop those rows"."""
     parts = []
     for key, by_split in counts.items():
         order = [s for s in SPLIT_ORDER if s in by_split] + [s for s in by_split if s not in SPLIT_ORDER]
         found = [f"{n} {kind} in {s}" for s in order for n, kind in zip(by_split[s], ("NaN", "Inf")) if n]
         if found:
-            parts.append(f"`{key}`: " + ", ".join(found))
+            where = [f"{_row_list(r)} of {s}" for s in order if (r := (rows or {}).get(key, {}).get(s))]
+            parts.append(f"`{key}`: " + ", ".join(found) + (f" ({'; '.join(where)})" if where else ""))
     if parts:
-        raise DataError(f"{source}: non-finite values in " + "; in ".join(parts) + f"; {advice}")
+        note = "; row indices count from 0 in the arrays" if rows else ""
+        raise DataError(f"{source}: non-finite values in " + "; in ".join(parts) + f"{note}; {advice}")
 
 
 def check_arrays(source: str, arrays: Mapping[str, object], splits: Mapping[str, np.ndarray], advice: str) -> None:
     """In-memory arrays {key: (N, ...)} whose rows `splits` {split: row indices} are used: raise when any is
-    non-finite (see `raise_if_nonfinite`)."""
-    counts = {}
+    non-finite (see `raise_if_nonfinite`), naming the first offending row indices of each split."""
+    counts, rows = {}, {}
     for key, x in arrays.items():
         bad = nonfinite_rows(x)
-        counts[key] = {s: split_totals(bad, rows) for s, rows in splits.items()}
-    raise_if_nonfinite(source, counts, advice)
+        counts[key] = {s: split_totals(bad, r) for s, r in splits.items()}
+        rows[key] = {s: split_bad_rows(bad, r) for s, r in splits.items()}
+    raise_if_nonfinite(source, counts, advice, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +180,7 @@ def check_cached(source: str, parts: Iterable[tuple[str, str, Path, np.ndarray |
     """Prepared arrays: `parts` = (key, split, .npy path, rows of it that split uses or None for all). Raise one
     DataError naming `source` when any used row holds NaN/Inf."""
     counts: dict[str, dict[str, tuple[int, int]]] = {}
+    bad_rows: dict[str, dict[str, list[int]]] = {}  # row indices of the .npy files
     per_file: dict[Path, RowCounts] = {}  # one file serves several splits: read its sidecar (or scan) once
     for key, split, path, rows in parts:
         if path not in per_file:
@@ -165,4 +188,6 @@ def check_cached(source: str, parts: Iterable[tuple[str, str, Path, np.ndarray |
         nan, inf = split_totals(per_file[path], rows)
         prev = counts.setdefault(key, {}).get(split, (0, 0))
         counts[key][split] = (prev[0] + nan, prev[1] + inf)
-    raise_if_nonfinite(source, counts, advice)
+        found = bad_rows.setdefault(key, {}).setdefault(split, [])
+        found[:] = sorted(set(found) | set(split_bad_rows(per_file[path], rows)))
+    raise_if_nonfinite(source, counts, advice, bad_rows)
