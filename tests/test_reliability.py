@@ -151,6 +151,25 @@ def test_a_checkpoint_trained_on_another_number_of_processes_is_refused_at_resum
         train_in_process(out, ["trainer.epochs=3"])
 
 
+@pytest.mark.parametrize("forced, match", [
+    (["trainer.epochs=1"], r"trained for 2 epochs; trainer.epochs=1 cannot shorten it"),  # refused in _resume
+    (["trainer.epochs=3", "backbone.encoders.image.width=16"], r"last.pt cannot be loaded into this run's model"),
+    (["trainer.epochs=3", "optimizer.lr=-1"], r"optimizer.lr"),  # a bad value: refused before the trainer exists
+])
+def test_a_forced_resume_that_stops_before_training_leaves_the_folder_to_its_run(tmp_path, monkeypatch, forced, match):
+    """resume=force over another run's unfinished folder: until it has loaded the checkpoint and starts training,
+    the folder's record is the other run's, so that run's own command still resumes it."""
+    out = tmp_path / "run"
+    interrupted_at_epoch_2_of_3(monkeypatch, out)
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(UserError, match=match):
+        train_in_process(out, [*forced, "seed=1", "resume=force"])
+    assert (out / "metrics.json").read_bytes() == before
+    resumed = train_in_process(out, ["trainer.epochs=3"])  # the folder's own run, without resume=force
+    assert resumed["status"] == "completed" and resumed["resumed_from"]["epoch"] == 1
+    assert "forced_resume" not in resumed
+
+
 def test_a_changed_dataset_is_refused_at_resume(tmp_path, monkeypatch):
     path = tmp_path / "feats.npz"
     rng = np.random.default_rng(0)

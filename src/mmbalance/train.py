@@ -161,14 +161,23 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
     distributed.barrier()
     # a completed record stays on disk until its replacement is complete (resume=reevaluate / force)
     keep_completed = plan.action == "reevaluate"
+    # resume=force over another run's unfinished folder: its record stays until this run has loaded the checkpoint
+    # and starts training (`on_start`); a refusal or error before that (a shorter trainer.epochs, a model the
+    # checkpoint does not fit, a bad value) leaves the folder's record as it was, so its own command still resumes it
+    deferred = bool(plan.forced_over) and plan.previous is not None and not keep_completed
     record = output_dir / "metrics.json"
-    if write and not keep_completed:
+    if write and not keep_completed and not deferred:
         write_json(results, record)
     # resume=force with more epochs trains a completed run further: until it completes, its record says so (the
     # checkpoints and history.csv then run ahead of the record's `epochs`)
     extension: dict[str, Any] = {}
 
     def start_extension(first_epoch: int) -> None:
+        nonlocal deferred
+        if deferred:
+            deferred = False
+            if write:
+                write_json(results, record)
         if keep_completed and first_epoch < trainer.epochs:
             extension.update(epochs=trainer.epochs, status="running", error=None)
             if write:
@@ -204,7 +213,11 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
                 results["resumed_from"] = trainer.resumed_from
         recorded = False  # whether the record on disk is this `results`
         try:
-            if write and (results["status"] == "completed" or not keep_completed):
+            if write and deferred:  # stopped before it changed the folder: the previous record stands
+                log.error("resume=force %s before it changed anything; %s still records the run it was started "
+                          "over (%s)", results["status"], record, " ".join((plan.previous or {}).get("overrides") or [])
+                          or "no overrides")
+            elif write and (results["status"] == "completed" or not keep_completed):
                 write_json(results, record)
                 recorded = True
             elif write:

@@ -207,11 +207,18 @@ class Trainer:
         if state["epoch"] + 1 > self.epochs:  # before anything is rewritten: its results are those of more epochs
             raise shortening_refused(path, state["epoch"] + 1, self.epochs)
         run = self.run
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        if run.scheduler is not None and state["scheduler"] is not None:
-            run.scheduler.load_state_dict(state["scheduler"])
-        run.method.load_state_dict(state["method"])
+        try:
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            if run.scheduler is not None and state["scheduler"] is not None:
+                run.scheduler.load_state_dict(state["scheduler"])
+            run.method.load_state_dict(state["method"])
+        except (RuntimeError, ValueError, KeyError) as exc:  # resume=force over a run whose model differs
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFolderError(f"{path} cannot be loaded into this run's model, optimizer or method ({first}): it "
+                                 f"was written by {describe(state.get('identity'))}. Nothing was changed. Re-run with "
+                                 "resume=never to train this run here (the files move to superseded/), or choose "
+                                 "another folder") from None
         run.flops.load_state_dict(state["flops"])
         run.step = state["step"]
         self.history = state["history"]
