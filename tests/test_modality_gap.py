@@ -166,7 +166,8 @@ def test_no_joint_run_and_no_runs_are_clear_errors(tmp_path):
 def test_ambiguous_unimodal_runs_are_refused(tmp_path):
     make_run(tmp_path, "b0", "baseline", 0)
     make_run(tmp_path, "a0", "unimodal", 0, "audio")
-    make_run(tmp_path, "a0_again", "unimodal", 0, "audio")
+    # another run of the same modality and seed (another learning rate; an exact copy would be a repeat, counted once)
+    make_run(tmp_path, "a0_again", "unimodal", 0, "audio", optimizer={"lr": 0.5})
     make_run(tmp_path, "v0", "unimodal", 0, "visual")
     with pytest.raises(UserError, match="2 unimodal runs of modality 'audio' match"):
         _pairs(tmp_path)
@@ -324,3 +325,55 @@ def test_gap_of_regression_runs_probes_by_mae(tmp_path):
     assert "## cmu_mosei (regression: MAE, lower is better)" in md
     line = next(x for x in md.splitlines() if x.startswith("| baseline | – | audio |"))
     assert f"| {rows.at['audio', 'probe_joint']:.3f} ± – |" in line  # MAE points, not ×100
+
+
+def test_a_repeated_run_counts_once(tmp_path):
+    """A copied run folder (or the same sweep given twice) is one run, as `mmbalance report` counts it: the
+    pairs, the rows and the n are those of the distinct runs."""
+    import shutil
+
+    for seed in (0, 1):
+        make_run(tmp_path, f"b{seed}", "baseline", seed)
+        make_run(tmp_path, f"a{seed}", "unimodal", seed, "audio")
+        make_run(tmp_path, f"v{seed}", "unimodal", seed, "visual")
+    shutil.copytree(tmp_path / "b0", tmp_path / "b0_copy")
+    shutil.copytree(tmp_path / "a1", tmp_path / "a1_copy")  # a copied partner is no second candidate either
+    pairs, skipped = _pairs(tmp_path)
+    assert len(pairs) == 2 * 2 and sorted((p.joint.seed, p.modality) for p in pairs) == [
+        (0, "audio"), (0, "visual"), (1, "audio"), (1, "visual")]
+    assert len(skipped) == 2 and all(s.startswith("repeat: ") for s in skipped)
+    assert f"repeat: {tmp_path / 'b0_copy'} repeats {tmp_path / 'b0'}" in skipped[1]  # the first by path counts
+
+
+def test_a_copied_run_is_probed_once_end_to_end(tiny_sweep, tmp_path):
+    import shutil
+
+    root = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, root)
+    shutil.copytree(root / "0", root / "0_copy")
+    result = write_gap_report([root], tmp_path / "out", ProbeSettings(steps=5))
+    assert sorted(zip(result["rows"]["seed"], result["rows"]["modality"])) == [(0, "audio"), (0, "visual")]
+    assert list(result["summary"]["n"]) == [1, 1]
+    assert "repeat: " in result["markdown"]
+
+
+def test_data_that_changed_since_training_are_refused(tiny_sweep, tmp_path):
+    """The probe rebuilds the data from each run's config; data other than those the run was trained on (a
+    features file whose labels were overwritten since) would give meaningless probes: one error, naming the run,
+    where its data come from and what differs, before any probing."""
+    import shutil
+
+    root = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep, root)
+    record = root / "0" / "metrics.json"
+    data = json.loads(record.read_text())
+    recorded = data["data_identity"]
+    assert "train.labels" in recorded  # what training recorded (engine/identity.data_identity)
+    data["data_identity"] = {**recorded, "train.labels": "0" * 16}  # as if the labels changed after training
+    record.write_text(json.dumps(data))
+    with pytest.raises(UserError) as e:
+        write_gap_report([root], tmp_path / "out", ProbeSettings(steps=5))
+    message = str(e.value)
+    assert "1 run(s) are not the data they were trained on" in message
+    assert str(root / "0") in message and f"train.labels: '{'0' * 16}' -> '{recorded['train.labels']}'" in message
+    assert str(root / "1") not in message and not (tmp_path / "out" / "modality_gap.csv").exists()

@@ -483,3 +483,97 @@ def test_hybrids_composed_on_the_command_line_are_methods_named_by_their_parts(t
     df = load_runs([tmp_path]).sort_values("run_dir")
     assert list(df["method"]) == ["compose[ogm_ge+mbsd]"] * 2 + ["compose[mlgm]"] * 2 + ["compose[ogm_ge+mbsd]"]
     assert list(df["variant"]) == ["alpha=unset", "alpha=unset", "", "", "alpha=0.3"]
+
+
+# ------------------------------------------------- settings outside the method, record-only settings, other data
+
+
+def _epochs_run(root, name, *, method="baseline", seed=0, epochs=3, acc=0.9, flops=1.2e12, **method_params):
+    cfg = _config(method, seed, root / name, **method_params)
+    cfg["trainer"]["epochs"] = epochs
+    return make_run(root, name, method=method, seed=seed, config=cfg, metrics=m(acc, flops=flops))
+
+
+def test_settings_outside_the_method_label_every_method_and_are_warned_about(tmp_path, caplog):
+    # an ogm_ge sweep with trainer.epochs=2 beside a baseline sweep with trainer.epochs=3: the baseline is no
+    # unlabelled reference for the ogm_ge rows
+    for seed in (0, 1):
+        _epochs_run(tmp_path, f"b{seed}", seed=seed, epochs=3)
+        for alpha in (0.1, 0.5):
+            _epochs_run(tmp_path, f"o{alpha}_{seed}", method="ogm_ge", seed=seed, epochs=2, alpha=alpha)
+    with caplog.at_level("WARNING"):
+        result = write_report([tmp_path], out_dir=tmp_path / "out")
+    s = result["summary"]
+    assert list(zip(s["method"], s["variant"], s["context"])) == [
+        ("baseline", "epochs=3", "epochs=3"), ("ogm_ge", "alpha=0.1, epochs=2", "epochs=2"),
+        ("ogm_ge", "alpha=0.5, epochs=2", "epochs=2")]
+    assert "runs on digits_av differ in trainer.epochs" in caplog.text
+    assert "**Warning:** the runs on digits_av differ in trainer.epochs" in result["markdown"]
+    # one method alone varying a setting outside its own is a study, not a mismatch: labelled, not warned about
+    caplog.clear()
+    for epochs in (2, 3):
+        _epochs_run(tmp_path / "one", f"o{epochs}", method="ogm_ge", epochs=epochs)
+    with caplog.at_level("WARNING"):
+        df = load_runs([tmp_path / "one"])
+    assert sorted(df["variant"]) == ["epochs=2", "epochs=3"] and "differ in" not in caplog.text
+    assert df.attrs["setting_differences"] == {}
+
+
+def test_settings_that_only_change_what_is_recorded_split_no_rows(tmp_path):
+    # eval.shapley_every (how often history.csv gets validation Shapley values) and eval.flops change no result
+    for seed, (every, flops) in enumerate([(1, True), (0, True), (5, False)]):
+        cfg = _config("ogm_ge", seed, tmp_path / str(seed), alpha=0.8)
+        cfg["eval"] = {"shapley_every": every, "flops": flops, "select_on": "val"}
+        make_run(tmp_path, str(seed), method="ogm_ge", seed=seed, config=cfg, metrics=m(0.9 + seed / 100))
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    s = result["summary"]
+    assert list(zip(s["variant"], s["n"], s["seeds"])) == [("", 3, "0 1 2")]
+    assert result["balance_curves"] == {} and "shapley_every" not in result["markdown"]
+    # a setting of the evaluation that changes the result still separates runs
+    cfg = _config("ogm_ge", 0, tmp_path / "t", alpha=0.8)
+    cfg["eval"] = {"shapley_every": 1, "flops": True, "select_on": "test"}
+    make_run(tmp_path, "t", method="ogm_ge", config=cfg, metrics=m(0.95))
+    assert sorted(load_runs([tmp_path])["variant"]) == ["select_on=test"] + ["select_on=val"] * 3
+
+
+def _data_run(root, name, *, seed=0, labels="aaaa", split_seed=0, acc=0.9, method="baseline"):
+    cfg = _features_config(root / name, "/data/f.npz", seed)
+    cfg["dataset"]["split_seed"] = split_seed
+    cfg["method"]["_target_"] = f"mmbalance.methods.{method}"
+    run = make_run(root, name, seed=seed, method=method, dataset="features", config=cfg, metrics=m(acc))
+    data = json.loads((run / "metrics.json").read_text())
+    data["data_identity"] = {"num_classes": 10, "modalities": {"a": ["vector", [8]], "b": ["vector", [8]]},
+                             "train.size": 100, "train.labels": labels, "val.size": 10, "test.size": 20,
+                             "test.labels": "tttt"}
+    (run / "metrics.json").write_text(json.dumps(data))
+    return run
+
+
+def test_runs_on_different_data_are_never_averaged_together(tmp_path, caplog):
+    # the features file overwritten at the same path between seed 0 and seed 1: the same settings, other data
+    s0 = _data_run(tmp_path / "a", "s0", seed=0, labels="aaaa", acc=0.9)
+    s1 = _data_run(tmp_path / "a", "s1", seed=1, labels="bbbb", acc=0.3)
+    with caplog.at_level("WARNING"):
+        result = write_report([tmp_path / "a"], out_dir=tmp_path / "out")
+    s = result["summary"]
+    assert list(zip(s["variant"], s["n"])) == [("data=A", 1), ("data=B", 1)]
+    assert "different data" in caplog.text and str(s0) in caplog.text and str(s1) in caplog.text
+    assert "train.labels" in caplog.text
+    md = result["markdown"]
+    assert "**Warning:** runs on features with the same dataset settings were trained on different data" in md
+    assert str(s0) in md and str(s1) in md
+
+    # the same data (or data that differ because the dataset settings do: another split seed) average as before
+    _data_run(tmp_path / "b", "s0", seed=0)
+    _data_run(tmp_path / "b", "s1", seed=1)
+    _data_run(tmp_path / "b", "split", seed=2, split_seed=7, labels="cccc")
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        df = load_runs([tmp_path / "b"])
+    assert list(zip(*summarize(df)[["variant", "n"]].T.values)) == [("", 3)] and "different data" not in caplog.text
+
+    # a copy of a run on other data is no repeat of it
+    _data_run(tmp_path / "c", "x", labels="aaaa")
+    _data_run(tmp_path / "c", "y", labels="bbbb")
+    df = load_runs([tmp_path / "c"])
+    assert df["repeat_of"].isna().all() and sorted(df["variant"]) == ["data=A", "data=B"]

@@ -261,6 +261,44 @@ def test_a_grid_sweep_gives_a_curve_per_knob_at_each_setting_of_the_other(tmp_pa
     assert "### pmr on dsA, over alpha at epochs=5 (`balance_curve_pmr.png`)" in result["markdown"]
 
 
+def test_the_baseline_reference_is_only_one_trained_alike(tmp_path):
+    # an ogm_ge sweep at trainer.epochs=2 beside a baseline at 3 epochs: no star, no FLOPs ratio (the tester's
+    # 0.67x was 2 epochs over 3), and a note saying why
+    for seed in (0, 1):
+        make_run(tmp_path / "a", f"b3_{seed}", method="baseline", seed=seed, acc=0.80, imb=0.40, flops=3e12,
+                 trainer={"epochs": 3})
+        for alpha in (0.1, 1.0):
+            make_run(tmp_path / "a", f"o{alpha}_{seed}", method="ogm_ge", seed=seed, acc=0.85 - alpha / 10,
+                     imb=0.30 - alpha / 10, flops=2.2e12, alpha=alpha, trainer={"epochs": 2})
+    result = write_report([tmp_path / "a"], out_dir=tmp_path / "out_a")
+    df = load_runs([tmp_path / "a"])
+    [c] = find_balance_curves(summarize(df), method_families(df))
+    assert c.title == "ogm_ge on dsA, over alpha at epochs=2"
+    assert c.baseline is None and "epochs=3" in c.baseline_note and "epochs=2" in c.baseline_note
+    md = result["markdown"]
+    assert "| baseline | 2 |" not in md and "Note: no baseline: none of the 1 baseline row(s) on dsA" in md
+    t = _table(tmp_path / "a").set_index(["method", "variant"])
+    assert math.isnan(t.at[("ogm_ge", "alpha=0.1, epochs=2"), "dsA/flops_rel"])
+    assert t.at[("baseline", "epochs=3"), "dsA/flops_rel"] == pytest.approx(1.0)
+    bench = (tmp_path / "out_a" / "benchmark.md").read_text(encoding="utf-8")
+    assert "0.73×" not in bench and "| ogm_ge (alpha=0.1, epochs=2) | **84.0 ± 0.0** |" in bench
+    assert "Note: ogm_ge (alpha=0.1, epochs=2) on dsA: no baseline has its settings (epochs=2)" in bench
+
+    # a 2-epoch baseline beside the 3-epoch one: it is the star and the FLOPs reference, the 3-epoch one is not
+    for seed in (0, 1):
+        make_run(tmp_path / "a", f"b2_{seed}", method="baseline", seed=seed, acc=0.78, imb=0.45, flops=2e12,
+                 trainer={"epochs": 2})
+    df = load_runs([tmp_path / "a"])
+    [c] = find_balance_curves(summarize(df), method_families(df))
+    assert c.baseline["variant"] == "epochs=2" and c.baseline["test/acc.mean"] == pytest.approx(0.78)
+    t = _table(tmp_path / "a").set_index(["method", "variant"])
+    assert t.at[("ogm_ge", "alpha=0.1, epochs=2"), "dsA/flops_rel"] == pytest.approx(1.1)
+    assert t.at[("baseline", "epochs=3"), "dsA/flops_rel"] == pytest.approx(1.0)
+    md = write_report([tmp_path / "a"], out_dir=tmp_path / "out_b")["markdown"]
+    assert "| baseline | 2 | 78.0 ± 0.0 | 45.0 ± 0.0 |" in md and "Note: no baseline" not in md
+    assert "no baseline has its settings" not in (tmp_path / "out_b" / "benchmark.md").read_text(encoding="utf-8")
+
+
 def test_acc_vs_imbalance_labels_move_to_a_legend_beyond_five_groups(tmp_path):
     from mmbalance.analysis.report import LABELLED_POINTS, acc_vs_imbalance_figure
 

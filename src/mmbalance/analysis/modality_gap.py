@@ -14,7 +14,9 @@ joint - alone, so a positive gap means the encoder does worse inside the joint m
 pairs only with unimodal runs of the same dataset config, so the two tasks never meet in one pair.
 
 The runs come from metrics.json (config, seed, status) and checkpoints/best.pt (last.pt when there is no
-best.pt); each model is rebuilt from its resolved config exactly as `mmbalance.train` builds it.
+best.pt); each model is rebuilt from its resolved config exactly as `mmbalance.train` builds it, and so is its data,
+which must be the data the run was trained on (its recorded `data_identity`), else the command refuses before
+probing. A run that repeats another's settings and seed (a copied folder) counts once, as in `mmbalance report`.
 Methods that replace the model in `setup` (Greedy's MMTM blocks: intermediate fusion, so one modality's
 features depend on the other's input) are refused with a clear error; `--methods` leaves them out.
 """
@@ -34,7 +36,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmbalance.analysis.runs import DASH, METHOD_ORDER, flatten_config, load_runs, natural_key, output_folder
+from mmbalance.analysis.runs import (
+    DASH, METHOD_ORDER, counted, flatten_config, load_runs, natural_key, output_folder,
+)
 from mmbalance.errors import UserError
 
 __all__ = ["ProbeSettings", "ProbeResult", "linear_probe", "linear_regression_probe", "pair_runs", "probe_run",
@@ -155,6 +159,7 @@ class RunInfo:
     backbone_key: str
     task: str = "classification"  # or "regression" (dataset.task): which probe, scored how (PROBE_METRICS)
     overrides: list[str] = field(default_factory=list)  # its command line, for the command that trains a partner
+    data_identity: dict | None = None  # the data it was trained on (metrics.json; None: not recorded)
 
     @property
     def unimodal_modality(self) -> str | None:
@@ -172,13 +177,20 @@ def _canonical(value: Any) -> str:
 
 
 def _load(paths: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
-    """Completed runs, and one line per run left out (not completed, unreadable)."""
+    """Completed runs, each once, and one line per run left out (not completed, unreadable, a repeat).
+
+    A run that repeats the settings and seed of another (a copied folder, the same sweep given twice) is left out
+    as `mmbalance report` leaves it out of its statistics (`runs.counted`): each distinct run counts once."""
     df = load_runs(paths)  # UserError for a folder without any metrics.json
     runs, skipped = [], []
-    for _, row in df.iterrows():
+    once = counted(df)
+    for i, row in df.iterrows():
         run_dir = Path(row["run_dir"])
         if row["status"] != "completed":
             skipped.append(f"{row['status']}: {run_dir} ({row['method'] or '?'})")
+            continue
+        if not once[i]:
+            skipped.append(f"repeat: {run_dir} repeats {row['repeat_of']} (the same settings and seed: counted once)")
             continue
         data = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         config = data.get("config")
@@ -197,6 +209,7 @@ def _load(paths: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
             metrics=data.get("metrics") or {}, modalities=list(data.get("modalities") or []),
             backbone_key=_canonical([config.get("backbone"), config.get("masking")]),
             task=task, overrides=[str(o) for o in data.get("overrides") or []],
+            data_identity=data.get("data_identity") if isinstance(data.get("data_identity"), dict) else None,
         ))
     return runs, skipped
 
@@ -308,6 +321,23 @@ class _Probing:
             seed_everything(cfg.seed)  # as training does before building the data
             self._splits[key] = build(cfg.dataset)
         return self._splits[key]
+
+    def data_differences(self, run: RunInfo) -> list[str]:
+        """How the data rebuilt from a run's config differ from the data it was trained on (its recorded
+        `data_identity`, computed the way training computes it: `engine.identity.data_identity`); [] when they are
+        the same or nothing was recorded."""
+        from omegaconf import OmegaConf
+
+        from mmbalance.engine.identity import data_identity, differences
+
+        if run.data_identity is None:
+            return []
+        cfg = OmegaConf.create(run.config)
+        try:
+            splits = self.splits(cfg, (run.dataset_key, cfg.get("seed")))
+        except UserError as e:
+            raise UserError(f"{run.run_dir}: cannot rebuild its data from its config: {e}") from None
+        return differences(run.data_identity, data_identity(splits))
 
     def probe(self, run: RunInfo) -> dict[str, ProbeResult]:
         if run.run_dir not in self._results:
@@ -531,6 +561,34 @@ def _plot(summary: pd.DataFrame, rows: pd.DataFrame, file: Path) -> Path:
     return file
 
 
+def _data_source(config: dict) -> str:
+    """Where a run's data come from, for a message: its dataset's file or folder, else its dataset config."""
+    dataset = config.get("dataset") or {}
+    for key in ("path", "root"):
+        if isinstance(dataset.get(key), str):
+            return f"dataset.{key}={dataset[key]}"
+    return f"dataset {_canonical({k: v for k, v in dataset.items() if k != 'cache_dir'})}"
+
+
+def _check_data(involved: Sequence[Path], runs: list[RunInfo], probing: _Probing) -> None:
+    """Refuse, before any probing, runs whose data rebuilt from their config are not the data they were trained on
+    (a features file overwritten since): a probe on other data measures nothing about the run. One error naming
+    every such run, its data source and what differs."""
+    by_dir = {r.run_dir: r for r in runs}
+    problems = []
+    for run_dir in involved:
+        run = by_dir[run_dir]
+        differ = probing.data_differences(run)
+        if differ:
+            problems.append(f"{run_dir} ({run.label}, {_data_source(run.config)}): recorded -> rebuilt: "
+                            + "; ".join(differ))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise UserError(f"the data rebuilt for {len(problems)} run(s) are not the data they were trained on (their "
+                        f"metrics.json data_identity); the probe would measure other data. Restore the data the runs "
+                        f"were trained on, or train them again on these:\n{lines}")
+
+
 def write_gap_report(paths: Iterable[str | Path], out_dir: str | Path | None = None,
                      settings: ProbeSettings = ProbeSettings(), methods: Iterable[str] | None = None
                      ) -> dict[str, Any]:
@@ -544,7 +602,7 @@ def write_gap_report(paths: Iterable[str | Path], out_dir: str | Path | None = N
         raise UserError("no run folders given")
     runs, skipped = _load(paths)
     if skipped:
-        log.warning("%d run(s) left out (not completed or without a config)", len(skipped))
+        log.warning("%d run(s) left out (not completed, without a config, or repeats of another run)", len(skipped))
     if not runs:
         raise UserError(f"{', '.join(map(str, paths))}: no completed runs ({len(skipped)} left out: "
                         + "; ".join(skipped[:5]) + ")")
@@ -556,6 +614,7 @@ def write_gap_report(paths: Iterable[str | Path], out_dir: str | Path | None = N
                         f"the probe needs the trained encoders: {', '.join(missing)}")
     out = output_folder(paths, out_dir)  # before the probing: a bad --out fails at once
     probing = _Probing(settings)
+    _check_data(involved, runs, probing)
     rows = _rows(pairs, probing)
     summary = _summary(rows)
     files = {"csv": out / "modality_gap.csv", "md": out / "modality_gap.md", "png": out / "modality_gap.png"}

@@ -78,7 +78,7 @@ def _metric_columns(df: pd.DataFrame) -> list[str]:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, method, variant): n completed, n_failed, n_interrupted, n_running, n_unknown, n_repeated,
-    seeds and `<metric>.mean/.std/.n`.
+    seeds, context (the variant's settings outside the method's own) and `<metric>.mean/.std/.n`.
 
     Statistics use completed runs only, each (variant, seed) once: `n_repeated` counts the completed runs left
     out as repeats; std is the sample std (ddof=1), NaN when n < 2. Runs without a method (unreadable ones, a
@@ -97,6 +97,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             **{f"n_{s}": counts[s] for s in NOT_COMPLETED_IN_GROUPS},
             "n_repeated": counts["completed"] - len(done),
             "seeds": " ".join(map(str, seeds)),
+            # the row's settings outside its method's own that differ between rows: a reference must share them
+            "context": str(group["context"].iloc[0]) if "context" in group and pd.notna(group["context"].iloc[0])
+            else "",
         }
         for m in metrics:
             values = done[m].dropna()
@@ -104,7 +107,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}.std"] = values.std(ddof=1) if len(values) > 1 else math.nan
             row[f"{m}.n"] = len(values)
         rows.append(row)
-    base = ["dataset", "method", "variant", "n", *(f"n_{s}" for s in NOT_COMPLETED_IN_GROUPS), "n_repeated", "seeds"]
+    base = ["dataset", "method", "variant", "n", *(f"n_{s}" for s in NOT_COMPLETED_IN_GROUPS), "n_repeated", "seeds",
+            "context"]
     cols = base + [f"{m}.{s}" for m in metrics for s in ("mean", "std", "n")]
     out = pd.DataFrame(rows, columns=cols)
     if len(out):
@@ -144,6 +148,14 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
         lines += ["", f"**Warning:** {len(repeats)} completed run(s) repeat the variant and seed of another run (a "
                   "copied folder, the same config run twice): they are not independent samples, so each variant "
                   "and seed counts once, the first by path; see \"Repeated runs\" below."]
+    for dataset, names in (df.attrs.get("setting_differences") or {}).items():
+        lines += ["", f"**Warning:** the runs on {dataset} differ in {', '.join(names)}, outside their methods' own "
+                  "settings: the methods were not trained alike. Every row names these settings in its variant, "
+                  "and a row is compared only with a baseline of the same settings (none where no baseline has "
+                  "them)."]
+    for line in df.attrs.get("data_conflicts") or []:
+        lines += ["", f"**Warning:** {line}. They are not averaged together: each data is a variant of its own "
+                  "(`data=A`, `data=B`, ...)."]
     lines.append("")
     lines.append("Values are mean ± sample std (ddof=1) over completed runs, each seed once; n counts them "
                  f"(failed, interrupted, running, unknown and repeated runs in brackets). Accuracy, macro-F1, φ "

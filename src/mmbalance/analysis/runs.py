@@ -1,8 +1,11 @@
 """Run folders read back into one table (`load_runs`), and the order and number format every table shares.
 
 Reads only each run's `metrics.json` (see DESIGN.md, "Results contract"). Runs group by (dataset, method,
-variant), where the variant names the settings that differ between runs of the same dataset and method (an alpha
-sweep, a unimodal run per modality, another precision or world size) without any knowledge of the methods. What
+variant), where the variant names the settings that differ: a method's own (`method.*`: an alpha sweep, a unimodal
+run per modality) between the runs of that method, and every other one (the epochs, the optimizer, another
+precision or world size, other data) between any runs of the dataset, whatever their method, so that rows trained
+differently never look alike; that second part is the row's `context`, which a baseline must share to be the row's
+reference. This needs no knowledge of the methods. What
 counts as a setting is the run's identity (`engine/identity.py`, the one list of what determines a result), so a
 run the report counts as a repeat of another (same settings and seed) is one that training would take for the
 same run. Free of torch, so `mmbalance report` starts fast.
@@ -10,6 +13,7 @@ same run. Free of torch, so `mmbalance report` starts fast.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -47,10 +51,16 @@ SEED_SUFFIX = "_seed"
 # A switch of what a run reports, not of what it computes: a run without FLOP counts (eval.flops=false) belongs with
 # its measured peers, its missing count shown as not measured (the identity keeps it: a record with and without
 # counts are different records).
-REPORT_ONLY_KEYS = frozenset({"eval.flops"})
+# Likewise how often the validation Shapley values are computed (eval.shapley_every: history.csv columns; training
+# never reads them): docs/reliability.md lists both.
+REPORT_ONLY_KEYS = frozenset({"eval.flops", "eval.shapley_every"})
 # A hybrid's computed copy of its parts' settings: `parts` and `method.<part>.<key>` name what differs.
 DERIVED_PREFIX = "method.resolved."
 WORLD_SIZE = "world_size"  # top level of metrics.json; absent before hardware=ddp existed, i.e. one process
+# The data a run was trained on, as a setting: only where runs with the same dataset settings recorded different
+# `data_identity` (a features file overwritten in place), as a letter per distinct data (A, B, ...; `_mark_data`).
+DATA = "data"
+EXTRA_SETTINGS = (WORLD_SIZE, DATA)  # settings that are no config key: named as they are, last
 
 # Method order in tables: the references first, then everything else alphabetically.
 METHOD_ORDER = {"baseline": 0, "unimodal": 1}
@@ -171,25 +181,32 @@ def _short_names(keys: Sequence[str], all_keys: Iterable[str]) -> dict[str, str]
     return names
 
 
-def _variants(records: list[dict[str, Any]]) -> list[str]:
-    """One variant string per record of the same (dataset, method): the settings (`_result_settings`) that differ.
+def _is_method_setting(key: str) -> bool:
+    """A setting of the method itself (`method.*`): what a method's runs may vary without leaving its row set."""
+    return key == "method" or key.startswith("method.")
+
+
+def _variant_parts(records: list[dict[str, Any]], keep) -> tuple[list[dict[str, str]], list[str]]:
+    """Per record, {name: "short=value"} of the settings (`_result_settings`, those with `keep(key)`) that differ
+    among `records`; and the full names of what differs (config-group choices, then keys).
 
     A config-group choice (backbone=resnet18, hardware=ddp) names the settings of its node that differ, when they
     do; a choice whose settings are all the same (logger=csv vs tensorboard, hardware=cpu vs gpu overridden to the
     same device and precision) names nothing. A setting under a named choice that differs between runs of the same
-    choice is named too, so two runs share a variant only when their settings are the same."""
+    choice is named too, so two runs share a label only when their settings are the same. A choice's name is
+    `choice:<group>`."""
     with_config = [r for r in records if r["_settings"] is not None]
     if len(with_config) < 2:
-        return ["" for _ in records]
+        return [{} for _ in records], []
 
     keys: list[str] = []
     seen = set()
     for r in with_config:
         for k in r["_settings"]:
-            if k not in seen:
+            if k not in seen and keep(k):
                 seen.add(k)
                 keys.append(k)
-    keys.sort(key=lambda k: k == WORLD_SIZE)  # config order, the world size last
+    keys.sort(key=lambda k: k in EXTRA_SETTINGS)  # config order, the world size and the data last
     varying = [k for k in keys if _labels_a_variant(k)
                and len({_canonical(r["_settings"].get(k, _MISSING)) for r in with_config}) > 1]
 
@@ -216,18 +233,112 @@ def _variants(records: list[dict[str, Any]]) -> list[str]:
     # A swapped config group (another backbone) is named by its choice, not by its every key.
     varying = [k for k in varying
                if all(differs_within_choice(k, c) for c in varying_choices if k.startswith(node(c)))]
-    short = _short_names([k for k in varying if k != WORLD_SIZE], [k for r in with_config for k in r["_config"]])
-    short[WORLD_SIZE] = WORLD_SIZE
+    short = _short_names([k for k in varying if k not in EXTRA_SETTINGS],
+                         [k for r in with_config for k in r["_config"]])
+    short.update({k: k for k in EXTRA_SETTINGS})
 
     out = []
     for r in records:
         if r["_settings"] is None:
-            out.append("")
+            out.append({})
             continue
-        parts = [f"{k.split('/')[-1]}={_format_value(r['_choices'].get(k, _MISSING))}" for k in varying_choices]
-        parts += [f"{short[k]}={_format_value(r['_settings'].get(k, _MISSING))}" for k in varying]
-        out.append(", ".join(parts))
-    return out
+        parts = {f"choice:{c}": f"{c.split('/')[-1]}={_format_value(r['_choices'].get(c, _MISSING))}"
+                 for c in varying_choices}
+        parts.update({k: f"{short[k]}={_format_value(r['_settings'].get(k, _MISSING))}" for k in varying})
+        out.append(parts)
+    return out, [f"choice:{c}" for c in varying_choices] + varying
+
+
+def _label_order(records: list[dict[str, Any]]) -> dict[str, int]:
+    """The order of a label's parts: config-group choices, then settings in config order, the extras last."""
+    names: list[str] = []
+    for r in records:
+        names += [f"choice:{c}" for c in r["_choices"] if f"choice:{c}" not in names]
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in (r["_settings"] or {}) if k not in keys]
+    keys.sort(key=lambda k: k in EXTRA_SETTINGS)
+    return {name: i for i, name in enumerate(names + keys)}
+
+
+def _join(parts: dict[str, str], order: dict[str, int]) -> str:
+    return ", ".join(text for _, text in sorted(parts.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def _name(part: str) -> str:
+    """The full name of a label part: a key (`trainer.epochs`) or a config group (`backbone`)."""
+    return part.removeprefix("choice:")
+
+
+def _label_runs(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Set each run's `variant` and `context`; returns {dataset: the settings outside the methods' own that differ
+    between runs of several methods on it}.
+
+    The variant names every setting that differs between the runs: a method's own settings (`method.*`) as they
+    differ between its runs, and every other setting (epochs, optimizer, backbone, data, world size, ...) as it
+    differs between *any* runs of the dataset, whatever their method, so a method trained for 2 epochs never
+    sits unlabelled beside a baseline trained for 3. `context` is that second part alone: rows compared with each
+    other (a baseline as a reference) must share it."""
+    for r in records:
+        r["variant"], r["context"] = "", ""
+    by_dataset: dict[str, list[dict]] = {}
+    for r in records:
+        if r["method"]:
+            by_dataset.setdefault(r["dataset"], []).append(r)
+    differing: dict[str, list[str]] = {}
+    for dataset, runs in by_dataset.items():
+        order = _label_order(runs)
+        context, names = _variant_parts(runs, lambda k: not _is_method_setting(k))
+        by_method: dict[str, list[int]] = {}
+        for i, r in enumerate(runs):
+            by_method.setdefault(r["method"], []).append(i)
+        own: list[dict[str, str]] = [{} for _ in runs]
+        for rows in by_method.values():
+            for i, parts in zip(rows, _variant_parts([runs[i] for i in rows], _is_method_setting)[0]):
+                own[i] = parts
+        for r, c, o in zip(runs, context, own):
+            r["context"] = _join(c, order)
+            r["variant"] = ", ".join(p for p in (_join(o, order), r["context"]) if p)  # the method's own first
+        names = [_name(n) for n in names if n != DATA]  # runs on different data have their own warning
+        if names and len(by_method) > 1:
+            differing[dataset] = names
+    return differing
+
+
+def _data_digest(identity: dict) -> str:
+    return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:8]
+
+
+def _mark_data(records: list[dict[str, Any]]) -> list[str]:
+    """Runs with the same dataset settings (every `dataset.*` setting, its seeds included) should have read the
+    same data; where their recorded `data_identity` differs (a features file overwritten in place between runs),
+    each gets the setting DATA, a letter per distinct data of its dataset settings in path order ("A", "B", ...),
+    on every run of that dataset that records its data: they are never averaged together nor taken for repeats.
+    Returns one line per such set of runs, naming them."""
+    buckets: dict[tuple[str, str], list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["run_dir"]):
+        if r["method"] and r["_settings"] is not None and isinstance(r.get("_data"), dict):
+            dataset_settings = {k: v for k, v in r["_settings"].items() if k.startswith("dataset.")}
+            buckets.setdefault((r["dataset"], _canonical(dataset_settings)), []).append(r)
+    digests = {key: list(dict.fromkeys(_data_digest(r["_data"]) for r in runs)) for key, runs in buckets.items()}
+    conflicted = {dataset for (dataset, _), found in digests.items() if len(found) > 1}
+    lines = []
+    for key, runs in buckets.items():
+        if key[0] not in conflicted:
+            continue
+        letters = {d: chr(ord("A") + i) if i < 26 else str(i + 1) for i, d in enumerate(digests[key])}
+        for r in runs:
+            r["_settings"][DATA] = letters[_data_digest(r["_data"])]
+        if len(letters) < 2:
+            continue
+        first = runs[0]["_data"]
+        differ = sorted({k for r in runs for k in set(first) | set(r["_data"])
+                         if _canonical(first.get(k, _MISSING)) != _canonical(r["_data"].get(k, _MISSING))})
+        each = "; ".join(f"data {letter} ({digest}): " + ", ".join(
+            r["run_dir"] for r in runs if _data_digest(r["_data"]) == digest) for digest, letter in letters.items())
+        lines.append(f"runs on {key[0]} with the same dataset settings were trained on different data (their "
+                     f"data_identity differs in {', '.join(differ)}): {each}")
+    return lines
 
 
 def _record(file: Path) -> dict[str, Any]:
@@ -265,6 +376,7 @@ def _record(file: Path) -> dict[str, Any]:
         "_choices": {k: v for k, v in choices.items() if not str(k).startswith("hydra/")},
         "_config": flatten_config(config) if isinstance(config, dict) else None,
         "_settings": _result_settings(config, data.get(WORLD_SIZE)) if isinstance(config, dict) else None,
+        "_data": data.get("data_identity"),  # what the data were (engine/identity.data_identity); None: not recorded
         "_metrics": metrics,
     }
 
@@ -301,12 +413,15 @@ def _mark_repeats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run found in or below `paths`: run_dir, status, error, choices, seed, variant, repeat_of, metrics.
+    """One row per run found in or below `paths`: run_dir, status, error, choices, seed, variant, context (the
+    variant's part outside the method's own settings), repeat_of, metrics.
 
     Failed runs are included; a metrics.json that cannot be read becomes a row with status
     "unreadable" and the reason in `error`; one with a status train.py does not write, or completed without
     metrics, has status "unknown". A completed run with the variant and seed(s) of another (the first by path)
-    names it in `repeat_of`: statistics count it once. The metric column names are in `df.attrs["metrics"]`.
+    names it in `repeat_of`: statistics count it once. The metric column names are in `df.attrs["metrics"]`; the
+    settings outside the methods' own that differ between methods, per dataset, in `attrs["setting_differences"]`,
+    and the runs with the same dataset settings but different recorded data in `attrs["data_conflicts"]`.
     Raises UserError for a path that holds no runs.
     """
     files: list[Path] = []
@@ -328,15 +443,14 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
         grouped = r["status"] != "unreadable" and bool(r["_choices"])
         r["dataset"] = str(r["_choices"].get("dataset") or "?") if grouped else ""
         r["method"] = _method_name(r) if grouped else ""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in records:
-        if r["method"]:
-            groups.setdefault((r["dataset"], r["method"]), []).append(r)
-    for r in records:
-        r["variant"] = ""
-    for group in groups.values():
-        for r, v in zip(group, _variants(group)):
-            r["variant"] = v
+    data_conflicts = _mark_data(records)
+    for line in data_conflicts:
+        log.warning("%s; they are not averaged together: each data is a variant of its own (data=A, B, ...)", line)
+    differing = _label_runs(records)
+    for dataset, names in differing.items():
+        log.warning("runs on %s differ in %s, outside their methods' own settings: every row is labelled with "
+                    "them, and a row is compared only with a baseline of the same settings", dataset,
+                    ", ".join(names))
     repeats = _mark_repeats(records)
     if repeats:
         log.warning("%d completed run(s) repeat the variant and seed of another run and are not counted again "
@@ -349,7 +463,7 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
         choice_cols += [k for k in r["_choices"] if k not in ("dataset", "method") and k not in choice_cols]
         metric_cols += [k for k in r["_metrics"] if k not in metric_cols]
     base_cols = ["run_dir", "status", "error", "dataset", "method", "method_family", *choice_cols, "seed", "variant",
-                 "repeat_of"]
+                 "context", "repeat_of"]
     tail_cols = ["wall_time_s", "git_sha", "overrides"]
     rows = []
     for r in records:
@@ -364,6 +478,8 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     df.attrs["metrics"] = metric_cols
     df.attrs["n_unreadable"] = n_unreadable
     df.attrs["n_repeats"] = len(repeats)
+    df.attrs["setting_differences"] = differing  # {dataset: [setting, ...]} outside the methods' own
+    df.attrs["data_conflicts"] = data_conflicts
     return df
 
 

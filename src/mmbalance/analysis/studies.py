@@ -147,14 +147,26 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
                 row[f"{ds}/{short}.mean"] = col(s, f"{metric}.mean")
                 row[f"{ds}/{short}.std"] = col(s, f"{metric}.std")
             row[f"{ds}/flops"] = col(s, "flops/train_total.mean")
+            row[f"{ds}/context"] = _context(s)
         rows.append(row)
     table = pd.DataFrame(rows)
 
+    # FLOPs relative to the baseline trained alike: the one with the row's settings outside the method's own
+    # (`context`: epochs, optimizer, backbone, data, ...), never a baseline trained otherwise
+    notes: list[str] = []
     for ds in datasets:
         base = table[(table["family"] == BASELINE) & table[f"{ds}/flops"].notna()]
-        base_flops = base[f"{ds}/flops"].iloc[0] if len(base) else math.nan
-        table[f"{ds}/flops_rel"] = table[f"{ds}/flops"] / base_flops if base_flops else math.nan
-    table = table.drop(columns=[f"{ds}/flops" for ds in datasets])
+        rel = []
+        for _, row in table.iterrows():
+            match = base[base[f"{ds}/context"] == row[f"{ds}/context"]]
+            base_flops = match[f"{ds}/flops"].iloc[0] if len(match) else math.nan
+            rel.append(row[f"{ds}/flops"] / base_flops if base_flops else math.nan)
+            if np.isfinite(row[f"{ds}/flops"]) and not len(match) and len(base):
+                what = f" ({row[f'{ds}/context']})" if row[f"{ds}/context"] else ""
+                notes.append(f"{_row_label(row)} on {ds}: no baseline has its settings{what}, so its training "
+                             "FLOPs are not given relative to one")
+        table[f"{ds}/flops_rel"] = rel
+    table = table.drop(columns=[f"{ds}/{c}" for ds in datasets for c in ("flops", "context")])
 
     out_rows = []
     for family, members in table.groupby("family", sort=False):
@@ -183,7 +195,17 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
     out = out[["kind", "family", "method", "variant", *per_dataset]]
     out.attrs["datasets"] = datasets
     out.attrs["regression"] = sorted({ds for ds, r in zip(summary["dataset"], regression) if r})
+    out.attrs["notes"] = notes
     return out
+
+
+def _context(row: pd.Series | None) -> str | None:
+    """A summary row's settings outside its method's own (`context`, runs.load_runs); "" for a summary without them
+    (read back from an older summary.csv: every row alike, as before), None for no row."""
+    if row is None:
+        return None
+    value = row.get("context", "")
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def _row_label(row) -> str:
@@ -229,7 +251,8 @@ def _benchmark_markdown(table: pd.DataFrame) -> str:
         "BalanceBenchmark's Table 2 shape with Table 3's complexity view. Accuracy, macro-F1 and imbalance in %, "
         "mean ± sample std over seeds; per column the best accuracy / macro-F1 in **bold**, the second best in "
         "_italics_ (underlined in the LaTeX table). A family's average row is the unweighted mean of its rows' "
-        "means. Train FLOPs are relative to the baseline's on the same dataset."
+        "means. Train FLOPs are relative to the baseline's on the same dataset with the same settings outside the "
+        "method's own (epochs, optimizer, backbone, data, ...; the variant names those that differ)."
         + (" Regression runs (dataset.task=regression) have their own columns, `<dataset> (regression)`: acc is "
            "acc-2 (non-negative vs negative) in %, and the imbalance is in MAE points (the Shapley value is "
            "v = −MAE), not in %." if regression else ""), "",
@@ -245,6 +268,9 @@ def _benchmark_markdown(table: pd.DataFrame) -> str:
         for ds in datasets:
             cells += _cells(row, ds, " ± ", mark, _imbalance_scale(table, ds))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    notes = table.attrs.get("notes") or []
+    if notes:
+        lines += [""] + [f"Note: {n}." for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -333,6 +359,7 @@ class BalanceCurve:
     balance: BalancePoints
     fixed: str = ""  # the other knobs, held at these values along the curve ("" when only one knob varies)
     regression: bool = False  # regression runs: the imbalance in MAE points (runs.value_scale), not in %
+    baseline_note: str = ""  # why there is no baseline to compare with, when there is none
 
     @property
     def imbalance_scale(self) -> tuple[float, int]:
@@ -358,18 +385,34 @@ def _value(text: str) -> Any:
         return text
 
 
-def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str],
-                       regression: bool = False) -> pd.Series | None:
-    """The baseline row to compare a curve with: the only baseline on the dataset of the curve's task
-    (classification or regression: their imbalances are in different units), or the one whose own knobs equal the
-    curve's fixed knobs (a sweep that varies e.g. the epochs for every method); None when ambiguous."""
+def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str], regression: bool = False,
+                       contexts: Sequence[str] | None = None) -> tuple[pd.Series | None, str]:
+    """(the baseline row to compare a curve with, or None and why): the baseline on the dataset of the curve's task
+    (classification or regression: their imbalances are in different units) trained alike, i.e. with the same
+    settings outside the method's own (`context`: epochs, optimizer, backbone, data, ...) as every point of the
+    curve (`contexts`: those of its points). A summary without contexts (an older summary.csv): the only baseline, or
+    the one whose own knobs equal the curve's fixed knobs."""
     base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
     base = base[[is_regression(row) == regression for _, row in base.iterrows()]]
+    if contexts is not None:
+        if len(contexts) > 1:
+            return None, ("no baseline: the curve's points differ in settings outside the method's own ("
+                          + " / ".join(c or "–" for c in contexts) + "), so no one baseline was trained like them")
+        hits = [row for _, row in base.iterrows() if _context(row) == contexts[0]]
+        if hits:
+            return hits[0], ""
+        if len(base):
+            return None, (f"no baseline: none of the {len(base)} baseline row(s) on {dataset} ("
+                          + ", ".join(row["variant"] or "–" for _, row in base.iterrows())
+                          + ") has the curve's settings" + (f" ({contexts[0]})" if contexts[0] else ""))
+        return None, ""
     if len(base) == 1:
-        return base.iloc[0]
+        return base.iloc[0], ""
     hits = [row for _, row in base.iterrows()
             if (k := _knobs(row["variant"])) is not None and all(fixed.get(name) == v for name, v in k.items())]
-    return hits[0] if len(hits) == 1 else None
+    if len(hits) == 1:
+        return hits[0], ""
+    return None, f"no baseline: {len(base)} baseline rows on {dataset} and none matches the curve" if len(base) else ""
 
 
 def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list[BalanceCurve]:
@@ -402,6 +445,7 @@ def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list
                     "value": [_value(knobs[i][knob]) for i in rows],
                     "regression": [is_regression(row) for _, row in sub.iterrows()],
                     "n": sub["n"].to_numpy(),
+                    "context": [_context(row) for _, row in sub.iterrows()],
                     **{f"{short}.{s}": sub[f"{metric}.{s}"].to_numpy() if f"{metric}.{s}" in sub else math.nan
                        for short, metric in [("acc", "test/acc"), ("imbalance", "test/imbalance")]
                        for s in ("mean", "std")},
@@ -410,14 +454,15 @@ def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list
                 if len(points) < 2 or points["regression"].nunique() > 1:
                     continue
                 regression = bool(points["regression"].iloc[0])
-                points = points.drop(columns="regression")
+                contexts = list(dict.fromkeys(points["context"])) if "context" in summary else None
+                points = points.drop(columns=["regression", "context"])
                 points = points.iloc[sorted(range(len(points)), key=lambda i: natural_key(points["setting"].iloc[i]))]
                 points = points.reset_index(drop=True)
                 fixed = {n: v for n, v in zip(rest, rest_values) if v is not None}
                 balance = balance_points(points["setting"], points["acc.mean"], points["imbalance.mean"])
-                curves.append(BalanceCurve(dataset, method, knob, points,
-                                           _matching_baseline(summary, dataset, fixed, regression), balance,
-                                           ", ".join(f"{n}={v}" for n, v in fixed.items()), regression))
+                baseline, note = _matching_baseline(summary, dataset, fixed, regression, contexts)
+                curves.append(BalanceCurve(dataset, method, knob, points, baseline, balance,
+                                           ", ".join(f"{n}={v}" for n, v in fixed.items()), regression, note))
     return curves
 
 
@@ -478,6 +523,8 @@ def _balance_markdown(curves: Sequence[BalanceCurve], files: dict[str, Path]) ->
             lines.append(f"| baseline | {b['n']} | {format_pm(b.get('test/acc.mean'), b.get('test/acc.std'), 100.0)} "
                          f"| {format_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), *imb)} |")
         lines.append("")
+        if c.baseline is None and c.baseline_note:
+            lines.append(f"Note: {c.baseline_note}; the plot shows no baseline ★.")
         for name, setting in [("Relative balance point (best accuracy)", c.balance.relative),
                               ("Absolute balance point (lowest imbalance)", c.balance.absolute)]:
             r = p[p["setting"] == setting].iloc[0]
@@ -609,6 +656,7 @@ def write_studies(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> dict[st
     if benchmark:
         lines += ["", "## Benchmark", "", f"The benchmark table (methods by family): `{benchmark['md'].name}`, "
                   f"`{benchmark['csv'].name}`, `{benchmark['tex'].name}`."]
+        lines += [f"Note: {n}." for n in table.attrs.get("notes") or []]
 
     curves = find_balance_curves(summary, families)
     by_method: dict[str, list[BalanceCurve]] = {}
