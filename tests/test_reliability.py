@@ -489,6 +489,32 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_message_and_keeps_the_prev
     assert without_times(resumed["metrics"]) == without_times(expected["metrics"])
 
 
+def test_a_full_disk_while_writing_the_fvcore_table_is_the_disk_error_not_a_tracing_failure(tmp_path, monkeypatch,
+                                                                                           caplog):
+    import mmbalance.engine.checkpoint as checkpoint
+    import mmbalance.train
+
+    original = mmbalance.train.write_text
+
+    def full(text, path):
+        if path.name == "flops_fvcore.txt":
+            def no_space(f):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            checkpoint._atomic(path, no_space)
+        return original(text, path)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(mmbalance.train, "write_text", full)
+        with pytest.raises(WriteError, match=r"flops_fvcore.txt: the disk is full"):
+            train_in_process(out, ["eval.flops=true"])
+    assert "could not trace" not in caplog.text
+    assert not (out / "flops_fvcore.txt").exists() and not list(out.rglob("*.tmp"))
+    assert read_metrics(out)["status"] == "failed"
+    assert train_in_process(out, ["eval.flops=true"])["status"] == "completed"  # once there is space again
+    assert "encoders." in (out / "flops_fvcore.txt").read_text()
+
+
 # ---------------------------------------------------------------- the CLI: clean endings, kills, sweeps
 
 def test_cli_an_expected_failure_prints_one_message_with_the_log_path(tmp_path):

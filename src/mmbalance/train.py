@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import mmbalance
 from mmbalance.config import build, validate
 from mmbalance.engine import distributed, threads
-from mmbalance.engine.checkpoint import WriteError, write_json
+from mmbalance.engine.checkpoint import WriteError, write_json, write_text
 from mmbalance.engine.identity import data_identity, run_identity
 from mmbalance.engine.loggers import build_loggers, supersede_logger_files
 from mmbalance.engine.run import LoaderSettings, Run
@@ -330,5 +330,5 @@ def _forward_flops(run: Run, output_dir: Path) -> dict[str, float | None]:
         return run.method.eval_fuse(run, model.encode(batch.inputs))
 
     _, flops = count_flops(predict)
-    fvcore = write_fvcore_table(model, batch.inputs, output_dir / "flops_fvcore.txt")
+    fvcore = write_fvcore_table(model, batch.inputs, output_dir / "flops_fvcore.txt", write=write_text)
     return {"flops/forward_per_sample": flops / len(batch), "flops/fvcore_forward_per_sample": fvcore}

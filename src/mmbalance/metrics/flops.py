@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -191,9 +192,12 @@ class _DictInputModel(nn.Module):
         return self.model(dict(zip(self.modalities, tensors))).logits
 
 
-def write_fvcore_table(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> float | None:
+def write_fvcore_table(model: nn.Module, inputs: dict[str, torch.Tensor], path: Path,
+                       write: Callable[[str, Path], None] | None = None) -> float | None:
     """Write fvcore's per-module forward FLOP table (multiply-adds) for one batch; return its total x 2
-    per sample, or None (with a warning in the log and the reason in the file) when tracing fails."""
+    per sample, or None (with a warning in the log and the reason in the file) when tracing fails. `write(text,
+    path)` writes the file (the run passes its atomic writer); its errors (a full disk) are its own, never taken
+    for a tracing failure."""
     modalities = list(model.modalities)
     batch_size = next(iter(inputs.values())).shape[0]
     try:
@@ -206,14 +210,12 @@ def write_fvcore_table(model: nn.Module, inputs: dict[str, torch.Tensor], path: 
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             table = flop_count_table(analysis, max_depth=3)
             total = analysis.total()
-        path.write_text(
-            f"# fvcore forward FLOP table for one batch of {batch_size} (fvcore counts multiply-adds;\n"
-            f"# x2 = {2 * total / batch_size:.4g} FLOPs per sample, to compare with flops/forward_per_sample;\n"
-            "# fvcore also counts normalisation layers, which flops/* leave out)\n"
-            + table + "\n"
-        )
-        return 2.0 * total / batch_size
+        text = (f"# fvcore forward FLOP table for one batch of {batch_size} (fvcore counts multiply-adds;\n"
+                f"# x2 = {2 * total / batch_size:.4g} FLOPs per sample, to compare with flops/forward_per_sample;\n"
+                "# fvcore also counts normalisation layers, which flops/* leave out)\n" + table + "\n")
+        per_sample = 2.0 * total / batch_size
     except Exception as exc:  # fvcore relies on TorchScript tracing, which some modules do not support
         log.warning("fvcore could not trace the model (%s); %s records why", exc, path.name)
-        path.write_text(f"fvcore tracing failed: {type(exc).__name__}: {exc}\n")
-        return None
+        text, per_sample = f"fvcore tracing failed: {type(exc).__name__}: {exc}\n", None
+    (write or (lambda t, p: p.write_text(t)))(text, path)
+    return per_sample
