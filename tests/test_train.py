@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import FAST, THREE, read_metrics, run_cli, train_in_process, without_times
+from conftest import FAST, REPO, THREE, read_metrics, run_cli, train_in_process, without_times
 from mmbalance.errors import DataError, UserError
 
 
@@ -195,3 +195,16 @@ def test_validation_shapley_every_n_epochs_and_the_last(tmp_path):
     train_in_process(tmp_path, ["eval.shapley_every=2", "trainer.epochs=3"])
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert [bool(r.get("val/imbalance")) for r in rows] == [False, True, True]
+
+
+def test_the_record_names_the_commit_and_whether_the_source_differed_from_it():
+    import subprocess
+
+    from mmbalance.train import _git_sha
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"], cwd=REPO,
+                             capture_output=True, text=True).stdout.strip()
+    assert _git_sha() == head + ("-dirty" if changed else "")

@@ -41,12 +41,22 @@ def resolve_device(hardware: DictConfig) -> torch.device:
 
 
 def _git_sha() -> str | None:
+    """The commit of the mmbalance source tree this process runs, with `-dirty` when its tracked files (src/,
+    conf/) differ from that commit: the record says which code made the results. None outside a source checkout
+    (an installed package inside some other repository must not record that repository's commit)."""
+    package = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=package, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        if not top or Path(top).resolve() / "src" / "mmbalance" != package:
+            return None
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
+                                 cwd=top, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (sha + ("-dirty" if changed else "")) or None
 
 
 def _config_dict(cfg: DictConfig) -> dict:
