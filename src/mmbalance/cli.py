@@ -171,7 +171,7 @@ def train_main(cfg: DictConfig) -> float | None:
     # OMP_WAIT_POLICY counts only if set before torch loads its OpenMP runtime: here, before the imports below
     threads.prepare_process(cfg.get("hardware"), hc.launcher if hc.mode == RunMode.MULTIRUN else None)
     # torch and friends load here, not at import time
-    from mmbalance.errors import UserError, log_traceback_to_files
+    from mmbalance.errors import RunFolderError, UserError, log_traceback_to_files
     from mmbalance.train import train
 
     choices = OmegaConf.to_container(hc.runtime.choices)
@@ -190,7 +190,12 @@ def train_main(cfg: DictConfig) -> float | None:
         else:
             rerun = _rerun_with("hydra.run.dir", run_dir, _given("hydra.run.dir", hc.overrides.hydra))
             message = f"interrupted: the run stops here; {rerun} to resume it from its last checkpoint"
-        log_traceback_to_files(message, exc)
+        if isinstance(exc, RunFolderError):
+            # a refused start: the folder may hold another run, whose train.log gets one line saying so, not this
+            # process's traceback
+            log_traceback_to_files(f"a start was refused here: {exc}", None)
+        else:
+            log_traceback_to_files(message, exc)
         rank = _other_rank(cfg)
         if rank is None:
             print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)

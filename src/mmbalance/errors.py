@@ -40,11 +40,12 @@ class SweepJobFailed(UserError):
     """A sweep job ended with an expected error, already printed and recorded in its metrics.json and train.log."""
 
 
-def log_traceback_to_files(message: str, exc: BaseException, level: int = logging.ERROR) -> None:
-    """`message` with the traceback of `exc` written to the run's log files (train.log) only: the console gets the
-    one-line message from the caller, the file keeps what a bug report needs."""
+def log_traceback_to_files(message: str, exc: BaseException | None, level: int = logging.ERROR) -> None:
+    """`message` with the traceback of `exc` (none when None) written to the run's log files (train.log) only: the
+    console gets the one-line message from the caller, the file keeps what a bug report needs."""
     log = logging.getLogger("mmbalance")
-    record = log.makeRecord(log.name, level, __file__, 0, "%s", (message,), (type(exc), exc, exc.__traceback__))
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (message,), exc_info)
     for handler in logging.getLogger().handlers + log.handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -22,7 +22,7 @@ from mmbalance.engine.checkpoint import WriteError, write_json, write_text
 from mmbalance.engine.identity import data_identity, run_identity
 from mmbalance.engine.loggers import build_loggers, supersede_logger_files
 from mmbalance.engine.run import LoaderSettings, Run
-from mmbalance.engine.run_folder import RunFolder
+from mmbalance.engine.run_folder import HYDRA_FILES, RunFolder
 from mmbalance.engine.seeding import seed_everything
 from mmbalance.engine.trainer import Trainer
 from mmbalance.errors import CheckpointError, UserError, log_traceback_to_files
@@ -57,6 +57,22 @@ def _git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("-dirty" if changed else "")) or None
+
+
+def _write_hydra_files(cfg: DictConfig, output_dir: Path) -> None:
+    """The run's .hydra/ (config.yaml, hydra.yaml, overrides.yaml: what Hydra writes with hydra.output_subdir),
+    written when this run takes the folder. conf/hydra/default.yaml turns Hydra's own copy off because Hydra writes
+    it before any check: a start refused in a folder (another run's, one in use) replaced that run's files with the
+    refused config. Outside a Hydra job (train() from Python) there is nothing to write."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}, as Hydra saves it
+    folder = output_dir / HYDRA_FILES
+    write_text(OmegaConf.to_yaml(cfg), folder / "config.yaml")
+    write_text(OmegaConf.to_yaml(hydra_cfg), folder / "hydra.yaml")
+    write_text(OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task), folder / "overrides.yaml")
 
 
 def _config_dict(cfg: DictConfig) -> dict:
@@ -176,8 +192,17 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
     # checkpoint does not fit, a bad value) leaves the folder's record as it was, so its own command still resumes it
     deferred = bool(plan.forced_over) and plan.previous is not None and not keep_completed
     record = output_dir / "metrics.json"
+    taken = False  # whether this run's .hydra/ is in the folder: written with its first record of this run
+
+    def take_folder() -> None:
+        nonlocal taken
+        if write and not taken:
+            taken = True
+            _write_hydra_files(cfg, output_dir)
+
     if write and not keep_completed and not deferred:
         write_json(results, record)
+        take_folder()
     # resume=force with more epochs trains a completed run further: until it completes, its record says so (the
     # checkpoints and history.csv then run ahead of the record's `epochs`)
     extension: dict[str, Any] = {}
@@ -188,10 +213,12 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
             deferred = False
             if write:
                 write_json(results, record)
+                take_folder()
         if keep_completed and first_epoch < trainer.epochs:
             extension.update(epochs=trainer.epochs, status="running", error=None)
             if write:
                 write_json({**plan.previous, "extension": extension}, record)
+                take_folder()
 
     try:
         if trainer is None:
@@ -230,6 +257,7 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
             elif write and (results["status"] == "completed" or not keep_completed):
                 write_json(results, record)
                 recorded = True
+                take_folder()
             elif write:
                 what = f"extension to {extension['epochs']} epochs" if extension else "re-evaluation"
                 if extension:

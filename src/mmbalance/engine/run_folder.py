@@ -37,9 +37,10 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("mmbalance")
 
-# What a run writes into its folder; `resume=never` moves these aside (train.log and .hydra/ belong to the
-# process that is starting and stay).
+# What a run writes into its folder; `resume=never` moves these aside, with the run's .hydra/ (HYDRA_FILES), which
+# the run writes when it takes the folder (train.py), not Hydra before any check; train.log stays (it is appended to)
 RESULT_FILES = ("metrics.json", "history.csv", "checkpoints", "flops_fvcore.txt")
+HYDRA_FILES = ".hydra"
 LOCK = ".lock"
 
 
@@ -143,6 +144,8 @@ class RunFolder:
         present = [self.path / name for name in RESULT_FILES if (self.path / name).exists()]
         if not present:
             return None
+        if (self.path / HYDRA_FILES).exists():  # the config the superseded results were made with
+            present.append(self.path / HYDRA_FILES)
         target = self.path / SUPERSEDED / time.strftime("%Y-%m-%d_%H-%M-%S")
         n = 1
         while target.exists():
