@@ -328,6 +328,7 @@ def test_a_failed_or_interrupted_reevaluation_keeps_the_completed_results(tmp_pa
             train_in_process(out, ["trainer.epochs=2", "resume=reevaluate"])
     assert (out / "metrics.json").read_bytes() == before
     truncate(out / "checkpoints" / "best.pt")
+    truncate(out / "checkpoints" / "last.prev.pt")  # the other file that holds epoch 0 (last.pt holds epoch 1)
     with pytest.raises(CheckpointError, match=r"best.pt(.|\n)*selected epoch 0(.|\n)*resume=never"):
         train_in_process(out, ["trainer.epochs=2", "resume=reevaluate"])
     assert (out / "metrics.json").read_bytes() == before
@@ -335,11 +336,13 @@ def test_a_failed_or_interrupted_reevaluation_keeps_the_completed_results(tmp_pa
 
 @pytest.mark.parametrize("damage", ["missing", "another-epoch"])
 def test_without_the_selected_epochs_weights_no_test_result_is_reported(tmp_path, monkeypatch, damage):
-    """Killed after the selected epoch 0; best.pt then lost (or holding another epoch): testing the weights in
-    memory (epoch 1's) would report them as epoch 0's. One error instead, naming the file and the way out."""
+    """Killed after the selected epoch 0; best.pt then lost (or holding another epoch), and last.prev.pt, the other
+    file that held epoch 0: testing the weights in memory (epoch 1's) would report them as epoch 0's. One error
+    instead, naming the file and the way out."""
     out = tmp_path / "run"
     select_epoch(monkeypatch, 0)
     interrupted_at_epoch_2_of_3(monkeypatch, out)
+    truncate(out / "checkpoints" / "last.prev.pt")
     best = out / "checkpoints" / "best.pt"
     if damage == "missing":
         best.unlink()
@@ -529,6 +532,23 @@ def test_cli_an_expected_failure_prints_one_message_with_the_log_path(tmp_path):
     assert read_metrics(run_dir)["status"] == "failed"
 
 
+def test_cli_a_refused_start_leaves_the_runs_hydra_files_and_resume_never_moves_them_aside(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST, "trainer.epochs=1", f"hydra.run.dir={run_dir}"]
+    assert run_cli(args, tmp_path).returncode == 0
+    hydra = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    assert set(hydra) == {"config.yaml", "hydra.yaml", "overrides.yaml"} and b"trainer.epochs=1" in hydra["overrides.yaml"]
+    refused = run_cli([*args, "method=ogm_ge"], tmp_path)
+    assert refused.returncode == 1 and "belongs to another run" in refused.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra  # Hydra wrote it before
+    log = (run_dir / "train.log").read_text()
+    assert "a start was refused here: " in log and "Traceback" not in log
+    assert run_cli([*args, "method=ogm_ge", "resume=never"], tmp_path).returncode == 0
+    [old] = (run_dir / "superseded").iterdir()
+    assert (old / ".hydra" / "overrides.yaml").read_bytes() == hydra["overrides.yaml"]
+    assert b"method=ogm_ge" in (run_dir / ".hydra" / "overrides.yaml").read_bytes()
+
+
 def run_driver(point: str, n: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, str(REPO / "tests" / "fault_driver.py"), point, str(n), *args],
@@ -617,3 +637,89 @@ def test_ctrl_c_a_sweep_then_rerun_it_reordered_finishes_every_job_correctly(tmp
         assert run_cli([f"method={record['choices']['method']}", f"seed={record['seed']}", *FAST,
                         "trainer.epochs=8", f"hydra.run.dir={single}"], tmp_path).returncode == 0
         assert without_times(record["metrics"]) == without_times(read_metrics(single)["metrics"])
+
+
+# ---------------------------------------------------------------- job folders name only the run identity
+
+
+def test_job_folder_names_leave_out_every_override_outside_the_run_identity():
+    from mmbalance.engine.identity import NON_IDENTITY_KEYS
+
+    job = ["method=baseline", "seed=0", "trainer.epochs=2"]
+    name = job_dir_name(job)
+    assert name == "method=baseline,seed=0,trainer.epochs=2"
+    outside = ["resume=reevaluate", "resume=never", "resume=force", "trainer.progress_bar=false",
+               "hardware.num_workers=4", "+hardware.pin_memory=true", "hardware.threads=2", "hardware.wait_policy=active",
+               "paths.data_dir=/elsewhere", "paths=default", "dataset.cache_dir=/tmp/c", "tags=[a,b]", "~tags",
+               "optimized_metric=test/acc", "logger=csv", "logger.csv.flush=true", "hydra/launcher=basic"]
+    for extra in outside:
+        assert job_dir_name([extra, *job]) == name, extra
+    assert job_dir_name([*outside, *job]) == name
+    # the same list as the identity's, not a copy of it: every key it leaves out names no folder
+    for key in NON_IDENTITY_KEYS:
+        assert job_dir_name([*job, f"{key}=x"]) == job_dir_name([*job, f"++{key}.sub=1"]) == name, key
+    # what changes the identity still names the folder: a hardware choice sets the device and the precision
+    assert job_dir_name([*job, "hardware=gpu"]) == "hardware=gpu,method=baseline,seed=0,trainer.epochs=2"
+    for kept in ("hardware.precision=bf16", "trainer=long", "experiment=demo/baseline", "logger@trainer=csv"):
+        assert job_dir_name([*job, kept]) != name, kept
+    assert job_dir_name(["resume=never", "trainer.progress_bar=false"]) == "default"
+
+
+def test_a_sweep_folder_named_with_overrides_outside_the_identity_is_found_again(tmp_path, monkeypatch):
+    """Named when only `logger` overrides were left out: the same command finds the folder its run is in."""
+    from hydra.core.hydra_config import HydraConfig
+
+    class Sweep:
+        sweep = type("S", (), {"dir": str(tmp_path)})
+
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: Sweep))
+    job = ["seed=0", "trainer.progress_bar=false", "logger=csv"]
+    old = tmp_path / "seed=0,trainer.progress_bar=false"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"overrides": job}))
+    assert job_dir_name(job) == old.name  # its own run: found again
+    assert job_dir_name(["seed=0", "trainer.progress_bar=true"]) == "seed=0"  # another command: the new name
+    assert job_dir_name(["seed=0", *job[1:], "resume=reevaluate"]) == "seed=0"
+    (tmp_path / "seed=0").mkdir()  # once the new folder holds the run, it is the one
+    (tmp_path / "seed=0" / "metrics.json").write_text(json.dumps({"overrides": ["seed=0"]}))
+    assert job_dir_name(job) == "seed=0"
+
+
+def test_a_sweep_rerun_with_resume_reevaluate_retests_its_jobs_in_their_folders(tmp_path):
+    sweep = tmp_path / "sweep"
+    common = [*FAST, "method=baseline", "seed=0", "trainer.epochs=1", "eval.flops=false", f"hydra.sweep.dir={sweep}"]
+    first = run_cli(["-m", *common], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = sweep_folders(sweep)
+    (name, before), = runs.items()
+    assert name.startswith("dataset=synthetic,method=baseline,seed=0,") and "progress_bar" not in name
+    again = run_cli(["-m", *common, "resume=reevaluate", "hardware.num_workers=0"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    redone = sweep_folders(sweep)
+    assert list(redone) == [name] and [p.name for p in sweep.iterdir() if p.is_dir()] == [name]
+    assert redone[name]["processes"] == before["processes"] + 1  # re-tested there, not trained anew elsewhere
+    assert without_times(redone[name]["metrics"]) == without_times(before["metrics"])
+
+
+def test_a_reevaluation_without_best_pt_tests_the_other_checkpoint_that_holds_the_selected_epoch(
+        tmp_path, monkeypatch, caplog):
+    """4 epochs, the selected one 2: last.pt holds epoch 3 and last.prev.pt epoch 2, the same weights as best.pt."""
+    from mmbalance.engine.trainer import Trainer
+
+    out = tmp_path / "run"
+    select_epoch(monkeypatch, 2)
+    done = train_in_process(out, ["trainer.epochs=4"])
+    best = out / "checkpoints" / "best.pt"
+    assert done["metrics"]["best_epoch"] == 2 and load_checkpoint(out / "checkpoints" / "last.prev.pt")["epoch"] == 2
+    best.write_bytes(b"junk")
+    with monkeypatch.context() as patch:  # the final test alone (as a rank that does not write best.pt sees it)
+        patch.setattr(Trainer, "_restore_best", lambda self, state, path: None)
+        redone = train_in_process(out, ["trainer.epochs=4", "resume=reevaluate"])
+    assert redone["status"] == "completed" and without_times(redone["metrics"]) == without_times(done["metrics"])
+    assert "last.prev.pt holds the selected epoch 2: testing its weights" in caplog.text
+    assert best.read_bytes() == b"junk"
+    caplog.clear()
+    redone = train_in_process(out, ["trainer.epochs=4", "resume=reevaluate"])  # and the resume writes best.pt again
+    assert without_times(redone["metrics"]) == without_times(done["metrics"]) and load_checkpoint(best)["epoch"] == 2
+    assert "last.prev.pt holds the selected epoch 2, so best.pt is written again from it" in caplog.text
+    assert "no other file" not in caplog.text.lower()

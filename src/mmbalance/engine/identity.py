@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-# Settings that do not change what a run computes. Everything else in the resolved config is identity.
+# Settings that do not change what a run computes. Everything else in the resolved config is identity. The one list
+# (read through `outside_identity`): a sweep job's folder is not named by overrides of these keys (`job_dir_name`).
 NON_IDENTITY_KEYS = (
     "hydra",                  # Hydra's own node (not part of the task config, listed for safety)
     "paths",                  # where data, outputs and caches live
@@ -62,7 +63,9 @@ BOOKKEEPING_DIRS = ("cache_dir", "output_dir")
 _DROP = object()
 
 
-def _excluded(key: str) -> bool:
+def outside_identity(key: str) -> bool:
+    """Whether a flat config key (`trainer.progress_bar`, `dataset.cache_dir`) is left out of the run identity: the
+    one rule behind `run_identity`, `differences` and the sweep job folders (`job_dir_name`)."""
     return key.endswith(BOOKKEEPING_DIRS) or any(key == k or key.startswith(k + ".") for k in NON_IDENTITY_KEYS)
 
 
@@ -92,7 +95,7 @@ def run_identity(config: dict, version: str) -> dict[str, Any]:
     A data location counts only below its `paths.*` folder: moving the data folder keeps the run, and what was
     read there is checked by the dataset's identity (`data_identity`), compared when the run resumes."""
     roots = _path_roots(config)
-    items = {k: _relocated(v, roots) for k, v in flatten(config).items() if not _excluded(k)}
+    items = {k: _relocated(v, roots) for k, v in flatten(config).items() if not outside_identity(k)}
     items = {k: v for k, v in items.items() if v is not _DROP}
     items["mmbalance.version"] = version
     return {"digest": _digest(items), "config": items}
@@ -121,7 +124,7 @@ def differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 
     cache keys and absolute locations: such a key is not a difference, and an absolute location matches the
     current `${paths.<key>}/<rest>` when it ends with the same rest (the data read there are compared by the
     dataset's identity when the run resumes)."""
-    keys = sorted(k for k in set(recorded) | set(current) if not _excluded(k))
+    keys = sorted(k for k in set(recorded) | set(current) if not outside_identity(k))
     lines = []
     for key in keys:
         old, new = recorded.get(key, "<absent>"), current.get(key, "<absent>")
@@ -175,13 +178,35 @@ MAX_JOB_DIR = 96
 _GROUP_CHOICE = re.compile(r"\+?[A-Za-z_][\w-]*=[\w-]+(/[\w-]+)+")
 
 
+def _override_key(override: str) -> str:
+    """The config key an override sets: `+trainer.progress_bar=false` -> `trainer.progress_bar`, `~logger` ->
+    `logger`; a config-group choice sets its group's node (`logger=csv` -> `logger`, `hydra/launcher=basic` ->
+    `hydra.launcher`, where a group's options land unless they name another package)."""
+    return override.split("=", 1)[0].lstrip("+~").replace("/", ".")
+
+
 def _names_no_folder(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~")
+    """Whether an override sets only keys outside the run identity (`outside_identity`, the rule the identity
+    itself uses): `resume=`, `trainer.progress_bar=`, `hardware.num_workers=`, `paths.*=`, `*cache_dir=`,
+    `logger=`, `logger.*=` ... Such an override cannot make another run, so it must not make another folder.
+
+    A config-group choice counts by its group's node as a whole: `logger=csv` and `paths=...` set nothing else
+    and name no folder, while `hardware=gpu` also sets identity keys (`hardware.device`, `hardware.precision`)
+    and names the folder, as does any choice of a group that is not wholly outside the identity (`trainer=`,
+    `experiment=`, `sweep=`, whose options may set any key). A choice placed into another package
+    (`group@pkg=option`) always names the folder: where it lands is not read here."""
+    key = _override_key(override)
+    return "@" not in key and outside_identity(key)
+
+
+def _legacy_names_no_folder(override: str) -> bool:
+    """The rule of sweeps named before every key outside the identity was left out: only the loggers."""
+    key = _override_key(override)
     return key == "logger" or key.startswith("logger.")
 
 
-def _job_parts(overrides) -> list[str]:
-    return sorted((str(o) for o in overrides if not _names_no_folder(str(o))),
+def _job_parts(overrides, leave_out=_names_no_folder) -> list[str]:
+    return sorted((str(o) for o in overrides if not leave_out(str(o))),
                   key=lambda o: (o.split("=", 1)[0].count("."), o))
 
 
@@ -199,10 +224,24 @@ def job_dir_name(overrides: list[str] | tuple[str, ...]) -> str:
     job, named into it that way, takes the name with the digest.
 
     Top-level keys (method=, seed=, dataset=) sort before nested ones (method.alpha=, trainer.epochs=), so a
-    shortened name still starts with what usually tells the jobs of a sweep apart. Overrides of keys outside the
-    run identity that only say where results are mirrored (`logger`) name no folder: a sweep re-run with other
-    loggers finds its finished jobs."""
+    shortened name still starts with what usually tells the jobs of a sweep apart. An override of a key outside
+    the run identity (`_names_no_folder`: resume=, trainer.progress_bar=, hardware.num_workers=, logger= ...)
+    names no folder: a sweep re-run with resume=reevaluate, other loggers or other workers finds its jobs.
+
+    A sweep named when only `logger` overrides were left out is found again too: when this job's folder holds
+    no run yet and the folder the old rule names holds this job's run (the same overrides), that one is used."""
     parts = _job_parts(overrides)
+    name = _folder_name(parts, _names_no_folder)
+    legacy = _job_parts(overrides, _legacy_names_no_folder)
+    if legacy != parts and _held_job(name, _names_no_folder) is None:
+        old = _folder_name(legacy, _legacy_names_no_folder)
+        if _held_job(old, _legacy_names_no_folder) == legacy:
+            return old
+    return name
+
+
+def _folder_name(parts: list[str], leave_out) -> str:
+    """The (safe, unique) folder name of a job's sorted overrides, as `job_dir_name` describes it."""
     if not parts:
         return "default"
     whole = ",".join(parts)
@@ -211,7 +250,7 @@ def job_dir_name(overrides: list[str] | tuple[str, ...]) -> str:
     if len(name) > MAX_JOB_DIR:
         unique = False
     else:
-        held = _held_job(name)
+        held = _held_job(name, leave_out)
         unique = held == parts if name != readable else held in (None, parts)
     if not unique:
         digest = hashlib.sha256(whole.encode()).hexdigest()[:10]
@@ -219,12 +258,13 @@ def job_dir_name(overrides: list[str] | tuple[str, ...]) -> str:
     return name
 
 
-def _held_job(name: str) -> list[str] | None:
-    """The overrides of the run in folder `name` of the running sweep (its metrics.json); None: no such run."""
+def _held_job(name: str, leave_out=_names_no_folder) -> list[str] | None:
+    """The overrides of the run in folder `name` of the running sweep (its metrics.json), less those `leave_out`
+    names no folder; None: no such run."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         record = json.loads((Path(HydraConfig.get().sweep.dir) / name / "metrics.json").read_text())
-        return _job_parts(record["overrides"])
+        return _job_parts(record["overrides"], leave_out)
     except Exception:  # noqa: BLE001 - not a sweep, no such folder, an unreadable record: nothing known
         return None

@@ -177,22 +177,46 @@ class Trainer:
 
     def _read_best(self) -> tuple[dict | None, str | None]:
         """(best.pt's state, None) when it holds the selected epoch, else (None, what is wrong with it)."""
-        best = self.ckpt_dir / "best.pt"
+        return self._read_selected(self.ckpt_dir / "best.pt")
+
+    def _read_selected(self, path: Path) -> tuple[dict | None, str | None]:
+        """(the checkpoint's state, None) when `path` holds the selected epoch, else (None, what is wrong with it)."""
         try:
-            state = load_checkpoint(best)
+            state = load_checkpoint(path)
         except CheckpointError as exc:
             return None, str(exc)
         if state.get("epoch") != self.best_epoch:  # e.g. written by an epoch the resumed checkpoint does not hold
-            return None, (f"checkpoint {str(best)!r} holds epoch {state.get('epoch')}, not the selected epoch "
+            return None, (f"checkpoint {str(path)!r} holds epoch {state.get('epoch')}, not the selected epoch "
                           f"{self.best_epoch}")
         return state, None
 
+    def _other_selected(self, skip: Path | None = None) -> tuple[dict, Path] | None:
+        """The first of last.pt and last.prev.pt (but `skip`, already known) that holds the selected epoch: a run's
+        last two epochs are kept there, so when the selected one is among them its weights survive a lost best.pt."""
+        last = self.ckpt_dir / "last.pt"
+        for path in (last, previous_path(last)):
+            if path == skip or not path.exists():
+                continue
+            state, _ = self._read_selected(path)
+            if state is not None:
+                return state, path
+        return None
+
     def _restore_best(self, state: dict, path: Path) -> None:
-        """The checkpoint resumed from holds the selected epoch: when best.pt does not (missing, unreadable, another
-        epoch), write it again from that checkpoint, before later epochs replace it."""
+        """When best.pt does not hold the selected epoch (missing, unreadable, another epoch) but the checkpoint
+        resumed from (`state`, read from `path`) or the other of last.pt and last.prev.pt does, write best.pt again
+        from it, before later epochs replace that checkpoint."""
         _, problem = self._read_best()
         if problem is None:
             return
+        if state.get("epoch") == self.best_epoch:
+            found = state, path
+        else:
+            found = self._other_selected(skip=path)
+            if found is None:
+                return  # the final test says so, unless a later epoch is selected first
+            self._check_identity(*found)  # the file resumed from was checked; this one not yet
+        state, path = found
         log.warning("%s; %s holds the selected epoch %d, so best.pt is written again from it", problem, path,
                     self.best_epoch)
         save_checkpoint({"epoch": state["epoch"], "model": state["model"], "method": state["method"],
@@ -223,7 +247,7 @@ class Trainer:
         run.step = state["step"]
         self.history = state["history"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
-        if self.best_epoch == state["epoch"] and distributed.is_main():
+        if self.best_epoch >= 0 and distributed.is_main():
             self._restore_best(state, path)
         self.wall_time_before = float(state.get("wall_time_s", 0.0))
         self.processes = int(state.get("processes", 1)) + 1
@@ -381,30 +405,38 @@ class Trainer:
         return metrics
 
     def _load_best(self) -> None:
-        """Load the selected epoch's weights from best.pt. The model in memory holds the last epoch's weights (trained
-        here, or loaded from last.pt when nothing was left to train), which last.pt holds too: when best.pt does
-        not hold the selected epoch and that epoch is the last one, those are its weights; otherwise they are lost
-        (a resume already restored best.pt when it could), and testing other weights would report another
-        epoch's results under the selected one."""
+        """Load the selected epoch's weights from best.pt. When best.pt does not hold the selected epoch (missing,
+        unreadable, another epoch): if that epoch is the last one, the model in memory holds its weights (trained
+        here, or loaded from the checkpoint resumed from); otherwise the first of last.pt and last.prev.pt that
+        holds it is loaded (one warning naming the file). When none does, the weights are lost and this is an
+        error: testing other weights would report another epoch's results under the selected one."""
         run = self.run
         if self.best_epoch < 0:
             return  # no epoch had a defined validation score: none was selected and best.pt was never written
-        state, problem = self._read_best()
+        path = self.ckpt_dir / "best.pt"
+        state, problem = self._read_selected(path)
         if problem is not None:
             last_epoch = self.history[-1]["epoch"] if self.history else None
             if last_epoch == self.best_epoch:
                 log.warning("%s; the selected epoch %d is the last one, so %s holds its weights too: testing those",
                             problem, self.best_epoch, self.ckpt_dir / "last.pt")
                 return
-            raise CheckpointError(
-                f"{problem}\n  No other file holds the weights of the selected epoch {self.best_epoch} (the last "
-                f"checkpoint holds epoch {last_epoch}), so this run cannot be tested. Restore best.pt from a backup, "
-                "or re-run with resume=never to train this run again (the folder's files move to superseded/)")
+            found = self._other_selected()
+            if found is None:
+                kept = [p.name for p in (self.ckpt_dir / "last.pt", previous_path(self.ckpt_dir / "last.pt"))
+                        if p.exists()]
+                raise CheckpointError(
+                    f"{problem}\n  No other file holds the weights of the selected epoch {self.best_epoch} (the last "
+                    f"checkpoint holds epoch {last_epoch}; checked: {', '.join(kept) or 'no last.pt'}), so this run "
+                    "cannot be tested. Restore best.pt from a backup, or re-run with resume=never to train this run "
+                    "again (the folder's files move to superseded/)")
+            state, path = found
+            log.warning("%s; %s holds the selected epoch %d: testing its weights", problem, path, self.best_epoch)
         mine, theirs = run.identity, state.get("identity")
         # compared key by key, as a resume compares last.pt: a record of an earlier version matches where it should
         if mine is not None and not self.force_resume and (theirs is None or differences(theirs.get("config", {}),
                                                                                           mine["config"])):
-            raise RunFolderError(f"{self.ckpt_dir / 'best.pt'} was written by another run ({describe(theirs)}); "
+            raise RunFolderError(f"{path} was written by another run ({describe(theirs)}); "
                                  "re-run with resume=never to train this run again here, or choose another folder")
         run.model.load_state_dict(state["model"])
         run.method.load_state_dict(state["method"])
