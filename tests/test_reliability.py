@@ -723,3 +723,15 @@ def test_a_reevaluation_without_best_pt_tests_the_other_checkpoint_that_holds_th
     assert without_times(redone["metrics"]) == without_times(done["metrics"]) and load_checkpoint(best)["epoch"] == 2
     assert "last.prev.pt holds the selected epoch 2, so best.pt is written again from it" in caplog.text
     assert "no other file" not in caplog.text.lower()
+
+
+def test_a_run_resumed_under_other_code_records_every_commit_that_trained_it(tmp_path, monkeypatch):
+    import mmbalance.train
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(mmbalance.train, "_git_sha", lambda: "aaa")
+    interrupted_at_epoch_2_of_3(monkeypatch, out)
+    monkeypatch.setattr(mmbalance.train, "_git_sha", lambda: "bbb-dirty")
+    resumed = train_in_process(out, ["trainer.epochs=3"])
+    assert resumed["git_sha"] == "bbb-dirty" and resumed["code_versions"] == ["aaa", "bbb-dirty"]
+    assert "code_versions" not in train_in_process(tmp_path / "straight", ["trainer.epochs=1"])  # one commit

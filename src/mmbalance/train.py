@@ -246,6 +246,8 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
             results["wall_time_s"] = float(plan.previous.get("wall_time_s") or 0.0) + (time.time() - started)
         if trainer is not None:
             results["processes"] = trainer.processes
+            if len(trainer.code_versions) > 1:  # git_sha is this process's; earlier processes ran other code
+                results["code_versions"] = trainer.code_versions
             if trainer.resumed_from is not None:
                 results["resumed_from"] = trainer.resumed_from
         recorded = False  # whether the record on disk is this `results`
@@ -293,10 +295,12 @@ def _make_trainer(cfg: DictConfig, output_dir: Path, results: dict, device, iden
                     "run_dir": str(output_dir.resolve())}
     # regression selects on a regression metric (the default acc means the lowest val MAE); recorded
     results["select_metric"] = selection_metric(run.method.task, cfg.eval.select_metric)
-    return Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
-                   select_metric=results["select_metric"], shapley_every=cfg.eval.shapley_every,
-                   count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"),
-                   force_resume=mode == "force", loggers=loggers)
+    trainer = Trainer(run, epochs=cfg.trainer.epochs, select_on=cfg.eval.select_on,
+                      select_metric=results["select_metric"], shapley_every=cfg.eval.shapley_every,
+                      count_flops=cfg.eval.flops, progress_bar=cfg.trainer.get("progress_bar", "auto"),
+                      force_resume=mode == "force", loggers=loggers)
+    trainer.code_versions = [results["git_sha"]] if results.get("git_sha") else []
+    return trainer
 
 
 def _fit(cfg: DictConfig, trainer: Trainer, output_dir: Path, require_checkpoint: bool = False) -> dict[str, Any]:

@@ -91,6 +91,9 @@ class Trainer:
         self.started = time.time()
         self.wall_time_before = 0.0
         self.processes = 1
+        # the code (metrics.json's git_sha) of every process that trained this run, in order, without repeats: set
+        # by the caller to this process's, extended by a resume with the checkpoint's
+        self.code_versions: list[str] = []
         self.resumed_from: dict | None = None
         self.first_epoch_here = 0
         self.on_start = None  # called with the first epoch to train, once the checkpoint (if any) is loaded
@@ -118,6 +121,7 @@ class Trainer:
             "world_size": run.world_size,
             "wall_time_s": self.wall_time_s,
             "processes": self.processes,
+            "code_versions": self.code_versions,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -251,6 +255,8 @@ class Trainer:
             self._restore_best(state, path)
         self.wall_time_before = float(state.get("wall_time_s", 0.0))
         self.processes = int(state.get("processes", 1)) + 1
+        earlier = list(state.get("code_versions") or [])
+        self.code_versions = earlier + [v for v in self.code_versions if not earlier or v != earlier[-1]]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():

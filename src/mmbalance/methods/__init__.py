@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 from functools import cache
 
+from mmbalance.methods import base
 from mmbalance.methods.base import FAMILIES, Method, registry_key
 
 __all__ = ["FAMILIES", "METHODS", "Method", "list_methods", "registered_methods", "registry_key"]
@@ -36,6 +37,9 @@ def registered_methods() -> dict[str, type[Method]]:
             raise TypeError(f"{module.__name__}.{cls.__name__}.family = {cls.family!r}; expected one of {FAMILIES}")
         found[info.name] = cls
     return dict(sorted(found.items(), key=lambda item: (FAMILIES.index(item[1].family), item[0])))
+
+
+base.registry = registered_methods  # for messages that list methods (base.regression_advice)
 
 
 def list_methods() -> list[str]:

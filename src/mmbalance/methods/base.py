@@ -24,6 +24,7 @@ against the float score.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -249,12 +250,16 @@ class Method:
                 owned[name].load_state_dict(module_state)
 
 
+# the method registry (mmbalance.methods.registered_methods), handed over by mmbalance.methods as it is imported,
+# which is always before this module is used: importing it here would be an import cycle
+registry: Callable[[], dict[str, type[Method]]] | None = None
+
+
 def regression_advice() -> str:
     """What to use instead for dataset.task=regression: the registered methods whose `tasks` include it."""
-    from mmbalance.methods import registered_methods  # the registry imports this module
-
+    methods = registry() if registry is not None else {}
     names = [f"{key} (when every part does)" if cls.family == "hybrid" else key
-             for key, cls in registered_methods().items() if "regression" in cls.tasks]
+             for key, cls in methods.items() if "regression" in cls.tasks]
     return f"Use a method that trains it: {', '.join(names)}"
 
 
