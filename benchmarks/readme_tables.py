@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import subprocess
@@ -141,22 +142,25 @@ def curve_table(curve: Path, demo: Path) -> str:
 
 
 def methods_table(dirs: list[Path], labels: dict[str, str] | None = None) -> str:
-    """One row per (method, variant) of the runs in `dirs`, costs relative to their baseline; `labels` names a
-    method's settings where its runs all share them (so no variant tells them apart)."""
+    """One row per (method, variant) of the runs in `dirs`, costs relative to their baseline (the one trained alike,
+    `studies.reference_baseline`, as the report's benchmark takes it; – where none was); `labels` names a method's
+    settings where its runs all share them (so no variant tells them apart)."""
     from mmbalance.analysis.report import load_runs, summarize
-    from mmbalance.analysis.runs import format_pm
-    from mmbalance.analysis.studies import method_families
+    from mmbalance.analysis.runs import DASH, format_pm
+    from mmbalance.analysis.studies import method_families, reference_baseline
     from mmbalance.methods import FAMILIES
 
     df = load_runs(dirs)
     summary = summarize(df)
     families = method_families(df)  # a hybrid's "hybrid: ogm_ge (optimization) + ..." is family "hybrid"
     mods = sorted({c.split("/")[2] for c in df.columns if c.startswith("test/acc/") and c.count("/") == 2})
-    base = summary[summary["method"] == "baseline"]
-    if base.empty:
+    if not ((summary["method"] == "baseline") & (summary["n"] > 0)).any():
         raise SystemExit("error: the method runs hold no baseline to compare costs with")
-    base_flops = float(base["flops/train_total.mean"].iloc[0])
-    base_time = float(base["time/epoch_mean_s.mean"].iloc[0])
+
+    def ratio(row, base, metric):  # the row's mean over its reference baseline's
+        bottom = math.nan if base is None else float(base.get(f"{metric}.mean", math.nan))
+        value = float(row.get(f"{metric}.mean", math.nan)) / bottom if bottom else math.nan
+        return f"{value:.2f}" if math.isfinite(value) else DASH
 
     def rank(row):
         family = families.get(row["method"], "")
@@ -169,11 +173,12 @@ def methods_table(dirs: list[Path], labels: dict[str, str] | None = None) -> str
         if row["variant"] or (labels or {}).get(name):
             name += f" ({row['variant'] or labels[name]})"
         family = str(families.get(row["method"]) or "–")
+        base = reference_baseline(summary, row)
         cells = [family if family != "reference" else "—", name,
                  format_pm(row["test/acc.mean"], row["test/acc.std"], 100.0),
                  *[format_pm(row.get(f"test/acc/{m}.mean"), row.get(f"test/acc/{m}.std"), 100.0) for m in mods],
                  format_pm(row["test/imbalance.mean"], row["test/imbalance.std"], 100.0),
-                 f"{row['flops/train_total.mean'] / base_flops:.2f}", f"{row['time/epoch_mean_s.mean'] / base_time:.2f}"]
+                 ratio(row, base, "flops/train_total"), ratio(row, base, "time/epoch_mean_s")]
         lines.append("| " + " | ".join(cells) + " |")
     failed = df[df["status"] != "completed"]
     for _, row in failed.iterrows():

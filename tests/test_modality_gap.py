@@ -345,6 +345,25 @@ def test_a_repeated_run_counts_once(tmp_path):
     assert f"repeat: {tmp_path / 'b0_copy'} repeats {tmp_path / 'b0'}" in skipped[1]  # the first by path counts
 
 
+
+def test_a_run_forced_over_another_run_is_never_taken_for_the_run_it_records(tmp_path):
+    """resume=force re-tested a unimodal-audio checkpoint under method=baseline: it records the baseline's settings
+    and the audio model's numbers. As in `mmbalance report`, it is left out (with the reason), and the genuine
+    baseline of that seed, later by path, is no "repeat" of it."""
+    forced = make_run(tmp_path, "a_forced", "baseline", 0)
+    data = json.loads((forced / "metrics.json").read_text())
+    data["forced_resume"] = {"previous": ["method=unimodal"],
+                             "differences": ["method.modality: 'audio' -> '<absent>'"]}
+    (forced / "metrics.json").write_text(json.dumps(data))
+    make_run(tmp_path, "b0", "baseline", 0)
+    make_run(tmp_path, "a0", "unimodal", 0, "audio")
+    make_run(tmp_path, "v0", "unimodal", 0, "visual")
+    pairs, skipped = _pairs(tmp_path)
+    assert sorted((p.joint.run_dir, p.modality) for p in pairs) == [(tmp_path / "b0", "audio"),
+                                                                    (tmp_path / "b0", "visual")]
+    assert skipped == [f"forced: {forced} (baseline): resume=force over another run: "
+                       "method.modality: 'audio' -> '<absent>'"]
+
 def test_a_copied_run_is_probed_once_end_to_end(tiny_sweep, tmp_path):
     import shutil
 

@@ -69,3 +69,29 @@ def test_the_demo_rows_for_baseline_and_ogm_ge_reproduce_within_the_seed_spread(
             assert abs(now - mean) <= max(std, 0.5), (
                 f"{method} {column}: the README says {row[column]}, the code gives {now:.1f} today; "
                 "regenerate the tables with `make readme-tables`")
+
+
+def _run(root, name, method, epochs, flops, time_s, seed=0):
+    import json
+
+    run = root / name
+    run.mkdir(parents=True)
+    run.joinpath("metrics.json").write_text(json.dumps({
+        "status": "completed", "seed": seed, "method_family": "optimization" if method == "ogm_ge" else "reference",
+        "choices": {"dataset": "digits_av", "method": method},
+        "config": {"seed": seed, "trainer": {"epochs": epochs},
+                   "method": {"_target_": f"mmbalance.methods.{method}"}},
+        "metrics": {"test/acc": 0.9, "test/imbalance": 0.1, "flops/train_total": flops, "time/epoch_mean_s": time_s},
+    }))
+
+
+def test_the_method_table_gives_costs_relative_to_the_baseline_trained_alike(tmp_path):
+    # two baselines (2 and 3 epochs): ogm_ge, trained 3 epochs, is compared with the 3-epoch one, not the first row
+    _run(tmp_path, "b2", "baseline", 2, 1e12, 1.0)
+    _run(tmp_path, "b3", "baseline", 3, 2e12, 2.0)
+    _run(tmp_path, "o3", "ogm_ge", 3, 4e12, 3.0)
+    _run(tmp_path, "o4", "ogm_ge", 4, 4e12, 3.0)  # no baseline trained 4 epochs: no ratio
+    table = {r[1]: r for r in rows(readme_tables.methods_table([tmp_path]))[1:]}
+    assert table["ogm_ge (epochs=3)"][-2:] == ["2.00", "1.50"]
+    assert table["baseline (epochs=2)"][-2:] == table["baseline (epochs=3)"][-2:] == ["1.00", "1.00"]
+    assert table["ogm_ge (epochs=4)"][-2:] == ["–", "–"]

@@ -1,5 +1,6 @@
 """`mmbalance report` over hand-written run folders: grouping, statistics, failures, files."""
 
+import hashlib
 import json
 import math
 import subprocess
@@ -577,3 +578,111 @@ def test_runs_on_different_data_are_never_averaged_together(tmp_path, caplog):
     _data_run(tmp_path / "c", "y", labels="bbbb")
     df = load_runs([tmp_path / "c"])
     assert df["repeat_of"].isna().all() and sorted(df["variant"]) == ["data=A", "data=B"]
+
+
+# ------------------------------------------------------------------------------ resume=force over another run
+
+FORCED_OVER = ["method._target_: 'mmbalance.methods.baseline' -> 'mmbalance.methods.ogm_ge'",
+               "method.alpha: '<absent>' -> 0.3"]
+
+
+def _forced(run, differences, previous=("method=baseline", "seed=0")):
+    data = json.loads((run / "metrics.json").read_text())
+    data["forced_resume"] = {"previous": list(previous), "differences": differences}
+    (run / "metrics.json").write_text(json.dumps(data))
+    return run
+
+
+def test_a_run_forced_over_another_run_is_never_counted_nor_preferred_over_the_genuine_one(tmp_path, caplog):
+    # a baseline's checkpoint re-tested under method=ogm_ge (resume=force): ogm_ge's identity, the baseline's
+    # accuracy; first by path, it must not make the genuine ogm_ge run of that seed its "repeat"
+    make_run(tmp_path, "base", seed=0, metrics=m(0.70))
+    forced = _forced(make_run(tmp_path, "a_forced", method="ogm_ge", seed=0, alpha=0.3, metrics=m(0.70)), FORCED_OVER)
+    genuine = make_run(tmp_path, "b_genuine", method="ogm_ge", seed=0, alpha=0.3, metrics=m(0.93))
+    with caplog.at_level("WARNING"):
+        result = write_report([tmp_path], out_dir=tmp_path / "out")
+    df = result["runs"].set_index("run_dir")
+    reason = "resume=force over another run: " + "; ".join(FORCED_OVER)
+    assert df.loc[str(forced), "status"] == "forced" and df.loc[str(forced), "error"] == reason
+    assert df.loc[str(genuine), "status"] == "completed" and pd.isna(df.loc[str(genuine), "repeat_of"])
+    row = result["summary"].set_index("method").loc["ogm_ge"]
+    assert (row["n"], row["n_forced"], row["n_repeated"]) == (1, 1, 0)
+    assert row["test/acc.mean"] == pytest.approx(0.93)
+    md = result["markdown"]
+    assert "3 run(s): 2 completed, 1 forced." in md and "| ogm_ge | – | 1 (+1 forced) |" in md
+    assert f"- forced: `{forced}` (ogm_ge seed=0): {reason}" in md
+    assert "made by resume=force" in caplog.text and str(forced) in caplog.text
+    text = format_runs_table(result["runs"])
+    assert f"forced: {forced} (ogm_ge seed=0): {reason}" in text and "repeat" not in text
+    bench = result["benchmark"]["csv"].read_text()
+    assert "93.0" in result["benchmark"]["md"].read_text() and bench.count("ogm_ge") == 1
+
+
+def test_a_forced_resume_that_only_trains_the_run_on_counts_as_that_run(tmp_path):
+    # docs/reliability.md: resume=force with more epochs extends a finished run to the uninterrupted result, and
+    # the code's version is no setting; fewer epochs or any other difference is another run's continuation
+    _forced(make_run(tmp_path, "0", method="ogm_ge", seed=0, alpha=0.3, metrics=m(0.90)),
+            ["mmbalance.version: '0.0.9' -> '0.1.0'", "trainer.epochs: 1 -> 3"])
+    _forced(make_run(tmp_path, "1", method="ogm_ge", seed=1, alpha=0.3, metrics=m(0.92)), ["trainer.epochs: 5 -> 3"])
+    _forced(make_run(tmp_path, "2", method="ogm_ge", seed=2, alpha=0.3, metrics=m(0.94)), [])
+    df = load_runs([tmp_path])
+    assert list(df.sort_values("run_dir")["status"]) == ["completed", "forced", "forced"]
+    errors = list(df.sort_values("run_dir")["error"])
+    assert errors[2] == "resume=force over another run: its differences are not recorded"
+
+
+# ------------------------------------------------------------------------- reports written into one folder
+
+HISTORY = ("epoch,val/shapley/audio,val/shapley/image,val/imbalance\n"
+           "0,0.30,0.10,0.20\n1,0.40,0.20,0.20\n2,0.40,0.30,0.10\n")
+
+
+def _study(root):
+    """Runs that give a benchmark table and a dynamics plot; returns the folder."""
+    for seed in (0, 1):
+        make_run(root, f"b{seed}", seed=seed, metrics=m(0.90))
+        run = make_run(root, f"o{seed}", method="ogm_ge", seed=seed, alpha=0.3, metrics=m(0.93))
+        (run / "history.csv").write_text(HISTORY)
+    return root
+
+
+def test_a_report_removes_the_files_of_the_previous_report_it_does_not_write_again(tmp_path, caplog):
+    out = tmp_path / "out"
+    first = write_report([_study(tmp_path / "a")], out_dir=out)
+    assert first["benchmark"] and first["dynamics"] and first["manifest"] == out / "report_manifest.json"
+    (out / "notes.txt").write_text("mine")  # not a report's file: never touched
+    (out / "benchmark.tex").write_text("edited by hand")  # no longer the file that report wrote: left
+    outside = tmp_path / "outside.txt"  # a manifest never reaches outside its folder
+    outside.write_text("x")
+    manifest = json.loads((out / "report_manifest.json").read_text())
+    manifest["files"]["../outside.txt"] = hashlib.sha256(b"x").hexdigest()
+    (out / "report_manifest.json").write_text(json.dumps(manifest))
+    make_run(tmp_path / "b", "0", metrics=m(0.9))
+    with caplog.at_level("WARNING"):
+        second = write_report([tmp_path / "b"], out_dir=out)
+    assert not second["benchmark"] and not second["dynamics"]
+    gone = [f.name for f in second["removed"]]
+    assert sorted(gone) == ["benchmark.csv", "benchmark.md", "dynamics_digits_av_ogm_ge.png"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "acc_vs_imbalance.png", "benchmark.tex", "notes.txt", "report_manifest.json", "runs.csv", "summary.csv",
+        "summary.md"]
+    assert outside.read_text() == "x"
+    assert "benchmark.tex: written by an earlier report, not by this one, and changed since" in caplog.text
+    assert "## Files of an earlier report" in second["markdown"]
+    assert sorted(json.loads((out / "report_manifest.json").read_text())["files"]) == [
+        "acc_vs_imbalance.png", "runs.csv", "summary.csv", "summary.md"]
+
+
+def test_without_a_manifest_files_named_like_a_report_are_left_with_a_warning(tmp_path, caplog):
+    out = tmp_path / "out"
+    write_report([_study(tmp_path / "a")], out_dir=out)
+    (out / "report_manifest.json").unlink()  # as a report before manifests left its folder
+    make_run(tmp_path / "b", "0", metrics=m(0.9))
+    with caplog.at_level("WARNING"):
+        result = write_report([tmp_path / "b"], out_dir=out)
+    assert result["removed"] == [] and (out / "benchmark.md").exists()
+    assert (out / "dynamics_digits_av_ogm_ge.png").exists()
+    assert "4 file(s) of an earlier report" in caplog.text and "dynamics_digits_av_ogm_ge.png" in caplog.text
+    assert ("- `benchmark.md`: from an earlier report (not written by this one; no report_manifest.json records "
+            "it, so it is left as it is)") in result["markdown"]
+    assert (out / "report_manifest.json").exists()

@@ -479,3 +479,58 @@ def test_regression_balance_curve_and_dynamics_in_mae_points(tmp_path, monkeypat
     assert phi.get_ylabel() == "validation Shapley value φ (MAE points)"
     assert imb.get_ylabel() == "validation imbalance (MAE points)"
     assert list(imb.lines[0].get_ydata()) == pytest.approx([0.20, 0.45])  # not ×100
+
+
+# --------------------------------------------------------------------- a damaged history.csv is never used in part
+
+def _dynamics_figures(monkeypatch):
+    from mmbalance.analysis import studies
+
+    figures = []
+    figure = studies._figure
+    monkeypatch.setattr(studies, "_figure", lambda *a: figures.append(figure(*a)) or figures[-1])
+    return figures
+
+
+@pytest.mark.parametrize("damage, why", [
+    (HISTORY[1][:-3], "its last row is cut short"),                 # cut inside its last number: "0.1" of "0.10"
+    (HISTORY[1][:-12], "its last row is cut short"),                # cut inside the row: fewer fields
+    (HISTORY[1].replace("0,1.0,0.5,0.50,0.10,0.40\n", "0,1.0,0.5,0.50\n"), "line 2 has 4 field(s), its header 6"),
+    (HISTORY[1].replace("0.50", "0.5O"), "line 2: val/shapley/audio is '0.5O', not a number"),
+    (HISTORY[1].rsplit("2,", 1)[0], "1 of the 3 epochs metrics.json records have no row (epoch 2)"),
+    ("\x00\x13junk that is no csv at all\n", "no `epoch` column in its header"),
+])
+def test_a_damaged_history_is_named_and_left_out_of_the_dynamics_whole(tmp_path, monkeypatch, caplog, damage, why):
+    figures = _dynamics_figures(monkeypatch)
+    make_run(tmp_path, "0", method="ogm_ge", seed=0, acc=0.8, history=HISTORY[0], epochs=3, alpha=0.3)
+    bad = make_run(tmp_path, "1", method="ogm_ge", seed=1, acc=0.8, history=damage, epochs=3, alpha=0.3)
+    with caplog.at_level("WARNING"):
+        result = write_report([tmp_path], out_dir=tmp_path / "out")
+    assert f"{bad / 'history.csv'}: {why}" in caplog.text
+    assert f"Note: `{bad / 'history.csv'}`: {why}" in result["markdown"]
+    [fig] = [f for f in figures if f.axes[0].get_ylabel().startswith("validation")]
+    assert fig._suptitle.get_text() == "Training dynamics: dsA ogm_ge (mean ± std over 1 run(s))"
+    phi, imb = fig.axes
+    assert list(imb.lines[0].get_ydata()) == pytest.approx([20.0, 20.0])  # run 0's alone, no partial value
+
+
+def test_a_completed_run_whose_only_history_is_junk_is_named_not_dropped_silently(tmp_path, caplog):
+    bad = make_run(tmp_path, "0", method="ogm_ge", seed=0, acc=0.8, history="<html>not found</html>", epochs=3)
+    with caplog.at_level("WARNING"):
+        result = write_report([tmp_path], out_dir=tmp_path / "out")
+    assert result["dynamics"] == [] and str(bad / "history.csv") in caplog.text
+    assert "## Training dynamics" in result["markdown"] and str(bad / "history.csv") in result["markdown"]
+
+
+def test_the_dynamics_title_counts_the_runs_each_epoch_is_over(tmp_path, monkeypatch):
+    # run 1 computed Shapley values only at its last epoch (another eval.shapley_every, the same row): epoch 0
+    # is over run 0 alone, and the title must not claim both runs
+    figures = _dynamics_figures(monkeypatch)
+    make_run(tmp_path, "0", method="ogm_ge", seed=0, acc=0.8, history=HISTORY[0], epochs=3)
+    make_run(tmp_path, "1", method="ogm_ge", seed=1, acc=0.8, epochs=3, history=(
+        "epoch,train/loss,val/acc,val/shapley/audio,val/shapley/image,val/imbalance\n"
+        "0,1.0,0.5,,,\n1,0.9,0.6,,,\n2,0.8,0.7,0.40,0.30,0.10\n"))
+    result = write_report([tmp_path], out_dir=tmp_path / "out")
+    [fig] = [f for f in figures if f.axes[0].get_ylabel().startswith("validation")]
+    assert fig._suptitle.get_text() == "Training dynamics: dsA ogm_ge (mean ± std over 1–2 run(s) per epoch)"
+    assert "Note: dsA ogm_ge: epoch(s) 0 average over fewer runs than the others" in result["markdown"]

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from mmbalance.analysis.runs import (
-    DASH, METHOD_ORDER, counted, flatten_config, load_runs, natural_key, output_folder,
+    DASH, FORCED, METHOD_ORDER, counted, flatten_config, load_runs, natural_key, output_folder,
 )
 from mmbalance.errors import UserError
 
@@ -177,7 +177,8 @@ def _canonical(value: Any) -> str:
 
 
 def _load(paths: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
-    """Completed runs, each once, and one line per run left out (not completed, unreadable, a repeat).
+    """Completed runs, each once, and one line per run left out (not completed, unreadable, made by resume=force
+    from another run's folder, a repeat).
 
     A run that repeats the settings and seed of another (a copied folder, the same sweep given twice) is left out
     as `mmbalance report` leaves it out of its statistics (`runs.counted`): each distinct run counts once."""
@@ -186,8 +187,9 @@ def _load(paths: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
     once = counted(df)
     for i, row in df.iterrows():
         run_dir = Path(row["run_dir"])
-        if row["status"] != "completed":
-            skipped.append(f"{row['status']}: {run_dir} ({row['method'] or '?'})")
+        if row["status"] != "completed":  # a forced run (resume=force over another run) says how it was made
+            why = f": {row['error']}" if row["status"] == FORCED else ""
+            skipped.append(f"{row['status']}: {run_dir} ({row['method'] or '?'}){why}")
             continue
         if not once[i]:
             skipped.append(f"repeat: {run_dir} repeats {row['repeat_of']} (the same settings and seed: counted once)")

@@ -8,8 +8,12 @@ names the variants). Kept free of torch so the command starts fast.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
+import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from mmbalance.analysis.runs import (
-    DASH, GROUP_KEYS, STATUSES, counted, format_pm, is_regression, load_runs, order_key, output_folder, value_scale,
+    DASH, FORCED, GROUP_KEYS, STATUSES, counted, format_pm, is_regression, load_runs, order_key, output_folder,
+    value_scale,
 )
 from mmbalance.analysis.studies import write_studies
 from mmbalance.errors import UserError
@@ -31,9 +36,11 @@ log = logging.getLogger(__name__)
 # train.py writes "running" at start, then "completed", "failed" or "interrupted" (Ctrl-C); a run left "running"
 # is in progress or was killed without a trace (out of memory, a lost node). Each is counted on its own because
 # a crash, a deliberate stop and a run still going call for different reactions. "unknown" is any other status (or
-# none, or "completed" without metrics: load_runs reads them so), "unreadable" a metrics.json the report cannot read.
-NOT_COMPLETED_STATUSES = ("failed", "interrupted", "running", "unknown", "unreadable")
-NOT_COMPLETED_IN_GROUPS = ("failed", "interrupted", "running", "unknown")  # an unreadable run has no group
+# none, or "completed" without metrics: load_runs reads them so), "forced" a completed run that resume=force made of
+# another run's folder (its record names settings its results were not trained with), "unreadable" a metrics.json
+# the report cannot read.
+NOT_COMPLETED_STATUSES = ("failed", "interrupted", "running", "unknown", FORCED, "unreadable")
+NOT_COMPLETED_IN_GROUPS = ("failed", "interrupted", "running", "unknown", FORCED)  # an unreadable run has no group
 
 
 def _status_class(status: str) -> str:
@@ -77,7 +84,8 @@ def _metric_columns(df: pd.DataFrame) -> list[str]:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method, variant): n completed, n_failed, n_interrupted, n_running, n_unknown, n_repeated,
+    """Per (dataset, method, variant): n completed, n_failed, n_interrupted, n_running, n_unknown, n_forced,
+    n_repeated,
     seeds, context (the variant's settings outside the method's own) and `<metric>.mean/.std/.n`.
 
     Statistics use completed runs only, each (variant, seed) once: `n_repeated` counts the completed runs left
@@ -148,6 +156,10 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
         lines += ["", f"**Warning:** {len(repeats)} completed run(s) repeat the variant and seed of another run (a "
                   "copied folder, the same config run twice): they are not independent samples, so each variant "
                   "and seed counts once, the first by path; see \"Repeated runs\" below."]
+    if counts[FORCED]:
+        lines += ["", f"**Warning:** {counts[FORCED]} run(s) were made by `resume=force` from another run's folder: "
+                  "their metrics.json records settings their results were not trained with (another run's "
+                  "checkpoint), so they are not counted; see \"Runs not completed\" below."]
     for dataset, names in (df.attrs.get("setting_differences") or {}).items():
         lines += ["", f"**Warning:** the runs on {dataset} differ in {', '.join(names)}, outside their methods' own "
                   "settings: the methods were not trained alike. Every row names these settings in its variant, "
@@ -158,8 +170,8 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
                   "(`data=A`, `data=B`, ...)."]
     lines.append("")
     lines.append("Values are mean ± sample std (ddof=1) over completed runs, each seed once; n counts them "
-                 f"(failed, interrupted, running, unknown and repeated runs in brackets). Accuracy, macro-F1, φ "
-                 f"(Shapley share) and imbalance in %; {DASH} = not available (not measured; std needs n ≥ 2); "
+                 "(failed, interrupted, running, unknown, forced and repeated runs in brackets). Accuracy, macro-F1, "
+                 f"φ (Shapley share) and imbalance in %; {DASH} = not available (not measured; std needs n ≥ 2); "
                  "(n=k) after a value: only k of the n runs recorded it.")
     if "test/mae.mean" in summary and summary["test/mae.mean"].notna().any():
         lines.append("")
@@ -226,7 +238,8 @@ def _repeats(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _not_completed(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs that did not complete, grouped by status (failed, interrupted, running, unknown, unreadable)."""
+    """The runs that did not complete, grouped by status (failed, interrupted, running, unknown, forced,
+    unreadable)."""
     problems = df[df["status"] != "completed"]
     order = {s: i for i, s in enumerate(NOT_COMPLETED_STATUSES)}
     rank = problems["status"].map(lambda s: order[_status_class(str(s))])
@@ -298,10 +311,14 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     (balance_curve_<method>.png, balance points in summary.md) and the training dynamics per group
     (dynamics_<dataset>_<method>[_<variant>].png).
 
-    `out_dir` defaults to the first path when it is a folder, else the current folder. Returns the
+    `out_dir` defaults to the first path when it is a folder, else the current folder. The files written are
+    recorded in `out_dir`/report_manifest.json; the files an earlier report recorded there that this one does not
+    write again are removed (only while unchanged since; without a manifest, files named like a report's are
+    left, with a warning and a section in summary.md). Returns the
     written paths (`runs_csv`, `summary_csv`, `summary_md`, `plot`: None when no group has an
-    imbalance; `benchmark`: {md, csv, tex} or None; `balance_curves`: {method: png}; `dynamics`: [png]),
-    the markdown text (`markdown`), the runs frame (`runs`) and the summary (`summary`).
+    imbalance; `benchmark`: {md, csv, tex} or None; `balance_curves`: {method: png}; `dynamics`: [png];
+    `manifest`), the removed files (`removed`), the markdown text (`markdown`), the runs frame (`runs`) and the
+    summary (`summary`).
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -314,12 +331,99 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     df.to_csv(files["runs_csv"], index=False)
     summary.to_csv(files["summary_csv"], index=False)
     studies = write_studies(df, summary, out)
-    markdown = _summary_markdown(summary, df) + studies.pop("markdown")
-    files["summary_md"].write_text(markdown, encoding="utf-8")
     plot = _plot(summary, out / "acc_vs_imbalance.png")
     if plot is None:
         log.info("no group has test/imbalance: acc_vs_imbalance.png not written")
-    return {**files, "plot": plot, **studies, "markdown": markdown, "runs": df, "summary": summary}
+    written = [*files.values(), *([plot] if plot is not None else []), *(studies["benchmark"] or {}).values(),
+               *studies["balance_curves"].values(), *studies["dynamics"]]
+    removed, left = _tidy_earlier_report(out, written)
+    markdown = _summary_markdown(summary, df) + studies.pop("markdown")
+    if left:
+        markdown += ("\n## Files of an earlier report\n\n" + "\n".join(f"- {line}" for line in left) + "\n")
+    files["summary_md"].write_text(markdown, encoding="utf-8")
+    manifest = _write_manifest(out, written)
+    return {**files, "plot": plot, **studies, "manifest": manifest, "removed": removed, "markdown": markdown,
+            "runs": df, "summary": summary}
+
+
+# What a report writes into its folder, recorded there (MANIFEST: {name: sha256}) so that the next report into the
+# same folder removes what this one wrote and it does not write again (a dynamics plot of a group no longer given,
+# a benchmark table no longer supported), and never anything else: a file is removed only while it is the one the
+# report wrote (same content). A folder without a manifest (reports before it existed) keeps every file; those
+# named like a report's (REPORT_NAMES) that this report did not write are warned about as an earlier report's.
+MANIFEST = "report_manifest.json"
+REPORT_NAMES = re.compile(r"runs\.csv|summary\.(csv|md)|acc_vs_imbalance\.png|benchmark\.(md|csv|tex)"
+                          r"|balance_curve_.+\.png|dynamics_.+\.png")
+
+
+def _digest(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _read_manifest(out: Path) -> dict[str, str] | None:
+    """{file name: sha256} of the report last written into `out`; None without a (readable) manifest."""
+    file = out / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        listed = data["files"]
+        if not isinstance(listed, dict):
+            raise ValueError("'files' is not an object")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: not read (%s); no file of an earlier report is removed", file, e)
+        return None
+    # only plain names of files in `out` itself: a manifest never reaches outside its folder
+    return {str(name): str(digest) for name, digest in listed.items()
+            if isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..", MANIFEST)}
+
+
+def _tidy_earlier_report(out: Path, written: list[Path]) -> tuple[list[Path], list[str]]:
+    """Remove the files the previous report into `out` wrote (its manifest) that this one did not write again and
+    that are still as it wrote them; returns (the removed files, one line per file left that looks like an earlier
+    report's: changed since it was written, or named like a report's file in a folder without a manifest)."""
+    names = {f.name for f in written} | {MANIFEST}
+    earlier = _read_manifest(out)
+    removed: list[Path] = []
+    left: list[str] = []
+    if earlier is not None:
+        for name, digest in sorted(earlier.items()):
+            file = out / name
+            if name in names or file.is_symlink() or not file.is_file():
+                continue
+            try:
+                if _digest(file) != digest:  # not the file that report wrote any more
+                    left.append(f"`{name}`: written by an earlier report, not by this one, and changed since: left "
+                                "as it is")
+                    continue
+                file.unlink()
+            except OSError as e:
+                left.append(f"`{name}`: written by an earlier report, not by this one, and could not be removed "
+                            f"({e.strerror or e})")
+                continue
+            removed.append(file)
+        if removed:
+            log.info("removed %d file(s) of the earlier report in %s that this report does not write: %s",
+                     len(removed), out, ", ".join(f.name for f in removed))
+    else:
+        stale = sorted(f.name for f in out.iterdir()
+                       if f.name not in names and REPORT_NAMES.fullmatch(f.name) and f.is_file())
+        left += [f"`{name}`: from an earlier report (not written by this one; no {MANIFEST} records it, so it is "
+                 "left as it is)" for name in stale]
+    if left:
+        log.warning("%s holds %d file(s) of an earlier report that this report did not write; they are not part of "
+                    "it: %s", out, len(left), "; ".join(line.replace("`", "") for line in left))
+    return removed, left
+
+
+def _write_manifest(out: Path, written: list[Path]) -> Path:
+    """Record the files this report wrote into `out` (MANIFEST), replaced whole (a temporary file, then renamed)."""
+    file = out / MANIFEST
+    data = {"written_by": "mmbalance report", "files": {f.name: _digest(f) for f in written}}
+    tmp = file.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, file)
+    return file
 
 
 def _text_table(header: list[str], rows: list[list[str]], n_left: int) -> str:
@@ -335,7 +439,7 @@ def _text_table(header: list[str], rows: list[list[str]], n_left: int) -> str:
 
 def format_runs_table(df: pd.DataFrame) -> str:
     """Plain-text table of the counted completed runs (one line each), then the others by status: failed,
-    interrupted, running, unknown, unreadable; then the repeats the statistics leave out."""
+    interrupted, running, unknown, forced, unreadable; then the repeats the statistics leave out."""
     done = df[counted(df)].copy()
     if len(done):
         order = sorted(done.index, key=lambda i: (
@@ -425,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     written += list((result["benchmark"] or {}).values()) + list(result["balance_curves"].values())
     written += result["dynamics"]
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    if result["removed"]:
+        print("removed the earlier report's " + ", ".join(str(p) for p in result["removed"]), file=sys.stderr)
     return 0
 
 

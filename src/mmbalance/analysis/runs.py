@@ -30,15 +30,27 @@ from mmbalance.engine.identity import run_identity
 from mmbalance.engine.run_folder import SUPERSEDED
 from mmbalance.errors import UserError
 
-__all__ = ["DASH", "GROUP_KEYS", "METHOD_ORDER", "MAE_POINTS", "PERCENT", "STATUSES", "counted", "format_pm",
-           "is_regression", "load_runs", "natural_key", "order_key", "output_folder", "value_scale"]
+__all__ = ["DASH", "FORCED", "GROUP_KEYS", "METHOD_ORDER", "MAE_POINTS", "PERCENT", "STATUSES", "counted",
+           "forced_over_another_run", "format_pm", "is_regression", "load_runs", "natural_key", "order_key",
+           "output_folder", "value_scale"]
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 GROUP_KEYS = ["dataset", "method", "variant"]
-# The statuses train.py writes; any other (or none) is read as "unknown", and "unreadable" is the report's own.
+# The statuses train.py writes; any other (or none) is read as "unknown", and "unreadable" and "forced" are the
+# report's own.
 STATUSES = ("completed", "failed", "interrupted", "running")
+# A completed run that `resume=force` continued or re-tested from another run's folder (metrics.json
+# `forced_resume`: a baseline's checkpoint re-tested under method=ogm_ge records ogm_ge's settings and the baseline's
+# numbers) is no run of the settings it records: every reader (`report`, `gap`, the studies) leaves it out of the
+# statistics, as it leaves out failed runs, with the reason FORCED_REASON names.
+FORCED = "forced"
+FORCED_REASON = "resume=force over another run"
+# What a forced resume may change and still be the run it records: more epochs (docs/reliability.md: a finished run
+# trained on with a larger `trainer.epochs` and resume=force equals a run that had that many epochs from the start),
+# and what the report never separates runs by (the code's version, the report-only switches below).
+EXTENDS = "trainer.epochs"
 
 # What separates runs is the run identity (`engine/identity.run_identity`: the resolved config minus where and how
 # visibly a run runs -- paths, loggers, progress bar, data-loading workers, thread counts -- with data locations
@@ -364,6 +376,10 @@ def _record(file: Path) -> dict[str, Any]:
                                              else "no status recorded")
     elif status == "completed" and not metrics:
         status, error = "unknown", "recorded as completed, but without metrics"
+    elif status == "completed" and "forced_resume" in data:
+        over = forced_over_another_run(data["forced_resume"])
+        if over:
+            status, error = FORCED, f"{FORCED_REASON}: {'; '.join(over)}"
     return {
         "run_dir": run_dir,  # where it lies now, not where it was written (results get copied)
         "status": status,
@@ -379,6 +395,30 @@ def _record(file: Path) -> dict[str, Any]:
         "_data": data.get("data_identity"),  # what the data were (engine/identity.data_identity); None: not recorded
         "_metrics": metrics,
     }
+
+
+def forced_over_another_run(forced: Any) -> list[str]:
+    """The differences ("key: old -> new", as train.py records them in `forced_resume`) that make a `resume=force`
+    run another run's continuation; [] when it is the run it records: only more epochs (an extension, documented to
+    equal the uninterrupted run) or what the report never separates runs by (`mmbalance.version`, REPORT_ONLY_KEYS).
+    A record it cannot read (no differences listed, "... and N more") is another run's."""
+    differences = forced.get("differences") if isinstance(forced, dict) else None
+    if not isinstance(differences, list) or not differences:
+        return ["its differences are not recorded"]
+    over = []
+    for line in map(str, differences):
+        key, _, change = line.partition(": ")
+        if key == "mmbalance.version" or key in REPORT_ONLY_KEYS:
+            continue
+        if key == EXTENDS:
+            old, _, new = change.partition(" -> ")
+            try:
+                if int(old) < int(new):
+                    continue
+            except ValueError:
+                pass
+        over.append(line)
+    return over
 
 
 def _method_name(record: dict[str, Any]) -> str:
@@ -418,10 +458,13 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
 
     Failed runs are included; a metrics.json that cannot be read becomes a row with status
     "unreadable" and the reason in `error`; one with a status train.py does not write, or completed without
-    metrics, has status "unknown". A completed run with the variant and seed(s) of another (the first by path)
-    names it in `repeat_of`: statistics count it once. The metric column names are in `df.attrs["metrics"]`; the
-    settings outside the methods' own that differ between methods, per dataset, in `attrs["setting_differences"]`,
-    and the runs with the same dataset settings but different recorded data in `attrs["data_conflicts"]`.
+    metrics, has status "unknown"; a completed run that `resume=force` made of another run (`forced_resume`, other
+    than an extension to more epochs) has status "forced" ("resume=force over another run: <differences>" in
+    `error`): none of them is counted, nor taken for a repeat. A completed run with the variant and seed(s) of
+    another (the first by path) names it in `repeat_of`: statistics count it once. The metric column names are in
+    `df.attrs["metrics"]`; the settings outside the methods' own that differ between methods, per dataset, in
+    `attrs["setting_differences"]`, and the runs with the same dataset settings but different recorded data in
+    `attrs["data_conflicts"]`.
     Raises UserError for a path that holds no runs.
     """
     files: list[Path] = []
@@ -443,6 +486,11 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
         grouped = r["status"] != "unreadable" and bool(r["_choices"])
         r["dataset"] = str(r["_choices"].get("dataset") or "?") if grouped else ""
         r["method"] = _method_name(r) if grouped else ""
+    forced = [r for r in records if r["status"] == FORCED]
+    if forced:
+        log.warning("%d run(s) were made by resume=force from another run's folder and are not counted (their "
+                    "metrics.json records settings their results were not trained with): %s", len(forced),
+                    "; ".join(f"{r['run_dir']} ({r['error']})" for r in forced))
     data_conflicts = _mark_data(records)
     for line in data_conflicts:
         log.warning("%s; they are not averaged together: each data is a variant of its own (data=A, B, ...)", line)

@@ -7,7 +7,9 @@ files only when the runs contain what it needs (see each function). Families com
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import logging
 import math
 import re
@@ -25,8 +27,8 @@ from mmbalance.analysis.runs import (
 
 __all__ = [
     "FAMILY_ORDER", "method_families", "benchmark_table", "write_benchmark", "BalancePoints",
-    "balance_points", "BalanceCurve", "find_balance_curves", "plot_balance_curves", "studies_left_out",
-    "write_dynamics", "write_studies",
+    "balance_points", "BalanceCurve", "find_balance_curves", "plot_balance_curves", "reference_baseline",
+    "studies_left_out", "write_dynamics", "write_studies",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
         return float(row[name])
 
     rows: list[dict[str, Any]] = []
+    notes: list[str] = []
     for family, method, variant in rows_keys:
         row: dict[str, Any] = {"kind": "method", "family": family, "method": method, "variant": variant}
         for ds in datasets:
@@ -146,27 +149,17 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
             for short, metric in BENCHMARK_METRICS + [("imbalance", "test/imbalance")]:
                 row[f"{ds}/{short}.mean"] = col(s, f"{metric}.mean")
                 row[f"{ds}/{short}.std"] = col(s, f"{metric}.std")
-            row[f"{ds}/flops"] = col(s, "flops/train_total.mean")
-            row[f"{ds}/context"] = _context(s)
-        rows.append(row)
-    table = pd.DataFrame(rows)
-
-    # FLOPs relative to the baseline trained alike: the one with the row's settings outside the method's own
-    # (`context`: epochs, optimizer, backbone, data, ...), never a baseline trained otherwise
-    notes: list[str] = []
-    for ds in datasets:
-        base = table[(table["family"] == BASELINE) & table[f"{ds}/flops"].notna()]
-        rel = []
-        for _, row in table.iterrows():
-            match = base[base[f"{ds}/context"] == row[f"{ds}/context"]]
-            base_flops = match[f"{ds}/flops"].iloc[0] if len(match) else math.nan
-            rel.append(row[f"{ds}/flops"] / base_flops if base_flops else math.nan)
-            if np.isfinite(row[f"{ds}/flops"]) and not len(match) and len(base):
-                what = f" ({row[f'{ds}/context']})" if row[f"{ds}/context"] else ""
+            # FLOPs relative to the row's reference baseline (`reference_baseline`: the one trained alike)
+            flops = col(s, "flops/train_total.mean")
+            base = reference_baseline(keyed, s) if s is not None else None
+            base_flops = col(base, "flops/train_total.mean")
+            row[f"{ds}/flops_rel"] = flops / base_flops if base_flops else math.nan
+            if np.isfinite(flops) and base is None and len(_baselines(keyed, ds, is_regression(s))):
+                what = f" ({_context(s)})" if _context(s) else ""
                 notes.append(f"{_row_label(row)} on {ds}: no baseline has its settings{what}, so its training "
                              "FLOPs are not given relative to one")
-        table[f"{ds}/flops_rel"] = rel
-    table = table.drop(columns=[f"{ds}/{c}" for ds in datasets for c in ("flops", "context")])
+        rows.append(row)
+    table = pd.DataFrame(rows)
 
     out_rows = []
     for family, members in table.groupby("family", sort=False):
@@ -197,6 +190,28 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
     out.attrs["regression"] = sorted({ds for ds, r in zip(summary["dataset"], regression) if r})
     out.attrs["notes"] = notes
     return out
+
+
+def _baselines(summary: pd.DataFrame, dataset: str, regression: bool = False) -> pd.DataFrame:
+    """The baseline rows with completed runs on `dataset` of one task (classification or regression: their
+    imbalances are in different units)."""
+    base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
+    return base[[is_regression(row) == regression for _, row in base.iterrows()]]
+
+
+def reference_baseline(summary: pd.DataFrame, row: pd.Series | None = None, *, dataset: str | None = None,
+                       context: str = "", regression: bool = False) -> pd.Series | None:
+    """The baseline summary row that `row` (a summary row) is compared with, or None: the first baseline with
+    completed runs on the row's dataset, of its task, trained alike, i.e. with the same settings outside the
+    method's own (`context`: epochs, optimizer, backbone, data, ...). Never a baseline trained otherwise. Without a
+    row: the reference of `dataset`, `context` and `regression`. The one rule for every reference: the benchmark's
+    FLOPs ratios, the balance curves' baseline, benchmarks/readme_tables.py's cost ratios."""
+    if row is not None:
+        dataset, context, regression = row["dataset"], _context(row), is_regression(row)
+    for _, base in _baselines(summary, dataset, regression).iterrows():
+        if _context(base) == (context or ""):
+            return base
+    return None
 
 
 def _context(row: pd.Series | None) -> str | None:
@@ -392,15 +407,14 @@ def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str
     settings outside the method's own (`context`: epochs, optimizer, backbone, data, ...) as every point of the
     curve (`contexts`: those of its points). A summary without contexts (an older summary.csv): the only baseline, or
     the one whose own knobs equal the curve's fixed knobs."""
-    base = summary[(summary["dataset"] == dataset) & (summary["method"] == BASELINE) & (summary["n"] > 0)]
-    base = base[[is_regression(row) == regression for _, row in base.iterrows()]]
+    base = _baselines(summary, dataset, regression)
     if contexts is not None:
         if len(contexts) > 1:
             return None, ("no baseline: the curve's points differ in settings outside the method's own ("
                           + " / ".join(c or "–" for c in contexts) + "), so no one baseline was trained like them")
-        hits = [row for _, row in base.iterrows() if _context(row) == contexts[0]]
-        if hits:
-            return hits[0], ""
+        hit = reference_baseline(summary, dataset=dataset, context=contexts[0], regression=regression)
+        if hit is not None:
+            return hit, ""
         if len(base):
             return None, (f"no baseline: none of the {len(base)} baseline row(s) on {dataset} ("
                           + ", ".join(row["variant"] or "–" for _, row in base.iterrows())
@@ -545,28 +559,82 @@ def studies_left_out(summary: pd.DataFrame, families: dict[str, str]) -> list[st
 # ------------------------------------------------------------------------------------- training dynamics
 
 
-def _history_means(run_dirs: Sequence[str], epochs: Sequence[float] | None = None) -> pd.DataFrame | None:
-    """Per-epoch mean and std over runs of `val/shapley/<m>` and `val/imbalance` (epochs without them dropped).
+def _read_history(file: Path, n_epochs: float = math.nan) -> tuple[pd.DataFrame | None, str]:
+    """(`epoch`, `val/shapley/<m>` and `val/imbalance` of a run's history.csv as numbers, "") or (None, why it is
+    not used); (None, "") for a history without per-epoch Shapley values (eval.shapley_every=0: nothing to plot).
+
+    The file is used whole or not at all, never in part: it must end with a line end (a row cut short by a write
+    that did not finish may hold a partial number), every row must have the header's number of fields, every value
+    the dynamics read a number (empty: not computed that epoch), the epochs whole numbers, each once, and, when
+    metrics.json records the run's `n_epochs`, every epoch 0 .. n_epochs-1 must have its row."""
+    try:
+        text = file.read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text)))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return None, f"not readable ({type(e).__name__}: {e})"
+    if not rows or not rows[0]:
+        return None, "empty, or no header in its first line"
+    if not text.endswith("\n"):
+        return None, "its last row is cut short (no line end: a write that did not finish)"
+    header, body = rows[0], rows[1:]
+    if "epoch" not in header:
+        return None, f"no `epoch` column in its header ({', '.join(header[:4])}{', ...' if len(header) > 4 else ''})"
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            return None, f"line {line} has {len(row)} field(s), its header {len(header)}"
+    cols = [c for c in header if c.startswith("val/shapley/") and "/" not in c[len("val/shapley/"):]]
+    if not cols:
+        return None, ""
+    cols += ["val/imbalance"] if "val/imbalance" in header else []
+    where = {c: header.index(c) for c in ["epoch", *cols]}
+    values: dict[str, list[float]] = {c: [] for c in where}
+    for line, row in enumerate(body, start=2):
+        for c, i in where.items():
+            cell = row[i].strip()
+            try:
+                value = math.nan if cell == "" and c != "epoch" else float(cell)
+            except ValueError:
+                return None, f"line {line}: {c} is {cell!r}, not a number"
+            if c == "epoch" and not (math.isfinite(value) and value >= 0 and value == int(value)):
+                return None, f"line {line}: epoch {cell!r} is not an epoch number"
+            values[c].append(value)
+    epochs = [int(e) for e in values["epoch"]]
+    twice = sorted({e for e in epochs if epochs.count(e) > 1})
+    if twice:
+        return None, f"epoch {twice[0]} has more than one row"
+    if np.isfinite(n_epochs):
+        missing = sorted(set(range(int(n_epochs))) - set(epochs))
+        if missing:
+            return None, (f"{len(missing)} of the {int(n_epochs)} epochs metrics.json records have no row (epoch "
+                          f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''})")
+    return pd.DataFrame(values), ""
+
+
+def _history_means(run_dirs: Sequence[str], epochs: Sequence[float] | None = None,
+                   problems: list[str] | None = None) -> pd.DataFrame | None:
+    """Per-epoch mean and std over runs of `val/shapley/<m>` and `val/imbalance` (epochs without them dropped),
+    and `n`, the number of runs each epoch's values are over.
 
     `epochs`: each run's completed epoch count (metrics.json `epochs`); history.csv numbers epochs from 0, so a
     row with epoch >= that count belongs to a later, unfinished extension (resume=force) and is left out
-    (counted in `attrs["n_ignored"]`)."""
+    (counted in `attrs["n_ignored"]`). A damaged history.csv (`_read_history`) is left out whole, with a warning
+    naming it; `problems` gets a line for each. `attrs["n_runs"]`: the runs used."""
     frames = []
     ignored = 0
     for run_dir, n_epochs in zip(run_dirs, epochs if epochs is not None else [math.nan] * len(run_dirs)):
         file = Path(run_dir) / "history.csv"
         if not file.exists():
             continue
-        try:
-            h = pd.read_csv(file)
-        except (OSError, ValueError) as e:
-            log.warning("%s: not read (%s); left out of the training dynamics", file, e)
+        n_epochs = float(n_epochs) if n_epochs is not None and pd.notna(n_epochs) else math.nan
+        h, problem = _read_history(file, n_epochs)
+        if problem:
+            log.warning("%s: %s; left out of the training dynamics", file, problem)
+            if problems is not None:
+                problems.append(f"`{file}`: {problem}; left out of the training dynamics")
             continue
-        cols = [c for c in h.columns if c.startswith("val/shapley/") and "/" not in c[len("val/shapley/"):]]
-        if not cols or "epoch" not in h:
+        if h is None:
             continue
-        cols += ["val/imbalance"] if "val/imbalance" in h else []
-        h = h[["epoch", *cols]].apply(pd.to_numeric, errors="coerce")
+        cols = [c for c in h.columns if c != "epoch"]
         if np.isfinite(n_epochs):
             keep = h["epoch"] < n_epochs
             ignored += int((~keep).sum())
@@ -575,8 +643,10 @@ def _history_means(run_dirs: Sequence[str], epochs: Sequence[float] | None = Non
     frames = [f for f in frames if len(f)]
     if not frames:
         return None
-    stats = pd.concat(frames).groupby("epoch").agg(["mean", "std"])
+    rows = pd.concat(frames)
+    stats = rows.groupby("epoch").agg(["mean", "std"])
     stats.columns = [f"{c}.{s}" for c, s in stats.columns]
+    stats["n"] = rows.groupby("epoch").size()
     stats.attrs["n_runs"] = len(frames)
     stats.attrs["n_ignored"] = ignored
     return stats.reset_index()
@@ -591,10 +661,21 @@ def write_dynamics(df: pd.DataFrame, out: Path, notes: list[str] | None = None) 
     groups = sorted(done.groupby(["dataset", "method", "variant"], sort=False), key=lambda g: order_key(*g[0]))
     for (dataset, method, variant), group in groups:
         epochs = group["epochs"] if "epochs" in group else None
-        stats = _history_means(list(group["run_dir"]), None if epochs is None else list(epochs))
+        problems: list[str] = []
+        stats = _history_means(list(group["run_dir"]), None if epochs is None else list(epochs), problems)
+        if notes is not None:
+            notes += problems
         if stats is None:
             continue
         what = " ".join(p for p in (dataset, method, variant) if p)
+        # the runs each epoch is averaged over: an epoch without Shapley values in some runs (another
+        # eval.shapley_every) has fewer, and the title says so rather than claim every run
+        lo, hi = int(stats["n"].min()), int(stats["n"].max())
+        over = f"{hi} run(s)" if lo == hi else f"{lo}–{hi} run(s) per epoch"
+        if lo != hi and notes is not None:
+            fewer = [str(int(e)) for e, n in zip(stats["epoch"], stats["n"]) if n < hi]
+            notes.append(f"{what}: epoch(s) {', '.join(fewer)} average over fewer runs than the others (not every "
+                         "run recorded Shapley values there)")
         if stats.attrs["n_ignored"]:
             note = (f"{what}: {stats.attrs['n_ignored']} history.csv row(s) beyond the completed epochs of "
                     "metrics.json (an unfinished extension) left out")
@@ -629,7 +710,7 @@ def write_dynamics(df: pd.DataFrame, out: Path, notes: list[str] | None = None) 
         ax_phi.set_ylabel(f"validation Shapley value φ ({unit})")
         if has_imbalance:
             ax_imb.set_ylabel(f"validation imbalance ({unit})")
-        fig.suptitle(f"Training dynamics: {what} (mean ± std over {stats.attrs['n_runs']} run(s))")
+        fig.suptitle(f"Training dynamics: {what} (mean ± std over {over})")
         name = "_".join(_safe_name(p) for p in (dataset, method, variant) if p)
         file = out / f"dynamics_{name}.png"
         fig.savefig(file, dpi=120)
@@ -669,10 +750,11 @@ def write_studies(df: pd.DataFrame, summary: pd.DataFrame, out: Path) -> dict[st
 
     notes: list[str] = []
     dynamics = write_dynamics(df, out, notes)
-    if dynamics:
-        lines += ["", "## Training dynamics", "",
-                  "Per-epoch validation φ per modality and imbalance (mean ± std over seeds):", ""]
-        lines += [f"- `{f.name}`" for f in dynamics]
+    if dynamics or notes:  # a damaged history.csv is named even when no plot is left
+        lines += ["", "## Training dynamics"]
+        if dynamics:
+            lines += ["", "Per-epoch validation φ per modality and imbalance (mean ± std over seeds):", ""]
+            lines += [f"- `{f.name}`" for f in dynamics]
         lines += ["", *(f"Note: {n}." for n in notes)] if notes else []
     return {"benchmark": benchmark, "balance_curves": curve_files, "dynamics": dynamics,
             "markdown": "\n".join(lines) + "\n" if lines else ""}
