@@ -735,3 +735,19 @@ def test_a_run_resumed_under_other_code_records_every_commit_that_trained_it(tmp
     resumed = train_in_process(out, ["trainer.epochs=3"])
     assert resumed["git_sha"] == "bbb-dirty" and resumed["code_versions"] == ["aaa", "bbb-dirty"]
     assert "code_versions" not in train_in_process(tmp_path / "straight", ["trainer.epochs=1"])  # one commit
+
+
+def test_cli_a_sweep_names_the_jobs_refused_before_they_recorded_a_run(tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *FAST, "trainer.epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    assert run_cli(args, tmp_path).returncode == 0
+    folders = {read_metrics(p)["seed"]: p for p in sweep.iterdir() if (p / "metrics.json").exists()}
+    other = folders[1].name
+    shutil.rmtree(folders[1])
+    shutil.copytree(folders[0], folders[1])  # seed=1's folder holds seed 0's run
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 1 and "belongs to another run" in proc.stderr
+    assert (f"error: in the sweep in {sweep}, 1 job(s) were refused before they recorded a run: {other} (each one's "
+            "message is above); the other runs' results are intact") in proc.stderr

@@ -38,6 +38,10 @@ _sweep_dir: Path | None = None
 _sweep_dir_given = False
 # an Optuna sweep's study ("optuna", its storage or None), whose re-run adds trials instead of resuming jobs
 _study: tuple[str, str | None] | None = None
+# sweep jobs of this process refused before they recorded a run (a folder in use or holding another run): their
+# folders' metrics.json are another run's or none, so only this list counts them (jobs of launchers that run them
+# in other processes, such as joblib, are not seen here)
+_refused_jobs: list[str] = []
 
 
 class OutputFolders(Callback):
@@ -149,12 +153,15 @@ def _sweep_interrupted() -> str:
 
 def _sweep_summary(sweep: Path) -> str:
     statuses = {path.parent.name: _status(path) for path in sorted(sweep.glob("*/metrics.json"))}
-    failed = [name for name, status in statuses.items() if status == "failed"]
-    if not failed:  # a job refused before it wrote anything (its folder holds another run): nothing recorded
-        return (f"error: a job of the sweep in {sweep} ended with an error before it recorded a run (its message is "
-                "above); the other runs' results are intact")
+    failed = [name for name, status in statuses.items() if status == "failed" and name not in _refused_jobs]
+    refused = (f"{len(_refused_jobs)} job(s) were refused before they recorded a run: {'; '.join(_refused_jobs)} "
+               "(each one's message is above)") if _refused_jobs else ""
+    if not failed:  # only jobs refused before they wrote anything (a folder in use or holding another run)
+        return (f"error: in the sweep in {sweep}, " + (refused or "a job ended with an error before it recorded a run "
+                "(its message is above)") + "; the other runs' results are intact")
     return (f"error: {len(failed)} of the {len(statuses)} runs in the sweep folder {sweep} failed: {'; '.join(failed)} "
-            "(each one's message is above, its traceback in its train.log); the other runs' results are intact")
+            "(each one's message is above, its traceback in its train.log)" + (f"; {refused}" if refused else "")
+            + "; the other runs' results are intact")
 
 
 def _status(metrics_json: Path) -> str | None:
@@ -203,6 +210,8 @@ def train_main(cfg: DictConfig) -> float | None:
             print(f"[rank {rank}] {message}", file=sys.stderr)
         if multirun and interrupted:
             raise  # stops the sweep: console_main names its folder
+        if multirun and isinstance(exc, RunFolderError):
+            _refused_jobs.append(run_dir.name)
         if multirun:
             # Hydra records this job as failed and goes on with the sweep's other jobs; console_main sums up
             raise SweepJobFailed(f"{run_dir}: {exc}") from None
