@@ -751,3 +751,16 @@ def test_cli_a_sweep_names_the_jobs_refused_before_they_recorded_a_run(tmp_path)
     assert proc.returncode == 1 and "belongs to another run" in proc.stderr
     assert (f"error: in the sweep in {sweep}, 1 job(s) were refused before they recorded a run: {other} (each one's "
             "message is above); the other runs' results are intact") in proc.stderr
+
+
+def test_an_extension_of_a_run_without_checkpoints_is_named_an_extension_and_keeps_the_record(tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "run"
+    train_in_process(out, ["trainer.epochs=1"])
+    before = (out / "metrics.json").read_bytes()
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(CheckpointError, match="no checkpoint to re-evaluate or to train further"):
+        train_in_process(out, ["trainer.epochs=2", "resume=force"])
+    assert "extension to 2 epochs failed" in caplog.text and "re-evaluation failed" not in caplog.text
+    assert json.loads((out / "metrics.json").read_bytes())["metrics"] == json.loads(before)["metrics"]

@@ -261,7 +261,11 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
                 recorded = True
                 take_folder()
             elif write:
-                what = f"extension to {extension['epochs']} epochs" if extension else "re-evaluation"
+                recorded_epochs = (plan.previous.get("metrics") or {}).get("epochs")
+                longer = isinstance(recorded_epochs, int) and int(cfg.trainer.epochs) > recorded_epochs
+                # an extension that stopped before it started training (no checkpoint to extend) is still one
+                what = (f"extension to {extension.get('epochs', cfg.trainer.epochs)} epochs" if extension or longer
+                        else "re-evaluation")
                 if extension:
                     extension.update(status=results["status"], error=results["error"])
                     write_json({**plan.previous, "extension": extension}, record)
@@ -307,8 +311,9 @@ def _fit(cfg: DictConfig, trainer: Trainer, output_dir: Path, require_checkpoint
     # a completed run is re-tested from its checkpoints (Trainer._load_best decides about best.pt): without one,
     # fit would train it from scratch under the completed record
     if require_checkpoint and not RunFolder(output_dir).has_checkpoint():
-        raise CheckpointError(f"{output_dir}/checkpoints/last.pt is missing: there is nothing to re-evaluate; "
-                              "resume=never trains the run again")
+        raise CheckpointError(f"{output_dir}/checkpoints/last.pt is missing: there is no checkpoint to re-evaluate "
+                              "or to train further; resume=never trains the run again (the folder's files move to "
+                              "superseded/)")
     metrics = trainer.fit()
     if cfg.eval.flops and distributed.is_main():
         metrics.update(_forward_flops(trainer.run, output_dir))
