@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import math
 import subprocess
 import sys
@@ -243,9 +244,19 @@ def test_markdown_and_csv_show_each_status_apart(mixed_statuses, tmp_path):
     md = write_report([mixed_statuses], out_dir=out)["markdown"]
     assert "7 run(s): 2 completed, 1 failed, 1 interrupted, 2 running, 1 unreadable." in md
     assert "| baseline | – | 2 (+1 failed, +1 interrupted, +2 running) |" in md
-    assert "no end recorded (still running" in md and "KeyboardInterrupt" in md
+    assert "no end recorded and no process on this machine holds the folder" in md and "KeyboardInterrupt" in md
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
     assert header[3:7] == ["n", "n_failed", "n_interrupted", "n_running"]
+
+
+def test_a_running_record_says_whether_a_process_holds_its_folder(tmp_path):
+    from mmbalance.engine.run_folder import RunFolder
+
+    live, dead = (make_run(tmp_path / "runs", name, status="running") for name in ("live", "dead"))
+    with RunFolder(live).locked():  # as train.py holds it while it runs
+        md = write_report([tmp_path / "runs"], out_dir=tmp_path / "report")["markdown"]
+    assert f"`{live}` (baseline seed=0): still running (pid {os.getpid()} on " in md
+    assert f"`{dead}` (baseline seed=0): no end recorded and no process on this machine holds the folder" in md
 
 
 def test_markdown_header_omits_statuses_no_run_has(tmp_path):

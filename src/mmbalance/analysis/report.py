@@ -27,6 +27,7 @@ from mmbalance.analysis.runs import (
     value_scale,
 )
 from mmbalance.analysis.studies import write_studies
+from mmbalance.engine.run_folder import RunFolder
 from mmbalance.errors import UserError
 
 __all__ = ["load_runs", "summarize", "write_report", "format_runs_table", "main"]
@@ -250,7 +251,11 @@ def _problem_reason(row: pd.Series) -> str:
     if isinstance(row["error"], str) and row["error"]:  # a missing error may read back as None or NaN
         return row["error"]
     if row["status"] == "running":  # train.py records every exit it sees, so the process vanished or lives on
-        return "no end recorded (still running, or killed without a trace)"
+        holder = RunFolder(Path(row["run_dir"])).holder()
+        if holder is not None:
+            return f"still running ({holder} holds the folder)"
+        return ("no end recorded and no process on this machine holds the folder: killed without a trace (kill -9, "
+                "out of memory, a lost node), or running on another machine; re-running its command resumes it")
     return "no error recorded"
 
 

@@ -89,6 +89,26 @@ class RunFolder:
             f.close()
             self._lock_file = None
 
+    def holder(self) -> str | None:
+        """Who holds the folder's lock on this machine ("pid N on host"), or None when no process here does (the
+        kernel drops a lock with its process, kill -9 included). A lock held on another machine of a shared file
+        system may not be seen. Reads only: the lock file is opened for reading and never created."""
+        if fcntl is None:
+            return None
+        try:
+            f = open(self.path / LOCK)
+        except OSError:
+            return None
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "another process"
+            except OSError:
+                return None
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return None
+
     # ---- what the folder holds ----
     def previous_record(self) -> dict | None:
         """The folder's metrics.json, None when there is none, {"status": "unreadable", ...} when it is damaged."""
