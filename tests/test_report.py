@@ -697,3 +697,16 @@ def test_without_a_manifest_files_named_like_a_report_are_left_with_a_warning(tm
     assert ("- `benchmark.md`: from an earlier report (not written by this one; no report_manifest.json records "
             "it, so it is left as it is)") in result["markdown"]
     assert (out / "report_manifest.json").exists()
+
+
+def test_a_failed_run_with_another_setting_labels_no_completed_row(tmp_path):
+    """optimizer.lr=-1 failed before training: the completed runs are still the ones compared, unlabelled."""
+    for seed, method in ((0, "baseline"), (0, "ogm_ge")):
+        make_run(tmp_path, f"{method}{seed}", method=method, seed=seed, metrics=m(0.9))
+    bad = make_run(tmp_path, "bad", method="baseline", seed=1, status="failed", error="ConfigError: optimizer.lr")
+    record = json.loads((bad / "metrics.json").read_text())
+    record["config"]["optimizer"]["lr"] = -1
+    (bad / "metrics.json").write_text(json.dumps(record))
+    s = summarize(load_runs([tmp_path]))
+    assert set(s["variant"]) == {"–"} or set(s["variant"]) == {""}
+    assert s.set_index("method").loc["baseline", "n_failed"] == 1

@@ -198,16 +198,17 @@ def _is_method_setting(key: str) -> bool:
     return key == "method" or key.startswith("method.")
 
 
-def _variant_parts(records: list[dict[str, Any]], keep) -> tuple[list[dict[str, str]], list[str]]:
+def _variant_parts(records: list[dict[str, Any]], keep, decide_from: list[dict[str, Any]] | None = None
+                   ) -> tuple[list[dict[str, str]], list[str]]:
     """Per record, {name: "short=value"} of the settings (`_result_settings`, those with `keep(key)`) that differ
-    among `records`; and the full names of what differs (config-group choices, then keys).
+    among `decide_from` (default: `records`); and the full names of what differs (config-group choices, then keys).
 
     A config-group choice (backbone=resnet18, hardware=ddp) names the settings of its node that differ, when they
     do; a choice whose settings are all the same (logger=csv vs tensorboard, hardware=cpu vs gpu overridden to the
     same device and precision) names nothing. A setting under a named choice that differs between runs of the same
     choice is named too, so two runs share a label only when their settings are the same. A choice's name is
     `choice:<group>`."""
-    with_config = [r for r in records if r["_settings"] is not None]
+    with_config = [r for r in (records if decide_from is None else decide_from) if r["_settings"] is not None]
     if len(with_config) < 2:
         return [{} for _ in records], []
 
@@ -300,7 +301,12 @@ def _label_runs(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     differing: dict[str, list[str]] = {}
     for dataset, runs in by_dataset.items():
         order = _label_order(runs)
-        context, names = _variant_parts(runs, lambda k: not _is_method_setting(k))
+        # the context is decided among the completed runs, the ones the tables compare: a run that failed on a bad
+        # value (optimizer.lr=-1) must not label every method's completed rows with its setting; it is counted in
+        # the row it agrees with on what the completed runs vary, and listed with its error. A method's own
+        # settings are decided among all its runs: an alpha whose every run failed keeps a row of its own
+        completed = [r for r in runs if r["status"] == "completed"]
+        context, names = _variant_parts(runs, lambda k: not _is_method_setting(k), completed)
         by_method: dict[str, list[int]] = {}
         for i, r in enumerate(runs):
             by_method.setdefault(r["method"], []).append(i)

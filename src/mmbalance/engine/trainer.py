@@ -117,7 +117,7 @@ class Trainer:
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "identity": run.identity,
-            # how many processes trained it (hardware=ddp): each step's batch is world_size x dataset.batch_size
+            # how many processes trained it (hardware=ddp): each step's batch is world_size x trainer.batch_size
             "world_size": run.world_size,
             "wall_time_s": self.wall_time_s,
             "processes": self.processes,
@@ -170,7 +170,7 @@ class Trainer:
         trained_on = state.get("world_size")  # None: written before checkpoints recorded it
         if trained_on is not None and int(trained_on) != self.run.world_size:
             diff.append(f"processes (world size): {trained_on} -> {self.run.world_size} (each step's batch is "
-                        "world size x dataset.batch_size; continue it with as many processes as trained it)")
+                        "world size x trainer.batch_size; continue it with as many processes as trained it)")
         if not diff:
             return
         if self.force_resume:
