@@ -203,6 +203,35 @@ def test_raw_video_layout_and_prepare_extracts_av_preprocess_tree(video_root, tm
     assert second["extract_skipped_existing"] == 6 and second["extracted"] == 0
 
 
+def test_a_folder_prepared_with_another_stft_recipe_is_refused_naming_each_option(video_root, tmp_path):
+    """The |STFT| arrays prepare computed from the videos are stored arrays; the folder still records every parameter
+    they were computed with, so a config with another sample rate or hop refuses it instead of training on arrays
+    that recipe never makes (`--set sr=22050` read with the default 44100 left half of every spectrogram silent)."""
+    out = tmp_path / "prep"
+    run_prepare("balanced_av", video_root, out, workers=1, progress=False, size=32, sr=22050, hop_length=880,
+                audio_frames=502)
+    assert json.loads((out / "recipe.json").read_text())["audio"] == {
+        "recipe": "stft_magnitude", "sr": 22050, "seconds": 10.0, "n_fft": 512, "hop_length": 880,
+        "pad_mode": "reflect", "frames": 502}
+    with pytest.raises(DataError) as err:
+        build_balanced_av(prepared=str(out), image_size=32)
+    message = str(err.value)
+    for line in ('audio: dataset.sr (sample rate) 22050 there, 44100 in this config',
+                 'audio: dataset.hop_length (STFT hop) 880 there, 440 in this config',
+                 'audio: dataset.audio_frames (spectrogram width) 502 there, 1003 in this config'):
+        assert line in message, message
+    assert all(f"--set {k}" in message for k in ("sr=44100", "hop_length=440", "audio_frames=1003"))
+    assert "dataset.prepared=null" in message
+    with pytest.raises(DataError) as err:  # the width alone does not make the arrays this config's
+        build_balanced_av(prepared=str(out), image_size=32, audio_frames=502)
+    assert "dataset.hop_length (STFT hop) 880 there, 440" in str(err.value)
+    assert "dataset.sr (sample rate) 22050 there, 44100" in str(err.value)
+    assert not any("audio_frames" in line for line in str(err.value).splitlines())
+    same = build_balanced_av(prepared=str(out), image_size=32, sr=22050, hop_length=880, audio_frames=502)
+    assert same.modalities["audio"].shape == (1, 257, 502)
+    assert same.notes["cache_recipe"]["audio"]["sr"] == 22050
+
+
 def small_tree(root: Path) -> list[str]:
     """Two classes, one clip per class and subset, 4 frames per clip."""
     ids = ["aa_000001_000011", "bb_5", "cc", "dd_7", "ee_000002_000012", "ff"]

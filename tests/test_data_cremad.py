@@ -14,7 +14,7 @@ from fixtures_av import write_corrupt, write_frames, write_video, write_wav
 from mmbalance.data.clips import CachedClipDataset, ClipDataset
 from mmbalance.data.cremad import LABEL_MAPS, build_cremad, parse_clip_name
 from mmbalance.data.prepare import run_prepare
-from mmbalance.errors import DataError
+from mmbalance.errors import DataError, UserError
 
 ACTORS = ("1001", "1002", "1003", "1004")
 EMOS = {"ANG": 300.0, "HAP": 700.0, "SAD": 1100.0}  # a tone per emotion, so audio carries the class
@@ -286,3 +286,39 @@ def test_a_relative_root_with_pinned_folders(raw_root, monkeypatch):
     monkeypatch.chdir(raw_root.parent)
     s = build_cremad(raw_root.name, image_size=SIZE, visual_dir="VideoFlash", audio_dir="AudioWAV")
     assert s.notes["clips"] == 12 and s.notes["layout"] == "raw"
+
+
+def test_a_folder_prepared_with_another_recipe_is_refused_naming_each_option(tmp_path):
+    """pad_mode and the rate the flv videos were extracted at are the folder's recipe: a config that asks for others
+    is refused (it trained on them before, with metrics.json recording the config's values), and one that asks
+    for them reads the folder."""
+    root = raw_tree(tmp_path / "raw", ids=clip_ids(actors=("1001", "1002")))
+    out = tmp_path / "prep"
+    run_prepare("cremad", root, out, workers=1, progress=False, image_size=SIZE, pad_mode="constant", extract_fps=2)
+    with pytest.raises(DataError) as err:
+        build_cremad(str(root), prepared=str(out), image_size=SIZE)
+    message = str(err.value)
+    assert 'audio: dataset.pad_mode (STFT padding) "constant" there, "reflect" in this config' in message, message
+    assert "visual: dataset.video_fps (frame rate of the videos) 2.0 there, 1.0 in this config" in message, message
+    assert "--set pad_mode=reflect" in message and "--set extract_fps=1.0" in message
+    assert "dataset.prepared=null" in message
+    with pytest.raises(DataError, match=r"dataset\.video_fps .* 2\.0 there, 1\.0 in this config"):
+        build_cremad(str(root), prepared=str(out), image_size=SIZE, pad_mode="constant")
+    same = build_cremad(str(root), prepared=str(out), image_size=SIZE, pad_mode="constant", video_fps=2.0)
+    assert isinstance(same.test, CachedClipDataset) and same.notes["cache_recipe"]["audio"]["pad_mode"] == "constant"
+
+
+def test_a_folder_prepared_without_cache_is_refused_offering_the_raw_tree(tmp_path):
+    root = bb_tree(tmp_path / "bb")
+    run_prepare("cremad", root, None, workers=1, progress=False, image_size=SIZE, cache=False)
+    with pytest.raises(DataError, match=r"holds no cache .*cache=false.*or set dataset\.prepared=null to decode the "
+                                        r"raw tree"):
+        build_cremad(str(root), prepared="auto", image_size=SIZE)
+    assert isinstance(build_cremad(str(root), prepared=None, image_size=SIZE).test, ClipDataset)
+
+
+def test_prepare_refuses_a_frame_count_below_one_before_writing_anything(raw_root, tmp_path):
+    for value in (0, -1):
+        with pytest.raises(UserError, match=rf"--set max_frames={value}: expected >= 1"):
+            run_prepare("cremad", raw_root, tmp_path / "prep", workers=1, progress=False, max_frames=value)
+        assert not (tmp_path / "prep").exists()

@@ -11,6 +11,7 @@ import torch
 
 from conftest import read_metrics, run_cli
 from fixtures_food101 import CLASSES, make_food101, minilm_dir, title
+from mmbalance.data.batch import carved_val_source, stratified_split
 from mmbalance.data.food101 import build_food101, read_titles, scan
 from mmbalance.data.prepare import PreparedFolder, run_prepare
 from mmbalance.data.text import Tokenizer, clean_text
@@ -42,7 +43,9 @@ def test_kaggle_headerless_layout_loads_with_the_recipe(kaggle, minilm):
     assert splits.modalities["visual"].kind == "image" and splits.modalities["visual"].shape == (3, S, S)
     # official test split; validation = 10 % of each class of train (8 per class -> 1)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (21, 3, 9)
-    assert "carved from train" in splits.val_source
+    # the share actually carved: 10 % of 8 rounds to one per class, 12.5 % of train
+    assert splits.val_source == "carved from train (stratified, 3 of 24 = 12.5 % (asked 10 %, rounded per class), " \
+                                "seed 0)"
     assert sorted(np.bincount(splits.val.labels).tolist()) == [1, 1, 1]
     assert not set(splits.train.paths) & set(splits.val.paths)
     # labels follow the class folder of each image
@@ -63,6 +66,18 @@ def test_kaggle_headerless_layout_loads_with_the_recipe(kaggle, minilm):
     draws = [splits.train[0]["inputs"]["visual"] for _ in range(4)]
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
     assert visual.mean().abs() < 3 and visual.min() < 0  # normalised, not [0, 1]
+
+
+@pytest.mark.parametrize("counts, fraction, text", [
+    ([4, 4, 4], 0.1, "3 of 12 = 25 % (asked 10 %, at least one per class)"),  # the minimum, not the fraction
+    ([8, 8, 8], 0.1, "3 of 24 = 12.5 % (asked 10 %, rounded per class)"),
+    ([10] * 10, 0.1, "10 of 100 = 10 %"),
+    ([1, 1, 5], 0.2, "1 of 7 = 14.3 % (asked 20 %, rounded per class)"),  # a class of one keeps its clip
+])
+def test_a_carved_validation_split_states_the_share_it_holds(counts, fraction, text):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    _, held = stratified_split(labels, fraction, 0)
+    assert carved_val_source(labels, held, fraction, 0) == f"carved from train (stratified, {text}, seed 0)"
 
 
 def test_clean_text_follows_balancebenchmark():
@@ -138,6 +153,9 @@ def test_prepare_cache_and_tokens_match_the_raw_path(tmp_path, minilm):
                           use_cache=False)
     assert other.notes["tokens"] == "tokenised at load" and other.notes["image_cache"] is None
     assert other.test[0]["inputs"]["text"].shape == (16,)
+    # nor is the image cache of another size: the config's size is decoded from the raw tree
+    bigger = build_food101(str(root), prepared=str(out), image_size=2 * S, tokenizer=minilm)
+    assert bigger.notes["image_cache"] is None and bigger.test[0]["inputs"]["visual"].shape == (3, 2 * S, 2 * S)
 
     # idempotent: a second run redoes nothing (the cache file is not rewritten)
     stamp = cache.stat().st_mtime_ns

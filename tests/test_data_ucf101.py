@@ -122,7 +122,8 @@ def test_every_layout_loads_with_classind_classes(tmp_path, layout, rgb_kind, fl
     # extracted folders (Handstand)
     assert ids(splits)["test"] == sorted((video_name(c, 4), c) for c in range(3))
     assert len(splits.train) + len(splits.val) == 9 and len(splits.val) == 3
-    assert splits.val_source.startswith("carved from train (stratified, 10%")
+    # 3 of the 9 training videos (one per class, the minimum): the text states the share carved (clips.py)
+    assert splits.val_source.startswith("carved from train (stratified, ")
     item = splits.test[2]
     assert item["inputs"]["visual"].shape == (3, 3, 32, 32) and item["inputs"]["flow"].shape == (3, 2, 32, 32)
     # RGB keeps its class colour (ImageNet-normalised: the dominant channel is the class's)
@@ -197,6 +198,12 @@ def test_prepare_cache_keeps_ids_labels_for_every_split(root, raw, tmp_path):
     assert a["label"] == b["label"]
     assert torch.allclose(a["inputs"]["flow"], b["inputs"]["flow"], atol=0.02)  # cached at 32 px, uint8
     assert torch.allclose(a["inputs"]["visual"], b["inputs"]["visual"], atol=0.1)
+    # the cache's frame size is the folder's recipe: a config with another is refused, for every modality
+    with pytest.raises(DataError) as err:
+        build_ucf101(prepared=str(out), image_size=64)
+    for m in ("visual", "flow"):
+        assert f"{m}: dataset.image_size (frame size) 32 there, 64 in this config" in str(err.value)
+    assert "--set size=64" in str(err.value) and "dataset.prepared=null" in str(err.value)
     # one cache serves split 2 too
     assert ids(build_ucf101(prepared=str(out), split=2, image_size=32)) == \
         ids(build_ucf101(str(root), split=2, image_size=32))

@@ -97,3 +97,49 @@ def test_a_prepare_that_stops_with_an_error_still_writes_the_report_its_message_
     assert all("cannot decode video" in line for line in lines[:-1])
     assert lines[-1].startswith("# prepare cremad stopped with an error before finishing")
     assert not (tmp_path / "out" / "prepare_summary.json").exists()  # nothing claims success
+
+
+SLOW_EXTRACTION = """
+import sys, time
+import mmbalance.data.layout as layout
+
+def slow(task):  # module-level: pickled by reference to the (forked) workers
+    time.sleep(0.4)
+    return extract(task)
+
+extract, layout._extract_one = layout._extract_one, slow
+from mmbalance.data.prepare import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_prepare_is_one_line_exit_130_and_the_folder_says_interrupted(tmp_path):
+    """Ctrl-C reaches the whole process group (the workers too): one line, no traceback of the main process or of a
+    worker, exit status 130; the status and the report say `interrupted`, and the same command then completes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fixtures_contract import vgg_raw_tree
+    from mmbalance.data.prepare import run_prepare
+
+    root, out = vgg_raw_tree(tmp_path / "raw"), tmp_path / "prep"
+    args = ["vggsound", "--root", str(root), "--out", str(out), "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACTION, *args], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    deadline = time.time() + 120
+    while not (out / "audio").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # the first clip is extracted: the pool is busy
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: prepare vggsound stopped before finishing; run the same "
+                                        "command to continue; what was finished is kept"], err
+    assert json.loads((out / "prepare_status.json").read_text())["status"] == "interrupted"
+    last = (out / "prepare_report.txt").read_text().splitlines()[-1]
+    assert last.startswith("# prepare vggsound was interrupted (Ctrl-C) before finishing"), last
+    done = run_prepare("vggsound", root, out, workers=1, progress=False)
+    assert done["extract_skipped_existing"] >= 1 and done["extracted"] + done["extract_skipped_existing"] == 9

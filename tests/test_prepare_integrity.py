@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_av import write_corrupt, write_wav
+from fixtures_av import write_corrupt, write_video, write_wav
 from fixtures_contract import bav_video_tree, ks_cvdf_tree, vgg_raw_tree
 from mmbalance.data.balanced_av import build_balanced_av
 from mmbalance.data.clips import CachedClipDataset, ClipDataset
@@ -257,3 +257,130 @@ def test_prepare_checks_its_options_against_the_builders_hints_before_writing_an
     assert "--set pad_mode='foo': expected one of ['reflect', 'constant', 'replicate', 'circular']" in err
     assert "--set image_size='abc': expected an integer (int)" in err
     assert "Traceback" not in err and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# extracted media record what they were made from: options, source file, root
+
+
+def _frame_counts(out: Path) -> set[int]:
+    return {len(list(d.glob("*.jpg"))) for d in (out / "frames").iterdir() if d.is_dir()}
+
+
+def test_shard_runs_with_other_options_never_leave_frames_of_two_rates(tmp_path):
+    """shard 0/2 at fps 1, shard 1/2 at fps 2, then the final run at fps 2: the final run decodes shard 0's clips
+    again (their records name fps 1) instead of keeping them as existing; a shard checks its own clips likewise."""
+    root, out = vgg_raw_tree(tmp_path / "raw"), tmp_path / "prep"
+    common = dict(workers=1, progress=False, size=SIZE, max_frames=4, **TINY_PREP)
+    assert run_prepare("vggsound", root, out, shard="0/2", **common)["frames_extracted"] == 5
+    second = run_prepare("vggsound", root, out, shard="1/2", fps=2, **common)
+    assert second["frames_extracted"] == 4
+    assert _frame_counts(out) == {2, 4}  # 2 s videos: 2 frames at 1 fps, 4 at 2 fps
+    final = run_prepare("vggsound", root, out, fps=2, **common)
+    assert final["extract_skipped_existing"] == 4 and _frame_counts(out) == {4}
+    assert final["extract_redone"] == 5 and second["extract_options"]["visual"]["fps"] == 2
+    assert final["extract_redone_why"] == {"other_options": 5} and final["frames_extracted"] == 5
+    assert final["audio_extracted"] == 0  # the audio was made with the same options: kept
+    records = [json.loads(p.read_text()) for p in (out / "extract" / "frames").glob("*.json")]
+    assert len(records) == 9 and {r["recipe"]["fps"] for r in records} == {2}
+    assert len(build_vggsound(None, prepared=str(out), image_size=SIZE, video_fps=2, **TINY).test) == 3
+    # a shard with other options than those its clips were decoded with decodes them again, never skips them
+    shard = run_prepare("vggsound", root, out, shard="1/2", **common)
+    assert shard["extract_redone_why"] == {"other_options": 4} and shard["extract_skipped_existing"] == 0
+
+
+def test_a_replaced_source_video_is_extracted_again_and_the_cache_rebuilt(tmp_path):
+    from test_data_cremad import ACTORS, raw_tree
+
+    ids = clip_ids(ACTORS[:3])
+    root, out = raw_tree(tmp_path / "raw", ids), tmp_path / "prep"
+    common = dict(workers=1, progress=False, image_size=SIZE)
+    assert run_prepare("cremad", root, out, **common)["frames_extracted"] == 9
+    assert len(list((out / "frames" / ids[2]).glob("*.jpg"))) == 2  # 2.5 s at 1 fps
+    write_video(root / "VideoFlash" / f"{ids[2]}.flv", seconds=3.5, fps=10, size=(48, 40), hz=500.0, seed=7)
+    again = run_prepare("cremad", root, out, **common)
+    assert again["frames_extracted"] == 1 and again["extract_redone_why"] == {"other_source": 1}
+    assert again["frames_existing"] == 8
+    assert len(list((out / "frames" / ids[2]).glob("*.jpg"))) == 3  # the new video's frames, not the old ones
+    assert again["cache_skipped_existing"] == 0 and again["cached"] == 9  # its media changed: rebuilt
+    assert run_prepare("cremad", root, out, **common)["cache_skipped_existing"] == 9  # and nothing since
+
+
+def test_another_root_with_the_same_clip_ids_is_extracted_again_not_mixed(tmp_path, caplog):
+    first, out = vgg_raw_tree(tmp_path / "first"), tmp_path / "prep"
+    second = vgg_raw_tree(tmp_path / "second")
+    for video in second.glob("*/*.mp4"):  # the same clip ids, other (longer) videos
+        write_video(video, seconds=3.0, fps=4, size=(48, 32), sr=16000, hz=900.0)
+    common = dict(workers=1, progress=False, size=SIZE, max_frames=4, cache=True, **TINY_PREP)
+    run_prepare("vggsound", first, out, **common)
+    assert _frame_counts(out) == {2}
+    moved = run_prepare("vggsound", second, out, **common)
+    assert moved["frames_extracted"] == moved["audio_extracted"] == 9 and moved["extract_skipped_existing"] == 0
+    assert moved["extract_redone_why"] == {"other_source": 18}  # every frames folder and wav
+    assert moved["root_changed"].startswith(f"{first.absolute()} -> {second.absolute()}")
+    assert f"was prepared from --root {first.absolute()}" in caplog.text
+    assert _frame_counts(out) == {3}
+    import soundfile as sf
+
+    assert {round(sf.info(str(p)).duration, 1) for p in (out / "audio").glob("*.wav")} == {3.0}
+    assert moved["cache_skipped_existing"] == 0 and moved["cached"] == 9
+    assert json.loads((out / "prepare_status.json").read_text())["root"] == str(second.absolute())
+
+
+def test_frames_overwritten_in_place_change_the_digest_and_rebuild_the_cache(tmp_path):
+    from mmbalance.data.clips import Clip, sources_digest
+
+    root, out = cremad_tree(tmp_path / "bb"), tmp_path / "prep"
+    common = dict(workers=1, progress=False, image_size=SIZE)
+    assert run_prepare("cremad", root, out, **common)["cached"] == 12
+    folder = root / "visual" / clip_ids()[3]
+    clip = Clip("x", 0, "train", {"visual": str(folder)})
+    before, folder_stat = sources_digest([clip]), folder.stat()
+    frame = sorted(folder.glob("*.jpg"))[1]
+    data = frame.read_bytes()
+    frame.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same name and size, new content
+    import os
+
+    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
+    assert (folder.stat().st_size, folder.stat().st_mtime_ns) == (folder_stat.st_size, folder_stat.st_mtime_ns)
+    assert sources_digest([clip]) != before
+    assert run_prepare("cremad", root, out, **common)["cache_skipped_existing"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a loader names another dataset's folder; every report line names its clip
+
+
+def test_a_loader_pointed_at_another_datasets_folder_says_so_first(tmp_path):
+    ks, out = ks_ogmge_tree(tmp_path / "ks"), tmp_path / "ks_prep"
+    run_prepare("kinetics_sounds", ks, out, workers=1, progress=False, size=SIZE, max_frames=4)
+    with pytest.raises(DataError, match=rf"^{out} holds the prepared kinetics_sounds dataset, not cremad; "):
+        build_cremad(None, prepared=str(out), image_size=SIZE)
+    with pytest.raises(DataError, match=rf"^{out} holds the prepared kinetics_sounds dataset, not vggsound; "):
+        build_vggsound(None, prepared=str(out), image_size=SIZE, **TINY)
+    # before the folder's own state: an unfinished prepare of another dataset is named as that, not as unfinished
+    status = json.loads((out / "prepare_status.json").read_text())
+    (out / "prepare_status.json").write_text(json.dumps({**status, "status": "running"}))
+    with pytest.raises(DataError, match=r"holds the prepared kinetics_sounds dataset, not balanced_av"):
+        build_balanced_av(None, prepared=str(out), image_size=SIZE)
+
+
+def test_every_report_line_of_clip_media_names_its_clip(tmp_path):
+    from test_data_cremad import ACTORS, raw_tree
+
+    ids = clip_ids(ACTORS[:3])
+    root = raw_tree(tmp_path / "raw", ids)
+    (root / "AudioWAV" / f"{ids[0]}.wav").write_bytes(b"")  # an empty wav
+    bad = write_corrupt(root / "VideoFlash" / f"{ids[4]}.flv")  # an undecodable video
+    run_prepare("cremad", root, tmp_path / "prep", workers=1, progress=False, image_size=SIZE)
+    lines = dict(line.split("\t") for line in (tmp_path / "prep" / "prepare_report.txt").read_text().splitlines())
+    assert lines[str(root / "AudioWAV" / f"{ids[0]}.wav")] == f"unreadable audio: empty file (clip {ids[0]})"
+    assert lines[str(bad)].startswith(f"clip {ids[4]} (visual): cannot decode video '{bad}'")
+
+    vgg = vgg_raw_tree(tmp_path / "vgg")
+    write_corrupt(next(vgg.glob("test/*.mp4")))
+    run_prepare("vggsound", vgg, tmp_path / "vgg_prep", workers=1, progress=False, size=SIZE, **TINY_PREP)
+    report = (tmp_path / "vgg_prep" / "prepare_report.txt").read_text().splitlines()
+    assert len(report) == 2 and all(line.split("\t")[1].startswith("clip ") for line in report), report
+    assert any("clip ZzGoneFromYT_50 (audio, visual): missing: no audio (video) or visual (video) file" in line
+               for line in report), report

@@ -37,12 +37,25 @@ LAYOUTS = {("hdf5", "array"): "av_preprocess_tool", ("video", "video"): "video"}
 
 
 def magnitude_reader(kind: str, sr: int, seconds: float, n_fft: int, hop_length: int,
-                     frames: int | None = None) -> AudioReader:
+                     frames: int | None = None, computed: bool = False) -> AudioReader:
     """The BalancedAV audio modality: an |STFT| magnitude (1, n_fft/2+1, `frames`), not log-scaled: a stored one
     (kind 'array': AV_preprocess_tool's .pkl, or prepare's .npy) or AV_preprocess_tool's recipe on the clip's
-    audio (kind 'video'), cut or zero-padded to `frames` columns (AudioReader's 'stft_magnitude')."""
-    return AudioReader(kind, "stft_magnitude", sr=sr, seconds=seconds, n_fft=n_fft, hop_length=hop_length,
-                       pad_mode="reflect", frames=frames)
+    audio (kind 'video'), cut or zero-padded to `frames` columns (AudioReader's 'stft_magnitude'). `computed`:
+    the stored arrays are the ones prepare computed from the videos with this recipe (`ComputedMagnitude`)."""
+    return (ComputedMagnitude if computed and kind == "array" else AudioReader)(
+        kind, "stft_magnitude", sr=sr, seconds=seconds, n_fft=n_fft, hop_length=hop_length, pad_mode="reflect",
+        frames=frames)
+
+
+class ComputedMagnitude(AudioReader):
+    """The |STFT| arrays `prepare` computed from the raw videos (`_write_npy`), read as stored arrays: their cache
+    recipe records every parameter they were computed with, not only the width they are fitted to, so a loader
+    whose config asks for another sample rate, hop, window or length refuses the folder (layout.recipe_differences
+    compares each recorded attribute with the config's reader) instead of training on those arrays."""
+
+    def cache_recipe(self) -> dict:
+        return {**super().cache_recipe(), "recipe": self.recipe, "sr": self.sr, "seconds": self.seconds,
+                "n_fft": self.n_fft, "hop_length": self.hop_length, "pad_mode": self.pad_mode}
 
 
 class LogAudio(ModalityMap):
@@ -127,8 +140,8 @@ def find_clips(root: str | Path, annotation: str | None = None, visual_dir: str 
 
 
 def bav_readers(kinds: dict[str, str], frames: int, image_size: int, augment: str, sr: int, seconds: float,
-                n_fft: int, hop_length: int, audio_frames: int | None) -> dict:
-    return {"audio": magnitude_reader(kinds["audio"], sr, seconds, n_fft, hop_length, audio_frames),
+                n_fft: int, hop_length: int, audio_frames: int | None, computed: bool = False) -> dict:
+    return {"audio": magnitude_reader(kinds["audio"], sr, seconds, n_fft, hop_length, audio_frames, computed),
             "visual": FrameReader(kinds["visual"], frames, image_size, augment, fps=1.0)}
 
 
@@ -194,19 +207,28 @@ TO_AV_PREPROCESS_TOOL = {"visual": ("hdf5", _write_hdf5, "hdf5", "visual/{id}.hd
 
 
 def prepare(ctx: PrepareContext, annotation: str | None = None, visual_dir: str | None = None,
-            audio_dir: str | None = None, video_dir: str | None = None, size: int = 224, max_frames: int = 10,
-            sr: int = 44100, seconds: float = 10.0, n_fft: int = 512, hop_length: int = 440,
-            audio_frames: int = 1003, cache: bool = True) -> dict:
+            audio_dir: str | None = None, video_dir: str | None = None, size: PositiveInt = 224,
+            max_frames: PositiveInt = 10, sr: PositiveInt = 44100, seconds: PositiveFloat = 10.0,
+            n_fft: PositiveInt = 512, hop_length: PositiveInt = 440, audio_frames: PositiveInt = 1003,
+            cache: bool = True) -> dict:
     """`mmbalance prepare balanced_av` (layout.prepare_discovered): raw videos decoded once into an AV_preprocess_tool
-    tree (with the annotation json); then, with `cache`, the frames and the |STFT| recipe in float16."""
+    tree (with the annotation json); then, with `cache`, the frames and the |STFT| recipe in float16. The |STFT|
+    parameters are recorded (recipe.json, and cache.json's recipe when prepare computed the arrays), so a loader
+    whose config asks for others refuses the folder."""
     found = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir, exclude=(ctx.out,))
     if found.layout == "video":
         ctx.out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(found.extra_notes["annotation"], ctx.out / "annotation.json")
+    computed = found.kinds["audio"] == "video"  # else the stored arrays of the raw tree, used as they are
+    stft = {"recipe": "stft_magnitude", "sr": int(sr), "seconds": float(seconds), "n_fft": int(n_fft),
+            "hop_length": int(hop_length), "pad_mode": "reflect"}
+    recipe = {"audio": {**(stft if computed else {"recipe": "stored array"}), "frames": int(audio_frames)},
+              "visual": {"fps": 1.0}}
     summary = prepare_discovered(ctx, "balanced_av", found, summary={"classes": len(found.classes)},
                                  cache_readers=(lambda kinds, clips: bav_readers(kinds, 3, size, "none", sr, seconds,
-                                                                                n_fft, hop_length, audio_frames))
+                                                                                n_fft, hop_length, audio_frames,
+                                                                                computed))
                                  if cache else None, size=size, max_frames=max_frames, targets=TO_AV_PREPROCESS_TOOL,
-                                 params=(sr, seconds, n_fft, hop_length))
+                                 params=(sr, seconds, n_fft, hop_length), recipe=recipe)
     return {**summary, "clips": sum(summary["manifest_clips"].values()),
             **{f"clips_{s}": n for s, n in summary["manifest_clips"].items()}}

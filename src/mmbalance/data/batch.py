@@ -173,8 +173,8 @@ class DataSplits:
     modalities: dict[str, ModalitySpec]  # ordered: this order is the concat order of the fusion head
     num_classes: int
     class_names: list[str] = field(default_factory=list)
-    # how the validation split was obtained, recorded in metrics.json
-    val_source: str = "carved from train (stratified, 10 %)"
+    # how the validation split was obtained, recorded in metrics.json (`carved_val_source` when carved from train)
+    val_source: str = "carved from train (stratified)"
     notes: dict = field(default_factory=dict)
 
 
@@ -194,3 +194,22 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=int)
     kept = np.setdiff1d(np.arange(len(labels)), held_out)
     return kept, held_out
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.3g} %"
+
+
+def carved_val_source(labels: np.ndarray, held: np.ndarray, fraction: float, seed: int, source: str = "train") -> str:
+    """How a validation split `stratified_split(labels, fraction, seed)` carved was obtained, with the share it
+    actually holds: per-class rounding and the one-per-class minimum can make it far from `fraction` on a small
+    split ("carved from train (stratified, 3 of 12 = 25 % (asked 10 %, at least one per class), seed 0)")."""
+    labels = np.asarray(labels)
+    n, k = len(labels), len(held)
+    share = k / n if n else 0.0
+    text = f"{k} of {n} = {_percent(share)}"
+    if _percent(share) != _percent(fraction):
+        counts = np.unique(labels, return_counts=True)[1]
+        raised = fraction > 0 and any(int(round(fraction * c)) == 0 and c >= 2 for c in counts)
+        text += f" (asked {_percent(fraction)}, {'at least one per class' if raised else 'rounded per class'})"
+    return f"carved from {source} (stratified, {text}, seed {seed})"

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmbalance.data import finite, media
-from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
+from mmbalance.data.batch import DataSplits, ModalitySpec, carved_val_source, stratified_split
 from mmbalance.data.prepare import CACHE_META, PreparedFolder
 from mmbalance.errors import DataError, UserError
 
@@ -402,20 +403,33 @@ def _cache_one(task: tuple) -> tuple[int, str | None, str | None]:
     return row, None, None
 
 
+def _stamp(path: str) -> str:
+    """A file's size and modification time; for a folder (frames), those of every entry in it, by name: a frame
+    overwritten in place changes neither the folder's size nor its modification time."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        with os.scandir(path) as it:
+            entries = []
+            for entry in it:
+                est = entry.stat()
+                entries.append(f"{entry.name}/{est.st_size}:{est.st_mtime_ns}")
+    except OSError:  # a file gone since the clips were listed: its clip fails to decode and is reported
+        return "missing"
+    return "dir[" + "|".join(sorted(entries)) + "]"
+
+
 def sources_digest(clips: Sequence[Clip]) -> str:
-    """A digest of every clip's media: its id, each modality's path, and that file's (or frame folder's) size and
-    modification time. cache.json keeps it, so a cache is rebuilt when the clips come from another tree, another
-    media kind or files changed since (a re-extraction, a replaced download), never mixed with the new media."""
+    """A digest of every clip's media: its id, each modality's path, and that file's size and modification time
+    (of a frame folder, every file's name, size and modification time). cache.json keeps it, so a cache is rebuilt
+    when the clips come from another tree, another media kind or files changed since (a re-extraction, a replaced
+    download, frames overwritten in place), never mixed with the new media."""
     digest = hashlib.sha1()
     for clip in clips:
         digest.update(clip.id.encode() + b"\0")
-        for key, path in sorted(clip.sources.items()):
-            try:
-                st = os.stat(path)
-                stamp = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:  # a file gone since the clips were listed: its clip fails to decode and is reported
-                stamp = "missing"
-            digest.update(f"{key}={os.path.abspath(path)}|{stamp}\0".encode())  # the same file however rooted
+        for key, path in sorted(clip.sources.items()):  # the same file however rooted
+            digest.update(f"{key}={os.path.abspath(path)}|{_stamp(path)}\0".encode())
     return digest.hexdigest()
 
 
@@ -537,9 +551,10 @@ def clip_splits(clips: Sequence[Clip], readers: dict[str, Reader], class_names: 
         val_source = "the dataset's own validation split"
     else:
         train = by_split["train"]
-        keep, held = stratified_split(np.array([c.label for c in train]), val_fraction, split_seed)
+        labels = np.array([c.label for c in train])
+        keep, held = stratified_split(labels, val_fraction, split_seed)
         by_split["train"], by_split["val"] = [train[i] for i in keep], [train[i] for i in held]
-        val_source = f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed})"
+        val_source = carved_val_source(labels, held, val_fraction, split_seed)
     notes = dict(notes or {})
     if cache_dir is None:
         datasets = {s: ClipDataset(by_split[s], readers, s == "train") for s in SPLITS}

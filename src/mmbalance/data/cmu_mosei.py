@@ -148,7 +148,7 @@ def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligne
     cmu_mosei` wrote (root is then not opened). loss: the task's training loss, read by the run. The options are
     described in conf/dataset/cmu_mosei.yaml and docs/datasets.md.
     """
-    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
+    prepared = resolve_prepared(root, prepared, "cmu_mosei")  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _check_options(layout, label_mode, text_key, modalities)
     resolve_loss(task, loss)  # an unknown task, or a loss that does not fit it, is refused before any file is read
     if task == "regression":

@@ -280,7 +280,7 @@ def build_cremad(root: str, prepared: str | None = None,
     video_fps) are the ones given to prepare; there ``split=auto`` keeps the prepared split and
     ``stratified``/``speaker`` regenerate it from the manifest. `frames` follows BalanceBenchmark (2); `video_fps`:
     the rate frames are decoded from flv videos without frame folders (OGM-GE extracts 1 fps)."""
-    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
+    prepared = resolve_prepared(root, prepared, "cremad")  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     class_names = class_names_for(label_map)
     split_files = (train_split, test_split, val_split)
     if prepared is not None:
@@ -301,11 +301,20 @@ def build_cremad(root: str, prepared: str | None = None,
                 # prepare drew this very split (same rule, fractions and seed) over the complete clips, before a
                 # video that failed to decode left the manifest: its draw is the raw tree's, keep it
                 split_of = {r["id"]: r["split"] for r in rows}
+        if folder.cache_meta(required=False) is None:  # cache=false: the loader reads the cache only
+            raise DataError(f"dataset.prepared {str(folder.path)!r} holds no cache (it was prepared with --set "
+                            f"cache=false); run {folder.command} again without cache=false, or set "
+                            "dataset.prepared=null to decode the raw tree")
         clips = [Clip(r["id"], class_names.index(r["emotion"]), split_of[r["id"]], {}) for r in rows]
+        kinds = {m: rows[0].get(f"{m}_kind") for m in ("audio", "visual")}
         notes = {"split": split_desc, "label_map": label_map, "classes": class_names,
                  "classes_json": folder.classes(), "audio_recipe": folder.summary.get("audio_recipe")}
+        # the readers this config decodes the prepared media with: their recipe (pad_mode, the rate videos were
+        # extracted at) must be the one the folder was prepared with, else it is refused (refuse_other_recipe)
+        recipe = (lambda: make_readers(kinds, clips, frames=frames, image_size=image_size, augment=augment,
+                                       video_fps=video_fps, pad_mode=pad_mode)) if all(kinds.values()) else None
         splits = prepared_splits(folder, clips, class_names, frames=frames, image_size=image_size, augment=augment,
-                                 val_fraction=val_fraction, split_seed=split_seed, notes=notes)
+                                 val_fraction=val_fraction, split_seed=split_seed, notes=notes, recipe=recipe)
     else:
         lay, clips, notes, problems = discover(root, layout, audio, visual_dir, audio_dir, class_names, split,
                                                split_files, test_fraction, val_fraction, split_seed)
@@ -325,11 +334,13 @@ def build_cremad(root: str, prepared: str | None = None,
     return splits
 
 
-def prepare(ctx, layout: str = "auto", audio: str = "auto", visual_dir: str | None = None,
-            audio_dir: str | None = None, label_map: str = "ogmge", split: str = "auto",
+def prepare(ctx, layout: Literal[("auto", *LAYOUTS)] = "auto", audio: Literal[tuple(AUDIO_KINDS)] = "auto",
+            visual_dir: str | None = None, audio_dir: str | None = None,
+            label_map: Literal[tuple(LABEL_MAPS)] = "ogmge", split: Literal[SPLIT_MODES] = "auto",
             train_split: str | None = None, test_split: str | None = None, val_split: str | None = None,
-            test_fraction: float = 0.1, val_fraction: float = 0.1, split_seed: int = 0, extract_fps: float = 1.0,
-            image_size: int = 224, max_frames: int = 4, pad_mode: str = "reflect", cache: bool = True) -> dict:
+            test_fraction: Fraction = 0.1, val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
+            extract_fps: PositiveFloat = 1.0, image_size: PositiveInt = 224, max_frames: PositiveInt = 4,
+            pad_mode: PadMode = "reflect", cache: bool = True) -> dict:
     """`mmbalance prepare cremad` (layout.prepare_clips): manifest.csv adds emotion and actor; flv videos (when
     there are no frame folders) are decoded once into ``frames/<clip>/`` at `extract_fps` (1, like OGM-GE);
     `cache`: up to `max_frames` frames per clip at `image_size` (CREMA-D clips are 1-5 s: 4 frames at 1 fps keep

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mmbalance.constraints import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Probability
-from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, stratified_split
+from mmbalance.data.batch import DataSplits, ModalitySpec, MultimodalDataset, carved_val_source, stratified_split
 from mmbalance.data.finite import check_arrays
 from mmbalance.data.spoken_digits import (ACCENTS, DIGIT_WORDS, PITCH_RANGE, RATES, SAMPLE_RATE, VARIANTS,
                                           WINDOW_SAMPLES, ClipBank, clip_cache_path, load_clip_bank)
@@ -170,4 +170,5 @@ def build_digits_av(*, image_noise: NonNegativeFloat = 0.55, audio_snr_db: float
                          f"+ {N_FILLERS} fillers; text-only accuracy capped at 40 %")
     return DataSplits(full.subset(train_idx), full.subset(val_idx), full.subset(test_idx), modalities,
                       len(CLASS_NAMES), list(CLASS_NAMES), notes=notes,
-                      val_source=f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed + 1})")
+                      val_source=carved_val_source(labels[rest], held, val_fraction, split_seed + 1)
+                      if len(val_idx) else "none (val_fraction=0)")

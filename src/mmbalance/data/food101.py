@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmbalance.constraints import Fraction, NonNegativeInt, Range
+from mmbalance.constraints import Fraction, NonNegativeInt, PositiveInt, Range
 from mmbalance.data import media
-from mmbalance.data.batch import DataSplits, ModalitySpec, stratified_split
+from mmbalance.data.batch import DataSplits, ModalitySpec, carved_val_source, stratified_split
 from mmbalance.data.images import Images, cached_images, decode_images
 from mmbalance.data.layout import dataset_root
 from mmbalance.data.prepare import MANIFEST, PrepareContext, PreparedFolder, resolve_prepared
@@ -39,6 +39,9 @@ PREPARED_META = "food101_prepared.json"
 TOKENS = "tokens.npy"
 TOKENS_META = "tokens.json"
 COLUMNS = ["id", "label", "split", "class", "image", "text", "cache_row"]  # manifest.csv
+# the ranges of the builder's and prepare's options (config validation, `mmbalance prepare --set`)
+ImageSize = Annotated[int, Range(ge=8)]
+MaxLength = Annotated[int, Range(ge=2)]  # room for [CLS] and [SEP] (text.Tokenizer)
 
 # header names seen in public copies of the csvs (BalanceBenchmark: Image_path, text, label)
 _IMAGE_COLS = ("image_path", "image_name", "image", "img", "img_path", "path", "file", "filename", "file_name")
@@ -200,9 +203,8 @@ class Food101Dataset(Dataset):
 # --------------------------------------------------------------------------------------------------- builder
 
 
-def build_food101(root: str, prepared: str | None = None, image_size: Annotated[int, Range(ge=8)] = 224,
-                  tokenizer: str = "bert-base-uncased",
-                  max_length: Annotated[int, Range(ge=2)] = 40,  # room for [CLS] and [SEP] (text.Tokenizer)
+def build_food101(root: str, prepared: str | None = None, image_size: ImageSize = 224,
+                  tokenizer: str = "bert-base-uncased", max_length: MaxLength = 40,
                   clean_text: bool = True, val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
                   use_cache: bool = True) -> DataSplits:
     """UPMC Food-101 as DataSplits (text tokens + visual image), BalanceBenchmark's FOOD-101 recipe: from the
@@ -210,7 +212,7 @@ def build_food101(root: str, prepared: str | None = None, image_size: Annotated[
     there), using its stored ids and image cache where they match these options, or from the raw tree ``root``."""
     size = _image_size(image_size, "food101")
     root_path = Path(root).expanduser()
-    prep = resolve_prepared(root_path, prepared)
+    prep = resolve_prepared(root_path, prepared, "food101")
     folder = None if prep is None else PreparedFolder(prep, "food101").require()
     if folder is None:
         found = scan(root_path)
@@ -248,7 +250,7 @@ def build_food101(root: str, prepared: str | None = None, image_size: Annotated[
              counts.get("orphan_images"), tokens_source, notes["image_cache"] or "none")
     modalities = {"text": ModalitySpec("tokens", (tok.max_length,)), "visual": ModalitySpec("image", (3, size, size))}
     return DataSplits(datasets["train"], datasets["val"], datasets["test"], modalities, len(classes), list(classes),
-                      val_source=f"carved from train (stratified, {val_fraction:.0%}, seed {split_seed})", notes=notes)
+                      val_source=carved_val_source(labels[train_all], held, val_fraction, split_seed), notes=notes)
 
 
 def _image_size(value, who: str) -> int:
@@ -303,8 +305,9 @@ def _prepared_tokens(folder: PreparedFolder, tok: Tokenizer, clean_text: bool, n
 # --------------------------------------------------------------------------------------------------- prepare
 
 
-def prepare(ctx: PrepareContext, image_size: int | None = None, tokenizer: str | None = None,
-            max_length: int = 40, clean_text: bool = True, check_images: bool = True, block: int = 4096) -> dict:
+def prepare(ctx: PrepareContext, image_size: ImageSize | None = None, tokenizer: str | None = None,
+            max_length: MaxLength = 40, clean_text: bool = True, check_images: bool = True,
+            block: PositiveInt = 4096) -> dict:
     """Validate the Food-101 tree and write the prepared folder: manifest.csv (`COLUMNS`), classes.json and the
     orphan counts. ``check_images``: decode every image and leave unreadable ones out (reported); ``image_size=S``:
     also cache the images at S x S; ``tokenizer``: also pre-tokenise the titles into tokens.npy (max_length,

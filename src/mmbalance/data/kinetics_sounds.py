@@ -232,8 +232,9 @@ def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_l
 
 def prepare(ctx, train_list: str | None = None, val_list: str | None = None, test_list: str | None = None,
             annotations: str | None = None, visual_dir: str | None = None, audio_dir: str | None = None,
-            fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, num_mel_bins: int = 128,
-            audio_target_frames: int = 1024, cache: bool = True, size: int = 224, max_frames: int = 10,
+            fps: PositiveFloat = 1.0, short_side: NonNegativeInt = 0, sample_rate: KaldiSampleRate = 16000,
+            num_mel_bins: Annotated[int, Range(ge=3)] = 128, audio_target_frames: PositiveInt = 1024,
+            cache: bool = True, size: PositiveInt = 224, max_frames: PositiveInt = 10,
             shard: str | None = None) -> dict:
     """`mmbalance prepare kinetics_sounds` (layout.prepare_discovered): raw videos decoded once into wav + frames,
     then, with `cache`, the frames and the fbank spectrograms (or the stored arrays)."""

@@ -39,8 +39,12 @@ VIDEO_FOLDERS = ("{split}", "train", "val", "validate", "test", "videos", "video
 # files that mark a folder as mmbalance output (a prepared folder), never raw data to detect; prepare writes
 # STATUS before anything else, so a folder it is still writing (or that it stopped writing) is one too
 PREPARED_MARKERS = (STATUS, MANIFEST, CACHE_META, SUMMARY)
-# what extract_media decoded the videos with, per modality: other options extract them again
+# what extract_media decoded the videos with, per modality (the last complete run's options; loaders compare the
+# frame rate with the config's)
 EXTRACTED = "extract.json"
+# one record per extracted output, `extract/<output path>.json`: the source it was decoded from (absolute path, size,
+# modification time) and the options; an output whose record differs from this prepare's is decoded again
+RECORDS = "extract"
 
 Table = Sequence[tuple[str, Sequence[str]]]  # ((kind, folders), ...) in priority order
 
@@ -242,8 +246,9 @@ class Discovery:
 
     def problems(self) -> list[tuple[str, str]]:
         """One (path, why) per clip left out, naming its first missing file (prepare_report.txt)."""
-        return [(lack[0][1], f"missing: no {' or '.join(f'{m} ({self.kinds[m]})' for m, _ in lack)} file for "
-                             f"clip {clip.id}") for clip, lack in self.missing]
+        return [(lack[0][1], f"clip {clip.id} ({', '.join(m for m, _ in lack)}): missing: no "
+                             f"{' or '.join(f'{m} ({self.kinds[m]})' for m, _ in lack)} file")
+                for clip, lack in self.missing]
 
     def log(self) -> None:
         log.info("%s: layout %s (%s); %s; %d of %d listed clips found, %d missing", self.dataset, self.layout,
@@ -425,7 +430,7 @@ def build_clips(dataset: str, root, prepared, discover: Callable[[], Discovery],
     wrote (`prepared`; 'auto' = ROOT/mmbalance_prepared once prepare finished there) read from its clip cache, or
     its extracted files decoded with `readers` (`decode_prepared`); else the raw tree `discover()` finds, decoded
     on access by `readers(kinds, clips)`. `notes`: the raw path's own notes."""
-    folder = resolve_prepared(root, prepared)
+    folder = resolve_prepared(root, prepared, dataset)
     if folder is not None:
         folder = PreparedFolder(folder, dataset).require()
         rows = folder.rows(["id", "label", "split", "audio", "visual", "audio_kind", "visual_kind"])
@@ -462,19 +467,59 @@ def parse_shard(shard) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-def _extract_one(task: tuple) -> tuple[int, str | None, str | None, list[str]]:
+def source_record(video: str, recipe: dict) -> dict:
+    """What an output decoded from `video` with `recipe` is made from, as its record keeps it (json values)."""
+    try:
+        st = os.stat(video)
+    except OSError as exc:
+        raise DataError(f"cannot read video {video!r}: {exc}") from None
+    return {"source": os.path.abspath(video), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "recipe": recipe}
+
+
+def _read_record(path: str) -> dict | None:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _why_redone(record: dict | None, wanted: dict) -> str:
+    """Why an existing output is decoded again: it has no record (an interrupted run, an earlier mmbalance), it
+    was decoded with other options, or from another file (another --root, a replaced download)."""
+    if record is None:
+        return "unrecorded"
+    return "other_options" if record.get("recipe") != wanted["recipe"] else "other_source"
+
+
+def _extract_one(task: tuple) -> tuple[int, str | None, str | None, str | None, list[str], list[str]]:
     """Worker: one clip's video decoded into each target by its writer, which writes to a temporary name and
-    renames, so an output that exists is complete (kept, False returned, unless force). Returns (index, failing
-    path or None, error or None, names of the outputs written)."""
+    renames, so an output that exists is complete. It is kept only when its record (`RECORDS`) says it was decoded
+    from this very file (path, size, modification time) with these options; otherwise it is decoded again and the
+    record written after it (a run stopped in between leaves no valid record: the next one decodes it again).
+    Returns (index, failing modality, path and error, or None, names of the outputs written, why each existing
+    output was decoded again)."""
     i, jobs, params = task
-    wrote = []
-    for name, write, video, dest, force in jobs:
+    wrote, redone = [], []
+    for m, name, write, video, dest, record_path, recipe, force in jobs:
         try:
-            if write(video, dest, force, *params):
-                wrote.append(name)
+            wanted = source_record(video, recipe)
+            exists = os.path.exists(dest)
+            record = _read_record(record_path) if exists else None
+            if exists and not force and record == wanted:
+                continue
+            if exists and not force:
+                redone.append(_why_redone(record, wanted))
+            Path(record_path).unlink(missing_ok=True)
+            write(video, dest, True, *params)
+            Path(record_path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{record_path}.tmp"
+            Path(tmp).write_text(json.dumps(wanted))
+            os.replace(tmp, record_path)
+            wrote.append(name)
         except DataError as exc:
-            return i, video, str(exc), wrote
-    return i, None, None, wrote
+            return i, m, video, str(exc), wrote, redone
+    return i, None, None, None, wrote, redone
 
 
 def write_wav(video: str, dest: str, force: bool, sr: int, fps: float, short_side: int) -> bool:
@@ -505,42 +550,64 @@ def extraction_recipe(target: tuple, params: tuple) -> dict:
 def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, targets: dict = WAV_AND_FRAMES,
                   params: tuple = (), complete: bool = True) -> tuple[list[Clip], dict[str, str], dict]:
     """For every modality read from video (kind 'video'): decode each clip once into `targets[modality]` under
-    ctx.out (in parallel). Existing outputs are skipped (resumable); a video that fails to decode is recorded
-    with ctx.problem and its clip dropped.
+    ctx.out (in parallel). A video that fails to decode is recorded with ctx.problem and its clip dropped.
 
-    extract.json records the parameters of the last complete extraction (`complete`: not a shard). Outputs of a
-    modality extracted with other parameters are all extracted again (as with --force), so the folder never mixes
-    frames or audio of two recipes; until such a run completes, extract.json keeps the old parameters, so a
-    stopped one (or a shard) is redone in full by the next run."""
+    Every output has a record (`RECORDS`: the source's absolute path, size and modification time, and the
+    options): an existing output is kept only when its record is this prepare's (resumable), and decoded again
+    otherwise -- options changed (`--set fps=2` after `fps=1`, a shard run with other options than the others),
+    the source replaced, or another --root with the same clip ids -- so the folder never mixes frames or audio of
+    two recipes or two sources, whether shards or a complete run wrote them. extract.json records the options of
+    the last complete run (`complete`: not a shard), which a loader compares with its config."""
     todo = {m: t for m, t in targets.items() if kinds.get(m) == "video"}
     if not todo:
         return clips, kinds, {}
-    folder = PreparedFolder(ctx.out)
+    out = Path(ctx.out)
+    folder = PreparedFolder(out)
     before = folder.json(EXTRACTED, optional=True)
-    recipe = {m: extraction_recipe(t, params) for m, t in todo.items()}
-    changed = {m for m in todo if m in before and before[m] != recipe[m]}
-    redo = set(todo) if ctx.force else changed
-    for m in sorted(changed):
-        log.warning("%s: %s was extracted with %s; this prepare asks for %s: every clip's %s is extracted again",
-                    ctx.out, m, before[m], recipe[m], m)
-    dests = [{m: str(Path(ctx.out) / path.format(id=c.id)) for m, (_, _, _, path) in todo.items()} for c in clips]
-    tasks = [(i, [(name, write, c.sources[m], dests[i][m], m in redo) for m, (name, write, _, _) in todo.items()],
-              params) for i, c in enumerate(clips)]
+    recipe = json.loads(json.dumps({m: extraction_recipe(t, params) for m, t in todo.items()}))
+    for m in sorted(m for m in todo if m in before and before[m] != recipe[m]):
+        log.warning("%s: %s was extracted with %s; this prepare asks for %s: every clip's %s decoded with other "
+                    "options is extracted again", out, m, before[m], recipe[m], m)
+    dests = [{m: str(out / path.format(id=c.id)) for m, (_, _, _, path) in todo.items()} for c in clips]
+    tasks = [(i, [(m, name, write, c.sources[m], dests[i][m],
+                   str(out / RECORDS / f"{path.format(id=c.id)}.json"), recipe[m], bool(ctx.force))
+                  for m, (name, write, _, path) in todo.items()], params) for i, c in enumerate(clips)]
     stats = {**{f"{t[0]}_extracted": 0 for t in todo.values()}, "extracted": 0, "extract_skipped_existing": 0,
-             "extract_failed": 0}
+             "extract_redone": 0, "extract_failed": 0}
+    why: dict[str, int] = {}
     kept = []
-    for i, bad_path, error, wrote in ctx.map(_extract_one, tasks, desc="extracting media"):
+    for i, m, bad_path, error, wrote, redone in ctx.map(_extract_one, tasks, desc="extracting media"):
+        for reason in redone:
+            why[reason] = why.get(reason, 0) + 1
+        stats["extract_redone"] += bool(redone)
         if error is not None:
-            ctx.problem(bad_path, error)
+            ctx.problem(bad_path, f"clip {clips[i].id} ({m}): {error}")
             stats["extract_failed"] += 1
             continue
         for name in wrote:
             stats[f"{name}_extracted"] += 1
         stats["extracted" if wrote else "extract_skipped_existing"] += 1
         kept.append(Clip(clips[i].id, clips[i].label, clips[i].split, {**clips[i].sources, **dests[i]}))
+    if why:
+        stats["extract_redone_why"] = why
+        log.warning("%s: %d clips' outputs existed but were decoded again (%s): made with other options, from "
+                    "another source file, or without a record", out, stats["extract_redone"],
+                    ", ".join(f"{k} {v}" for k, v in sorted(why.items())))
+    stats["extract_options"] = recipe
     if complete:
         folder.write_json(EXTRACTED, {**before, **recipe})
     return kept, {**kinds, **{m: t[2] for m, t in todo.items()}}, stats
+
+
+def name_clip(path: str, why: str) -> str:
+    """A report reason that names the clip of the media file or folder `path` (its name without a media suffix:
+    media are named by clip id); one that already speaks of a clip is kept as it is."""
+    if re.search(r"\bclip\b", why):
+        return why
+    name = Path(str(path)).name
+    suffix = max((x for xs in KIND_SUFFIXES.values() for x in xs if x and name.endswith(x) and len(name) > len(x)),
+                 key=len, default="")
+    return f"{why} (clip {name[:len(name) - len(suffix)]})"
 
 
 def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], classes: list[str], *,
@@ -561,6 +628,8 @@ def prepare_clips(ctx, dataset: str, clips: list[Clip], kinds: dict[str, str], c
     """
     for path, why in problems:
         ctx.problem(path, why)
+    # every line of the report names its clip: a dataset's own reasons that do not are given it here
+    ctx.problems[:] = [(path, name_clip(path, why)) for path, why in ctx.problems]
     ctx.folder.write_classes(classes)
     part = parse_shard(shard)
     if part is not None:

@@ -21,6 +21,7 @@ import csv
 import importlib
 import inspect
 import json
+import logging
 import os
 import shlex
 import sys
@@ -34,6 +35,8 @@ from typing import Any
 import yaml
 
 from mmbalance.errors import DataError, UserError
+
+log = logging.getLogger("mmbalance")
 
 # Explicit and import-free, like the method registry (a key equals a file name and a config name); the module
 # is imported only when its dataset is prepared, so `prepare --help` stays fast. tests/test_prepare_command.py
@@ -86,12 +89,29 @@ class PrepareContext:
         may meet bad media return an error marker instead and let the caller record it with `problem()`."""
         from tqdm import tqdm
 
-        serial = self.workers <= 1 or len(items) <= 1
-        with contextlib.nullcontext() if serial else ProcessPoolExecutor(max_workers=self.workers) as pool:
-            results = map(fn, items) if serial else \
-                pool.map(fn, items, chunksize=max(1, len(items) // (self.workers * 16)))
+        def run(results) -> list:
             return list(tqdm(results, total=len(items), desc=desc, disable=not self.progress, leave=False,
                              file=sys.stderr))
+
+        if self.workers <= 1 or len(items) <= 1:
+            return run(map(fn, items))
+        # the workers ignore Ctrl-C (the terminal sends it to them too): only this process stops, with one line
+        # (`main`), instead of a traceback per worker; what is queued is cancelled, not waited for
+        pool = ProcessPoolExecutor(max_workers=self.workers, initializer=_ignore_interrupt)
+        try:
+            results = run(pool.map(fn, items, chunksize=max(1, len(items) // (self.workers * 16))))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return results
+
+
+def _ignore_interrupt() -> None:
+    """A `PrepareContext.map` worker's initializer: SIGINT is for the main process, which stops the pool."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PreparedFolder:
@@ -109,6 +129,7 @@ class PreparedFolder:
             raise DataError(f"dataset.prepared {str(self.path)!r} is not a folder; run `mmbalance prepare "
                             f"{self.dataset or 'DATASET'} --root RAW --out {self.path}` first to write the prepared "
                             "folder, or set dataset.prepared=null to read the raw tree")
+        check_dataset(self.path, self.dataset)
         return self
 
     # -- reading
@@ -160,7 +181,8 @@ class PreparedFolder:
             if not required:
                 return None
             raise DataError(f"{self.path / CACHE_META} is missing: dataset.prepared {str(self.path)!r} holds no "
-                            f"cache; run {self.command} again (without --set cache=false)")
+                            f"cache; run {self.command} again (without --set cache=false), or set "
+                            "dataset.prepared=null to decode the raw tree")
         return self.json(CACHE_META)
 
     def has(self, *names: str) -> bool:
@@ -247,13 +269,29 @@ def unfinished(folder: Path, state: dict) -> str:
             "raw tree")
 
 
-def resolve_prepared(root: str | Path | None, prepared: str | Path | None) -> Path | None:
+def check_dataset(folder: Path, dataset: str, state: dict | None = None) -> None:
+    """A DataError when the prepared folder `folder` holds another dataset than `dataset` (its
+    prepare_status.json, or the summary an earlier mmbalance wrote, names it): read as this dataset, it would fail
+    later on missing columns or a recipe mismatch, or worse, not fail at all."""
+    if not dataset:
+        return
+    state = prepare_state(folder) if state is None else state
+    other = (state or {}).get("dataset")
+    if other and other != dataset:
+        raise DataError(f"{folder} holds the prepared {other} dataset, not {dataset}; point dataset.prepared at the "
+                        f"folder `mmbalance prepare {dataset}` wrote (or run it: `mmbalance prepare {dataset} --root "
+                        "RAW --out NEW_FOLDER`), or set dataset.prepared=null to read the raw tree")
+
+
+def resolve_prepared(root: str | Path | None, prepared: str | Path | None, dataset: str = "") -> Path | None:
     """The prepared folder a builder reads: `prepared` itself; None = decode the raw tree under `root`;
     'auto' (every dataset config's default) = ROOT/mmbalance_prepared when `mmbalance prepare` wrote it there,
     else None. So after a default `prepare`, the preset plus `paths.data_dir=...` is the whole command.
 
     A folder whose last prepare did not finish (killed, stopped, only its shards run) is a DataError saying so and
-    what completes it: its manifest, cache and summary may belong to two builds, or to none."""
+    what completes it: its manifest, cache and summary may belong to two builds, or to none. With `dataset` (the
+    builder's key), a folder of another dataset is a DataError saying so, before anything else is read
+    (`PreparedFolder.require` checks it too)."""
     if prepared is None or str(prepared) == "":
         return None
     auto = str(prepared) == "auto"
@@ -261,6 +299,7 @@ def resolve_prepared(root: str | Path | None, prepared: str | Path | None) -> Pa
         return None
     folder = Path(root).expanduser() / DEFAULT_OUT if auto else Path(prepared).expanduser()
     state = prepare_state(folder) if folder.is_dir() else None
+    check_dataset(folder, dataset, state or {})
     if state is not None and state.get("status") != "completed":
         raise DataError(unfinished(folder, state))
     if auto and state is None:  # nothing prepared there (yet): the raw tree
@@ -285,13 +324,16 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def write_report(ctx: PrepareContext, stopped: bool = False) -> None:
+def write_report(ctx: PrepareContext, stopped: bool = False, interrupted: bool = False) -> None:
     """prepare_report.txt: one line per skipped file (path<TAB>reason), or a line saying there were none, then one
-    per item kept but changed (`ctx.note`); when the preparer `stopped` with an error, the problems recorded until
-    then and a last line saying so."""
+    per item kept but changed (`ctx.note`); when the preparer `stopped` with an error (or was `interrupted` by
+    Ctrl-C), the problems recorded until then and a last line saying so."""
     report = [f"{p}\t{why}" for p, why in ctx.problems] or ["# no missing or unreadable media"]
     report += [f"{p}\t{what}" for p, what in ctx.notes]
-    if stopped:
+    if interrupted:
+        report.append(f"# prepare {ctx.dataset} was interrupted (Ctrl-C) before finishing; this lists the problems "
+                      "recorded until then")
+    elif stopped:
         report.append(f"# prepare {ctx.dataset} stopped with an error before finishing; this lists the problems "
                       "recorded until then")
     ctx.folder.write_text(REPORT, "\n".join(report) + "\n")
@@ -349,6 +391,19 @@ def claim(out: Path, dataset: str) -> None:
                         "overwrite files of the same name. Choose a new or empty folder")
 
 
+def recorded_root(out: Path) -> str | None:
+    """The absolute --root the last prepare into `out` read (its prepare_status.json; the summary of an earlier
+    mmbalance when that recorded an absolute one), or None."""
+    for name in (STATUS, SUMMARY):
+        try:
+            root = json.loads((out / name).read_text()).get("root")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(root, str) and os.path.isabs(root):
+            return root
+    return None
+
+
 def command_line(dataset: str, root: Path, out: Path, options: dict[str, Any]) -> str:
     """The `mmbalance prepare` command with these options, as a user would type it (values as YAML scalars)."""
     def value(v: Any) -> str:
@@ -376,26 +431,34 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     claim(out, dataset)
     ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress,
                          dataset=dataset)
+    previous_root = recorded_root(out)
     out.mkdir(parents=True, exist_ok=True)
     shard = options.get("shard") not in (None, "", False)
     # absolute: the command is shown by loaders, which run from anywhere
     where = (root.absolute(), out.absolute())
     status = {"dataset": dataset, "status": "running", "command": command_line(dataset, *where, options),
               "complete_with": command_line(dataset, *where, {k: v for k, v in options.items() if k != "shard"}),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "root": str(where[0]), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    moved = previous_root is not None and previous_root != str(where[0])
+    if moved:  # nothing of the old tree is kept: each output records its source (layout.extract_media)
+        log.warning("%s was prepared from --root %s; this prepare reads --root %s: every output extracted from the "
+                    "old root is extracted again and the cache is rebuilt", out, previous_root, where[0])
     ctx.folder.write_json(STATUS, status)
     (out / SUMMARY).unlink(missing_ok=True)
     started = time.time()
     try:
         summary = dict(fn(ctx, **options) or {})
     except BaseException as exc:  # an error (or Ctrl-C) may cite the report ("no usable clip"): keep what was found
-        write_report(ctx, stopped=True)
-        ctx.folder.write_json(STATUS, {**status, "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else
-                                       "stopped", "error": str(exc) or type(exc).__name__})
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        write_report(ctx, stopped=True, interrupted=interrupted)
+        ctx.folder.write_json(STATUS, {**status, "status": "interrupted" if interrupted else "stopped",
+                                       "error": str(exc) or type(exc).__name__})
         raise
     write_report(ctx)
     summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems),
                    report=str(out / REPORT), seconds=round(time.time() - started, 2))
+    if moved:
+        summary["root_changed"] = f"{previous_root} -> {where[0]}: outputs of the old root were extracted again"
     finished = {"finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if shard:  # its summary is kept in the status: the folder is not complete until the run without shard
         ctx.folder.write_json(STATUS, {**status, **finished, "status": "shard", "shard": summary.get("shard"),
@@ -427,6 +490,10 @@ def main(argv: Sequence[str]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # one line, not a traceback: the folder records it (status `interrupted`)
+        print(f"interrupted: prepare {args.dataset} stopped before finishing; run the same command to continue; "
+              "what was finished is kept", file=sys.stderr)
+        return 130
     for key, value in summary.items():
         print(f"{key}: {value}")
     if summary["skipped"]:

@@ -271,7 +271,7 @@ def build_ucf101(root: str | None = None, prepared: str | None = None, split: Li
     S, S)), in the order of `modalities`; the raw tree under `root` (`splits_dir`/`rgb_dir`/`flow_dir` pin its
     layout) or the `mmbalance prepare ucf101` folder `prepared`. split: official split 1-3. augment: shared by RGB
     and flow (resize_flip = BalanceBenchmark's Resize + HFlip; crop_flip, rotate_flip, none)."""
-    prepared = resolve_prepared(root, prepared)  # "auto": ROOT/mmbalance_prepared when prepare wrote it
+    prepared = resolve_prepared(root, prepared, "ucf101")  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _modalities(modalities)
     if prepared is not None:
         folder = PreparedFolder(prepared, "ucf101").require()
@@ -315,9 +315,10 @@ def _count_frames(task: tuple) -> tuple[int, dict[str, int], str | None, str | N
     return i, counts, None, None
 
 
-def prepare(ctx: PrepareContext, split: int = 1, modalities: list[str] | tuple[str, ...] = MODALITIES,
-            splits_dir: str | None = None, rgb_dir: str | None = None, flow_dir: str | None = None,
-            size: int = 224, max_frames: int = 10, cache: bool = True) -> dict:
+def prepare(ctx: PrepareContext, split: Literal[1, 2, 3] = 1,
+            modalities: Sequence[Literal[MODALITIES]] = MODALITIES, splits_dir: str | None = None,
+            rgb_dir: str | None = None, flow_dir: str | None = None, size: PositiveInt = 224,
+            max_frames: PositiveInt = 10, cache: bool = True) -> dict:
     """`mmbalance prepare ucf101` (layout.prepare_clips): videos without frames are reported and left out;
     manifest.csv adds the video's part in every official split found (split1..split3: one cache serves all) and
     n_visual/n_flow. `size`/`max_frames`: the cached frames; `cache=false` stops after the manifest."""

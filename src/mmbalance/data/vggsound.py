@@ -161,9 +161,10 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
 
 
 def prepare(ctx, csv_path: str | None = None, visual_dir: str | None = None, audio_dir: str | None = None,
-            fps: float = 1.0, short_side: int = 0, sample_rate: int = 16000, clip_seconds: float = 10.0,
-            n_fft: int = 256, hop_length: int = 128, pad_mode: str = "reflect", cache: bool = False,
-            size: int = 224, max_frames: int = 10, shard: str | None = None) -> dict:
+            fps: PositiveFloat = 1.0, short_side: NonNegativeInt = 0, sample_rate: PositiveInt = 16000,
+            clip_seconds: PositiveFloat = 10.0, n_fft: PositiveInt = 256, hop_length: PositiveInt = 128,
+            pad_mode: PadMode = "reflect", cache: bool = False, size: PositiveInt = 224, max_frames: PositiveInt = 10,
+            shard: str | None = None) -> dict:
     """`mmbalance prepare vggsound` (layout.prepare_discovered): mp4s decoded once into wav + frames; `cache` is off by
     default (the whole set would take ~300 GB): the prepared folder is then decoded on access, as OGM-GE does."""
     found = discover_vggsound(ctx.root, csv_path, visual_dir, audio_dir)
