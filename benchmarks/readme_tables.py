@@ -217,16 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and out.exists():  # never mix this run's sweeps with another's results
         parser.error(f"--out {out} exists; choose a new folder, or --reuse {out} to complete its sweeps")
     demo, curve, methods = out / "demo", out / "curve_ogm_ge", out / "methods"
-    text = README.read_text(encoding="utf-8")
+    for name in only:  # every table's markers are there before any run (ValueError otherwise)
+        section(README.read_text(encoding="utf-8"), name)
+    tables: dict[str, str] = {}  # written into README.md at the end, read then: edits made meanwhile are kept
     command = "make readme-tables" + (f" READMETABLES_ARGS=\"--only {args.only}\"" if args.only != ",".join(SECTIONS) else "")
 
     if "demo" in only or "curve" in only:
         sweep(demo, ["sweep=demo", f"seed={args.seeds}"])
     if "demo" in only:
-        text = replace_section(text, "demo", demo_table(demo) + "\n\n" + provenance(command))
+        tables["demo"] = demo_table(demo) + "\n\n" + provenance(command)
     if "curve" in only:
         sweep(curve, ["sweep=balance_curve_ogm_ge", f"seed={args.seeds}", *PARALLEL])
-        text = replace_section(text, "curve", curve_table(curve, demo) + "\n\n" + provenance(command))
+        tables["curve"] = curve_table(curve, demo) + "\n\n" + provenance(command)
     if "methods" in only:
         names = table_methods(args.methods)
         plain = [m for m in names if m not in SCHEDULES]
@@ -241,10 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods:  # a partial table never goes into the README
             print(body)
             return 0
-        text = replace_section(text, "methods", body + "\n\n" + provenance(command))
+        tables["methods"] = body + "\n\n" + provenance(command)
     if "gap" in only:
         sweep(out / "modality_gap", ["sweep=modality_gap", f"seed={args.seeds}"])
-        text = replace_section(text, "gap", gap_table(out / "modality_gap") + "\n\n" + provenance(command))
+        tables["gap"] = gap_table(out / "modality_gap") + "\n\n" + provenance(command)
+    text = README.read_text(encoding="utf-8")
+    for name, body in tables.items():
+        text = replace_section(text, name, body)
     README.write_text(text, encoding="utf-8")
     for name in only:
         print(f"## {name}\n{section(text, name).strip()}\n")
