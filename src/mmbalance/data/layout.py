@@ -512,10 +512,7 @@ def _extract_one(task: tuple) -> tuple[int, str | None, str | None, str | None, 
                 redone.append(_why_redone(record, wanted))
             Path(record_path).unlink(missing_ok=True)
             write(video, dest, True, *params)
-            Path(record_path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{record_path}.tmp"
-            Path(tmp).write_text(json.dumps(wanted))
-            os.replace(tmp, record_path)
+            PreparedFolder(Path(record_path).parent).write_json(Path(record_path).name, wanted)
             wrote.append(name)
         except DataError as exc:
             return i, m, video, str(exc), wrote, redone

@@ -179,10 +179,6 @@ class Trainer:
             return
         raise RunFolderError(refusal(path, f"it was written by {describe(theirs)}", diff))
 
-    def _read_best(self) -> tuple[dict | None, str | None]:
-        """(best.pt's state, None) when it holds the selected epoch, else (None, what is wrong with it)."""
-        return self._read_selected(self.ckpt_dir / "best.pt")
-
     def _read_selected(self, path: Path) -> tuple[dict | None, str | None]:
         """(the checkpoint's state, None) when `path` holds the selected epoch, else (None, what is wrong with it)."""
         try:
@@ -210,7 +206,7 @@ class Trainer:
         """When best.pt does not hold the selected epoch (missing, unreadable, another epoch) but the checkpoint
         resumed from (`state`, read from `path`) or the other of last.pt and last.prev.pt does, write best.pt again
         from it, before later epochs replace that checkpoint."""
-        _, problem = self._read_best()
+        _, problem = self._read_selected(self.ckpt_dir / "best.pt")
         if problem is None:
             return
         if state.get("epoch") == self.best_epoch:
