@@ -187,16 +187,21 @@ def _override_key(override: str) -> str:
 
 def _names_no_folder(override: str) -> bool:
     """Whether an override sets only keys outside the run identity (`outside_identity`, the rule the identity
-    itself uses): `resume=`, `trainer.progress_bar=`, `hardware.num_workers=`, `paths.*=`, `*cache_dir=`,
+    itself uses): `resume=`, `trainer.progress_bar=`, `hardware.num_workers=`, `*cache_dir=`,
     `logger=`, `logger.*=` ... Such an override cannot make another run, so it must not make another folder.
 
-    A config-group choice counts by its group's node as a whole: `logger=csv` and `paths=...` set nothing else
-    and name no folder, while `hardware=gpu` also sets identity keys (`hardware.device`, `hardware.precision`)
+    A config-group choice counts by its group's node as a whole: `logger=csv` sets nothing else and names no
+    folder, while `hardware=gpu` also sets identity keys (`hardware.device`, `hardware.precision`)
     and names the folder, as does any choice of a group that is not wholly outside the identity (`trainer=`,
     `experiment=`, `sweep=`, whose options may set any key). A choice placed into another package
-    (`group@pkg=option`) always names the folder: where it lands is not read here."""
+    (`group@pkg=option`) always names the folder: where it lands is not read here.
+
+    Except `paths` (`paths.data_dir=`, `paths=`): a data location is outside the identity because moved data are the
+    same run, which a resume confirms by rebuilding the data and comparing them. A finished job is skipped without
+    that, so a sweep over data folders (`-m paths.data_dir=/data/v1,/data/v2`) must keep one folder per location,
+    or the second location's job would be skipped as the first one's run."""
     key = _override_key(override)
-    return "@" not in key and outside_identity(key)
+    return "@" not in key and outside_identity(key) and key.split(".", 1)[0] != "paths"
 
 
 def _legacy_names_no_folder(override: str) -> bool:
