@@ -180,3 +180,32 @@ def test_aux_heads_work_with_a_fusion_without_per_modality_logits():
         MMPareto(unimodal_head="slice").setup(_Ctx(tiny_model(("a", "b"), fusion="gated")))
     with pytest.raises(UserError, match="method.unimodal_head"):
         MMPareto(unimodal_head="shared")
+
+
+def _after_three_steps(gamma, optimizer):
+    torch.manual_seed(0)
+    model = tiny_model(("a", "b"))
+    ctx = _Ctx(model)
+    ctx.optimizer = optimizer(model.parameters())
+    method = MMPareto(gamma=gamma)
+    method.setup(ctx)
+    x, y = inputs(("a", "b"), n=8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for _ in range(3):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        method.backward(ctx, method.loss(ctx, Batch(x, y, torch.arange(8)), method.forward(ctx, Batch(x, y, None))))
+        ctx.optimizer.step()
+    # not the biases right before a BatchNorm: their gradient is zero up to float noise, where Adam's eps decides
+    return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if not n.endswith("net.0.bias")])
+
+
+def test_gamma_cancels_out_of_adam_updates_and_the_run_is_warned(caplog):
+    # gamma is a constant factor on each encoder tensor's gradient: Adam normalises it away (up to its eps), SGD not
+    adam = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
+    sgd = lambda params: torch.optim.SGD(params, lr=1e-2)  # noqa: E731
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        torch.testing.assert_close(_after_three_steps(1.0, adam), _after_three_steps(3.0, adam), atol=1e-5, rtol=0)
+    assert "gamma has no effect here" in caplog.text and "Adam" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        assert not torch.allclose(_after_three_steps(1.0, sgd), _after_three_steps(3.0, sgd), atol=1e-5)
+    assert "gamma" not in caplog.text

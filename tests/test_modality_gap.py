@@ -396,3 +396,34 @@ def test_data_that_changed_since_training_are_refused(tiny_sweep, tmp_path):
     assert "1 run(s) are not the data they were trained on" in message
     assert str(root / "0") in message and f"train.labels: '{'0' * 16}' -> '{recorded['train.labels']}'" in message
     assert str(root / "1") not in message and not (tmp_path / "out" / "modality_gap.csv").exists()
+
+
+def test_a_feature_constant_on_the_training_split_does_not_blow_up_the_probe():
+    # a dead unit (0 on every training sample) that fires on test: standardised by a near-zero std it carried its
+    # random initial weight into the test outputs a million-fold (test MAE 0.96 instead of ~0)
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([1.5, -2.0, 0.5])
+    tx, vx = torch.randn(300, 3, generator=g), torch.randn(100, 3, generator=g)
+    ty, vy = tx @ w, vx @ w
+    dead_train, dead_test = torch.zeros(300, 1), torch.full((100, 1), 0.05)
+    clean = linear_regression_probe(tx, ty, vx, vy, ProbeSettings(steps=50))
+    dead = linear_regression_probe(torch.cat([tx, dead_train], 1), ty, torch.cat([vx, dead_test], 1), vy,
+                                   ProbeSettings(steps=50))
+    assert dead.test < 0.01 and dead.test == pytest.approx(clean.test, abs=1e-4)
+    labels = (tx[:, 0] > 0).long()
+    acc = linear_probe(torch.cat([tx, dead_train], 1), labels, torch.cat([vx, dead_test * 1e3], 1),
+                       (vx[:, 0] > 0).long(), 2, ProbeSettings(steps=50))
+    assert acc.test > 0.95
+    with pytest.raises(UserError, match="every feature is constant on the training split"):
+        linear_probe(dead_train, labels, dead_test, (vx[:, 0] > 0).long(), 2)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:<index>"),
+])
+def test_bad_probe_options_are_one_clear_error_before_anything_is_read(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "nothing"), *option])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

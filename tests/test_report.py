@@ -710,3 +710,37 @@ def test_a_failed_run_with_another_setting_labels_no_completed_row(tmp_path):
     s = summarize(load_runs([tmp_path]))
     assert set(s["variant"]) == {"–"} or set(s["variant"]) == {""}
     assert s.set_index("method").loc["baseline", "n_failed"] == 1
+
+
+def test_a_whole_number_with_or_without_a_point_is_one_setting_counted_once(tmp_path):
+    # method.alpha=1 and method.alpha=1.0 of the same seed: one run repeated, not two samples
+    make_run(tmp_path, "i", method="ogm_ge", alpha=1, metrics=m(0.9))
+    make_run(tmp_path, "f", method="ogm_ge", alpha=1.0, metrics=m(0.9))
+    make_run(tmp_path, "s1", method="ogm_ge", seed=1, alpha=1.0, metrics=m(0.8))
+    row = summarize(load_runs([tmp_path])).iloc[0]
+    assert (row["variant"], row["n"], row["n_repeated"], row["seeds"]) == ("", 2, 1, "0 1")
+
+
+def test_a_metrics_json_given_alone_reports_into_its_run_folder_not_the_current_one(sweep, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "summary.md").write_text("my notes")
+    monkeypatch.chdir(elsewhere)
+    run = sweep / "2026-01-01" / "12-00-00" / "0"
+    result = write_report([run / "metrics.json"])
+    assert result["summary_md"] == run / "summary.md"
+    assert (elsewhere / "summary.md").read_text() == "my notes" and not (elsewhere / "runs.csv").exists()
+
+
+def test_classification_and_regression_runs_of_one_dataset_get_a_table_each(tmp_path):
+    # φ and imbalance are % for one and MAE points for the other: never one column
+    make_run(tmp_path, "c", metrics=m(0.9, imb=0.25))
+    cfg = _config("baseline", 0, tmp_path / "r")
+    cfg["dataset"]["task"] = "regression"
+    make_run(tmp_path, "r", config=cfg, metrics={**m(0.7, imb=0.4), "test/mae": 0.6})
+    md = write_report([tmp_path], out_dir=tmp_path / "out")["markdown"]
+    assert "## digits_av\n" in md and "## digits_av (regression)\n" in md
+    classification = md.split("## digits_av\n")[1].split("##")[0]
+    regression = md.split("## digits_av (regression)\n")[1].split("##")[0]
+    assert "25.0 ± –" in classification and "0.4" not in classification.split("| imbalance |")[1]
+    assert "0.400 ± –" in regression and "MAE" in regression

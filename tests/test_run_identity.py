@@ -153,3 +153,17 @@ def test_a_record_written_before_locations_counted_below_their_paths_folder_stil
     assert differences({**old, "dataset.root": "/old/place/cremad_small"}, current) == [
         "dataset.root: '/old/place/cremad_small' -> '${paths.data_dir}/cremad'"]
     assert differences({**old, "method.alpha": 0.2}, current) == ["method.alpha: 0.2 -> 0.1"]
+
+
+def test_a_whole_number_typed_with_or_without_a_point_is_one_setting():
+    """`method.alpha=1` and `method.alpha=1.0` train the same run: one identity, no difference to refuse."""
+    from mmbalance.engine.identity import differences
+
+    as_int = run_identity({"method": {"alpha": 1, "betas": [0, 0.5]}, "seed": 0}, "1")
+    as_float = run_identity({"method": {"alpha": 1.0, "betas": [0.0, 0.5]}, "seed": 0}, "1")
+    assert as_int["digest"] == as_float["digest"]
+    assert differences(as_int["config"], as_float["config"]) == []
+    other = run_identity({"method": {"alpha": 1.5, "betas": [0, 0.5]}, "seed": 0}, "1")
+    assert differences(as_int["config"], other["config"]) == ["method.alpha: 1 -> 1.5"]
+    # a bool is no number here: true and 1 stay apart
+    assert run_identity({"x": True}, "1")["digest"] != run_identity({"x": 1}, "1")["digest"]

@@ -534,3 +534,31 @@ def test_the_dynamics_title_counts_the_runs_each_epoch_is_over(tmp_path, monkeyp
     [fig] = [f for f in figures if f.axes[0].get_ylabel().startswith("validation")]
     assert fig._suptitle.get_text() == "Training dynamics: dsA ogm_ge (mean ± std over 1–2 run(s) per epoch)"
     assert "Note: dsA ogm_ge: epoch(s) 0 average over fewer runs than the others" in result["markdown"]
+
+
+def test_a_curve_without_any_baseline_says_why_it_has_no_star(tmp_path):
+    for alpha in (0.1, 1.0):
+        make_run(tmp_path, f"a{alpha}", method="pmr", seed=0, acc=0.8 + alpha / 10, imb=0.3 - alpha / 10, alpha=alpha)
+    md = write_report([tmp_path], out_dir=tmp_path / "out")["markdown"]
+    assert ("Note: no baseline: the runs given hold no completed baseline run on dsA (report the curve's runs "
+            "together with method=baseline runs trained with its settings); the plot shows no baseline ★.") in md
+
+
+def test_a_curve_point_over_fewer_runs_than_its_n_says_so(curve, tmp_path):
+    data = json.loads((curve / "c1" / "metrics.json").read_text())
+    del data["metrics"]["test/imbalance"]  # one of alpha=1's two runs records no imbalance
+    (curve / "c1" / "metrics.json").write_text(json.dumps(data))
+    md = write_report([curve], out_dir=tmp_path / "out")["markdown"]
+    assert "| 1 | 2 | 89.5 ± 0.7 | 20.0 ± – (n=1) |" in md
+
+
+def test_a_family_average_is_not_given_over_part_of_its_rows(tmp_path):
+    # two optimization methods, one without a FLOP count: no optimization average of FLOPs from the other alone
+    for seed in (0, 1):
+        make_run(tmp_path, f"b{seed}", method="baseline", seed=seed, acc=0.8, flops=1e12)
+        make_run(tmp_path, f"o{seed}", method="ogm_ge", seed=seed, acc=0.85, flops=2e12)
+        make_run(tmp_path, f"p{seed}", method="pmr", seed=seed, acc=0.83, flops=None)
+    md = write_report([tmp_path], out_dir=tmp_path / "out")["benchmark"]["md"].read_text(encoding="utf-8")
+    average = next(line for line in md.splitlines() if "_optimization average_" in line)
+    assert average.endswith("| – |") and "| 84.0 |" in average  # accuracy averaged over both, FLOPs over neither
+    assert "Note: the optimization average of dsA train FLOPs is not given: not every row has one (1 of 2)." in md

@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ import pandas as pd
 from mmbalance.analysis.runs import (
     DASH, FORCED, METHOD_ORDER, counted, flatten_config, load_runs, natural_key, output_folder,
 )
+from mmbalance.engine.identity import canonical
 from mmbalance.errors import UserError
 
 __all__ = ["ProbeSettings", "ProbeResult", "linear_probe", "linear_regression_probe", "pair_runs", "probe_run",
@@ -83,7 +85,9 @@ def _fit_linear(train_x, test_x, out_dim: int, loss_fn, settings: ProbeSettings)
     seeded; returns its outputs on the training and the test features.
 
     Features are standardised with the training split's mean and std (a linear probe stays linear; it only
-    makes the optimisation independent of each encoder's feature scale).
+    makes the optimisation independent of each encoder's feature scale). A feature constant on the training split
+    (a dead unit) tells the probe nothing and gets no gradient, so it is left out: standardised by a near-zero std
+    it would carry its random initial weight into the test outputs, scaled up to a million times.
     """
     import torch
 
@@ -92,8 +96,11 @@ def _fit_linear(train_x, test_x, out_dim: int, loss_fn, settings: ProbeSettings)
     vx = torch.as_tensor(test_x, dtype=torch.float32, device=device).flatten(1)
     if len(tx) == 0 or len(vx) == 0:
         raise UserError("linear probe: the training or test split is empty")
-    mean, std = tx.mean(0, keepdim=True), tx.std(0, keepdim=True, unbiased=False).clamp_min(1e-6)
-    tx, vx = (tx - mean) / std, (vx - mean) / std
+    mean, std = tx.mean(0, keepdim=True), tx.std(0, keepdim=True, unbiased=False)
+    live = (std > 1e-6).squeeze(0)
+    tx, vx = ((tx - mean) / std.clamp_min(1e-6))[:, live], ((vx - mean) / std.clamp_min(1e-6))[:, live]
+    if tx.shape[1] == 0:
+        raise UserError("linear probe: every feature is constant on the training split (a dead encoder)")
 
     g = torch.Generator().manual_seed(settings.seed)
     bound = 1.0 / math.sqrt(tx.shape[1])
@@ -172,10 +179,6 @@ class RunInfo:
         return f"{self.method} ({self.variant})" if self.variant else self.method
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
 def _load(paths: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
     """Completed runs, each once, and one line per run left out (not completed, unreadable, made by resume=force
     from another run's folder, a repeat).
@@ -206,10 +209,10 @@ def _load(paths: Sequence[Path]) -> tuple[list[RunInfo], list[str]]:
             skipped.append(f"task {task!r} (no probe for it; expected one of {sorted(PROBE_METRICS)}): {run_dir}")
             continue
         runs.append(RunInfo(
-            run_dir=run_dir, dataset=str(row["dataset"]), dataset_key=_canonical(config["dataset"]),
+            run_dir=run_dir, dataset=str(row["dataset"]), dataset_key=canonical(config["dataset"]),
             method=str(row["method"]), variant=str(row["variant"] or ""), seed=seed, config=config,
             metrics=data.get("metrics") or {}, modalities=list(data.get("modalities") or []),
-            backbone_key=_canonical([config.get("backbone"), config.get("masking")]),
+            backbone_key=canonical([config.get("backbone"), config.get("masking")]),
             task=task, overrides=[str(o) for o in data.get("overrides") or []],
             data_identity=data.get("data_identity") if isinstance(data.get("data_identity"), dict) else None,
         ))
@@ -228,7 +231,7 @@ def _recipe_differences(joint: dict, alone: dict) -> list[str]:
     flat = [{k: v for k, v in flatten_config(c).items() if any(k == r or k.startswith(r + ".") for r in RECIPE_KEYS)}
             for c in (joint, alone)]
     keys = dict.fromkeys([*flat[0], *flat[1]])
-    return [k for k in keys if _canonical(flat[0].get(k, "<absent>")) != _canonical(flat[1].get(k, "<absent>"))]
+    return [k for k in keys if canonical(flat[0].get(k, "<absent>")) != canonical(flat[1].get(k, "<absent>"))]
 
 
 # Overrides of a joint run that the command training its unimodal partner leaves out: the method and the seed (it
@@ -260,9 +263,9 @@ def pair_runs(runs: list[RunInfo], methods: Iterable[str] | None = None) -> list
     joint = [r for r in runs if r.method != UNIMODAL and (wanted is None or r.method in wanted)]
     alone = [r for r in runs if r.method == UNIMODAL]
     if not joint:
-        found = sorted({r.method for r in runs})
+        found = sorted({r.method for r in runs if r.method != UNIMODAL})
         what = f" of method(s) {sorted(wanted)}" if wanted else ""
-        raise UserError(f"no completed jointly trained run{what} found (methods found: {found or 'none'}); the "
+        raise UserError(f"no completed jointly trained run{what} found (joint methods found: {found or 'none'}); the "
                         "modality-gap analysis needs a joint run (any method) and a unimodal run per modality")
     pairs, problems = [], []
     for j in sorted(joint, key=lambda r: (r.dataset, METHOD_ORDER.get(r.method, 9), r.method,
@@ -569,7 +572,7 @@ def _data_source(config: dict) -> str:
     for key in ("path", "root"):
         if isinstance(dataset.get(key), str):
             return f"dataset.{key}={dataset[key]}"
-    return f"dataset {_canonical({k: v for k, v in dataset.items() if k != 'cache_dir'})}"
+    return f"dataset {canonical({k: v for k, v in dataset.items() if k != 'cache_dir'})}"
 
 
 def _check_data(involved: Sequence[Path], runs: list[RunInfo], probing: _Probing) -> None:
@@ -595,7 +598,7 @@ def write_gap_report(paths: Iterable[str | Path], out_dir: str | Path | None = N
                      settings: ProbeSettings = ProbeSettings(), methods: Iterable[str] | None = None
                      ) -> dict[str, Any]:
     """Pair, probe and write modality_gap.csv (one row per joint run and modality), modality_gap.md and
-    modality_gap.png into `out_dir` (default: the first path when it is a folder, else the current folder).
+    modality_gap.png into `out_dir` (default: the first path when it is a folder, else the folder it is in).
 
     Returns the written paths (`csv`, `md`, `png`), the per-run rows (`rows`), the summary and the markdown.
     """
@@ -640,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                     "regression probe's test MAE). Writes modality_gap.csv, modality_gap.md and modality_gap.png.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a sweep folder or run folders (joint + unimodal)")
-    parser.add_argument("--out", metavar="OUT", help="where to write the results (default: the first DIR)")
+    parser.add_argument("--out", metavar="OUT",
+                        help="where to write the results (default: the first DIR; a metrics.json: its run folder)")
     parser.add_argument("--methods", metavar="M,...", help="only these joint methods (default: every one found)")
     # the probe's settings are part of its result (the markdown names them): --help shows what a plain run uses
     parser.add_argument("--probe-steps", type=int, default=defaults.steps,
@@ -656,6 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if args.probe_steps < 1:
         parser.error("--probe-steps must be at least 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be a finite number >= 0 (got {args.weight_decay:g})")
+    if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:<index>")
     settings = ProbeSettings(args.probe_steps, args.weight_decay, args.probe_seed, args.batch_size, args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:

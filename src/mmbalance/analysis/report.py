@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from mmbalance.analysis.runs import (
-    DASH, FORCED, GROUP_KEYS, STATUSES, counted, format_pm, is_regression, load_runs, order_key, output_folder,
-    value_scale,
+    DASH, FORCED, GROUP_KEYS, REGRESSION_SUFFIX, STATUSES, counted, format_pm, is_regression, load_runs, order_key,
+    output_folder, value_scale, with_count,
 )
 from mmbalance.analysis.studies import write_studies
 from mmbalance.engine.run_folder import RunFolder
@@ -177,7 +177,10 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
     if "test/mae.mean" in summary and summary["test/mae.mean"].notna().any():
         lines.append("")
         lines.append(REGRESSION_NOTE)
-    for dataset, table in summary.groupby("dataset", sort=False):
+    # a dataset's regression runs get a table of their own: their φ and imbalance are MAE points, not % (value_scale)
+    tasks = [row["dataset"] + REGRESSION_SUFFIX if is_regression(row) else row["dataset"]
+             for _, row in summary.iterrows()]
+    for dataset, table in summary.groupby(tasks, sort=False):
         metric_cols = [c[: -len(".mean")] for c in table.columns if c.endswith(".mean")
                        and table[c].notna().any()]
         acc_mods = _modalities(metric_cols, "test/acc/")
@@ -199,8 +202,7 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
             if f"{metric}.mean" not in row:
                 return DASH
             text = format_pm(row[f"{metric}.mean"], row[f"{metric}.std"], factor, digits)
-            k = row[f"{metric}.n"]  # a mean over fewer runs than n (a FLOP count not measured) says so
-            return f"{text} (n={k})" if 0 < k < row["n"] else text
+            return with_count(text, row[f"{metric}.n"], row["n"])  # fewer runs than n (a FLOP count not measured)
 
         for _, row in table.iterrows():
             others = ", ".join(f"+{row[f'n_{s}']} {s}" for s in (*NOT_COMPLETED_IN_GROUPS, "repeated")
@@ -274,15 +276,24 @@ def _plot(summary: pd.DataFrame, file: Path) -> Path | None:
     return file
 
 
+def _crowded(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two points are so close that labels beside them would overlap: within a fifth of the x range and a
+    twelfth of the y range of each other (a label is wide and one line high)."""
+    span_x, span_y = max(np.ptp(x), 1e-9), max(np.ptp(y), 1e-9)
+    return any(abs(x[i] - x[j]) < span_x / 5 and abs(y[i] - y[j]) < span_y / 12
+               for i in range(len(x)) for j in range(i + 1, len(x)))
+
+
 def acc_vs_imbalance_figure(points: pd.DataFrame):
     """Test accuracy against imbalance, one point (mean ± std over seeds) per summary row."""
     # No pyplot: it would set a global backend inside the user's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    # Up to LABELLED_POINTS groups are labelled beside their point; more labels would overlap, so beyond that
-    # each group gets its own colour and marker and its label goes into a legend beside the axes.
-    in_legend = len(points) > LABELLED_POINTS
+    # Up to LABELLED_POINTS groups are labelled beside their point; more labels, or points close enough for their
+    # labels to overlap, put each group's label into a legend beside the axes (its own colour and marker).
+    in_legend = len(points) > LABELLED_POINTS or _crowded(100 * points["test/imbalance.mean"].to_numpy(),
+                                                          100 * points["test/acc.mean"].to_numpy())
     fig = Figure(figsize=(11 if in_legend else 7, max(5, 0.22 * len(points)) if in_legend else 5),
                  layout="constrained")
     FigureCanvasAgg(fig)
@@ -316,10 +327,10 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path | None = None)
     (balance_curve_<method>.png, balance points in summary.md) and the training dynamics per group
     (dynamics_<dataset>_<method>[_<variant>].png).
 
-    `out_dir` defaults to the first path when it is a folder, else the current folder. The files written are
-    recorded in `out_dir`/report_manifest.json; the files an earlier report recorded there that this one does not
-    write again are removed (only while unchanged since; without a manifest, files named like a report's are
-    left, with a warning and a section in summary.md). Returns the
+    `out_dir` defaults to the first path when it is a folder, else the folder it is in (`runs.output_folder`). The
+    files written are recorded in `out_dir`/report_manifest.json; the files an earlier report recorded there that
+    this one does not write again are removed (only while unchanged since; without a manifest, files named like a
+    report's are left, with a warning and a section in summary.md). Returns the
     written paths (`runs_csv`, `summary_csv`, `summary_md`, `plot`: None when no group has an
     imbalance; `benchmark`: {md, csv, tex} or None; `balance_curves`: {method: png}; `dynamics`: [png];
     `manifest`), the removed files (`removed`), the markdown text (`markdown`), the runs frame (`runs`) and the
@@ -518,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                     "benchmark.md/.csv/.tex, balance_curve_<method>.png, dynamics_<dataset>_<method>[_<variant>].png.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders or folders holding runs")
-    parser.add_argument("--out", metavar="OUT", help="where to write the report (default: the first DIR)")
+    parser.add_argument("--out", metavar="OUT",
+                        help="where to write the report (default: the first DIR; a metrics.json: its run folder)")
     parser.add_argument("--runs", action="store_true", help="also print one line per run")
     args = parser.parse_args(argv)
     try:

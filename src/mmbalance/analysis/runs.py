@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmbalance.engine.identity import run_identity
+from mmbalance.engine.identity import canonical, run_identity
 from mmbalance.engine.run_folder import SUPERSEDED
 from mmbalance.errors import UserError
 
@@ -133,7 +133,7 @@ def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
 def _canonical(value: Any) -> str:
     if value is _MISSING:
         return "\0missing"
-    return json.dumps(value, sort_keys=True, default=str)
+    return canonical(value)  # as the run identity compares them: `alpha=1` and `alpha=1.0` are one setting
 
 
 def _format_value(value: Any) -> str:
@@ -545,9 +545,11 @@ def counted(df: pd.DataFrame) -> pd.Series:
 
 
 def output_folder(paths: Sequence[Path], out_dir: str | Path | None) -> Path:
-    """The folder a command writes into (`out_dir`, else the first path when it is a folder, else the current
-    one), created; UserError naming it when it cannot be (a file of that name, no permission)."""
-    out = Path(out_dir) if out_dir is not None else (paths[0] if paths[0].is_dir() else Path.cwd())
+    """The folder a command writes into (`out_dir`, else the first path when it is a folder, else the folder of
+    the first path: a run's metrics.json given alone reports into its run folder, as the run folder itself would,
+    never into whatever folder the command was typed in), created; UserError naming it when it cannot be (a file
+    of that name, no permission)."""
+    out = Path(out_dir) if out_dir is not None else (paths[0] if paths[0].is_dir() else paths[0].parent)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; give another output folder (--out)")
     try:
@@ -576,6 +578,9 @@ def order_key(dataset: str, method: str, variant: str) -> tuple:
 # (metrics/shapley.py), so they are numbers in the score's own unit and never share a percentage column or axis.
 PERCENT = (100.0, 1)
 MAE_POINTS = (1.0, 3)
+# A regression run's imbalance is in MAE points, its accuracy the acc-2 (non-negative) in %: a dataset's regression
+# runs are a table (summary.md) or column group (benchmark) of their own, named so, never shared with classification.
+REGRESSION_SUFFIX = " (regression)"
 
 
 def is_regression(row: Any) -> bool:
@@ -587,6 +592,11 @@ def is_regression(row: Any) -> bool:
 def value_scale(row: Any) -> tuple[float, int]:
     """(factor, digits) of the row's φ and imbalance: PERCENT, or MAE_POINTS for a regression run."""
     return MAE_POINTS if is_regression(row) else PERCENT
+
+
+def with_count(text: str, k: Any, n: Any) -> str:
+    """A table cell that says so when its mean is over only k of the row's n runs (a value some runs lack)."""
+    return f"{text} (n={int(k)})" if pd.notna(k) and pd.notna(n) and 0 < int(k) < int(n) else text
 
 
 def format_pm(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:

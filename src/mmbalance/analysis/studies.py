@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mmbalance.analysis.runs import (
-    DASH, MAE_POINTS, PERCENT, counted, format_pm, is_regression, natural_key, order_key,
+    DASH, MAE_POINTS, PERCENT, REGRESSION_SUFFIX, counted, format_pm, is_regression, natural_key, order_key, with_count,
 )
 
 __all__ = [
@@ -38,9 +39,6 @@ REFERENCE = "reference"
 # The BalanceBenchmark taxonomy in the paper's order; families it does not know come after, alphabetically.
 FAMILY_ORDER = ["data", "feed-forward", "objective", "optimization", "hybrid"]
 BENCHMARK_METRICS = [("acc", "test/acc"), ("macro_f1", "test/macro_f1")]
-# A regression run's imbalance is in MAE points (its Shapley value is v = -MAE; runs.value_scale), its accuracy the
-# acc-2 (non-negative) in %: its columns are their own group, named so, never shared with classification runs.
-REGRESSION_SUFFIX = " (regression)"
 
 
 def _figure(width: float, height: float):
@@ -169,7 +167,15 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
         average: dict[str, Any] = {"kind": "average", "family": family, "method": "average", "variant": ""}
         for c in table.columns:
             if c.endswith(".mean") or c.endswith("/flops_rel"):
-                average[c] = members[c].mean()  # skips NaN: the rows that have the dataset
+                # over the rows that have the dataset; where some of them lack the value (FLOPs not measured, no
+                # baseline trained alike), an average of the others would pass for the family's: none is given
+                ds = c.rsplit("/", 1)[0]
+                present = members[members[f"{ds}/n"] > 0][c]
+                complete = present.notna().all()
+                average[c] = present.mean() if complete else math.nan
+                if not complete and present.notna().any():
+                    notes.append(f"the {family} average of {ds} {_COLUMN_NAMES.get(c.rsplit('/', 1)[1], c)} is not "
+                                 f"given: not every row has one ({int(present.notna().sum())} of {len(present)})")
             elif c.endswith(".std"):
                 average[c] = math.nan
             elif c.endswith("/n"):
@@ -190,6 +196,11 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
     out.attrs["regression"] = sorted({ds for ds, r in zip(summary["dataset"], regression) if r})
     out.attrs["notes"] = notes
     return out
+
+
+# the benchmark table's per-dataset columns as its notes name them
+_COLUMN_NAMES = {"acc.mean": "accuracy", "macro_f1.mean": "macro-F1", "imbalance.mean": "imbalance",
+                 "flops_rel": "train FLOPs"}
 
 
 def _baselines(summary: pd.DataFrame, dataset: str, regression: bool = False) -> pd.DataFrame:
@@ -408,6 +419,10 @@ def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str
     curve (`contexts`: those of its points). A summary without contexts (an older summary.csv): the only baseline, or
     the one whose own knobs equal the curve's fixed knobs."""
     base = _baselines(summary, dataset, regression)
+    if base.empty:
+        return None, (f"no baseline: the runs given hold no completed baseline run on {dataset}"
+                      + (" (regression)" if regression else "") + " (report the curve's runs together with method=baseline "
+                      "runs trained with its settings)")
     if contexts is not None:
         if len(contexts) > 1:
             return None, ("no baseline: the curve's points differ in settings outside the method's own ("
@@ -415,18 +430,16 @@ def _matching_baseline(summary: pd.DataFrame, dataset: str, fixed: dict[str, str
         hit = reference_baseline(summary, dataset=dataset, context=contexts[0], regression=regression)
         if hit is not None:
             return hit, ""
-        if len(base):
-            return None, (f"no baseline: none of the {len(base)} baseline row(s) on {dataset} ("
-                          + ", ".join(row["variant"] or "–" for _, row in base.iterrows())
-                          + ") has the curve's settings" + (f" ({contexts[0]})" if contexts[0] else ""))
-        return None, ""
+        return None, (f"no baseline: none of the {len(base)} baseline row(s) on {dataset} ("
+                      + ", ".join(row["variant"] or "–" for _, row in base.iterrows())
+                      + ") has the curve's settings" + (f" ({contexts[0]})" if contexts[0] else ""))
     if len(base) == 1:
         return base.iloc[0], ""
     hits = [row for _, row in base.iterrows()
             if (k := _knobs(row["variant"])) is not None and all(fixed.get(name) == v for name, v in k.items())]
     if len(hits) == 1:
         return hits[0], ""
-    return None, f"no baseline: {len(base)} baseline rows on {dataset} and none matches the curve" if len(base) else ""
+    return None, f"no baseline: {len(base)} baseline rows on {dataset} and none matches the curve"
 
 
 def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list[BalanceCurve]:
@@ -462,7 +475,7 @@ def find_balance_curves(summary: pd.DataFrame, families: dict[str, str]) -> list
                     "context": [_context(row) for _, row in sub.iterrows()],
                     **{f"{short}.{s}": sub[f"{metric}.{s}"].to_numpy() if f"{metric}.{s}" in sub else math.nan
                        for short, metric in [("acc", "test/acc"), ("imbalance", "test/imbalance")]
-                       for s in ("mean", "std")},
+                       for s in ("mean", "std", "n")},
                 })
                 points = points[points["acc.mean"].notna() & points["imbalance.mean"].notna()]
                 if len(points) < 2 or points["regression"].nunique() > 1:
@@ -529,13 +542,16 @@ def _balance_markdown(curves: Sequence[BalanceCurve], files: dict[str, Path]) ->
         header = "| test acc-2 ≥0 | imbalance (MAE) |" if c.regression else "| test acc | imbalance |"
         lines += ["", f"### {c.title} (`{files[c.method].name}`)", "",
                   f"| {c.knob} | n {header}", "|---:|---:|---:|---:|"]
-        for _, r in p.iterrows():
-            lines.append(f"| {r['setting']} | {r['n']} | {format_pm(r['acc.mean'], r['acc.std'], 100.0)} "
-                         f"| {format_pm(r['imbalance.mean'], r['imbalance.std'], *imb)} |")
+        for _, r in p.iterrows():  # (n=k): a mean over fewer of the setting's runs than n, as in summary.md
+            acc = with_count(format_pm(r["acc.mean"], r["acc.std"], 100.0), r["acc.n"], r["n"])
+            imbalance = with_count(format_pm(r["imbalance.mean"], r["imbalance.std"], *imb), r["imbalance.n"], r["n"])
+            lines.append(f"| {r['setting']} | {r['n']} | {acc} | {imbalance} |")
         if c.baseline is not None:
             b = c.baseline
-            lines.append(f"| baseline | {b['n']} | {format_pm(b.get('test/acc.mean'), b.get('test/acc.std'), 100.0)} "
-                         f"| {format_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), *imb)} |")
+            acc = format_pm(b.get('test/acc.mean'), b.get('test/acc.std'), 100.0)
+            imbalance = format_pm(b.get('test/imbalance.mean'), b.get('test/imbalance.std'), *imb)
+            lines.append(f"| baseline | {b['n']} | {with_count(acc, b.get('test/acc.n'), b['n'])} "
+                         f"| {with_count(imbalance, b.get('test/imbalance.n'), b['n'])} |")
         lines.append("")
         if c.baseline is None and c.baseline_note:
             lines.append(f"Note: {c.baseline_note}; the plot shows no baseline ★.")
@@ -705,12 +721,15 @@ def write_dynamics(df: pd.DataFrame, out: Path, notes: list[str] | None = None) 
                 ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if epochs.nunique() == 1:  # one epoch: the locator would tick a ±0.05 range around it
+                ax.set_xticks([int(epochs.iloc[0])])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         ax_phi.set_ylabel(f"validation Shapley value φ ({unit})")
         if has_imbalance:
             ax_imb.set_ylabel(f"validation imbalance ({unit})")
-        fig.suptitle(f"Training dynamics: {what} (mean ± std over {over})")
+        # wrapped to the figure: the one-panel figure of a unimodal run is half as wide
+        fig.suptitle(textwrap.fill(f"Training dynamics: {what} (mean ± std over {over})", 110 if has_imbalance else 55))
         name = "_".join(_safe_name(p) for p in (dataset, method, variant) if p)
         file = out / f"dynamics_{name}.png"
         fig.savefig(file, dpi=120)

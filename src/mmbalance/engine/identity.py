@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 
     lines = []
     for key in keys:
         old, new = recorded.get(key, "<absent>"), current.get(key, "<absent>")
-        if _canonical(old) != _canonical(new) and not _located_alike(old, new):
+        if canonical(old) != canonical(new) and not _located_alike(old, new):
             lines.append(f"{key}: {old!r} -> {new!r}")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
@@ -162,12 +163,25 @@ def refusal(where, owner: str, diff: list[str]) -> str:
     )
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=repr)
+def _same_number(value: Any) -> Any:
+    """`value` with every whole float as an int, in nested dicts and lists too: `method.alpha=1` and
+    `method.alpha=1.0` are one setting (Hydra keeps the type as typed), so one run and one report row."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_number(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_same_number(v) for v in value]
+    return value
+
+
+def canonical(value: Any) -> str:
+    """The one text form in which two settings (or identities) are compared: sorted keys, whole floats as ints."""
+    return json.dumps(_same_number(value), sort_keys=True, default=repr)
 
 
 def _digest(items: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical(items).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical(items).encode()).hexdigest()[:16]
 
 
 # ---- sweep job folders ----

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import torch
@@ -9,6 +10,12 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import PositiveFloat
 from mmbalance.methods.base import Method
+
+log = logging.getLogger("mmbalance")
+# optimizers whose step divides each parameter's gradient by a running estimate of its own magnitude: a constant
+# factor on a parameter's gradient (MMPareto's gamma) cancels out of their updates
+SCALE_INVARIANT_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+                              torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad)
 
 
 def min_norm_weight(aa: Tensor, ab: Tensor, bb: Tensor) -> Tensor:
@@ -93,6 +100,11 @@ class MMPareto(Method):
 
     def setup(self, run):
         super().setup(run)
+        if isinstance(run.optimizer, SCALE_INVARIANT_OPTIMIZERS):
+            log.warning("MMPareto: method.gamma=%g scales the encoder gradients by a constant, which %s cancels out "
+                        "of its updates (it normalises each parameter's gradient): gamma has no effect here; the "
+                        "paper and its official code use SGD (optimizer=sgd)", self.gamma,
+                        type(run.optimizer).__name__)
         model = run.model
         self.heads = None
         if self.unimodal_head == "aux":
