@@ -617,3 +617,42 @@ def test_a_run_trained_further_gets_a_new_mlflow_run_with_its_own_params(tmp_pat
     assert [(m.step, m.value) for m in client.get_metric_history(new_id, "val/acc")] == [
         (int(r["epoch"]), pytest.approx(r["val/acc"])) for r in rows]
     assert new.data.metrics["final/test.acc"] == pytest.approx(read_metrics(out)["metrics"]["test/acc"])
+
+
+def test_every_option_of_the_logger_configs_is_in_the_schema_and_nothing_else():
+    import yaml
+
+    from mmbalance.engine.loggers import OPTION_SCHEMAS
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "logger"
+    for name in ("csv", "tensorboard", "mlflow", "wandb"):
+        options = yaml.safe_load((conf / f"{name}.yaml").read_text())[name] or {}
+        assert set(options) == set(OPTION_SCHEMAS[name]), name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+logger.mlflow.trackin_uri=x", "logger.mlflow.trackin_uri: unknown option, no code reads it; did you mean "
+                                     "logger.mlflow.tracking_uri?"),
+    ("logger.mlflow.artifacts=maybe", "logger.mlflow.artifacts"),
+    ("logger.mlflow.tracking_uri=bogus://x", "logger.mlflow.tracking_uri='bogus://x': MLflow cannot open a 'bogus' "
+                                             "URI"),
+])
+def test_a_logger_option_no_code_reads_or_of_another_type_is_refused_before_training(tmp_path, override, message):
+    from mmbalance.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        train_in_process(tmp_path / "run", ["logger=mlflow", override])
+    assert message in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "mlruns").exists()
+
+
+def test_mlflow_on_a_database_keeps_its_artifacts_in_the_run_folder_not_the_current_one(tmp_path, monkeypatch):
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_in_process(tmp_path / "run", ["logger=mlflow", f"logger.mlflow.tracking_uri={uri}"])
+    [experiment] = [e for e in MlflowClient(uri).search_experiments() if e.name != "Default"]
+    assert experiment.artifact_location == (tmp_path / "run" / "mlartifacts").resolve().as_uri()
+    assert not (tmp_path / "mlruns").exists() and any((tmp_path / "run" / "mlartifacts").rglob("history.csv"))

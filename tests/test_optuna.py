@@ -58,3 +58,18 @@ def test_an_interrupted_optuna_sweep_resumes_from_its_storage(tmp_path):
             if r.get("status")}
     assert sorted(runs) == sorted(alphas)
     assert all(t.value == runs[t.params["method.alpha"]]["metrics"]["val/acc"] for t in trials)
+
+
+def test_a_storage_that_cannot_open_or_holds_the_study_with_another_direction_is_one_message(tmp_path):
+    base = ["sweep=optuna_ogm_ge", "hydra.sweeper.n_trials=1", *FAST, "trainer.epochs=1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_cli([*base, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'no' / 'such' / 'x.db'}"], cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "hydra.sweeper.storage=sqlite:///" in proc.stderr and "cannot open the Optuna study database" in proc.stderr
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="ogm_ge_alpha", storage=storage, direction="maximize")
+    proc = run_cli([*base, f"hydra.sweeper.storage={storage}", "hydra.sweeper.direction=minimize"], cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert ("error: hydra.sweeper.direction=minimize: the study 'ogm_ge_alpha' in " + storage
+            + " was created to maximize") in proc.stderr
+    assert not list((tmp_path / "sweep").glob("*/metrics.json"))  # no trial ran

@@ -160,3 +160,31 @@ def test_the_cli_sets_the_wait_policy_before_torch(tmp_path):
     record = read_metrics(tmp_path)["threads"]
     assert record["wait_policy"] == "passive" and record["wait_policy_in_effect"] is True
     assert record["intra_op"] >= 1 and record["source"] in ("affinity", "cgroup", "slurm", "env")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "1.5"])
+def test_a_parallel_jobs_value_that_is_no_positive_integer_is_refused_naming_it(value):
+    from mmbalance.errors import UserError
+
+    with pytest.raises(UserError, match=f"MMBALANCE_PARALLEL_JOBS='{value}': expected a positive integer"):
+        policy(env={"MMBALANCE_PARALLEL_JOBS": value})
+
+
+def test_a_continued_run_keeps_the_thread_count_it_was_trained_with():
+    # the count orders float reductions: a sweep job trained with 1 thread (joblib, 2 jobs) and resumed alone
+    # would otherwise take every CPU and its remaining epochs would compute differently
+    auto = policy(affinity=8)
+    kept = threads.keep_trained_count(auto, "auto", {"intra_op": 1})
+    assert (kept.intra_op, kept.source) == (1, "trained_with")
+    assert threads.keep_trained_count(policy(affinity=2), "auto", {"intra_op": 6}).intra_op == 2  # at most the CPUs
+    assert threads.keep_trained_count(policy(3), 3, {"intra_op": 1}).intra_op == 3  # an explicit count is kept
+    assert threads.keep_trained_count(policy(affinity=8), "auto", None).intra_op == 8  # nothing recorded
+
+
+def test_a_reevaluated_run_uses_its_recorded_thread_count(tmp_path):
+    train_in_process(tmp_path, ["trainer.epochs=1", "eval.flops=false", "hardware.threads=1"])
+    train_in_process(tmp_path, ["trainer.epochs=1", "eval.flops=false", "resume=reevaluate"])
+    record = read_metrics(tmp_path)["threads"]
+    assert record["intra_op"] == 1 and torch.get_num_threads() == 1
+    if (threads.affinity_cpus() or 1) > 1:
+        assert record["source"] == "trained_with"

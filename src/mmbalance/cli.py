@@ -59,6 +59,7 @@ class OutputFolders(Callback):
         sweeper = config.hydra.get("sweeper") or {}
         if "optuna" in str(sweeper.get("_target_", "")).lower():
             _study = ("optuna", sweeper.get("storage"))
+            _check_optuna_storage(sweeper)
         _check_output_folder("hydra.sweep.dir", _sweep_dir, "sweep")
         # Hydra raises a failed job's error again once the sweep's jobs have ended: passed on to console_main,
         # which sums the sweep up, instead of printed with a traceback
@@ -77,6 +78,30 @@ def _check_output_folder(key: str, folder, what: str) -> None:
         # SystemExit: Hydra turns a callback's exception into a warning
         raise SystemExit(f"error: {key}={folder}: cannot create or write the {what} folder ({reason}); "
                          f"choose another with {key}=<folder>") from None
+
+
+def _check_optuna_storage(sweeper) -> None:
+    """An Optuna storage that cannot be opened, or that holds the study with another direction, is one message
+    naming the option (SystemExit, as `_check_output_folder`), before the sweeper's traceback would say it."""
+    storage, name = sweeper.get("storage"), sweeper.get("study_name")
+    if not storage:
+        return
+    import optuna
+
+    try:
+        summaries = optuna.study.get_all_study_summaries(optuna.storages.get_storage(str(storage)))
+    except Exception as exc:  # SQLAlchemy's OperationalError (no such folder, not a database), an unknown dialect
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise SystemExit(f"error: hydra.sweeper.storage={storage}: cannot open the Optuna study database ({detail}); "
+                         "give a database URL whose folder exists, e.g. sqlite:///$PWD/optuna.db") from None
+    wanted = [str(d).lower() for d in (sweeper.get("direction") if isinstance(sweeper.get("direction"), (list, tuple))
+                                        or OmegaConf.is_list(sweeper.get("direction")) else [sweeper.get("direction")])]
+    for summary in summaries:
+        stored = [d.name.lower() for d in getattr(summary, "directions", None) or [summary.direction]]
+        if summary.study_name == name and stored != wanted:
+            raise SystemExit(f"error: hydra.sweeper.direction={','.join(wanted)}: the study {name!r} in {storage} "
+                             f"was created to {','.join(stored)}; continue it with that direction, or start another "
+                             "study with hydra.sweeper.study_name=<name>")
 
 
 def _given(key: str, overrides) -> bool:

@@ -222,7 +222,9 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
 
     try:
         if trainer is None:
-            trainer = _make_trainer(cfg, output_dir, results, device, identity, overrides, mode)
+            # a run that continues keeps the thread count it was trained with (threads.keep_trained_count)
+            trained_with = (plan.previous or {}).get("threads") if plan.action in ("resume", "reevaluate") else None
+            trainer = _make_trainer(cfg, output_dir, results, device, identity, overrides, mode, trained_with)
         trainer.started = started  # this process's wall time includes building the data and the model
         trainer.on_start = start_extension
         results["metrics"] = _fit(cfg, trainer, output_dir, require_checkpoint=keep_completed)
@@ -289,11 +291,11 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
 
 
 def _make_trainer(cfg: DictConfig, output_dir: Path, results: dict, device, identity: dict, overrides,
-                  mode: str) -> Trainer:
+                  mode: str, trained_with: dict | None = None) -> Trainer:
     validate(cfg)
     # experiment loggers on rank 0: a missing package is refused here, before any work; they start in fit()
     loggers = build_loggers(cfg, output_dir, results) if distributed.is_main() else None
-    results["threads"] = threads.apply(cfg.hardware)  # thread counts and wait policy, once per run
+    results["threads"] = threads.apply(cfg.hardware, trained_with)  # thread counts and wait policy, once per run
     run = build_run(cfg, device or resolve_device(cfg.hardware), output_dir, results)
     run.identity = {**identity, "data": results["data_identity"], "overrides": list(overrides or []),
                     "run_dir": str(output_dir.resolve())}

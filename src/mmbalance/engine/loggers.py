@@ -29,11 +29,11 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mmbalance.engine.checkpoint import write_json
 from mmbalance.engine.identity import flatten
-from mmbalance.errors import UserError, log_traceback_to_files
+from mmbalance.errors import ConfigError, UserError, log_traceback_to_files
 
 log = logging.getLogger("mmbalance")
 
@@ -43,6 +43,21 @@ TB_OWNER = ".mmbalance_run.json"  # in a run's own sub-folder of a shared Tensor
 OPTIONS = ("auto", "csv", "tensorboard", "mlflow", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> module it needs
 WANDB_MODES = ("offline", "online", "disabled")
+# every option conf/logger/<name>.yaml has, with its type: a key no code reads (`+logger.mlflow.trackin_uri=...`,
+# which Hydra lets through) or a value of another type is refused before training, as in the other config groups
+_NAME = str | None
+OPTION_SCHEMAS: dict[str, dict[str, Any]] = {
+    "csv": {},
+    "tensorboard": {"dir": str, "hparams": bool, "if_installed": bool},
+    "mlflow": {"tracking_uri": _NAME, "experiment": _NAME, "run_name": _NAME, "artifacts": bool},
+    "wandb": {"mode": Literal[WANDB_MODES] | None, "project": _NAME, "entity": _NAME, "group": _NAME,
+              "name": _NAME},
+}
+# the MLflow tracking URI schemes the client opens (a database scheme may name its driver: postgresql+psycopg2);
+# no scheme is a local folder
+MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc", "sqlite", "postgresql", "mysql",
+                  "mssql")
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
 RECORD_ARTIFACT = "mmbalance_metrics.json"  # metrics.json in MLflow's artifacts
 FINAL = "final/"  # prefix of the run's final metrics (metrics.json "metrics") in every tracker
 # MLflow's HTTP defaults (7 retries with a doubling backoff, 120 s per request) hold a run for about 4 minutes
@@ -100,6 +115,9 @@ def build_loggers(cfg, run_dir: Path, results: dict | None = None, sweep_dir: Pa
     if unknown:
         raise UserError(f"logger: unknown logger(s) {unknown}; expected any of {list(OPTIONS)} "
                         "(several as logger=[tensorboard,mlflow])")
+    problems = [p for name, options in chosen.items() for p in option_problems(name, options)]
+    if problems:
+        raise ConfigError(problems)
     if sweep_dir is None:
         sweep_dir = hydra_sweep_dir()
     config = results.get("config")
@@ -133,6 +151,35 @@ def build_loggers(cfg, run_dir: Path, results: dict | None = None, sweep_dir: Pa
         status[lg.name] = {"status": "chosen", "where": lg.where(info)}
     results["loggers"] = status
     return Loggers(loggers, info, status)
+
+
+def option_problems(name: str, options: dict) -> list[str]:
+    """What is wrong with logger `name`'s options (OPTION_SCHEMAS): keys no code reads, with the closest known
+    one, values of another type, an MLflow tracking URI of a scheme MLflow cannot open."""
+    import difflib
+
+    from mmbalance.constraints import value_problems
+
+    schema = OPTION_SCHEMAS.get(name, {})
+    problems = []
+    for key, value in options.items():
+        where = f"logger.{name}.{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, schema, n=2)
+            problems.append(f"{where}: unknown option, no code reads it; " + (
+                f"did you mean {' or '.join(f'logger.{name}.{c}' for c in close)}?" if close else
+                f"logger {name} has the options {', '.join(schema) or 'none'}"))
+        else:
+            problems.extend(value_problems(where, value, schema[key]))
+    uri = options.get("tracking_uri") if name == "mlflow" else None
+    if isinstance(uri, str) and uri:
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else (uri.split(":", 1)[0].lower() if ":" in uri
+                                                                       else "")
+        if scheme and scheme.split("+")[0] not in MLFLOW_SCHEMES and len(scheme) > 1:  # C:\... is a local path
+            problems.append(f"logger.mlflow.tracking_uri={uri!r}: MLflow cannot open a {scheme!r} URI; expected a "
+                            f"folder or a URI of {', '.join(MLFLOW_SCHEMES)} (e.g. http://host:5000, "
+                            "sqlite:///path/mlflow.db)")
+    return problems
 
 
 def hydra_sweep_dir() -> Path | None:
@@ -548,7 +595,7 @@ class MLflowLogger(Logger):
             self.client.update_run(self.run_id, status="RUNNING")
             rows = [r for r in history if int(r["epoch"]) > logged_through]
         else:
-            self.experiment_id = self._experiment_id(uri)
+            self.experiment_id = self._experiment_id(uri, info)
             tags = {"mmbalance.run_dir": str(info.run_dir.resolve()), "mmbalance.identity": str(info.identity)}
             tags.update({f"mmbalance.choice.{k}": str(v) for k, v in info.choices.items()})
             tags.update({f"mmbalance.tag.{t}": "true" for t in info.tags})
@@ -568,16 +615,20 @@ class MLflowLogger(Logger):
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "resumed": resumed,
                 **({"continues": self.continues} if self.continues else {})}
 
-    def _experiment_id(self, uri: str) -> str:
+    def _experiment_id(self, uri: str, info: RunInfo) -> str:
         from mlflow.exceptions import MlflowException
 
+        # a database store keeps no files: MLflow's default artifact root is then ./mlruns of whatever folder the
+        # command was typed in (the repository, a home folder); the run's (or sweep's) folder holds them instead
+        database = uri.split(":", 1)[0].split("+")[0].lower() in MLFLOW_DATABASES
+        artifacts = ((info.sweep_dir or info.run_dir) / "mlartifacts").resolve().as_uri() if database else None
         # a sweep's jobs may start together: one lock per local store makes "get or create" one step
         with _store_lock(uri):
             found = self.client.get_experiment_by_name(self.experiment)
             if found is not None:
                 return found.experiment_id
             try:
-                return self.client.create_experiment(self.experiment)
+                return self.client.create_experiment(self.experiment, artifact_location=artifacts)
             except MlflowException:  # another process created it in between (a remote store)
                 found = self.client.get_experiment_by_name(self.experiment)
                 if found is None:

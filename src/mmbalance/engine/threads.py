@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmbalance.errors import UserError
+
 ENV_PARALLEL_JOBS = "MMBALANCE_PARALLEL_JOBS"  # runs sharing this machine's CPUs (set it for hand-made parallelism)
 HOST_THREADS_ON_GPU = 4
 WAIT_POLICIES = ("passive", "active", "auto")
@@ -138,8 +140,16 @@ def launcher_jobs(launcher: Mapping | None, cpus: int) -> int | None:
 
 
 def parallel_jobs(env: Mapping[str, str], launcher_n: int | None = None) -> tuple[int, str]:
-    """(runs sharing this machine's CPUs, where that number comes from)."""
-    for name in (ENV_PARALLEL_JOBS, "LOCAL_WORLD_SIZE"):
+    """(runs sharing this machine's CPUs, where that number comes from). A value of MMBALANCE_PARALLEL_JOBS that is
+    not a positive integer is refused (UserError naming it): ignored, the run would take every CPU beside the
+    others it was set for."""
+    text = str(env.get(ENV_PARALLEL_JOBS, "")).strip()
+    if text:
+        if not _positive_int(text):
+            raise UserError(f"{ENV_PARALLEL_JOBS}={text!r}: expected a positive integer (the number of runs sharing "
+                             "this machine's CPUs), or unset it")
+        return int(text), ENV_PARALLEL_JOBS
+    for name in ("LOCAL_WORLD_SIZE",):
         try:
             value = int(env.get(name, ""))
         except ValueError:
@@ -158,7 +168,7 @@ class ThreadPolicy:
     intra_op: int
     inter_op: int
     wait_policy: str            # passive | active (what the OpenMP runtime is asked for)
-    source: str                 # config | env | affinity | cgroup | slurm: what set intra_op
+    source: str                 # config | env | affinity | cgroup | slurm | trained_with: what set intra_op
     cpus_available: int | None  # the smallest CPU limit found
     parallel_jobs: int
     parallel_jobs_source: str
@@ -235,13 +245,29 @@ def prepare_process(hardware: Mapping | None, launcher: Mapping | None = None) -
     _prepared.update(wait_policy=wait, before_torch=True)
 
 
-def apply(hardware: Mapping | None) -> dict[str, Any]:
-    """Resolve the policy for this run, set torch's thread counts, and return what metrics.json records."""
+def keep_trained_count(policy: ThreadPolicy, threads: Any, trained_with: Any) -> ThreadPolicy:
+    """With `threads=auto`, a run that continues (resume, re-evaluation) uses the intra-op count it was trained with
+    (`trained_with`: the `threads` record of its metrics.json), at most the CPUs available here: the count orders
+    float reductions, so the same count makes a resumed run equal the uninterrupted one bit for bit (a sweep job
+    trained with 1 thread under joblib and resumed alone would otherwise take 2). An explicit count is kept."""
+    previous = trained_with.get("intra_op") if isinstance(trained_with, Mapping) else None
+    if threads != "auto" or not isinstance(previous, int) or isinstance(previous, bool) or previous < 1:
+        return policy
+    count = min(previous, policy.cpus_available or previous)
+    if count != policy.intra_op:
+        policy.intra_op, policy.source = count, "trained_with"
+    return policy
+
+
+def apply(hardware: Mapping | None, trained_with: Mapping | None = None) -> dict[str, Any]:
+    """Resolve the policy for this run (`keep_trained_count` for a run that continues), set torch's thread counts,
+    and return what metrics.json records."""
     import torch
 
     threads, wait_policy, device = _settings(hardware)
     policy = resolve(threads, wait_policy, device, env=os.environ, affinity=affinity_cpus(), cgroup=cgroup_cpus(),
                      launcher_n=_prepared["launcher_jobs"])
+    policy = keep_trained_count(policy, threads, trained_with)
     torch.set_num_threads(policy.intra_op)
     try:
         torch.set_num_interop_threads(policy.inter_op)
