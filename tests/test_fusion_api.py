@@ -202,3 +202,41 @@ def test_methods_use_only_the_fusion_api():
         if re.search(r"\.slices\b", code):
             problems.append(f"{path.name} reaches into .slices")
     assert not problems, problems
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=mmpareto", "method.unimodal_head=slice", "backbone.fusion=gated"],
+     "method mmpareto needs per-modality logits (method.unimodal_head=slice), which backbone.fusion=gated does not "
+     "define; use backbone.fusion=concat or sum, or method.unimodal_head=aux"),
+    (["method=greedy", "backbone.fusion=film"],
+     "method greedy needs per-modality logits (method.loss=unimodal), which backbone.fusion=film does not define; "
+     "use backbone.fusion=concat or sum, or method.loss=fused"),
+    (["method=hybrid_ogm_ge_mbsd", "backbone.fusion=film"],
+     "method.parts[0] (ogm_ge): method ogm_ge needs per-modality logits, which backbone.fusion=film does not define"),
+])
+def test_a_fusion_refusal_names_the_fusion_key_the_option_behind_it_and_the_part(overrides, message):
+    from conftest import compose_cfg
+    from test_methods import make_run
+
+    with pytest.raises(UserError) as err:
+        make_run(compose_cfg(["dataset=synthetic", *overrides]))
+    assert message in str(err.value)
+
+
+def test_fusion_kwargs_are_checked_against_the_chosen_heads_arguments_before_anything_is_built():
+    from conftest import compose_cfg
+
+    from mmbalance.config import validate
+    from mmbalance.errors import ConfigError
+
+    validate(compose_cfg(["backbone.fusion=gated", "+backbone.fusion_kwargs.hidden=32"]))
+    for overrides, message in [
+        (["backbone.fusion=gated", "+backbone.fusion_kwargs.hiden=32"],
+         "backbone.fusion_kwargs.hiden: backbone.fusion=gated takes no argument 'hiden' (did you mean hidden? it "
+         "takes: hidden)"),
+        (["+backbone.fusion_kwargs.hidden=32"], "backbone.fusion=concat takes no argument 'hidden' (it takes: none)"),
+        (["backbone.fusion=film", "+backbone.fusion_kwargs.hidden=abc"], "backbone.fusion_kwargs.hidden"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            validate(compose_cfg(overrides))
+        assert message in str(err.value)

@@ -76,7 +76,7 @@ def test_training_forward_and_evaluation_use_the_same_cosine_logits_and_no_bias(
 
 
 def test_refuses_fusions_without_a_linear_block_per_modality():
-    with pytest.raises(UserError, match="mmcosine.*GatedFusion.*concat or sum"):
+    with pytest.raises(UserError, match="mmcosine.*backbone.fusion=gated.*concat or sum"):
         make_run(compose_cfg(["method=mmcosine", "backbone.fusion=gated"]))
     with pytest.raises(UserError, match="scaling"):
         MMCosine(scaling=0)

@@ -203,3 +203,13 @@ def test_refuses_a_fusion_without_per_modality_blocks_and_a_single_modality():
 
     with pytest.raises(UserError, match="^method reconboost balances modalities against each other, so it needs at"):
         build_run(compose_cfg(["method=reconboost", "~dataset.modalities.visual"]), torch.device("cpu"))
+
+
+def test_a_run_optimizer_it_never_steps_is_named_in_a_warning(caplog):
+    from conftest import compose_cfg
+    from test_methods import make_run
+
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        make_run(compose_cfg(["dataset=synthetic", "method=reconboost", "optimizer=adam"]))
+    assert "reconboost trains with its own SGD per phase (method.m_lr=0.01, method.e_lr=0.01" in caplog.text
+    assert "the optimizer group's Adam (lr 0.001) is not used" in caplog.text

@@ -257,10 +257,39 @@ def validate(cfg: DictConfig) -> None:
                 problems.append(f"{key}: missing from the run config")
             continue
         problems.extend(_check_key(node, name, key, hint))
+    problems.extend(_fusion_kwargs_problems(cfg.get("backbone")))
     problems.extend(_unknown_keys(cfg, [*required, *OPTIONAL_SCHEMA]))
     problems.extend(_optimized_metric_problems(cfg.get("optimized_metric")))
     if problems:
         raise ConfigError(problems)
+
+
+def _fusion_kwargs_problems(backbone: Any) -> list[str]:
+    """`backbone.fusion_kwargs` against the chosen fusion head's own arguments (its hidden size, ...): a key it
+    does not take, or a value of another type, before the data and model are built."""
+    from mmbalance.models.fusion import FUSIONS
+
+    if not isinstance(backbone, DictConfig) or backbone.get("fusion") not in FUSIONS:
+        return []  # an unknown fusion is reported by the schema check
+    kwargs = backbone.get("fusion_kwargs")
+    if not kwargs:
+        return []
+    if not isinstance(kwargs, DictConfig):
+        return [f"backbone.fusion_kwargs: expected a mapping of argument: value, got {kwargs!r}"]
+    fusion = FUSIONS[backbone.fusion]
+    own = [n for n in inspect.signature(fusion).parameters if n not in ("self", "dims", "num_classes")]
+    hints = _parameter_hints(fusion)
+    problems = []
+    for key in map(str, kwargs.keys()):
+        where = f"backbone.fusion_kwargs.{key}"
+        if key not in own:
+            close = difflib.get_close_matches(key, own, n=1)
+            problems.append(f"{where}: backbone.fusion={backbone.fusion} takes no argument {key!r} ("
+                            + (f"did you mean {close[0]}? " if close else "")
+                            + f"it takes: {', '.join(own) or 'none'})")
+        elif key in hints:
+            problems.extend(_check_key(kwargs, key, where, hints[key]))
+    return problems
 
 
 def _optimized_metric_problems(key: Any) -> list[str]:

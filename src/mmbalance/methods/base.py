@@ -35,7 +35,7 @@ from mmbalance.constraints import checked_arguments
 from mmbalance.data.batch import Batch
 from mmbalance.errors import ConfigError, UserError
 from mmbalance.metrics.regression import LOSS_KEYS, regression_loss, resolve_loss
-from mmbalance.models.fusion import fusion_choices
+from mmbalance.models.fusion import fusion_choices, fusion_key
 from mmbalance.models.multimodal import Output
 
 if TYPE_CHECKING:  # the run context lives in the engine; methods only read it
@@ -73,6 +73,9 @@ class Method:
     min_modalities: int = 1
     #: whether the method needs per-modality logits from the fusion head (concat/sum fusion)
     needs_unimodal_logits: bool = False
+    # (the option value that makes the method need them, the value that does not): a method that needs them only
+    # under one of its options names both when a fusion without per-modality logits refuses it
+    unimodal_logits_option: tuple[str, str] | None = None
     #: True when `setup` adds its own FLOPs to `run.flops` (e.g. UMT's teacher training, counted like the trainer
     #: counts steps); otherwise the trainer measures all of `setup`, which slows long setups under the counter
     counts_own_setup_flops: bool = False
@@ -171,10 +174,11 @@ class Method:
     def setup(self, run: Run) -> None:
         self.hold_out_once(run)  # a no-op when a hybrid ran it before every part's setup
         if self.needs_unimodal_logits and not run.model.fusion.has_unimodal_logits:
+            chosen, other = self.unimodal_logits_option or ("", "")
             raise UserError(
-                f"method {self.name} needs per-modality logits, which backbone.fusion="
-                f"{type(run.model.fusion).__name__} does not define; use backbone.fusion="
-                f"{fusion_choices('has_unimodal_logits')}"
+                f"method {self.name} needs per-modality logits" + (f" ({chosen})" if chosen else "") + ", which "
+                f"backbone.fusion={fusion_key(run.model.fusion)} does not define; use backbone.fusion="
+                f"{fusion_choices('has_unimodal_logits')}" + (f", or {other}" if other else "")
             )
 
     # ---- data stage ----

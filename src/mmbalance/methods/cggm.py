@@ -13,7 +13,7 @@ from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloa
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
 from mmbalance.methods.gblending import fresh_optimizer
-from mmbalance.models.fusion import fusion_choices
+from mmbalance.models.fusion import fusion_choices, fusion_key
 
 log = logging.getLogger("mmbalance")
 
@@ -167,7 +167,7 @@ class CGGM(Method):
         if self.lam > 0 and not model.fusion.has_linear_blocks:
             raise UserError(
                 f"method cggm's direction term (method.lam={self.lam}) compares each modality's block of the fusion "
-                f"head with its auxiliary classifier, which backbone.fusion={type(model.fusion).__name__} does not "
+                f"head with its auxiliary classifier, which backbone.fusion={fusion_key(model.fusion)} does not "
                 f"have; use backbone.fusion={fusion_choices('has_linear_blocks')} or method.lam=0")
         dims = model.fusion.dims
         classifiers = nn.ModuleDict({m: AuxClassifier(dims[m], run.num_classes, self.cls_layers) for m in mods})

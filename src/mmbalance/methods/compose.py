@@ -207,13 +207,16 @@ class Compose(Method):
             p.hold_out_once(run)
         train_loader = run.train_loader
         replaced = []
-        for p in self.parts:
+        for index, p in enumerate(self.parts):
             before = run.model
-            if self.counts_own_setup_flops and not p.counts_own_setup_flops:
-                with run.flops.measure("method_setup"):
+            try:
+                if self.counts_own_setup_flops and not p.counts_own_setup_flops:
+                    with run.flops.measure("method_setup"):
+                        p.setup(run)
+                else:
                     p.setup(run)
-            else:
-                p.setup(run)
+            except UserError as e:  # a part refusing the model or data (a fusion, a modality) names itself
+                raise part_error(e, index, p.name) from e
             if run.train_loader is not train_loader:
                 raise UserError(
                     f"method=compose cannot combine {' + '.join(self.part_names)}: {p.name} rebuilds the training "

@@ -138,6 +138,7 @@ class GBlending(Method):
         self.gain_floor = gain_floor
         self.overfit_floor = overfit_floor
         self.needs_unimodal_logits = unimodal_heads == "slice"
+        self.unimodal_logits_option = ("method.unimodal_heads=slice", "method.unimodal_heads=aux")
         self.weights: dict[str, float] = {}
         self.last_measure: dict[str, tuple[float, float]] | None = None  # trajectory: (L^T, L^V) at the last boundary
         self.heads: nn.ModuleDict | None = None

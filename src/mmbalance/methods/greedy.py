@@ -172,6 +172,7 @@ class Greedy(Method):
         self.mmtm_from_stage = int(mmtm_from_stage)
         self.loss_kind = loss
         self.needs_unimodal_logits = loss == "unimodal"
+        self.unimodal_logits_option = ("method.loss=unimodal", "method.loss=fused (the peer's variant)")
         self.acc = {"bypass": [0.0, 0.0], "main": [0.0, 0.0]}
         self.curating = False
         self.caring: int | None = None

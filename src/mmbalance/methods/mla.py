@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from mmbalance.constraints import NonNegativeFloat, PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method, refuse_inactive_options
+from mmbalance.models.fusion import fusion_key
 
 log = logging.getLogger("mmbalance")
 
@@ -121,14 +122,15 @@ class MLA(Method):
         dims = {m: model.fusion.dims[m] for m in model.modalities}
         if len(set(dims.values())) != 1:
             raise UserError(f"method=mla shares one head across modalities, so every encoder needs the same "
-                            f"out_dim; got {dims}")
+                            f"out_dim; got {dims}: set the encoders' out_dim alike, e.g. "
+                            f"backbone.encoders.<kind>.out_dim={max(dims.values())} for each kind")
         d = next(iter(dims.values()))
         self.weights = fixed_weights(model.modalities, self.weights_arg)
         self.head = self.register_module(run, "shared_head", nn.Linear(d, run.num_classes))
         self.P = torch.eye(d, device=run.device)
         if not model.fusion.has_linear_blocks:
             log.info("mla: the model's %s head is unused (predictions use the shared head)",
-                     type(model.fusion).__name__)
+                     fusion_key(model.fusion))
         self.mirror_head(run)
 
     def on_epoch_start(self, run, epoch):

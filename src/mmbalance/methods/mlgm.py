@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, Range
 from mmbalance.methods.base import Method, refuse_empty_window
+from mmbalance.models.fusion import fusion_key
 
 log = logging.getLogger("mmbalance")
 
@@ -134,6 +135,7 @@ class MLGM(Method):
         self.modulation_starts = modulation_starts
         self.modulation_ends = modulation_ends
         self.needs_unimodal_logits = unimodal_heads == "slice"
+        self.unimodal_logits_option = ("method.unimodal_heads=slice", "method.unimodal_heads=aux")
         self.heads: nn.ModuleDict | None = None
         self.last_coefficients: dict[str, float] = {}
 
@@ -156,8 +158,10 @@ class MLGM(Method):
         self.scaled: dict[str, list[tuple[nn.Parameter, Tensor | None]]] = {}
         blocks = self.scale_fusion_block and model.fusion.has_linear_blocks
         if self.scale_fusion_block and not blocks:
-            log.info("mlgm: backbone.fusion=%s has no per-modality weight block; only the encoders%s are scaled",
-                     type(model.fusion).__name__, " and the aux heads" if self.heads is not None else "")
+            # the official method scales that block too: a partial no-op the user should see (false silences it)
+            log.warning("mlgm: backbone.fusion=%s has no per-modality weight block, so method.scale_fusion_block=true "
+                        "scales only the encoders%s; set method.scale_fusion_block=false to say so",
+                        fusion_key(model.fusion), " and the aux heads" if self.heads is not None else "")
         for m, params in model.modality_parameters().items():
             entries: list[tuple[nn.Parameter, Tensor | None]] = [(p, None) for p in params]
             if self.heads is not None:

@@ -8,7 +8,7 @@ from torch import Tensor
 from mmbalance.constraints import PositiveFloat
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
-from mmbalance.models.fusion import fusion_choices
+from mmbalance.models.fusion import fusion_choices, fusion_key
 from mmbalance.models.multimodal import Output
 
 
@@ -64,7 +64,7 @@ class MMCosine(Method):
         if not fusion.has_linear_blocks:
             raise UserError(
                 f"method mmcosine needs a linear weight block per modality, which backbone.fusion="
-                f"{type(fusion).__name__} does not have; use backbone.fusion={fusion_choices('has_linear_blocks')}"
+                f"{fusion_key(fusion)} does not have; use backbone.fusion={fusion_choices('has_linear_blocks')}"
             )
 
     def weight_blocks(self, run) -> dict[str, Tensor]:

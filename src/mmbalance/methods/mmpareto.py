@@ -97,6 +97,7 @@ class MMPareto(Method):
         self.gamma = gamma
         self.unimodal_head = unimodal_head
         self.needs_unimodal_logits = unimodal_head == "slice"
+        self.unimodal_logits_option = ("method.unimodal_head=slice", "method.unimodal_head=aux")
 
     def setup(self, run):
         super().setup(run)

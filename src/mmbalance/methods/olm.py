@@ -163,6 +163,7 @@ class OLM(Method):
         self.target = target
         self.unimodal_heads = unimodal_heads
         self.needs_unimodal_logits = unimodal_heads == "slice"
+        self.unimodal_logits_option = ("method.unimodal_heads=slice", "method.unimodal_heads=aux")
         self.branches: list[str] = []
         self.weights: OLMWeights | None = None
         self.heads: nn.ModuleDict | None = None

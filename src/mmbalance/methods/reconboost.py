@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -12,7 +13,9 @@ from torch import Tensor, nn
 from mmbalance.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, Range
 from mmbalance.errors import UserError
 from mmbalance.methods.base import Method
-from mmbalance.models.fusion import Fusion, fusion_choices
+from mmbalance.models.fusion import Fusion, fusion_choices, fusion_key
+
+log = logging.getLogger("mmbalance")
 
 BOOST, RECTIFY = "boost", "rectify"
 
@@ -68,7 +71,7 @@ def learner_head(fusion: Fusion, modality: str) -> list[tuple[nn.Parameter, Tens
     """
     if not fusion.has_linear_blocks:
         raise UserError(f"method reconboost needs backbone.fusion={fusion_choices('has_linear_blocks')}, "
-                        f"not {type(fusion).__name__}")
+                        f"not backbone.fusion={fusion_key(fusion)}")
     return fusion.block_parameters(modality)
 
 
@@ -168,6 +171,14 @@ class ReconBoost(Method):
         for m in run.model.modalities:
             learner_head(run.model.fusion, m)  # refuse a fusion without per-modality blocks now
         self.scale = self.register_module(run, "ensemble_scale", EnsembleScale(self.boost_rate), optimize=False)
+        group = run.optimizer.param_groups[0]
+        if type(run.optimizer) is not torch.optim.SGD or group.get("lr") not in (self.m_lr, self.e_lr) \
+                or group.get("momentum", 0) != self.momentum or group.get("weight_decay", 0) != self.weight_decay:
+            # a run config that names another optimizer records settings this method never uses: say so
+            log.warning("reconboost trains with its own SGD per phase (method.m_lr=%g, method.e_lr=%g, "
+                        "method.momentum=%g, method.weight_decay=%g), as the official code: the optimizer group's "
+                        "%s (lr %g) is not used, only the scheduler's factor on those rates", self.m_lr, self.e_lr,
+                        self.momentum, self.weight_decay, type(run.optimizer).__name__, group.get("lr", float("nan")))
         # run.optimizer is never stepped; one step with no gradients is a no-op that tells the run's
         # scheduler (which still scales the phase learning rates) the optimizer has stepped, so torch does
         # not warn about the order

@@ -25,6 +25,7 @@ class Unimodal(Method):
         if self.modality not in available:
             raise UserError(
                 f"method.modality={self.modality!r} is not a modality of this dataset; "
-                f"expected one of {available}"
+                f"expected one of {available}" + (" (digits_av's text modality: dataset.text=true)"
+                                                  if self.modality == "text" and "text" not in available else "")
             )
         return [self.modality]

@@ -170,7 +170,8 @@ class FiLMFusion(Fusion):
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 256):
         super().__init__(dims, num_classes)
         if len(dims) < 2:
-            raise UserError("backbone.fusion=film needs at least two modalities")
+            raise UserError("backbone.fusion=film needs at least two modalities (method=unimodal trains one: "
+                            "give it backbone.fusion=concat)")
         first, rest = self.modalities[0], self.modalities[1:]
         self.project = nn.Linear(dims[first], hidden)
         self.condition = nn.Linear(sum(dims[m] for m in rest), 2 * hidden)
@@ -203,6 +204,12 @@ FUSIONS = {"concat": ConcatFusion, "sum": SumFusion, "film": FiLMFusion, "gated"
 def fusions_with(capability: str) -> list[str]:
     """The registered fusion names whose heads declare `capability` (e.g. "has_linear_blocks")."""
     return [name for name, cls in FUSIONS.items() if getattr(cls, capability)]
+
+
+def fusion_key(fusion: Fusion) -> str:
+    """The `backbone.fusion` value that builds a fusion head like `fusion` ("film"), as messages name it; the class
+    name for a head built outside the registry."""
+    return next((name for name, cls in FUSIONS.items() if type(fusion) is cls), type(fusion).__name__)
 
 
 def fusion_choices(capability: str) -> str:

@@ -210,7 +210,8 @@ class ViTEncoder(nn.Module):
         patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
         if patch is not None and (h % patch[0] or w % patch[1]):
             raise UserError(
-                f"{name}: image size {h}x{w} is not a multiple of {model!r}'s patch size {tuple(patch)}; set "
+                f"{name}: image size {h}x{w} is not a multiple of the patch size {tuple(patch)} ("
+                + ("as patch_size sets it" if patch_size is not None else f"{model}'s own") + "); set "
                 f"backbone.encoders.{'frames' if self.is_frames else 'image'}.patch_size to a divisor of {h} and {w} "
                 "(the 8x8 digits_av demo: patch_size=4, or 2) or use images of at least the patch size"
             )
