@@ -256,7 +256,7 @@ def test_loggers_chosen_at_resume_get_the_whole_history(tmp_path, monkeypatch):
 
 def test_resume_never_starts_new_tracker_runs_and_moves_the_old_event_files_aside(tmp_path):
     out = tmp_path / "run"
-    args = ["logger=[tensorboard,mlflow]", "trainer.epochs=1"]
+    args = ["logger=[tensorboard,mlflow,wandb]", "trainer.epochs=1"]
     train_in_process(out, args)
     first = json.loads((out / "loggers.json").read_text())["mlflow"]["run_id"]
     train_in_process(out, [*args, "resume=never"])
@@ -264,7 +264,13 @@ def test_resume_never_starts_new_tracker_runs_and_moves_the_old_event_files_asid
     assert (moved / "loggers.json").exists() and list((moved / "tensorboard").glob("events.out.tfevents.*"))
     assert tb_scalars(out / "tensorboard")["val/acc"] == [(0, pytest.approx(history(out)[0]["val/acc"]))]
     _, runs = mlflow_runs((out / "mlruns").resolve().as_uri(), "mmbalance")
-    assert len(runs) == 2 and json.loads((out / "loggers.json").read_text())["mlflow"]["run_id"] != first
+    second = json.loads((out / "loggers.json").read_text())["mlflow"]["run_id"]
+    assert len(runs) == 2 and second != first
+    tags = {r.info.run_id: r.data.tags for r in runs}  # the two runs say which replaced which
+    assert tags[second]["mmbalance.supersedes"] == first and tags[first]["mmbalance.superseded_by"] == second
+    # the W&B offline runs go with the old record: `wandb sync <run>/wandb/offline-run-*` uploads the new run only
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((moved / "wandb").glob("offline-run-*"))) == 1
 
 
 @pytest.mark.slow

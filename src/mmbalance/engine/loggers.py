@@ -195,13 +195,29 @@ def hydra_sweep_dir() -> Path | None:
     return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
 
 
+def _superseded_mlflow_run(run_dir: Path) -> str | None:
+    """The MLflow run id of the record resume=never last moved to `<run>/superseded/<time>/` (its loggers.json),
+    or None: a new MLflow run in a folder that held another run is tagged as superseding it, and it as superseded."""
+    from mmbalance.engine.identity import SUPERSEDED
+
+    for state in sorted((Path(run_dir) / SUPERSEDED).glob(f"*/{STATE_FILE}"), reverse=True):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            run_id = json.loads(state.read_text()).get("mlflow", {}).get("run_id")
+            if run_id:
+                return str(run_id)
+    return None
+
+
 def supersede_logger_files(run_dir: Path, target: Path | None, cfg=None) -> None:
     """resume=never moved the previous run's files to `target`: the loggers' own files of that run go with them
-    (loggers.json, so the new run starts new tracker runs; the TensorBoard folder, so nothing is deleted)."""
+    (loggers.json, so the new run starts new tracker runs; the TensorBoard folder, so nothing is deleted; the W&B
+    offline runs, so `wandb sync <run>/wandb/offline-run-*` uploads the new run only). An MLflow store stays where
+    it is (a sweep's is shared, and MLflow keeps an opened file store for the process): the new MLflow run is tagged
+    `mmbalance.supersedes` with the old one's id."""
     if target is None:
         return
     run_dir = Path(run_dir)
-    moves = [(run_dir / STATE_FILE, Path(target) / STATE_FILE)]
+    moves = [(run_dir / STATE_FILE, Path(target) / STATE_FILE), (run_dir / "wandb", Path(target) / "wandb")]
     node = cfg.get("logger") if cfg is not None else None
     tb_dir = (node.get("tensorboard") or {}).get("dir", "tensorboard") if node is not None else "tensorboard"
     # only a folder inside the run folder is the run's: `dir=../tb` names a folder other runs share
@@ -603,6 +619,9 @@ class MLflowLogger(Logger):
                 tags["mmbalance.sweep"] = info.sweep_name
             if self.continues:
                 tags["mmbalance.continues"] = self.continues
+            supersedes = _superseded_mlflow_run(info.run_dir)
+            if supersedes:
+                tags["mmbalance.supersedes"] = supersedes
             name = str(self.options.get("run_name") or info.name)
             self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             params = [Param(_key(k), _param_value(v)) for k, v in _flat_config(info).items()]
@@ -610,6 +629,9 @@ class MLflowLogger(Logger):
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
             if self.continues:
                 self.client.set_tag(self.continues, "mmbalance.continued_by", self.run_id)
+            if supersedes:
+                with contextlib.suppress(MlflowException):  # the old run's store may be another one now
+                    self.client.set_tag(supersedes, "mmbalance.superseded_by", self.run_id)
             rows = list(history)
         self.log_rows(rows)
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "resumed": resumed,
