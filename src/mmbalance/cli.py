@@ -94,8 +94,8 @@ def _check_optuna_storage(sweeper) -> None:
         detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise SystemExit(f"error: hydra.sweeper.storage={storage}: cannot open the Optuna study database ({detail}); "
                          "give a database URL whose folder exists, e.g. sqlite:///$PWD/optuna.db") from None
-    wanted = [str(d).lower() for d in (sweeper.get("direction") if isinstance(sweeper.get("direction"), (list, tuple))
-                                        or OmegaConf.is_list(sweeper.get("direction")) else [sweeper.get("direction")])]
+    direction = sweeper.get("direction")  # one, or a list for a multi-objective study
+    wanted = [str(d).lower() for d in (direction if OmegaConf.is_list(direction) else [direction])]
     for summary in summaries:
         stored = [d.name.lower() for d in getattr(summary, "directions", None) or [summary.direction]]
         if summary.study_name == name and stored != wanted:

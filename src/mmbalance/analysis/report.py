@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from mmbalance.analysis.runs import (
-    DASH, FORCED, GROUP_KEYS, REGRESSION_SUFFIX, STATUSES, counted, format_pm, is_regression, load_runs, order_key,
-    output_folder, value_scale, with_count,
+    DASH, FORCED, GROUP_KEYS, STATUSES, counted, format_pm, is_regression, load_runs, order_key, output_folder,
+    task_dataset, value_scale, with_count,
 )
 from mmbalance.analysis.studies import write_studies
 from mmbalance.engine.run_folder import RunFolder
@@ -178,9 +178,7 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
         lines.append("")
         lines.append(REGRESSION_NOTE)
     # a dataset's regression runs get a table of their own: their φ and imbalance are MAE points, not % (value_scale)
-    tasks = [row["dataset"] + REGRESSION_SUFFIX if is_regression(row) else row["dataset"]
-             for _, row in summary.iterrows()]
-    for dataset, table in summary.groupby(tasks, sort=False):
+    for dataset, table in summary.groupby([task_dataset(row) for _, row in summary.iterrows()], sort=False):
         metric_cols = [c[: -len(".mean")] for c in table.columns if c.endswith(".mean")
                        and table[c].notna().any()]
         acc_mods = _modalities(metric_cols, "test/acc/")

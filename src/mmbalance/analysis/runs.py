@@ -589,6 +589,11 @@ def is_regression(row: Any) -> bool:
     return value is not None and bool(pd.notna(value))
 
 
+def task_dataset(row: Any) -> str:
+    """The dataset a row is tabled under: `<dataset> (regression)` for a regression run's row, else the dataset."""
+    return row["dataset"] + REGRESSION_SUFFIX if is_regression(row) else row["dataset"]
+
+
 def value_scale(row: Any) -> tuple[float, int]:
     """(factor, digits) of the row's φ and imbalance: PERCENT, or MAE_POINTS for a regression run."""
     return MAE_POINTS if is_regression(row) else PERCENT

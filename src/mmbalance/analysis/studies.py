@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from mmbalance.analysis.runs import (
-    DASH, MAE_POINTS, PERCENT, REGRESSION_SUFFIX, counted, format_pm, is_regression, natural_key, order_key, with_count,
+    DASH, MAE_POINTS, PERCENT, REGRESSION_SUFFIX, counted, format_pm, is_regression, natural_key, order_key,
+    task_dataset, with_count,
 )
 
 __all__ = [
@@ -117,8 +118,7 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
     if summary.empty:
         return None
     regression = [is_regression(row) for _, row in summary.iterrows()]
-    summary = summary.assign(dataset=[ds + REGRESSION_SUFFIX if r else ds
-                                      for ds, r in zip(summary["dataset"], regression)])
+    summary = summary.assign(dataset=[task_dataset(row) for _, row in summary.iterrows()])
     keyed = summary.assign(family=[BASELINE if m == BASELINE else families.get(m, "other") for m in summary["method"]])
     keyed = keyed[keyed["family"] != REFERENCE]
     if not (keyed["family"] == BASELINE).any() or not (keyed["family"] != BASELINE).any():

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import socket
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,6 +154,13 @@ def build_loggers(cfg, run_dir: Path, results: dict | None = None, sweep_dir: Pa
     return Loggers(loggers, info, status)
 
 
+def _uri_scheme(uri: str) -> str:
+    """A tracking URI's scheme without its driver (`postgresql+psycopg2://` -> postgresql); "" for a local path
+    (a Windows drive letter, `C:\\mlruns`, is one)."""
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    return "" if len(scheme) <= 1 else scheme.split("+")[0]
+
+
 def option_problems(name: str, options: dict) -> list[str]:
     """What is wrong with logger `name`'s options (OPTION_SCHEMAS): keys no code reads, with the closest known
     one, values of another type, an MLflow tracking URI of a scheme MLflow cannot open."""
@@ -173,9 +181,8 @@ def option_problems(name: str, options: dict) -> list[str]:
             problems.extend(value_problems(where, value, schema[key]))
     uri = options.get("tracking_uri") if name == "mlflow" else None
     if isinstance(uri, str) and uri:
-        scheme = uri.split("://", 1)[0].lower() if "://" in uri else (uri.split(":", 1)[0].lower() if ":" in uri
-                                                                       else "")
-        if scheme and scheme.split("+")[0] not in MLFLOW_SCHEMES and len(scheme) > 1:  # C:\... is a local path
+        scheme = _uri_scheme(uri)
+        if scheme and scheme not in MLFLOW_SCHEMES:
             problems.append(f"logger.mlflow.tracking_uri={uri!r}: MLflow cannot open a {scheme!r} URI; expected a "
                             f"folder or a URI of {', '.join(MLFLOW_SCHEMES)} (e.g. http://host:5000, "
                             "sqlite:///path/mlflow.db)")
@@ -642,7 +649,7 @@ class MLflowLogger(Logger):
 
         # a database store keeps no files: MLflow's default artifact root is then ./mlruns of whatever folder the
         # command was typed in (the repository, a home folder); the run's (or sweep's) folder holds them instead
-        database = uri.split(":", 1)[0].split("+")[0].lower() in MLFLOW_DATABASES
+        database = _uri_scheme(uri) in MLFLOW_DATABASES
         artifacts = ((info.sweep_dir or info.run_dir) / "mlartifacts").resolve().as_uri() if database else None
         # a sweep's jobs may start together: one lock per local store makes "get or create" one step
         with _store_lock(uri):

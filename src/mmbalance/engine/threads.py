@@ -149,13 +149,8 @@ def parallel_jobs(env: Mapping[str, str], launcher_n: int | None = None) -> tupl
             raise UserError(f"{ENV_PARALLEL_JOBS}={text!r}: expected a positive integer (the number of runs sharing "
                              "this machine's CPUs), or unset it")
         return int(text), ENV_PARALLEL_JOBS
-    for name in ("LOCAL_WORLD_SIZE",):
-        try:
-            value = int(env.get(name, ""))
-        except ValueError:
-            continue
-        if value > 0:
-            return value, name
+    if _positive_int(env.get("LOCAL_WORLD_SIZE", "")):  # torchrun's ranks on this node
+        return int(env["LOCAL_WORLD_SIZE"]), "LOCAL_WORLD_SIZE"
     if launcher_n:
         return launcher_n, "launcher"
     return 1, "single"
