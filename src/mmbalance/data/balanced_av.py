@@ -38,10 +38,8 @@ LAYOUTS = {("hdf5", "array"): "av_preprocess_tool", ("video", "video"): "video"}
 
 def magnitude_reader(kind: str, sr: int, seconds: float, n_fft: int, hop_length: int,
                      frames: int | None = None, computed: bool = False) -> AudioReader:
-    """The BalancedAV audio modality: an |STFT| magnitude (1, n_fft/2+1, `frames`), not log-scaled: a stored one
-    (kind 'array': AV_preprocess_tool's .pkl, or prepare's .npy) or AV_preprocess_tool's recipe on the clip's
-    audio (kind 'video'), cut or zero-padded to `frames` columns (AudioReader's 'stft_magnitude'). `computed`:
-    the stored arrays are the ones prepare computed from the videos with this recipe (`ComputedMagnitude`)."""
+    """The BalancedAV audio: an |STFT| magnitude (1, n_fft/2+1, `frames`), not log-scaled, stored (kind 'array')
+    or computed from the video. `computed`: the stored arrays are prepare's, made with this recipe."""
     return (ComputedMagnitude if computed and kind == "array" else AudioReader)(
         kind, "stft_magnitude", sr=sr, seconds=seconds, n_fft=n_fft, hop_length=hop_length, pad_mode="reflect",
         frames=frames)
@@ -49,9 +47,8 @@ def magnitude_reader(kind: str, sr: int, seconds: float, n_fft: int, hop_length:
 
 class ComputedMagnitude(AudioReader):
     """The |STFT| arrays `prepare` computed from the raw videos (`_write_npy`), read as stored arrays: their cache
-    recipe records every parameter they were computed with, not only the width they are fitted to, so a loader
-    whose config asks for another sample rate, hop, window or length refuses the folder (layout.recipe_differences
-    compares each recorded attribute with the config's reader) instead of training on those arrays."""
+    recipe records every parameter they were computed with, so a config that asks for another sample rate, hop,
+    window or length refuses the folder (layout.recipe_differences) instead of training on those arrays."""
 
     def cache_recipe(self) -> dict:
         return {**super().cache_recipe(), "recipe": self.recipe, "sr": self.sr, "seconds": self.seconds,
@@ -170,14 +167,12 @@ def build_balanced_av(root: str | None = None, prepared: str | None = None, anno
 # prepare: the raw videos -> an AV_preprocess_tool tree
 
 
-def _write_hdf5(video: str, dest: str, force: bool, *_stft_params) -> bool:
-    """A video's frames at 1 fps as JPEG bytes (quality 95) in dataset `video` of an .hdf5, written to a .tmp and
-    renamed, so an interrupted run never leaves a file that looks finished; kept unless `force`."""
+def _write_hdf5(video: str, dest: str, *_stft_params) -> None:
+    """A video's 1 fps frames as JPEG bytes (quality 95) in dataset `video` of an .hdf5, renamed from a .tmp once
+    complete so an interrupted run leaves no finished-looking file; extract_media decides what is redone."""
     import h5py
 
     dest = Path(dest)
-    if dest.is_file() and not force:
-        return False
     frames = media.decode_video_frames(video, fps=1.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -188,17 +183,13 @@ def _write_hdf5(video: str, dest: str, force: bool, *_stft_params) -> bool:
             img.save(buf, format="JPEG", quality=95)
             ds[i] = np.frombuffer(buf.getvalue(), dtype=np.uint8)
     os.replace(tmp, dest)
-    return True
 
 
-def _write_npy(video: str, dest: str, force: bool, sr: int, seconds: float, n_fft: int, hop: int) -> bool:
-    """A video's |STFT| (`magnitude_reader`'s recipe) as float16 .npy, written atomically; kept unless `force`."""
+def _write_npy(video: str, dest: str, sr: int, seconds: float, n_fft: int, hop: int) -> None:
+    """A video's |STFT| (`magnitude_reader`'s recipe) as float16 .npy, written atomically."""
     dest = Path(dest)
-    if dest.is_file() and not force:
-        return False
     spec = magnitude_reader("video", sr, seconds, n_fft, hop)(video)[0].numpy().astype(np.float16)
     PreparedFolder(dest.parent).write_array(dest.name, spec)
-    return True
 
 
 # what prepare decodes from the raw videos: an AV_preprocess_tool tree, which the raw loader reads too
@@ -212,9 +203,7 @@ def prepare(ctx: PrepareContext, annotation: str | None = None, visual_dir: str 
             n_fft: PositiveInt = 512, hop_length: PositiveInt = 440, audio_frames: PositiveInt = 1003,
             cache: bool = True) -> dict:
     """`mmbalance prepare balanced_av` (layout.prepare_discovered): raw videos decoded once into an AV_preprocess_tool
-    tree (with the annotation json); then, with `cache`, the frames and the |STFT| recipe in float16. The |STFT|
-    parameters are recorded (recipe.json, and cache.json's recipe when prepare computed the arrays), so a loader
-    whose config asks for others refuses the folder."""
+    tree (with the annotation json), whose |STFT| parameters are recorded for the loader to check."""
     found = find_clips(ctx.root, annotation, visual_dir, audio_dir, video_dir, exclude=(ctx.out,))
     if found.layout == "video":
         ctx.out.mkdir(parents=True, exist_ok=True)

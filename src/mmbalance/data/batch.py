@@ -61,12 +61,8 @@ class Batch:
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:
-    """torch.stack along a new first dimension; inside a DataLoader worker, straight into shared memory.
-
-    A worker hands its batch to the main process through shared memory. Stacking into ordinary memory means
-    the batch is copied a second time when it is sent; allocating the output in shared memory first (as
-    torch's `default_collate` does) saves that copy. The values are the same either way.
-    """
+    """torch.stack; inside a DataLoader worker straight into shared memory, as torch's `default_collate` does: the
+    worker hands its batch over through shared memory, so stacking into ordinary memory would copy it twice."""
     first = tensors[0]
     if get_worker_info() is None or first.device.type != "cpu" or any(t.dtype != first.dtype for t in tensors):
         return torch.stack(tensors)
@@ -80,8 +76,7 @@ def collate_batch(samples: list[dict]) -> Batch:
     """Stack `{"inputs": {m: tensor}, "label": int, "index": int[, "absent": {m: bool}]}` samples into a Batch.
 
     Integer labels (classes) become int64; float labels (regression scores, CMU-MOSEI's dataset.task=regression)
-    float32, never truncated. In a DataLoader worker the modality tensors are stacked into shared memory (see
-    `_stack`)."""
+    float32, never truncated."""
     modalities = samples[0]["inputs"].keys()
     inputs = {m: _stack([s["inputs"][m] for s in samples]) for m in modalities}
     labels = [s["label"] for s in samples]
@@ -115,18 +110,14 @@ class MultimodalDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {
-            "inputs": {m: x[i].float() if x.is_floating_point() else x[i].long() for m, x in self.inputs.items()},
-            "label": int(self.labels[i]),
-            "index": i,
-        }
+        inputs = {m: x[i].float() if x.is_floating_point() else x[i].long() for m, x in self.inputs.items()}
+        return {"inputs": inputs, "label": int(self.labels[i]), "index": i}
 
     def subset(self, indices: np.ndarray) -> "MultimodalDataset":
         idx = np.asarray(indices, dtype=np.int64)
         t = torch.as_tensor(idx)
         return MultimodalDataset({m: x[t] for m, x in self.inputs.items()}, self.labels[t],
                                  **{k: v[idx] for k, v in self.ids.items()})
-
 
 
 class ArrayDataset(Dataset):
@@ -162,6 +153,7 @@ class ArrayDataset(Dataset):
             # np.array copies: a writable tensor, never a view into the read-only memmap
             inputs[m] = torch.from_numpy(np.array(a[row], dtype=np.int64 if a.dtype.kind in "iu" else np.float32))
         return {"inputs": inputs, "label": self.labels[i].item(), "index": i}
+
 
 @dataclass
 class DataSplits:
@@ -200,7 +192,7 @@ def _percent(share: float) -> str:
     return f"{100 * share:.3g} %"
 
 
-def carved_val_source(labels: np.ndarray, held: np.ndarray, fraction: float, seed: int, source: str = "train") -> str:
+def carved_val_source(labels: np.ndarray, held: np.ndarray, fraction: float, seed: int) -> str:
     """How a validation split `stratified_split(labels, fraction, seed)` carved was obtained, with the share it
     actually holds: per-class rounding and the one-per-class minimum can make it far from `fraction` on a small
     split ("carved from train (stratified, 3 of 12 = 25 % (asked 10 %, at least one per class), seed 0)")."""
@@ -212,4 +204,4 @@ def carved_val_source(labels: np.ndarray, held: np.ndarray, fraction: float, see
         counts = np.unique(labels, return_counts=True)[1]
         raised = fraction > 0 and any(int(round(fraction * c)) == 0 and c >= 2 for c in counts)
         text += f" (asked {_percent(fraction)}, {'at least one per class' if raised else 'rounded per class'})"
-    return f"carved from {source} (stratified, {text}, seed {seed})"
+    return f"carved from train (stratified, {text}, seed {seed})"

@@ -240,18 +240,14 @@ def _stored_shape(paths: Sequence[str | None]) -> tuple[int, ...]:
     raise first_error or DataError("no clip to read a stored spectrogram's shape from")
 
 
-def stored_audio(paths: Sequence[str | None]) -> AudioReader:
-    """Stored spectrograms used as they are, pinned to the (1, F, T) shape of the first readable one among the first
-    few clips' files (read when the shape is first needed): every clip must have that shape."""
-    return AudioReader(source="array", shape_from=list(paths)[:8])
-
-
 def av_readers(kinds: dict[str, str], clips: Sequence[Clip], audio: Callable[[str], AudioReader], *,
                frames: int = 3, image_size: int = 224, augment: str = "none", video_fps: float = 1.0) -> dict:
     """Audio, then visual (the fusion order of OGM-GE and BalanceBenchmark): stored spectrogram arrays used as they
-    are, else `audio(kind)`, the dataset's recipe; frames of `kinds['visual']`, videos decoded at `video_fps`."""
-    return {"audio": stored_audio([c.sources.get("audio") for c in clips[:8]]) if kinds["audio"] == "array" else
-            audio(kinds["audio"]), "visual": FrameReader(kinds["visual"], frames, image_size, augment, video_fps)}
+    are (pinned to the shape of the first readable one of the first 8 clips), else `audio(kind)`, the dataset's
+    recipe; frames of `kinds['visual']`, videos decoded at `video_fps`."""
+    sound = (AudioReader(source="array", shape_from=[c.sources.get("audio") for c in clips[:8]])
+             if kinds["audio"] == "array" else audio(kinds["audio"]))
+    return {"audio": sound, "visual": FrameReader(kinds["visual"], frames, image_size, augment, video_fps)}
 
 
 Reader = FrameReader | AudioReader
@@ -410,11 +406,8 @@ def _stamp(path: str) -> str:
         st = os.stat(path)
         if not stat.S_ISDIR(st.st_mode):
             return f"{st.st_size}:{st.st_mtime_ns}"
-        with os.scandir(path) as it:
-            entries = []
-            for entry in it:
-                est = entry.stat()
-                entries.append(f"{entry.name}/{est.st_size}:{est.st_mtime_ns}")
+        with os.scandir(path) as it:  # DirEntry.stat() is cached: one stat per entry
+            entries = [f"{e.name}/{e.stat().st_size}:{e.stat().st_mtime_ns}" for e in it]
     except OSError:  # a file gone since the clips were listed: its clip fails to decode and is reported
         return "missing"
     return "dir[" + "|".join(sorted(entries)) + "]"
@@ -449,9 +442,8 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
     fail to decode, or whose spectrogram is not finite, are reported with ctx.problem and stay not-done in
     done.npy: the loaders skip them, with a count, and the next prepare retries them.
 
-    cache.json records what the rows were made from: the clip ids, their media (`sources_digest`), the frame
-    size, `max_frames` and each reader's `cache_recipe`. Rows are resumed only when all of it is unchanged; any
-    change starts the cache afresh, so one cache never holds rows of two builds.
+    cache.json records what the rows were made from (`meta`); rows are resumed only when all of it is unchanged,
+    so one cache never holds rows of two builds.
     """
     from numpy.lib.format import open_memmap
 

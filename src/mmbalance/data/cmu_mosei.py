@@ -89,11 +89,8 @@ def _aligned_from_name(name: str) -> bool | None:
 
 
 def find_source(root: str | Path, aligned: bool = False, layout: str = "auto") -> tuple[Path, str, bool | None]:
-    """(pickle path, layout, aligned) for `root`: a folder in a known layout, or the .pkl file itself.
-
-    With layout "auto" the MulT file is preferred over the MMSA one when both exist (BalanceBenchmark reads
-    MulT's). layout is "mult", "mmsa" or, for a file given directly, "file" (refined from its keys on load).
-    """
+    """(pickle path, layout, aligned) for `root`: a folder in a known layout, or the .pkl file itself (layout
+    "file", refined from its keys on load). Layout "auto" prefers MulT's file to MMSA's (BalanceBenchmark reads it)."""
     root, aligned = Path(root).expanduser(), bool(aligned)
     if root.is_file():
         return root, "file", _aligned_from_name(root.name)
@@ -142,12 +139,8 @@ def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligne
                     modalities: list[Literal[MODALITIES]] | None = None, text_key: Literal[TEXT_KEYS] = "auto",
                     task: Literal["classification", "regression"] = "classification",
                     loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto") -> DataSplits:
-    """CMU-MOSEI as DataSplits of (T, D) `sequence` modalities audio, vision, text (in `modalities` order).
-
-    root: a folder in the MulT or MMSA layout, or the .pkl itself; prepared: the folder `mmbalance prepare
-    cmu_mosei` wrote (root is then not opened). loss: the task's training loss, read by the run. The options are
-    described in conf/dataset/cmu_mosei.yaml and docs/datasets.md.
-    """
+    """CMU-MOSEI as DataSplits of (T, D) `sequence` modalities audio, vision, text (in `modalities` order); `loss`,
+    the task's training loss, is read by the run. The options: conf/dataset/cmu_mosei.yaml and docs/datasets.md."""
     prepared = resolve_prepared(root, prepared, "cmu_mosei")  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _check_options(layout, label_mode, text_key, modalities)
     resolve_loss(task, loss)  # an unknown task, or a loss that does not fit it, is refused before any file is read
@@ -170,7 +163,6 @@ def build_cmu_mosei(root: str | None = None, prepared: str | None = None, aligne
         parts += [("y_reg", s, prepared / s / "y_reg.npy", None) for s in SPLITS]
         finite.check_cached(f"prepared CMU-MOSEI cache {str(prepared)!r} (<split>/<key>.npy)", parts,
                             "the arrays were changed after `mmbalance prepare cmu_mosei`; prepare again with --force")
-    # regression: one output, the predicted score
     names = ["sentiment score"] if label_mode == REGRESSION else list(LABEL_MODES[label_mode])
     return DataSplits(datasets["train"], datasets["val"], datasets["test"], {m: src.specs[m] for m in mods},
                       len(names), names, val_source=VAL_SOURCE, notes=_notes(src, label_mode, dropped, datasets))
@@ -237,8 +229,7 @@ def _stale_source(meta: dict, root, aligned: bool, layout: str) -> str | None:
             f"{path} is {described(st.st_size, st.st_mtime_ns)}")
 
 
-def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_key: str, root=None,
-                   layout: str = "auto") -> Source:
+def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_key: str, root, layout: str) -> Source:
     """The cache as a Source whose arrays are its .npy files, once it is checked to fit the options and to be
     made from the pickle `root` names (or the one it recorded)."""
     folder, meta = prep.path, _read_meta(prep)
@@ -298,13 +289,9 @@ def _write_labels(out: PreparedFolder, splits: dict[str, SplitData], label_mode:
 
 def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", label_mode: str = "binary_nonneg",
             text_key: str = "auto", modalities: list[str] | None = None, file: str | None = None) -> dict:
-    """Unpickle the MulT/MMSA file once and write the cleaned, memory-mappable cache (docs/datasets.md).
-
-    Options (`--set key=value`): aligned, layout, label_mode (only manifest.csv/classes.json depend on it),
-    text_key, modalities, and file (a .pkl path, absolute or relative to --root, with a non-standard name).
-    Idempotent: when cache.json records the same source file (path, size, mtime) and options, the arrays are
-    kept and only the label files are rewritten; --force rebuilds everything.
-    """
+    """Unpickle the MulT/MMSA file once and write the cleaned, memory-mappable cache (its files and options:
+    docs/datasets.md, "The prepared cache"). Idempotent: when cache.json records the same source file (path, size,
+    mtime) and options, the arrays are kept and only the label files are rewritten; --force rebuilds everything."""
     mods = _check_options(layout, label_mode, text_key, modalities)
     source = option_path(ctx.root, file) if file else ctx.root
     if file and not source.is_file():
@@ -342,8 +329,7 @@ def prepare(ctx: PrepareContext, aligned: bool = False, layout: str = "auto", la
             "layout": src.layout, "aligned": src.aligned, "text_key": text_key, "text": src.text_source,
             "kinds": {m: src.specs[m].kind for m in mods}, "shapes": {m: list(src.specs[m].shape) for m in mods},
             "counts": {s: len(d.y) for s, d in src.splits.items()}, "nonfinite_replaced": src.replaced,
-            "nonfinite_where": src.replaced_in,
-            "notes": src.notes, "classes": LABEL_MODES}
+            "nonfinite_where": src.replaced_in, "notes": src.notes, "classes": LABEL_MODES}
     out.write_json(CACHE_META, meta)
     log.info("cmu_mosei prepare: %s (%s layout), %d samples, non-finite replaced %s", path, src.layout,
              sum(meta["counts"].values()), src.replaced)

@@ -84,9 +84,8 @@ class Layout:
 
 def detect_layout(root: str | Path, layout: str = "auto", audio: str = "auto", visual_dir: str | None = None,
                   audio_dir: str | None = None) -> Layout:
-    """Find the CREMA-D media under `root` (or one folder below it) in the order of the layout table and say which
-    known layout matched. `audio` (wav | pt | video) forces one kind; `visual_dir` / `audio_dir` (relative to root
-    or absolute) override the folders, and their content decides the kind."""
+    """Where the CREMA-D media are: `root` or the first folder below it with both modalities (the layout table's
+    order), and which known layout matched; `audio` forces one kind, a pinned folder's content decides its kind."""
     # absolute: a pinned visual_dir/audio_dir is resolved against the root here, and a layout Candidate joins a
     # relative folder to the root again (`dataset.root=raw dataset.visual_dir=frames` looked in raw/raw/frames)
     root = dataset_root(root, "CREMA-D").absolute()
@@ -128,9 +127,8 @@ def detect_layout(root: str | Path, layout: str = "auto", audio: str = "auto", v
 
 def find_split_files(root: Path, train_split: str | None, test_split: str | None,
                      val_split: str | None) -> dict[str, Path] | None:
-    """The split files to use: the given paths (relative to root or absolute; each must exist), else
-    ``train.csv`` + ``test.csv`` found together in one folder under root (3 levels deep, media folders skipped).
-    None when nothing was given and nothing found."""
+    """The given split files, else ``train.csv`` + ``test.csv`` found together under root (3 levels deep, media
+    folders skipped); None when there are none."""
     given = {s: option_path(root, v, f"{s}_split", "split file")
              for s, v in (("train", train_split), ("test", test_split), ("val", val_split)) if v not in (None, "")}
     if given:
@@ -150,8 +148,7 @@ def find_split_files(root: Path, train_split: str | None, test_split: str | None
 
 
 def read_split_files(files: dict[str, Path]) -> dict[str, str]:
-    """{clip id: split} from OGM-GE style lists (``<clip>,<EMO>``, UTF-8 with BOM, optional header). A label
-    field that is an emotion code must agree with the clip name; a clip may be in one list only."""
+    """{clip id: split} from OGM-GE style lists (``<clip>,<EMO>``)."""
     split_of: dict[str, str] = {}
     where: dict[str, Path] = {}
     for split, path in files.items():
@@ -211,8 +208,7 @@ def split_files_for(root: Path, split: str, train_split, test_split, val_split) 
 
 def make_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 2, image_size: int = 224,
                  augment: str = "none", video_fps: float = 1.0, pad_mode: str = "reflect") -> dict:
-    """OGM-GE CramedDataset's audio: 22,050 Hz, tiled to 3 s from the start (deterministic in training too),
-    |STFT| n_fft 512, hop 353, Hann, centred, log(|S| + 1e-7) -> (1, 257, 188); or the stored arrays as they are."""
+    """OGM-GE CramedDataset's audio recipe -> (1, 257, 188), or the stored arrays as they are."""
     return av_readers(kinds, clips, lambda kind: AudioReader(kind, "stft_log", sr=22050, seconds=3.0, n_fft=512,
                                                              hop_length=353, pad_mode=pad_mode),
                       frames=frames, image_size=image_size, augment=augment, video_fps=video_fps)
@@ -226,9 +222,8 @@ def discover(root, layout: str, audio: str, visual_dir, audio_dir, class_names: 
              split_files: tuple, test_fraction: float, val_fraction: float, split_seed: int
              ) -> tuple[Layout, list[Clip], dict, list[tuple[str, str]]]:
     """(the layout, its complete clips with their splits, notes with the counts, every missing or unreadable
-    file). Without split files the clip set is every name either modality has (so a clip with its wav but no
-    video is counted missing, not silently dropped); clips on disk that split files do not list are counted, not
-    used. Empty files and frame folders count as unreadable; full decoding is checked by `prepare`."""
+    file). Without split files the clip set is every name either modality has, so that a clip with its wav but no
+    video is counted missing, not silently dropped."""
     lay = detect_layout(root, layout, audio, visual_dir, audio_dir)
     on_disk = lay.names()
     files = split_files_for(Path(str(root)).expanduser(), split, *split_files)
@@ -275,11 +270,8 @@ def build_cremad(root: str, prepared: str | None = None,
                  split_seed: NonNegativeInt = 0, frames: PositiveInt = 2, image_size: PositiveInt = 224,
                  augment: Augment = "crop_flip", video_fps: PositiveFloat = 1.0,
                  pad_mode: PadMode = "reflect") -> DataSplits:
-    """CREMA-D as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S): the raw tree under
-    `root`, or the `mmbalance prepare cremad` folder `prepared`, whose media options (layout, audio, pad_mode,
-    video_fps) are the ones given to prepare; there ``split=auto`` keeps the prepared split and
-    ``stratified``/``speaker`` regenerate it from the manifest. `frames` follows BalanceBenchmark (2); `video_fps`:
-    the rate frames are decoded from flv videos without frame folders (OGM-GE extracts 1 fps)."""
+    """CREMA-D as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S), from the raw tree
+    under `root` or the `mmbalance prepare cremad` folder `prepared` (whose media options are prepare's)."""
     prepared = resolve_prepared(root, prepared, "cremad")  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     class_names = class_names_for(label_map)
     split_files = (train_split, test_split, val_split)
@@ -291,16 +283,15 @@ def build_cremad(root: str, prepared: str | None = None,
             raise DataError("with dataset.prepared, the split files are the ones given to `mmbalance prepare`; "
                             "remove dataset.train_split/test_split/val_split or prepare again with them")
         rows = folder.rows(["id", "label", "split", "emotion"])
+        split_of = {r["id"]: r["split"] for r in rows}
         if split in ("auto", "files"):
-            split_of = {r["id"]: r["split"] for r in rows}
             split_desc = "as prepared: " + folder.summary.get("split", "manifest.csv")
         else:
-            split_of, split_desc = generated_split([r["id"] for r in rows], split, test_fraction, val_fraction,
-                                                   split_seed)
-            if split_desc == folder.summary.get("split"):
-                # prepare drew this very split (same rule, fractions and seed) over the complete clips, before a
-                # video that failed to decode left the manifest: its draw is the raw tree's, keep it
-                split_of = {r["id"]: r["split"] for r in rows}
+            drawn, split_desc = generated_split([r["id"] for r in rows], split, test_fraction, val_fraction, split_seed)
+            # when the descriptions agree, prepare drew this very split (same rule, fractions and seed) over the
+            # complete clips, before a video that failed to decode left the manifest: its draw is the raw tree's
+            if split_desc != folder.summary.get("split"):
+                split_of = drawn
         if folder.cache_meta(required=False) is None:  # cache=false: the loader reads the cache only
             raise DataError(f"dataset.prepared {str(folder.path)!r} holds no cache (it was prepared with --set "
                             f"cache=false); run {folder.command} again without cache=false, or set "
@@ -341,11 +332,8 @@ def prepare(ctx, layout: Literal[("auto", *LAYOUTS)] = "auto", audio: Literal[tu
             test_fraction: Fraction = 0.1, val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
             extract_fps: PositiveFloat = 1.0, image_size: PositiveInt = 224, max_frames: PositiveInt = 4,
             pad_mode: PadMode = "reflect", cache: bool = True) -> dict:
-    """`mmbalance prepare cremad` (layout.prepare_clips): manifest.csv adds emotion and actor; flv videos (when
-    there are no frame folders) are decoded once into ``frames/<clip>/`` at `extract_fps` (1, like OGM-GE);
-    `cache`: up to `max_frames` frames per clip at `image_size` (CREMA-D clips are 1-5 s: 4 frames at 1 fps keep
-    them all) and the OGM-GE (1, 257, 188) spectrogram (or the .pt array): about 5.2 GB at 224 px for the 7,442
-    clips, plus about 0.5 GB of extracted jpg frames."""
+    """`mmbalance prepare cremad` (layout.prepare_clips): manifest.csv adds emotion and actor; `max_frames` 4 at
+    1 fps keeps every frame of CREMA-D's 1-5 s clips."""
     class_names = class_names_for(label_map)
     lay, clips, notes, problems = discover(ctx.root, layout, audio, visual_dir, audio_dir, class_names, split,
                                            (train_split, test_split, val_split), test_fraction, val_fraction,

@@ -20,8 +20,6 @@ from mmbalance.data.spoken_digits import (ACCENTS, DIGIT_WORDS, PITCH_RANGE, RAT
                                           WINDOW_SAMPLES, ClipBank, clip_cache_path, load_clip_bank)
 from mmbalance.errors import DataError, UserError
 
-CLASS_NAMES = DIGIT_WORDS
-
 # Log-mel recipe (torchaudio.transforms.MelSpectrogram on the 1 s window at 8 kHz): (1, 40, 32).
 N_FFT, HOP_LENGTH, N_MELS, F_MIN = 256, 256, 40, 50.0
 
@@ -69,9 +67,7 @@ def _text_cue(labels: np.ndarray, noise: float, rng: np.random.Generator) -> np.
     large = (labels >= 5) ^ (rng.random(n) < noise)
     x[np.arange(n), odd.astype(int)] += 1  # 0 even, 1 odd
     x[np.arange(n), 2 + large.astype(int)] += 1  # 2 small, 3 large
-    fillers = rng.integers(4, len(TEXT_VOCAB), size=(n, N_FILLERS))
-    for k in range(N_FILLERS):
-        np.add.at(x, (np.arange(n), fillers[:, k]), 1)
+    np.add.at(x, (np.arange(n)[:, None], rng.integers(4, len(TEXT_VOCAB), size=(n, N_FILLERS))), 1)  # fillers
     return x
 
 
@@ -84,24 +80,14 @@ def build_digits_av(*, image_noise: NonNegativeFloat = 0.55, audio_snr_db: float
                     val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
                     cache_dir: str | os.PathLike | None = None, clips_per_digit: PositiveInt = 180,
                     synth_seed: NonNegativeInt = 0) -> DataSplits:
-    """Build the digits_av demo dataset (see the module docstring).
+    """Build the digits_av demo dataset (see the module docstring). `val_fraction` is a share of the non-test
+    samples. `split_seed` seeds the splits and everything drawn per sample (image noise, clip pairing, offsets,
+    audio noise, text), so equal arguments give identical arrays; `cache_dir`, `clips_per_digit` and `synth_seed`
+    key the clean clip bank (see `clip_cache_path`), while the mix and features are rebuilt on every call (< 1 s).
 
-    image_noise: std of the fixed Gaussian noise added to the [0, 1] images (imbalance knob 1).
-    audio_snr_db: signal-to-noise ratio of the white noise in the 1 s audio window (imbalance knob 2).
-    text: add the weak third modality "text" (a bag-of-words vector; text alone ≤ 40 % accuracy).
-    text_noise: probability of flipping each of the two informative text words.
-    test_fraction: stratified test split; val_fraction: stratified validation split, as a fraction of the
-        remaining (non-test) samples.
-    split_seed: seeds the splits and everything drawn per sample (image noise, clip pairing, offsets, audio
-        noise, text), so equal arguments give identical arrays.
-    cache_dir: root of the cache (default `$MMBALANCE_CACHE`, else `~/.cache/mmbalance`); the clean clips are
-        kept in `<cache_dir>/digits_av/clips_v1.npz`. The mix and features are rebuilt on every call (< 1 s).
-    clips_per_digit, synth_seed: size and pitch seed of the clean clip bank (part of the cache key).
-
-    Modalities, in this order: "audio" (1, 40, 32) log-mel spectrogram standardised with train-split
-    statistics, "image" (1, 8, 8), and with text=True "text" (12,). Inputs are stored as float16.
-    Each split is a `MultimodalDataset` with `image_ids` (into `load_digits()`) and `clip_ids` (into the clean clip
-    bank) giving every sample's provenance.
+    Modalities, in this order: "audio" (1, 40, 32) log-mel standardised with train-split statistics, "image"
+    (1, 8, 8), and with text=True "text" (12,); inputs are stored as float16. Each split is a `MultimodalDataset`
+    with `image_ids` (into `load_digits()`) and `clip_ids` (into the clip bank), every sample's provenance.
     """
     from sklearn.datasets import load_digits
 
@@ -125,19 +111,16 @@ def build_digits_av(*, image_noise: NonNegativeFloat = 0.55, audio_snr_db: float
     images = images + np.float32(image_noise) * stream(1).standard_normal(images.shape, dtype=np.float32)
     pair_rng = stream(2)  # pair each image with a random clean clip of the same label
     clip_ids = np.empty(n, np.int64)
-    for c in range(len(CLASS_NAMES)):
+    for c, word in enumerate(DIGIT_WORDS):
         where, pool = np.flatnonzero(labels == c), np.flatnonzero(bank.labels == c)
         if pool.size == 0:
-            raise DataError(f"digits_av: the clip bank has no clip for {CLASS_NAMES[c]!r}")
+            raise DataError(f"digits_av: the clip bank has no clip for {word!r}")
         clip_ids[where] = pool[pair_rng.integers(0, pool.size, size=where.size)]
     audio = _log_mel(_mix_audio(bank, clip_ids, float(audio_snr_db), stream(3)))
 
     rest, test_idx = stratified_split(labels, test_fraction, split_seed)  # then validation carved from the rest
-    if val_fraction > 0:
-        keep, held = stratified_split(labels[rest], val_fraction, split_seed + 1)
-        train_idx, val_idx = rest[keep], rest[held]
-    else:
-        train_idx, val_idx = rest, rest[:0]
+    keep, held = stratified_split(labels[rest], val_fraction, split_seed + 1)  # val_fraction > 0: checked above
+    train_idx, val_idx = rest[keep], rest[held]
     mean, std = float(audio[train_idx].mean()), float(audio[train_idx].std()) or 1.0
     audio = (audio - mean) / std
 
@@ -169,6 +152,6 @@ def build_digits_av(*, image_noise: NonNegativeFloat = 0.55, audio_snr_db: float
         notes["text"] = (f"bag of words over {list(TEXT_VOCAB)}: parity + size word (each flipped w.p. {text_noise}) "
                          f"+ {N_FILLERS} fillers; text-only accuracy capped at 40 %")
     return DataSplits(full.subset(train_idx), full.subset(val_idx), full.subset(test_idx), modalities,
-                      len(CLASS_NAMES), list(CLASS_NAMES), notes=notes,
+                      len(DIGIT_WORDS), list(DIGIT_WORDS), notes=notes,
                       val_source=carved_val_source(labels[rest], held, val_fraction, split_seed + 1)
                       if len(val_idx) else "none (val_fraction=0)")

@@ -83,21 +83,12 @@ def build_features(
     task: Literal["classification", "regression"] = "classification",
     loss: Literal["auto", "cross_entropy", "l1", "mse"] = "auto",
 ) -> DataSplits:
-    """Load a features file (see FORMAT).
+    """Load a features file (see FORMAT; splits and tasks: docs/datasets.md#your-own-features-features).
+    `modalities` picks and orders the modality keys (default: file order); `loss` is read by the run.
 
-    Without `split`, a stratified test split (`test_fraction`) and validation split (`val_fraction` of
-    the rest) are carved with `split_seed` (a random one for regression scores); with a `split` that has no
-    'val', validation is carved from 'train'. `modalities` picks and orders the modality keys (default: file
-    order).
-
-    `task`: classification (integer classes; float labels that are all whole numbers, e.g. `label.astype(float)`,
-    are read as those classes) or regression (`label` float scores, any real value; one model output; `loss` is
-    the training loss, read by the run, as for CMU-MOSEI).
-
-    `standardize` (default) scales every feature to zero mean and unit variance with the *train* split's
-    statistics (per feature; a sequence's over samples and steps; a constant feature is only centred): real
-    feature files mix scales (areas in the thousands beside ratios below one), which an SGD-trained MLP does
-    not survive, while a logistic regression on standardised features does. False feeds the values as stored.
+    `standardize` scales every feature with the *train* split's mean and std (a sequence's over samples and steps;
+    a constant feature is only centred): real feature files mix scales (areas in the thousands beside ratios below
+    one), which an SGD-trained MLP does not survive, while a logistic regression on standardised features does.
     """
     resolve_loss(task, loss)  # an unknown task, or a loss that does not fit it, is refused before any file is read
     regression = task == "regression"
@@ -110,14 +101,9 @@ def build_features(
     labels = arrays.pop("label")
     split = arrays.pop("split", None)
     class_names = arrays.pop("classes", None)
-    if regression:
-        labels = _scores(file, labels, class_names)
-        num_classes = 1
-    else:
-        labels = _classes(file, labels)
-        num_classes = int(labels.max()) + 1
-    # the file's own class list: its length is C, its entries the names
-    if class_names is not None and not regression:
+    labels = _scores(file, labels, class_names) if regression else _classes(file, labels)
+    num_classes = 1 if regression else int(labels.max()) + 1
+    if class_names is not None:  # the file's own class list (never with regression): its length is C
         if class_names.ndim != 1 or len(set(class_names.tolist())) != len(class_names):
             raise DataError(f"{file}: `classes` must be a 1-D array of distinct class names, got shape "
                             f"{class_names.shape} dtype {class_names.dtype} with "
@@ -178,9 +164,9 @@ def build_features(
         train, val = train_val[keep], train_val[held]
         if split is not None:
             val_source = f"carved from the file's train split ({how}, {val_fraction:.0%})"
-    check_arrays(f"features file {str(file)!r}", {m: arrays[m] for m in names},
-                 {"train": train, "val": val, "test": test}, "clean or drop those rows")
     inputs = {m: arrays[m] for m in names}
+    check_arrays(f"features file {str(file)!r}", inputs, {"train": train, "val": val, "test": test},
+                 "clean or drop those rows")
     if standardize:
         for m in names:
             x = arrays[m]
@@ -206,10 +192,8 @@ def build_features(
                     1 - len(empty) / num_classes, "" if declared else "; to declare the classes, save their names "
                     "as `classes`")
     label_names = [str(c) for c in (class_names if class_names is not None else range(num_classes))]
-    return DataSplits(
-        full.subset(train), full.subset(val), full.subset(test), specs, num_classes, label_names,
-        val_source=val_source, notes=notes,
-    )
+    return DataSplits(full.subset(train), full.subset(val), full.subset(test), specs, num_classes, label_names,
+                      val_source=val_source, notes=notes)
 
 
 def _classes(file: Path, labels: np.ndarray) -> np.ndarray:
@@ -253,14 +237,8 @@ def _scores(file: Path, labels: np.ndarray, class_names: np.ndarray | None) -> n
 
 
 def _random_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held_out) indices with `fraction` of the rows held out at random (at least one when there are two
-    or more rows): regression scores have no classes to stratify on. Deterministic for a given seed."""
-    n = len(labels)
-    k = int(round(fraction * n))
-    if k == 0 and n >= 2 and fraction > 0:
-        k = 1
-    held_out = np.sort(np.random.default_rng(seed).permutation(n)[:k])
-    return np.setdiff1d(np.arange(n), held_out), held_out
+    """`stratified_split` over one class: regression scores have no classes to stratify on."""
+    return stratified_split(np.zeros(len(labels)), fraction, seed)
 
 
 def _modality_shaped(x: np.ndarray, n: int) -> bool:

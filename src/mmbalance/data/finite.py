@@ -60,21 +60,6 @@ def nonfinite_rows(x) -> RowCounts:
     return out
 
 
-def split_totals(bad: RowCounts, rows: Iterable[int] | None) -> tuple[int, int]:
-    """(NaN, Inf) summed over `rows` (None: every row)."""
-    if not bad:
-        return 0, 0
-    hits = bad.values() if rows is None else [bad[r] for r in np.asarray(rows).tolist() if r in bad]
-    return sum(h[0] for h in hits), sum(h[1] for h in hits)
-
-
-def split_bad_rows(bad: RowCounts, rows: Iterable[int] | None) -> list[int]:
-    """The rows of `rows` (None: every row) that hold NaN/Inf, as sorted row indices of the array."""
-    if not bad:
-        return []
-    return sorted(bad) if rows is None else sorted(r for r in set(np.asarray(rows).tolist()) if r in bad)
-
-
 def _row_list(rows: list[int]) -> str:
     """[3, 17] -> 'rows 3, 17'; past ROWS_SHOWN: 'rows 0, 1, 2, 3, 4 and 19 more'."""
     shown = ", ".join(str(r) for r in rows[:ROWS_SHOWN])
@@ -82,33 +67,38 @@ def _row_list(rows: list[int]) -> str:
     return f"{'row' if len(rows) == 1 else 'rows'} {shown}{more}"
 
 
-def raise_if_nonfinite(source: str, counts: Mapping[str, Mapping[str, tuple[int, int]]], advice: str,
-                       rows: Mapping[str, Mapping[str, list[int]]] | None = None) -> None:
-    """One DataError listing every non-zero {key: {split: (NaN, Inf)}} count and, from `rows` {key: {split: sorted
-    row indices}}, the first offending rows of each split, e.g. "features file 'x.npz': non-finite values in
-    `audio`: 3 NaN in train, 1 Inf in test (row 0 of train; row 45 of test); row indices count from 0 in the
-    arrays; clean or drop those rows"."""
+def _raise_if_nonfinite(source: str, hits: Iterable[tuple[str, str, RowCounts, Iterable[int] | None]],
+                        advice: str) -> None:
+    """`hits`: (key, split, the array's RowCounts, rows of it that split uses or None for all). One DataError
+    listing every non-zero NaN/Inf count per key and split, with the first offending rows of each split, e.g.
+    "features file 'x.npz': non-finite values in `audio`: 3 NaN in train, 1 Inf in test (row 0 of train; row 45
+    of test); row indices count from 0 in the arrays; clean or drop those rows"."""
+    counts: dict[str, dict[str, list[int]]] = {}  # {key: {split: [NaN, Inf]}}
+    bad_rows: dict[str, dict[str, set[int]]] = {}
+    for key, split, bad, rows in hits:
+        # the offending rows the split uses (None: every row), each as often as `rows` lists it
+        used = list(bad) if not bad or rows is None else [r for r in np.asarray(rows).tolist() if r in bad]
+        total = counts.setdefault(key, {}).setdefault(split, [0, 0])
+        total[0] += sum(bad[r][0] for r in used)
+        total[1] += sum(bad[r][1] for r in used)
+        bad_rows.setdefault(key, {}).setdefault(split, set()).update(used)
     parts = []
     for key, by_split in counts.items():
         order = [s for s in SPLIT_ORDER if s in by_split] + [s for s in by_split if s not in SPLIT_ORDER]
         found = [f"{n} {kind} in {s}" for s in order for n, kind in zip(by_split[s], ("NaN", "Inf")) if n]
         if found:
-            where = [f"{_row_list(r)} of {s}" for s in order if (r := (rows or {}).get(key, {}).get(s))]
+            where = [f"{_row_list(sorted(r))} of {s}" for s in order if (r := bad_rows[key][s])]
             parts.append(f"`{key}`: " + ", ".join(found) + (f" ({'; '.join(where)})" if where else ""))
     if parts:
-        note = "; row indices count from 0 in the arrays" if rows else ""
-        raise DataError(f"{source}: non-finite values in " + "; in ".join(parts) + f"{note}; {advice}")
+        raise DataError(f"{source}: non-finite values in " + "; in ".join(parts)
+                        + f"; row indices count from 0 in the arrays; {advice}")
 
 
 def check_arrays(source: str, arrays: Mapping[str, object], splits: Mapping[str, np.ndarray], advice: str) -> None:
     """In-memory arrays {key: (N, ...)} whose rows `splits` {split: row indices} are used: raise when any is
-    non-finite (see `raise_if_nonfinite`), naming the first offending row indices of each split."""
-    counts, rows = {}, {}
-    for key, x in arrays.items():
-        bad = nonfinite_rows(x)
-        counts[key] = {s: split_totals(bad, r) for s, r in splits.items()}
-        rows[key] = {s: split_bad_rows(bad, r) for s, r in splits.items()}
-    raise_if_nonfinite(source, counts, advice, rows)
+    non-finite (see `_raise_if_nonfinite`)."""
+    bad = {key: nonfinite_rows(x) for key, x in arrays.items()}
+    _raise_if_nonfinite(source, ((key, s, b, r) for key, b in bad.items() for s, r in splits.items()), advice)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,11 +152,11 @@ def _recorded(path: Path) -> RowCounts | None:
         return None
 
 
-def cached_row_counts(path: str | Path, array: np.ndarray | None = None) -> RowCounts:
+def cached_row_counts(path: str | Path) -> RowCounts:
     """The non-finite rows of the prepared array at `path`: from its sidecar when current, else by a chunked
-    scan whose result is recorded in the sidecar. `array`: the file already opened (memory-mapped)."""
+    scan whose result is recorded in the sidecar."""
     path = Path(path)
-    array = open_npy(path) if array is None else array
+    array = open_npy(path)
     if not can_hold_nonfinite(array.dtype):
         return {}
     bad = _recorded(path)
@@ -179,15 +169,7 @@ def cached_row_counts(path: str | Path, array: np.ndarray | None = None) -> RowC
 def check_cached(source: str, parts: Iterable[tuple[str, str, Path, np.ndarray | None]], advice: str) -> None:
     """Prepared arrays: `parts` = (key, split, .npy path, rows of it that split uses or None for all). Raise one
     DataError naming `source` when any used row holds NaN/Inf."""
-    counts: dict[str, dict[str, tuple[int, int]]] = {}
-    bad_rows: dict[str, dict[str, list[int]]] = {}  # row indices of the .npy files
-    per_file: dict[Path, RowCounts] = {}  # one file serves several splits: read its sidecar (or scan) once
-    for key, split, path, rows in parts:
-        if path not in per_file:
-            per_file[path] = cached_row_counts(path)
-        nan, inf = split_totals(per_file[path], rows)
-        prev = counts.setdefault(key, {}).get(split, (0, 0))
-        counts[key][split] = (prev[0] + nan, prev[1] + inf)
-        found = bad_rows.setdefault(key, {}).setdefault(split, [])
-        found[:] = sorted(set(found) | set(split_bad_rows(per_file[path], rows)))
-    raise_if_nonfinite(source, counts, advice, bad_rows)
+    parts = list(parts)
+    # one file serves several splits: read its sidecar (or scan) once
+    per_file = {path: cached_row_counts(path) for path in dict.fromkeys(path for _, _, path, _ in parts)}
+    _raise_if_nonfinite(source, ((key, split, per_file[path], rows) for key, split, path, rows in parts), advice)

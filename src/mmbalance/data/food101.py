@@ -88,9 +88,8 @@ def _find_base(root: Path) -> Path:
 
 
 def read_titles(path: Path) -> tuple[list[tuple[str, str, str]], bool]:
-    """The rows (image_name, text, label) of one titles csv and whether it had a header: a first row naming an
-    image column (such as Image_path) and a label column; the columns are then taken by name, in any order. Without
-    one the Kaggle order image_name,text,label applies, and a title with unquoted commas is re-joined."""
+    """The rows (image_name, text, label) of one titles csv and whether it had a header (the rules:
+    docs/datasets.md, "The titles csv")."""
     if not path.is_file():
         raise DataError(f"food101: titles file {str(path)!r} is missing; expected {EXPECTED}")
     try:
@@ -207,9 +206,8 @@ def build_food101(root: str, prepared: str | None = None, image_size: ImageSize 
                   tokenizer: str = "bert-base-uncased", max_length: MaxLength = 40,
                   clean_text: bool = True, val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
                   use_cache: bool = True) -> DataSplits:
-    """UPMC Food-101 as DataSplits (text tokens + visual image), BalanceBenchmark's FOOD-101 recipe: from the
-    folder `mmbalance prepare food101` wrote (``prepared``; 'auto' = ROOT/mmbalance_prepared once prepare finished
-    there), using its stored ids and image cache where they match these options, or from the raw tree ``root``."""
+    """UPMC Food-101 as DataSplits (text tokens + visual image), BalanceBenchmark's FOOD-101 recipe, from the raw
+    tree ``root`` or the folder `mmbalance prepare food101` wrote (``prepared``; docs/datasets.md, "Loading")."""
     size = _image_size(image_size, "food101")
     root_path = Path(root).expanduser()
     prep = resolve_prepared(root_path, prepared, "food101")
@@ -275,8 +273,7 @@ def _records_from_prepared(folder: PreparedFolder) -> tuple[list[Record], list[s
             raise DataError(f"food101: {manifest} line {n}: expected {','.join(COLUMNS)} ({exc}); re-run "
                             "`mmbalance prepare food101 --force`") from None
         if not 0 <= rec.label < len(classes) or rec.split not in SPLITS:
-            raise DataError(f"food101: {manifest} line {n}: label {rec.label} / split {rec.split!r} out of "
-                            "range")
+            raise DataError(f"food101: {manifest} line {n}: label {rec.label} / split {rec.split!r} out of range")
         records.append(rec)
     if not folder.has(PREPARED_META):
         log.warning("food101: %s is missing; the image cache is not used", folder.path / PREPARED_META)
@@ -308,10 +305,8 @@ def _prepared_tokens(folder: PreparedFolder, tok: Tokenizer, clean_text: bool, n
 def prepare(ctx: PrepareContext, image_size: ImageSize | None = None, tokenizer: str | None = None,
             max_length: MaxLength = 40, clean_text: bool = True, check_images: bool = True,
             block: PositiveInt = 4096) -> dict:
-    """Validate the Food-101 tree and write the prepared folder: manifest.csv (`COLUMNS`), classes.json and the
-    orphan counts. ``check_images``: decode every image and leave unreadable ones out (reported); ``image_size=S``:
-    also cache the images at S x S; ``tokenizer``: also pre-tokenise the titles into tokens.npy (max_length,
-    clean_text as the loader's). A finished stage is skipped unless --force."""
+    """Validate the Food-101 tree and write the prepared folder (its files and options:
+    docs/datasets.md, "mmbalance prepare food101"). A finished stage is skipped unless --force."""
     size = _image_size(image_size, "food101 prepare") if image_size else None
     found = scan(ctx.root)
     for path in found.missing:

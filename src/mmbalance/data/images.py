@@ -1,10 +1,9 @@
 """Photos, one per sample (Food-101): the uint8 image cache `mmbalance prepare` writes and the loader reads.
 
 The cache is one memory-mapped file ``images_<S>.u8`` of rows x S x S x 3 uint8, each image after media.ClipTransform's
-evaluation Resize((S, S)), so evaluation inputs are identical with and without it and training decodes no jpeg.
-It is filled in blocks, in parallel; ``images_<S>.u8.json`` records the progress (an interrupted prepare resumes),
-the unreadable rows and the key of the image list it was made for: a cache of another list, or an incomplete
-one, is not used. Without a size the same pass only checks that every image decodes (``image_check.json``).
+evaluation Resize((S, S)); ``images_<S>.u8.json`` records its progress, unreadable rows and the key of the image list
+it was made for (docs/datasets.md, "The image cache"). Without a size the same pass only checks that every image
+decodes (``image_check.json``).
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ class Images:
     """Item i's (3, H, W) uint8 image: row `rows[i]` of the cache (`cache`: its file and row count; H = W = S), or
     decoded from `paths[i]`. The memmap is opened lazily, in each DataLoader worker."""
 
-    def __init__(self, paths: list[str], size: int, dataset: str, cache: tuple[str, int] | None = None,
-                 rows: np.ndarray | None = None):
+    def __init__(self, paths: list[str], size: int, dataset: str, cache: tuple[str, int] | None, rows: np.ndarray):
         self.paths, self.size, self.dataset = list(paths), size, dataset
         self.cache, self.rows, self._mm = cache, rows, None
 
@@ -41,8 +39,8 @@ class Images:
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.cache is not None:
             if self._mm is None:
-                self._mm = np.memmap(self.cache[0], dtype=np.uint8, mode="r", shape=(self.cache[1], self.size,
-                                                                                     self.size, 3))
+                file, n = self.cache
+                self._mm = np.memmap(file, dtype=np.uint8, mode="r", shape=(n, self.size, self.size, 3))
             return torch.from_numpy(np.array(self._mm[self.rows[i]])).permute(2, 0, 1)
         from torchvision.transforms.v2.functional import pil_to_tensor
 

@@ -106,9 +106,8 @@ def _is_kinetics_csv(path: Path) -> bool:
 
 
 def read_kinetics_csv(path: Path, split: str, skipped: dict[str, int]) -> list[Clip]:
-    """Kinetics annotation csv (label,youtube_id,time_start,time_end,split): clips of the 31 KS classes with id
-    `<ytid>_<start:06d>_<end:06d>` (cvdf's file names). Rows of other classes and unlabelled ones are counted in
-    `skipped`."""
+    """The clips of the 31 classes in a Kinetics annotation csv, named as cvdf names their files
+    (`<ytid>_<start:06d>_<end:06d>`); rows of other classes and unlabelled ones are counted in `skipped`."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])

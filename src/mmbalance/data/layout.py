@@ -484,14 +484,6 @@ def _read_record(path: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _why_redone(record: dict | None, wanted: dict) -> str:
-    """Why an existing output is decoded again: it has no record (an interrupted run, an earlier mmbalance), it
-    was decoded with other options, or from another file (another --root, a replaced download)."""
-    if record is None:
-        return "unrecorded"
-    return "other_options" if record.get("recipe") != wanted["recipe"] else "other_source"
-
-
 def _extract_one(task: tuple) -> tuple[int, str | None, str | None, str | None, list[str], list[str]]:
     """Worker: one clip's video decoded into each target by its writer, which writes to a temporary name and
     renames, so an output that exists is complete. It is kept only when its record (`RECORDS`) says it was decoded
@@ -508,10 +500,11 @@ def _extract_one(task: tuple) -> tuple[int, str | None, str | None, str | None, 
             record = _read_record(record_path) if exists else None
             if exists and not force and record == wanted:
                 continue
-            if exists and not force:
-                redone.append(_why_redone(record, wanted))
+            if exists and not force:  # no record: an interrupted run or an earlier mmbalance
+                redone.append("unrecorded" if record is None else
+                              "other_options" if record.get("recipe") != wanted["recipe"] else "other_source")
             Path(record_path).unlink(missing_ok=True)
-            write(video, dest, True, *params)
+            write(video, dest, *params)
             PreparedFolder(Path(record_path).parent).write_json(Path(record_path).name, wanted)
             wrote.append(name)
         except DataError as exc:
@@ -519,12 +512,13 @@ def _extract_one(task: tuple) -> tuple[int, str | None, str | None, str | None, 
     return i, None, None, None, wrote, redone
 
 
-def write_wav(video: str, dest: str, force: bool, sr: int, fps: float, short_side: int) -> bool:
-    return media.extract_wav(video, dest, sr, force)
+# a writer decodes `video` into `dest`, replacing it (`_extract_one` decides which outputs are redone)
+def write_wav(video: str, dest: str, sr: int, fps: float, short_side: int) -> None:
+    media.extract_wav(video, dest, sr)
 
 
-def write_frames(video: str, dest: str, force: bool, sr: int, fps: float, short_side: int) -> bool:
-    return media.extract_frames(video, dest, fps, short_side, force) >= 0
+def write_frames(video: str, dest: str, sr: int, fps: float, short_side: int) -> None:
+    media.extract_frames(video, dest, fps, short_side)
 
 
 # modality -> (output name, writer, kind written, path under --out): the default extraction from video, with
@@ -547,14 +541,10 @@ def extraction_recipe(target: tuple, params: tuple) -> dict:
 def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, targets: dict = WAV_AND_FRAMES,
                   params: tuple = (), complete: bool = True) -> tuple[list[Clip], dict[str, str], dict]:
     """For every modality read from video (kind 'video'): decode each clip once into `targets[modality]` under
-    ctx.out (in parallel). A video that fails to decode is recorded with ctx.problem and its clip dropped.
-
-    Every output has a record (`RECORDS`: the source's absolute path, size and modification time, and the
-    options): an existing output is kept only when its record is this prepare's (resumable), and decoded again
-    otherwise -- options changed (`--set fps=2` after `fps=1`, a shard run with other options than the others),
-    the source replaced, or another --root with the same clip ids -- so the folder never mixes frames or audio of
-    two recipes or two sources, whether shards or a complete run wrote them. extract.json records the options of
-    the last complete run (`complete`: not a shard), which a loader compares with its config."""
+    ctx.out (in parallel). A video that fails to decode is recorded with ctx.problem and its clip dropped. An
+    existing output is kept only when its record is this prepare's (`_extract_one`), so shards and complete runs
+    never mix two recipes or two sources (docs/datasets.md, "Resumable, never mixed"). extract.json records the
+    options of the last complete run (`complete`: not a shard), which a loader compares with its config."""
     todo = {m: t for m, t in targets.items() if kinds.get(m) == "video"}
     if not todo:
         return clips, kinds, {}

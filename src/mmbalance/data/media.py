@@ -173,15 +173,12 @@ def decode_video_frames(path: str | Path, fps: float = 1.0) -> list:
     return frames
 
 
-def extract_frames(video: str | Path, dest: str | Path, fps: float = 1.0, short_side: int = 0,
-                   force: bool = False) -> int:
+def extract_frames(video: str | Path, dest: str | Path, fps: float = 1.0, short_side: int = 0) -> int:
     """Decode `video` at `fps` into dest/frame_00001.jpg ... (ffmpeg's `-vf fps=1 frame_%05d.jpg` naming, which
-    MMPareto / BalanceBenchmark read), optionally shrunk to `short_side`. Written to a temporary folder and
-    renamed, so a folder that exists is complete: it is kept (-1 returned) unless `force`. Returns the number of
-    frames written; raises DataError when the video cannot be decoded."""
+    MMPareto / BalanceBenchmark read), optionally shrunk to `short_side`, replacing dest. Written to a temporary
+    folder and renamed, so a folder that exists is complete. Returns the number of frames written; raises DataError
+    when the video cannot be decoded."""
     dest = Path(dest)
-    if dest.is_dir() and not force:
-        return -1
     images = decode_video_frames(video, fps)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -197,20 +194,17 @@ def extract_frames(video: str | Path, dest: str | Path, fps: float = 1.0, short_
     return len(images)
 
 
-def extract_wav(video: str | Path, wav: str | Path, sr: int = 16000, force: bool = False) -> bool:
+def extract_wav(video: str | Path, wav: str | Path, sr: int = 16000) -> None:
     """The audio track of `video` as a mono 16-bit wav at `sr` (like `ffmpeg -acodec pcm_s16le -ar 16000`),
-    written atomically; an existing file is kept (False returned) unless `force`."""
+    written atomically over `wav`."""
     import soundfile as sf
 
     wav = Path(wav)
-    if wav.is_file() and not force:
-        return False
     wave = decode_audio(video, sr)
     wav.parent.mkdir(parents=True, exist_ok=True)
     tmp = wav.with_name(wav.name + ".tmp.wav")
     sf.write(tmp, np.clip(wave, -1.0, 1.0), sr, subtype="PCM_16")
     os.replace(tmp, wav)
-    return True
 
 
 # -- audio recipes

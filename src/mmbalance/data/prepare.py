@@ -330,12 +330,9 @@ def write_report(ctx: PrepareContext, stopped: bool = False, interrupted: bool =
     Ctrl-C), the problems recorded until then and a last line saying so."""
     report = [f"{p}\t{why}" for p, why in ctx.problems] or ["# no missing or unreadable media"]
     report += [f"{p}\t{what}" for p, what in ctx.notes]
-    if interrupted:
-        report.append(f"# prepare {ctx.dataset} was interrupted (Ctrl-C) before finishing; this lists the problems "
-                      "recorded until then")
-    elif stopped:
-        report.append(f"# prepare {ctx.dataset} stopped with an error before finishing; this lists the problems "
-                      "recorded until then")
+    if stopped or interrupted:
+        how = "was interrupted (Ctrl-C)" if interrupted else "stopped with an error"
+        report.append(f"# prepare {ctx.dataset} {how} before finishing; this lists the problems recorded until then")
     ctx.folder.write_text(REPORT, "\n".join(report) + "\n")
 
 

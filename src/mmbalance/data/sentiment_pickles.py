@@ -30,7 +30,7 @@ MODALITY_KEYS = {"audio": ("audio",), "vision": ("vision", "visual"), "text": ("
 LABEL_KEYS = {"mult": ("labels", "regression_labels"), "mmsa": ("regression_labels", "labels")}
 
 
-def load_pickle(path: Path, dataset: str = "CMU-MOSEI") -> dict:
+def load_pickle(path: Path) -> dict:
     """Unpickle a MulT/MMSA file (it runs code from the file: only open pickles you trust, as with any .pkl)."""
     try:
         with open(path, "rb") as f:
@@ -40,9 +40,9 @@ def load_pickle(path: Path, dataset: str = "CMU-MOSEI") -> dict:
                 f.seek(0)
                 data = pickle.load(f, encoding="latin1")
     except FileNotFoundError:
-        raise DataError(f"{dataset} pickle {str(path)!r} does not exist") from None
+        raise DataError(f"CMU-MOSEI pickle {str(path)!r} does not exist") from None
     except (OSError, EOFError, ValueError, AttributeError, ImportError, pickle.UnpicklingError) as exc:
-        raise DataError(f"cannot read {dataset} pickle {str(path)!r}: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"cannot read CMU-MOSEI pickle {str(path)!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a dict of splits {{train, valid, test}}, got {type(data).__name__}")
     return data
@@ -143,9 +143,9 @@ def _text_key(split_data: dict, text_key: str, where: str) -> str:
     return "text"
 
 
-def _scores(split_data: dict, layout: str, where: str, score_range: tuple[float, float] | None) -> np.ndarray:
+def _scores(split_data: dict, layout: str, where: str, score_range: tuple[float, float]) -> np.ndarray:
     """The split's sentiment scores, (N,) float32: MulT stores them (N, 1, 1), MMSA (N,); N >= 1, each finite and
-    within `score_range` (the dataset's scale) when one is given."""
+    within `score_range` (the dataset's scale)."""
     key = _key(split_data, LABEL_KEYS[layout], "sentiment", where)
     y = np.asarray(split_data[key], dtype=np.float64)
     n = int(y.shape[0]) if y.ndim else 0
@@ -156,7 +156,7 @@ def _scores(split_data: dict, layout: str, where: str, score_range: tuple[float,
         raise DataError(f"{where}: the split has no samples (`{key}` is empty); every split needs some")
     if not np.isfinite(y).all():
         raise DataError(f"{where}: `{key}` has {int((~np.isfinite(y)).sum())} non-finite scores")
-    low, high = score_range or (-np.inf, np.inf)
+    low, high = score_range
     if y.min() < low or y.max() > high:
         # another scale (a rescaled or different dataset's file) would make every label and metric wrong quietly
         raise DataError(f"{where}: `{key}` holds scores in [{y.min():g}, {y.max():g}], "
@@ -184,13 +184,12 @@ def _features(split_data: dict, key: str, n: int, where: str) -> tuple[np.ndarra
     return x, ModalitySpec("sequence", (int(x.shape[1]), int(x.shape[2]))), count
 
 
-def read_source(path: Path, modalities: list[str], text_key: str = "auto", layout_hint: str = "auto",
-                aligned: bool | None = None, dataset: str = "CMU-MOSEI",
-                score_range: tuple[float, float] | None = None) -> Source:
+def read_source(path: Path, modalities: list[str], text_key: str, layout_hint: str, aligned: bool | None,
+                score_range: tuple[float, float]) -> Source:
     """Load, validate and clean one MulT/MMSA pickle. Its arrays are consumed (cast in place where possible) so
     peak memory stays near the file's size. `score_range`: the dataset's score scale; a score outside it is an
     error."""
-    table, layout = _split_table(load_pickle(path, dataset), path)
+    table, layout = _split_table(load_pickle(path), path)
     if layout_hint in ("mult", "mmsa") and layout != layout_hint:
         log.warning("%s: dataset.layout=%s but its keys look like %s; reading it as %s", path, layout_hint,
                     layout, layout)

@@ -64,12 +64,6 @@ class ClipBank:
 # cache
 
 
-def default_cache_dir() -> Path:
-    """`$MMBALANCE_CACHE`, else `~/.cache/mmbalance`."""
-    env = os.environ.get("MMBALANCE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mmbalance"
-
-
 def _clip_config(clips_per_digit: int, synth_seed: int) -> dict:
     return {"version": CLIP_CACHE_VERSION, "accents": list(ACCENTS), "variants": list(VARIANTS), "rates": list(RATES),
             "pitch_range": list(PITCH_RANGE), "sample_rate": SAMPLE_RATE, "clips_per_digit": int(clips_per_digit),
@@ -77,9 +71,11 @@ def _clip_config(clips_per_digit: int, synth_seed: int) -> dict:
 
 
 def clip_cache_path(cache_dir: str | os.PathLike | None, clips_per_digit: int = 180, synth_seed: int = 0) -> Path:
-    """Where the clean clip bank for these settings lives. The default settings give `clips_v1.npz`;
-    other settings add a short hash of the configuration to the name."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    """Where the clean clip bank for these settings lives (`cache_dir` default: `$MMBALANCE_CACHE`, else
+    `~/.cache/mmbalance`). The default settings give `clips_v1.npz`; others add a short hash of the settings."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("MMBALANCE_CACHE") or Path.home() / ".cache" / "mmbalance"
+    root = Path(cache_dir).expanduser()
     name = f"clips_v{CLIP_CACHE_VERSION}"
     if clips_per_digit != 180 or synth_seed != 0:
         cfg = json.dumps(_clip_config(clips_per_digit, synth_seed), sort_keys=True)
@@ -109,7 +105,7 @@ def _load_bank(path: Path, cfg: dict) -> ClipBank | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            if json.loads(str(z["config"])) != json.loads(json.dumps(cfg, sort_keys=True)):
+            if json.loads(str(z["config"])) != cfg:
                 return None
             bank = ClipBank(z["audio"], *(z[k].astype(np.int64) for k in ("offsets", "labels")), z["voices"],
                             *(z[k].astype(np.int64) for k in ("rates", "pitches")))
@@ -222,8 +218,7 @@ def synthesise_clips(clips_per_digit: int = 180, synth_seed: int = 0) -> ClipBan
         for k, x in enumerate(group):
             n = min(int(np.ceil(len(x) * SAMPLE_RATE / src_rate)), WINDOW_SAMPLES, res.shape[1])
             out.append(np.clip(np.round(res[k, :n] * 32767.0), -32768, 32767).astype(np.int16))
-    offsets = np.zeros(len(out) + 1, np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in out])
+    offsets = np.cumsum([0, *map(len, out)], dtype=np.int64)
     labels, voices, rates, pitches = zip(*meta)
     return ClipBank(np.concatenate(out), offsets, np.asarray(labels, np.int64), np.asarray(voices),
                     np.asarray(rates, np.int64), np.asarray(pitches, np.int64))

@@ -63,7 +63,5 @@ def build_synthetic(
     check_arrays("synthetic data", arrays, {"train": train, "val": val, "test": test},
                  "lower dataset.signal (float32 overflows past 3.4e38)")
     full = MultimodalDataset(arrays, labels)
-    return DataSplits(
-        full.subset(train), full.subset(val), full.subset(test), specs, num_classes,
-        [f"class{c}" for c in range(num_classes)],
-    )
+    return DataSplits(full.subset(train), full.subset(val), full.subset(test), specs, num_classes,
+                      [f"class{c}" for c in range(num_classes)])

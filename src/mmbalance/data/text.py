@@ -20,7 +20,6 @@ from mmbalance.errors import UserError
 
 __all__ = ["Tokenizer", "clean_text"]
 
-# BalanceBenchmark's FOOD-101 cleaning (tweet-style): a leading retweet marker, links, hash signs
 _RT = re.compile(r"^\s*RT\b[\s:]*")
 _URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
@@ -37,26 +36,21 @@ def clean_text(text: str) -> str:
 
 
 class Tokenizer:
-    """A Hugging Face fast tokenizer, loaded from local files only: texts -> (N, max_length) int64 ids.
+    """A Hugging Face fast tokenizer, loaded from local files only: texts -> (N, max_length) int64 ids
+    (``model_or_path`` and the ids: docs/datasets.md, "Tokenisation"). Padding is id 0 in the stored ids: for a
+    tokenizer whose padding id is not 0 (RoBERTa's 1) the two ids are swapped, and ``TextTransformerEncoder`` swaps
+    them back with its model's padding id."""
 
-    ``model_or_path``: a hub name in the local Hugging Face cache (default bert-base-uncased, BalanceBenchmark's
-    FOOD-101 tokenizer), a local tokenizer folder, or a WordPiece ``vocab.txt`` (an uncased BERT tokenizer). Texts
-    get [CLS] ... [SEP] and are padded and truncated to ``max_length`` (BalanceBenchmark: 40). Padding is id 0 in
-    the stored ids: for a tokenizer whose padding id is not 0 (RoBERTa's 1) the two ids are swapped, and
-    ``TextTransformerEncoder`` swaps them back with its model's padding id.
-    """
-
-    def __init__(self, model_or_path: str = "bert-base-uncased", max_length: int = 40, lowercase: bool = True):
+    def __init__(self, model_or_path: str = "bert-base-uncased", max_length: int = 40):
         if int(max_length) < 2:
             raise UserError(f"Tokenizer: max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
         self.name = str(model_or_path)
         self.max_length = int(max_length)
-        self._tok = _load_tokenizer(self.name, lowercase)
+        self._tok = _load_tokenizer(self.name)
         pad = self._tok.pad_token_id
         if pad is None:
             raise UserError(f"Tokenizer: {self.name!r} has no padding token; use a BERT-style tokenizer")
         self.pad_id = int(pad)
-        self.vocab_size = len(self._tok)
 
     @property
     def fingerprint(self) -> str:
@@ -82,7 +76,7 @@ class Tokenizer:
         return f"Tokenizer({self.name!r}, max_length={self.max_length})"
 
 
-def _load_tokenizer(name: str, lowercase: bool):
+def _load_tokenizer(name: str):
     """A fast tokenizer from a WordPiece vocab.txt, a local folder or the local hub cache; never downloads."""
     try:
         import transformers
@@ -92,7 +86,7 @@ def _load_tokenizer(name: str, lowercase: bool):
 
     source = text_model_source(name)
     if source.path.is_file():  # a bare vocab.txt: transformers only loads folders and hub names
-        return _wordpiece_tokenizer(source.path, lowercase)
+        return _wordpiece_tokenizer(source.path)
     return from_pretrained_offline(
         source, transformers.AutoTokenizer.from_pretrained, {"use_fast": True},
         who="Tokenizer", what="tokenizer", folder_holds="tokenizer.json or vocab.txt (with tokenizer_config.json)",
@@ -100,7 +94,7 @@ def _load_tokenizer(name: str, lowercase: bool):
     )
 
 
-def _wordpiece_tokenizer(path: Path, lowercase: bool):
+def _wordpiece_tokenizer(path: Path):
     """An uncased-BERT-style fast tokenizer over a bare WordPiece vocab.txt (one token per line)."""
     import transformers  # already loaded by _load_tokenizer
 
@@ -110,10 +104,10 @@ def _wordpiece_tokenizer(path: Path, lowercase: bool):
     cls = getattr(transformers, "BertTokenizerFast", None) or transformers.BertTokenizer
     try:
         if "vocab_file" in inspect.signature(cls.__init__).parameters:  # transformers 4
-            return cls(vocab_file=str(path), do_lower_case=lowercase)
+            return cls(vocab_file=str(path), do_lower_case=True)
         # transformers 5 takes the vocabulary as a {token: id} dict: one token per line, id = line number
         with path.open(encoding="utf-8") as f:
             vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-        return cls(vocab=vocab, do_lower_case=lowercase)
+        return cls(vocab=vocab, do_lower_case=True)
     except Exception as exc:
         raise UserError(f"Tokenizer: cannot read the WordPiece vocabulary {path}: {exc}") from exc

@@ -2,9 +2,7 @@
 
 The raw tree (the official split files, twostreamfusion / BalanceBenchmark / mmaction2 frame trees) or the folder
 ``mmbalance prepare ucf101`` writes, as ``visual`` (T, 3, S, S) and ``flow`` (T, 2, S, S) with BalanceBenchmark's
-recipe, one augmentation per clip for both (a flip negates u).
-
-Reference (layouts, flow, splits, the prepared cache): docs/datasets.md#ucf-101-ucf101
+recipe, one augmentation per clip for both (a flip negates u). Reference: docs/datasets.md#ucf-101-ucf101
 """
 
 from __future__ import annotations
@@ -69,7 +67,7 @@ def read_split_list(path: Path, classes: list[str]) -> list[tuple[str, int]]:
     for rel, label in media.read_split_file(path):
         parts = rel.replace("\\", "/").split("/")
         name = parts[-1].rsplit(".", 1)[0] if parts[-1].lower().endswith((".avi", ".mp4")) else parts[-1]
-        folder = parts[-2] if len(parts) > 1 else (_NAME.match(name).group(1) if _NAME.match(name) else "")
+        folder = parts[-2] if len(parts) > 1 else (m.group(1) if (m := _NAME.match(name)) else "")
         if folder.lower() not in index:
             raise DataError(f"{path}: {rel!r} is in class folder {folder!r}, which classInd.txt does not list")
         y = index[folder.lower()]
@@ -135,10 +133,6 @@ class Source:
     kind: str
     root: Path
     index: dict[str, dict[str, Path]]
-
-    @property
-    def prefixes(self) -> dict[str, str]:
-        return KINDS[self.kind][1]
 
     def hits(self, names: set[str]) -> int:
         return min(len(names.intersection(ix)) for ix in self.index.values())
@@ -209,7 +203,7 @@ class Found:
 
     @property
     def prefixes(self) -> dict[str, str]:
-        return {k: v for s in self.sources.values() for k, v in s.prefixes.items()}
+        return {k: v for s in self.sources.values() for k, v in KINDS[s.kind][1].items()}
 
     def notes(self) -> dict:
         """The layout, as a raw build's notes and prepare's summary report it."""
@@ -267,10 +261,8 @@ def build_ucf101(root: str | None = None, prepared: str | None = None, split: Li
                  flow_frames: PositiveInt = 3, image_size: PositiveInt = 224,
                  augment: Literal[media.ClipTransform.AUGMENTS] = "resize_flip", val_fraction: Fraction = 0.1,
                  split_seed: NonNegativeInt = 0) -> DataSplits:
-    """UCF-101 as DataSplits with modalities visual (frames (frames, 3, S, S)) and flow (frames (flow_frames, 2,
-    S, S)), in the order of `modalities`; the raw tree under `root` (`splits_dir`/`rgb_dir`/`flow_dir` pin its
-    layout) or the `mmbalance prepare ucf101` folder `prepared`. split: official split 1-3. augment: shared by RGB
-    and flow (resize_flip = BalanceBenchmark's Resize + HFlip; crop_flip, rotate_flip, none)."""
+    """UCF-101 as DataSplits with modalities visual (frames, 3, S, S) and flow (flow_frames, 2, S, S), in the
+    order of `modalities`, from the raw tree under `root` or the `mmbalance prepare ucf101` folder `prepared`."""
     prepared = resolve_prepared(root, prepared, "ucf101")  # "auto": ROOT/mmbalance_prepared when prepare wrote it
     mods = _modalities(modalities)
     if prepared is not None:
@@ -319,9 +311,8 @@ def prepare(ctx: PrepareContext, split: Literal[1, 2, 3] = 1,
             modalities: Sequence[Literal[MODALITIES]] = MODALITIES, splits_dir: str | None = None,
             rgb_dir: str | None = None, flow_dir: str | None = None, size: PositiveInt = 224,
             max_frames: PositiveInt = 10, cache: bool = True) -> dict:
-    """`mmbalance prepare ucf101` (layout.prepare_clips): videos without frames are reported and left out;
-    manifest.csv adds the video's part in every official split found (split1..split3: one cache serves all) and
-    n_visual/n_flow. `size`/`max_frames`: the cached frames; `cache=false` stops after the manifest."""
+    """`mmbalance prepare ucf101` (layout.prepare_clips): manifest.csv adds the video's part in every official
+    split found (split1..split3: one cache serves all) and n_visual/n_flow."""
     mods = _modalities(modalities)
     found = find_clips(ctx.root, split, mods, splits_dir, rgb_dir, flow_dir, exclude=(ctx.out,))
     prefixes = found.prefixes

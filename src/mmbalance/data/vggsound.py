@@ -99,8 +99,8 @@ class AudioWindow(ModalityMap):
     """Cuts `frames` STFT frames out of each item's audio spectrogram: a random window in training, the centre
     window at evaluation (deterministic)."""
 
-    def __init__(self, base, frames: int, train: bool, modality: str = "audio"):
-        super().__init__(base, modality, train)
+    def __init__(self, base, frames: int, train: bool):
+        super().__init__(base, "audio", train)
         self.frames = int(frames)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,8 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
                    clip_seconds: PositiveFloat = 10.0, n_fft: PositiveInt = 256, hop_length: PositiveInt = 128,
                    pad_mode: PadMode = "reflect", val_fraction: Fraction = 0.1,
                    split_seed: NonNegativeInt = 0) -> DataSplits:
-    """VGGSound as DataSplits with modalities audio (1, n_fft/2+1, T) and visual (frames, 3, S, S), from the
-    ``mmbalance prepare vggsound`` folder `prepared` (its cache, or its extracted wav + frames decoded on access)
-    or the raw tree under `root`."""
+    """VGGSound as DataSplits with modalities audio (1, n_fft/2+1, T) and visual (frames, 3, S, S), from the raw
+    tree under `root` or the ``mmbalance prepare vggsound`` folder `prepared` (its cache, or decoded on access)."""
     if audio_seconds > clip_seconds:
         raise DataError(f"VGGSound: dataset.audio_seconds={audio_seconds} is longer than dataset.clip_seconds="
                         f"{clip_seconds}")
