@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -145,7 +144,7 @@ def bav_readers(kinds: dict[str, str], frames: int, image_size: int, augment: st
 def build_balanced_av(root: str | None = None, prepared: str | None = None, annotation: str | None = None,
                       visual_dir: str | None = None, audio_dir: str | None = None, video_dir: str | None = None,
                       frames: PositiveInt = 3, image_size: PositiveInt = 224,
-                      augment: Literal[media.ClipTransform.AUGMENTS] = "crop_flip", audio_log: bool = False,
+                      augment: media.Augment = "crop_flip", audio_log: bool = False,
                       sr: PositiveInt = 44100, seconds: PositiveFloat = 10.0, n_fft: PositiveInt = 512,
                       hop_length: PositiveInt = 440, audio_frames: PositiveInt | None = 1003,
                       val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0) -> DataSplits:

@@ -43,9 +43,6 @@ LAYOUTS = {"raw": ("VideoFlash", "AudioWAV"), "ogmge": ("Image-01-FPS", "AudioWA
 KIND_NAMES = {"jpgdir": "frame folders", "video": "videos", "wav": "wav files", "array": "spectrogram arrays"}
 # folders that hold media, never split files: not searched for train.csv/test.csv
 MEDIA_DIRS = {"AudioWAV", "AudioMP3", "VideoFlash", "Image-01-FPS", "visual", "audio", "frames"}
-# the builder's choices, as config validation checks them before anything is read
-Augment = Literal[media.ClipTransform.AUGMENTS]
-PadMode = Literal["reflect", "constant", "replicate", "circular"]  # torch.stft's centre padding modes
 
 
 def parse_clip_name(name: str) -> tuple[str, str] | None:
@@ -268,8 +265,8 @@ def build_cremad(root: str, prepared: str | None = None,
                  split: Literal[SPLIT_MODES] = "auto", train_split: str | None = None, test_split: str | None = None,
                  val_split: str | None = None, test_fraction: Fraction = 0.1, val_fraction: Fraction = 0.1,
                  split_seed: NonNegativeInt = 0, frames: PositiveInt = 2, image_size: PositiveInt = 224,
-                 augment: Augment = "crop_flip", video_fps: PositiveFloat = 1.0,
-                 pad_mode: PadMode = "reflect") -> DataSplits:
+                 augment: media.Augment = "crop_flip", video_fps: PositiveFloat = 1.0,
+                 pad_mode: media.PadMode = "reflect") -> DataSplits:
     """CREMA-D as DataSplits with modalities audio (1, F, T) and visual (frames, 3, S, S), from the raw tree
     under `root` or the `mmbalance prepare cremad` folder `prepared` (whose media options are prepare's)."""
     prepared = resolve_prepared(root, prepared, "cremad")  # "auto": ROOT/mmbalance_prepared when prepare wrote it
@@ -331,7 +328,7 @@ def prepare(ctx, layout: Literal[("auto", *LAYOUTS)] = "auto", audio: Literal[tu
             train_split: str | None = None, test_split: str | None = None, val_split: str | None = None,
             test_fraction: Fraction = 0.1, val_fraction: Fraction = 0.1, split_seed: NonNegativeInt = 0,
             extract_fps: PositiveFloat = 1.0, image_size: PositiveInt = 224, max_frames: PositiveInt = 4,
-            pad_mode: PadMode = "reflect", cache: bool = True) -> dict:
+            pad_mode: media.PadMode = "reflect", cache: bool = True) -> dict:
     """`mmbalance prepare cremad` (layout.prepare_clips): manifest.csv adds emotion and actor; `max_frames` 4 at
     1 fps keeps every frame of CREMA-D's 1-5 s clips."""
     class_names = class_names_for(label_map)

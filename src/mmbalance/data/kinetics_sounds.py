@@ -11,7 +11,7 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from mmbalance.constraints import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range
 from mmbalance.data import media
@@ -31,7 +31,6 @@ KS_CLASSES = [
     "tapping_guitar", "tapping_pen", "tickling",
 ]
 KS_INDEX = {name: i for i, name in enumerate(KS_CLASSES)}
-Augment = Literal[media.ClipTransform.AUGMENTS]
 # Kaldi's fbank frames audio in 25 ms windows shifted by 10 ms: the shift must hold a sample (torchaudio asserts)
 KaldiSampleRate = Annotated[int, Range(ge=100)]
 
@@ -214,7 +213,7 @@ def ks_readers(kinds: dict[str, str], clips: list[Clip], *, frames: int = 3, ima
 def build_kinetics_sounds(root: str | None, prepared: str | None = None, train_list: str | None = None,
                           val_list: str | None = None, test_list: str | None = None, annotations: str | None = None,
                           visual_dir: str | None = None, audio_dir: str | None = None, frames: PositiveInt = 3,
-                          image_size: PositiveInt = 224, augment: Augment = "crop_flip",
+                          image_size: PositiveInt = 224, augment: media.Augment = "crop_flip",
                           video_fps: PositiveFloat = 1.0, sample_rate: KaldiSampleRate = 16000,
                           num_mel_bins: Annotated[int, Range(ge=3)] = 128,  # Kaldi's mel filterbank needs 3 or more
                           audio_target_frames: PositiveInt = 1024, val_fraction: Fraction = 0.1,

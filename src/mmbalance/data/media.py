@@ -20,6 +20,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -348,6 +349,11 @@ class ClipTransform:
         else:
             x.div_(255.0)
         return x
+
+
+# the builders' choices of augmentation and of torch.stft's centre padding, as config validation checks them
+Augment = Literal[ClipTransform.AUGMENTS]
+PadMode = Literal["reflect", "constant", "replicate", "circular"]
 
 
 def _random_resized_crop_box(height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:

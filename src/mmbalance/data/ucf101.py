@@ -259,7 +259,7 @@ def build_ucf101(root: str | None = None, prepared: str | None = None, split: Li
                  modalities: Sequence[Literal[MODALITIES]] = MODALITIES, splits_dir: str | None = None,
                  rgb_dir: str | None = None, flow_dir: str | None = None, frames: PositiveInt = 3,
                  flow_frames: PositiveInt = 3, image_size: PositiveInt = 224,
-                 augment: Literal[media.ClipTransform.AUGMENTS] = "resize_flip", val_fraction: Fraction = 0.1,
+                 augment: media.Augment = "resize_flip", val_fraction: Fraction = 0.1,
                  split_seed: NonNegativeInt = 0) -> DataSplits:
     """UCF-101 as DataSplits with modalities visual (frames, 3, S, S) and flow (flow_frames, 2, S, S), in the
     order of `modalities`, from the raw tree under `root` or the `mmbalance prepare ucf101` folder `prepared`."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -38,8 +37,6 @@ VGG_AUDIO = (
     ("video", VIDEO_OR_SPLIT),
 )
 LAYOUTS = {("jpgdir", "wav"): "ogmge", ("jpgdir", "array"): "balancebenchmark"}  # (visual, audio) kinds -> layout
-Augment = Literal[media.ClipTransform.AUGMENTS]
-PadMode = Literal["reflect", "constant", "replicate", "circular"]  # torch.stft's centre padding modes
 
 
 def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
@@ -120,10 +117,10 @@ def stft_reader(kind: str, *, sample_rate: int, clip_seconds: float, n_fft: int,
 
 def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str | None = None,
                    visual_dir: str | None = None, audio_dir: str | None = None, frames: PositiveInt = 3,
-                   image_size: PositiveInt = 224, augment: Augment = "crop_flip", video_fps: PositiveFloat = 1.0,
+                   image_size: PositiveInt = 224, augment: media.Augment = "crop_flip", video_fps: PositiveFloat = 1.0,
                    sample_rate: PositiveInt = 16000, audio_seconds: PositiveFloat = 5.0,
                    clip_seconds: PositiveFloat = 10.0, n_fft: PositiveInt = 256, hop_length: PositiveInt = 128,
-                   pad_mode: PadMode = "reflect", val_fraction: Fraction = 0.1,
+                   pad_mode: media.PadMode = "reflect", val_fraction: Fraction = 0.1,
                    split_seed: NonNegativeInt = 0) -> DataSplits:
     """VGGSound as DataSplits with modalities audio (1, n_fft/2+1, T) and visual (frames, 3, S, S), from the raw
     tree under `root` or the ``mmbalance prepare vggsound`` folder `prepared` (its cache, or decoded on access)."""
@@ -162,8 +159,8 @@ def build_vggsound(root: str | None, prepared: str | None = None, csv_path: str 
 def prepare(ctx, csv_path: str | None = None, visual_dir: str | None = None, audio_dir: str | None = None,
             fps: PositiveFloat = 1.0, short_side: NonNegativeInt = 0, sample_rate: PositiveInt = 16000,
             clip_seconds: PositiveFloat = 10.0, n_fft: PositiveInt = 256, hop_length: PositiveInt = 128,
-            pad_mode: PadMode = "reflect", cache: bool = False, size: PositiveInt = 224, max_frames: PositiveInt = 10,
-            shard: str | None = None) -> dict:
+            pad_mode: media.PadMode = "reflect", cache: bool = False, size: PositiveInt = 224,
+            max_frames: PositiveInt = 10, shard: str | None = None) -> dict:
     """`mmbalance prepare vggsound` (layout.prepare_discovered): mp4s decoded once into wav + frames; `cache` is off by
     default (the whole set would take ~300 GB): the prepared folder is then decoded on access, as OGM-GE does."""
     found = discover_vggsound(ctx.root, csv_path, visual_dir, audio_dir)
