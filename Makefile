@@ -38,7 +38,7 @@ bench: $(STAMP)  ## the speed targets in one table (BENCH_ARGS="--small" for a q
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 READMETABLES_ARGS ?=
-readme-tables: $(STAMP)  ## re-run the demo, the OGM-GE curve, every method (3 seeds) and the modality gap, and rewrite the README tables (~22 min on 2 cores)
+readme-tables: $(STAMP)  ## re-run the demo, the OGM-GE curve, every method (3 seeds) and the modality gap, and rewrite the README tables (about 20 min on 2 cores)
 	$(BIN)/python benchmarks/readme_tables.py $(READMETABLES_ARGS)
 
 GPU_CHECK_ARGS ?=

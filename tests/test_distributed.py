@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -133,6 +134,10 @@ def test_torchrun_cli_run_writes_once_from_rank_0_and_sums_flops_over_ranks(tmp_
     both = results["metrics"]["flops/train_total"]
     n = read_metrics(tmp_path / "single")["split_sizes"]["train"]
     assert both == pytest.approx(one * (2 * -(-n // 2)) / n, rel=1e-6)
+    # history.csv's running total is the ranks' sum too, not rank 0's share
+    with open(run_dir / "history.csv") as f:
+        [row] = list(csv.DictReader(f))
+    assert float(row["flops/train_so_far"]) == pytest.approx(both, rel=1e-6)
 
 
 def test_other_ranks_log_only_warnings_marked_with_their_rank(tmp_path, monkeypatch):

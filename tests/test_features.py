@@ -1,5 +1,7 @@
 """Bring-your-own features files: splits, kinds, and clear errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +232,17 @@ def test_a_regression_features_file_trains_one_epoch_of_baseline(tmp_path):
     m = results["metrics"]
     assert np.isfinite(m["test/mae"]) and "test/corr" in m and "test/acc2_nonneg" in m
     assert np.isfinite(m["test/mae/audio"]) and m["test/imbalance"] is not None and m["test/value/empty"] <= 0
+
+
+def test_a_run_records_the_class_names_of_its_features_file(tmp_path):
+    """`classes` names the classes in the run's record: label i means metrics.json's class_names[i]."""
+    from conftest import train_in_process
+
+    rng = np.random.default_rng(0)
+    f = write(tmp_path / "c.npz", label=np.arange(90) % 3, audio=rng.normal(size=(90, 4)).astype(np.float32),
+              video=rng.normal(size=(90, 3)).astype(np.float32), classes=np.array(["fear", "joy", "sad"]))
+    results = train_in_process(tmp_path / "run", [
+        "dataset=features", f"dataset.path={f}", "trainer.epochs=1", "trainer.batch_size=16",
+        "trainer.progress_bar=false", "hardware=cpu", "eval.flops=false", "logger=csv"], fast=False)
+    assert results["status"] == "completed" and results["class_names"] == ["fear", "joy", "sad"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["class_names"] == ["fear", "joy", "sad"]

@@ -151,6 +151,32 @@ def test_a_checkpoint_trained_on_another_number_of_processes_is_refused_at_resum
         train_in_process(out, ["trainer.epochs=3"])
 
 
+def test_an_unfinished_run_of_another_number_of_processes_is_refused_before_anything_is_written(tmp_path,
+                                                                                               monkeypatch):
+    """Its metrics.json records the world size: the refusal comes from it before anything is written, so the
+    record stays as it was (the checkpoint's refusal, later, rewrote it as `failed`)."""
+    out = tmp_path / "run"
+    interrupted_at_epoch_2_of_3(monkeypatch, out)
+    record = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({**record, "world_size": 2}))
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(RunFolderError, match=r"metrics.json belongs to another run(.|\n)*"
+                                             r"processes \(world size\): 2 -> 1"):
+        train_in_process(out, ["trainer.epochs=3"])
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_an_epoch_that_trains_on_no_sample_is_an_error_not_a_completed_run(tmp_path):
+    """drop_last with a batch larger than the training split (per process under DDP) drops every batch: the run
+    would complete with its untrained model's results."""
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"epoch 0 trained on no sample: trainer.drop_last=true drops the one, "
+                                        r"incomplete batch of the \d+ training samples, as trainer.batch_size=100000"):
+        train_in_process(out, ["trainer.epochs=1", "trainer.drop_last=true", "trainer.batch_size=100000"])
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["metrics"] == {}
+
+
 @pytest.mark.parametrize("forced, match", [
     (["trainer.epochs=1"], r"trained for 2 epochs; trainer.epochs=1 cannot shorten it"),  # refused in _resume
     (["trainer.epochs=3", "backbone.encoders.image.width=16"], r"last.pt cannot be loaded into this run's model"),

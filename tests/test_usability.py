@@ -88,6 +88,24 @@ def run_with_ctrl_c(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 SMALL = [*FAST, "trainer.epochs=2"]
 
+# `python -m mmbalance ...` whose second epoch hits a bug (not a UserError): Hydra prints the traceback
+BUG_AT_EPOCH_1 = CTRL_C_AT_EPOCH_1.replace("raise KeyboardInterrupt", "raise RuntimeError('a bug in epoch 1')")
+
+
+def test_a_bug_ends_the_run_failed_with_its_traceback_in_train_log(tmp_path):
+    """train.log is what a bug report attaches: an unexpected exception is written there too, not only to the
+    console Hydra prints it on (the traceback of a lost DDP peer was missing from it)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", BUG_AT_EPOCH_1, *SMALL, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    record = read_metrics(run_dir)
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: a bug in epoch 1"
+    log_text = (run_dir / "train.log").read_text()
+    assert "error: RuntimeError: a bug in epoch 1" in log_text and "Traceback" in log_text
+    assert log_text.count("a bug in epoch 1\n") <= 2  # the line and the traceback's last line, once each
+
 
 def test_ctrl_c_in_a_run_names_its_default_folder_and_the_named_command_resumes_it(tmp_path):
     stopped = run_with_ctrl_c(SMALL, tmp_path)
@@ -167,3 +185,27 @@ def test_a_failed_sweep_job_is_its_message_then_a_summary_and_the_other_jobs_res
         "traceback in its train.log); the other runs' results are intact")
     assert read_metrics(failed)["status"] == "failed"
     assert read_metrics(next(sweep.glob("*optimizer.lr=0.1,*")))["status"] == "completed"
+
+
+def test_the_readme_methods_table_names_the_hooks_each_method_overrides():
+    """The `hooks` column is what a reader goes by to see where a method acts: it lists exactly the hooks the
+    class overrides, in the order a run calls them (baseline has none; compose runs its parts' hooks)."""
+    import re
+    from pathlib import Path
+
+    from mmbalance.methods import METHODS
+    from mmbalance.methods.base import Method
+
+    order = ["select_modalities", "hold_out", "setup", "on_epoch_start", "forward", "loss", "backward",
+             "on_after_backward", "training_step", "eval_fuse", "on_epoch_end"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("\n## Methods\n", 1)[1].split("\n\n", 2)[0]  # the section's first paragraph: the table
+    rows = dict(re.findall(r"^\| `(\w+)` \|.*\| ([^|]*) \|$", table, flags=re.M))
+    checked = 0
+    for key, cls in METHODS.items():
+        if key in ("baseline", "compose"):
+            continue
+        overridden = [h for h in order if getattr(cls, h) is not getattr(Method, h)]
+        assert rows.get(key) == ", ".join(f"`{h}`" for h in overridden), key
+        checked += 1
+    assert checked == len(METHODS) - 2

@@ -241,6 +241,10 @@ def train_main(cfg: DictConfig) -> float | None:
             # Hydra records this job as failed and goes on with the sweep's other jobs; console_main sums up
             raise SweepJobFailed(f"{run_dir}: {exc}") from None
         raise SystemExit(130 if interrupted else 1) from None
+    except Exception as exc:  # a bug, or a peer process lost under DDP: Hydra prints it; train.log keeps it too
+        if _other_rank(cfg) is None:  # another rank's failure is in train.log already (train.py)
+            log_traceback_to_files(f"error: {type(exc).__name__}: {exc}", exc)
+        raise
     m = results["metrics"]
     log.info("%s  -> %s", final_summary(results), hc.runtime.output_dir)
     key = cfg.get("optimized_metric") or "val/acc"

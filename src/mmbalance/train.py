@@ -145,7 +145,7 @@ def _train(cfg: DictConfig, folder: RunFolder, choices, overrides, device) -> di
     config = _config_dict(cfg)
     identity = run_identity(config, mmbalance.__version__)
     mode = str(cfg.get("resume", "auto"))
-    plan = folder.plan(identity, mode)  # every rank reads the same folder before rank 0 changes it
+    plan = folder.plan(identity, mode, distributed.world_size())  # every rank reads it before rank 0 changes it
     # resume=never checks the config, data and loggers before the previous files move: an error leaves them as
     # they were (decided on every rank, so all build at the same point)
     check_first = mode == "never" and folder.holds_results()
@@ -341,6 +341,7 @@ def build_run(cfg: DictConfig, device: torch.device, output_dir: Path | None = N
     method.check_modalities(modalities)
     results.update(task=method.task, loss=method.loss_name)
     results.update(modalities=modalities, method_family=method.family, val_source=splits.val_source,
+                   class_names=list(splits.class_names),  # label i means class_names[i]
                    dataset_notes=splits.notes, data_identity=data_identity(splits),
                    split_sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)})
     log.info("data: %s; train %d, val %d (%s), test %d", ", ".join(f"{m} {splits.modalities[m].kind}"

@@ -127,7 +127,7 @@ class RunFolder:
         ckpt = self.path / "checkpoints"
         return (ckpt / "last.pt").exists() or (ckpt / "last.prev.pt").exists()
 
-    def plan(self, identity: dict, mode: str) -> Plan:
+    def plan(self, identity: dict, mode: str, world_size: int = 1) -> Plan:
         if mode not in RESUME_MODES:
             raise UserError(f"resume={mode!r}: expected one of {list(RESUME_MODES)}")
         previous = self.previous_record()
@@ -152,6 +152,10 @@ class RunFolder:
             return Plan("skip", previous)
         if completed:  # reevaluate, or force
             return Plan("reevaluate", previous, forced_over=diff)
+        other_size = world_size_change(previous.get("world_size"), world_size)
+        if other_size and mode != "force" and self.has_checkpoint():  # refused before anything is written
+            owner = f"it records {describe(previous)}, status {previous.get('status')!r}"
+            raise RunFolderError(refusal(self.path / "metrics.json", owner, [other_size]))
         return Plan("resume" if self.has_checkpoint() else "fresh", previous, forced_over=diff)
 
     # ---- acting on the plan (rank 0 only) ----
@@ -181,6 +185,16 @@ class RunFolder:
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted write: %s", len(removed),
                      ", ".join(p.name for p in removed))
+
+
+def world_size_change(trained_on, now: int) -> str | None:
+    """The difference that refuses continuing an unfinished run on another number of processes, or None. The
+    world size is not part of the identity (a completed run is the same run whatever trained it), but epochs on
+    another number of processes would mix two effective batch sizes and data shardings in one run."""
+    if trained_on is None or int(trained_on) == int(now):  # None: recorded before runs recorded it
+        return None
+    return (f"processes (world size): {trained_on} -> {now} (each step's batch is world size x trainer.batch_size; "
+            "continue it with as many processes as trained it)")
 
 
 def shortening_refused(where, trained: int, requested: int) -> RunFolderError:

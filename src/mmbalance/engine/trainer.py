@@ -21,8 +21,8 @@ from mmbalance.engine.checkpoint import load_checkpoint, previous_path, save_che
 from mmbalance.engine.evaluation import evaluate, task_of
 from mmbalance.engine.identity import describe, differences, refusal
 from mmbalance.engine.run import Run
-from mmbalance.engine.run_folder import shortening_refused
-from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged
+from mmbalance.engine.run_folder import shortening_refused, world_size_change
+from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged, UserError
 from mmbalance.metrics.flops import count_flops
 from mmbalance.metrics.regression import LOWER_IS_BETTER
 
@@ -165,12 +165,9 @@ class Trainer:
         else:
             diff = differences(theirs.get("config", {}), mine["config"])
             diff += [f"dataset {d}" for d in differences(theirs.get("data") or {}, mine.get("data") or {})]
-        # not part of the identity (a completed run is the same run whatever trained it) but part of the training:
-        # epochs on another number of processes would mix two effective batch sizes and data shardings in one run
-        trained_on = state.get("world_size")  # None: written before checkpoints recorded it
-        if trained_on is not None and int(trained_on) != self.run.world_size:
-            diff.append(f"processes (world size): {trained_on} -> {self.run.world_size} (each step's batch is "
-                        "world size x trainer.batch_size; continue it with as many processes as trained it)")
+        other_size = world_size_change(state.get("world_size"), self.run.world_size)
+        if other_size:
+            diff.append(other_size)
         if not diff:
             return
         if self.force_resume:
@@ -306,6 +303,8 @@ class Trainer:
             samples = int(totals.pop("_samples"))
             counted = {k: int(totals.pop(f"_n/{k}")) for k in counted}
             sums = totals
+        if samples == 0:  # every rank drew no batch (their shards are of equal size)
+            raise UserError(self._no_batch(epoch))
         means = {f"train/{k}": float(v) / max(counted[k], 1) for k, v in sums.items()}
         if not math.isfinite(means.get("train/loss", 0.0)):
             raise self._diverged(f"the epoch-mean loss is {means['train/loss']} at epoch {epoch}", epoch)
@@ -315,6 +314,18 @@ class Trainer:
             raise self._diverged(f"the model's parameters hold NaN/Inf after epoch {epoch}", epoch)
         means["train/samples"] = samples
         return means
+
+    def _no_batch(self, epoch: int) -> str:
+        """Why an epoch trained on nothing: drop_last with a batch larger than the (per-process) training set, or an
+        empty training loader. Without this the run would complete with its untrained model's results."""
+        loader = self.run.train_loader
+        size = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
+        per = f" per process ({self.run.world_size} processes)" if self.run.world_size > 1 else ""
+        if getattr(loader, "drop_last", False) and size:
+            return (f"epoch {epoch} trained on no sample: trainer.drop_last=true drops the one, incomplete batch of "
+                    f"the {size} training samples{per}, as trainer.batch_size={loader.batch_size} is larger; lower "
+                    "trainer.batch_size or set trainer.drop_last=false")
+        return f"epoch {epoch} trained on no sample: the training loader holds {size} samples{per}"
 
     def _diverged(self, what: str, epoch: int) -> TrainingDiverged:
         """The divergence message, naming the checkpoint that holds the epoch before, or saying there is none."""
@@ -354,7 +365,7 @@ class Trainer:
             row.update(evaluate(run, run.val_loader, "val", shapley=due))
             if self.select_on == "test":  # the peer's protocol, only when asked for (recorded in metrics.json)
                 row.update(evaluate(run, run.test_loader, "test", shapley=False))
-            row["flops/train_so_far"] = run.flops.measured_total
+            row["flops/train_so_far"] = self._flops_so_far()
             row["time_s"] = time.perf_counter() - t0
             self.history.append(row)
             score = row[self.select_key]
@@ -378,6 +389,15 @@ class Trainer:
                 row["time_s"],
             )
         return self.test_best()
+
+    def _flops_so_far(self) -> float | None:
+        """The training FLOPs counted so far, summed over ranks (each counts its own shard's work), as `test_best`
+        sums the run's total; None when counting is off."""
+        run = self.run
+        total = run.flops.measured_total
+        if total is None or run.world_size == 1:
+            return total
+        return float(run.reduce({"flops": torch.tensor(float(total), device=run.device)})["flops"])
 
     def _improves(self, score: float | None) -> bool:
         """Whether a validation score beats the best so far (lower for MAE, higher otherwise); an undefined one
