@@ -211,6 +211,19 @@ def test_prepare_cache_keeps_ids_labels_for_every_split(root, raw, tmp_path):
     assert again["cache_skipped_existing"] == 12
 
 
+def test_a_cache_that_keeps_fewer_frames_than_the_clips_have_says_so(tmp_path, caplog):
+    """Segment sampling then draws from the kept frames, not from all of a clip's: the prepare warns, counted."""
+    root = tmp_path / "ucf"
+    make_tree(root, "twostreamfusion")
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        summary = run_prepare("ucf101", root, tmp_path / "prep", progress=False, size=32, max_frames=N_FLOW - 1)
+    assert summary["cache_clips_subsampled"] == 12
+    assert any(f"12 of the 12 clips cached now have more than max_frames={N_FLOW - 1} frames" in r.getMessage()
+               for r in caplog.records)
+    kept = run_prepare("ucf101", root, tmp_path / "all", progress=False, size=32, max_frames=N_RGB)
+    assert kept["cache_clips_subsampled"] == 0
+
+
 def test_missing_and_corrupt_frames(tmp_path):
     root = tmp_path / "ucf"
     make_tree(root)

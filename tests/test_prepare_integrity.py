@@ -100,6 +100,23 @@ def test_videos_extracted_with_other_options_are_extracted_again_and_a_config_mu
     assert len(build_vggsound(None, prepared=str(out), image_size=SIZE, video_fps=2, **TINY).test) == 3
 
 
+def test_a_folder_without_cache_whose_audio_was_extracted_at_another_rate_is_refused(tmp_path, caplog):
+    """Without a cache only extract.json records how the wavs were made: a config of another sample rate would
+    resample them on reading and train on other inputs than it records. Frames shrunk below the config's size are
+    upscaled: a warning, since short_side is a prepare option the config does not have."""
+    root, out = vgg_raw_tree(tmp_path / "raw"), tmp_path / "prep"
+    run_prepare("vggsound", root, out, workers=1, progress=False, short_side=8,
+                **{**TINY_PREP, "sample_rate": 4000})
+    with pytest.raises(DataError, match=r"audio: dataset\.sample_rate \(sample rate\) 4000 there, 8000 in this "
+                                        r"config(.|\n)*--set sample_rate=8000"):
+        build_vggsound(None, prepared=str(out), image_size=SIZE, **TINY)
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        splits = build_vggsound(None, prepared=str(out), image_size=SIZE, **{**TINY, "sample_rate": 4000})
+    assert len(splits.test) == 3
+    assert any(f"extracted with short_side 8, smaller than the {SIZE} px this config reads" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_a_prepare_without_cache_keeps_a_matching_cache_and_removes_one_of_other_clips(tmp_path):
     root, out = vgg_ogmge_tree(tmp_path / "raw"), tmp_path / "prep"
     common = dict(workers=1, progress=False, size=SIZE, max_frames=4, **TINY_PREP)

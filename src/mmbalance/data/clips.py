@@ -98,9 +98,10 @@ class FrameReader:
         mode = "L" if self.flow else "RGB"
         return [x[j] if not isinstance(x[j], (str, Path, bytes)) else media.read_image(x[j], mode) for x in items]
 
-    def cache_rows(self, clip: Clip, modality: str, size: int, max_frames: int) -> tuple[np.ndarray, int]:
+    def cache_rows(self, clip: Clip, modality: str, size: int, max_frames: int) -> tuple[np.ndarray, int, int]:
         """The clip's frames as the cache keeps them: every frame up to `max_frames` (evenly spread over the clip
-        when it has more), each resized to size x size; uint8 (max_frames, C, size, size) and the count kept."""
+        when it has more), each resized to size x size; uint8 (max_frames, C, size, size), the count kept and the
+        clip's own count."""
         import torchvision.transforms.v2.functional as TF
 
         items = self.items(clip, modality)
@@ -110,7 +111,7 @@ class FrameReader:
         for k, j in enumerate(pick):
             out[k] = np.concatenate([TF.resize(TF.pil_to_tensor(img), [size, size], antialias=True).numpy()
                                      for img in self.images(items, j)])
-        return out, len(pick)
+        return out, len(pick), n
 
 
 class AudioReader:
@@ -370,14 +371,16 @@ def _source_path(clip: Clip, modality: str, reader: Reader, error: str = "") -> 
     return next((p for p in paths if p in error), paths[0] if paths else clip.id)
 
 
-def _cache_one(task: tuple) -> tuple[int, str | None, str | None]:
+def _cache_one(task: tuple) -> tuple[int, str | None, str | None, bool]:
     """Worker: decode one clip and write its rows into the cache memmaps. Returns (row, failing path or None, error
-    or None)."""
+    or None, whether a frame modality had more frames than the cache keeps)."""
     row, clip, readers, cache_dir, size, max_frames, shapes = task
+    subsampled = False
     for j, (m, reader) in enumerate(readers.items()):
         try:
             if reader.kind == "frames":
-                value, n = reader.cache_rows(clip, m, size, max_frames)
+                value, n, total = reader.cache_rows(clip, m, size, max_frames)
+                subsampled |= total > n
                 counts = np.load(Path(cache_dir) / "n_frames.npy", mmap_mode="r+")
                 counts[row, j] = n
                 counts.flush()
@@ -385,18 +388,18 @@ def _cache_one(task: tuple) -> tuple[int, str | None, str | None]:
                 value = reader(clip.sources[m], train=False).numpy()
                 if value.shape != shapes[m]:
                     return row, clip.sources[m], (f"clip {clip.id} ({m}): spectrogram shape {value.shape}, expected "
-                                                  f"{shapes[m]} like the other clips")
+                                                  f"{shapes[m]} like the other clips"), False
                 value = value.astype(np.float16)
                 if not np.isfinite(value).all():  # float16 ends at 65504: a loud magnitude overflows to Inf
                     return row, clip.sources[m], (f"clip {clip.id} ({m}): its spectrogram holds "
                                                   f"{int(np.isnan(value).sum())} NaN and {int(np.isinf(value).sum())} "
-                                                  "Inf values in float16")
+                                                  "Inf values in float16"), False
         except DataError as exc:
-            return row, _source_path(clip, m, reader, str(exc)), f"clip {clip.id} ({m}): {exc}"
+            return row, _source_path(clip, m, reader, str(exc)), f"clip {clip.id} ({m}): {exc}", False
         array = np.load(Path(cache_dir) / f"{m}.npy", mmap_mode="r+")
         array[row] = value
         array.flush()
-    return row, None, None
+    return row, None, None, subsampled
 
 
 def _stamp(path: str) -> str:
@@ -473,10 +476,11 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
         folder.write_text(CACHE_META, json.dumps(meta))
     done = np.load(done_path)
     todo = [i for i in range(n) if not done[i]]
-    failed = 0
+    failed = subsampled = 0
     for start in range(0, len(todo), 256):  # done.npy is saved after every chunk: an interrupted prepare resumes
         tasks = [(i, clips[i], readers, str(out), size, max_frames, shapes) for i in todo[start:start + 256]]
-        for row, path, error in ctx.map(_cache_one, tasks, desc="caching clips"):
+        for row, path, error, fewer in ctx.map(_cache_one, tasks, desc="caching clips"):
+            subsampled += fewer
             if error is None:
                 done[row] = True
             else:
@@ -495,8 +499,14 @@ def write_clip_cache(ctx, clips: Sequence[Clip], readers: dict[str, Reader], siz
     if dropped:
         done[sorted(dropped)] = False
         folder.write_array("done.npy", done)
+    if subsampled:  # segment sampling then draws from the kept frames, not from all the clip's frames
+        log.warning("%s: %d of the %d clips cached now have more than max_frames=%d frames: the cache keeps %d of "
+                    "each, evenly spread, and training samples its frames from those (the raw path samples from all "
+                    "of them); prepare with a larger --set max_frames for the raw path's sampling", out, subsampled,
+                    len(todo), max_frames, max_frames)
     usable = {s: int(sum(bool(done[i]) for i, c in enumerate(clips) if c.split == s)) for s in SPLITS}
     return {"cached": int(done.sum()), "cache_failed": failed, "cache_skipped_existing": n - len(todo),
+            "cache_clips_subsampled": subsampled,
             "cache_nonfinite": len(dropped), "cache_frame_size": size, "cache_max_frames": max_frames,
             "usable_clips": usable}
 

@@ -348,8 +348,12 @@ def recipe_differences(folder: PreparedFolder, meta: dict | None, used: dict, co
     recorded = dict(((meta or {}).get("recipe") or {}))
     extracted = folder.json(EXTRACTED, optional=True)
     for m, reader in config.items():
-        if m in extracted and "fps" in extracted[m] and reader.kind == "frames":
-            recorded[m] = {**recorded.get(m, {}), "fps": extracted[m]["fps"]}
+        made = extracted.get(m) or {}
+        if "fps" in made and reader.kind == "frames":
+            recorded[m] = {**recorded.get(m, {}), "fps": made["fps"]}
+        if "sample_rate" in made and reader.kind == "spectrogram" and getattr(reader, "source", "") != "array":
+            # wav extracted at another rate would be resampled to the config's on reading: other inputs
+            recorded[m] = {**recorded.get(m, {}), "sr": made["sample_rate"]}
         out += [(m, k, v, getattr(reader, k, None)) for k, v in recorded.get(m, {}).items()
                 if not _same(v, getattr(reader, k, None))]
     return out
@@ -416,6 +420,11 @@ def prepared_splits(folder: PreparedFolder, clips: list[Clip], classes: list[str
                                                              if m in readers})
     if differences:
         refuse_other_recipe(folder, differences)
+    for m, made in folder.json(EXTRACTED, optional=True).items():
+        side, size = (made or {}).get("short_side") or 0, getattr(readers.get(m), "size", 0)
+        if 0 < side < size:  # a prepare option, not a config one: the frames are blurred, not refused
+            log.warning("%s: the %s frames were extracted with short_side %s, smaller than the %s px this config "
+                        "reads: they are upscaled", folder.path, m, side, size)
     log.info("%s: prepared folder %s (%s), %d clips", folder.dataset, folder.path,
              "cache" if meta else "decoded on access", len(clips))
     return clip_splits(clips, readers, classes, val_fraction=val_fraction, split_seed=split_seed,
