@@ -228,8 +228,11 @@ def test_bad_roots_files_and_keys_are_clear_data_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:200])  # truncated download
     with pytest.raises(DataError, match=f"cannot read CMU-MOSEI pickle '{path}'"):
         build_cmu_mosei(root=str(tmp_path / "nv"), aligned=True)
-    with pytest.raises(DataError, match=f"dataset.prepared '{tmp_path / 'empty'}' is not a prepared CMU-MOSEI cache"):
+    with pytest.raises(DataError, match=f"dataset.prepared '{tmp_path / 'empty'}' is not a prepared CMU-MOSEI cache") \
+            as err:
         build_cmu_mosei(prepared=str(tmp_path / "empty"))
+    # never the advice to prepare into that folder, which prepare refuses when it holds other files (the pickle)
+    assert "--out NEW_FOLDER" in str(err.value) and "set dataset.root to it and dataset.prepared=null" in str(err.value)
 
 
 def test_cli_paper_preset_trains_all_three_modalities(tmp_path):

@@ -246,3 +246,8 @@ def test_a_run_records_the_class_names_of_its_features_file(tmp_path):
         "trainer.progress_bar=false", "hardware=cpu", "eval.flops=false", "logger=csv"], fast=False)
     assert results["status"] == "completed" and results["class_names"] == ["fear", "joy", "sad"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["class_names"] == ["fear", "joy", "sad"]
+
+
+def test_a_features_path_that_is_a_folder_is_named_as_one(tmp_path):
+    with pytest.raises(DataError, match=r"dataset.path: features file '.*' is a folder, not a file"):
+        build_features(str(tmp_path))

@@ -6,6 +6,10 @@ from conftest import run_cli
 def test_prepare_errors_name_the_option_and_what_was_expected(tmp_path):
     wrong_root = run_cli(["prepare", "cremad", "--root", str(tmp_path / "nowhere")], cwd=tmp_path)
     assert wrong_root.returncode == 2 and f"--root '{tmp_path / 'nowhere'}' is not a folder" in wrong_root.stderr
+    (tmp_path / "mosei.pkl").write_bytes(b"")  # a preparer that reads one file says how to name it
+    one_file = run_cli(["prepare", "cmu_mosei", "--root", str(tmp_path / "mosei.pkl")], cwd=tmp_path)
+    assert one_file.returncode == 2 and "is not a folder; a single file is given as --root FOLDER --set file=NAME" \
+        in one_file.stderr
     unknown = run_cli(["prepare", "cremad", "--root", str(tmp_path), "--set", "bogus=1"], cwd=tmp_path)
     assert unknown.returncode == 2 and "'bogus'" in unknown.stderr and "label_map" in unknown.stderr
     malformed = run_cli(["prepare", "cremad", "--root", str(tmp_path), "--set", "nokey"], cwd=tmp_path)

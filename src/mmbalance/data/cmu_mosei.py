@@ -236,7 +236,9 @@ def _read_prepared(prep: PreparedFolder, aligned: bool, mods: list[str], text_ke
     where = f"dataset.prepared {str(folder)!r}"
     if meta is None:
         raise DataError(f"{where} is not a prepared CMU-MOSEI cache ({CACHE_META} missing or not from cmu_mosei); "
-                        f"run `mmbalance prepare cmu_mosei --root RAW --out {folder}` first")
+                        "run `mmbalance prepare cmu_mosei --root RAW --out NEW_FOLDER` and set dataset.prepared to "
+                        "NEW_FOLDER, or, if this folder holds the pickle, set dataset.root to it and "
+                        "dataset.prepared=null")
     if meta.get("aligned") is not None and bool(meta["aligned"]) != bool(aligned):
         raise DataError(f"{where} holds the {_alignment(meta['aligned'])} features but dataset.aligned="
                         f"{str(bool(aligned)).lower()}; set dataset.aligned={str(bool(meta['aligned'])).lower()}, "

@@ -94,7 +94,8 @@ def build_features(
     regression = task == "regression"
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"dataset.path: features file {str(file)!r} does not exist (expected {FORMAT})")
+        what = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise DataError(f"dataset.path: features file {str(file)!r} {what} (expected {FORMAT})")
     arrays = read_npz(file)
     if "label" not in arrays:
         raise DataError(f"{file}: no `label` array (found {sorted(arrays)}); expected {FORMAT}")

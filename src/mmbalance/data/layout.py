@@ -586,8 +586,8 @@ def extract_media(ctx, clips: list[Clip], kinds: dict[str, str], *, targets: dic
         kept.append(Clip(clips[i].id, clips[i].label, clips[i].split, {**clips[i].sources, **dests[i]}))
     if why:
         stats["extract_redone_why"] = why
-        log.warning("%s: %d clips' outputs existed but were decoded again (%s): made with other options, from "
-                    "another source file, or without a record", out, stats["extract_redone"],
+        log.warning("%s: %d clips' outputs existed but were decoded again (outputs by reason: %s): made with other "
+                    "options, from another source file, or without a record", out, stats["extract_redone"],
                     ", ".join(f"{k} {v}" for k, v in sorted(why.items())))
     stats["extract_options"] = recipe
     if complete:

@@ -423,7 +423,9 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     root = Path(root).expanduser()
     out = Path(out).expanduser() if out else root / DEFAULT_OUT
     if not root.is_dir():
-        raise DataError(f"--root {str(root)!r} is not a folder")
+        hint = "; a single file is given as --root FOLDER --set file=NAME" if "file" in inspect.signature(fn).parameters \
+            else ""
+        raise DataError(f"--root {str(root)!r} is not a folder{hint}")
     check_options(dataset, fn, options)
     claim(out, dataset)
     ctx = PrepareContext(root=root, out=out, workers=max(1, int(workers)), force=force, progress=progress,
