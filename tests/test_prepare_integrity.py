@@ -7,6 +7,7 @@ seconds."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -401,3 +402,32 @@ def test_every_report_line_of_clip_media_names_its_clip(tmp_path):
     assert len(report) == 2 and all(line.split("\t")[1].startswith("clip ") for line in report), report
     assert any("clip ZzGoneFromYT_50 (audio, visual): missing: no audio (video) or visual (video) file" in line
                for line in report), report
+
+
+def test_a_folder_whose_clip_list_changed_after_prepare_is_refused_as_out_of_date(tmp_path):
+    """The split lists prepare read are recorded by content (listed_from): an edited list (a clip moved from test to
+    train) refuses the folder, naming the file and the command that brings it up to date; a file rewritten with the
+    same content (touched, or the tree copied) is not a change, and a raw tree that is gone is not checked."""
+    import os
+
+    root, out = bb_tree(tmp_path / "bb"), tmp_path / "prep"
+    summary = run_prepare("cremad", root, out, workers=1, progress=False, image_size=SIZE)
+    listed = summary["listed_from"]
+    assert set(listed) == {str((root / "train.csv").absolute()), str((root / "test.csv").absolute())}
+    build_cremad(None, prepared=str(out), image_size=SIZE)
+    test_csv = root / "test.csv"
+    text = test_csv.read_text()
+    test_csv.write_text(text)  # the same content, a new modification time
+    os.utime(test_csv, (1, 1))
+    build_cremad(None, prepared=str(out), image_size=SIZE)
+    first, *rest = text.splitlines(keepends=True)
+    test_csv.write_text("".join(rest))  # a clip leaves the test list
+    (root / "train.csv").write_text((root / "train.csv").read_text() + first)
+    with pytest.raises(DataError, match=r"is out of date: .*(train|test)\.csv.* changed after `mmbalance prepare` "
+                                        r"read the clip list(.|\n)*Run `mmbalance prepare cremad --root .*` again"):
+        build_cremad(None, prepared=str(out), image_size=SIZE)
+    again = run_prepare("cremad", root, out, workers=1, progress=False, image_size=SIZE)
+    assert again["cache_skipped_existing"] == 12  # the clips' cached rows stand; the manifest holds the new split
+    assert len(build_cremad(None, prepared=str(out), image_size=SIZE).test) == len(rest)
+    shutil.rmtree(root)  # the prepared folder works without its raw tree
+    assert len(build_cremad(None, prepared=str(out), image_size=SIZE).test) == len(rest)

@@ -26,7 +26,7 @@ from mmbalance.data import media
 from mmbalance.data.batch import DataSplits, ModalitySpec, carved_val_source, stratified_split
 from mmbalance.data.images import Images, cached_images, decode_images
 from mmbalance.data.layout import dataset_root
-from mmbalance.data.prepare import MANIFEST, PrepareContext, PreparedFolder, resolve_prepared
+from mmbalance.data.prepare import MANIFEST, PrepareContext, PreparedFolder, record_listing, resolve_prepared
 from mmbalance.data.text import Tokenizer, clean_text as clean_title
 from mmbalance.errors import DataError
 
@@ -92,6 +92,7 @@ def read_titles(path: Path) -> tuple[list[tuple[str, str, str]], bool]:
     docs/datasets.md, "The titles csv")."""
     if not path.is_file():
         raise DataError(f"food101: titles file {str(path)!r} is missing; expected {EXPECTED}")
+    record_listing(path)
     try:
         with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]

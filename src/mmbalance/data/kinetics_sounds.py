@@ -19,6 +19,7 @@ from mmbalance.data.batch import DataSplits
 from mmbalance.data.clips import AudioReader, Clip, av_readers
 from mmbalance.data.layout import (KIND_SUFFIXES, VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root,
                                    find_media, option_path, prepare_discovered, shown, wav_and_frames)
+from mmbalance.data.prepare import record_listing
 from mmbalance.errors import DataError
 
 # BML_TPAMI2024 code/dataset/KS.json, alphabetical: integer labels are positions in this list
@@ -107,6 +108,7 @@ def _is_kinetics_csv(path: Path) -> bool:
 def read_kinetics_csv(path: Path, split: str, skipped: dict[str, int]) -> list[Clip]:
     """The clips of the 31 classes in a Kinetics annotation csv, named as cvdf names their files
     (`<ytid>_<start:06d>_<end:06d>`); rows of other classes and unlabelled ones are counted in `skipped`."""
+    record_listing(path)
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or [])

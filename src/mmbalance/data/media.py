@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmbalance.data.prepare import record_listing
 from mmbalance.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -387,6 +388,7 @@ def read_split_file(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {str(path)!r} does not exist")
+    record_listing(path)
     text = path.read_text(encoding="utf-8-sig")
     lines = text.splitlines()
     comma = bool(lines) and "," in lines[0]
@@ -409,6 +411,7 @@ def read_annotation(path: str | Path) -> tuple[list[tuple[str, str, str]], list 
     BalancedAV's: ``{"labels": [...], "database": {id: {"subset", "label"}}}``), and its `labels` list if any.
     The subset is one of `SUBSETS`; the label is `label`, or, in ActivityNet proper, `annotations[0].label`."""
     path = Path(path)
+    record_listing(path)
     try:
         data = json.loads(path.read_text())
         if not isinstance(data["database"], dict):

@@ -57,6 +57,30 @@ OUTPUT_FILES = (STATUS, SUMMARY, MANIFEST, CACHE_META, CLASSES, REPORT, "recipe.
 BUILDER_NAMES = {"size": "image_size", "fps": "video_fps", "extract_fps": "video_fps"}
 
 
+# the clip-list files read while `run_prepare` runs: {absolute path: [size, sha1]}; None outside a prepare
+_listings: dict[str, list] | None = None
+
+
+def record_listing(path: str | Path) -> None:
+    """Note a file a dataset's clip list (ids, labels, splits) is read from. During `mmbalance prepare` its size and
+    content digest go into the summary (`listed_from`), so a loader can tell that the folder is out of date when the
+    file changed afterwards (`PreparedFolder.require`). A no-op outside a prepare (the raw path reads it anyway)."""
+    if _listings is not None:
+        _listings[os.path.abspath(path)] = _listing_stamp(path)
+
+
+def _listing_stamp(path: str | Path) -> list | None:
+    """[size, sha1 of the content] (content, not modification time: a copied tree or a touched file is unchanged);
+    None when the file cannot be read."""
+    import hashlib
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    return [len(data), hashlib.sha1(data).hexdigest()]
+
+
 @dataclass
 class PrepareContext:
     """What a preparer gets: the raw root, the output folder, and how to run."""
@@ -130,7 +154,23 @@ class PreparedFolder:
                             f"{self.dataset or 'DATASET'} --root RAW --out {self.path}` first to write the prepared "
                             "folder, or set dataset.prepared=null to read the raw tree")
         check_dataset(self.path, self.dataset)
+        self.check_listings()
         return self
+
+    def check_listings(self) -> None:
+        """A DataError when a file the clip list was read from (`listed_from`) has changed since the prepare: the
+        folder's clips, labels and splits are then not the raw tree's. A file that is gone is not checked: a
+        prepared folder is meant to work without its raw tree."""
+        listed = self.summary.get("listed_from") or {}
+        changed = [path for path, stamp in listed.items()
+                   if os.path.exists(path) and _listing_stamp(path) != stamp]
+        if changed:
+            again = (prepare_state(self.path) or {}).get("complete_with")
+            redo = f"`{again}`" if again else self.command
+            raise DataError(f"dataset.prepared {str(self.path)!r} is out of date: {', '.join(changed[:3])}"
+                            f"{' ...' if len(changed) > 3 else ''} changed after `mmbalance prepare` read the clip list "
+                            f"from it, so the prepared clips, labels or splits are not the raw tree's. Run {redo} "
+                            "again (what did not change is kept), or set dataset.prepared=null to read the raw tree")
 
     # -- reading
 
@@ -445,14 +485,20 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     ctx.folder.write_json(STATUS, status)
     (out / SUMMARY).unlink(missing_ok=True)
     started = time.time()
+    global _listings
+    _listings = {}
     try:
         summary = dict(fn(ctx, **options) or {})
+        if _listings:
+            summary["listed_from"] = _listings
     except BaseException as exc:  # an error (or Ctrl-C) may cite the report ("no usable clip"): keep what was found
         interrupted = isinstance(exc, KeyboardInterrupt)
         write_report(ctx, stopped=True, interrupted=interrupted)
         ctx.folder.write_json(STATUS, {**status, "status": "interrupted" if interrupted else "stopped",
                                        "error": str(exc) or type(exc).__name__})
         raise
+    finally:
+        _listings = None
     write_report(ctx)
     summary.update(dataset=dataset, root=str(root), out=str(out), skipped=len(ctx.problems),
                    report=str(out / REPORT), seconds=round(time.time() - started, 2))

@@ -19,7 +19,7 @@ from mmbalance.data.batch import DataSplits, ModalitySpec
 from mmbalance.data.clips import AudioReader, Clip, ModalityMap, av_readers
 from mmbalance.data.layout import (VIDEO_FOLDERS, Discovery, build_clips, candidate_list, dataset_root, find_media,
                                    option_path, prepare_discovered, wav_and_frames)
-from mmbalance.data.prepare import PreparedFolder
+from mmbalance.data.prepare import PreparedFolder, record_listing
 from mmbalance.errors import DataError
 
 log = logging.getLogger("mmbalance")
@@ -44,6 +44,7 @@ def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
     if not path.is_file():
         raise DataError(f"VGGSound: clip list {str(path)!r} does not exist (the official vggsound.csv: ytid, "
                         "start_seconds, label, train|test; set dataset.csv_path=... if it lives elsewhere)")
+    record_listing(path)
     rows = []
     with path.open(newline="", encoding="utf-8-sig") as f:
         for n, row in enumerate(csv.reader(f), 1):
