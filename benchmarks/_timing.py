@@ -17,6 +17,35 @@ import torch
 from overhead import sync, timed  # noqa: F401  (re-exported: one definition of a synchronised timer)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (rounds, steps, clips), refused in one line otherwise."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def device_or_exit(name: str, parser) -> torch.device:
+    """The --device to time on (auto: cuda when available); one argparse error for a name torch does not know or
+    a CUDA device this machine lacks, instead of a traceback from deep inside the first .to()."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r}: expected auto, cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name!r}: expected auto, cpu or cuda[:N]")
+    return device
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, or "n/a" where the platform has none."""
     try:

@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import device_or_exit, interleaved, load_average, positive_int  # noqa: E402
 
 SECTIONS = ("overhead", "shapley", "methods", "loader")
 CLASSES = 6  # CREMA-D emotions
@@ -322,10 +322,11 @@ def main(argv=None) -> int:
                         help="reduced sizes, for CI and quick checks")
     parser.add_argument("--tiny", dest="size", action="store_const", const="tiny",
                         help="the smallest sizes (audio 1x32x24, 2 frames of 32x32, batch 4): the tests' smoke run")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per comparison (medians over them)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="timed rounds per comparison (medians over them)")
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="method steps per variant per round (default 1, --small 3)")
-    parser.add_argument("--small-steps", type=int, default=None,
+    parser.add_argument("--small-steps", type=positive_int, default=None,
                         help="small-model overhead steps per variant per round (default 20, --small 10)")
     parser.add_argument("--methods", default=None, help="comma list of registered methods (default: all)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
@@ -340,10 +341,12 @@ def main(argv=None) -> int:
     args.small_steps = args.small_steps or (20 if args.size == "paper" else 10)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        parser.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    if bad or not sections:
+        parser.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}" if bad else
+                     f"--sections is empty; choose from {', '.join(SECTIONS)}")
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads}: expected 0 (auto) or a positive count")
+    device = device_or_exit(args.device, parser)
     policy = threads.apply({"device": device.type, "threads": args.threads or "auto", "wait_policy": "auto"})
     methods = registered(args.methods)
     started = time.perf_counter()
@@ -361,8 +364,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmbalance_bench_cache_") as cache_dir:  # UMT's teacher cache
         if "overhead" in sections:
             rows += bench_overhead_small(args, device)
-        if "overhead" in sections or "methods" in sections:
-            rows += bench_methods(args, device, methods, cache_dir, sections)
+        if "overhead" in sections or "methods" in sections:  # the overhead row needs the baseline only
+            rows += bench_methods(args, device, methods if "methods" in sections else ["baseline"], cache_dir,
+                                  sections)
         if "shapley" in sections:
             rows += bench_shapley(args, device)
     order = {"overhead": 0, "Shapley": 1, "method step": 2, "loader": 3}

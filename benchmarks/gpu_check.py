@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
-from _timing import load_average, sync  # noqa: E402
+from _timing import load_average, positive_int, sync  # noqa: E402
 from bench import SIZES, av_overrides, compose, method_overrides, registered  # noqa: E402
 
 
@@ -122,12 +121,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cuda[:N] | cpu")
     parser.add_argument("--methods", default=None, help="comma list of registered methods (default: all)")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per method (after one warm-up)")
+    parser.add_argument("--steps", type=positive_int, default=5,
+                        help="timed training steps per method (after one warm-up)")
     parser.add_argument("--small", dest="size", action="store_const", const="small", default="paper",
                         help="audio 1x64x48, 2 frames of 64x64, batch 8")
     parser.add_argument("--tiny", dest="size", action="store_const", const="tiny",
                         help="audio 1x32x24, 2 frames of 32x32, batch 4 (the tests' smoke run)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 16, --small 8, --tiny 4)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 16, --small 8, --tiny 4)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers (persistent when > 0)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                         help="autocast precision (hardware=gpu's bf16; fp32 only to make a CPU smoke run quick)")
@@ -137,7 +137,10 @@ def main(argv=None) -> int:
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r}: expected auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device} but CUDA is not available here (torch {torch.__version__}); "
               "run with --device cpu to check everything but the CUDA-only parts", file=sys.stderr)

@@ -108,6 +108,8 @@ def main() -> None:
     if args.worker:
         worker(args.worker == "policy")
         return
+    if args.rounds < 1 or args.competitors < 0:  # checked here: _timing's helpers would load torch in this process
+        parser.error("--rounds must be >= 1 and --competitors >= 0")
     print(f"CPUs usable: {len(os.sched_getaffinity(0))}; competitors when loaded: {args.competitors} busy loops; "
           f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     workers = {"policy": Worker(True), "default": Worker(False)}

@@ -43,6 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared media fixture writers
 
+from _timing import load_average, positive_int  # noqa: E402
+
+CASES = ("flv", "jpg", "cache", "collate", "loader")
+
 EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
 
 
@@ -170,16 +174,21 @@ def collation_rows(ds, batch: int, seconds: float) -> list[tuple[str, float, flo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=300, help="clips in the synthetic tree")
+    parser.add_argument("--clips", type=positive_int, default=300, help="clips in the synthetic tree")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing window per case")
-    parser.add_argument("--size", type=int, default=224, help="frame size (the paper: 224)")
-    parser.add_argument("--frames", type=int, default=2, help="frames per clip (BalanceBenchmark CREMA-D: 2)")
+    parser.add_argument("--size", type=positive_int, default=224, help="frame size (the paper: 224)")
+    parser.add_argument("--frames", type=positive_int, default=2, help="frames per clip (BalanceBenchmark CREMA-D: 2)")
     parser.add_argument("--workdir", default=None, help="keep the synthetic tree here (default: a temp dir)")
     parser.add_argument("--only", default=None, help="comma list of cases: flv,jpg,cache,collate,loader")
-    parser.add_argument("--batch", type=int, default=64, help="batch size for collation and the DataLoader")
+    parser.add_argument("--batch", type=positive_int, default=64, help="batch size for collation and the DataLoader")
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts to time end to end")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the process to one CPU core")
     args = parser.parse_args(argv)
+    unknown = [c for c in (args.only or "").split(",") if c and c not in CASES]
+    if unknown or args.seconds <= 0:
+        parser.error(f"--only: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}" if unknown else
+                     f"--seconds {args.seconds}: expected > 0")
+    print(f"load average (1, 5, 15 min) before: {load_average()}", file=sys.stderr)
 
     from mmbalance.data.cremad import build_cremad
     from mmbalance.data.prepare import run_prepare
@@ -196,6 +205,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     summary = run_prepare("cremad", raw, prep, workers=workers, progress=False, image_size=args.size)
     prep_s = time.perf_counter() - t0
+    clips = sum(summary["manifest_clips"].values())  # a --workdir may hold more clips from an earlier run
     torch.set_num_threads(1)
     all_cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if not args.no_pin and all_cores:
@@ -206,7 +216,7 @@ def main(argv=None) -> int:
         "jpg": ("raw jpg folders + wav", lambda: build_cremad(str(raw), visual_dir=str(prep / "frames"), **common)),
         "cache": ("prepared cache (memmap)", lambda: build_cremad(str(raw), prepared=str(prep), **common)),
     }
-    wanted = args.only.split(",") if args.only else [*cases, "collate", "loader"]
+    wanted = [c for c in args.only.split(",") if c] if args.only else list(CASES)
     rows = []
     for key in [k for k in wanted if k in cases]:
         name, make = cases[key]
@@ -216,7 +226,7 @@ def main(argv=None) -> int:
             rows.append((name, mode, best, median, count))
             print(f"  {name:30s} {mode:5s} best {best:8.1f} median {median:8.1f} samples/s ({count} samples)",
                   file=sys.stderr)
-    print(f"\nCREMA-D loader throughput, one process, 1 thread, pinned to one core: {args.clips} synthetic clips "
+    print(f"\nCREMA-D loader throughput, one process, 1 thread, pinned to one core: {clips} synthetic clips "
           f"(2.5 s, 480x360 FLV1 at 30 fps, 16 kHz wav), {args.frames} frames of {args.size}², audio "
           f"(1, 257, 188); torch {torch.__version__}\n")
     print("| source | mode | samples/s per core (best window) | median window | ms/sample (best) |")
@@ -225,12 +235,13 @@ def main(argv=None) -> int:
         print(f"| {name} | {mode} | {best:,.0f} | {median:,.0f} | {1000 / best:.2f} |")
     cache_rates = [r for n, _, r, _, _ in rows if n.startswith("prepared")]
     print(f"\nsynthesis {synth_s:.1f} s; `mmbalance prepare cremad` ({workers} workers) {prep_s:.1f} s for "
-          f"{args.clips} clips ({summary.get('cached')} cached); target: prepared cache >= 500 samples/s per core -> "
+          f"{clips} clips ({summary.get('cached')} cached); target: prepared cache >= 500 samples/s per core -> "
           + ("met" if cache_rates and min(cache_rates) >= 500 else "NOT met" if cache_rates else "not measured"))
     if "collate" in wanted or "loader" in wanted:
         loader_section(args, build_cremad(str(raw), prepared=str(prep), **common).train, all_cores, wanted)
     if tmp is not None:
         tmp.cleanup()
+    print(f"\nload average (1, 5, 15 min) after: {load_average()}")
     return 0
 
 

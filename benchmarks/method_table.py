@@ -19,6 +19,8 @@ from pathlib import Path
 
 from readme_tables import methods_table, sweep
 
+from mmbalance.errors import UserError
+
 # methods that need an argument to run at all
 REQUIRED = {"unimodal": "method.modality=audio"}
 
@@ -43,7 +45,10 @@ def main() -> None:
         out = args.out or Path("multirun/method_table") / time.strftime("%Y-%m-%d_%H-%M-%S")
         sweep(out.resolve(), [f"method={','.join(methods)}", f"seed={args.seeds}", *args.extra])
         dirs = [out]
-    print(methods_table(dirs))
+    try:
+        print(methods_table(dirs))
+    except UserError as exc:  # a --from folder that is not a sweep: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

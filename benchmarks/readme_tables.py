@@ -83,6 +83,8 @@ def sweep(out: Path, overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "mmbalance", "-m", *overrides, f"hydra.sweep.dir={out}", "trainer.progress_bar=false"]
     print("running:", " ".join(cmd), file=sys.stderr, flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        if not out.is_dir():  # refused before any job ran (a bad override): there is no table to make
+            raise SystemExit(f"error: the sweep into {out} ran no job (its error is above)")
         print(f"warning: the sweep into {out} exited non-zero; its failed runs show in the table", file=sys.stderr)
 
 
@@ -199,6 +201,15 @@ def table_methods(selected: str | None) -> list[str]:
 # -------------------------------------------------------------------------------------------------- main
 
 
+def regeneration_command(only: str, seeds: str, reuse: Path | None) -> str:
+    """The command that regenerates the tables, as the README's provenance lines quote it, with every option that
+    changes them: a table of other seeds is credited to the command that made it, not to the plain one."""
+    given = [f"--only {only}"] if only != ",".join(SECTIONS) else []
+    given += [f"--seeds {seeds}"] if seeds != "0,1,2" else []
+    given += [f"--reuse {reuse}"] if reuse else []
+    return "make readme-tables" + (f" READMETABLES_ARGS=\"{' '.join(given)}\"" if given else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections to regenerate: demo,curve,methods,gap")
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.methods and only != ["methods"]:  # a partial method table is printed, never written, and only it
+        parser.error("--methods makes a quick method table only: use it with --only methods")
     if args.reuse and args.out:
         parser.error("--out and --reuse name the sweeps' folder both; give one")
     out = (args.reuse or args.out or REPO / "multirun" / "readme_tables" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
@@ -220,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in only:  # every table's markers are there before any run (ValueError otherwise)
         section(README.read_text(encoding="utf-8"), name)
     tables: dict[str, str] = {}  # written into README.md at the end, read then: edits made meanwhile are kept
-    command = "make readme-tables" + (f" READMETABLES_ARGS=\"--only {args.only}\"" if args.only != ",".join(SECTIONS) else "")
+    command = regeneration_command(args.only, args.seeds, args.reuse)
 
     if "demo" in only or "curve" in only:
         sweep(demo, ["sweep=demo", f"seed={args.seeds}"])

@@ -114,3 +114,29 @@ def test_gpu_check_small_bf16_on_the_cpu():
                       "--workers", "2", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2/2 methods ok" in proc.stdout and "bf16" in proc.stdout
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bench", ["--rounds", "0"]), ("bench", ["--steps", "-1"]), ("bench", ["--small-steps", "0"]),
+    ("bench", ["--sections="]), ("bench", ["--threads", "-2"]), ("bench", ["--device", "foo"]),
+    ("gpu_check", ["--steps", "0"]), ("gpu_check", ["--device", "foo"]),
+    ("loader_throughput", ["--only", "cach"]), ("loader_throughput", ["--clips", "0"]),
+])
+def test_a_bad_benchmark_flag_is_one_argparse_error_before_any_work(benchmarks_on_path, capsys, script, args):
+    """Tracebacks, empty medians or negative times were what such flags gave."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(script).main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_bench_asked_for_cuda_without_it_is_one_error(benchmarks_on_path, capsys):
+    import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--tiny", "--sections", "overhead"])
+    assert "this machine has no CUDA device" in capsys.readouterr().err

@@ -95,3 +95,15 @@ def test_the_method_table_gives_costs_relative_to_the_baseline_trained_alike(tmp
     assert table["ogm_ge (epochs=3)"][-2:] == ["2.00", "1.50"]
     assert table["baseline (epochs=2)"][-2:] == table["baseline (epochs=3)"][-2:] == ["1.00", "1.00"]
     assert table["ogm_ge (epochs=4)"][-2:] == ["–", "–"]
+
+
+def test_the_provenance_command_names_every_option_that_changes_the_tables():
+    """A table regenerated from other seeds is credited to the command that made it, not to plain make."""
+    all_sections = ",".join(readme_tables.SECTIONS)
+    assert readme_tables.regeneration_command(all_sections, "0,1,2", None) == "make readme-tables"
+    assert readme_tables.regeneration_command("demo", "0", None) == \
+        'make readme-tables READMETABLES_ARGS="--only demo --seeds 0"'
+    assert readme_tables.regeneration_command(all_sections, "0,1,2", Path("runs")) == \
+        'make readme-tables READMETABLES_ARGS="--reuse runs"'
+    with pytest.raises(SystemExit):  # a partial method table goes with --only methods alone
+        readme_tables.main(["--only", "demo", "--methods", "ogm_ge"])
