@@ -255,9 +255,11 @@ from mmbalance.engine import distributed
 from mmbalance.errors import DataError
 plain_epoch = T.Trainer.train_epoch
 def train_epoch(self, epoch):
-    if epoch == 1 and distributed.rank() == int(os.environ["FAIL_RANK"]):
+    if epoch == 1 and os.environ["FAIL_RANK"] in ("all", str(distributed.rank())):
         if os.environ["FAIL_HOW"] == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
+        if os.environ["FAIL_HOW"] == "interrupt":  # a Ctrl-C reaches every rank
+            raise KeyboardInterrupt
         raise DataError("a shard file is unreadable")
     return plain_epoch(self, epoch)
 T.Trainer.train_epoch = train_epoch
@@ -282,6 +284,22 @@ def test_a_failure_on_another_rank_is_recorded_as_that_ranks_error(tmp_path):
     assert record["error"].startswith("rank 1: DataError: a shard file is unreadable (rank 0 then stopped: "), record
     assert "[rank 1] error: a shard file is unreadable" in proc.stderr
     assert "rank 1 failed" in (run_dir / "train.log").read_text()  # with its traceback
+
+
+def test_a_ctrl_c_under_ddp_leaves_one_traceback_in_train_log(tmp_path):
+    """Every rank gets the Ctrl-C: train.log keeps rank 0's ending, not one traceback per rank."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(FAIL_AT_EPOCH_1)
+    run_dir = tmp_path / "ddp_run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "FAIL_RANK": "all",
+           "FAIL_HOW": "interrupt"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *FAST, "trainer.epochs=3", *DDP_CPU, f"hydra.run.dir={run_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert read_metrics(run_dir)["status"] == "interrupted"
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.count("Traceback") == 1 and "interrupted: the run stops here" in log_text, log_text[-3000:]
 
 
 def test_sigterm_ends_a_run_as_interrupted_and_it_resumes(tmp_path):

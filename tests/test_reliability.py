@@ -287,6 +287,9 @@ def test_an_interrupted_extension_keeps_the_completed_record_and_says_so(tmp_pat
     assert record["extension"] == {"epochs": 5, "status": "interrupted", "error": "KeyboardInterrupt: "}
     assert len(history(out)) == 3  # the rows beyond `epochs` belong to the extension the record names
     assert "extension to 5 epochs interrupted" in caplog.text and "re-evaluation" not in caplog.text
+    with pytest.raises(RunFolderError, match=r"an extension of it to 5 epochs that ended 'interrupted'; "
+                                             r"resume=force finishes that extension"):  # re-run without force
+        train_in_process(out, ["trainer.epochs=5"])
     finished = train_in_process(out, ["trainer.epochs=5", "resume=force"])
     assert finished["metrics"]["epochs"] == 5 and "extension" not in read_metrics(out)
 

@@ -222,13 +222,13 @@ def train_main(cfg: DictConfig) -> float | None:
         else:
             rerun = _rerun_with("hydra.run.dir", run_dir, _given("hydra.run.dir", hc.overrides.hydra))
             message = f"interrupted: the run stops here; {rerun} to resume it from its last checkpoint"
+        rank = _other_rank(cfg)
         if isinstance(exc, RunFolderError):
             # a refused start: the folder may hold another run, whose train.log gets one line saying so, not this
             # process's traceback
             log_traceback_to_files(f"a start was refused here: {exc}", None)
-        else:
+        elif not (interrupted and rank is not None):  # a Ctrl-C reaches every rank: train.log gets rank 0's
             log_traceback_to_files(message, exc)
-        rank = _other_rank(cfg)
         if rank is None:
             print(f"{message}\n(log: {run_dir / 'train.log'})", file=sys.stderr)
         elif not interrupted:  # rank 0 gives the Ctrl-C advice once; an error is this rank's own, marked as such

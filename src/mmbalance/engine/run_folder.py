@@ -142,6 +142,11 @@ class RunFolder:
         diff = differences(recorded["config"], identity["config"]) if recorded else ["<no identity recorded>"]
         if diff and mode != "force":
             owner = f"it records {describe(previous)}, status {previous.get('status')!r}"
+            extension = previous.get("extension") or {}
+            if extension.get("status") != "completed" and extension.get("epochs") == \
+                    identity["config"].get("trainer.epochs"):  # the folder's own unfinished extension: say how
+                owner += (f", and an extension of it to {extension['epochs']} epochs that ended "
+                          f"{extension.get('status')!r}; resume=force finishes that extension")
             raise RunFolderError(refusal(self.path / "metrics.json", owner, diff))
         completed = previous.get("status") == "completed"
         trained = (previous.get("metrics") or {}).get("epochs")
