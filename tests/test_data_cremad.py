@@ -281,6 +281,19 @@ def test_a_generated_split_is_the_same_on_the_raw_tree_and_its_prepared_folder(t
     assert split_ids(prepared="auto", split="speaker") == split_ids(prepared=None, split="speaker")
 
 
+def test_split_auto_on_a_prepared_folder_says_when_the_configs_split_options_go_unused(tmp_path, caplog):
+    """The raw tree draws the config's test_fraction; a prepared folder under split=auto keeps prepare's draw."""
+    root = raw_tree(tmp_path / "raw")
+    run_prepare("cremad", root, None, workers=1, progress=False, image_size=SIZE)
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        build_cremad(str(root), prepared="auto", image_size=SIZE)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="mmbalance"):
+        build_cremad(str(root), prepared="auto", image_size=SIZE, test_fraction=0.5)
+    assert "split=auto keeps the split prepare drew (stratified by emotion, test 10%" in caplog.text
+    assert "set dataset.split=stratified to draw it" in caplog.text
+
+
 def test_a_relative_root_with_pinned_folders(raw_root, monkeypatch):
     """`dataset.root=raw dataset.visual_dir=VideoFlash`: the pinned folder is relative to the root, once."""
     monkeypatch.chdir(raw_root.parent)

@@ -282,7 +282,15 @@ def build_cremad(root: str, prepared: str | None = None,
         rows = folder.rows(["id", "label", "split", "emotion"])
         split_of = {r["id"]: r["split"] for r in rows}
         if split in ("auto", "files"):
-            split_desc = "as prepared: " + folder.summary.get("split", "manifest.csv")
+            prepared_split = folder.summary.get("split", "manifest.csv")
+            split_desc = "as prepared: " + prepared_split
+            if split == "auto" and prepared_split.startswith(("stratified", "speaker")):
+                mode = prepared_split.split(" ", 1)[0]
+                _, asked = generated_split([r["id"] for r in rows], mode, test_fraction, val_fraction, split_seed)
+                if asked != prepared_split:  # the raw tree would draw the config's; say that this folder does not
+                    log.warning("%s: split=auto keeps the split prepare drew (%s), not the one this config's "
+                                "test_fraction/val_fraction/split_seed draw (%s); set dataset.split=%s to draw it",
+                                folder.path, prepared_split, asked, mode)
         else:
             drawn, split_desc = generated_split([r["id"] for r in rows], split, test_fraction, val_fraction, split_seed)
             # when the descriptions agree, prepare drew this very split (same rule, fractions and seed) over the
