@@ -251,3 +251,18 @@ def test_a_run_records_the_class_names_of_its_features_file(tmp_path):
 def test_a_features_path_that_is_a_folder_is_named_as_one(tmp_path):
     with pytest.raises(DataError, match=r"dataset.path: features file '.*' is a folder, not a file"):
         build_features(str(tmp_path))
+
+
+def test_the_data_identity_holds_the_files_content_digest(tmp_path):
+    """Other features under the same labels (a file overwritten in place) are other data for resume, report and
+    gap, which compare data identities."""
+    from mmbalance.engine.identity import data_identity
+
+    rng = np.random.default_rng(0)
+    label = np.arange(60) % 3
+    f = write(tmp_path / "f.npz", label=label, a=rng.normal(size=(60, 2)))
+    first = data_identity(build_features(f))
+    write(tmp_path / "f.npz", label=label, a=rng.normal(size=(60, 2)))
+    second = data_identity(build_features(f))
+    assert first["content"] != second["content"]
+    assert {k: v for k, v in first.items() if k != "content"} == {k: v for k, v in second.items() if k != "content"}

@@ -548,7 +548,7 @@ def test_settings_that_only_change_what_is_recorded_split_no_rows(tmp_path):
     assert sorted(load_runs([tmp_path])["variant"]) == ["select_on=test"] + ["select_on=val"] * 3
 
 
-def _data_run(root, name, *, seed=0, labels="aaaa", split_seed=0, acc=0.9, method="baseline"):
+def _data_run(root, name, *, seed=0, labels="aaaa", split_seed=0, acc=0.9, method="baseline", content=None):
     cfg = _features_config(root / name, "/data/f.npz", seed)
     cfg["dataset"]["split_seed"] = split_seed
     cfg["method"]["_target_"] = f"mmbalance.methods.{method}"
@@ -556,9 +556,20 @@ def _data_run(root, name, *, seed=0, labels="aaaa", split_seed=0, acc=0.9, metho
     data = json.loads((run / "metrics.json").read_text())
     data["data_identity"] = {"num_classes": 10, "modalities": {"a": ["vector", [8]], "b": ["vector", [8]]},
                              "train.size": 100, "train.labels": labels, "val.size": 10, "test.size": 20,
-                             "test.labels": "tttt"}
+                             "test.labels": "tttt", **({"content": content} if content else {})}
     (run / "metrics.json").write_text(json.dumps(data))
     return run
+
+
+def test_features_of_the_same_labels_but_other_values_are_other_data(tmp_path):
+    """A features file overwritten with other features and the same labels: the content digest tells them apart;
+    a record from before the digest existed is compared on the rest (it is not other data for lacking it)."""
+    _data_run(tmp_path / "a", "s0", seed=0, content="c0")
+    _data_run(tmp_path / "a", "s1", seed=1, content="c1")
+    assert sorted(load_runs([tmp_path / "a"])["variant"]) == ["data=A", "data=B"]
+    _data_run(tmp_path / "b", "s0", seed=0)  # recorded before the content digest
+    _data_run(tmp_path / "b", "s1", seed=1, content="c1")
+    assert list(zip(*summarize(load_runs([tmp_path / "b"]))[["variant", "n"]].T.values)) == [("", 2)]
 
 
 def test_runs_on_different_data_are_never_averaged_together(tmp_path, caplog):
@@ -744,3 +755,12 @@ def test_classification_and_regression_runs_of_one_dataset_get_a_table_each(tmp_
     regression = md.split("## digits_av (regression)\n")[1].split("##")[0]
     assert "25.0 ± –" in classification and "0.4" not in classification.split("| imbalance |")[1]
     assert "0.400 ± –" in regression and "MAE" in regression
+
+
+def test_a_report_of_one_summary_row_heads_its_table_with_the_dataset_name(tmp_path):
+    """One run, one row: the heading was `## ('digits_av',)` (a one-element key read as a tuple)."""
+    make_run(tmp_path / "runs", "0", metrics=m(0.9))
+    out = tmp_path / "report"
+    write_report([tmp_path / "runs"], out)
+    headings = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("## ")]
+    assert headings == ["## digits_av"]

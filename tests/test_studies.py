@@ -562,3 +562,20 @@ def test_a_family_average_is_not_given_over_part_of_its_rows(tmp_path):
     average = next(line for line in md.splitlines() if "_optimization average_" in line)
     assert average.endswith("| – |") and "| 84.0 |" in average  # accuracy averaged over both, FLOPs over neither
     assert "Note: the optimization average of dsA train FLOPs is not given: not every row has one (1 of 2)." in md
+
+
+def test_rows_trained_otherwise_get_no_family_average_and_are_ranked_apart(tmp_path):
+    """A 2-epoch agm-like row beside a 1-epoch ogm_ge row (one family): their mean would mix two trainings, and
+    the longer-trained rows would take the best/second marks from the others."""
+    root = tmp_path / "runs"
+    for name, method, epochs, acc in (("b1", "baseline", 1, 0.60), ("o1", "ogm_ge", 1, 0.63),
+                                      ("b2", "baseline", 2, 0.80), ("p2", "pmr", 2, 0.83)):
+        make_run(root, name, method=method, seed=0, acc=acc, trainer={"epochs": epochs}, epochs=epochs)
+    t = _table(root)
+    opt = t[(t["family"] == "optimization") & (t["kind"] == "average")].iloc[0]
+    assert math.isnan(opt["dsA/acc.mean"]) and math.isnan(opt["dsA/flops_rel"])
+    assert any(n.startswith("no optimization average on dsA: its rows were trained with different settings")
+               for n in t.attrs["notes"])
+    marks = {(r["method"], r["variant"]): r["dsA/acc.mark"] for _, r in t[t["kind"] == "method"].iterrows()}
+    best = sorted(k for k, v in marks.items() if v == "best")
+    assert len(best) == 2, marks  # one best per training (0.63 at 1 epoch, 0.83 at 2), not the 2-epoch rows only

@@ -333,7 +333,7 @@ class _Probing:
         the same or nothing was recorded."""
         from omegaconf import OmegaConf
 
-        from mmbalance.engine.identity import data_identity, differences
+        from mmbalance.engine.identity import comparable_data, data_identity, differences
 
         if run.data_identity is None:
             return []
@@ -342,7 +342,7 @@ class _Probing:
             splits = self.splits(cfg, (run.dataset_key, cfg.get("seed")))
         except UserError as e:
             raise UserError(f"{run.run_dir}: cannot rebuild its data from its config: {e}") from None
-        return differences(run.data_identity, data_identity(splits))
+        return differences(*comparable_data(run.data_identity, data_identity(splits)))
 
     def probe(self, run: RunInfo) -> dict[str, ProbeResult]:
         if run.run_dir not in self._results:

@@ -178,7 +178,9 @@ def _summary_markdown(summary: pd.DataFrame, df: pd.DataFrame) -> str:
         lines.append("")
         lines.append(REGRESSION_NOTE)
     # a dataset's regression runs get a table of their own: their φ and imbalance are MAE points, not % (value_scale)
-    for dataset, table in summary.groupby([task_dataset(row) for _, row in summary.iterrows()], sort=False):
+    # a Series, not a list: a one-row summary's one-element list would be read as a list of keys (a tuple key)
+    tables = pd.Series([task_dataset(row) for _, row in summary.iterrows()], index=summary.index)
+    for dataset, table in summary.groupby(tables, sort=False):
         metric_cols = [c[: -len(".mean")] for c in table.columns if c.endswith(".mean")
                        and table[c].notna().any()]
         acc_mods = _modalities(metric_cols, "test/acc/")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmbalance.engine.identity import canonical, run_identity
+from mmbalance.engine.identity import canonical, comparable_data, run_identity
 from mmbalance.engine.run_folder import SUPERSEDED
 from mmbalance.errors import UserError
 
@@ -338,6 +338,9 @@ def _mark_data(records: list[dict[str, Any]]) -> list[str]:
         if r["method"] and r["_settings"] is not None and isinstance(r.get("_data"), dict):
             dataset_settings = {k: v for k, v in r["_settings"].items() if k.startswith("dataset.")}
             buckets.setdefault((r["dataset"], _canonical(dataset_settings)), []).append(r)
+    for runs in buckets.values():  # a key that some runs' records predate is compared by none of them
+        for r, data in zip(runs, comparable_data(*(r["_data"] for r in runs))):
+            r["_data"] = data
     digests = {key: list(dict.fromkeys(_data_digest(r["_data"]) for r in runs)) for key, runs in buckets.items()}
     conflicted = {dataset for (dataset, _), found in digests.items() if len(found) > 1}
     lines = []

@@ -108,11 +108,12 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
 
     Rows: the baseline first, then the methods grouped by family (data, feed-forward, objective,
     optimization, then any other), each family closed by its average row (`kind == "average"`: the
-    unweighted mean of its rows' means, per column). Unimodal runs are not rows, nor groups without a completed
+    unweighted mean of its rows' means, per column; none on a dataset where its rows were trained with different
+    settings, a note says so). Unimodal runs are not rows, nor groups without a completed
     run (`studies_left_out` names them). Columns per dataset
     `<ds>`: `<ds>/n` (seeds), `<ds>/{acc,macro_f1,imbalance}.{mean,std}`, `<ds>/flops_rel` (mean training
     FLOPs over the baseline's) and `<ds>/{acc,macro_f1}.mark` ("best", "second" or "" among the method
-    rows, the baseline included). None unless there is a baseline and at least one non-reference method.
+    rows trained alike, the baseline included). None unless there is a baseline and at least one non-reference method.
     """
     summary = summary[summary["n"] > 0]  # a group of failed runs has no number to show
     if summary.empty:
@@ -144,6 +145,7 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
             hit = keyed[(keyed["dataset"] == ds) & (keyed["method"] == method) & (keyed["variant"] == variant)]
             s = hit.iloc[0] if len(hit) else None
             row[f"{ds}/n"] = int(s["n"]) if s is not None else 0
+            row[f"{ds}/context"] = _context(s) if s is not None else None  # how it was trained (not shown)
             for short, metric in BENCHMARK_METRICS + [("imbalance", "test/imbalance")]:
                 row[f"{ds}/{short}.mean"] = col(s, f"{metric}.mean")
                 row[f"{ds}/{short}.std"] = col(s, f"{metric}.std")
@@ -165,15 +167,22 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
         if family == BASELINE:
             continue
         average: dict[str, Any] = {"kind": "average", "family": family, "method": "average", "variant": ""}
+        for ds in datasets:  # rows trained otherwise (epochs, data, ...) are never averaged together
+            contexts = sorted(set(members.loc[members[f"{ds}/n"] > 0, f"{ds}/context"]))
+            if len(contexts) > 1:
+                notes.append(f"no {family} average on {ds}: its rows were trained with different settings ("
+                             + "; ".join(c or "the defaults" for c in contexts) + ")")
         for c in table.columns:
             if c.endswith(".mean") or c.endswith("/flops_rel"):
                 # over the rows that have the dataset; where some of them lack the value (FLOPs not measured, no
                 # baseline trained alike), an average of the others would pass for the family's: none is given
                 ds = c.rsplit("/", 1)[0]
-                present = members[members[f"{ds}/n"] > 0][c]
+                used = members[members[f"{ds}/n"] > 0]
+                present = used[c]
                 complete = present.notna().all()
-                average[c] = present.mean() if complete else math.nan
-                if not complete and present.notna().any():
+                alike = used[f"{ds}/context"].nunique(dropna=False) <= 1
+                average[c] = present.mean() if complete and alike else math.nan
+                if alike and not complete and present.notna().any():
                     notes.append(f"the {family} average of {ds} {_COLUMN_NAMES.get(c.rsplit('/', 1)[1], c)} is not "
                                  f"given: not every row has one ({int(present.notna().sum())} of {len(present)})")
             elif c.endswith(".std"):
@@ -186,7 +195,9 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
         for short, _ in BENCHMARK_METRICS:
             marks = pd.Series("", index=out.index, dtype=object)
             is_method = out["kind"] == "method"
-            marks[is_method] = _marks(out.loc[is_method, f"{ds}/{short}.mean"])
+            # best and second among the rows trained alike: a longer-trained row does not outrank the others
+            for _, alike in out[is_method].groupby(f"{ds}/context", dropna=False):
+                marks[alike.index] = _marks(alike[f"{ds}/{short}.mean"])
             out[f"{ds}/{short}.mark"] = marks
     per_dataset = [f"{ds}/{c}" for ds in datasets for c in (
         "n", "acc.mean", "acc.std", "acc.mark", "macro_f1.mean", "macro_f1.std", "macro_f1.mark",

@@ -5,6 +5,7 @@ losses of CMU-MOSEI's regression task)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zipfile
 from collections import Counter
@@ -175,7 +176,9 @@ def build_features(
             mean, std = rows.mean(0), rows.std(0)
             std[std == 0] = 1.0
             inputs[m] = ((x - mean) / std).astype(np.float32)
-    notes = {"standardize": "per feature, train-split mean and std" if standardize else "off"}
+    notes = {"standardize": "per feature, train-split mean and std" if standardize else "off",
+             # the run's data identity: a file overwritten in place with other features is other data
+             "content_digest": hashlib.sha256(file.read_bytes()).hexdigest()[:16]}
     if regression:  # float scores: ArrayDataset keeps them float (MultimodalDataset's labels are classes)
         notes.update(task="regression", score_range=[float(labels.min()), float(labels.max())])
         parts = [ArrayDataset(inputs, rows, labels[rows], [str(r) for r in rows.tolist()], regression=True)

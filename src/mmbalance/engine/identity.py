@@ -102,9 +102,14 @@ def run_identity(config: dict, version: str) -> dict[str, Any]:
     return {"digest": _digest(items), "config": items}
 
 
+# data-identity keys added after records were first written: compared only where both identities hold one
+LATER_DATA_KEYS = ("content",)
+
+
 def data_identity(splits) -> dict[str, Any]:
-    """What the model sees of a dataset: classes, modality kinds and shapes, split sizes and a digest of the
-    labels of every split whose dataset exposes them (cheap: no sample is loaded)."""
+    """What the model sees of a dataset: classes, modality kinds and shapes, split sizes, a digest of the
+    labels of every split whose dataset exposes them (cheap: no sample is loaded), and the digest of the data's
+    content where its builder has one at hand (`notes["content_digest"]`: a features file's bytes)."""
     out: dict[str, Any] = {
         "num_classes": int(splits.num_classes),
         "modalities": {m: [spec.kind, list(spec.shape)] for m, spec in splits.modalities.items()},
@@ -115,7 +120,16 @@ def data_identity(splits) -> dict[str, Any]:
         labels = getattr(ds, "labels", None)
         if labels is not None and hasattr(labels, "numpy"):
             out[f"{split}.labels"] = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
+    if (splits.notes or {}).get("content_digest"):
+        out["content"] = splits.notes["content_digest"]
     return out
+
+
+def comparable_data(*identities: dict) -> list[dict]:
+    """The data identities without the `LATER_DATA_KEYS` that not all of them hold (a record written before the
+    key existed is not other data for lacking it)."""
+    drop = [k for k in LATER_DATA_KEYS if not all(k in (i or {}) for i in identities)]
+    return [{k: v for k, v in (i or {}).items() if k not in drop} for i in identities]
 
 
 def differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 12) -> list[str]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from mmbalance.engine import distributed
 from mmbalance.engine.checkpoint import load_checkpoint, previous_path, save_checkpoint, write_text
 from mmbalance.engine.evaluation import evaluate, task_of
-from mmbalance.engine.identity import describe, differences, refusal
+from mmbalance.engine.identity import comparable_data, describe, differences, refusal
 from mmbalance.engine.run import Run
 from mmbalance.engine.run_folder import shortening_refused, world_size_change
 from mmbalance.errors import CheckpointError, RunFolderError, TrainingDiverged, UserError
@@ -164,7 +164,7 @@ class Trainer:
             diff = ["<the checkpoint records no run identity>"]
         else:
             diff = differences(theirs.get("config", {}), mine["config"])
-            diff += [f"dataset {d}" for d in differences(theirs.get("data") or {}, mine.get("data") or {})]
+            diff += [f"dataset {d}" for d in differences(*comparable_data(theirs.get("data"), mine.get("data")))]
         other_size = world_size_change(state.get("world_size"), self.run.world_size)
         if other_size:
             diff.append(other_size)
