@@ -535,7 +535,8 @@ def plot_balance_curves(curves: Sequence[BalanceCurve], file: Path) -> Path:
                         fmt="*", ms=12, capsize=3, color="k", label="baseline")
         ax.set_xlabel("test imbalance (MAE points)" if c.regression else "test imbalance (%)")
         ax.set_ylabel("test acc-2 ≥0 (%)" if c.regression else "test accuracy (%)")
-        ax.set_title(f"{c.title}: accuracy vs. imbalance", fontsize=10)
+        # wrapped to the 6.5-inch panel: a long context (masking, epochs, data settings) was clipped at both edges
+        ax.set_title(textwrap.fill(f"{c.title}: accuracy vs. imbalance", 70), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.savefig(file, dpi=150)
