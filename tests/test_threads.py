@@ -188,3 +188,21 @@ def test_a_reevaluated_run_uses_its_recorded_thread_count(tmp_path):
     assert record["intra_op"] == 1 and torch.get_num_threads() == 1
     if (threads.affinity_cpus() or 1) > 1:
         assert record["source"] == "trained_with"
+
+
+def test_more_threads_than_cpus_are_warned_about(monkeypatch, caplog):
+    """An explicit count above the CPUs the process may use is kept (asked for) but named: its threads contend."""
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: None)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="mmbalance"):
+            record = threads.apply({"device": "cpu", "threads": 64, "wait_policy": "auto"})
+        assert record["intra_op"] == 64
+        assert "hardware.threads=64 is more than the 2 CPUs this process may use" in caplog.text
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mmbalance"):
+            threads.apply({"device": "cpu", "threads": 2, "wait_policy": "auto"})
+        assert not caplog.records
+    finally:
+        torch.set_num_threads(before)

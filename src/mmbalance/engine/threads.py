@@ -24,6 +24,7 @@ fight it for the cores and a `digits_av` epoch takes 5-20x longer. The policy he
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -263,6 +264,11 @@ def apply(hardware: Mapping | None, trained_with: Mapping | None = None) -> dict
     policy = resolve(threads, wait_policy, device, env=os.environ, affinity=affinity_cpus(), cgroup=cgroup_cpus(),
                      launcher_n=_prepared["launcher_jobs"])
     policy = keep_trained_count(policy, threads, trained_with)
+    if policy.source == "config" and policy.cpus_available and policy.intra_op > policy.cpus_available:
+        # oversubscribed threads wait on each other: slower, never faster (the count is still the one asked for)
+        logging.getLogger("mmbalance").warning(
+            "hardware.threads=%d is more than the %d CPUs this process may use: its threads will contend for them; "
+            "hardware.threads=auto takes what is available", policy.intra_op, policy.cpus_available)
     torch.set_num_threads(policy.intra_op)
     try:
         torch.set_num_interop_threads(policy.inter_op)
