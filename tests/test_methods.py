@@ -397,3 +397,13 @@ def test_an_option_the_chosen_variant_ignores_is_refused(overrides, message):
                 "method.projection_alpha=0.5": "method.projection=paper"}.get(overrides[-1])
     if enabling:
         build(compose_cfg([*overrides, enabling]).method)
+
+
+def test_a_family_that_is_not_one_of_the_families_is_refused_when_the_class_is_defined():
+    """A typo in a new method's family: refused at import, so its own run sees it (it used to train under the typo
+    and break only the runs that listed every method, such as compose)."""
+    from mmbalance.methods.base import FAMILIES, Method
+
+    with pytest.raises(TypeError, match=r"Typo.family = 'objectve'; expected one of"):
+        type("Typo", (Method,), {"family": "objectve"})
+    assert type("Fine", (Method,), {"family": FAMILIES[3]}).family == "objective"

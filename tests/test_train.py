@@ -208,3 +208,23 @@ def test_the_record_names_the_commit_and_whether_the_source_differed_from_it():
     changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"], cwd=REPO,
                              capture_output=True, text=True).stdout.strip()
     assert _git_sha() == head + ("-dirty" if changed else "")
+
+
+def test_what_a_builder_returns_is_checked_before_training(tmp_path):
+    """A new dataset's builder meets these first: labels past its classes were an IndexError in the first epoch,
+    and a (splits, kinds) tuple an AttributeError."""
+    from mmbalance.data.synthetic import build_synthetic
+    from mmbalance.errors import UserError
+    from mmbalance.train import check_splits
+
+    splits = build_synthetic()
+    check_splits(splits, "build_synthetic")
+    with pytest.raises(UserError, match=r"returned tuple, expected DataSplits"):
+        check_splits((splits, {}), "build_synthetic")
+    splits.num_classes -= 1
+    splits.class_names = splits.class_names[:-1]
+    with pytest.raises(UserError, match=r"split has labels from 0 to \d+, outside its \d+ classes"):
+        check_splits(splits, "build_synthetic")
+    splits.class_names = []
+    with pytest.raises(UserError, match=r"gives 0 class names for \d+ classes"):
+        check_splits(splits, "build_synthetic")

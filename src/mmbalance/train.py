@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mmbalance
 from mmbalance.config import build, validate
+from mmbalance.data.batch import DataSplits
 from mmbalance.engine import distributed, threads
 from mmbalance.engine.checkpoint import WriteError, write_json, write_text
 from mmbalance.engine.identity import data_identity, run_identity
@@ -322,6 +323,26 @@ def _fit(cfg: DictConfig, trainer: Trainer, output_dir: Path, require_checkpoint
     return metrics
 
 
+def check_splits(splits, builder: str) -> None:
+    """What a builder returned, checked before anything trains on it (a new dataset's builder meets this first):
+    DataSplits, no empty split, as many class names as classes, and class labels within them where the splits
+    expose their labels (a label past the classes was an IndexError in the first epoch)."""
+    if not isinstance(splits, DataSplits):
+        raise UserError(f"dataset: {builder} returned {type(splits).__name__}, expected DataSplits")
+    for split in ("train", "val", "test"):
+        if len(getattr(splits, split)) == 0:
+            raise UserError(f"dataset: the {split} split is empty; the dataset is too small for its split fractions")
+    if len(splits.class_names) != splits.num_classes:
+        raise UserError(f"dataset: {builder} gives {len(splits.class_names)} class names for "
+                        f"{splits.num_classes} classes")
+    for split in ("train", "val", "test"):
+        labels = getattr(getattr(splits, split), "labels", None)
+        if splits.num_classes > 1 and isinstance(labels, torch.Tensor) and not labels.is_floating_point() \
+                and len(labels) and not bool(((labels >= 0) & (labels < splits.num_classes)).all()):
+            raise UserError(f"dataset: {builder}'s {split} split has labels from {int(labels.min())} to "
+                            f"{int(labels.max())}, outside its {splits.num_classes} classes (0..{splits.num_classes - 1})")
+
+
 def build_run(cfg: DictConfig, device: torch.device, output_dir: Path | None = None,
               results: dict | None = None) -> Run:
     """Data, method, model, optimizer and loaders of a (validated) run config, wired into a `Run`.
@@ -331,9 +352,7 @@ def build_run(cfg: DictConfig, device: torch.device, output_dir: Path | None = N
     results = results if results is not None else {}
     seed_everything(cfg.seed)
     splits = build(cfg.dataset)
-    for split in ("train", "val", "test"):
-        if len(getattr(splits, split)) == 0:
-            raise UserError(f"dataset: the {split} split is empty; the dataset is too small for its split fractions")
+    check_splits(splits, cfg.dataset.get("_target_", "the dataset builder"))
     method = build(cfg.method)
     # dataset.task / dataset.loss (CMU-MOSEI): a method refuses a task it does not declare, before training
     method.set_task(cfg.dataset.get("task", "classification"), cfg.dataset.get("loss", "auto"))

@@ -91,6 +91,8 @@ class Method:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__ and cls.family not in FAMILIES:  # at import: the method's own run sees it too
+            raise TypeError(f"{cls.__module__}.{cls.__name__}.family = {cls.family!r}; expected one of {FAMILIES}")
         # A method's options are declared once, in its constructor's signature (types, `Range`s, `Literal`
         # choices): config validation checks them before a run, and this makes the constructor check them too,
         # so a method built from Python refuses what the command line refuses, with the same message.
