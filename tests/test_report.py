@@ -570,6 +570,11 @@ def test_features_of_the_same_labels_but_other_values_are_other_data(tmp_path):
     _data_run(tmp_path / "b", "s0", seed=0)  # recorded before the content digest
     _data_run(tmp_path / "b", "s1", seed=1, content="c1")
     assert list(zip(*summarize(load_runs([tmp_path / "b"]))[["variant", "n"]].T.values)) == [("", 2)]
+    # beside such a record, two that hold the digest and differ are still other data (never merged through it)
+    _data_run(tmp_path / "c", "s0", seed=0)
+    _data_run(tmp_path / "c", "s1", seed=1, content="c1")
+    _data_run(tmp_path / "c", "s2", seed=2, content="c2")
+    assert len(set(load_runs([tmp_path / "c"])["variant"])) == 3
 
 
 def test_runs_on_different_data_are_never_averaged_together(tmp_path, caplog):

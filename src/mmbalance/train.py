@@ -329,16 +329,15 @@ def check_splits(splits, builder: str) -> None:
     expose their labels (a label past the classes was an IndexError in the first epoch)."""
     if not isinstance(splits, DataSplits):
         raise UserError(f"dataset: {builder} returned {type(splits).__name__}, expected DataSplits")
-    for split in ("train", "val", "test"):
-        if len(getattr(splits, split)) == 0:
-            raise UserError(f"dataset: the {split} split is empty; the dataset is too small for its split fractions")
     if len(splits.class_names) != splits.num_classes:
         raise UserError(f"dataset: {builder} gives {len(splits.class_names)} class names for "
                         f"{splits.num_classes} classes")
     for split in ("train", "val", "test"):
+        if len(getattr(splits, split)) == 0:
+            raise UserError(f"dataset: the {split} split is empty; the dataset is too small for its split fractions")
         labels = getattr(getattr(splits, split), "labels", None)
         if splits.num_classes > 1 and isinstance(labels, torch.Tensor) and not labels.is_floating_point() \
-                and len(labels) and not bool(((labels >= 0) & (labels < splits.num_classes)).all()):
+                and not bool(((labels >= 0) & (labels < splits.num_classes)).all()):
             raise UserError(f"dataset: {builder}'s {split} split has labels from {int(labels.min())} to "
                             f"{int(labels.max())}, outside its {splits.num_classes} classes (0..{splits.num_classes - 1})")
 

@@ -167,9 +167,11 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
         if family == BASELINE:
             continue
         average: dict[str, Any] = {"kind": "average", "family": family, "method": "average", "variant": ""}
-        for ds in datasets:  # rows trained otherwise (epochs, data, ...) are never averaged together
+        alike = {}  # per dataset: rows trained otherwise (epochs, data, ...) are never averaged together
+        for ds in datasets:
             contexts = sorted(set(members.loc[members[f"{ds}/n"] > 0, f"{ds}/context"]))
-            if len(contexts) > 1:
+            alike[ds] = len(contexts) <= 1
+            if not alike[ds]:
                 notes.append(f"no {family} average on {ds}: its rows were trained with different settings ("
                              + "; ".join(c or "the defaults" for c in contexts) + ")")
         for c in table.columns:
@@ -177,12 +179,10 @@ def benchmark_table(summary: pd.DataFrame, families: dict[str, str]) -> pd.DataF
                 # over the rows that have the dataset; where some of them lack the value (FLOPs not measured, no
                 # baseline trained alike), an average of the others would pass for the family's: none is given
                 ds = c.rsplit("/", 1)[0]
-                used = members[members[f"{ds}/n"] > 0]
-                present = used[c]
+                present = members[members[f"{ds}/n"] > 0][c]
                 complete = present.notna().all()
-                alike = used[f"{ds}/context"].nunique(dropna=False) <= 1
-                average[c] = present.mean() if complete and alike else math.nan
-                if alike and not complete and present.notna().any():
+                average[c] = present.mean() if complete and alike[ds] else math.nan
+                if alike[ds] and not complete and present.notna().any():
                     notes.append(f"the {family} average of {ds} {_COLUMN_NAMES.get(c.rsplit('/', 1)[1], c)} is not "
                                  f"given: not every row has one ({int(present.notna().sum())} of {len(present)})")
             elif c.endswith(".std"):

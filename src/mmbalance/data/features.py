@@ -33,6 +33,12 @@ NOT_NUMBERS = {"U": "strings", "S": "byte strings", "c": "complex numbers; store
                "separate features", "M": "dates", "m": "time spans", "V": "structured records"}
 
 
+def _file_digest(file: Path) -> str:
+    """sha256 of the file's bytes (16 hex digits), read in chunks: a features file may be gigabytes."""
+    with file.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def read_npz(file: Path) -> dict[str, np.ndarray]:
     """Every array of the .npz at `file`; one DataError naming the file for anything else (empty, truncated,
     text, a plain .npy, arrays that need pickle)."""
@@ -178,7 +184,7 @@ def build_features(
             inputs[m] = ((x - mean) / std).astype(np.float32)
     notes = {"standardize": "per feature, train-split mean and std" if standardize else "off",
              # the run's data identity: a file overwritten in place with other features is other data
-             "content_digest": hashlib.sha256(file.read_bytes()).hexdigest()[:16]}
+             "content_digest": _file_digest(file)}
     if regression:  # float scores: ArrayDataset keeps them float (MultimodalDataset's labels are classes)
         notes.update(task="regression", score_range=[float(labels.min()), float(labels.max())])
         parts = [ArrayDataset(inputs, rows, labels[rows], [str(r) for r in rows.tolist()], regression=True)

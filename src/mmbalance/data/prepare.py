@@ -485,7 +485,7 @@ def run_prepare(dataset: str, root: str | Path, out: str | Path | None = None, w
     ctx.folder.write_json(STATUS, status)
     (out / SUMMARY).unlink(missing_ok=True)
     started = time.time()
-    global _listings
+    global _listings  # the clip-list files the preparer reads (`record_listing`), for the summary's listed_from
     _listings = {}
     try:
         summary = dict(fn(ctx, **options) or {})

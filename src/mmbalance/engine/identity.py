@@ -126,9 +126,11 @@ def data_identity(splits) -> dict[str, Any]:
 
 
 def comparable_data(*identities: dict) -> list[dict]:
-    """The data identities without the `LATER_DATA_KEYS` that not all of them hold (a record written before the
-    key existed is not other data for lacking it)."""
-    drop = [k for k in LATER_DATA_KEYS if not all(k in (i or {}) for i in identities)]
+    """The data identities without the `LATER_DATA_KEYS` that not all of them hold, while those that hold one agree
+    on it: a record written before the key existed is not other data for lacking it, but two that hold it and
+    differ are other data, and stay apart (a record without it then stands apart from both)."""
+    held = {k: {canonical((i or {})[k]) for i in identities if k in (i or {})} for k in LATER_DATA_KEYS}
+    drop = [k for k in LATER_DATA_KEYS if len(held[k]) <= 1 and not all(k in (i or {}) for i in identities)]
     return [{k: v for k, v in (i or {}).items() if k not in drop} for i in identities]
 
 

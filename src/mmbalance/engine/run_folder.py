@@ -140,8 +140,8 @@ class RunFolder:
             return Plan("resume" if self.has_checkpoint() else "fresh", previous)
         recorded = recorded_identity(previous)
         diff = differences(recorded["config"], identity["config"]) if recorded else ["<no identity recorded>"]
+        owner = f"it records {describe(previous)}, status {previous.get('status')!r}"  # whose record a refusal names
         if diff and mode != "force":
-            owner = f"it records {describe(previous)}, status {previous.get('status')!r}"
             extension = previous.get("extension") or {}
             if extension.get("status") != "completed" and extension.get("epochs") == \
                     identity["config"].get("trainer.epochs"):  # the folder's own unfinished extension: say how
@@ -159,7 +159,6 @@ class RunFolder:
             return Plan("reevaluate", previous, forced_over=diff)
         other_size = world_size_change(previous.get("world_size"), world_size)
         if other_size and mode != "force" and self.has_checkpoint():  # refused before anything is written
-            owner = f"it records {describe(previous)}, status {previous.get('status')!r}"
             raise RunFolderError(refusal(self.path / "metrics.json", owner, [other_size]))
         return Plan("resume" if self.has_checkpoint() else "fresh", previous, forced_over=diff)
 
